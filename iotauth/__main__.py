@@ -1,0 +1,3 @@
+from iotauth.cli import main
+
+main()

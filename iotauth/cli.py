@@ -1,0 +1,80 @@
+"""The ``iotauth`` command: mounts every package's sub-commands (DESIGN.md, "Minimal CLI surface").
+
+Packages own their commands; this module only composes them and is the last line of defence
+against a traceback reaching a user.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from typing import Annotated
+
+import typer
+from rich.console import Console
+
+from iotauth import __version__
+from provisioning.cli import ca_app, device_app, ledger_app, service_app
+
+__all__ = ["app", "main"]
+
+app = typer.Typer(
+    name="iotauth",
+    help="Trusted identities for IoT devices: fleet PKI, provisioning, broker, agent.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    add_completion=False,
+)
+app.add_typer(ca_app, name="ca")
+app.add_typer(device_app, name="device")
+app.add_typer(service_app, name="service")
+app.add_typer(ledger_app, name="ledger")
+
+
+def _version(value: bool) -> None:
+    if value:
+        print(f"iotauth {__version__}")
+        raise typer.Exit
+
+
+@app.callback()
+def _root(
+    version: Annotated[
+        bool,
+        typer.Option("--version", callback=_version, is_eager=True, help="Print the version."),
+    ] = False,
+) -> None:
+    """Trusted identities for IoT devices."""
+
+
+@app.command()
+def demo() -> None:
+    """The whole system end to end on this machine (not yet: arrives with the demo issue)."""
+    out = Console(highlight=False)
+    out.print("iotauth demo: not yet. The end-to-end demo arrives with the demo issue.")
+    out.print("What works today (the fleet PKI):")
+    for line in (
+        "iotauth ca init --pki ./pki --trust-domain fleet.example",
+        "iotauth device issue dev-0001 --pki ./pki --out ./creds/dev-0001",
+        "iotauth service issue telemetry-sink --pki ./pki --out ./creds/telemetry-sink",
+        "iotauth device list --pki ./pki",
+        "iotauth device revoke dev-0001 --pki ./pki --reason key-compromise",
+        "iotauth ledger verify --pki ./pki",
+    ):
+        out.print(f"  {line}")
+
+
+def main() -> None:
+    try:
+        app()
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        sys.exit(130)
+    except Exception as exc:  # a bug, not bad input: still one line for the user
+        if os.environ.get("IOTAUTH_DEBUG"):
+            raise
+        print(
+            f"internal error: {type(exc).__name__}: {exc} (set IOTAUTH_DEBUG=1 for a traceback)",
+            file=sys.stderr,
+        )
+        sys.exit(70)

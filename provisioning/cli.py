@@ -1,0 +1,446 @@
+"""``iotauth ca|device|service|ledger``: the station's PKI commands.
+
+Mounted by :mod:`iotauth.cli`. Every command turns a ProvisioningError or an OSError into one line
+on stderr and exit status 1; nothing here prints a traceback for bad input.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime as dt
+import json
+import os
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from provisioning.errors import ProvisioningError
+from provisioning.identity import IdentityKind, validate_name, validate_trust_domain
+from provisioning.pki import PKI, REVOCATION_REASONS, passphrase_from_env
+from provisioning.registry import CertRecord
+
+__all__ = ["ca_app", "device_app", "ledger_app", "service_app", "user_errors"]
+
+out = Console(highlight=False, soft_wrap=True)
+err = Console(stderr=True, highlight=False, soft_wrap=True)
+
+ca_app = typer.Typer(help="Create and maintain the fleet CA.", no_args_is_help=True)
+device_app = typer.Typer(
+    help="Issue, list, inspect and revoke device identities.", no_args_is_help=True
+)
+service_app = typer.Typer(help="Backend (service) identities.", no_args_is_help=True)
+ledger_app = typer.Typer(help="The tamper-evident manufacturing ledger.", no_args_is_help=True)
+
+PkiOpt = Annotated[
+    Path,
+    typer.Option(
+        "--pki", envvar="IOTAUTH_PKI", help="PKI directory (env IOTAUTH_PKI).", show_default=False
+    ),
+]
+JsonOpt = Annotated[bool, typer.Option("--json", help="Machine-readable output.")]
+
+
+@contextlib.contextmanager
+def user_errors() -> Iterator[None]:
+    """One line and exit 1 for anything the user can fix; never a traceback."""
+    try:
+        yield
+    except ProvisioningError as exc:
+        err.print(f"[red]error:[/red] {exc}", markup=True)
+        raise typer.Exit(1) from None
+    except OSError as exc:
+        where = f": {exc.filename}" if exc.filename else ""
+        err.print(f"[red]error:[/red] {exc.strerror or exc}{where}", markup=True)
+        raise typer.Exit(1) from None
+
+
+def _open(pki: Path) -> PKI:
+    return PKI.open(pki, passphrase=passphrase_from_env())
+
+
+def _when(value: dt.datetime | None) -> str:
+    return value.strftime("%Y-%m-%d %H:%M UTC") if value else "-"
+
+
+def _print_json(doc: object) -> None:
+    print(json.dumps(doc, indent=2, sort_keys=True))
+
+
+# -- ca ----------------------------------------------------------------------------------------
+
+
+@ca_app.command("init")
+def ca_init(
+    pki: PkiOpt,
+    trust_domain: Annotated[
+        str, typer.Option("--trust-domain", help="SPIFFE trust domain, e.g. fleet.example.")
+    ],
+    server_name: Annotated[
+        list[str] | None,
+        typer.Option("--server-name", help="Extra broker host name or IP (repeat)."),
+    ] = None,
+    device_days: Annotated[int, typer.Option(help="Default device certificate lifetime.")] = 90,
+) -> None:
+    """Create root CA, issuing CA, broker certificate, registry, ledger and CRL."""
+    with user_errors():
+        validate_trust_domain(trust_domain)
+        passphrase = passphrase_from_env()
+        ca = PKI.init(
+            pki,
+            trust_domain=trust_domain,
+            server_names=server_name or [],
+            passphrase=passphrase,
+            device_days=device_days,
+        )
+        with ca:
+            out.print(f"Created the PKI of [bold]{trust_domain}[/bold] in {pki}", markup=True)
+            for label, cert in (("root CA    ", ca.root), ("issuing CA ", ca.issuing)):
+                subject = cert.subject.rfc4514_string()
+                out.print(f"  {label} {subject}  (until {_when(cert.not_valid_after_utc)})")
+            out.print(
+                f"  server cert localhost, 127.0.0.1{''.join(', ' + n for n in server_name or [])}"
+            )
+            out.print(
+                f"  keys        {pki / 'private'} ({'encrypted' if passphrase else 'unencrypted'})"
+            )
+            out.print(
+                f"Move {pki / 'private' / 'root.key'} offline: issuing and revoking need only the "
+                "issuing CA."
+            )
+
+
+@ca_app.command("crl")
+def ca_crl(pki: PkiOpt) -> None:
+    """Re-sign the CRL with a new number and nextUpdate (schedule this before it goes stale)."""
+    with user_errors(), _open(pki) as ca:
+        info = ca.refresh_crl()
+        out.print(
+            f"CRL #{info.number} written to {pki / 'crl.pem'}: {info.revoked} revoked, "
+            f"next update {_when(info.next_update)}"
+        )
+
+
+@ca_app.command("show")
+def ca_show(pki: PkiOpt, as_json: JsonOpt = False) -> None:
+    """Trust domain, CA validity, CRL freshness and counts."""
+    with user_errors(), _open(pki) as ca:
+        info = ca.crl_info()
+        now = dt.datetime.now(dt.UTC)
+        warn_at = info.next_update - dt.timedelta(hours=ca.config.crl_warn_hours)
+        records = ca.registry.latest()
+        doc = {
+            "trust_domain": ca.trust_domain,
+            "root": {
+                "subject": ca.root.subject.rfc4514_string(),
+                "not_after": ca.root.not_valid_after_utc.isoformat(),
+            },
+            "issuing": {
+                "subject": ca.issuing.subject.rfc4514_string(),
+                "not_after": ca.issuing.not_valid_after_utc.isoformat(),
+            },
+            "root_key_online": (pki / "private" / "root.key").exists(),
+            "crl": {
+                "number": info.number,
+                "this_update": info.this_update.isoformat(),
+                "next_update": info.next_update.isoformat(),
+                "revoked": info.revoked,
+                "stale": info.stale(),
+            },
+            "devices": sum(1 for r in records if r.kind == "device" and r.state() == "active"),
+            "services": sum(1 for r in records if r.kind == "service" and r.state() == "active"),
+        }
+        if as_json:
+            _print_json(doc)
+            return
+        out.print(f"trust domain  {ca.trust_domain}")
+        online = "online" if doc["root_key_online"] else "offline"
+        out.print(f"root CA       until {_when(ca.root.not_valid_after_utc)}; key {online}")
+        out.print(f"issuing CA    until {_when(ca.issuing.not_valid_after_utc)}")
+        crl_line = f"#{info.number}, {info.revoked} revoked, next update {_when(info.next_update)}"
+        out.print(f"CRL           {crl_line}")
+        out.print(f"active        {doc['devices']} devices, {doc['services']} services")
+        if info.stale(now):
+            err.print("[red]warning:[/red] the CRL is stale; run 'iotauth ca crl'", markup=True)
+        elif now >= warn_at:
+            err.print(
+                "[yellow]warning:[/yellow] the CRL goes stale soon; run 'iotauth ca crl'",
+                markup=True,
+            )
+
+
+# -- device and service ------------------------------------------------------------------------
+
+
+def _issue(
+    kind: IdentityKind,
+    name: str,
+    pki: Path,
+    out_dir: Path | None,
+    csr: Path | None,
+    rotate: bool,
+    hardware_serial: str | None,
+    broker: str | None,
+    days: int | None,
+    as_json: bool,
+) -> None:
+    with user_errors():
+        validate_name(name, what="device id" if kind is IdentityKind.DEVICE else "service name")
+        if out_dir is None and csr is None:
+            msg = "--out is required unless --csr is given (then the certificate goes to stdout)"
+            raise ProvisioningError(msg)
+        csr_bytes = csr.read_bytes() if csr else None
+        with _open(pki) as ca:
+            issued = ca.issue(
+                name,
+                kind=kind,
+                csr=csr_bytes,
+                out=out_dir,
+                rotate=rotate,
+                hardware_serial=hardware_serial,
+                broker=broker,
+                days=days,
+            )
+        if as_json:
+            doc = issued.record.to_json()
+            doc["out"] = str(out_dir) if out_dir else None
+            _print_json(doc)
+        elif out_dir is None:
+            os.write(1, issued.cert_chain_pem)
+        else:
+            r = issued.record
+            out.print(
+                f"Issued {kind.value} [bold]{name}[/bold] ({issued.identity.spiffe_id})",
+                markup=True,
+            )
+            out.print(f"  serial {r.serial}, valid until {_when(r.not_after)}")
+            key_note = (
+                "key generated here" if r.key_origin == "station" else "key stays on the device"
+            )
+            out.print(f"  credentials in {out_dir} ({key_note})")
+
+
+OutOpt = Annotated[
+    Path | None, typer.Option("--out", help="Credential directory to create (must not exist).")
+]
+CsrOpt = Annotated[
+    Path | None, typer.Option("--csr", help="Issue for this CSR (PEM or DER) instead of a new key.")
+]
+RotateOpt = Annotated[
+    bool, typer.Option("--rotate", help="Replace an active certificate (the old one is revoked).")
+]
+DaysOpt = Annotated[
+    int | None, typer.Option("--days", help="Validity in days (default from pki.toml).")
+]
+
+
+@device_app.command("issue")
+def device_issue(
+    device_id: Annotated[str, typer.Argument(help="Device id: 1-64 of a-z, 0-9, '-'.")],
+    pki: PkiOpt,
+    out_dir: OutOpt = None,
+    csr: CsrOpt = None,
+    rotate: RotateOpt = False,
+    hardware_serial: Annotated[
+        str | None, typer.Option("--hardware-serial", help="The unit's hardware serial number.")
+    ] = None,
+    broker: Annotated[
+        str | None, typer.Option("--broker", help="HOST:PORT written into identity.json.")
+    ] = None,
+    days: DaysOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Issue a device certificate (station-generated key, or from a CSR)."""
+    _issue(
+        IdentityKind.DEVICE,
+        device_id,
+        pki,
+        out_dir,
+        csr,
+        rotate,
+        hardware_serial,
+        broker,
+        days,
+        as_json,
+    )
+
+
+@service_app.command("issue")
+def service_issue(
+    name: Annotated[str, typer.Argument(help="Service name: 1-64 of a-z, 0-9, '-'.")],
+    pki: PkiOpt,
+    out_dir: OutOpt = None,
+    csr: CsrOpt = None,
+    rotate: RotateOpt = False,
+    broker: Annotated[
+        str | None, typer.Option("--broker", help="HOST:PORT written into identity.json.")
+    ] = None,
+    days: DaysOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Issue a backend identity (SAN spiffe://<domain>/service/<name>)."""
+    _issue(IdentityKind.SERVICE, name, pki, out_dir, csr, rotate, None, broker, days, as_json)
+
+
+def _list(kind: IdentityKind, pki: Path, as_json: bool, show_all: bool) -> None:
+    with user_errors(), _open(pki) as ca:
+        rows = ca.registry.all() if show_all else ca.registry.latest(kind.value)
+        rows = [r for r in rows if r.kind == kind.value]
+    if as_json:
+        _print_json([r.to_json() for r in rows])
+        return
+    table = Table(title=f"{len(rows)} {kind.value}(s) in {pki}", title_justify="left")
+    for col in ("name", "state", "serial", "not after", "hardware", "key", "issued by"):
+        table.add_column(col)
+    styles = {"active": "green", "revoked": "red", "expired": "yellow"}
+    for r in rows:
+        state = r.state()
+        table.add_row(
+            r.name,
+            f"[{styles[state]}]{state}[/]",
+            r.serial[:12],
+            r.not_after.strftime("%Y-%m-%d"),
+            r.hardware_serial or "-",
+            r.key_origin,
+            r.issued_by,
+        )
+    out.print(table)
+
+
+AllOpt = Annotated[
+    bool, typer.Option("--all", help="Every certificate, not just the newest per name.")
+]
+
+
+@device_app.command("list")
+def device_list(pki: PkiOpt, as_json: JsonOpt = False, show_all: AllOpt = False) -> None:
+    """Every device with its newest certificate."""
+    _list(IdentityKind.DEVICE, pki, as_json, show_all)
+
+
+@service_app.command("list")
+def service_list(pki: PkiOpt, as_json: JsonOpt = False, show_all: AllOpt = False) -> None:
+    """Every service identity with its newest certificate."""
+    _list(IdentityKind.SERVICE, pki, as_json, show_all)
+
+
+@device_app.command("show")
+def device_show(
+    device_id: Annotated[str, typer.Argument(help="Device id.")],
+    pki: PkiOpt,
+    as_json: JsonOpt = False,
+) -> None:
+    """One device: every certificate it has had, newest last."""
+    with user_errors():
+        validate_name(device_id)
+        with _open(pki) as ca:
+            history = [r for r in ca.registry.history(device_id) if r.kind == "device"]
+            spiffe = f"spiffe://{ca.trust_domain}/device/{device_id}"
+        if not history:
+            msg = f"device {device_id!r} is not in the registry"
+            raise ProvisioningError(msg)
+    if as_json:
+        _print_json(
+            {
+                "device_id": device_id,
+                "spiffe_id": spiffe,
+                "certificates": [r.to_json() for r in history],
+            }
+        )
+        return
+    current = history[-1]
+    out.print(f"[bold]{device_id}[/bold]  {spiffe}  ({current.state()})", markup=True)
+    for r in history:
+        _print_record(r)
+
+
+def _print_record(r: CertRecord) -> None:
+    out.print(f"  serial      {r.serial}  ({r.state()})")
+    out.print(f"  sha256      {r.fingerprint}")
+    out.print(f"  public key  {r.public_key_sha256} ({r.key_origin})")
+    out.print(f"  valid       {_when(r.not_before)} .. {_when(r.not_after)}")
+    out.print(f"  issued      {_when(r.issued_at)} by {r.issued_by}")
+    if r.hardware_serial:
+        out.print(f"  hardware    {r.hardware_serial}")
+    if r.revoked_at:
+        out.print(f"  revoked     {_when(r.revoked_at)} ({r.revocation_reason})")
+
+
+ReasonOpt = Annotated[
+    str,
+    typer.Option("--reason", help=f"One of: {', '.join(REVOCATION_REASONS)}."),
+]
+
+
+def _revoke(kind: IdentityKind, name: str, pki: Path, reason: str) -> None:
+    with user_errors():
+        validate_name(name, what="device id" if kind is IdentityKind.DEVICE else "service name")
+        with _open(pki) as ca:
+            rows = ca.revoke(name, reason=reason, kind=kind)
+            info = ca.crl_info()
+        for r in rows:
+            out.print(f"Revoked {kind.value} {name} serial {r.serial} ({reason})")
+        out.print(f"CRL #{info.number} written to {pki / 'crl.pem'}")
+
+
+@device_app.command("revoke")
+def device_revoke(
+    device_id: Annotated[str, typer.Argument(help="Device id.")],
+    pki: PkiOpt,
+    reason: ReasonOpt = "unspecified",
+) -> None:
+    """Revoke a device's active certificate(s), record it, and publish a new CRL."""
+    _revoke(IdentityKind.DEVICE, device_id, pki, reason)
+
+
+@service_app.command("revoke")
+def service_revoke(
+    name: Annotated[str, typer.Argument(help="Service name.")],
+    pki: PkiOpt,
+    reason: ReasonOpt = "unspecified",
+) -> None:
+    """Revoke a service's active certificate(s) and publish a new CRL."""
+    _revoke(IdentityKind.SERVICE, name, pki, reason)
+
+
+# -- ledger ------------------------------------------------------------------------------------
+
+
+@ledger_app.command("verify")
+def ledger_verify(pki: PkiOpt) -> None:
+    """Check the hash chain, the signatures and the registry's record of the last entry."""
+    with user_errors(), _open(pki) as ca:
+        report = ca.verify_ledger()
+        for warning in report.warnings:
+            err.print(f"[yellow]warning:[/yellow] {warning}", markup=True)
+        out.print(
+            f"ledger OK: {report.entries} entries, chained and signed by the issuing CA; "
+            f"head {report.head.hash[:16]}"
+        )
+
+
+@ledger_app.command("show")
+def ledger_show(
+    pki: PkiOpt,
+    tail: Annotated[int, typer.Option("--tail", help="Show the last N entries (0 = all).")] = 20,
+    as_json: JsonOpt = False,
+) -> None:
+    """Print ledger entries (no verification; use 'ledger verify')."""
+    with user_errors(), _open(pki) as ca:
+        entries = [e for _, e in ca.ledger.entries()]
+    if tail:
+        entries = entries[-tail:]
+    if as_json:
+        _print_json(
+            [
+                {"seq": e.seq, "time": e.time, "event": e.event, "data": e.data, "hash": e.hash}
+                for e in entries
+            ]
+        )
+        return
+    for e in entries:
+        subject = e.data.get("name") or e.data.get("trust_domain") or ""
+        out.print(f"{e.seq:>6}  {e.time[:19]}  {e.event:<10} {subject}")

@@ -1,0 +1,691 @@
+"""A PKI directory: the fleet CA on disk, with its registry, ledger and CRL.
+
+Layout (DESIGN.md, "Files that others read")::
+
+    pki.toml  root.crt  issuing.crt  server.crt  crl.pem  registry.sqlite3  ledger.jsonl
+    private/  root.key  issuing.key  server.key           (0700 / 0600)
+
+Only ``ca init`` uses the root key: issuance, revocation and CRLs need the issuing CA alone, so
+``private/root.key`` can be moved offline right after init.
+
+Every change runs inside the registry's write transaction (see :mod:`provisioning.registry`): the
+registry row, the ledger line, the CRL and the credential directory land together or not at all.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime as dt
+import getpass
+import json
+import os
+import re
+import socket
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import ExtendedKeyUsageOID
+
+from provisioning.certificates import (
+    PublicKey,
+    build_crl,
+    build_issuing_ca,
+    build_leaf,
+    build_root_ca,
+    build_server_cert,
+    fingerprint,
+    generate_key,
+    load_csr,
+    public_key_sha256,
+)
+from provisioning.config import PASSPHRASE_ENV, PKIConfig
+from provisioning.errors import (
+    DeviceExistsError,
+    InvalidIdentityError,
+    PKIError,
+    PKIExistsError,
+    PKINotFoundError,
+    RegistryError,
+)
+from provisioning.identity import Identity, IdentityKind
+from provisioning.keyfiles import (
+    KEY_MODE,
+    PRIVATE_DIR_MODE,
+    PrivateKey,
+    StagedDirectory,
+    atomic_write,
+    load_private_key,
+    private_key_pem,
+)
+from provisioning.ledger import Ledger, LedgerEntry, LedgerHead
+from provisioning.registry import CertRecord, Registry
+
+__all__ = [
+    "PKI",
+    "REVOCATION_REASONS",
+    "CRLInfo",
+    "Issued",
+    "LedgerReport",
+    "passphrase_from_env",
+    "station_id",
+]
+
+REVOCATION_REASONS: dict[str, x509.ReasonFlags] = {
+    "unspecified": x509.ReasonFlags.unspecified,
+    "key-compromise": x509.ReasonFlags.key_compromise,
+    "ca-compromise": x509.ReasonFlags.ca_compromise,
+    "affiliation-changed": x509.ReasonFlags.affiliation_changed,
+    "superseded": x509.ReasonFlags.superseded,
+    "cessation-of-operation": x509.ReasonFlags.cessation_of_operation,
+    "privilege-withdrawn": x509.ReasonFlags.privilege_withdrawn,
+}
+_HW_SERIAL_RE = re.compile(r"[\x21-\x7e]{1,128}")  # printable ASCII, no spaces
+
+
+def passphrase_from_env() -> bytes | None:
+    value = os.environ.get(PASSPHRASE_ENV)
+    return value.encode() if value else None
+
+
+def station_id() -> str:
+    """Who issues: ``IOTAUTH_STATION_ID`` or user@host, recorded in the registry and ledger."""
+    explicit = os.environ.get("IOTAUTH_STATION_ID")
+    if explicit:
+        return explicit
+    try:
+        user = getpass.getuser()
+    except (KeyError, OSError):
+        user = str(os.getuid())
+    return f"{user}@{socket.gethostname()}"
+
+
+def _now(now: dt.datetime | None) -> dt.datetime:
+    return (now or dt.datetime.now(dt.UTC)).astimezone(dt.UTC).replace(microsecond=0)
+
+
+def _pem(cert: x509.Certificate) -> bytes:
+    return cert.public_bytes(serialization.Encoding.PEM)
+
+
+@dataclass(frozen=True, slots=True)
+class Issued:
+    """A freshly issued certificate and, for station-generated keys, its private key."""
+
+    identity: Identity
+    certificate: x509.Certificate
+    issuing: x509.Certificate
+    root: x509.Certificate
+    record: CertRecord
+    key_pem: bytes | None = None
+    out: Path | None = None
+
+    @property
+    def cert_chain_pem(self) -> bytes:
+        """``device.crt``: the leaf followed by the issuing CA."""
+        return _pem(self.certificate) + _pem(self.issuing)
+
+    def identity_json(self, broker: str | None = None) -> bytes:
+        doc: dict[str, Any] = {
+            "kind": self.identity.kind.value,
+            "trust_domain": self.identity.trust_domain,
+            "spiffe_id": self.identity.spiffe_id,
+        }
+        key = "device_id" if self.identity.is_device else "service_name"
+        doc[key] = self.identity.name
+        if broker:
+            doc["broker"] = broker
+        return (json.dumps(doc, indent=2) + "\n").encode()
+
+
+@dataclass(frozen=True, slots=True)
+class CRLInfo:
+    number: int
+    this_update: dt.datetime
+    next_update: dt.datetime
+    revoked: int
+
+    def stale(self, now: dt.datetime | None = None) -> bool:
+        return _now(now) >= self.next_update
+
+
+@dataclass(frozen=True, slots=True)
+class LedgerReport:
+    entries: int
+    head: LedgerHead
+    warnings: list[str] = field(default_factory=list)
+
+
+@dataclass(slots=True)
+class _Pending:
+    identity: Identity
+    certificate: x509.Certificate
+    key_pem: bytes | None
+    key_origin: str
+    hardware_serial: str | None
+    staged: StagedDirectory | None
+
+
+class PKI:
+    """An open PKI directory. One instance per process (it holds a SQLite connection)."""
+
+    def __init__(self, path: Path, *, passphrase: bytes | None = None) -> None:
+        self.path = path
+        if not (path / "pki.toml").is_file():
+            raise PKINotFoundError(path)
+        self.config = PKIConfig.load(path / "pki.toml")
+        self._passphrase = passphrase
+        self.root = self._load_cert("root.crt")
+        self.issuing = self._load_cert("issuing.crt")
+        self.registry = Registry(path / "registry.sqlite3")
+        self.ledger = Ledger(path / "ledger.jsonl")
+        self._issuing_key: PrivateKey | None = None
+
+    # -- construction --------------------------------------------------------------------------
+
+    @classmethod
+    def open(cls, path: Path, *, passphrase: bytes | None = None) -> PKI:
+        return cls(path, passphrase=passphrase)
+
+    @classmethod
+    def init(
+        cls,
+        path: Path,
+        *,
+        trust_domain: str,
+        server_names: Sequence[str] = (),
+        passphrase: bytes | None = None,
+        device_days: int = 90,
+        now: dt.datetime | None = None,
+    ) -> PKI:
+        """Create root, issuing CA, server certificate, empty registry, ledger and CRL.
+
+        Built in a staging directory and renamed into place, so a failure leaves nothing behind.
+        """
+        if (path / "pki.toml").exists():
+            raise PKIExistsError(path)
+        if path.exists() and (not path.is_dir() or any(path.iterdir())):
+            msg = f"{path} exists and is not empty; choose a new directory for the PKI"
+            raise PKIError(msg)
+        config = PKIConfig(
+            trust_domain=trust_domain, encrypted_keys=bool(passphrase), device_days=device_days
+        )
+        names = ["localhost", "127.0.0.1", *server_names]
+        for name in server_names:
+            _check_server_name(name)
+        when = _now(now)
+        root_key, issuing_key, server_key = generate_key(), generate_key(), generate_key()
+        root = build_root_ca(root_key, trust_domain, now=when)
+        issuing = build_issuing_ca(
+            issuing_key, trust_domain, root=root, root_key=root_key, now=when
+        )
+        server = build_server_cert(
+            server_key.public_key(), names=names, issuer=issuing, issuer_key=issuing_key, now=when
+        )
+        with StagedDirectory(path) as staged:
+            private = staged.path / "private"
+            private.mkdir(mode=PRIVATE_DIR_MODE)
+            for name, key in (("root", root_key), ("issuing", issuing_key), ("server", server_key)):
+                atomic_write(
+                    private / f"{name}.key", private_key_pem(key, passphrase), mode=KEY_MODE
+                )
+            staged.write("pki.toml", config.to_toml().encode())
+            staged.write("root.crt", _pem(root))
+            staged.write("issuing.crt", _pem(issuing))
+            staged.write("server.crt", _pem(server) + _pem(issuing))
+            registry = Registry(staged.path / "registry.sqlite3", create=True)
+            ledger = Ledger(staged.path / "ledger.jsonl")
+            try:
+                with registry.transaction():
+                    entries, _ = ledger.append(
+                        [
+                            (
+                                "ca-init",
+                                {
+                                    "trust_domain": trust_domain,
+                                    "root": fingerprint(root),
+                                    "issuing": fingerprint(issuing),
+                                    "server": fingerprint(server),
+                                    "server_names": names,
+                                    "station": station_id(),
+                                },
+                            )
+                        ],
+                        signer=issuing_key,
+                        now=when,
+                    )
+                    _record_head(registry, entries)
+                    crl = _make_crl(registry, config, issuing, issuing_key, when)
+                    atomic_write(staged.path / "crl.pem", crl)
+            finally:
+                registry.close()
+            os.chmod(staged.path, 0o755)  # noqa: S103 - certificates are public; private/ is 0700
+            staged.commit()
+        return cls(path, passphrase=passphrase)
+
+    def close(self) -> None:
+        self.registry.close()
+
+    def __enter__(self) -> PKI:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def _load_cert(self, name: str) -> x509.Certificate:
+        try:
+            return x509.load_pem_x509_certificate((self.path / name).read_bytes())
+        except FileNotFoundError:
+            msg = f"{self.path / name} is missing"
+            raise PKIError(msg) from None
+        except ValueError as exc:
+            msg = f"{self.path / name} is not a PEM certificate"
+            raise PKIError(msg) from exc
+
+    @property
+    def trust_domain(self) -> str:
+        return self.config.trust_domain
+
+    def issuing_key(self) -> PrivateKey:
+        if self._issuing_key is None:
+            key = load_private_key(self.path / "private" / "issuing.key", self._passphrase)
+            if key.public_key() != self.issuing.public_key():
+                msg = "private/issuing.key does not belong to issuing.crt"
+                raise PKIError(msg)
+            self._issuing_key = key
+        return self._issuing_key
+
+    def _ledger_signer(self) -> ec.EllipticCurvePrivateKey:
+        key = self.issuing_key()
+        if not isinstance(key, ec.EllipticCurvePrivateKey):  # ca init only makes EC keys
+            msg = "the issuing CA key must be an EC key to sign the ledger"
+            raise PKIError(msg)
+        return key
+
+    # -- issuance ------------------------------------------------------------------------------
+
+    def issue(
+        self,
+        name: str,
+        *,
+        kind: IdentityKind = IdentityKind.DEVICE,
+        csr: bytes | None = None,
+        out: Path | None = None,
+        rotate: bool = False,
+        hardware_serial: str | None = None,
+        broker: str | None = None,
+        days: int | None = None,
+        now: dt.datetime | None = None,
+        extended_key_usage: Iterable[x509.ObjectIdentifier] | None = None,
+    ) -> Issued:
+        """Issue one certificate, from a CSR or with a key generated here.
+
+        With ``out``, writes a credential directory (key only if generated here). Raises before
+        anything is written if the name, the CSR, the hardware serial or the directory is wrong.
+        """
+        return self.issue_many(
+            [name],
+            kind=kind,
+            csr=csr,
+            out_dirs=[out] if out else None,
+            rotate=rotate,
+            hardware_serials=[hardware_serial] if hardware_serial else None,
+            broker=broker,
+            days=days,
+            now=now,
+            extended_key_usage=extended_key_usage,
+        )[0]
+
+    def issue_many(
+        self,
+        names: Sequence[str],
+        *,
+        kind: IdentityKind = IdentityKind.DEVICE,
+        csr: bytes | None = None,
+        out_dirs: Sequence[Path] | None = None,
+        rotate: bool = False,
+        hardware_serials: Sequence[str | None] | None = None,
+        broker: str | None = None,
+        days: int | None = None,
+        now: dt.datetime | None = None,
+        extended_key_usage: Iterable[x509.ObjectIdentifier] | None = None,
+    ) -> list[Issued]:
+        """Issue a batch in one transaction and one ledger fsync (fleets, benchmarks)."""
+        if csr is not None and len(names) != 1:
+            msg = "a CSR issues exactly one certificate"
+            raise ValueError(msg)
+        if out_dirs is not None and len(out_dirs) != len(names):
+            msg = "out_dirs must match names"
+            raise ValueError(msg)
+        serials = list(hardware_serials) if hardware_serials else [None] * len(names)
+        identities = self._validate_batch(names, kind, serials, rotate=rotate)
+        lifetime = days or (
+            self.config.device_days if kind is IdentityKind.DEVICE else self.config.service_days
+        )
+        if lifetime <= 0:
+            msg = "validity must be at least one day"
+            raise PKIError(msg)
+        when = _now(now)
+        eku = list(extended_key_usage or (ExtendedKeyUsageOID.CLIENT_AUTH,))
+        issuer_key = self.issuing_key()
+        csr_key: PublicKey | None = load_csr(csr)[1] if csr is not None else None
+
+        pending: list[_Pending] = []
+        try:
+            for idx, ident in enumerate(identities):
+                key_pem: bytes | None = None
+                if csr_key is not None:
+                    public_key: PublicKey = csr_key
+                else:
+                    key = generate_key()
+                    public_key = key.public_key()
+                    key_pem = private_key_pem(key)
+                cert = build_leaf(
+                    ident,
+                    public_key,
+                    issuer=self.issuing,
+                    issuer_key=issuer_key,
+                    now=when,
+                    days=lifetime,
+                    extended_key_usage=eku,
+                )
+                staged = StagedDirectory(out_dirs[idx]) if out_dirs else None
+                item = _Pending(
+                    ident, cert, key_pem, "csr" if csr_key else "station", serials[idx], staged
+                )
+                pending.append(item)
+                if staged is not None:
+                    self._stage_credentials(item, broker)
+            return self._commit_issuance(pending, rotate=rotate, now=when)
+        except BaseException:
+            for item in pending:
+                if item.staged is not None:
+                    item.staged.discard()
+            raise
+
+    def _validate_batch(
+        self,
+        names: Sequence[str],
+        kind: IdentityKind,
+        serials: Sequence[str | None],
+        *,
+        rotate: bool,
+    ) -> list[Identity]:
+        identities = [Identity(kind, n, self.trust_domain) for n in names]
+        if len({i.name for i in identities}) != len(identities):
+            msg = "the batch names the same identity twice"
+            raise RegistryError(msg)
+        for hw in serials:
+            if hw is not None and not _HW_SERIAL_RE.fullmatch(hw):
+                raise InvalidIdentityError(
+                    hw.encode("unicode_escape").decode(),
+                    "use 1-128 printable ASCII characters without spaces",
+                    what="hardware serial",
+                )
+        for ident in identities:
+            self._check_name_free(ident, rotate=rotate)
+        return identities
+
+    def _check_name_free(self, ident: Identity, *, rotate: bool) -> None:
+        existing = self.registry.active(ident.name)
+        if existing is None:
+            return
+        if existing.kind != ident.kind.value:
+            msg = (
+                f"{ident.name!r} is already the name of an active {existing.kind}; "
+                "device ids and service names must not collide"
+            )
+            raise RegistryError(msg)
+        if not rotate:
+            raise DeviceExistsError(ident.name, kind=ident.kind.value)
+
+    def _stage_credentials(self, item: _Pending, broker: str | None) -> None:
+        assert item.staged is not None  # noqa: S101 - caller guarantees
+        issued = self._issued(item, record=None)
+        if item.key_pem is not None:
+            item.staged.write("device.key", item.key_pem, mode=KEY_MODE)
+        item.staged.write("device.crt", issued.cert_chain_pem)
+        item.staged.write("chain.crt", _pem(self.issuing))
+        item.staged.write("ca.crt", _pem(self.root))
+        item.staged.write("identity.json", issued.identity_json(broker))
+
+    def _issued(self, item: _Pending, record: CertRecord | None) -> Issued:
+        return Issued(
+            identity=item.identity,
+            certificate=item.certificate,
+            issuing=self.issuing,
+            root=self.root,
+            record=record,  # type: ignore[arg-type]  # only None while staging
+            key_pem=item.key_pem,
+            out=item.staged.final if item.staged else None,
+        )
+
+    def _commit_issuance(
+        self, pending: list[_Pending], *, rotate: bool, now: dt.datetime
+    ) -> list[Issued]:
+        by = station_id()
+        records = [
+            CertRecord(
+                kind=p.identity.kind.value,
+                name=p.identity.name,
+                serial=format(p.certificate.serial_number, "x"),
+                fingerprint=fingerprint(p.certificate),
+                public_key_sha256=public_key_sha256(p.certificate.public_key()),  # type: ignore[arg-type]
+                key_origin=p.key_origin,
+                not_before=p.certificate.not_valid_before_utc,
+                not_after=p.certificate.not_valid_after_utc,
+                status="active",
+                issued_at=now,
+                issued_by=by,
+                hardware_serial=p.hardware_serial,
+            )
+            for p in pending
+        ]
+        with self._change(now) as change:
+            for item, record in zip(pending, records, strict=True):
+                existing = self.registry.active(item.identity.name)
+                if existing is not None:
+                    # Another process may have issued between our check and this lock.
+                    self._check_name_free(item.identity, rotate=rotate)
+                    for old in self.registry.mark_revoked(
+                        item.identity.name, reason="superseded", when=now
+                    ):
+                        change.events.append(("revoke", _revoke_event(old, "superseded", by)))
+                    change.crl_dirty = True
+                self.registry.insert(record)
+                change.events.append(("issue", _issue_event(record)))
+            change.on_commit = [p.staged.commit for p in pending if p.staged is not None]
+        return [self._issued(p, r) for p, r in zip(pending, records, strict=True)]
+
+    # -- revocation and CRL --------------------------------------------------------------------
+
+    def revoke(
+        self,
+        name: str,
+        *,
+        reason: str = "unspecified",
+        kind: IdentityKind | None = None,
+        now: dt.datetime | None = None,
+    ) -> list[CertRecord]:
+        """Revoke every active certificate of ``name`` and publish a new CRL."""
+        if reason not in REVOCATION_REASONS:
+            msg = (
+                f"unknown revocation reason {reason!r}; use one of {', '.join(REVOCATION_REASONS)}"
+            )
+            raise PKIError(msg)
+        Identity(kind or IdentityKind.DEVICE, name, self.trust_domain)  # validates the name
+        when = _now(now)
+        by = station_id()
+        with self._change(when) as change:
+            rows = self.registry.mark_revoked(
+                name, reason=reason, when=when, kind=kind.value if kind else None
+            )
+            change.events.extend(("revoke", _revoke_event(r, reason, by)) for r in rows)
+            change.crl_dirty = True
+        return rows
+
+    def refresh_crl(self, *, now: dt.datetime | None = None) -> CRLInfo:
+        """Re-sign the CRL with a new number and nextUpdate (run before it goes stale)."""
+        with self._change(_now(now)) as change:
+            change.crl_dirty = True
+        return self.crl_info()
+
+    def crl_info(self) -> CRLInfo:
+        try:
+            crl = x509.load_pem_x509_crl((self.path / "crl.pem").read_bytes())
+        except (FileNotFoundError, ValueError) as exc:
+            msg = f"{self.path / 'crl.pem'} is missing or unreadable; run 'iotauth ca crl'"
+            raise PKIError(msg) from exc
+        number = crl.extensions.get_extension_for_class(x509.CRLNumber).value.crl_number
+        next_update = crl.next_update_utc
+        assert next_update is not None  # noqa: S101 - we always set it
+        return CRLInfo(number, crl.last_update_utc, next_update, len(crl))
+
+    # -- ledger --------------------------------------------------------------------------------
+
+    def record_event(
+        self, event: str, data: dict[str, Any], *, now: dt.datetime | None = None
+    ) -> None:
+        """Append a non-issuance event (provisioning, factory reset, ...) to the ledger."""
+        with self._change(_now(now)) as change:
+            change.events.append((event, data))
+
+    def verify_ledger(self) -> LedgerReport:
+        public_key = self.issuing.public_key()
+        assert isinstance(public_key, ec.EllipticCurvePublicKey)  # noqa: S101 - ca init makes EC
+        head = _recorded_head(self.registry)
+        entries = self.ledger.verify(public_key=public_key, expected_head=head)
+        warnings: list[str] = []
+        issued = {e.data.get("serial") for e in entries if e.event == "issue"}
+        missing = [r for r in self.registry.all() if r.serial not in issued]
+        if missing:
+            r = missing[0]
+            msg = (
+                f"the registry holds {len(missing)} certificate(s) the ledger never recorded, "
+                f"first {r.kind} {r.name} serial {r.serial}"
+            )
+            raise PKIError(msg)
+        if head is not None and len(entries) > head.seq:
+            warnings.append(
+                f"{len(entries) - head.seq} entr(y/ies) after the registry's last recorded one "
+                "(an interrupted write); they are chained and signed, but not in the registry"
+            )
+        last = entries[-1] if entries else None
+        return LedgerReport(
+            len(entries), LedgerHead(last.seq, last.hash) if last else LedgerHead(0, ""), warnings
+        )
+
+    # -- the one write path --------------------------------------------------------------------
+
+    @contextlib.contextmanager
+    def _change(self, now: dt.datetime) -> Iterator[_Change]:
+        """Run a change under the write lock: ledger lines, CRL and directories land with it."""
+        change = _Change()
+        crl_path = self.path / "crl.pem"
+        old_crl = crl_path.read_bytes() if crl_path.exists() else None
+        appended_at: int | None = None
+        crl_written = False
+        try:
+            with self.registry.transaction():
+                yield change
+                if change.events:
+                    entries, appended_at = self.ledger.append(
+                        change.events, signer=self._ledger_signer(), now=now
+                    )
+                    _record_head(self.registry, entries)
+                if change.crl_dirty:
+                    crl = _make_crl(
+                        self.registry, self.config, self.issuing, self.issuing_key(), now
+                    )
+                    atomic_write(crl_path, crl)
+                    crl_written = True
+                for step in change.on_commit:
+                    step()
+        except BaseException:
+            if appended_at is not None:
+                self.ledger.truncate(appended_at)
+            if crl_written and old_crl is not None:
+                atomic_write(crl_path, old_crl)
+            raise
+
+
+@dataclass(slots=True)
+class _Change:
+    events: list[tuple[str, dict[str, Any]]] = field(default_factory=list)
+    crl_dirty: bool = False
+    on_commit: list[Any] = field(default_factory=list)
+
+
+def _check_server_name(name: str) -> None:
+    if not name or len(name) > 253 or not re.fullmatch(r"[A-Za-z0-9.:*-]+", name):
+        raise InvalidIdentityError(name, "not a host name or IP address", what="server name")
+
+
+def _issue_event(record: CertRecord) -> dict[str, Any]:
+    return {
+        "kind": record.kind,
+        "name": record.name,
+        "serial": record.serial,
+        "fingerprint": record.fingerprint,
+        "public_key_sha256": record.public_key_sha256,
+        "key_origin": record.key_origin,
+        "hardware_serial": record.hardware_serial,
+        "not_after": record.not_after.isoformat(),
+        "station": record.issued_by,
+    }
+
+
+def _revoke_event(record: CertRecord, reason: str, by: str) -> dict[str, Any]:
+    return {
+        "kind": record.kind,
+        "name": record.name,
+        "serial": record.serial,
+        "reason": reason,
+        "station": by,
+    }
+
+
+def _record_head(registry: Registry, entries: list[LedgerEntry]) -> None:
+    if entries:
+        registry.set_meta("ledger_seq", str(entries[-1].seq))
+        registry.set_meta("ledger_hash", entries[-1].hash)
+
+
+def _recorded_head(registry: Registry) -> LedgerHead | None:
+    seq, digest = registry.get_meta("ledger_seq"), registry.get_meta("ledger_hash")
+    if seq is None or digest is None:
+        return None
+    return LedgerHead(int(seq), digest)
+
+
+def _make_crl(
+    registry: Registry,
+    config: PKIConfig,
+    issuing: x509.Certificate,
+    issuing_key: PrivateKey,
+    now: dt.datetime,
+) -> bytes:
+    """Sign the next CRL. Its number always grows, so a reader can tell the newest one."""
+    number = int(registry.get_meta("crl_number") or "0") + 1
+    registry.set_meta("crl_number", str(number))
+    revoked = [
+        (
+            int(r.serial, 16),
+            r.revoked_at or now,
+            REVOCATION_REASONS.get(r.revocation_reason or "", x509.ReasonFlags.unspecified),
+        )
+        for r in registry.revoked()
+    ]
+    crl = build_crl(
+        issuer=issuing,
+        issuer_key=issuing_key,
+        revoked=revoked,
+        number=number,
+        now=now,
+        next_update=now + dt.timedelta(hours=config.crl_hours),
+    )
+    return crl.public_bytes(serialization.Encoding.PEM)

@@ -1,0 +1,290 @@
+"""The station's commands as a user runs them: the real ``iotauth`` in a subprocess."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import CLI, Result, assert_one_line_error, openssl_verify
+
+Run = Callable[..., Result]
+
+
+def test_the_foundation_walkthrough(cli: Run, tmp_path: Path) -> None:
+    """Exactly the commands of the foundation issue, in order, each succeeding."""
+    cli("ca", "init", "--pki", "./pki", "--trust-domain", "fleet.example", check=True)
+    cli("device", "issue", "dev-0001", "--pki", "./pki", "--out", "./creds/dev-0001", check=True)
+    cli(
+        "service",
+        "issue",
+        "telemetry-sink",
+        "--pki",
+        "./pki",
+        "--out",
+        "./creds/telemetry-sink",
+        check=True,
+    )
+    listing = cli("device", "list", "--pki", "./pki", check=True)
+    assert "dev-0001" in listing.stdout
+    rows = json.loads(cli("device", "list", "--pki", "./pki", "--json", check=True).stdout)
+    assert [(r["name"], r["state"]) for r in rows] == [("dev-0001", "active")]
+    revoked = cli(
+        "device", "revoke", "dev-0001", "--pki", "./pki", "--reason", "key-compromise", check=True
+    )
+    assert "CRL #2" in revoked.stdout
+    verified = cli("ledger", "verify", "--pki", "./pki", check=True)
+    assert "ledger OK: 4 entries" in verified.stdout
+
+    pki = tmp_path / "pki"
+    assert openssl_verify(pki, tmp_path / "creds" / "telemetry-sink" / "device.crt").returncode == 0
+    assert openssl_verify(pki, tmp_path / "creds" / "dev-0001" / "device.crt").returncode == 0
+    assert (
+        openssl_verify(pki, tmp_path / "creds" / "dev-0001" / "device.crt", crl=True).returncode
+        != 0
+    )
+    rows = json.loads(cli("device", "list", "--pki", "./pki", "--json", check=True).stdout)
+    assert rows[0]["state"] == "revoked"
+    assert rows[0]["revocation_reason"] == "key-compromise"
+    shown = json.loads(
+        cli("device", "show", "dev-0001", "--pki", "./pki", "--json", check=True).stdout
+    )
+    assert shown["spiffe_id"] == "spiffe://fleet.example/device/dev-0001"
+    assert shown["certificates"][0]["issued_by"] == "test-station"
+
+
+def test_pki_can_come_from_the_environment(cli: Run, tmp_path: Path) -> None:
+    env = {"IOTAUTH_PKI": str(tmp_path / "pki")}
+    cli("ca", "init", "--trust-domain", "fleet.example", env=env, check=True)
+    cli("device", "issue", "dev-1", "--out", "d1", env=env, check=True)
+    assert "dev-1" in cli("device", "list", env=env, check=True).stdout
+
+
+@pytest.fixture
+def initialised(cli: Run, tmp_path: Path) -> Path:
+    cli("ca", "init", "--pki", "pki", "--trust-domain", "fleet.example", check=True)
+    return tmp_path / "pki"
+
+
+def _snapshot(pki: Path) -> tuple[bytes, bytes, list[str]]:
+    rows = json.loads(
+        subprocess.run(
+            [*CLI, "device", "list", "--pki", str(pki), "--json", "--all"],
+            capture_output=True, text=True, check=True,
+        ).stdout
+    )  # fmt: skip
+    return (
+        (pki / "ledger.jsonl").read_bytes(),
+        (pki / "crl.pem").read_bytes(),
+        [r["serial"] for r in rows],
+    )
+
+
+@pytest.mark.parametrize(
+    ("device_id", "reason"),
+    [
+        ("Dev-1", "upper-case"),
+        ("dev/1", "'/'"),
+        ("dev+1", "'+'"),
+        ("dev#1", "'#'"),
+        ("dev 1", "whitespace"),
+        ("dév-1", "non-ASCII"),
+        ("x" * 65, "65 characters"),
+        ("", "empty"),
+    ],
+)
+def test_invalid_ids_on_the_command_line(
+    cli: Run, initialised: Path, tmp_path: Path, device_id: str, reason: str
+) -> None:
+    before = _snapshot(initialised)
+    result = cli("device", "issue", device_id, "--pki", "pki", "--out", "creds/x")
+    assert_one_line_error(result, "invalid device id", reason)
+    assert result.returncode == 1
+    assert _snapshot(initialised) == before
+    assert not (tmp_path / "creds").exists()
+
+
+def test_leading_dash_id_is_refused(cli: Run, initialised: Path, tmp_path: Path) -> None:
+    result = cli("device", "issue", "--pki", "pki", "--out", "creds/x", "--", "-dev")
+    assert_one_line_error(result, "starts with '-'")
+    assert not (tmp_path / "creds").exists()
+
+
+def test_bad_csr_on_the_command_line(cli: Run, initialised: Path, tmp_path: Path) -> None:
+    (tmp_path / "bad.csr").write_bytes(
+        b"-----BEGIN CERTIFICATE REQUEST-----\nAAAA\n-----END CERTIFICATE REQUEST-----\n"
+    )
+    before = _snapshot(initialised)
+    result = cli(
+        "device", "issue", "dev-1", "--pki", "pki", "--csr", "bad.csr", "--out", "creds/dev-1"
+    )
+    assert_one_line_error(result, "CSR rejected")
+    assert _snapshot(initialised) == before
+    assert not (tmp_path / "creds").exists()
+    missing = cli("device", "issue", "dev-1", "--pki", "pki", "--csr", "nope.csr")
+    assert_one_line_error(missing, "No such file", "nope.csr")
+
+
+def test_operational_errors_are_one_line(cli: Run, initialised: Path, tmp_path: Path) -> None:
+    assert_one_line_error(
+        cli("ca", "init", "--pki", "pki", "--trust-domain", "fleet.example"), "already holds a PKI"
+    )
+    assert_one_line_error(cli("device", "list", "--pki", "nowhere"), "not a PKI directory")
+    assert_one_line_error(cli("device", "revoke", "ghost", "--pki", "pki"), "not in the registry")
+    assert_one_line_error(
+        cli("device", "revoke", "ghost", "--pki", "pki", "--reason", "bored"),
+        "unknown revocation reason",
+    )
+    assert_one_line_error(cli("device", "issue", "dev-1", "--pki", "pki"), "--out is required")
+    assert_one_line_error(
+        cli("ca", "init", "--pki", "p2", "--trust-domain", "Bad Domain"), "invalid trust domain"
+    )
+    cli("device", "issue", "dev-1", "--pki", "pki", "--out", "d1", check=True)
+    assert_one_line_error(
+        cli("device", "issue", "dev-1", "--pki", "pki", "--out", "d2"), "--rotate"
+    )
+    assert_one_line_error(
+        cli("service", "issue", "dev-1", "--pki", "pki", "--out", "s1"), "must not collide"
+    )
+    rotated = cli(
+        "device", "issue", "dev-1", "--pki", "pki", "--out", "d2", "--rotate", "--json", check=True
+    )
+    assert json.loads(rotated.stdout)["status"] == "active"
+
+
+def test_encrypted_pki_through_the_environment(cli: Run, tmp_path: Path) -> None:
+    secret = {"IOTAUTH_CA_PASSPHRASE": "s3cret"}
+    init = cli(
+        "ca", "init", "--pki", "pki", "--trust-domain", "fleet.example", env=secret, check=True
+    )
+    assert "encrypted" in init.stdout
+    assert_one_line_error(
+        cli("device", "issue", "dev-1", "--pki", "pki", "--out", "d"), "IOTAUTH_CA_PASSPHRASE"
+    )
+    wrong = cli(
+        "device",
+        "issue",
+        "dev-1",
+        "--pki",
+        "pki",
+        "--out",
+        "d",
+        env={"IOTAUTH_CA_PASSPHRASE": "nope"},
+    )
+    assert_one_line_error(wrong, "wrong IOTAUTH_CA_PASSPHRASE")
+    assert not (tmp_path / "d").exists()
+    cli("device", "issue", "dev-1", "--pki", "pki", "--out", "d", env=secret, check=True)
+    assert_one_line_error(cli("device", "revoke", "dev-1", "--pki", "pki"), "IOTAUTH_CA_PASSPHRASE")
+    cli("device", "revoke", "dev-1", "--pki", "pki", env=secret, check=True)
+
+
+def test_ledger_verify_names_the_bad_line(cli: Run, initialised: Path) -> None:
+    cli("device", "issue", "dev-1", "--pki", "pki", "--out", "d1", check=True)
+    cli("device", "issue", "dev-2", "--pki", "pki", "--out", "d2", check=True)
+    ledger = initialised / "ledger.jsonl"
+    lines = ledger.read_bytes().splitlines(keepends=True)
+    ledger.write_bytes(lines[0] + lines[1].replace(b"dev-1", b"dev-9") + lines[2])
+    assert_one_line_error(cli("ledger", "verify", "--pki", "pki"), "ledger line 2", "edited")
+
+
+@pytest.fixture
+def small_disk(tmp_path: Path) -> Iterator[Path]:
+    """A real 1 MiB filesystem (tmpfs) that the test can fill to the last byte."""
+    if os.geteuid() != 0:
+        pytest.skip("mounting a tmpfs needs root (CI runs as root)")
+    mount_point = tmp_path / "disk"
+    mount_point.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(mount_point)], check=True)
+    try:
+        yield mount_point
+    finally:
+        subprocess.run(["umount", "-l", str(mount_point)], check=False)
+
+
+def _fill(disk: Path, leave: int) -> Path:
+    """Fill ``disk`` until only ``leave`` bytes (rounded to pages) are free."""
+    filler = disk / "filler"
+    fd = os.open(filler, os.O_WRONLY | os.O_CREAT, 0o600)
+    try:
+        while os.write(fd, b"\0" * 4096):
+            pass
+    except OSError:
+        pass  # the disk is full: that was the point
+    finally:
+        os.close(fd)
+    free = os.statvfs(disk).f_bavail * os.statvfs(disk).f_frsize
+    os.truncate(filler, max(0, filler.stat().st_size + free - leave))
+    return filler
+
+
+# The sizes hit, in turn: the registry opening, the credential files, the registry commit after
+# the ledger line was written (so the line must be taken back), and success.
+@pytest.mark.parametrize("free_bytes", [0, 32768, 61440, 73728, 131072])
+def test_a_full_disk_loses_nothing(small_disk: Path, free_bytes: int) -> None:
+    """Whatever runs out of space first (registry, ledger, credentials), nothing is half-done."""
+    pki = small_disk / "pki"
+    subprocess.run(
+        [*CLI, "ca", "init", "--pki", str(pki), "--trust-domain", "fleet.example"],
+        check=True,
+        capture_output=True,
+    )
+    for n in range(3):
+        subprocess.run(
+            [
+                *CLI,
+                "device",
+                "issue",
+                f"dev-{n}",
+                "--pki",
+                str(pki),
+                "--out",
+                str(small_disk / f"d{n}"),
+            ],
+            check=True,
+            capture_output=True,
+        )
+    before = _snapshot(pki)
+    filler = _fill(small_disk, free_bytes)
+    out = small_disk / "creds" / "dev-new"
+    proc = subprocess.run(
+        [*CLI, "device", "issue", "dev-new", "--pki", str(pki), "--out", str(out)],
+        capture_output=True, text=True, check=False, timeout=60,
+    )  # fmt: skip
+    filler.unlink()
+    after = _snapshot(pki)
+    if proc.returncode == 0:  # enough room after all: then it must be complete
+        assert len(after[2]) == len(before[2]) + 1
+        assert (out / "device.key").exists()
+    else:
+        assert_one_line_error(Result(proc.returncode, proc.stdout, proc.stderr))
+        assert after == before
+        assert not out.exists()
+        assert not [p.name for p in (small_disk).iterdir() if p.name.startswith(".")]
+    verified = subprocess.run(
+        [*CLI, "ledger", "verify", "--pki", str(pki)], capture_output=True, text=True, check=False
+    )
+    assert verified.returncode == 0, verified.stderr
+
+
+def test_help_and_version(cli: Run) -> None:
+    assert cli("--version", check=True).stdout.startswith("iotauth ")
+    for group in ("ca", "device", "service", "ledger"):
+        assert "Usage" in cli(group, "--help", check=True).stdout
+
+
+def test_demo_placeholder_exits_cleanly(cli: Run) -> None:
+    result = cli("demo", check=True)
+    assert "not yet" in result.stdout
+
+
+def test_module_entry_point_matches_console_script() -> None:
+    script = Path(sys.executable).parent / "iotauth"
+    if not script.exists():
+        pytest.fail("the console script 'iotauth' was not installed next to the interpreter")
+    proc = subprocess.run([str(script), "--version"], capture_output=True, text=True, check=True)
+    assert proc.stdout.startswith("iotauth ")
