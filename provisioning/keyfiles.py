@@ -45,16 +45,19 @@ def fsync_directory(path: Path) -> None:
         os.close(fd)
 
 
+def _write_all(fd: int, data: bytes) -> None:
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view) :]
+
+
 def atomic_write(path: Path, data: bytes, *, mode: int = 0o644) -> None:
     """Replace ``path`` with ``data`` atomically and durably."""
     tmp = path.with_name(f".{path.name}.tmp-{secrets.token_hex(4)}")
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
     try:
         try:
-            view = memoryview(data)
-            while view:
-                written = os.write(fd, view)
-                view = view[written:]
+            _write_all(fd, data)
             os.fsync(fd)
         finally:
             os.close(fd)
@@ -134,12 +137,23 @@ class StagedDirectory:
         self.committed = False
 
     def write(self, name: str, data: bytes, *, mode: int = 0o644) -> None:
+        """Write one file into the staging directory (durable, but not yet visible).
+
+        No per-file rename is needed: the directory rename in :meth:`commit` is the atomic step.
+        """
         try:
-            atomic_write(self.path / name, data, mode=mode)
+            fd = os.open(self.path / name, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
+            try:
+                _write_all(fd, data)
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+            os.chmod(self.path / name, mode)
         except OSError as exc:
             raise OSError(exc.errno, exc.strerror, str(self.final / name)) from exc
 
     def commit(self) -> None:
+        fsync_directory(self.path)
         if self.final.is_dir():
             self.final.rmdir()  # empty (checked in __init__); rename cannot replace a directory
         os.rename(self.path, self.final)

@@ -71,6 +71,7 @@ __all__ = [
     "CRLInfo",
     "Issued",
     "LedgerReport",
+    "identity_json",
     "passphrase_from_env",
     "station_id",
 ]
@@ -130,16 +131,20 @@ class Issued:
         return _pem(self.certificate) + _pem(self.issuing)
 
     def identity_json(self, broker: str | None = None) -> bytes:
-        doc: dict[str, Any] = {
-            "kind": self.identity.kind.value,
-            "trust_domain": self.identity.trust_domain,
-            "spiffe_id": self.identity.spiffe_id,
-        }
-        key = "device_id" if self.identity.is_device else "service_name"
-        doc[key] = self.identity.name
-        if broker:
-            doc["broker"] = broker
-        return (json.dumps(doc, indent=2) + "\n").encode()
+        return identity_json(self.identity, broker)
+
+
+def identity_json(identity: Identity, broker: str | None = None) -> bytes:
+    """``identity.json`` of a credential directory: who this is and, optionally, the broker."""
+    doc: dict[str, Any] = {
+        "kind": identity.kind.value,
+        "trust_domain": identity.trust_domain,
+        "spiffe_id": identity.spiffe_id,
+    }
+    doc["device_id" if identity.is_device else "service_name"] = identity.name
+    if broker:
+        doc["broker"] = broker
+    return (json.dumps(doc, indent=2) + "\n").encode()
 
 
 @dataclass(frozen=True, slots=True)
@@ -444,22 +449,22 @@ class PKI:
             raise DeviceExistsError(ident.name, kind=ident.kind.value)
 
     def _stage_credentials(self, item: _Pending, broker: str | None) -> None:
+        """Write the credential directory of DESIGN.md into the item's staging directory."""
         assert item.staged is not None  # noqa: S101 - caller guarantees
-        issued = self._issued(item, record=None)
         if item.key_pem is not None:
             item.staged.write("device.key", item.key_pem, mode=KEY_MODE)
-        item.staged.write("device.crt", issued.cert_chain_pem)
+        item.staged.write("device.crt", _pem(item.certificate) + _pem(self.issuing))
         item.staged.write("chain.crt", _pem(self.issuing))
         item.staged.write("ca.crt", _pem(self.root))
-        item.staged.write("identity.json", issued.identity_json(broker))
+        item.staged.write("identity.json", identity_json(item.identity, broker))
 
-    def _issued(self, item: _Pending, record: CertRecord | None) -> Issued:
+    def _issued(self, item: _Pending, record: CertRecord) -> Issued:
         return Issued(
             identity=item.identity,
             certificate=item.certificate,
             issuing=self.issuing,
             root=self.root,
-            record=record,  # type: ignore[arg-type]  # only None while staging
+            record=record,
             key_pem=item.key_pem,
             out=item.staged.final if item.staged else None,
         )
@@ -586,7 +591,7 @@ class PKI:
         """Run a change under the write lock: ledger lines, CRL and directories land with it."""
         change = _Change()
         crl_path = self.path / "crl.pem"
-        old_crl = crl_path.read_bytes() if crl_path.exists() else None
+        old_crl: bytes | None = None
         appended_at: int | None = None
         crl_written = False
         try:
@@ -598,6 +603,7 @@ class PKI:
                     )
                     _record_head(self.registry, entries)
                 if change.crl_dirty:
+                    old_crl = crl_path.read_bytes() if crl_path.exists() else None
                     crl = _make_crl(
                         self.registry, self.config, self.issuing, self.issuing_key(), now
                     )
