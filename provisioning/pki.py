@@ -15,6 +15,7 @@ registry row, the ledger line, the CRL and the credential directory land togethe
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import datetime as dt
 import getpass
 import json
@@ -71,6 +72,7 @@ __all__ = [
     "CRLInfo",
     "Issued",
     "LedgerReport",
+    "Prepared",
     "identity_json",
     "passphrase_from_env",
     "station_id",
@@ -165,14 +167,37 @@ class LedgerReport:
     warnings: list[str] = field(default_factory=list)
 
 
-@dataclass(slots=True)
-class _Pending:
+@dataclass(frozen=True, slots=True)
+class Prepared:
+    """A signed certificate that is not yet recorded (the first half of two-phase issuance).
+
+    The bench station uploads it to a device, verifies and locks the device, and only then calls
+    :meth:`PKI.record`; if the device fails after the certificate may have reached it, the station
+    calls :meth:`PKI.void`, which records it as revoked so the CRL covers it.
+    """
+
     identity: Identity
     certificate: x509.Certificate
+    issuing: x509.Certificate
     key_pem: bytes | None
     key_origin: str
     hardware_serial: str | None
+    rotate: bool
+
+    @property
+    def cert_chain_pem(self) -> bytes:
+        """``device.crt``: the leaf followed by the issuing CA."""
+        return _pem(self.certificate) + _pem(self.issuing)
+
+
+@dataclass(slots=True)
+class _Pending:
+    prepared: Prepared
     staged: StagedDirectory | None
+
+    @property
+    def identity(self) -> Identity:
+        return self.prepared.identity
 
 
 class PKI:
@@ -366,6 +391,101 @@ class PKI:
         if out_dirs is not None and len(out_dirs) != len(names):
             msg = "out_dirs must match names"
             raise ValueError(msg)
+        prepared = self._prepare_batch(
+            names,
+            kind=kind,
+            csr=csr,
+            rotate=rotate,
+            hardware_serials=hardware_serials,
+            days=days,
+            now=now,
+            extended_key_usage=extended_key_usage,
+        )
+        pending: list[_Pending] = []
+        try:
+            for idx, item in enumerate(prepared):
+                staged = StagedDirectory(out_dirs[idx]) if out_dirs else None
+                pending.append(_Pending(item, staged))
+                if staged is not None:
+                    self._stage_credentials(item, staged, broker)
+            return self._commit_issuance(pending, rotate=rotate, now=_now(now))
+        except BaseException:
+            for entry in pending:
+                if entry.staged is not None:
+                    entry.staged.discard()
+            raise
+
+    def prepare(
+        self,
+        name: str,
+        *,
+        kind: IdentityKind = IdentityKind.DEVICE,
+        csr: bytes | None = None,
+        rotate: bool = False,
+        hardware_serial: str | None = None,
+        days: int | None = None,
+        now: dt.datetime | None = None,
+    ) -> Prepared:
+        """Check and sign, but record nothing: see :class:`Prepared`."""
+        return self._prepare_batch(
+            [name],
+            kind=kind,
+            csr=csr,
+            rotate=rotate,
+            hardware_serials=[hardware_serial] if hardware_serial else None,
+            days=days,
+            now=now,
+        )[0]
+
+    def record(
+        self,
+        prepared: Prepared,
+        *,
+        details: dict[str, Any] | None = None,
+        now: dt.datetime | None = None,
+    ) -> CertRecord:
+        """Record a prepared certificate as issued; ``details`` go into its ledger line."""
+        return self._commit_issuance(
+            [_Pending(prepared, None)], rotate=prepared.rotate, now=_now(now), details=details
+        )[0].record
+
+    def void(
+        self,
+        prepared: Prepared,
+        *,
+        reason: str = "cessation-of-operation",
+        details: dict[str, Any] | None = None,
+        now: dt.datetime | None = None,
+    ) -> CertRecord:
+        """Record a prepared certificate that may exist on a device as revoked; re-sign the CRL."""
+        when = _now(now)
+        record = dataclasses.replace(
+            self._record_for(prepared, when),
+            status="revoked",
+            revoked_at=when,
+            revocation_reason=reason,
+        )
+        with self._change(when) as change:
+            self.registry.insert(record)
+            event = _issue_event(record)
+            event.update(details or {})
+            change.events.append(("issue", event))
+            change.events.append(("revoke", _revoke_event(record, reason, record.issued_by)))
+            change.crl_dirty = True
+        return record
+
+    def _prepare_batch(
+        self,
+        names: Sequence[str],
+        *,
+        kind: IdentityKind,
+        csr: bytes | None,
+        rotate: bool,
+        hardware_serials: Sequence[str | None] | None,
+        days: int | None,
+        now: dt.datetime | None,
+        extended_key_usage: Iterable[x509.ObjectIdentifier] | None = None,
+    ) -> list[Prepared]:
         serials = list(hardware_serials) if hardware_serials else [None] * len(names)
         identities = self._validate_batch(names, kind, serials, rotate=rotate)
         lifetime = days or (
@@ -378,39 +498,29 @@ class PKI:
         eku = list(extended_key_usage or (ExtendedKeyUsageOID.CLIENT_AUTH,))
         issuer_key = self.issuing_key()
         csr_key: PublicKey | None = load_csr(csr)[1] if csr is not None else None
-
-        pending: list[_Pending] = []
-        try:
-            for idx, ident in enumerate(identities):
-                key_pem: bytes | None = None
-                if csr_key is not None:
-                    public_key: PublicKey = csr_key
-                else:
-                    key = generate_key()
-                    public_key = key.public_key()
-                    key_pem = private_key_pem(key)
-                cert = build_leaf(
-                    ident,
-                    public_key,
-                    issuer=self.issuing,
-                    issuer_key=issuer_key,
-                    now=when,
-                    days=lifetime,
-                    extended_key_usage=eku,
-                )
-                staged = StagedDirectory(out_dirs[idx]) if out_dirs else None
-                item = _Pending(
-                    ident, cert, key_pem, "csr" if csr_key else "station", serials[idx], staged
-                )
-                pending.append(item)
-                if staged is not None:
-                    self._stage_credentials(item, broker)
-            return self._commit_issuance(pending, rotate=rotate, now=when)
-        except BaseException:
-            for item in pending:
-                if item.staged is not None:
-                    item.staged.discard()
-            raise
+        out: list[Prepared] = []
+        for ident, hardware_serial in zip(identities, serials, strict=True):
+            key_pem: bytes | None = None
+            if csr_key is not None:
+                public_key: PublicKey = csr_key
+            else:
+                key = generate_key()
+                public_key = key.public_key()
+                key_pem = private_key_pem(key)
+            cert = build_leaf(
+                ident,
+                public_key,
+                issuer=self.issuing,
+                issuer_key=issuer_key,
+                now=when,
+                days=lifetime,
+                extended_key_usage=eku,
+            )
+            origin = "csr" if csr_key else "station"
+            out.append(
+                Prepared(ident, cert, self.issuing, key_pem, origin, hardware_serial, rotate)
+            )
+        return out
 
     def _validate_batch(
         self,
@@ -448,48 +558,54 @@ class PKI:
         if not rotate:
             raise DeviceExistsError(ident.name, kind=ident.kind.value)
 
-    def _stage_credentials(self, item: _Pending, broker: str | None) -> None:
-        """Write the credential directory of DESIGN.md into the item's staging directory."""
-        assert item.staged is not None  # noqa: S101 - caller guarantees
+    def _stage_credentials(
+        self, item: Prepared, staged: StagedDirectory, broker: str | None
+    ) -> None:
+        """Write the credential directory of DESIGN.md into a staging directory."""
         if item.key_pem is not None:
-            item.staged.write("device.key", item.key_pem, mode=KEY_MODE)
-        item.staged.write("device.crt", _pem(item.certificate) + _pem(self.issuing))
-        item.staged.write("chain.crt", _pem(self.issuing))
-        item.staged.write("ca.crt", _pem(self.root))
-        item.staged.write("identity.json", identity_json(item.identity, broker))
+            staged.write("device.key", item.key_pem, mode=KEY_MODE)
+        staged.write("device.crt", item.cert_chain_pem)
+        staged.write("chain.crt", _pem(self.issuing))
+        staged.write("ca.crt", _pem(self.root))
+        staged.write("identity.json", identity_json(item.identity, broker))
 
     def _issued(self, item: _Pending, record: CertRecord) -> Issued:
         return Issued(
             identity=item.identity,
-            certificate=item.certificate,
+            certificate=item.prepared.certificate,
             issuing=self.issuing,
             root=self.root,
             record=record,
-            key_pem=item.key_pem,
+            key_pem=item.prepared.key_pem,
             out=item.staged.final if item.staged else None,
         )
 
+    def _record_for(self, p: Prepared, now: dt.datetime) -> CertRecord:
+        cert = p.certificate
+        return CertRecord(
+            kind=p.identity.kind.value,
+            name=p.identity.name,
+            serial=format(cert.serial_number, "x"),
+            fingerprint=fingerprint(cert),
+            public_key_sha256=public_key_sha256(cert.public_key()),  # type: ignore[arg-type]
+            key_origin=p.key_origin,
+            not_before=cert.not_valid_before_utc,
+            not_after=cert.not_valid_after_utc,
+            status="active",
+            issued_at=now,
+            issued_by=station_id(),
+            hardware_serial=p.hardware_serial,
+        )
+
     def _commit_issuance(
-        self, pending: list[_Pending], *, rotate: bool, now: dt.datetime
+        self,
+        pending: list[_Pending],
+        *,
+        rotate: bool,
+        now: dt.datetime,
+        details: dict[str, Any] | None = None,
     ) -> list[Issued]:
-        by = station_id()
-        records = [
-            CertRecord(
-                kind=p.identity.kind.value,
-                name=p.identity.name,
-                serial=format(p.certificate.serial_number, "x"),
-                fingerprint=fingerprint(p.certificate),
-                public_key_sha256=public_key_sha256(p.certificate.public_key()),  # type: ignore[arg-type]
-                key_origin=p.key_origin,
-                not_before=p.certificate.not_valid_before_utc,
-                not_after=p.certificate.not_valid_after_utc,
-                status="active",
-                issued_at=now,
-                issued_by=by,
-                hardware_serial=p.hardware_serial,
-            )
-            for p in pending
-        ]
+        records = [self._record_for(p.prepared, now) for p in pending]
         with self._change(now) as change:
             for item, record in zip(pending, records, strict=True):
                 existing = self.registry.active(item.identity.name)
@@ -499,10 +615,14 @@ class PKI:
                     for old in self.registry.mark_revoked(
                         item.identity.name, reason="superseded", when=now
                     ):
-                        change.events.append(("revoke", _revoke_event(old, "superseded", by)))
+                        change.events.append(
+                            ("revoke", _revoke_event(old, "superseded", record.issued_by))
+                        )
                     change.crl_dirty = True
                 self.registry.insert(record)
-                change.events.append(("issue", _issue_event(record)))
+                event = _issue_event(record)
+                event.update(details or {})
+                change.events.append(("issue", event))
             change.on_commit = [p.staged.commit for p in pending if p.staged is not None]
         return [self._issued(p, r) for p, r in zip(pending, records, strict=True)]
 

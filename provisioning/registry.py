@@ -238,7 +238,8 @@ class Registry:
             self._db.execute(
                 "INSERT INTO certificates (kind, name, hardware_serial, serial, fingerprint,"
                 " public_key_sha256, key_origin, not_before, not_after, status, issued_at,"
-                " issued_by) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                " issued_by, revoked_at, revocation_reason)"
+                " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                 (
                     record.kind,
                     record.name,
@@ -252,6 +253,8 @@ class Registry:
                     record.status,
                     _ts(record.issued_at),
                     record.issued_by,
+                    _ts(record.revoked_at) if record.revoked_at else None,
+                    record.revocation_reason,
                 ),
             )
         except sqlite3.IntegrityError as exc:

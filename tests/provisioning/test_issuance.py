@@ -301,3 +301,32 @@ def test_batch_issuance_is_one_transaction(pki: PKI, tmp_path: Path) -> None:
         pki.issue_many(["dev-new", "dev-3"], out_dirs=[tmp_path / "x1", tmp_path / "x2"])
     assert pki.registry.count() == 20
     assert not (tmp_path / "x1").exists()
+
+
+def test_two_phase_issuance_records_only_when_asked(pki: PKI, pki_dir: Path) -> None:
+    """prepare() signs and records nothing; record() adds the row and a ledger line with details."""
+    ledger_before = (pki_dir / "ledger.jsonl").read_bytes()
+    prepared = pki.prepare("dev-1", hardware_serial="HW-9")
+    assert pki.registry.count() == 0
+    assert (pki_dir / "ledger.jsonl").read_bytes() == ledger_before
+    record = pki.record(prepared, details={"port": "loop://", "verified": ["cert"]})
+    assert record.serial == format(prepared.certificate.serial_number, "x")
+    last = [e for _, e in pki.ledger.entries()][-1]
+    assert last.event == "issue"
+    assert last.data["port"] == "loop://"
+    assert last.data["hardware_serial"] == "HW-9"
+    assert pki.verify_ledger().entries == 2
+
+
+def test_void_puts_an_unrecorded_certificate_on_the_crl(
+    pki: PKI, pki_dir: Path, tmp_path: Path
+) -> None:
+    """A certificate that may have reached a device that then failed is revoked, not forgotten."""
+    prepared = pki.prepare("dev-1")
+    (tmp_path / "leaf.crt").write_bytes(prepared.cert_chain_pem)
+    record = pki.void(prepared, details={"failure": "LOCK timed out"})
+    assert record.status == "revoked"
+    assert pki.registry.active("dev-1") is None
+    assert openssl_verify(pki_dir, tmp_path / "leaf.crt", crl=True).returncode != 0
+    assert pki.verify_ledger().entries == 3
+    pki.issue("dev-1")  # the id is free again
