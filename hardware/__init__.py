@@ -1,0 +1,69 @@
+"""The serial provisioning protocol: codec, device responder, credential store, station client.
+
+Device side (portable, no serial or socket imports): ``codec``, ``messages``, ``responder``,
+``store``, ``keygen``. Station side: ``client``. Test and bench plumbing: ``transport``,
+``emulator``. See docs/SERIAL_PROTOCOL.md.
+"""
+
+from __future__ import annotations
+
+from hardware.client import ClientCore, DeviceClient, PutResult, open_port
+from hardware.codec import (
+    MAX_PAYLOAD,
+    PROTOCOL_VERSION,
+    Command,
+    DeviceState,
+    Frame,
+    FrameDecoder,
+    ObjectKind,
+    Status,
+    encode_frame,
+)
+from hardware.emulator import FaultConfig, VirtualDevice, run_emulator
+from hardware.errors import (
+    DeviceGoneError,
+    DeviceRefusedError,
+    HardwareError,
+    IntegrityError,
+    InvalidDeviceIdError,
+    PortError,
+    ProtocolViolationError,
+    StoreError,
+)
+from hardware.keygen import CryptographyBackend, KeyBackend, NoKeygenBackend
+from hardware.messages import HelloInfo
+from hardware.responder import Responder
+from hardware.store import CredentialStore
+
+__all__ = [
+    "MAX_PAYLOAD",
+    "PROTOCOL_VERSION",
+    "ClientCore",
+    "Command",
+    "CredentialStore",
+    "CryptographyBackend",
+    "DeviceClient",
+    "DeviceGoneError",
+    "DeviceRefusedError",
+    "DeviceState",
+    "FaultConfig",
+    "Frame",
+    "FrameDecoder",
+    "HardwareError",
+    "HelloInfo",
+    "IntegrityError",
+    "InvalidDeviceIdError",
+    "KeyBackend",
+    "NoKeygenBackend",
+    "ObjectKind",
+    "PortError",
+    "ProtocolViolationError",
+    "PutResult",
+    "Responder",
+    "Status",
+    "StoreError",
+    "VirtualDevice",
+    "encode_frame",
+    "open_port",
+    "run_emulator",
+]

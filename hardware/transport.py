@@ -1,0 +1,207 @@
+"""Byte pipes for the virtual device: a pty pair, a TCP listener, and a line-noise model.
+
+These adapters only move bytes; every protocol decision lives in ``responder`` and ``client``.
+The station side needs none of this: it opens the other end with pyserial (the pty's slave path,
+or ``socket://HOST:PORT``), exactly as it would open a USB-UART adapter.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import random
+import select
+import socket
+import tty
+
+__all__ = [
+    "BOOT_LOG",
+    "FaultInjector",
+    "PtyLink",
+    "SocketLink",
+    "parse_socket_url",
+]
+
+# What an ESP32 prints when DTR/RTS reset it: the kind of text a real line carries before the
+# application speaks. It contains no zero byte, so only the frame delimiters resynchronise past it.
+BOOT_LOG = (
+    b"\r\nESP-ROM:esp32c3-api1-20210207\r\nBuild:Feb  7 2021\r\n"
+    b"rst:0x1 (POWERON),boot:0xc (SPI_FAST_FLASH_BOOT)\r\n"
+    b"SPIWP:0xee\r\nmode:DIO, clock div:1\r\nload:0x3fcd5820,len:0x1714\r\n"
+    b"entry 0x403cc710\r\nI (30) boot: iotauth virtual device\r\n"
+)
+
+
+class FaultInjector:
+    """A seeded model of a bad cable: per-byte bit flips, drops and bursts of garbage."""
+
+    def __init__(
+        self,
+        *,
+        seed: int = 0,
+        flip_rate: float = 0.0,
+        drop_rate: float = 0.0,
+        garbage_rate: float = 0.0,
+        max_garbage: int = 8,
+    ) -> None:
+        for name, rate in (("flip", flip_rate), ("drop", drop_rate), ("garbage", garbage_rate)):
+            if not 0.0 <= rate < 1.0:
+                msg = f"{name}_rate must be in [0, 1), got {rate}"
+                raise ValueError(msg)
+        # Not for secrets: a reproducible noise pattern is the point.
+        self._random = random.Random(seed)  # noqa: S311
+        self.flip_rate = flip_rate
+        self.drop_rate = drop_rate
+        self.garbage_rate = garbage_rate
+        self.max_garbage = max_garbage
+        self.counts = {"flip": 0, "drop": 0, "garbage": 0}
+
+    @property
+    def active(self) -> bool:
+        return bool(self.flip_rate or self.drop_rate or self.garbage_rate)
+
+    def mangle(self, data: bytes) -> bytes:
+        if not self.active:
+            return data
+        rnd = self._random.random
+        out = bytearray()
+        for byte in data:
+            if rnd() < self.garbage_rate:
+                self.counts["garbage"] += 1
+                out += self._random.randbytes(self._random.randint(1, self.max_garbage))
+            if rnd() < self.drop_rate:
+                self.counts["drop"] += 1
+                continue
+            if rnd() < self.flip_rate:
+                self.counts["flip"] += 1
+                out.append(byte ^ (1 << self._random.randrange(8)))
+            else:
+                out.append(byte)
+        return bytes(out)
+
+
+def _write_all(fd: int, data: bytes) -> None:
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view) :]
+
+
+class PtyLink:
+    """A pseudo-terminal pair: the device owns the master, a station opens ``path``.
+
+    The slave stays open here too: otherwise every time the station closes its end the master
+    reads EIO, and bytes written meanwhile are lost instead of waiting like on a real UART.
+    """
+
+    def __init__(self) -> None:
+        self._master, self._slave = os.openpty()
+        # A fresh pty echoes and translates CR/LF; a UART does neither.
+        tty.setraw(self._slave)
+        self.path = os.ttyname(self._slave)
+        self._closed = False
+
+    @property
+    def address(self) -> str:
+        return self.path
+
+    def receive(self, timeout: float) -> bytes:
+        """Whatever the station wrote, waiting up to ``timeout``; ``b""`` if nothing."""
+        if self._closed:
+            return b""
+        readable, _, _ = select.select([self._master], [], [], timeout)
+        if not readable:
+            return b""
+        try:
+            return os.read(self._master, 4096)
+        except OSError:
+            return b""
+
+    def send(self, data: bytes) -> None:
+        if self._closed or not data:
+            return
+        with contextlib.suppress(OSError):
+            _write_all(self._master, data)
+
+    def close(self) -> None:
+        """Pull the cable: the station's next read fails instead of waiting forever."""
+        if self._closed:
+            return
+        self._closed = True
+        for fd in (self._master, self._slave):
+            with contextlib.suppress(OSError):
+                os.close(fd)
+
+
+def parse_socket_url(url: str) -> tuple[str, int]:
+    """``socket://HOST:PORT`` -> ``(host, port)``; port 0 asks the OS for a free one."""
+    prefix = "socket://"
+    if not url.startswith(prefix):
+        msg = f"expected socket://HOST:PORT, got {url!r}"
+        raise ValueError(msg)
+    host, sep, port_text = url[len(prefix) :].partition("?")[0].rpartition(":")
+    if not sep or not host or not port_text.isdigit() or int(port_text) > 0xFFFF:
+        msg = f"expected socket://HOST:PORT, got {url!r}"
+        raise ValueError(msg)
+    return host.strip("[]"), int(port_text)
+
+
+class SocketLink:
+    """A TCP listener standing in for a UART: pyserial's ``socket://`` connects to it.
+
+    One station at a time; a new connection replaces the old one, as a re-plugged cable would.
+    """
+
+    def __init__(self, host: str = "127.0.0.1", port: int = 0) -> None:
+        self.host = host
+        self._listener = socket.create_server((host, port))
+        self.port: int = self._listener.getsockname()[1]
+        self._conn: socket.socket | None = None
+        self._closed = False
+
+    @property
+    def address(self) -> str:
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"socket://{host}:{self.port}"
+
+    def receive(self, timeout: float) -> bytes:
+        if self._closed:
+            return b""
+        watch = [self._listener] if self._conn is None else [self._listener, self._conn]
+        readable, _, _ = select.select(watch, [], [], timeout)
+        if self._listener in readable:
+            conn, _ = self._listener.accept()
+            conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            self._drop_connection()
+            self._conn = conn
+            return b""
+        if self._conn is None or self._conn not in readable:
+            return b""
+        try:
+            data = self._conn.recv(4096)
+        except OSError:
+            data = b""
+        if not data:
+            self._drop_connection()
+        return data
+
+    def send(self, data: bytes) -> None:
+        if self._conn is None or not data:
+            return
+        try:
+            self._conn.sendall(data)
+        except OSError:
+            self._drop_connection()
+
+    def _drop_connection(self) -> None:
+        if self._conn is not None:
+            with contextlib.suppress(OSError):
+                self._conn.close()
+            self._conn = None
+
+    def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        self._drop_connection()
+        with contextlib.suppress(OSError):
+            self._listener.close()
