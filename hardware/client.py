@@ -76,6 +76,8 @@ ProgressCallback: TypeAlias = Callable[[int, int], None]
 """``progress(sent, total)`` after each acknowledged chunk of ``put_object``."""
 
 _PUT_DATA_HEADER = 5  # kind u8 | offset u32
+_MIN_CHUNK = 32  # below this, frame overhead dominates and a line that bad will not recover
+_GROW_AFTER = 8
 _T = TypeVar("_T")
 
 
@@ -230,6 +232,11 @@ class DeviceClient:
         self.chunk_size = chunk_size
         self.core = ClientCore(first_seq=first_seq)
         self.info: HelloInfo | None = None
+        # Adaptive upload chunk: on a noisy line a long frame rarely survives, so a lost frame
+        # halves the chunk and a run of clean ones doubles it back (additive-increase would be
+        # slower to recover the full payload size on a line that was only briefly noisy).
+        self._adaptive: int | None = None
+        self._clean = 0
 
     @classmethod
     def open(
@@ -264,8 +271,19 @@ class DeviceClient:
 
     # -- one exchange --------------------------------------------------------------------------
 
-    def transact(self, cmd: Command, payload: bytes = b"", *, allow_busy: bool = False) -> Frame:
-        """Send one request until its response arrives; refusals raise ``DeviceRefusedError``."""
+    def transact(
+        self,
+        cmd: Command,
+        payload: bytes = b"",
+        *,
+        allow_busy: bool = False,
+        retries: int | None = None,
+    ) -> Frame:
+        """Send one request until its response arrives; refusals raise ``DeviceRefusedError``.
+
+        ``retries`` overrides the client's retransmission budget for this one request.
+        """
+        budget = self.retries if retries is None else retries
         name = cmd.name
         self._write(self.core.start(cmd, payload), name)
         deadline = time.monotonic() + self.timeout
@@ -274,7 +292,7 @@ class DeviceClient:
             if frame is not None:
                 break
             if time.monotonic() >= deadline:
-                if self.core.attempts > self.retries:
+                if self.core.attempts > budget:
                     raise DeviceGoneError(self.name, name, self.core.attempts, "timed out")
                 self._write(self.core.retransmit(), name)
                 deadline = time.monotonic() + self.timeout
@@ -354,12 +372,25 @@ class DeviceClient:
         resumed_from = mark
         if progress is not None:
             progress(mark, total)
-        chunk = self._chunk_size()
         restarts = 0
         while mark < total:
+            chunk = self._chunk_size()
             piece = data[mark : mark + chunk]
+            # While the chunk can still shrink, give up on a frame after one retransmission and
+            # send a smaller one instead (a retransmission must repeat the same bytes). Writes
+            # are offset-addressed and overlap-safe, so the device may have either.
+            shrinkable = chunk > _MIN_CHUNK
             try:
-                frame = self.transact(Command.PUT_DATA, pack_put_data_request(kind, mark, piece))
+                frame = self.transact(
+                    Command.PUT_DATA,
+                    pack_put_data_request(kind, mark, piece),
+                    retries=1 if shrinkable else None,
+                )
+            except DeviceGoneError as gone:
+                self._shrink()
+                if shrinkable and "timed out" in gone.reason:
+                    continue
+                raise
             except DeviceRefusedError as refused:
                 # BAD_STATE: the device lost the upload we were feeding (reset, discarded after
                 # a failed COMMIT); ask it where it stands and carry on from there.
@@ -368,6 +399,7 @@ class DeviceClient:
                 restarts += 1
                 mark = self._begin(kind, begin, total)
                 continue
+            self._adapt()
             new_mark = _parse(Command.PUT_DATA, unpack_watermark, frame.payload)
             if new_mark <= mark or new_mark > total:
                 raise ProtocolViolationError("PUT_DATA", f"watermark {new_mark} after {mark}")
@@ -383,9 +415,28 @@ class DeviceClient:
             raise ProtocolViolationError("PUT_BEGIN", f"watermark {mark} beyond {kind.name}")
         return mark
 
-    def _chunk_size(self) -> int:
+    def _chunk_limit(self) -> int:
         room = self.core.max_payload - _PUT_DATA_HEADER
         return room if self.chunk_size is None else max(1, min(self.chunk_size, room))
+
+    def _chunk_size(self) -> int:
+        limit = self._chunk_limit()
+        return limit if self._adaptive is None else min(limit, self._adaptive)
+
+    def _shrink(self) -> None:
+        self._adaptive = max(_MIN_CHUNK, self._chunk_size() // 2)
+        self._clean = 0
+
+    def _adapt(self) -> None:
+        """Called after each PUT_DATA exchange: shrink after a retransmit, grow after 8 clean."""
+        if self.core.attempts > 1:
+            self._shrink()
+            return
+        self._clean += 1
+        if self._adaptive is not None and self._clean >= _GROW_AFTER:
+            self._clean = 0
+            grown = self._adaptive * 2
+            self._adaptive = None if grown >= self._chunk_limit() else grown
 
     def commit(self) -> frozenset[ObjectKind]:
         """Store everything staged, atomically; returns every kind the device now holds."""

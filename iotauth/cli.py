@@ -13,8 +13,10 @@ from typing import Annotated
 import typer
 from rich.console import Console
 
+from hardware.cli import hw_app
 from iotauth import __version__
 from provisioning.cli import ca_app, device_app, ledger_app, service_app
+from provisioning.station_cli import hw_reset_command, provision_command
 
 __all__ = ["app", "main"]
 
@@ -29,6 +31,10 @@ app.add_typer(ca_app, name="ca")
 app.add_typer(device_app, name="device")
 app.add_typer(service_app, name="service")
 app.add_typer(ledger_app, name="ledger")
+# `hw reset` needs the registry, which hardware/ may not import: attached here.
+hw_app.command("reset")(hw_reset_command)
+app.add_typer(hw_app, name="hw")
+app.command("provision")(provision_command)
 
 
 def _version(value: bool) -> None:

@@ -10,6 +10,7 @@ import contextlib
 import datetime as dt
 import json
 import os
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Annotated
@@ -25,8 +26,11 @@ from provisioning.registry import CertRecord
 
 __all__ = ["ca_app", "device_app", "ledger_app", "service_app", "user_errors"]
 
-out = Console(highlight=False, soft_wrap=True)
-err = Console(stderr=True, highlight=False, soft_wrap=True)
+# Piped output (logs, CI, tests) gets room for a whole table row instead of rich's 80 columns.
+out = Console(highlight=False, soft_wrap=True, width=None if sys.stdout.isatty() else 160)
+err = Console(
+    stderr=True, highlight=False, soft_wrap=True, width=None if sys.stderr.isatty() else 160
+)
 
 ca_app = typer.Typer(help="Create and maintain the fleet CA.", no_args_is_help=True)
 device_app = typer.Typer(

@@ -182,6 +182,13 @@ class Registry:
         ).fetchone()
         return CertRecord._from_row(row) if row else None
 
+    def active_by_hardware_serial(self, hardware_serial: str) -> CertRecord | None:
+        row = self._db.execute(
+            "SELECT * FROM certificates WHERE hardware_serial = ? AND status = 'active'",
+            (hardware_serial,),
+        ).fetchone()
+        return CertRecord._from_row(row) if row else None
+
     def history(self, name: str) -> list[CertRecord]:
         rows = self._db.execute(
             "SELECT * FROM certificates WHERE name = ? ORDER BY id", (name,)

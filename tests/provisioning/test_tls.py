@@ -37,7 +37,8 @@ def handshake(
         try:
             with server_ctx.wrap_socket(conn, server_side=True) as tls:
                 cert = tls.getpeercert()
-                outcome.peer_uri = dict(cert.get("subjectAltName", ()) if cert else ()).get("URI")
+                sans = cert.get("subjectAltName", ()) if cert else ()
+                outcome.peer_uri = next((v for k, v in sans if k == "URI"), None)  # type: ignore[misc]
                 tls.sendall(tls.recv(1))
         except (ssl.SSLError, OSError) as exc:
             outcome.server_error = exc

@@ -1,0 +1,200 @@
+"""``iotauth provision`` and ``iotauth hw reset``: the bench station's commands.
+
+Mounted by :mod:`iotauth.cli`. Gang mode shows one progress line per port and ends with a table;
+the exit status is 1 if any port failed.
+"""
+
+from __future__ import annotations
+
+import threading
+from pathlib import Path
+from typing import Annotated, cast
+
+import typer
+from rich import box
+from rich.console import Console
+from rich.progress import BarColumn, Progress, TaskID, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from hardware import DeviceClient, HardwareError
+from provisioning.cli import PkiOpt, err, out, user_errors
+from provisioning.errors import ProvisioningError
+from provisioning.identity import validate_name
+from provisioning.pki import PKI, passphrase_from_env
+from provisioning.station import (
+    DEFAULT_ID_TEMPLATE,
+    KeyMode,
+    ProvisionResult,
+    StationSettings,
+    provision_many,
+)
+
+__all__ = ["hw_reset_command", "provision_command"]
+
+_PHASES = ("hello", "genkey", "upload", "commit", "verify", "lock", "record")
+
+
+def provision_command(
+    pki: PkiOpt,
+    port: Annotated[
+        list[str],
+        typer.Option(
+            "--port", help="Serial port: /dev/ttyUSB0, a pty path, socket://H:P (repeat)."
+        ),
+    ],
+    device_id: Annotated[
+        str | None, typer.Option("--device-id", help="Id for a single device (default: template).")
+    ] = None,
+    id_template: Annotated[
+        str, typer.Option("--id-template", help="Id from the hardware serial, e.g. 'dev-{serial}'.")
+    ] = DEFAULT_ID_TEMPLATE,
+    keygen: Annotated[
+        str,
+        typer.Option(
+            "--keygen", help="auto (device if it can), device, or station (inject a key made here)."
+        ),
+    ] = "auto",
+    broker: Annotated[
+        str | None,
+        typer.Option("--broker", help="HOST:PORT written into the device's identity.json."),
+    ] = None,
+    rotate: Annotated[
+        bool, typer.Option("--rotate", help="Replace an active certificate of the same id.")
+    ] = False,
+    baud: Annotated[int, typer.Option("--baud", help="Baud rate of real UARTs.")] = 115200,
+    timeout: Annotated[float, typer.Option("--timeout", help="Seconds before a retransmit.")] = 0.5,
+) -> None:
+    """Provision one device, or several at once (gang mode), over serial."""
+    with user_errors():
+        if keygen not in ("auto", "device", "station"):
+            msg = f"--keygen must be auto, device or station, not {keygen!r}"
+            raise ProvisioningError(msg)
+        if device_id is not None:
+            validate_name(device_id)
+        PKI.open(pki, passphrase=passphrase_from_env()).close()  # fail early on a bad --pki
+        settings = StationSettings(baudrate=baud, timeout=timeout)
+        results = _run_with_progress(
+            pki,
+            port,
+            device_id,
+            id_template,
+            cast("KeyMode", keygen),  # checked against the three choices above
+            broker,
+            rotate,
+            settings,
+        )
+    _summary(results)
+    if not all(r.ok for r in results):
+        raise typer.Exit(1)
+
+
+def _run_with_progress(
+    pki: Path,
+    ports: list[str],
+    device_id: str | None,
+    id_template: str,
+    keygen: KeyMode,
+    broker: str | None,
+    rotate: bool,
+    settings: StationSettings,
+) -> list[ProvisionResult]:
+    console = Console(stderr=True, highlight=False)
+    lock = threading.Lock()
+    with Progress(
+        TextColumn("{task.fields[port]}", style="bold"),
+        TextColumn("{task.fields[phase]:<7}"),
+        BarColumn(),
+        TextColumn("{task.percentage:>3.0f}%"),
+        TimeElapsedColumn(),
+        console=console,
+        transient=False,
+    ) as progress:
+        tasks: dict[str, TaskID] = {
+            p: progress.add_task("", total=len(_PHASES) * 100, port=p, phase="open") for p in ports
+        }
+
+        def report(port: str, phase: str, done: int, total: int) -> None:
+            index = _PHASES.index(phase) if phase in _PHASES else 0
+            fraction = done / total if total else 1.0
+            with lock:
+                progress.update(
+                    tasks[port], completed=index * 100 + int(fraction * 100), phase=phase
+                )
+
+        results = provision_many(
+            pki,
+            ports,
+            device_id=device_id,
+            id_template=id_template,
+            keygen=keygen,
+            broker=broker,
+            rotate=rotate,
+            settings=settings,
+            progress=report,
+        )
+        for result in results:
+            final = "done" if result.ok else "failed"
+            progress.update(
+                tasks[result.port], phase=final, completed=len(_PHASES) * 100 if result.ok else None
+            )
+    return results
+
+
+def _summary(results: list[ProvisionResult]) -> None:
+    ok = sum(r.ok for r in results)
+    table = Table(
+        title=f"{ok}/{len(results)} provisioned", title_justify="left", box=box.SIMPLE_HEAD
+    )
+    for col in ("port", "result", "device", "hardware serial", "key", "secs", "retx"):
+        table.add_column(col, no_wrap=True, justify="right" if col in ("secs", "retx") else "left")
+    for r in results:
+        table.add_row(
+            r.port,
+            "[green]ok[/]" if r.ok else "[red]failed[/]",
+            r.device_id or "-",
+            r.hardware_serial or "-",
+            r.key_mode or "-",
+            f"{r.seconds:.1f}",
+            str(r.retransmits),
+        )
+    out.print(table)
+    for r in results:
+        if not r.ok:
+            err.print(f"[red]error:[/red] {r.port}: {r.reason}", markup=True)
+
+
+def hw_reset_command(
+    pki: PkiOpt,
+    port: Annotated[str, typer.Option("--port", help="Serial port of the device to wipe.")],
+    yes: Annotated[bool, typer.Option("--yes", help="Do not ask for confirmation.")] = False,
+) -> None:
+    """Factory-reset a device: wipe and unlock it, revoke its certificate, log it in the ledger."""
+    with user_errors(), PKI.open(pki, passphrase=passphrase_from_env()) as ca:
+        try:
+            with DeviceClient.open(port) as client:
+                info = client.hello()
+                holder = ca.registry.active_by_hardware_serial(info.hardware_serial)
+                who = holder.name if holder else (info.device_id or "no registered device")
+                if not yes and not typer.confirm(
+                    f"Wipe {info.hardware_serial} ({who}) on {port}?", err=True
+                ):
+                    raise typer.Exit(1)
+                client.factory_reset()
+        except HardwareError as exc:
+            msg = f"{port}: {exc}"
+            raise ProvisioningError(msg) from exc
+        if holder is not None:
+            ca.revoke(holder.name, reason="cessation-of-operation")
+        ca.record_event(
+            "factory-reset",
+            {
+                "hardware_serial": info.hardware_serial,
+                "device_id": holder.name if holder else info.device_id or None,
+                "port": port,
+                "revoked": holder.serial if holder else None,
+            },
+        )
+        out.print(
+            f"Reset {info.hardware_serial} on {port}"
+            + (f"; revoked {holder.name} serial {holder.serial}" if holder else "")
+        )
