@@ -3,11 +3,12 @@
 Device side (portable, no serial or socket imports): ``codec``, ``messages``, ``responder``,
 ``store``, ``keygen``. Station side: ``client``. Test and bench plumbing: ``transport``,
 ``emulator``. See docs/SERIAL_PROTOCOL.md.
+
+Under MicroPython (``hardware.mp_device``) only the device side is imported: the station side
+needs pyserial, threads and sockets, which a device never has.
 """
 
-from __future__ import annotations
-
-from hardware.client import ClientCore, DeviceClient, PutResult, open_port
+from hardware._compat import MICROPYTHON
 from hardware.codec import (
     MAX_PAYLOAD,
     PROTOCOL_VERSION,
@@ -19,7 +20,6 @@ from hardware.codec import (
     Status,
     encode_frame,
 )
-from hardware.emulator import FaultConfig, VirtualDevice, run_emulator
 from hardware.errors import (
     DeviceGoneError,
     DeviceRefusedError,
@@ -34,6 +34,10 @@ from hardware.keygen import CryptographyBackend, KeyBackend, NoKeygenBackend
 from hardware.messages import HelloInfo
 from hardware.responder import Responder
 from hardware.store import CredentialStore
+
+if not MICROPYTHON:
+    from hardware.client import ClientCore, DeviceClient, PutResult, open_port
+    from hardware.emulator import FaultConfig, VirtualDevice, run_emulator
 
 __all__ = [
     "MAX_PAYLOAD",

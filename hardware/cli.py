@@ -49,6 +49,9 @@ def emulate(
         bool, typer.Option("--boot-log", help="Print a boot log at power-on.")
     ] = False,
     seed: Annotated[int, typer.Option("--seed", help="Seed of the noise.")] = 0,
+    baud: Annotated[
+        int | None, typer.Option("--baud", min=300, help="Pace bytes like a UART at this rate.")
+    ] = None,
 ) -> None:
     """Run a virtual device until Ctrl-C; prints the serial path or URL a station should open."""
     if link != "pty" and not link.startswith("socket://"):
@@ -77,8 +80,63 @@ def emulate(
             hardware_serial=serial,
             can_genkey=not no_keygen,
             faults=faults,
+            baudrate=baud,
             on_ready=ready,
         )
     except (HardwareError, OSError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
+        raise typer.Exit(1) from None
+
+
+def machine_serial() -> str | None:
+    """This machine's hardware serial: a Raspberry Pi's SoC serial, else the machine id."""
+    for path in ("/proc/device-tree/serial-number", "/sys/firmware/devicetree/base/serial-number"):
+        try:
+            value = Path(path).read_bytes().strip(b"\0\n ").decode("ascii", "replace")
+        except OSError:
+            continue
+        if value:
+            return "RPI-" + value.lstrip("0").upper()
+    try:
+        return "HOST-" + Path("/etc/machine-id").read_text().strip()[:12].upper()
+    except OSError:
+        return None
+
+
+@hw_app.command("serve")
+def serve(
+    port: Annotated[
+        str, typer.Option("--port", help="The device's serial port: /dev/serial0, /dev/ttyGS0, ...")
+    ],
+    store: Annotated[Path, typer.Option("--store", help="Credential directory of this device.")],
+    baud: Annotated[
+        int, typer.Option("--baud", help="UART baud rate (ignored by USB gadgets).")
+    ] = 115200,
+    serial: Annotated[
+        str | None, typer.Option("--serial", help="Hardware serial (default: the SoC's).")
+    ] = None,
+    no_keygen: Annotated[
+        bool, typer.Option("--no-keygen", help="Refuse GENKEY; the station injects the key.")
+    ] = False,
+) -> None:
+    """Run the device-side responder on a real serial port until Ctrl-C (on the device)."""
+
+    def ready(device: VirtualDevice) -> None:
+        print(
+            f"device {device.hardware_serial} answering on {device.address}, store {store}",
+            flush=True,
+        )
+
+    try:
+        store.mkdir(parents=True, exist_ok=True, mode=0o700)
+        run_emulator(
+            store,
+            port,
+            hardware_serial=serial or machine_serial(),
+            can_genkey=not no_keygen,
+            baudrate=baud,
+            on_ready=ready,
+        )
+    except (HardwareError, OSError, ValueError) as exc:
+        print(f"error: {port}: {exc}", file=sys.stderr)
         raise typer.Exit(1) from None

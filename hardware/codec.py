@@ -17,17 +17,14 @@ The body is little-endian::
 (no NACK storms on a noisy line): garbage, bad CRC, a wrong version or an oversize frame is dropped
 and counted in ``FrameDecoder.stats``; the station retransmits on timeout instead.
 
-This module is shared by the device and the station. It uses only ``struct``/``binascii`` for the
-format, so the byte handling ports to MicroPython; the enums and the dataclass are CPython
-conveniences (a port swaps them for plain int constants and a small class).
+This module is shared by the device and the station, and runs unchanged under MicroPython: the
+format needs only ``struct``/``binascii``, and ``hardware._compat`` stands in for ``enum``,
+``dataclasses`` and ``struct.Struct`` where MicroPython lacks them.
 """
 
-from __future__ import annotations
-
 import binascii
-import struct
-from dataclasses import dataclass, field
-from enum import IntEnum
+
+from hardware._compat import IntEnum, Struct, dataclass, field, member_name
 
 __all__ = [
     "BODY_OVERHEAD",
@@ -58,8 +55,8 @@ RESPONSE_FLAG = 0x80
 # advertise less in HELLO and the station then uses the smaller value.
 MAX_PAYLOAD = 1024
 
-_HEADER = struct.Struct("<BBBBH")
-_CRC = struct.Struct("<I")
+_HEADER = Struct("<BBBBH")
+_CRC = Struct("<I")
 BODY_OVERHEAD = _HEADER.size + _CRC.size
 
 
@@ -130,18 +127,14 @@ class DeviceFlag(IntEnum):
 def command_name(code: int) -> str:
     """A readable name for a command byte, request or response, known or not."""
     base = code & ~RESPONSE_FLAG
-    try:
-        return Command(base).name
-    except ValueError:
-        return f"CMD_0x{base:02x}"
+    name = member_name(Command, base)
+    return f"CMD_0x{base:02x}" if name is None else name
 
 
 def status_name(code: int) -> str:
     """A readable name for a status byte, known or not."""
-    try:
-        return Status(code).name
-    except ValueError:
-        return f"STATUS_0x{code:02x}"
+    name = member_name(Status, code)
+    return f"STATUS_0x{code:02x}" if name is None else name
 
 
 def crc32(data: bytes) -> int:
@@ -208,6 +201,7 @@ MAX_ENCODED_FRAME = max_encoded_size(MAX_PAYLOAD) + 2
 class Frame:
     """One protocol message: a request (``cmd`` < 0x80) or a response (``cmd | 0x80``)."""
 
+    __match_args__ = ("cmd", "seq", "status", "payload")  # the field order MicroPython needs
     cmd: int
     seq: int
     status: int = 0
@@ -235,7 +229,7 @@ class Frame:
         """The command code without the response flag."""
         return self.cmd & ~RESPONSE_FLAG
 
-    def reply(self, status: int, payload: bytes = b"") -> Frame:
+    def reply(self, status: int, payload: bytes = b"") -> "Frame":
         """The response to this request: same ``seq``, ``cmd | 0x80``."""
         return Frame(self.cmd | RESPONSE_FLAG, self.seq, status, payload)
 
@@ -256,6 +250,7 @@ def encode_frame(
 class DecoderStats:
     """What a ``FrameDecoder`` kept and threw away; drops are counted, never raised."""
 
+    __match_args__ = ("frames", "garbage", "bad_crc", "bad_version", "oversize")
     frames: int = 0
     garbage: int = 0
     bad_crc: int = 0
@@ -276,6 +271,7 @@ class FrameDecoder:
     version or is longer than ``max_payload`` allows is dropped and counted in ``stats``.
     """
 
+    __match_args__ = ("max_payload", "stats", "_buffer", "_discarding", "_ready")
     max_payload: int = MAX_PAYLOAD
     stats: DecoderStats = field(default_factory=DecoderStats)
     _buffer: bytearray = field(default_factory=bytearray)
@@ -297,12 +293,12 @@ class FrameDecoder:
                     # must not grow the buffer without bound.
                     self.stats.oversize += 1
                     self._discarding = True
-                    self._buffer.clear()
+                    self._buffer = bytearray()  # MicroPython's bytearray has no clear()
             if zero < 0:
                 return
             if not self._discarding and self._buffer:
                 self._accept(bytes(self._buffer))
-            self._buffer.clear()
+            self._buffer = bytearray()
             self._discarding = False
             start = zero + 1
 

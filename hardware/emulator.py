@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import os
 import threading
+import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Self
 
@@ -17,7 +18,14 @@ from hardware.codec import MAX_PAYLOAD
 from hardware.keygen import CryptographyBackend, KeyBackend, NoKeygenBackend
 from hardware.responder import Responder
 from hardware.store import CredentialStore
-from hardware.transport import BOOT_LOG, FaultInjector, PtyLink, SocketLink, parse_socket_url
+from hardware.transport import (
+    BOOT_LOG,
+    FaultInjector,
+    PtyLink,
+    SocketLink,
+    TtyLink,
+    parse_socket_url,
+)
 
 if TYPE_CHECKING:
     from collections.abc import Callable
@@ -54,7 +62,7 @@ def default_serial(store_dir: str | Path) -> str:
 
 
 class VirtualDevice:
-    """The responder served on ``link``: ``"pty"`` or ``"socket://HOST:PORT"`` (port 0 allowed)."""
+    """The responder served on ``link``: ``"pty"``, ``"socket://HOST:PORT"`` or a tty path."""
 
     def __init__(
         self,
@@ -66,8 +74,17 @@ class VirtualDevice:
         backend: KeyBackend | None = None,
         faults: FaultConfig | None = None,
         max_payload: int = MAX_PAYLOAD,
+        baudrate: int | None = None,
     ) -> None:
+        if baudrate is not None and baudrate <= 0:
+            msg = "baudrate must be positive"
+            raise ValueError(msg)
         self.store_dir = str(store_dir)
+        # With a baud rate, every byte costs the time it would take on a UART (8N1: 10 bits),
+        # so benchmarks over a pty or socket see the wire time of a real cable.
+        self.byte_time = 10.0 / baudrate if baudrate else 0.0
+        self.bytes_in = 0
+        self.bytes_out = 0
         self.hardware_serial = hardware_serial or default_serial(store_dir)
         if backend is None:
             backend = CryptographyBackend() if can_genkey else NoKeygenBackend()
@@ -76,12 +93,15 @@ class VirtualDevice:
         self.faults = faults or FaultConfig()
         self.inbound = self._injector(self.faults.seed)
         self.outbound = self._injector(self.faults.seed + 1)
-        self._link: PtyLink | SocketLink
+        self._link: PtyLink | SocketLink | TtyLink
         if link == "pty":
             self._link = PtyLink()
-        else:
+        elif link.startswith("socket://"):
             host, port = parse_socket_url(link)
             self._link = SocketLink(host, port)
+        else:  # a real serial device: this "virtual" device is then the real responder
+            self._link = TtyLink(link, baudrate or 115200)
+            self.byte_time = 0.0  # the UART itself paces the bytes
         self.reboots = 0
         self.responder = self._power_on()
         self._stop = threading.Event()
@@ -141,15 +161,28 @@ class VirtualDevice:
                 self._do_reboot()
             data = self._link.receive(_POLL)
             if data:
+                self.bytes_in += len(data)
+                self._on_the_wire(len(data))
                 before = self.responder.stats.executed
                 out = self.responder.receive_data(self.inbound.mangle(data))
                 after = self.responder.stats.executed
                 if every and after // every > before // every:
                     self._do_reboot()
                 elif out:
+                    self.bytes_out += len(out)
+                    self._on_the_wire(len(out))
                     self._link.send(self.outbound.mangle(out))
             if self.responder.has_work:
                 self.responder.work()
+
+    def _on_the_wire(self, count: int) -> None:
+        if self.byte_time:
+            time.sleep(count * self.byte_time)
+
+    @property
+    def wire_seconds(self) -> float:
+        """What the bytes exchanged so far take on a UART at the configured (or 115200) baud."""
+        return (self.bytes_in + self.bytes_out) * (self.byte_time or 10.0 / 115200)
 
     def start(self) -> Self:
         """Serve in a background thread."""
@@ -189,6 +222,7 @@ def run_emulator(
     can_genkey: bool = True,
     faults: FaultConfig | None = None,
     max_payload: int = MAX_PAYLOAD,
+    baudrate: int | None = None,
     on_ready: Callable[[VirtualDevice], None] | None = None,
     stop: threading.Event | None = None,
 ) -> None:
@@ -205,6 +239,7 @@ def run_emulator(
         can_genkey=can_genkey,
         faults=faults,
         max_payload=max_payload,
+        baudrate=baudrate,
     )
     try:
         (on_ready or _announce)(device)

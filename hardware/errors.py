@@ -4,9 +4,11 @@ Every error carries the fields a caller needs (port, command, status, device id)
 fits on one line, so a CLI can print ``error: <message>`` and exit non-zero without a traceback.
 Caller misuse (a payload that is too long, a bad argument type) stays ``ValueError``/``TypeError``;
 ``InvalidDeviceIdError`` is both, because it is bad input *and* a hardware-level refusal.
+
+The device side imports this module under MicroPython too (``StoreError``); see ``_ValueError``.
 """
 
-from __future__ import annotations
+from hardware._compat import MICROPYTHON, TYPE_CHECKING
 
 __all__ = [
     "DeviceGoneError",
@@ -24,7 +26,15 @@ class HardwareError(Exception):
     """Root of every error raised by ``hardware``."""
 
 
-class InvalidDeviceIdError(HardwareError, ValueError):
+if TYPE_CHECKING:
+    _ValueError = ValueError
+else:
+    # MicroPython allows one built-in exception among a class's bases ("instance lay-out
+    # conflict"); there the device-id error is a HardwareError only. CPython is unchanged.
+    _ValueError = object if MICROPYTHON else ValueError
+
+
+class InvalidDeviceIdError(HardwareError, _ValueError):
     """A device id that breaks the identity rule (1-64 of ``[a-z0-9-]``, not starting with '-')."""
 
     def __init__(self, value: str, reason: str) -> None:

@@ -4,11 +4,10 @@ The responder only ever calls ``KeyBackend``. The CPython backend below uses ``c
 (imported lazily, so a device without it still imports this module); a MicroPython build has no EC
 key generation and uses ``NoKeygenBackend`` (the station then injects a key), and a secure element
 or TPM backend would generate inside the chip and return only the CSR and a key *reference*.
+This module runs unchanged under MicroPython, where ``Protocol`` is a plain base class.
 """
 
-from __future__ import annotations
-
-from typing import Protocol
+from hardware._compat import Protocol
 
 __all__ = [
     "CryptographyBackend",

@@ -21,14 +21,10 @@ FACTORY_RESET ``b"FACTORY-RESET:" + hardware serial`` ``state u8``
 
 Unpack functions raise ``ValueError`` on a malformed payload: the responder turns that into
 BAD_ARGS, the station client into ``ProtocolViolationError``. The device-side half sticks to
-``struct`` and tuples so it ports to MicroPython.
+``struct`` and tuples; the module runs unchanged under MicroPython (see ``hardware._compat``).
 """
 
-from __future__ import annotations
-
-import struct
-from dataclasses import dataclass
-
+from hardware._compat import Struct, dataclass
 from hardware.codec import PROTOCOL_VERSION, DeviceFlag, DeviceState
 
 __all__ = [
@@ -71,12 +67,12 @@ GENKEY_FORCE = 0x01
 RESET_TOKEN_PREFIX = b"FACTORY-RESET:"
 
 _ID_CHARS = frozenset(b"abcdefghijklmnopqrstuvwxyz0123456789-")
-_U32 = struct.Struct("<I")
-_PUT_BEGIN = struct.Struct("<BI32s")
-_PUT_DATA = struct.Struct("<BI")
-_READ = struct.Struct("<BIH")
-_DIGEST = struct.Struct("<I32s")
-_HELLO_HEAD = struct.Struct("<BBBHB")
+_U32 = Struct("<I")
+_PUT_BEGIN = Struct("<BI32s")
+_PUT_DATA = Struct("<BI")
+_READ = Struct("<BIH")
+_DIGEST = Struct("<I32s")
+_HELLO_HEAD = Struct("<BBBHB")
 
 
 def device_id_problem(value: bytes) -> str | None:
@@ -114,6 +110,14 @@ def _need(payload: bytes, size: int, what: str) -> None:
 class HelloInfo:
     """What a device says about itself in its HELLO response."""
 
+    __match_args__ = (  # the field order MicroPython needs
+        "protocol_version",
+        "state",
+        "flags",
+        "max_payload",
+        "hardware_serial",
+        "device_id",
+    )
     protocol_version: int
     state: DeviceState
     flags: int

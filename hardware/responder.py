@@ -30,18 +30,16 @@ State diagram (writes = GENKEY, PUT_BEGIN, PUT_DATA, COMMIT)::
        |                                        |                       |  answer LOCKED
        +------------- FACTORY_RESET(token) -----+-----------------------+
 
-This module, ``codec`` and ``store`` are the device-side code; they avoid CPython-only modules in
-the request path so a MicroPython port needs only shims for ``enum``,
-``dataclasses`` and ``typing`` (not yet tried under MicroPython here).
+This module, ``codec``, ``messages``, ``store`` and ``keygen`` are the device-side code. They run
+unchanged under MicroPython (``hardware.mp_device`` serves them on a tty or stdio there; CI runs
+it against the real station): ``hardware._compat`` bridges ``enum``, ``dataclasses`` and
+``typing``, and the code avoids what MicroPython lacks (``{**a, **b}`` displays, for one).
 """
-
-from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
 
+from hardware._compat import TYPE_CHECKING, dataclass, field, members
 from hardware.codec import (
     MAX_PAYLOAD,
     Command,
@@ -53,6 +51,7 @@ from hardware.codec import (
     ObjectKind,
     Status,
     encode_frame,
+    status_name,
 )
 from hardware.errors import StoreError
 from hardware.keygen import KeyBackend, default_backend
@@ -89,21 +88,23 @@ __all__ = [
 HANDLE = None
 """In ``TABLE``: run the command's handler (which may still refuse on its arguments)."""
 
-_ALL = tuple(Command)
+_ALL = members(Command)
 _WRITES = (Command.GENKEY, Command.PUT_BEGIN, Command.PUT_DATA, Command.COMMIT)
+
+
+def _row(refusals: dict[Command, Status]) -> dict[Command, Status | None]:
+    """One state's row: every command runs its handler except those refused outright."""
+    row: dict[Command, Status | None] = {cmd: HANDLE for cmd in _ALL}
+    row.update(refusals)
+    return row
+
 
 # Rule 1. state -> command -> HANDLE, or the status that refuses the command outright.
 TABLE: dict[DeviceState, dict[Command, Status | None]] = {
-    DeviceState.FACTORY: {
-        **{cmd: HANDLE for cmd in _ALL},
-        # Locking a unit with nothing committed would freeze it empty.
-        Command.LOCK: Status.BAD_STATE,
-    },
-    DeviceState.PROVISIONED: {cmd: HANDLE for cmd in _ALL},
-    DeviceState.LOCKED: {
-        **{cmd: HANDLE for cmd in _ALL},
-        **{cmd: Status.LOCKED for cmd in _WRITES},
-    },
+    # Locking a unit with nothing committed would freeze it empty.
+    DeviceState.FACTORY: _row({Command.LOCK: Status.BAD_STATE}),
+    DeviceState.PROVISIONED: _row({}),
+    DeviceState.LOCKED: _row({cmd: Status.LOCKED for cmd in _WRITES}),
 }
 
 # Where a command that ran can leave the device; the tests hold the responder to it.
@@ -137,13 +138,14 @@ _PEM_CERT = b"-----BEGIN CERTIFICATE-----"
 class _Refusal(Exception):  # noqa: N818 - internal control flow, never escapes the responder
     def __init__(self, status: Status) -> None:
         self.status = status
-        super().__init__(status.name)
+        super().__init__(status_name(status))
 
 
 @dataclass(slots=True)
 class ResponderStats:
     """How much the device did: executed requests, replays from the cache, decoder drops."""
 
+    __match_args__ = ("executed", "replayed", "decoder")  # the field order MicroPython needs
     executed: int = 0
     replayed: int = 0
     decoder: DecoderStats = field(default_factory=DecoderStats)

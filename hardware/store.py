@@ -24,24 +24,27 @@ staging area is still intact for another COMMIT.
 A generated key never leaves this store: GENKEY stages ``key.part`` (0600) and ``csr.part``
 together, and COMMIT moves the key into ``device.key`` alongside the certificate.
 
-``.locked`` holds the device id once LOCK succeeded. File handling sticks to ``os`` calls and string
-paths so the module ports to MicroPython (where ``fsync``/``chmod`` may be missing and are skipped).
+``.locked`` holds the device id once LOCK succeeded. File handling sticks to string paths and a few
+``os`` calls so the module runs unchanged under MicroPython. Where MicroPython's ``os`` has no
+``open``/``fsync``/``chmod`` (the unix port; boards too), files are written with the built-in
+``open`` and made durable by ``flush()`` (which fsyncs there), and modes are set with ``chmod(1)``
+through ``os.system`` while the file is still empty, so a key is never readable by others. A board
+with no ``os.system`` has no file modes to set. A directory fsync needs ``O_DIRECTORY`` and is
+skipped without it.
 """
-
-from __future__ import annotations
 
 import errno
 import hashlib
 import os
-from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
+from hardware._compat import TYPE_CHECKING, dataclass
 from hardware.codec import ObjectKind
 from hardware.errors import StoreError
 
 if TYPE_CHECKING:
     from collections.abc import Sequence
     from pathlib import Path
+    from typing import BinaryIO
 
 __all__ = [
     "FILE_NAMES",
@@ -83,6 +86,7 @@ _DIR_MODE = 0o700
 class Staged:
     """An upload in progress (or finished, awaiting COMMIT)."""
 
+    __match_args__ = ("kind", "total", "sha256", "watermark", "tag")  # for MicroPython
     kind: int
     total: int
     sha256: bytes
@@ -94,22 +98,61 @@ class Staged:
         return self.watermark == self.total
 
 
+# CPython's low-level file calls, or None under MicroPython (see the module docstring).
+_os_open = getattr(os, "open", None)
+_os_fsync = getattr(os, "fsync", None)
+_os_chmod = getattr(os, "chmod", None)
+_os_system = getattr(os, "system", None)
+_os_makedirs = getattr(os, "makedirs", None)
+
+
 def _fsync_fd(fd: int) -> None:
-    fsync = getattr(os, "fsync", None)
-    if fsync is not None:
-        fsync(fd)
+    if _os_fsync is not None:
+        _os_fsync(fd)
 
 
 def _fsync_dir(path: str) -> None:
     # Without this a rename can be lost on power failure even though the file data was synced.
     flags = getattr(os, "O_DIRECTORY", None)
-    if flags is None:
+    if flags is None or _os_open is None:
         return
-    fd = os.open(path, os.O_RDONLY | flags)
+    fd = _os_open(path, os.O_RDONLY | flags)
     try:
         _fsync_fd(fd)
     finally:
         os.close(fd)
+
+
+def _chmod(path: str, mode: int) -> None:
+    """``os.chmod``; under MicroPython's unix port ``chmod(1)``; on a board nothing (no modes)."""
+    if _os_chmod is not None:
+        _os_chmod(path, mode)
+        return
+    if _os_system is None:
+        return
+    quoted = "'" + path.replace("'", "'\\''") + "'"
+    if _os_system(f"chmod {mode:o} -- {quoted}") != 0:
+        raise OSError(errno.EACCES, f"chmod {mode:o} {path} failed")
+
+
+def _makedirs(path: str, mode: int) -> None:
+    """``os.makedirs(path, mode, exist_ok=True)``, built from ``os.mkdir`` where that is all."""
+    if _exists(path):
+        return
+    if _os_makedirs is not None:
+        _os_makedirs(path, mode=mode, exist_ok=True)
+        return
+    parent = path.rstrip("/").rpartition("/")[0]
+    if parent:
+        _makedirs(parent, 0o777)
+    try:
+        os.mkdir(path)
+    except OSError as exc:
+        if exc.errno != errno.EEXIST:
+            raise
+        return
+    if mode != 0o777:
+        _chmod(path, mode)
 
 
 def _exists(path: str) -> bool:
@@ -146,7 +189,14 @@ def _read(path: str) -> bytes | None:
 def _write_synced(path: str, data: bytes, mode: int) -> None:
     """Write ``path`` from scratch, created with ``mode`` so a key is never briefly readable."""
     _remove(path)
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
+    if _os_open is None:
+        with open(path, "wb") as f:
+            if mode != _PUBLIC_MODE:
+                _chmod(path, mode)  # while the file is still empty
+            _write_all(f, data)
+            f.flush()  # MicroPython: flush() on a file fsyncs
+        return
+    fd = _os_open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
     try:
         view = memoryview(data)
         while view:
@@ -157,16 +207,36 @@ def _write_synced(path: str, data: bytes, mode: int) -> None:
         os.close(fd)
 
 
+def _append_synced(path: str, data: bytes) -> None:
+    """Append ``data`` to an existing file and make it durable."""
+    if _os_open is None:
+        with open(path, "ab") as f:
+            _write_all(f, data)
+            f.flush()
+        return
+    fd = _os_open(path, os.O_WRONLY | os.O_APPEND)
+    try:
+        os.write(fd, data)
+        _fsync_fd(fd)
+    finally:
+        os.close(fd)
+
+
+def _write_all(f: "BinaryIO", data: bytes) -> None:
+    view = memoryview(data)
+    while view:
+        view = view[f.write(view) :]
+
+
 class CredentialStore:
     """One device's credential directory, its staging area, journal and lock marker."""
 
-    def __init__(self, root: str | Path) -> None:
+    def __init__(self, root: "str | Path") -> None:
         self.root = str(root)
         self._staging = self.root + "/" + STAGING_DIR
         try:
             for path in (self.root, self._staging):
-                if not _exists(path):
-                    os.makedirs(path, mode=_DIR_MODE, exist_ok=True)
+                _makedirs(path, _DIR_MODE)
             self._recover()
         except OSError as exc:
             raise StoreError(self.root, f"cannot open: {exc}") from exc
@@ -179,7 +249,7 @@ class CredentialStore:
 
     # -- staging ---------------------------------------------------------------------------------
 
-    def staged(self, kind: int) -> Staged | None:
+    def staged(self, kind: int) -> "Staged | None":
         """The upload in progress for ``kind``, or ``None``."""
         if kind not in _STAGED_NAMES:
             return None
@@ -237,12 +307,7 @@ class CredentialStore:
             msg = f"chunk ends at {mark + len(tail)}, past the declared length {current.total}"
             raise ValueError(msg)
         try:
-            fd = os.open(self._staged_path(kind, ".part"), os.O_WRONLY | os.O_APPEND)
-            try:
-                os.write(fd, tail)
-                _fsync_fd(fd)
-            finally:
-                os.close(fd)
+            _append_synced(self._staged_path(kind, ".part"), tail)
         except OSError as exc:
             raise StoreError(self.root, f"cannot write {_STAGED_NAMES[kind]}: {exc}") from exc
         return mark + len(tail)
@@ -290,7 +355,7 @@ class CredentialStore:
             return None
         return len(data), hashlib.sha256(data).digest()
 
-    def commit(self, kinds: Sequence[int]) -> None:
+    def commit(self, kinds: "Sequence[int]") -> None:
         """Move the staged ``kinds`` into the credential directory, all or nothing.
 
         The caller (the responder) has already checked that each is complete and hashes right.

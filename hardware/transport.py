@@ -1,4 +1,4 @@
-"""Byte pipes for the virtual device: a pty pair, a TCP listener, and a line-noise model.
+"""Byte pipes for the device responder: a real tty, a pty pair, a TCP listener, a noise model.
 
 These adapters only move bytes; every protocol decision lives in ``responder`` and ``client``.
 The station side needs none of this: it opens the other end with pyserial (the pty's slave path,
@@ -12,13 +12,16 @@ import os
 import random
 import select
 import socket
+import termios
 import tty
 
 __all__ = [
+    "BAUD_RATES",
     "BOOT_LOG",
     "FaultInjector",
     "PtyLink",
     "SocketLink",
+    "TtyLink",
     "parse_socket_url",
 ]
 
@@ -130,6 +133,90 @@ class PtyLink:
         for fd in (self._master, self._slave):
             with contextlib.suppress(OSError):
                 os.close(fd)
+
+
+BAUD_RATES: dict[int, int] = {
+    rate: getattr(termios, f"B{rate}")
+    for rate in (9600, 19200, 38400, 57600, 115200, 230400, 460800, 921600)
+    if hasattr(termios, f"B{rate}")
+}
+
+
+class TtyLink:
+    """A real serial device on the device side: ``/dev/serial0``, ``/dev/ttyGS0``, a pty slave.
+
+    Raw mode (no echo, no CR/LF translation, no flow control), the given baud rate, and an
+    exclusive open (TIOCEXCL) so a getty or a second responder cannot share the port.
+    """
+
+    def __init__(self, path: str, baudrate: int = 115200) -> None:
+        if baudrate not in BAUD_RATES:
+            msg = f"unsupported baud rate {baudrate}; use one of {sorted(BAUD_RATES)}"
+            raise ValueError(msg)
+        self.path = path
+        self._fd = os.open(path, os.O_RDWR | os.O_NOCTTY | os.O_NONBLOCK)
+        try:
+            if not os.isatty(self._fd):
+                msg = f"{path} is not a serial device"
+                raise OSError(msg)
+            import fcntl
+
+            try:
+                # flock is what pyserial's exclusive=True takes too; TIOCEXCL alone does not stop
+                # root, and a station or getty running as root must not share the port.
+                fcntl.flock(self._fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                msg = f"{path} is busy: another program holds it"
+                raise OSError(msg) from None
+            fcntl.ioctl(self._fd, termios.TIOCEXCL)
+            tty.setraw(self._fd)
+            attrs = termios.tcgetattr(self._fd)
+            attrs[4] = attrs[5] = BAUD_RATES[baudrate]  # ispeed, ospeed
+            attrs[2] |= termios.CLOCAL | termios.CREAD  # ignore modem lines: a 3-wire UART
+            attrs[2] &= ~getattr(termios, "CRTSCTS", 0)
+            termios.tcsetattr(self._fd, termios.TCSANOW, attrs)
+            termios.tcflush(self._fd, termios.TCIOFLUSH)  # drop what a console left behind
+        except BaseException:
+            os.close(self._fd)
+            raise
+        self._closed = False
+
+    @property
+    def address(self) -> str:
+        return self.path
+
+    def receive(self, timeout: float) -> bytes:
+        if self._closed:
+            return b""
+        readable, _, _ = select.select([self._fd], [], [], timeout)
+        if not readable:
+            return b""
+        try:
+            return os.read(self._fd, 4096)
+        except (BlockingIOError, InterruptedError):
+            return b""
+        except OSError:
+            # A USB gadget port reads EIO while the host side is unplugged: wait for it.
+            select.select([], [], [], timeout)
+            return b""
+
+    def send(self, data: bytes) -> None:
+        if self._closed or not data:
+            return
+        view = memoryview(data)
+        while view:
+            try:
+                view = view[os.write(self._fd, view) :]
+            except BlockingIOError:
+                select.select([], [self._fd], [], 1.0)
+            except OSError:
+                return  # the cable is out; the station retransmits once it is back
+
+    def close(self) -> None:
+        if not self._closed:
+            self._closed = True
+            with contextlib.suppress(OSError):
+                os.close(self._fd)
 
 
 def parse_socket_url(url: str) -> tuple[str, int]:

@@ -13,6 +13,7 @@ from typing import Annotated
 import typer
 from rich.console import Console
 
+from broker.cli import broker_app
 from hardware.cli import hw_app
 from iotauth import __version__
 from provisioning.cli import ca_app, device_app, ledger_app, service_app
@@ -35,6 +36,7 @@ app.add_typer(ledger_app, name="ledger")
 hw_app.command("reset")(hw_reset_command)
 app.add_typer(hw_app, name="hw")
 app.command("provision")(provision_command)
+app.add_typer(broker_app, name="broker")
 
 
 def _version(value: bool) -> None:

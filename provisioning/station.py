@@ -89,6 +89,8 @@ class StationSettings:
     timeout: float = 0.5
     retries: int = 6
     busy_timeout: float = 60.0
+    # Polling a busy device costs two short frames; the line is idle meanwhile, so poll often.
+    busy_interval: float = 0.01
     # A pulled cable: how often and how long to wait for the device to come back.
     reconnects: int = 3
     reconnect_delay: float = 1.0
@@ -206,6 +208,7 @@ class _Run:
             timeout=self.settings.timeout,
             retries=self.settings.retries,
             busy_timeout=self.settings.busy_timeout,
+            busy_interval=self.settings.busy_interval,
         )
         return self.client
 

@@ -1,0 +1,152 @@
+"""Who is this client: the one interface the broker asks, and mutual TLS as its first answer.
+
+The broker hands an :class:`Authenticator` the facts of a connection (TLS session, client_id,
+username, password, peer) after CONNECT is read and *before* any session state is touched. It
+returns :class:`Authenticated` or raises :class:`~broker.errors.Refused` with a reason. ACLs and
+sessions only ever see the resulting :class:`~provisioning.identity.Identity`, so a JWT,
+challenge-response or PKCS#11 authenticator can be added without changing them. Binding the
+MQTT client_id to the identity is the broker's job (see ``broker._amqtt``), not the
+authenticator's, so every authenticator gets it for free.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import ssl
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Protocol
+
+from cryptography import x509
+from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+from broker.errors import Refused
+from provisioning.errors import InvalidIdentityError
+from provisioning.identity import Identity, parse_spiffe_id
+
+__all__ = [
+    "Authenticated",
+    "Authenticator",
+    "ConnectionFacts",
+    "MutualTLSAuthenticator",
+]
+
+
+@dataclass(frozen=True, slots=True)
+class ConnectionFacts:
+    """What the transport and the CONNECT packet say. Nothing here is trusted yet."""
+
+    client_id: str
+    username: str | None
+    password: str | None
+    peer: str
+    tls: ssl.SSLObject | None
+
+
+@dataclass(frozen=True, slots=True)
+class Authenticated:
+    """A proven identity and the credential that proved it.
+
+    ``credential`` is what revocation names (the certificate serial in lower-case hex for mutual
+    TLS, the same spelling as the registry); ``not_after`` lets the broker end a session whose
+    credential expires while it is connected.
+    """
+
+    identity: Identity
+    method: str
+    credential: str
+    not_after: dt.datetime | None = None
+
+
+class Authenticator(Protocol):
+    async def authenticate(self, facts: ConnectionFacts) -> Authenticated:
+        """Return who the client is, or raise Refused(reason)."""
+        ...
+
+
+class MutualTLSAuthenticator:
+    """Identity from the client certificate that the TLS layer already verified.
+
+    The TLS context (provisioning.tls) has checked the chain, CRL, validity and purpose during
+    the handshake. This re-checks what a *resumed* TLS session would skip (revocation and expiry
+    at this moment) and reads the identity: exactly one SAN URI in this trust domain, a CN that
+    agrees, an end-entity certificate with clientAuth. Username and password are ignored.
+    """
+
+    def __init__(
+        self,
+        *,
+        trust_domain: str,
+        is_revoked: Callable[[int], bool],
+        clock: Callable[[], dt.datetime] = lambda: dt.datetime.now(dt.UTC),
+    ) -> None:
+        self._trust_domain = trust_domain
+        self._is_revoked = is_revoked
+        self._clock = clock
+
+    async def authenticate(self, facts: ConnectionFacts) -> Authenticated:
+        if facts.tls is None:
+            raise Refused("no-tls", "the connection is not TLS")
+        der = facts.tls.getpeercert(binary_form=True)
+        if not der:
+            raise Refused("no-certificate", "the client sent no certificate")
+        try:
+            cert = x509.load_der_x509_certificate(der)
+        except ValueError:
+            raise Refused("bad-certificate", "the client certificate cannot be parsed") from None
+        identity = self._identity(cert)
+        now = self._clock()
+        if now >= cert.not_valid_after_utc:
+            raise Refused("expired", "the certificate has expired", identity=str(identity))
+        if now < cert.not_valid_before_utc:
+            raise Refused(
+                "not-yet-valid", "the certificate is not valid yet", identity=str(identity)
+            )
+        if self._is_revoked(cert.serial_number):
+            raise Refused("revoked", "the certificate is revoked", identity=str(identity))
+        return Authenticated(
+            identity=identity,
+            method="mtls",
+            credential=format(cert.serial_number, "x"),
+            not_after=cert.not_valid_after_utc,
+        )
+
+    def _identity(self, cert: x509.Certificate) -> Identity:
+        ext = cert.extensions
+        try:
+            if ext.get_extension_for_class(x509.BasicConstraints).value.ca:
+                raise Refused("ca-certificate", "a CA certificate cannot be a client")
+        except x509.ExtensionNotFound:
+            raise Refused("not-end-entity", "the certificate has no BasicConstraints") from None
+        try:
+            usages = ext.get_extension_for_class(x509.ExtendedKeyUsage).value
+        except x509.ExtensionNotFound:
+            raise Refused("wrong-purpose", "the certificate has no extended key usage") from None
+        if ExtendedKeyUsageOID.CLIENT_AUTH not in usages:
+            raise Refused("wrong-purpose", "the certificate is not for client authentication")
+        try:
+            sans = ext.get_extension_for_class(x509.SubjectAlternativeName).value
+        except x509.ExtensionNotFound:
+            raise Refused("no-identity", "the certificate has no subjectAltName") from None
+        uris = sans.get_values_for_type(x509.UniformResourceIdentifier)
+        if len(uris) != 1:
+            # amqtt's contrib plugin reads uris[0] (and crashes on none); one URI, exactly.
+            raise Refused("no-identity", f"expected exactly one SAN URI, found {len(uris)}")
+        try:
+            identity = parse_spiffe_id(uris[0])
+        except InvalidIdentityError as exc:
+            raise Refused("no-identity", str(exc)) from None
+        if identity.trust_domain != self._trust_domain:
+            raise Refused(
+                "foreign-trust-domain",
+                f"{identity.trust_domain} is not {self._trust_domain}",
+                identity=str(identity),
+            )
+        cns = cert.subject.get_attributes_for_oid(NameOID.COMMON_NAME)
+        if len(cns) != 1 or cns[0].value != identity.name:
+            raise Refused(
+                "cn-mismatch",
+                "the subject CN does not equal the SAN identity",
+                identity=str(identity),
+            )
+        return identity

@@ -1,0 +1,149 @@
+"""``iotauth broker run|explain``: the broker's commands, mounted by :mod:`iotauth.cli`.
+
+Errors a user can fix (missing PKI, bad policy, port in use) are one line on stderr and exit 1.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from broker.errors import BrokerError
+from broker.policy import Action, load_policy
+from provisioning.config import PKIConfig
+from provisioning.errors import ProvisioningError
+from provisioning.identity import Identity, IdentityKind
+
+__all__ = ["broker_app"]
+
+broker_app = typer.Typer(
+    help="The hardened MQTT broker: mutual TLS, identity from certificates, per-identity ACLs.",
+    no_args_is_help=True,
+)
+
+PkiOpt = Annotated[
+    Path,
+    typer.Option(
+        "--pki", envvar="IOTAUTH_PKI", help="PKI directory (env IOTAUTH_PKI).", show_default=False
+    ),
+]
+PolicyOpt = Annotated[
+    Path | None,
+    typer.Option("--policy", help="Policy TOML file (default: the DESIGN.md topic table)."),
+]
+
+
+def _fail(message: str) -> typer.Exit:
+    print(f"error: {message}", file=sys.stderr)
+    return typer.Exit(1)
+
+
+@contextlib.contextmanager
+def _user_errors() -> Iterator[None]:
+    """One line and exit 1 for anything the user can fix; never a traceback."""
+    try:
+        yield
+    except (BrokerError, ProvisioningError) as exc:
+        raise _fail(str(exc)) from None
+    except OSError as exc:
+        where = f": {exc.filename}" if exc.filename else ""
+        raise _fail(f"{exc.strerror or exc}{where}") from None
+
+
+@broker_app.command("run")
+def run(
+    pki: PkiOpt,
+    host: Annotated[str, typer.Option("--host", help="Address to listen on.")] = "127.0.0.1",
+    port: Annotated[int, typer.Option("--port", help="TCP port (0: any free port).")] = 8883,
+    policy: PolicyOpt = None,
+    metrics_port: Annotated[
+        int | None,
+        typer.Option("--metrics-port", help="Serve Prometheus metrics on 127.0.0.1:PORT."),
+    ] = None,
+    verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Debug logging.")] = False,
+) -> None:
+    """Run the broker until interrupted. Audit lines (JSON) go to stdout, logs to stderr."""
+    from broker.server import run_broker
+    from broker.settings import BrokerSettings
+    from provisioning.pki import passphrase_from_env
+
+    logging.basicConfig(
+        level=logging.DEBUG if verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+    if not verbose:
+        logging.getLogger("amqtt").setLevel(logging.WARNING)  # its INFO is per-connection noise
+    with _user_errors():
+        if not (pki / "pki.toml").is_file():
+            raise _fail(f"{pki} is not a PKI directory (no pki.toml); run 'iotauth ca init' first")
+        settings = BrokerSettings(
+            pki_dir=pki,
+            host=host,
+            port=port,
+            policy=load_policy(policy),
+            key_password=passphrase_from_env(),
+            metrics_port=metrics_port,
+        )
+
+        def audit_line(line: str) -> None:
+            print(line, flush=True)
+
+        async def main() -> None:
+            async with run_broker(settings, audit_sink=audit_line) as running:
+                where = f"{host}:{running.port}"
+                extra = (
+                    f", metrics on 127.0.0.1:{running.metrics_port}"
+                    if metrics_port is not None
+                    else ""
+                )
+                print(
+                    f"iotauth broker listening on {where} (mTLS, CRL #{running.crl.number}{extra})",
+                    file=sys.stderr,
+                    flush=True,
+                )
+                await asyncio.Event().wait()
+
+        try:
+            asyncio.run(main())
+        except KeyboardInterrupt:
+            print("broker stopped", file=sys.stderr)
+
+
+@broker_app.command("explain")
+def explain(
+    pki: PkiOpt,
+    identity: Annotated[str, typer.Option("--identity", help="Device id (or service name).")],
+    service: Annotated[bool, typer.Option("--service", help="The identity is a service.")] = False,
+    subscribe: Annotated[
+        str | None, typer.Option("--subscribe", help="A topic filter to SUBSCRIBE to.")
+    ] = None,
+    publish: Annotated[str | None, typer.Option("--publish", help="A topic to PUBLISH to.")] = None,
+    policy: PolicyOpt = None,
+) -> None:
+    """Print whether the policy allows a SUBSCRIBE or PUBLISH, and the rule that decided."""
+    with _user_errors():
+        if (subscribe is None) == (publish is None):
+            raise _fail("give exactly one of --subscribe FILTER or --publish TOPIC")
+        config = PKIConfig.load(pki / "pki.toml") if (pki / "pki.toml").is_file() else None
+        if config is None:
+            raise _fail(f"{pki} is not a PKI directory (no pki.toml); run 'iotauth ca init' first")
+        kind = IdentityKind.SERVICE if service else IdentityKind.DEVICE
+        who = Identity(kind, identity, config.trust_domain)
+        rules = load_policy(policy)
+        if subscribe is not None:
+            decision = rules.decide(who, Action.SUBSCRIBE, subscribe)
+        else:
+            assert publish is not None  # noqa: S101 - exactly one was given
+            decision = rules.decide(who, Action.PUBLISH, publish)
+        print(decision.describe())
+        print(f"  policy: {rules.source}")
+        if not decision.allowed:
+            raise typer.Exit(2)

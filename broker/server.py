@@ -1,0 +1,245 @@
+"""Run the broker: ``async with run_broker(settings) as broker: ... broker.port``.
+
+This is the public entry point for the CLI, the demo, the fleet simulator and test fixtures.
+It wires the pieces together: the revocation watcher (CRL + TLS context), the TLS listener, the
+hardened amqtt broker, the audit log and optional metrics. :class:`BrokerThread` runs the same
+thing on a background thread for synchronous callers (paho-based tests, scripts).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import datetime as dt
+import logging
+import threading
+from collections.abc import AsyncIterator, Callable, Coroutine
+from concurrent.futures import Future
+from typing import Any, TypeVar
+
+from broker._amqtt import HardenedBroker
+from broker._listener import TLSListener
+from broker.audit import AuditLog
+from broker.auth import Authenticator, MutualTLSAuthenticator
+from broker.errors import BrokerError, ConfigError
+from broker.metrics import Metrics, serve_metrics
+from broker.revocation import CRLState, RevocationWatcher
+from broker.settings import BrokerSettings
+
+__all__ = ["BrokerThread", "RunningBroker", "run_broker"]
+
+log = logging.getLogger("iotauth.broker")
+T = TypeVar("T")
+
+
+class RunningBroker:
+    """A started broker. Only use it from the event loop that runs it."""
+
+    def __init__(
+        self,
+        settings: BrokerSettings,
+        *,
+        amqtt: HardenedBroker,
+        listener: TLSListener,
+        watcher: RevocationWatcher,
+        audit: AuditLog,
+        metrics: Metrics,
+        metrics_server: asyncio.Server | None,
+    ) -> None:
+        self.settings = settings
+        self._amqtt = amqtt
+        self._listener = listener
+        self.watcher = watcher
+        self.audit = audit
+        self.metrics = metrics
+        self._metrics_server = metrics_server
+
+    @property
+    def host(self) -> str:
+        return self.settings.host
+
+    @property
+    def port(self) -> int:
+        return self._listener.port
+
+    @property
+    def metrics_port(self) -> int | None:
+        if self._metrics_server is None:
+            return None
+        return int(self._metrics_server.sockets[0].getsockname()[1])
+
+    @property
+    def crl(self) -> CRLState:
+        return self.watcher.state
+
+    def connected(self) -> list[str]:
+        """client_ids with a live connection."""
+        return sorted(self._amqtt._live)
+
+    async def kick(self, client_id: str, *, reason: str = "operator") -> bool:
+        return await self._amqtt.kick(client_id, reason)
+
+    async def check_revocations(self) -> bool:
+        """Re-read crl.pem now instead of waiting for the next poll."""
+        return await self.watcher.check()
+
+
+@contextlib.asynccontextmanager
+async def run_broker(
+    settings: BrokerSettings,
+    *,
+    authenticator: Authenticator | None = None,
+    audit_sink: Callable[[str], None] | None = None,
+) -> AsyncIterator[RunningBroker]:
+    """Start everything; stop everything on exit. Raises ConfigError for an unusable setup."""
+    audit = AuditLog(audit_sink)
+    metrics = Metrics()
+    watcher = RevocationWatcher(
+        settings.pki_dir, password=settings.key_password, interval=settings.crl_poll_interval
+    )
+    auth = authenticator or MutualTLSAuthenticator(
+        trust_domain=watcher.trust_domain, is_revoked=watcher.is_revoked
+    )
+    amqtt = HardenedBroker(settings, authenticator=auth, audit=audit, metrics=metrics)
+
+    async def on_crl(state: CRLState) -> None:
+        metrics.set("iotauth_broker_crl_number", state.number)
+        kicked = await amqtt.kick_revoked(state.revoked)
+        if kicked:
+            log.info("closed %d session(s) of revoked certificates", kicked)
+
+    watcher.on_change = on_crl
+    metrics.set("iotauth_broker_crl_number", watcher.state.number)
+    metrics.gauge("iotauth_broker_crl_next_update_seconds", watcher.seconds_left)
+    listener = TLSListener(
+        host=settings.host,
+        port=settings.port,
+        context=lambda: watcher.context,
+        serve=amqtt.serve_connection,
+        limits=settings.limits,
+        audit=audit,
+        metrics=metrics,
+    )
+    await amqtt.start()
+    tasks: list[asyncio.Task[None]] = []
+    metrics_server: asyncio.Server | None = None
+    try:
+        try:
+            await listener.start()
+            if settings.metrics_port is not None:
+                metrics_server = await serve_metrics(
+                    metrics, settings.metrics_host, settings.metrics_port
+                )
+        except OSError as exc:
+            msg = f"cannot listen on {settings.host}:{settings.port}: {exc.strerror or exc}"
+            raise ConfigError(msg) from None
+        tasks.append(asyncio.create_task(watcher.run(), name="broker-crl-watcher"))
+        tasks.append(asyncio.create_task(_expiry_loop(amqtt), name="broker-cert-expiry"))
+        yield RunningBroker(
+            settings,
+            amqtt=amqtt,
+            listener=listener,
+            watcher=watcher,
+            audit=audit,
+            metrics=metrics,
+            metrics_server=metrics_server,
+        )
+    finally:
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        if metrics_server is not None:
+            metrics_server.close()
+        await amqtt.abort_all()
+        await listener.close()
+        await amqtt.shutdown()
+
+
+async def _expiry_loop(amqtt: HardenedBroker) -> None:
+    """A certificate that expires while its session is connected ends that session."""
+    while True:
+        await asyncio.sleep(5)
+        await amqtt.kick_expired(dt.datetime.now(dt.UTC).timestamp())
+
+
+class BrokerThread:
+    """``run_broker`` on a daemon thread with its own event loop, for synchronous code.
+
+    ::
+
+        with BrokerThread(BrokerSettings(pki_dir)) as b:
+            connect_paho("127.0.0.1", b.port)
+    """
+
+    def __init__(
+        self,
+        settings: BrokerSettings,
+        *,
+        authenticator: Authenticator | None = None,
+        audit_sink: Callable[[str], None] | None = None,
+    ) -> None:
+        self.settings = settings
+        self._authenticator = authenticator
+        self._audit_sink = audit_sink
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._running: RunningBroker | None = None
+        self._stop: asyncio.Event | None = None
+        self._ready = threading.Event()
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._main, name="iotauth-broker", daemon=True)
+
+    def _main(self) -> None:
+        async def body() -> None:
+            self._loop = asyncio.get_running_loop()
+            self._stop = asyncio.Event()
+            async with run_broker(
+                self.settings, authenticator=self._authenticator, audit_sink=self._audit_sink
+            ) as running:
+                self._running = running
+                self._ready.set()
+                await self._stop.wait()
+
+        try:
+            asyncio.run(body())
+        except BaseException as exc:  # noqa: BLE001 - re-raised in the starting thread
+            self._error = exc
+        finally:
+            self._ready.set()
+
+    def start(self) -> BrokerThread:
+        self._thread.start()
+        self._ready.wait(timeout=30)
+        if self._error is not None:
+            raise self._error
+        if self._running is None:
+            msg = "broker did not start within 30 s"
+            raise BrokerError(msg)
+        return self
+
+    @property
+    def broker(self) -> RunningBroker:
+        if self._running is None:
+            msg = "broker not running"
+            raise BrokerError(msg)
+        return self._running
+
+    @property
+    def port(self) -> int:
+        return self.broker.port
+
+    def call(self, coro: Coroutine[Any, Any, T], timeout: float = 30) -> T:
+        """Run a coroutine on the broker's loop and wait for its result."""
+        assert self._loop is not None  # noqa: S101 - set before start() returns
+        future: Future[T] = asyncio.run_coroutine_threadsafe(coro, self._loop)
+        return future.result(timeout)
+
+    def stop(self) -> None:
+        if self._loop is not None and self._stop is not None and self._thread.is_alive():
+            self._loop.call_soon_threadsafe(self._stop.set)
+            self._thread.join(timeout=30)
+
+    def __enter__(self) -> BrokerThread:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()

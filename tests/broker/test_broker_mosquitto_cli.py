@@ -1,0 +1,187 @@
+"""Independent peers: mosquitto_pub/sub against the broker, and `broker run` as a process."""
+
+from __future__ import annotations
+
+import re
+import shutil
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+from broker.server import BrokerThread
+from tests.broker.broker_helpers import Fleet, Peer, wait_until
+
+MOSQUITTO_SUB = shutil.which("mosquitto_sub")
+MOSQUITTO_PUB = shutil.which("mosquitto_pub")
+needs_mosquitto = pytest.mark.skipif(
+    MOSQUITTO_SUB is None or MOSQUITTO_PUB is None,
+    reason="mosquitto-clients not installed (CI installs them)",
+)
+
+
+def _tls_args(creds: Path, port: int, client_id: str) -> list[str]:
+    return [
+        "-h",
+        "127.0.0.1",
+        "-p",
+        str(port),
+        "-i",
+        client_id,
+        "--cafile",
+        str(creds / "ca.crt"),
+        "--cert",
+        str(creds / "device.crt"),
+        "--key",
+        str(creds / "device.key"),
+    ]
+
+
+def _sub(creds: Path, port: int, client_id: str, topic: str) -> subprocess.Popen[str]:
+    assert MOSQUITTO_SUB is not None
+    return subprocess.Popen(
+        [
+            MOSQUITTO_SUB,
+            *_tls_args(creds, port, client_id),
+            "-t",
+            topic,
+            "-v",
+            "-C",
+            "1",
+            "-W",
+            "10",
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+
+
+def _pub(
+    creds: Path, port: int, client_id: str, topic: str, message: str
+) -> subprocess.CompletedProcess[str]:
+    assert MOSQUITTO_PUB is not None
+    return subprocess.run(
+        [MOSQUITTO_PUB, *_tls_args(creds, port, client_id), "-t", topic, "-m", message, "-q", "1"],
+        capture_output=True,
+        text=True,
+        timeout=20,
+        check=False,
+    )
+
+
+@needs_mosquitto
+def test_mosquitto_clients_allowed_flow(broker: BrokerThread, fleet: Fleet) -> None:
+    """mosquitto_sub as the service receives what mosquitto_pub as the device sends."""
+    sub = _sub(fleet.creds("sink"), broker.port, "sink", "devices/+/telemetry/#")
+    assert wait_until(lambda: "sink" in broker.broker.connected())
+    time.sleep(0.2)  # let the SUBSCRIBE land after CONNACK
+    result = _pub(fleet.creds("dev-1"), broker.port, "dev-1", "devices/dev-1/telemetry/t", "42")
+    assert result.returncode == 0, result.stderr
+    out, err = sub.communicate(timeout=15)
+    assert out.strip() == "devices/dev-1/telemetry/t 42", err
+
+
+@needs_mosquitto
+def test_mosquitto_clients_are_refused_where_they_must_be(
+    broker: BrokerThread, fleet: Fleet, tmp_path: Path
+) -> None:
+    """Wrong client id, no certificate, and a publish into another device's subtree all fail."""
+    mismatch = _pub(fleet.creds("dev-1"), broker.port, "dev-2", "devices/dev-1/state", "x")
+    assert mismatch.returncode != 0
+    assert broker.broker.audit.events("refuse", reason="client-id-mismatch")
+    assert MOSQUITTO_PUB is not None
+    no_cert = subprocess.run(
+        [
+            MOSQUITTO_PUB,
+            "-h",
+            "127.0.0.1",
+            "-p",
+            str(broker.port),
+            "-i",
+            "dev-1",
+            "--cafile",
+            str(fleet.creds("dev-1") / "ca.crt"),
+            "-t",
+            "devices/dev-1/state",
+            "-m",
+            "x",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=20,
+        check=False,
+    )
+    assert no_cert.returncode != 0
+    watcher = Peer(broker.port, fleet.creds("dev-2"), "dev-2").connect()
+    assert watcher.subscribe("devices/dev-2/#") == [0]
+    _pub(fleet.creds("dev-1"), broker.port, "dev-1", "devices/dev-2/commands/unlock", "FORGED")
+    assert wait_until(lambda: broker.broker.audit.events("deny", action="publish"))
+    assert watcher.messages == []
+    watcher.close()
+
+
+# -- broker run as a process --------------------------------------------------------------------
+
+RUN = [sys.executable, "-c", "from broker.cli import broker_app; broker_app()"]
+
+
+def test_broker_run_serves_and_exposes_metrics(fleet: Fleet) -> None:
+    """`broker run --port 0 --metrics-port 0`: a device connects; audit line and metrics show it."""
+    proc = subprocess.Popen(
+        [*RUN, "run", "--pki", str(fleet.pki_dir), "--port", "0", "--metrics-port", "0"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert proc.stderr is not None
+        assert proc.stdout is not None
+        banner = ""
+        deadline = time.monotonic() + 20
+        while "listening" not in banner and time.monotonic() < deadline:
+            banner = proc.stderr.readline()
+        match = re.search(r"listening on 127\.0\.0\.1:(\d+).*metrics on 127\.0\.0\.1:(\d+)", banner)
+        assert match, banner
+        port, metrics_port = int(match[1]), int(match[2])
+        peer = Peer(port, fleet.creds("dev-1"), "dev-1").connect()
+        line = proc.stdout.readline()
+        assert '"event":"connect"' in line
+        assert '"client_id":"dev-1"' in line
+        with urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=5) as r:
+            text = r.read().decode()
+        assert "iotauth_broker_connects_total 1" in text
+        assert "iotauth_broker_connections 1" in text
+        peer.close()
+    finally:
+        proc.terminate()
+        proc.wait(timeout=10)
+
+
+@pytest.mark.parametrize(
+    ("extra", "fragment"),
+    [
+        ([], "not a PKI directory"),
+        (["--policy", "/nonexistent/policy.toml"], "policy"),
+    ],
+)
+def test_broker_run_errors_are_one_line(
+    tmp_path: Path, fleet: Fleet, extra: list[str], fragment: str
+) -> None:
+    """Missing PKI or policy: one 'error:' line on stderr, exit 1, no traceback."""
+    pki = tmp_path / "missing" if not extra else fleet.pki_dir
+    proc = subprocess.run(
+        [*RUN, "run", "--pki", str(pki), "--port", "0", *extra],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=False,
+    )
+    assert proc.returncode == 1
+    lines = [line for line in proc.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1, proc.stderr
+    assert lines[0].startswith("error:")
+    assert fragment in lines[0]
