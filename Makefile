@@ -30,7 +30,8 @@ typecheck: $(STAMP)
 check: lint typecheck test
 
 bench: $(STAMP)
-	$(BIN)/python bench/issuance.py
+	$(BIN)/python bench/issuance.py --pin
+	$(BIN)/python bench/provision.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache build *.egg-info
