@@ -1,0 +1,163 @@
+"""Test helpers behind the pytest plugin: a PKI, a broker and a service client, all real.
+
+Everything listens on 127.0.0.1 with ephemeral ports and real certificates; nothing is mocked.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import threading
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from types import TracebackType
+from typing import Self
+
+import paho.mqtt.client as mqtt
+from paho.mqtt.enums import CallbackAPIVersion
+from paho.mqtt.reasoncodes import ReasonCode
+
+from provisioning.identity import IdentityKind
+from provisioning.pki import PKI
+from provisioning.tls import client_context_for_credentials
+
+__all__ = ["BrokerEndpoint", "Message", "ServiceClient", "issue_service", "running_broker"]
+
+
+@dataclass(frozen=True, slots=True)
+class BrokerEndpoint:
+    """Where a test broker listens, and the PKI it trusts."""
+
+    host: str
+    port: int
+    pki_dir: Path
+
+    @property
+    def address(self) -> str:
+        return f"{self.host}:{self.port}"
+
+
+@dataclass(frozen=True, slots=True)
+class Message:
+    topic: str
+    payload: bytes
+    retain: bool
+
+
+def issue_service(pki: PKI, name: str, out: Path) -> Path:
+    """A service credential directory (reused if it already exists)."""
+    if not (out / "device.crt").exists():
+        pki.issue(name, kind=IdentityKind.SERVICE, out=out)
+    return out
+
+
+class ServiceClient:
+    """A backend identity connected with mutual TLS: subscribe, collect, publish.
+
+    ::
+
+        with ServiceClient(creds_dir, endpoint) as sink:
+            sink.subscribe("devices/+/telemetry/#")
+            sink.wait_for(lambda msgs: len(msgs) >= 10)
+    """
+
+    def __init__(
+        self, credentials: Path, endpoint: BrokerEndpoint, *, client_id: str | None = None
+    ) -> None:
+        import json
+
+        identity = json.loads((credentials / "identity.json").read_text())
+        self.name: str = client_id or identity.get("service_name") or identity["device_id"]
+        self.endpoint = endpoint
+        self.messages: list[Message] = []
+        self._cond = threading.Condition()
+        self._subacks: dict[int, list[int]] = {}
+        self._client = mqtt.Client(
+            CallbackAPIVersion.VERSION2, client_id=self.name, protocol=mqtt.MQTTv311
+        )
+        self._client.tls_set_context(client_context_for_credentials(credentials))
+        self._client.on_message = self._on_message
+        self._client.on_subscribe = self._on_subscribe
+        self._connected = threading.Event()
+        self._client.on_connect = lambda *_args: self._connected.set()
+
+    def connect(self, timeout: float = 10.0) -> Self:
+        self._client.connect(self.endpoint.host, self.endpoint.port, keepalive=30)
+        self._client.loop_start()
+        if not self._connected.wait(timeout):
+            self.close()
+            msg = f"{self.name} could not connect to {self.endpoint.address}"
+            raise ConnectionError(msg)
+        return self
+
+    def _on_message(self, _client: mqtt.Client, _userdata: object, msg: mqtt.MQTTMessage) -> None:
+        with self._cond:
+            self.messages.append(Message(msg.topic, bytes(msg.payload), bool(msg.retain)))
+            self._cond.notify_all()
+
+    def _on_subscribe(
+        self, _c: mqtt.Client, _u: object, mid: int, codes: list[ReasonCode], _p: object
+    ) -> None:
+        with self._cond:
+            self._subacks[mid] = [int(c.value) for c in codes]
+            self._cond.notify_all()
+
+    def subscribe(self, topic_filter: str, qos: int = 1, timeout: float = 10.0) -> bool:
+        """Subscribe and wait for the SUBACK; True if the broker granted it."""
+        _rc, sent = self._client.subscribe(topic_filter, qos=qos)
+        if sent is None:
+            msg = f"{self.name} is not connected"
+            raise ConnectionError(msg)
+        mid: int = sent
+        with self._cond:
+            if not self._cond.wait_for(lambda: mid in self._subacks, timeout):
+                msg = f"no SUBACK for {topic_filter!r}"
+                raise TimeoutError(msg)
+            return all(code < 0x80 for code in self._subacks[mid])
+
+    def publish(self, topic: str, payload: bytes | str, qos: int = 1) -> None:
+        info = self._client.publish(topic, payload, qos=qos)
+        if qos:
+            info.wait_for_publish(10)
+
+    def wait_for(
+        self, predicate: Callable[[list[Message]], bool], timeout: float = 30.0
+    ) -> list[Message]:
+        """Wait until ``predicate(messages)`` holds; returns a snapshot, or raises TimeoutError."""
+        deadline = time.monotonic() + timeout
+        with self._cond:
+            while not predicate(self.messages):
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    count = len(self.messages)
+                    msg = f"{self.name}: condition not met within {timeout} s ({count} messages)"
+                    raise TimeoutError(msg)
+                self._cond.wait(left)
+            return list(self.messages)
+
+    def close(self) -> None:
+        with contextlib.suppress(Exception):
+            self._client.disconnect()
+        self._client.loop_stop()
+
+    def __enter__(self) -> Self:
+        return self.connect() if not self._connected.is_set() else self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+
+@contextlib.contextmanager
+def running_broker(pki_dir: Path) -> Iterator[BrokerEndpoint]:
+    """Our broker on 127.0.0.1:0 in a background thread."""
+    from broker.server import BrokerThread
+    from broker.settings import BrokerSettings
+
+    with BrokerThread(BrokerSettings(pki_dir)) as thread:
+        yield BrokerEndpoint("127.0.0.1", thread.port, pki_dir)
