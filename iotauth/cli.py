@@ -8,10 +8,10 @@ from __future__ import annotations
 
 import os
 import sys
+from pathlib import Path
 from typing import Annotated
 
 import typer
-from rich.console import Console
 
 from broker.cli import broker_app
 from hardware.cli import hw_app
@@ -56,20 +56,22 @@ def _root(
 
 
 @app.command()
-def demo() -> None:
-    """The whole system end to end on this machine (not yet: arrives with the demo issue)."""
-    out = Console(highlight=False)
-    out.print("iotauth demo: not yet. The end-to-end demo arrives with the demo issue.")
-    out.print("What works today (the fleet PKI):")
-    for line in (
-        "iotauth ca init --pki ./pki --trust-domain fleet.example",
-        "iotauth device issue dev-0001 --pki ./pki --out ./creds/dev-0001",
-        "iotauth service issue telemetry-sink --pki ./pki --out ./creds/telemetry-sink",
-        "iotauth device list --pki ./pki",
-        "iotauth device revoke dev-0001 --pki ./pki --reason key-compromise",
-        "iotauth ledger verify --pki ./pki",
-    ):
-        out.print(f"  {line}")
+def demo(
+    devices: Annotated[int, typer.Option("--devices", min=2, max=64, help="Virtual devices.")] = 4,
+    keep: Annotated[bool, typer.Option("--keep", help="Keep the work directory.")] = False,
+    workdir: Annotated[
+        Path | None, typer.Option("--workdir", help="Use this work directory (kept).")
+    ] = None,
+    broker_port: Annotated[
+        int, typer.Option("--broker-port", help="Broker port (default: any free one).")
+    ] = 0,
+) -> None:
+    """The whole system end to end: PKI, broker, provisioning, agents, isolation, revocation."""
+    from iotauth.demo import run_demo
+
+    code = run_demo(devices=devices, workdir=workdir, keep=keep, broker_port=broker_port)
+    if code:
+        raise typer.Exit(code)
 
 
 def main() -> None:

@@ -29,7 +29,7 @@ from provisioning.station import (
     provision_many,
 )
 
-__all__ = ["hw_reset_command", "provision_command"]
+__all__ = ["hw_reset_command", "provision_command", "run_with_progress", "summary_table"]
 
 _PHASES = ("hello", "genkey", "upload", "commit", "verify", "lock", "record")
 
@@ -73,7 +73,7 @@ def provision_command(
             validate_name(device_id)
         PKI.open(pki, passphrase=passphrase_from_env()).close()  # fail early on a bad --pki
         settings = StationSettings(baudrate=baud, timeout=timeout)
-        results = _run_with_progress(
+        results = run_with_progress(
             pki,
             port,
             device_id,
@@ -83,12 +83,12 @@ def provision_command(
             rotate,
             settings,
         )
-    _summary(results)
+    summary_table(results)
     if not all(r.ok for r in results):
         raise typer.Exit(1)
 
 
-def _run_with_progress(
+def run_with_progress(
     pki: Path,
     ports: list[str],
     device_id: str | None,
@@ -140,7 +140,7 @@ def _run_with_progress(
     return results
 
 
-def _summary(results: list[ProvisionResult]) -> None:
+def summary_table(results: list[ProvisionResult]) -> None:
     ok = sum(r.ok for r in results)
     table = Table(
         title=f"{ok}/{len(results)} provisioned", title_justify="left", box=box.SIMPLE_HEAD

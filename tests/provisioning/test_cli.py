@@ -277,11 +277,6 @@ def test_help_and_version(cli: Run) -> None:
         assert "Usage" in cli(group, "--help", check=True).stdout
 
 
-def test_demo_placeholder_exits_cleanly(cli: Run) -> None:
-    result = cli("demo", check=True)
-    assert "not yet" in result.stdout
-
-
 def test_module_entry_point_matches_console_script() -> None:
     script = Path(sys.executable).parent / "iotauth"
     if not script.exists():
