@@ -153,7 +153,7 @@ def main() -> int:
     print(f"| single: `issue`, durable per device | {single:,.0f} | {1e6 / single:.0f} µs |")
     print(f"| single + credential directory | {single_out:,.0f} | {1e6 / single_out:.0f} µs |")
     print()
-    print(f"# {rows} certificates issued in all; ledger verified")
+    print(f"{rows} certificates issued in all; ledger verified.")
     return 0
 
 

@@ -88,7 +88,7 @@ def main() -> int:
         shutil.rmtree(work, ignore_errors=True)
 
     print(
-        f"# provisioning over a {args.baud}-baud {args.link} link, "
+        f"Provisioning over a {args.baud}-baud {args.link} link, "
         f"median of {args.devices} devices per mode"
     )
     print()

@@ -1,0 +1,128 @@
+"""Run every benchmark and write docs/BENCHMARKS.md: `make bench`.
+
+Each benchmark prints Markdown; this script records the machine, the versions, the date and
+the exact command next to each output, and appends the notes in bench/notes/<name>.md that say
+how to read it. A benchmark that fails is reported as failed in the document (and makes this
+script exit non-zero) instead of silently keeping old figures.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import os
+import platform
+import shlex
+import subprocess
+import sys
+import time
+from importlib.metadata import PackageNotFoundError, version
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+PY = sys.executable
+
+# (name, title, command); a benchmark whose script does not exist yet is listed as missing.
+BENCHES: list[tuple[str, str, list[str]]] = [
+    ("issuance", "Issuance", [PY, "bench/issuance.py", "--pin", "--devices", "2000"]),
+    ("provision", "Serial provisioning", [PY, "bench/provision.py"]),
+    (
+        "broker",
+        "Broker: our broker next to plain amqtt and Mosquitto",
+        [PY, "bench/broker_bench.py"],
+    ),
+    ("agent_footprint", "Device agent footprint", [PY, "bench/agent_footprint.py"]),
+    ("fleet", "Fleet simulation", [PY, "bench/fleet.py"]),
+]
+
+
+def _version(package: str) -> str:
+    try:
+        return version(package)
+    except PackageNotFoundError:
+        return "not installed"
+
+
+def _tool(args: list[str]) -> str:
+    try:
+        out = subprocess.run(args, capture_output=True, text=True, timeout=10, check=False)
+    except OSError:
+        return "not installed"
+    text = (out.stdout or out.stderr).strip().splitlines()
+    return text[0] if text else "unknown"
+
+
+def machine() -> list[str]:
+    cpu = "unknown"
+    for line in Path("/proc/cpuinfo").read_text().splitlines():
+        if line.startswith("model name"):
+            cpu = line.split(":", 1)[1].strip()
+            break
+    mem_kb = int(Path("/proc/meminfo").read_text().split()[1])
+    return [
+        f"- machine: {os.cpu_count()} cores ({cpu}), {mem_kb / 1024 / 1024:.0f} GiB, "
+        f"{platform.system()} {platform.release()} {platform.machine()}",
+        f"- Python {platform.python_version()}; cryptography {_version('cryptography')}, "
+        f"amqtt {_version('amqtt')}, paho-mqtt {_version('paho-mqtt')}, "
+        f"pyserial {_version('pyserial')}",
+        f"- {_tool(['openssl', 'version'])}; mosquitto: {_tool(['/usr/sbin/mosquitto', '-h'])}",
+    ]
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--out", type=Path, default=ROOT / "docs" / "BENCHMARKS.md")
+    parser.add_argument("--only", action="append", help="run only these benchmarks (by name)")
+    args = parser.parse_args()
+    now = dt.datetime.now(dt.UTC).strftime("%Y-%m-%d %H:%M UTC")
+    doc = [
+        "# Benchmarks",
+        "",
+        f"Written by `make bench` (`python bench/run_all.py`) on {now}. Every figure below comes",
+        "from the command shown, run in that session on this machine; tests never assert times.",
+        "",
+        *machine(),
+        "",
+    ]
+    failed = 0
+    for name, title, command in BENCHES:
+        if args.only and name not in args.only:
+            continue
+        doc += [
+            f"## {title}",
+            "",
+            f"Command: `{shlex.join(['.venv/bin/python', *command[1:]])}`",
+            "",
+        ]
+        if not (ROOT / command[1]).exists():
+            doc += ["Not measured: the script does not exist yet.", ""]
+            continue
+        print(f"running {name}: {shlex.join(command[1:])}", file=sys.stderr, flush=True)
+        t0 = time.monotonic()
+        proc = subprocess.run(
+            command, cwd=ROOT, capture_output=True, text=True, check=False, timeout=1800
+        )
+        took = time.monotonic() - t0
+        if proc.returncode != 0:
+            failed += 1
+            tail = (proc.stderr or proc.stdout).strip().splitlines()[-5:]
+            doc += [
+                f"**Failed** (exit {proc.returncode} after {took:.0f} s):",
+                "",
+                "```",
+                *tail,
+                "```",
+                "",
+            ]
+            continue
+        doc += [proc.stdout.strip(), "", f"({took:.0f} s)", ""]
+        notes = ROOT / "bench" / "notes" / f"{name}.md"
+        if notes.exists():
+            doc += [notes.read_text().strip(), ""]
+    args.out.write_text("\n".join(doc))
+    print(f"wrote {args.out}", file=sys.stderr)
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
