@@ -131,11 +131,11 @@ def main() -> int:
         shutil.rmtree(work, ignore_errors=True)
 
     print(
-        f"# issuance benchmark: {n} devices per run, median of {args.reps}, "
+        f"Issuance benchmark: {n} devices per run, median of {args.reps}, "
         f"{'pinned to CPU 0' if args.pin else 'unpinned'}"
     )
     print(
-        f"# python {platform.python_version()}, {platform.machine()}, "
+        f"Python {platform.python_version()}, {platform.machine()}, "
         f"cryptography {__import__('cryptography').__version__}, disk under {base}"
     )
     print()
