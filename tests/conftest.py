@@ -106,3 +106,40 @@ def openssl_verify(
     if crl:
         args += ["-crl_check", "-CRLfile", pki_dir / "crl.pem"]
     return openssl(*args, cert)
+
+
+@pytest.fixture
+def tmpfs(tmp_path: Path) -> Iterator[Callable[[str], Path]]:
+    """``tmpfs("64k")`` mounts a real, tiny filesystem that a test can fill to the last byte."""
+    mounted: list[Path] = []
+
+    def mount(size: str) -> Path:
+        if os.geteuid() != 0:
+            pytest.skip("mounting a tmpfs needs root (CI runs as root)")
+        point = tmp_path / f"disk{len(mounted)}"
+        point.mkdir()
+        subprocess.run(
+            ["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(point)], check=True
+        )
+        mounted.append(point)
+        return point
+
+    yield mount
+    for point in mounted:
+        subprocess.run(["umount", "-l", str(point)], check=False)
+
+
+def fill_disk(disk: Path, leave: int) -> Path:
+    """Fill ``disk`` until only ``leave`` bytes (rounded to pages) are free; returns the filler."""
+    filler = disk / "filler"
+    fd = os.open(filler, os.O_WRONLY | os.O_CREAT, 0o600)
+    try:
+        while os.write(fd, b"\0" * 4096):
+            pass
+    except OSError:
+        pass  # the disk is full: that was the point
+    finally:
+        os.close(fd)
+    free = os.statvfs(disk).f_bavail * os.statvfs(disk).f_frsize
+    os.truncate(filler, max(0, filler.stat().st_size + free - leave))
+    return filler

@@ -3,15 +3,14 @@
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 
-from tests.conftest import CLI, Result, assert_one_line_error, openssl_verify
+from tests.conftest import CLI, Result, assert_one_line_error, fill_disk, openssl_verify
 
 Run = Callable[..., Result]
 
@@ -192,41 +191,12 @@ def test_ledger_verify_names_the_bad_line(cli: Run, initialised: Path) -> None:
     assert_one_line_error(cli("ledger", "verify", "--pki", "pki"), "ledger line 2", "edited")
 
 
-@pytest.fixture
-def small_disk(tmp_path: Path) -> Iterator[Path]:
-    """A real 1 MiB filesystem (tmpfs) that the test can fill to the last byte."""
-    if os.geteuid() != 0:
-        pytest.skip("mounting a tmpfs needs root (CI runs as root)")
-    mount_point = tmp_path / "disk"
-    mount_point.mkdir()
-    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(mount_point)], check=True)
-    try:
-        yield mount_point
-    finally:
-        subprocess.run(["umount", "-l", str(mount_point)], check=False)
-
-
-def _fill(disk: Path, leave: int) -> Path:
-    """Fill ``disk`` until only ``leave`` bytes (rounded to pages) are free."""
-    filler = disk / "filler"
-    fd = os.open(filler, os.O_WRONLY | os.O_CREAT, 0o600)
-    try:
-        while os.write(fd, b"\0" * 4096):
-            pass
-    except OSError:
-        pass  # the disk is full: that was the point
-    finally:
-        os.close(fd)
-    free = os.statvfs(disk).f_bavail * os.statvfs(disk).f_frsize
-    os.truncate(filler, max(0, filler.stat().st_size + free - leave))
-    return filler
-
-
 # The sizes hit, in turn: the registry opening, the credential files, the registry commit after
 # the ledger line was written (so the line must be taken back), and success.
 @pytest.mark.parametrize("free_bytes", [0, 32768, 61440, 73728, 131072])
-def test_a_full_disk_loses_nothing(small_disk: Path, free_bytes: int) -> None:
+def test_a_full_disk_loses_nothing(tmpfs: Callable[[str], Path], free_bytes: int) -> None:
     """Whatever runs out of space first (registry, ledger, credentials), nothing is half-done."""
+    small_disk = tmpfs("1m")
     pki = small_disk / "pki"
     subprocess.run(
         [*CLI, "ca", "init", "--pki", str(pki), "--trust-domain", "fleet.example"],
@@ -249,7 +219,7 @@ def test_a_full_disk_loses_nothing(small_disk: Path, free_bytes: int) -> None:
             capture_output=True,
         )
     before = _snapshot(pki)
-    filler = _fill(small_disk, free_bytes)
+    filler = fill_disk(small_disk, free_bytes)
     out = small_disk / "creds" / "dev-new"
     proc = subprocess.run(
         [*CLI, "device", "issue", "dev-new", "--pki", str(pki), "--out", str(out)],

@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import os
 import shutil
 import socket
 import subprocess
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -17,7 +16,7 @@ from hardware import FaultConfig, VirtualDevice
 from hardware.codec import Frame, FrameDecoder, encode_frame
 from provisioning.pki import PKI
 from provisioning.station import StationError, StationSettings, provision
-from tests.conftest import CLI, openssl_verify
+from tests.conftest import CLI, fill_disk, openssl_verify
 
 FAST = StationSettings(timeout=0.15, retries=8, reconnects=2, reconnect_delay=0.2)
 
@@ -135,33 +134,10 @@ def test_protocol_version_mismatch_is_named(pki: PKI) -> None:
     assert pki.registry.count() == 0
 
 
-@pytest.fixture
-def tiny_disk(tmp_path: Path) -> Iterator[Path]:
-    if os.geteuid() != 0:
-        pytest.skip("mounting a tmpfs needs root (CI runs as root)")
-    mount_point = tmp_path / "flash"
-    mount_point.mkdir()
-    subprocess.run(
-        ["mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", str(mount_point)], check=True
-    )
-    try:
-        yield mount_point
-    finally:
-        subprocess.run(["umount", "-l", str(mount_point)], check=False)
-
-
-def test_device_storage_full_is_reported(pki: PKI, tiny_disk: Path) -> None:
+def test_device_storage_full_is_reported(pki: PKI, tmpfs: Callable[[str], Path]) -> None:
     """A device whose flash is full says so; the certificate it may hold is revoked, not active."""
-    filler = tiny_disk / "filler"
-    fd = os.open(filler, os.O_WRONLY | os.O_CREAT)
-    try:
-        while os.write(fd, b"\0" * 4096):
-            pass
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-    os.truncate(filler, filler.stat().st_size - 4096)  # room for the store's first files only
+    tiny_disk = tmpfs("64k")
+    fill_disk(tiny_disk, 4096)  # room for the store's first files only
     with (
         VirtualDevice(
             tiny_disk / "store", "socket://127.0.0.1:0", hardware_serial="SN-FULL"
