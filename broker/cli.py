@@ -147,3 +147,76 @@ def explain(
         print(f"  policy: {rules.source}")
         if not decision.allowed:
             raise typer.Exit(2)
+
+
+@broker_app.command("export")
+def export_command(
+    pki: PkiOpt,
+    out: Annotated[Path, typer.Option("--out", help="Directory to write (or refresh).")],
+    fmt: Annotated[
+        str, typer.Option("--format", help="mosquitto (a complete config directory) or emqx.")
+    ] = "mosquitto",
+    policy: PolicyOpt = None,
+    host: Annotated[
+        str | None, typer.Option("--host", help="Listener address (default: all interfaces).")
+    ] = None,
+    port: Annotated[int, typer.Option("--port", help="Listener port.")] = 8883,
+    strict: Annotated[
+        bool, typer.Option("--strict", help="Refuse instead of exporting a narrower policy.")
+    ] = False,
+    run_as: Annotated[
+        str | None,
+        typer.Option("--run-as", help="Mosquitto: the `user` to run as when started as root."),
+    ] = None,
+    kick: Annotated[
+        bool,
+        typer.Option(
+            "--kick/--no-kick",
+            help="Mosquitto: a local dynamic-security admin socket that closes revoked sessions.",
+        ),
+    ] = True,
+    dynsec_plugin: Annotated[
+        Path | None,
+        typer.Option("--dynsec-plugin", help="Mosquitto: path of mosquitto_dynamic_security.so."),
+    ] = None,
+    admin_socket: Annotated[
+        Path | None,
+        typer.Option("--admin-socket", help="Mosquitto: the kick channel's unix socket path."),
+    ] = None,
+    emqx_dir: Annotated[
+        str | None,
+        typer.Option("--emqx-dir", help="EMQX: where the files will live on each node."),
+    ] = None,
+) -> None:
+    """Write Mosquitto or EMQX configuration from this PKI, its registry and a policy."""
+    from broker.export import FORMATS, export, load_inventory
+    from provisioning.pki import passphrase_from_env
+
+    with _user_errors():
+        if fmt not in FORMATS:
+            raise _fail(f"unknown --format {fmt!r}; use one of {', '.join(FORMATS)}")
+        if not (pki / "pki.toml").is_file():
+            raise _fail(f"{pki} is not a PKI directory (no pki.toml); run 'iotauth ca init' first")
+        rules = load_policy(policy)
+        inventory = load_inventory(pki, passphrase=passphrase_from_env())
+        options: dict[str, object] = {
+            "host": host,
+            "port": port,
+            "run_as": run_as,
+            "kick": kick,
+            "dynsec_plugin": dynsec_plugin,
+            "admin_socket": admin_socket,
+            "emqx_dir": emqx_dir,
+        }
+        result = export(rules, inventory, out, fmt=fmt, strict=strict, options=options)
+        for note in result.notes:
+            print(note, file=sys.stderr)
+        print(
+            f"{fmt} configuration written to {result.out} ({len(inventory.devices)} devices, "
+            f"{len(inventory.services)} services active; policy {rules.source})"
+        )
+        if fmt == "mosquitto":
+            print(f"start it with: mosquitto -c {result.out / 'mosquitto.conf'}")
+        narrowed = sum(1 for n in result.notes if n.level == "warning")
+        if narrowed:
+            print(f"{narrowed} warning(s): the export grants less than the policy (see above)")

@@ -379,15 +379,56 @@ ReasonOpt = Annotated[
 ]
 
 
-def _revoke(kind: IdentityKind, name: str, pki: Path, reason: str) -> None:
+ExportOpt = Annotated[
+    Path | None,
+    typer.Option(
+        "--export",
+        help="Also write the new CRL into this 'iotauth broker export' directory (atomically).",
+    ),
+]
+ReloadOpt = Annotated[
+    bool,
+    typer.Option(
+        "--reload",
+        help="With --export: SIGHUP the exported Mosquitto and close the revoked live sessions.",
+    ),
+]
+
+
+def _revoke(
+    kind: IdentityKind,
+    name: str,
+    pki: Path,
+    reason: str,
+    export: Path | None = None,
+    reload: bool = False,
+) -> None:
     with user_errors():
         validate_name(name, what="device id" if kind is IdentityKind.DEVICE else "service name")
+        if reload and export is None:
+            msg = "--reload needs --export DIR (the directory 'iotauth broker export' wrote)"
+            raise ProvisioningError(msg)
         with _open(pki) as ca:
             rows = ca.revoke(name, reason=reason, kind=kind)
             info = ca.crl_info()
-        for r in rows:
-            out.print(f"Revoked {kind.value} {name} serial {r.serial} ({reason})")
-        out.print(f"CRL #{info.number} written to {pki / 'crl.pem'}")
+            for r in rows:
+                out.print(f"Revoked {kind.value} {name} serial {r.serial} ({reason})")
+            out.print(f"CRL #{info.number} written to {pki / 'crl.pem'}")
+            if export is not None:
+                from provisioning.export_hook import ExportHookError, publish_crl
+
+                try:
+                    report = publish_crl(export, ca, reload=reload, names=[name])
+                except ExportHookError as exc:
+                    msg = f"{name} is revoked in {pki}, but the export was not fully updated: {exc}"
+                    raise ProvisioningError(msg) from None
+                out.print(f"CRL #{report.crl_number} copied to {report.crl_path}")
+                if report.reloaded_pid is not None:
+                    out.print(f"Mosquitto (pid {report.reloaded_pid}) reloaded (SIGHUP)")
+                for kicked in report.kicked:
+                    out.print(f"Closed the live sessions of {kicked}")
+                for note in report.notes:
+                    err.print(f"[yellow]warning:[/yellow] {note}", markup=True)
 
 
 @device_app.command("revoke")
@@ -395,9 +436,11 @@ def device_revoke(
     device_id: Annotated[str, typer.Argument(help="Device id.")],
     pki: PkiOpt,
     reason: ReasonOpt = "unspecified",
+    export: ExportOpt = None,
+    reload: ReloadOpt = False,
 ) -> None:
     """Revoke a device's active certificate(s), record it, and publish a new CRL."""
-    _revoke(IdentityKind.DEVICE, device_id, pki, reason)
+    _revoke(IdentityKind.DEVICE, device_id, pki, reason, export, reload)
 
 
 @service_app.command("revoke")
@@ -405,9 +448,11 @@ def service_revoke(
     name: Annotated[str, typer.Argument(help="Service name.")],
     pki: PkiOpt,
     reason: ReasonOpt = "unspecified",
+    export: ExportOpt = None,
+    reload: ReloadOpt = False,
 ) -> None:
     """Revoke a service's active certificate(s) and publish a new CRL."""
-    _revoke(IdentityKind.SERVICE, name, pki, reason)
+    _revoke(IdentityKind.SERVICE, name, pki, reason, export, reload)
 
 
 # -- ledger ------------------------------------------------------------------------------------

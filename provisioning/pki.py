@@ -546,15 +546,18 @@ class PKI:
         return identities
 
     def _check_name_free(self, ident: Identity, *, rotate: bool) -> None:
+        # A name never changes kind, even after revocation: an exported broker (Mosquitto, EMQX)
+        # that still lists the old identity's rights would otherwise hand them to the new one.
+        other = {r.kind for r in self.registry.history(ident.name)} - {ident.kind.value}
+        if other:
+            msg = (
+                f"{ident.name!r} is (or was) the name of a {other.pop()}; device ids and "
+                "service names must not collide, even after revocation"
+            )
+            raise RegistryError(msg)
         existing = self.registry.active(ident.name)
         if existing is None:
             return
-        if existing.kind != ident.kind.value:
-            msg = (
-                f"{ident.name!r} is already the name of an active {existing.kind}; "
-                "device ids and service names must not collide"
-            )
-            raise RegistryError(msg)
         if not rotate:
             raise DeviceExistsError(ident.name, kind=ident.kind.value)
 

@@ -330,3 +330,11 @@ def test_void_puts_an_unrecorded_certificate_on_the_crl(
     assert openssl_verify(pki_dir, tmp_path / "leaf.crt", crl=True).returncode != 0
     assert pki.verify_ledger().entries == 3
     pki.issue("dev-1")  # the id is free again
+
+
+def test_a_name_never_changes_kind_even_after_revocation(pki: PKI) -> None:
+    pki.issue("shared", kind=IdentityKind.SERVICE)
+    pki.revoke("shared", kind=IdentityKind.SERVICE)
+    with pytest.raises(RegistryError, match="even after revocation"):
+        pki.issue("shared")
+    pki.issue("shared", kind=IdentityKind.SERVICE)  # the same kind may come back
