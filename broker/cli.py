@@ -80,7 +80,9 @@ def run(
         stream=sys.stderr,
     )
     if not verbose:
-        logging.getLogger("amqtt").setLevel(logging.WARNING)  # its INFO is per-connection noise
+        # Per-connection INFO noise from amqtt and its state-machine library.
+        for noisy in ("amqtt", "transitions", "iotauth.broker.amqtt"):
+            logging.getLogger(noisy).setLevel(logging.WARNING)
     with _user_errors():
         if not (pki / "pki.toml").is_file():
             raise _fail(f"{pki} is not a PKI directory (no pki.toml); run 'iotauth ca init' first")
