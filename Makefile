@@ -5,7 +5,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: demo test lint typecheck check bench clean
+.PHONY: demo test lint typecheck check bench clean install-agent uninstall-agent
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -34,3 +34,11 @@ bench: $(STAMP)
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache build *.egg-info
+
+# On a Raspberry Pi (root): user, directories, systemd unit; CREDS is a credential directory.
+install-agent:
+	IOTAUTH_SOURCE=$(CURDIR) packaging/install-agent.sh install $(CREDS)
+
+uninstall-agent:
+	packaging/install-agent.sh uninstall
+

@@ -68,8 +68,22 @@ def run(
         typer.Option("--metrics-port", help="Serve Prometheus metrics on 127.0.0.1:PORT."),
     ] = None,
     verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Debug logging.")] = False,
+    renewal: Annotated[
+        bool,
+        typer.Option(
+            "--renewal/--no-renewal",
+            help="Run the certificate renewal service in this process (holds the issuing CA).",
+        ),
+    ] = True,
+    renewal_offer_ttl: Annotated[
+        float,
+        typer.Option(
+            "--renewal-offer-ttl", min=10, help="Seconds a renewed certificate waits to be used."
+        ),
+    ] = 3600.0,
 ) -> None:
     """Run the broker until interrupted. Audit lines (JSON) go to stdout, logs to stderr."""
+    from broker.renewal import RenewalSettings
     from broker.server import run_broker
     from broker.settings import BrokerSettings
     from provisioning.pki import passphrase_from_env
@@ -93,6 +107,7 @@ def run(
             policy=load_policy(policy),
             key_password=passphrase_from_env(),
             metrics_port=metrics_port,
+            renewal=RenewalSettings(offer_ttl=renewal_offer_ttl) if renewal else None,
         )
 
         def audit_line(line: str) -> None:

@@ -23,6 +23,7 @@ from broker.audit import AuditLog
 from broker.auth import Authenticator, MutualTLSAuthenticator
 from broker.errors import BrokerError, ConfigError
 from broker.metrics import Metrics, serve_metrics
+from broker.renewal import RenewalService
 from broker.revocation import CRLState, RevocationWatcher
 from broker.settings import BrokerSettings
 
@@ -53,6 +54,8 @@ class RunningBroker:
         self.audit = audit
         self.metrics = metrics
         self._metrics_server = metrics_server
+        # The renewal service, when settings.renewal asked for one.
+        self.renewal: RenewalService | None = None
 
     @property
     def host(self) -> str:
@@ -92,7 +95,7 @@ async def run_broker(
     audit_sink: Callable[[str], None] | None = None,
 ) -> AsyncIterator[RunningBroker]:
     """Start everything; stop everything on exit. Raises ConfigError for an unusable setup."""
-    audit = AuditLog(audit_sink)
+    audit = _ObservedAudit(audit_sink)
     metrics = Metrics()
     watcher = RevocationWatcher(
         settings.pki_dir, password=settings.key_password, interval=settings.crl_poll_interval
@@ -123,6 +126,7 @@ async def run_broker(
     await amqtt.start()
     tasks: list[asyncio.Task[None]] = []
     metrics_server: asyncio.Server | None = None
+    renewal: RenewalService | None = None
     try:
         try:
             await listener.start()
@@ -135,7 +139,10 @@ async def run_broker(
             raise ConfigError(msg) from None
         tasks.append(asyncio.create_task(watcher.run(), name="broker-crl-watcher"))
         tasks.append(asyncio.create_task(_expiry_loop(amqtt), name="broker-cert-expiry"))
-        yield RunningBroker(
+        if settings.renewal is not None:
+            renewal = _start_renewal(settings, listener.port, audit)
+            await asyncio.to_thread(renewal.start)
+        running = RunningBroker(
             settings,
             amqtt=amqtt,
             listener=listener,
@@ -144,7 +151,11 @@ async def run_broker(
             metrics=metrics,
             metrics_server=metrics_server,
         )
+        running.renewal = renewal
+        yield running
     finally:
+        if renewal is not None:
+            await asyncio.to_thread(renewal.stop)
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
@@ -153,6 +164,39 @@ async def run_broker(
         await amqtt.abort_all()
         await listener.close()
         await amqtt.shutdown()
+
+
+class _ObservedAudit(AuditLog):
+    """The audit log with in-process observers (the renewal service watches ``connect``)."""
+
+    def __init__(self, sink: Callable[[str], None] | None) -> None:
+        super().__init__(sink)
+        self.observers: list[Callable[[dict[str, Any]], None]] = []
+
+    def emit(self, event: str, **fields: object) -> dict[str, Any]:
+        record = super().emit(event, **fields)
+        for observer in self.observers:
+            observer(record)
+        return record
+
+
+def _start_renewal(settings: BrokerSettings, port: int, audit: _ObservedAudit) -> RenewalService:
+    assert settings.renewal is not None  # noqa: S101 - checked by the caller
+    service = RenewalService(
+        settings.pki_dir,
+        host=settings.host,
+        port=port,
+        settings=settings.renewal,
+        passphrase=settings.key_password,
+    )
+
+    def on_audit(record: dict[str, Any]) -> None:
+        # A device that connects with an offered certificate confirms its renewal.
+        if record["event"] == "connect" and "credential" in record and "identity" in record:
+            service.observe_connect(str(record["identity"]), str(record["credential"]))
+
+    audit.observers.append(on_audit)
+    return service
 
 
 async def _expiry_loop(amqtt: HardenedBroker) -> None:

@@ -4,10 +4,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 from broker.errors import ConfigError
 from broker.policy import Policy, default_policy
+
+if TYPE_CHECKING:
+    from broker.renewal import RenewalSettings
 
 __all__ = ["BrokerSettings", "Limits"]
 
@@ -82,6 +85,8 @@ class BrokerSettings:
     denied_publish: Literal["disconnect", "drop"] = "disconnect"
     # Disconnected persistent sessions are forgotten after this many seconds (None: never).
     session_expiry: int | None = 24 * 3600
+    # The certificate renewal service (broker/renewal.py) in this process; None: not started.
+    renewal: RenewalSettings | None = None
 
     def __post_init__(self) -> None:
         if not 0 <= self.port <= 65535:

@@ -14,6 +14,7 @@ from typing import Annotated
 import typer
 
 from broker.cli import broker_app
+from device_agent.cli import agent_app, fleet_app, set_fleet_backend
 from hardware.cli import hw_app
 from iotauth import __version__
 from provisioning.cli import ca_app, device_app, ledger_app, service_app
@@ -32,11 +33,23 @@ app.add_typer(ca_app, name="ca")
 app.add_typer(device_app, name="device")
 app.add_typer(service_app, name="service")
 app.add_typer(ledger_app, name="ledger")
+app.command("provision")(provision_command)
 # `hw reset` needs the registry, which hardware/ may not import: attached here.
 hw_app.command("reset")(hw_reset_command)
 app.add_typer(hw_app, name="hw")
-app.command("provision")(provision_command)
 app.add_typer(broker_app, name="broker")
+app.add_typer(agent_app, name="agent")
+app.add_typer(fleet_app, name="fleet")
+
+
+def _fleet_backend(pki: Path, broker: str | None, workdir: Path) -> object:
+    # device_agent may not import the PKI or the broker; the composition root hands them over.
+    from iotauth.fleet_backend import LocalFleetBackend
+
+    return LocalFleetBackend(pki, broker=broker, workdir=workdir)
+
+
+set_fleet_backend(_fleet_backend)
 
 
 def _version(value: bool) -> None:

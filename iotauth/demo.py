@@ -25,6 +25,10 @@ from rich.table import Table
 __all__ = ["DemoFailed", "run_demo"]
 
 
+class StepFailed(Exception):  # noqa: N818 - reads as the outcome it reports
+    """Raised inside a step; the runner adds which step it was."""
+
+
 class DemoFailed(Exception):  # noqa: N818 - reads as the outcome it reports
     """A step did not do what it should; the message says which and why."""
 
@@ -62,12 +66,13 @@ def _step(
         for line in by_hand:
             console.print(f"   [dim]$ {line}[/]")
         t0 = time.monotonic()
+        where = f"step {number} ({title.lower()})"
         try:
             outcome = body(state)
-        except DemoFailed:
-            raise
+        except StepFailed as exc:
+            raise DemoFailed(where, str(exc)) from exc
         except Exception as exc:  # each step's failure becomes one clear line
-            raise DemoFailed(f"step {number} ({title})", f"{type(exc).__name__}: {exc}") from exc
+            raise DemoFailed(where, f"{type(exc).__name__}: {exc}") from exc
         console.print(f"   [green]✓[/] {outcome} [dim]({time.monotonic() - t0:.1f} s)[/]")
         state.summary.append((title, outcome))
 
@@ -86,22 +91,24 @@ def _make_pki(state: _State) -> str:
 
 
 def _start_broker(state: _State) -> str:
+    from broker.renewal import RenewalSettings
     from broker.server import BrokerThread
     from broker.settings import BrokerSettings
     from iotauth.testing import BrokerEndpoint
 
-    settings = BrokerSettings(state.work / "pki", port=state.broker_port)
+    settings = BrokerSettings(state.work / "pki", port=state.broker_port, renewal=RenewalSettings())
     thread = BrokerThread(settings)
     try:
         thread.start()
     except Exception as exc:
-        raise DemoFailed(
-            "step 2 (start the broker)", f"cannot listen on 127.0.0.1:{state.broker_port}: {exc}"
-        ) from exc
+        raise StepFailed(f"cannot listen on 127.0.0.1:{state.broker_port}: {exc}") from exc
     state.stack.callback(thread.stop)
     state.broker = thread
     state.endpoint = BrokerEndpoint("127.0.0.1", thread.port, state.work / "pki")
-    return f"mutual-TLS MQTT broker on {state.endpoint.address} (client certificate required)"
+    return (
+        f"mutual-TLS MQTT broker on {state.endpoint.address} (client certificate required), "
+        "with the certificate renewal service"
+    )
 
 
 def _start_devices(state: _State) -> str:
@@ -143,7 +150,7 @@ def _provision(state: _State) -> str:
     summary_table(results)
     failed = [r for r in results if not r.ok]
     if failed:
-        raise DemoFailed("step 4 (provision)", f"{failed[0].port}: {failed[0].reason}")
+        raise StepFailed(f"{failed[0].port}: {failed[0].reason}")
     state.results = results
     modes = {str(r.key_mode) for r in results}
     return f"{len(results)} devices locked and recorded (key modes: {', '.join(sorted(modes))})"
@@ -157,7 +164,7 @@ def _observe(state: _State) -> str:
     state.stack.callback(state.observer.close)
     for topic_filter in ("devices/+/telemetry/#", "devices/+/state", "devices/+/replies/#"):
         if not state.observer.subscribe(topic_filter):
-            raise DemoFailed("step 5 (observer)", f"the broker refused {topic_filter}")
+            raise StepFailed(f"the broker refused {topic_filter}")
     return "service 'telemetry-sink' subscribed to every device's telemetry and state"
 
 
@@ -200,15 +207,12 @@ def _probes(state: _State) -> str:
         granted = intruder.subscribe(f"devices/{victim}/#")
         record = _wait_audit(state, "deny", client_id="dev-intruder", action="subscribe")
         if granted:
-            raise DemoFailed(
-                "step 7 (isolation)", f"dev-intruder could subscribe to {victim}'s topics"
-            )
+            raise StepFailed(f"dev-intruder could subscribe to {victim}'s topics")
         table.add_row(f"dev-intruder reads devices/{victim}/#", "[green]refused[/]", _why(record))
         intruder.publish(f"devices/{victim}/commands/unlock", b"{}", qos=0)
         record = _wait_audit(state, "kick", client_id="dev-intruder")
         if record is None:
-            raise DemoFailed(
-                "step 7 (isolation)",
+            raise StepFailed(
                 f"dev-intruder's publish into {victim}'s subtree was not stopped",
             )
         table.add_row(
@@ -222,7 +226,7 @@ def _probes(state: _State) -> str:
     no_cert = _raw_tls(state, None)
     record = _wait_audit(state, "refuse", reason="no-certificate")
     if no_cert or record is None:
-        raise DemoFailed("step 7 (isolation)", "a client without a certificate was not refused")
+        raise StepFailed("a client without a certificate was not refused")
     table.add_row("client without a certificate", "[green]refused[/]", _why(record))
 
     foreign = PKI.init(state.work / "foreign-pki", trust_domain="demo.iotauth.test")
@@ -231,7 +235,7 @@ def _probes(state: _State) -> str:
     spoofed = _raw_tls(state, state.work / "foreign-creds")
     record = _wait_audit(state, "refuse", reason="unknown-ca")
     if spoofed or record is None:
-        raise DemoFailed("step 7 (isolation)", "a certificate from a foreign CA was not refused")
+        raise StepFailed("a certificate from a foreign CA was not refused")
     table.add_row(f"{victim} from a foreign CA (same name!)", "[green]refused[/]", _why(record))
     console.print(table)
     return "4 of 4 probes refused, each with its reason in the audit log"
@@ -273,17 +277,25 @@ def _revoke(state: _State) -> str:
     record = _wait_audit(state, "kick", client_id=victim, timeout=5) if victim in before else None
     elapsed = time.monotonic() - t0
     if victim in before and record is None:
-        raise DemoFailed("step 8 (revoke)", f"{victim} was not disconnected within 5 s")
+        raise StepFailed(f"{victim} was not disconnected within 5 s")
     if victim in before and elapsed > 1.0:
-        raise DemoFailed(
-            "step 8 (revoke)", f"{victim} was disconnected after {elapsed:.2f} s (limit 1 s)"
-        )
+        raise StepFailed(f"{victim} was disconnected after {elapsed:.2f} s (limit 1 s)")
     how = (
         f"kicked {elapsed * 1000:.0f} ms after the CRL was written"
         if victim in before
         else "not connected"
     )
-    return f"{victim} revoked (key-compromise): {how}; its reconnects are refused"
+    retry = (
+        _wait_audit(state, "refuse", timeout=5, reason="revoked")
+        if victim in state.agents
+        else None
+    )
+    if state.agents and retry is None:
+        raise StepFailed(f"{victim}'s reconnect was not refused as revoked")
+    if state.agents:
+        state.console.print(_fleet_table(state))
+    refused = "; its agent's reconnect was refused (revoked)" if retry else ""
+    return f"{victim} revoked (key-compromise): {how}{refused}"
 
 
 # -- driver ------------------------------------------------------------------------------------
@@ -387,10 +399,125 @@ def run_demo(
     return 0
 
 
+def _start_agents(state: _State) -> str:
+    from device_agent import Agent, AgentConfig, Reactor
+
+    reactor = Reactor(name="demo-agents")
+    reactor.start_thread()
+    state.stack.callback(reactor.stop)
+    for n, result in enumerate(state.results):
+        config = AgentConfig(
+            store=state.work / "devices" / f"unit-{n}",
+            broker=state.endpoint.address,
+            telemetry_interval=0.5,
+            queue_path=":memory:",
+            backoff_initial=0.5,
+            renewal_timeout=10.0,
+        )
+        agent = Agent(config, reactor=reactor)
+        state.agents[str(result.device_id)] = agent
+        agent.start()
+    state.stack.callback(_stop_agents, state)
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline and not all(a.connected for a in state.agents.values()):
+        time.sleep(0.1)
+    offline = [name for name, a in state.agents.items() if not a.connected]
+    if offline:
+        raise StepFailed(f"not connected after 20 s: {', '.join(offline)}")
+    return f"{len(state.agents)} agents connected with their own certificates (mutual TLS)"
+
+
+def _stop_agents(state: _State) -> None:
+    done = []
+    for agent in state.agents.values():
+        agent.stop(on_stopped=lambda: done.append(1))
+    deadline = time.monotonic() + 5
+    while len(done) < len(state.agents) and time.monotonic() < deadline:
+        time.sleep(0.05)
+
+
+def _fleet_table(state: _State) -> Table:
+    counts: dict[str, int] = {}
+    for message in list(state.observer.messages):
+        parts = message.topic.split("/")
+        if len(parts) > 2 and parts[2] == "telemetry":
+            counts[parts[1]] = counts.get(parts[1], 0) + 1
+    connected = set(state.broker.broker.connected())
+    table = Table(
+        title="live fleet (as the broker and the telemetry sink see it)", title_justify="left"
+    )
+    for col in ("device", "connected", "telemetry received", "certificate serial", "expires"):
+        table.add_column(col)
+    for name, agent in state.agents.items():
+        creds = agent.credentials
+        table.add_row(
+            name,
+            "[green]yes[/]" if name in connected else "[red]no[/]",
+            str(counts.get(name, 0)),
+            creds.serial[:16],
+            creds.not_after.strftime("%Y-%m-%d"),
+        )
+    return table
+
+
+def _live(state: _State) -> str:
+    from rich.live import Live
+
+    with Live(_fleet_table(state), console=state.console, refresh_per_second=4) as live:
+        end = time.monotonic() + 3
+        while time.monotonic() < end:
+            time.sleep(0.25)
+            live.update(_fleet_table(state))
+    quiet = [
+        name
+        for name in state.agents
+        if not any(m.topic.startswith(f"devices/{name}/telemetry") for m in state.observer.messages)
+    ]
+    if quiet:
+        raise StepFailed(f"no telemetry from {', '.join(quiet)}")
+    total = sum(1 for m in state.observer.messages if "/telemetry" in m.topic)
+    return f"telemetry from every device ({total} messages so far)"
+
+
+def _renew(state: _State) -> str:
+    name = str(state.results[0].device_id)
+    agent = state.agents[name]
+    old = agent.credentials.serial
+    agent.request_renewal()
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline:
+        if agent.credentials.serial != old and agent.connected:
+            break
+        time.sleep(0.1)
+    else:
+        raise StepFailed(f"{name} did not switch to a renewed certificate in 20 s")
+    records = state.pki.registry.history(name)
+    return (
+        f"{name}: new key made on the device, CSR over MQTT, certificate "
+        f"{agent.credentials.serial[:16]} issued and in use "
+        f"(registry holds {len(records)} certificates for it)"
+    )
+
+
 def _agent_steps(work: Path, pki: Path) -> list[tuple[str, list[str], Callable[[_State], str]]]:
-    """Start the device agents and show the live fleet (filled in once device_agent lands)."""
-    return []
+    return [
+        (
+            "Start the device agents",
+            [f"iotauth agent run --store {work}/devices/unit-0 --broker 127.0.0.1:8883"],
+            _start_agents,
+        ),
+        ("Watch the live fleet", [f"iotauth device list --pki {pki}"], _live),
+    ]
 
 
 def _renewal_steps(work: Path, pki: Path) -> list[tuple[str, list[str], Callable[[_State], str]]]:
-    return []
+    return [
+        (
+            "Renew a certificate over MQTT",
+            [
+                "mosquitto_pub ... -t devices/DEVICE/commands/renew -m '{}'"
+                "   # or wait for 2/3 of its lifetime"
+            ],
+            _renew,
+        )
+    ]

@@ -31,10 +31,10 @@ from typing import TYPE_CHECKING
 import pytest
 
 if TYPE_CHECKING:
-    from iotauth.testing import BrokerEndpoint, ServiceClient
+    from iotauth.testing import BrokerEndpoint, Fleet, ServiceClient
     from provisioning.pki import PKI
 
-__all__ = ["iotauth_broker", "iotauth_pki", "iotauth_service_client"]
+__all__ = ["iotauth_broker", "iotauth_fleet", "iotauth_pki", "iotauth_service_client"]
 
 
 @pytest.fixture
@@ -72,3 +72,27 @@ def iotauth_service_client(
     yield connect
     for client in clients:
         client.close()
+
+
+@pytest.fixture
+def iotauth_fleet(
+    iotauth_pki: PKI, iotauth_broker: BrokerEndpoint
+) -> Iterator[Callable[..., Fleet]]:
+    """``iotauth_fleet(n, telemetry_interval=0.5)`` -> n connected agents; stopped afterwards."""
+    import contextlib
+
+    from iotauth.testing import start_fleet
+
+    with contextlib.ExitStack() as stack:
+
+        def make(count: int, *, telemetry_interval: float = 0.5, prefix: str = "dev") -> Fleet:
+            fleet = start_fleet(
+                iotauth_pki,
+                iotauth_broker,
+                count,
+                prefix=prefix,
+                telemetry_interval=telemetry_interval,
+            )
+            return stack.enter_context(fleet)
+
+        yield make

@@ -12,7 +12,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
-from typing import Self
+from typing import Any, Self
 
 import paho.mqtt.client as mqtt
 from paho.mqtt.enums import CallbackAPIVersion
@@ -22,7 +22,15 @@ from provisioning.identity import IdentityKind
 from provisioning.pki import PKI
 from provisioning.tls import client_context_for_credentials
 
-__all__ = ["BrokerEndpoint", "Message", "ServiceClient", "issue_service", "running_broker"]
+__all__ = [
+    "BrokerEndpoint",
+    "Fleet",
+    "Message",
+    "ServiceClient",
+    "issue_service",
+    "running_broker",
+    "start_fleet",
+]
 
 
 @dataclass(frozen=True, slots=True)
@@ -161,3 +169,76 @@ def running_broker(pki_dir: Path) -> Iterator[BrokerEndpoint]:
 
     with BrokerThread(BrokerSettings(pki_dir)) as thread:
         yield BrokerEndpoint("127.0.0.1", thread.port, pki_dir)
+
+
+@dataclass
+class Fleet:
+    """Running agents, one per device, each with its own certificate."""
+
+    device_ids: list[str]
+    agents: dict[str, Any]  # device_agent.Agent by device id
+    credentials: dict[str, Path]
+
+    def connected(self) -> list[str]:
+        return [name for name, agent in self.agents.items() if agent.connected]
+
+
+@contextlib.contextmanager
+def start_fleet(
+    pki: PKI,
+    endpoint: BrokerEndpoint,
+    count: int,
+    *,
+    prefix: str = "dev",
+    telemetry_interval: float = 0.5,
+    timeout: float = 60.0,
+) -> Iterator[Fleet]:
+    """Issue ``count`` devices, run the real agent for each, wait until all are connected."""
+    from device_agent import Agent, AgentConfig, MemoryQueue, Reactor
+
+    root = pki.path.parent / "fleet"
+    start = len(list(root.iterdir())) if root.exists() else 0
+    names = [f"{prefix}-{n:04d}" for n in range(start, start + count)]
+    dirs = [root / name for name in names]
+    pki.issue_many(names, out_dirs=dirs, broker=endpoint.address)
+    reactors = [Reactor(name=f"iotauth-fleet-{i}") for i in range(min(4, count))]
+    for reactor in reactors:
+        reactor.start_thread()
+    agents: dict[str, Any] = {}
+    try:
+        for n, (name, store) in enumerate(zip(names, dirs, strict=True)):
+            config = AgentConfig(
+                store=store,
+                broker=endpoint.address,
+                telemetry_interval=telemetry_interval,
+                queue_path=":memory:",
+                backoff_initial=0.2,
+                backoff_max=2.0,
+            )
+            agent = Agent(
+                config,
+                reactor=reactors[n % len(reactors)],
+                queue=MemoryQueue(max_messages=1000, max_bytes=1 << 20),
+            )
+            agents[name] = agent
+            agent.start()
+        fleet = Fleet(names, agents, dict(zip(names, dirs, strict=True)))
+        deadline = time.monotonic() + timeout
+        while len(fleet.connected()) < count:
+            if time.monotonic() > deadline:
+                missing = sorted(set(names) - set(fleet.connected()))
+                msg = (
+                    f"{len(missing)}/{count} agents not connected after {timeout} s: {missing[:5]}"
+                )
+                raise TimeoutError(msg)
+            time.sleep(0.05)
+        yield fleet
+    finally:
+        stopped: list[int] = []
+        for agent in agents.values():
+            agent.stop(on_stopped=lambda: stopped.append(1))
+        deadline = time.monotonic() + 10
+        while len(stopped) < len(agents) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        for reactor in reactors:
+            reactor.stop()

@@ -132,7 +132,17 @@ RUN = [sys.executable, "-c", "from broker.cli import broker_app; broker_app()"]
 def test_broker_run_serves_and_exposes_metrics(fleet: Fleet) -> None:
     """`broker run --port 0 --metrics-port 0`: a device connects; audit line and metrics show it."""
     proc = subprocess.Popen(
-        [*RUN, "run", "--pki", str(fleet.pki_dir), "--port", "0", "--metrics-port", "0"],
+        [
+            *RUN,
+            "run",
+            "--pki",
+            str(fleet.pki_dir),
+            "--port",
+            "0",
+            "--metrics-port",
+            "0",
+            "--no-renewal",
+        ],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,

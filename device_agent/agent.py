@@ -1,0 +1,711 @@
+"""The device agent: one MQTT-over-mutual-TLS connection that keeps itself alive.
+
+Theory of operation
+-------------------
+An :class:`Agent` lives on a :class:`~device_agent.reactor.Reactor` (its own, or one shared with
+other simulated devices) and is driven only by reactor callbacks, so it needs no locks. Its states::
+
+    idle --attempt--> connecting --CONNACK 0--> connected --lost--> idle (backoff timer)
+                          |  refused / closed before CONNACK          |
+                          +-------> idle (backoff, or slow retry) <---+
+    any --stop()--> stopping (publish "offline", DISCONNECT) --> stopped
+
+Every attempt builds a fresh paho client (MQTT 3.1.1, clean session, client_id = device id, will =
+retained ``offline`` on ``devices/<id>/state``) and a fresh TLS context from the credential
+directory, so a renewed certificate is used from the next attempt on and paho never resends
+messages on its own: the offline queue (``device_agent.queue``) is the one source of truth for
+what still needs a PUBACK. After CONNACK the agent publishes a retained ``online`` state,
+subscribes to its commands and to ``certs/issued``, and drains the queue with at most
+``queue.inflight`` unacknowledged messages.
+"""
+
+from __future__ import annotations
+
+import collections
+import contextlib
+import datetime as dt
+import json
+import logging
+import os
+import platform
+import ssl
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import paho.mqtt.client as mqtt
+from paho.mqtt.client import ConnectFlags, DisconnectFlags
+from paho.mqtt.enums import CallbackAPIVersion, MQTTErrorCode
+from paho.mqtt.properties import Properties
+from paho.mqtt.reasoncodes import ReasonCode
+
+from device_agent.backoff import (
+    Backoff,
+    Failure,
+    classify_connack,
+    classify_exception,
+    classify_log_text,
+)
+from device_agent.commands import Command, CommandRegistry
+from device_agent.config import AgentConfig, parse_address
+from device_agent.credentials import Credentials, load_credentials
+from device_agent.errors import AgentConfigError, AgentError, RenewalError
+from device_agent.queue import MessageQueue, open_queue
+from device_agent.reactor import Reactor, Timer
+from device_agent.renewal import RenewalStore
+from device_agent.telemetry import TelemetrySource, load_source
+
+if TYPE_CHECKING:
+    from paho.mqtt.client import SocketLike
+
+__all__ = ["Agent", "AgentStats", "default_commands"]
+
+log = logging.getLogger("iotauth.agent")
+
+ONLINE = b'{"state":"online"}'
+OFFLINE = b'{"state":"offline"}'
+
+
+@dataclass
+class AgentStats:
+    """Counters for logs, tests and the fleet report."""
+
+    attempts: int = 0
+    connects: int = 0
+    # Seconds from starting the TCP connect to CONNACK, one per successful connect.
+    connect_latency: list[float] = field(default_factory=list)
+    failures: collections.Counter[str] = field(default_factory=collections.Counter)
+    enqueued: int = 0
+    acked: int = 0
+    commands: int = 0
+    renewals: int = 0
+    renewal_refusals: collections.Counter[str] = field(default_factory=collections.Counter)
+    last_failure: Failure | None = None
+    connected_since: float | None = None
+
+
+def default_commands(agent: Agent) -> CommandRegistry:
+    """``ping``, ``info`` and ``renew`` (start a renewal now)."""
+    registry = CommandRegistry()
+    registry.register("ping", lambda cmd: {"pong": True, "args": cmd.args})
+
+    def info(_: Command) -> dict[str, Any]:
+        creds = agent.credentials
+        return {
+            "device_id": agent.device_id,
+            "serial": creds.serial,
+            "not_after": creds.not_after.isoformat(),
+            "queue": len(agent.queue),
+            "python": platform.python_version(),
+            "pid": os.getpid(),
+        }
+
+    def renew(_: Command) -> dict[str, Any]:
+        agent.request_renewal()
+        return {"renewal": "started"}
+
+    registry.register("info", info)
+    registry.register("renew", renew)
+    return registry
+
+
+class Agent:
+    """One device's connection, telemetry, commands, offline queue and renewal."""
+
+    def __init__(
+        self,
+        config: AgentConfig,
+        *,
+        reactor: Reactor | None = None,
+        commands: CommandRegistry | None = None,
+        telemetry: TelemetrySource | None = None,
+        queue: MessageQueue | None = None,
+        telemetry_enabled: bool = True,
+        on_event: Callable[[Agent, str, object], None] | None = None,
+    ) -> None:
+        self.config = config
+        self.credentials = load_credentials(config.store)
+        self.device_id = self.credentials.device_id
+        address = config.broker or self.credentials.broker
+        if not address:
+            msg = "no broker address: pass --broker HOST:PORT (or set 'broker' in the config)"
+            raise AgentConfigError(msg)
+        self.host, self.port = parse_address(address)
+        self.reactor = reactor or Reactor()
+        self.queue = queue or open_queue(
+            config.queue_location,
+            max_messages=config.queue_max_messages,
+            max_bytes=config.queue_max_bytes,
+        )
+        self.commands = commands or default_commands(self)
+        self.telemetry = telemetry or load_source(config.telemetry_source)
+        self.telemetry_enabled = telemetry_enabled
+        self.renewal = RenewalStore(config.store)
+        self.backoff = Backoff(
+            initial=config.backoff_initial, maximum=config.backoff_max, slow=config.slow_retry
+        )
+        self.stats = AgentStats()
+        self.on_event = on_event
+        self.base = f"devices/{self.device_id}/"
+        self.state = "idle"
+        self._client: mqtt.Client | None = None
+        self._sock: SocketLike | None = None
+        self._attempt_started = 0.0
+        self._attempt_candidate = False
+        self._use_candidate = False
+        self._candidate_failures = 0
+        self._switching = False
+        self._error_text: str | None = None
+        self._closes_before_connack = 0
+        self._inflight: dict[int, int] = {}
+        self._sent_upto = 0
+        self._timers: dict[str, Timer] = {}
+        self._running = False
+        self._stopped_callbacks: list[Callable[[], None]] = []
+        self._renewal_sent_at = 0.0
+
+    # -- public, thread-safe ------------------------------------------------------------------
+
+    def start(self) -> None:
+        self.reactor.call_soon_threadsafe(self._start)
+
+    def stop(self, on_stopped: Callable[[], None] | None = None) -> None:
+        """Publish ``offline``, disconnect cleanly, then call ``on_stopped`` (on the loop)."""
+
+        def go() -> None:
+            if on_stopped is not None:
+                self._stopped_callbacks.append(on_stopped)
+            self._stop()
+
+        self.reactor.call_soon_threadsafe(go)
+
+    def enqueue(self, data: Mapping[str, Any], *, subtopic: str = "telemetry") -> None:
+        """Queue one QoS 1 message on ``devices/<id>/<subtopic>`` (from any thread)."""
+        self.reactor.call_soon_threadsafe(lambda: self._enqueue(dict(data), subtopic))
+
+    def drop_connection(self) -> None:
+        """Lose the connection as a network cut would (no DISCONNECT; the broker sends the will)."""
+
+        def go() -> None:
+            if self._client is not None and self.state == "connected":
+                self._teardown()
+                self._emit("disconnected", "dropped")
+                self._failed(Failure("connection-lost", "dropped (simulated network cut)", False))
+
+        self.reactor.call_soon_threadsafe(go)
+
+    def request_renewal(self) -> None:
+        self.reactor.call_soon_threadsafe(lambda: self._check_renewal(force=True))
+
+    def run(self) -> None:
+        """Run on the calling thread until stopped (the CLI's main loop)."""
+        self._start()
+        self.reactor.run()
+
+    @property
+    def connected(self) -> bool:
+        return self.state == "connected"
+
+    # -- lifecycle ------------------------------------------------------------------------------
+
+    def _emit(self, event: str, detail: object = None) -> None:
+        if self.on_event is not None:
+            self.on_event(self, event, detail)
+
+    def _timer(self, name: str, delay: float, callback: Callable[[], object]) -> None:
+        old = self._timers.pop(name, None)
+        if old is not None:
+            old.cancel()
+        self._timers[name] = self.reactor.call_later(delay, callback)
+
+    def _cancel(self, name: str) -> None:
+        timer = self._timers.pop(name, None)
+        if timer is not None:
+            timer.cancel()
+
+    def _start(self) -> None:
+        if self._running:
+            return
+        self._running = True
+        if self.telemetry_enabled:
+            self._timer("telemetry", self.config.telemetry_interval, self._telemetry_tick)
+        self._timer("connect", 0, self._attempt)
+
+    def _stop(self) -> None:
+        self._running = False
+        for name in list(self._timers):
+            self._cancel(name)
+        client = self._client
+        if client is None or self.state != "connected":
+            self._teardown()
+            self._finish_stop()
+            return
+        self.state = "stopping"
+        info = client.publish(self.base + "state", OFFLINE, qos=1, retain=True)
+        deadline = time.monotonic() + 3
+
+        def wait_offline() -> None:
+            if self._client is client and not info.is_published() and time.monotonic() < deadline:
+                self.reactor.call_later(0.02, wait_offline)
+                return
+            if self._client is client:
+                client.disconnect()
+            self.reactor.call_later(0.5, self._finish_stop)
+
+        wait_offline()
+
+    def _finish_stop(self) -> None:
+        if self.state == "stopped":
+            return
+        self._teardown()
+        self.state = "stopped"
+        self._emit("stopped")
+        callbacks, self._stopped_callbacks = self._stopped_callbacks, []
+        for cb in callbacks:
+            cb()
+
+    # -- connecting -----------------------------------------------------------------------------
+
+    def _choose_credentials(self) -> tuple[Credentials, bool]:
+        if self._use_candidate:
+            state = self.renewal.load()
+            if state is not None and state.phase == "received":
+                try:
+                    return self.renewal.candidate(self.credentials), True
+                except RenewalError as exc:
+                    log.warning("%s: %s", self.device_id, exc)
+                    self.renewal.clear()
+            self._use_candidate = False
+        return self.credentials, False
+
+    def _attempt(self) -> None:
+        if not self._running or self._client is not None:
+            return
+        creds, candidate = self._choose_credentials()
+        self.stats.attempts += 1
+        if creds.expired():
+            when = creds.not_after.strftime("%Y-%m-%d %H:%M UTC")
+            self._failed(
+                Failure(
+                    "expired",
+                    f"the certificate expired at {when}; renewal needs a valid certificate, "
+                    "so the device must be provisioned again",
+                    True,
+                )
+            )
+            return
+        try:
+            context = creds.context(check_hostname=self.config.check_hostname)
+        except AgentError as exc:
+            self._failed(Failure("credentials", str(exc), True))
+            return
+        client = self._make_client(context)
+        self._client = client
+        self._attempt_candidate = candidate
+        self._error_text = None
+        self.state = "connecting"
+        self._attempt_started = time.monotonic()
+        try:
+            client.connect(self.host, self.port, keepalive=self.config.keepalive)
+        except (OSError, ValueError) as exc:  # ssl.SSLError is an OSError
+            self._teardown()
+            self._failed(classify_exception(exc))
+            return
+        self._timer("connack", self.config.connect_timeout, self._connack_timeout)
+        self._timer("misc", 1.0, self._misc)
+
+    def _make_client(self, context: ssl.SSLContext) -> mqtt.Client:
+        client = mqtt.Client(
+            CallbackAPIVersion.VERSION2,
+            client_id=self.device_id,
+            clean_session=True,
+            protocol=mqtt.MQTTv311,
+            reconnect_on_failure=False,
+        )
+        client.tls_set_context(context)
+        client.connect_timeout = self.config.connect_timeout
+        client.max_inflight_messages_set(self.config.max_inflight)
+        client.max_queued_messages_set(0)
+        client.will_set(self.base + "state", OFFLINE, qos=1, retain=True)
+        client.on_connect = self._on_connect
+        client.on_disconnect = self._on_disconnect
+        client.on_message = self._on_message
+        client.on_publish = self._on_publish
+        client.on_log = self._on_log
+        client.on_socket_open = self._on_socket_open
+        client.on_socket_close = self._on_socket_close
+        client.on_socket_register_write = self._on_register_write
+        client.on_socket_unregister_write = self._on_unregister_write
+        return client
+
+    # paho's external-loop hooks: the socket joins and leaves this agent's reactor.
+
+    def _on_socket_open(self, client: mqtt.Client, _: object, sock: SocketLike) -> None:
+        self._sock = sock
+        self.reactor.add_socket(sock, lambda r, w: self._io(client, r, w))
+
+    def _on_socket_close(self, client: mqtt.Client, _: object, sock: SocketLike) -> None:
+        self.reactor.remove_socket(sock)
+        if self._sock is sock:
+            self._sock = None
+
+    def _on_register_write(self, client: mqtt.Client, _: object, sock: SocketLike) -> None:
+        self.reactor.want_write(sock, True)
+
+    def _on_unregister_write(self, client: mqtt.Client, _: object, sock: SocketLike) -> None:
+        self.reactor.want_write(sock, False)
+
+    def _on_log(self, client: mqtt.Client, _: object, level: int, text: str) -> None:
+        # paho reports read errors (and with them the broker's TLS alert) only through its log.
+        if level in (mqtt.MQTT_LOG_ERR, mqtt.MQTT_LOG_WARNING) and client is self._client:
+            self._error_text = text
+
+    def _io(self, client: mqtt.Client, readable: bool, writable: bool) -> None:
+        if client is not self._client:
+            return
+        if readable:
+            client.loop_read()
+        if writable and client is self._client:
+            client.loop_write()
+
+    def _misc(self) -> None:
+        client = self._client
+        if client is None:
+            return
+        client.loop_misc()
+        if self._client is client:
+            self._timer("misc", 1.0, self._misc)
+
+    def _connack_timeout(self) -> None:
+        if self.state == "connecting":
+            self._teardown()
+            self._failed(Failure("connack-timeout", "no CONNACK in time", False))
+
+    def _teardown(self) -> None:
+        """Forget the current client and close its socket (no DISCONNECT, no callbacks)."""
+        client, self._client = self._client, None
+        for name in ("connack", "misc", "renewal-wait"):
+            self._cancel(name)
+        if self._sock is not None:
+            self.reactor.remove_socket(self._sock)
+            with contextlib.suppress(OSError):
+                self._sock.close()
+            self._sock = None
+        if client is not None:
+            client.on_disconnect = None
+            client.on_socket_close = None
+        self._inflight.clear()
+        if self.state in ("connecting", "connected"):
+            self.state = "idle"
+
+    def _failed(self, failure: Failure) -> None:
+        """An attempt failed (or a connection ended): decide what to try next, and when."""
+        self.stats.failures[failure.reason] += 1
+        self.stats.last_failure = failure
+        self.state = "idle"
+        self._emit("failure", failure)
+        if not self._running:
+            self._finish_stop()
+            return
+        if self._attempt_candidate:
+            self._attempt_candidate = False
+            self._use_candidate = False
+            self._candidate_failures += 1
+            log.warning(
+                "%s: the renewed certificate was refused (%s); back to the current one",
+                self.device_id,
+                failure,
+            )
+            if failure.permanent or self._candidate_failures >= 3:
+                self.renewal.clear()
+                self._candidate_failures = 0
+                self._timer("renewal", self.config.renewal_retry, self._check_renewal)
+            self._timer("connect", self.backoff.next_delay(), self._attempt)
+            return
+        if failure.permanent:
+            state = self.renewal.load()
+            if state is not None and state.phase == "received" and self._candidate_failures < 3:
+                log.warning(
+                    "%s: %s; trying the renewed certificate waiting in %s",
+                    self.device_id,
+                    failure,
+                    self.renewal.path,
+                )
+                self._use_candidate = True
+                self._timer("connect", self.backoff.next_delay(), self._attempt)
+                return
+            delay = self.backoff.next_delay(failure)
+            log.error(
+                "%s: refused, %s. This will not fix itself; retrying slowly, next in %.0f s",
+                self.device_id,
+                failure,
+                delay,
+            )
+        else:
+            delay = self.backoff.next_delay()
+            log.info("%s: %s; reconnecting in %.1f s", self.device_id, failure, delay)
+        self._timer("connect", delay, self._attempt)
+
+    # -- paho callbacks (all on the reactor thread) ---------------------------------------------
+
+    def _on_connect(
+        self,
+        client: mqtt.Client,
+        _: object,
+        flags: ConnectFlags,
+        reason: ReasonCode,
+        props: Properties | None,
+    ) -> None:
+        if client is not self._client:
+            return
+        self._cancel("connack")
+        if reason.is_failure:
+            self._teardown()
+            self._failed(classify_connack(int(reason.value)))
+            return
+        self.state = "connected"
+        self.stats.connects += 1
+        self.stats.connect_latency.append(time.monotonic() - self._attempt_started)
+        self.stats.connected_since = time.monotonic()
+        self.backoff.reset()
+        self._closes_before_connack = 0
+        client.publish(self.base + "state", ONLINE, qos=1, retain=True)
+        client.subscribe([(self.base + "commands/#", 1), (self.base + "certs/issued", 1)])
+        self._sent_upto = 0
+        self._inflight.clear()
+        log.info("%s: connected to %s:%d", self.device_id, self.host, self.port)
+        self._emit("connected")
+        if self._attempt_candidate:
+            self._attempt_candidate = False
+            self._candidate_connected()
+        else:
+            self._check_renewal(fresh=True)
+        self._pump()
+
+    def _on_disconnect(
+        self,
+        client: mqtt.Client,
+        _: object,
+        flags: DisconnectFlags,
+        reason: ReasonCode,
+        props: Properties | None,
+    ) -> None:
+        if client is not self._client:
+            return
+        was = self.state
+        self._teardown()
+        if was == "stopping" or not self._running:
+            self._finish_stop()
+            return
+        if was == "connecting":
+            failure = classify_log_text(self._error_text or "")
+            if failure is None:
+                self._closes_before_connack += 1
+                permanent = (
+                    self._closes_before_connack >= self.config.handshake_failures_before_slow
+                )
+                failure = Failure(
+                    "closed-in-handshake",
+                    f"the broker closed the connection before CONNACK "
+                    f"({self._closes_before_connack} time(s) in a row)"
+                    + (
+                        "; the certificate is most likely revoked, expired or from a CA the "
+                        "broker does not trust"
+                        if permanent
+                        else ""
+                    ),
+                    permanent,
+                )
+            self._failed(failure)
+            return
+        if self._switching:
+            self._switching = False
+            self._emit("disconnected", "switching")
+            self._timer("connect", 0, self._attempt)
+            return
+        self._emit("disconnected", None)
+        self._failed(Failure("connection-lost", self._error_text or "the connection closed", False))
+
+    def _on_publish(
+        self, client: mqtt.Client, _: object, mid: int, reason: ReasonCode, props: Properties
+    ) -> None:
+        if client is not self._client:
+            return
+        seq = self._inflight.pop(mid, None)
+        if seq is not None:
+            self.queue.ack(seq)
+            self.stats.acked += 1
+            self._pump()
+
+    def _on_message(self, client: mqtt.Client, _: object, msg: mqtt.MQTTMessage) -> None:
+        if client is not self._client:
+            return
+        topic = msg.topic
+        if topic == self.base + "certs/issued":
+            self._renewal_answer(bytes(msg.payload))
+            return
+        prefix = self.base + "commands/"
+        if topic.startswith(prefix):
+            name = topic[len(prefix) :]
+            self.stats.commands += 1
+            if "/" in name or not name:
+                reply_topic = self.base + "replies/invalid"
+                payload = json.dumps(
+                    {"command": name, "ok": False, "error": "a command name is one topic level"}
+                ).encode()
+            else:
+                reply = self.commands.dispatch(name, bytes(msg.payload))
+                reply_topic, payload = self.base + "replies/" + name, reply.to_json()
+            client.publish(reply_topic, payload, qos=1)
+
+    # -- telemetry and the queue ----------------------------------------------------------------
+
+    def _telemetry_tick(self) -> None:
+        if not self._running:
+            return
+        self._timer("telemetry", self.config.telemetry_interval, self._telemetry_tick)
+        try:
+            reading = dict(self.telemetry())
+        except Exception as exc:  # noqa: BLE001 - a broken sensor must not stop the agent
+            log.warning(
+                "%s: telemetry source failed: %s: %s", self.device_id, type(exc).__name__, exc
+            )
+            return
+        self._enqueue(reading, "telemetry")
+
+    def _enqueue(self, data: dict[str, Any], subtopic: str) -> None:
+        def build(msg_id: str) -> bytes:
+            doc = {"id": msg_id, "ts": round(time.time(), 3), "data": data}
+            return json.dumps(doc, separators=(",", ":"), default=str).encode()
+
+        try:
+            self.queue.put(self.base + subtopic, build, qos=1)
+        except AgentError as exc:
+            log.error("%s: %s", self.device_id, exc)
+            return
+        self.stats.enqueued += 1
+        self._pump()
+
+    def _pump(self) -> None:
+        client = self._client
+        if client is None or self.state != "connected":
+            return
+        room = self.config.max_inflight - len(self._inflight)
+        if room <= 0:
+            return
+        for item in self.queue.pending(self._sent_upto, room):
+            info = client.publish(item.topic, item.payload, qos=item.qos)
+            if info.rc != MQTTErrorCode.MQTT_ERR_SUCCESS:
+                break
+            self._inflight[info.mid] = item.seq
+            self._sent_upto = item.seq
+
+    # -- renewal --------------------------------------------------------------------------------
+
+    def _check_renewal(self, *, force: bool = False, fresh: bool = False) -> None:
+        """Start, resend or finish a renewal as its phase requires (on the loop)."""
+        if not self._running:
+            return
+        due = self.credentials.renew_due(self.config.renew_at)
+        now = dt.datetime.now(dt.UTC)
+        if not force:
+            wait = (due - now).total_seconds()
+            self._timer("renewal", min(max(wait, 1.0), 3600.0), self._check_renewal)
+        client = self._client
+        if client is None or self.state != "connected":
+            return
+        state = self.renewal.load()
+        if state is None:
+            if not force and now < due:
+                return
+            try:
+                state, csr = self.renewal.begin(self.credentials)
+            except OSError as exc:
+                log.error("%s: cannot start renewal: %s", self.device_id, exc)
+                return
+            log.info("%s: renewing the certificate (request %s)", self.device_id, state.request_id)
+            self._send_renewal({"type": "csr", "request_id": state.request_id, "csr": csr.decode()})
+        elif state.phase == "requested":
+            waited = time.monotonic() - self._renewal_sent_at
+            # On a fresh connection the last CSR may have been lost with the old one: resend.
+            if waited < self.config.renewal_timeout and not (force or fresh):
+                return
+            csr = self.renewal.csr()
+            self._send_renewal({"type": "csr", "request_id": state.request_id, "csr": csr.decode()})
+        elif state.phase == "received":
+            self._switch_to_candidate()
+        elif state.phase == "installed":
+            self._send_renewal(
+                {"type": "installed", "request_id": state.request_id, "serial": state.serial}
+            )
+
+    def _send_renewal(self, doc: dict[str, Any]) -> None:
+        if self._client is None:
+            return
+        self._renewal_sent_at = time.monotonic()
+        self._client.publish(self.base + "certs/csr", json.dumps(doc).encode(), qos=1)
+        self._timer("renewal-wait", self.config.renewal_timeout, self._check_renewal)
+
+    def _renewal_answer(self, payload: bytes) -> None:
+        try:
+            doc = json.loads(payload)
+            kind, request_id = doc["type"], doc["request_id"]
+        except (ValueError, KeyError, TypeError):
+            log.warning("%s: unreadable message on certs/issued", self.device_id)
+            return
+        state = self.renewal.load()
+        if state is None or state.request_id != request_id:
+            return  # an answer to an older request
+        if kind == "certificate" and state.phase == "requested":
+            self._cancel("renewal-wait")
+            try:
+                self.renewal.accept(str(doc.get("certificate", "")).encode(), self.credentials)
+            except (RenewalError, OSError) as exc:
+                log.error("%s: %s", self.device_id, exc)
+                self.stats.renewal_refusals["bad-answer"] += 1
+                self.renewal.clear()
+                self._timer("renewal", self.config.renewal_retry, self._check_renewal)
+                return
+            self._switch_to_candidate()
+        elif kind == "refused":
+            self._cancel("renewal-wait")
+            reason = str(doc.get("reason", "refused"))
+            self.stats.renewal_refusals[reason] += 1
+            log.error(
+                "%s: the renewal service refused request %s: %s (%s)",
+                self.device_id,
+                request_id,
+                reason,
+                doc.get("detail", ""),
+            )
+            self.renewal.clear()
+            self._timer("renewal", self.config.renewal_retry, self._check_renewal)
+        elif kind == "recorded" and state.phase == "installed":
+            self._cancel("renewal-wait")
+            self.renewal.clear()
+            self.stats.renewals += 1
+            log.info("%s: renewal complete, serial %s", self.device_id, state.serial)
+            self._emit("renewed", state.serial)
+
+    def _switch_to_candidate(self) -> None:
+        """Make before break: reconnect with the candidate; the old files stay until it works."""
+        client = self._client
+        if client is None or self.state != "connected":
+            return
+        log.info("%s: switching to the renewed certificate", self.device_id)
+        self._use_candidate = True
+        self._switching = True
+        client.disconnect()
+
+    def _candidate_connected(self) -> None:
+        try:
+            self.renewal.install(self.credentials)
+            self.credentials = load_credentials(self.config.store)
+        except (RenewalError, AgentError) as exc:
+            log.error("%s: %s", self.device_id, exc)
+            return
+        self._use_candidate = False
+        self._candidate_failures = 0
+        log.info("%s: now using certificate %s", self.device_id, self.credentials.serial)
+        self._check_renewal(fresh=True)

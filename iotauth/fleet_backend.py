@@ -1,0 +1,284 @@
+"""A fleet backend on this machine: the real PKI plus our broker in-process, or mosquitto.
+
+``device_agent`` may not import the PKI or the broker, so the simulator takes this object from
+outside. It is used by ``bench/fleet.py`` and the device-agent tests; the composition root
+(``iotauth fleet simulate``) registers the same class (see docs/AGENT.md).
+Only 127.0.0.1 is ever a target.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+from broker import BrokerSettings
+from broker.renewal import RenewalSettings
+from broker.server import BrokerThread
+from device_agent.errors import AgentError
+from provisioning.identity import IdentityKind
+from provisioning.pki import PKI
+
+__all__ = ["LocalFleetBackend", "Mosquitto", "OurBrokerProcess", "free_port"]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+class Mosquitto:
+    """mosquitto with mTLS as DESIGN.md has it: identity = certificate CN, an ACL per identity."""
+
+    def __init__(
+        self,
+        pki_dir: Path,
+        workdir: Path,
+        *,
+        port: int | None = None,
+        persistence: bool = False,
+        services: Sequence[str] = ("fleet-monitor", "sink"),
+    ) -> None:
+        self.pki_dir = pki_dir
+        self.workdir = workdir
+        self.port = port or free_port()
+        self.persistence = persistence
+        self.services = services
+        self.proc: subprocess.Popen[bytes] | None = None
+        workdir.mkdir(parents=True, exist_ok=True)
+
+    @property
+    def address(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    def _write_config(self) -> Path:
+        acl = self.workdir / "acl"
+        lines = ["pattern readwrite devices/%u/#", ""]
+        for name in self.services:
+            lines += [
+                f"user {name}",
+                "topic read devices/+/telemetry/#",
+                "topic read devices/+/state",
+                "topic read devices/+/replies/#",
+                "topic write devices/+/commands/#",
+                "",
+            ]
+        acl.write_text("\n".join(lines))
+        conf = self.workdir / "mosquitto.conf"
+        user = os.environ.get("USER") or "root"
+        conf.write_text(
+            "\n".join(
+                [
+                    f"listener {self.port} 127.0.0.1",
+                    f"cafile {self.pki_dir / 'root.crt'}",
+                    f"certfile {self.pki_dir / 'server.crt'}",
+                    f"keyfile {self.pki_dir / 'private' / 'server.key'}",
+                    f"crlfile {self.pki_dir / 'crl.pem'}",
+                    "require_certificate true",
+                    "use_identity_as_username true",
+                    f"acl_file {acl}",
+                    "set_tcp_nodelay true",
+                    "max_queued_messages 100000",
+                    "max_inflight_messages 100",
+                    f"persistence {'true' if self.persistence else 'false'}",
+                    f"persistence_location {self.workdir}/",
+                    "log_type error",
+                    f"user {user}",
+                    "",
+                ]
+            )
+        )
+        return conf
+
+    def start(self) -> Mosquitto:
+        binary = shutil.which("mosquitto") or "/usr/sbin/mosquitto"
+        conf = self._write_config()
+        self.proc = subprocess.Popen(
+            [binary, "-c", str(conf)], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
+        )
+        end = time.monotonic() + 10
+        while time.monotonic() < end:
+            if self.proc.poll() is not None:
+                err = self.proc.stderr.read().decode() if self.proc.stderr else ""
+                raise AgentError(f"mosquitto exited: {err.strip()}")
+            try:
+                with socket.create_connection(("127.0.0.1", self.port), timeout=0.2):
+                    return self
+            except OSError:
+                time.sleep(0.05)
+        raise AgentError("mosquitto did not start listening")
+
+    def stop(self, sig: int = signal.SIGTERM) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(sig)
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(5)
+        if self.proc is not None and self.proc.stderr:
+            self.proc.stderr.close()
+        self.proc = None
+
+    def restart(self) -> None:
+        self.stop()
+        self.start()
+
+    @property
+    def pid(self) -> int | None:
+        return self.proc.pid if self.proc else None
+
+
+class OurBrokerProcess:
+    """``iotauth broker run`` as its own process (benchmarks: the agents get this process)."""
+
+    def __init__(self, pki_dir: Path, *, port: int | None = None) -> None:
+        self.pki_dir = pki_dir
+        self.port = port or free_port()
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def address(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    def start(self) -> OurBrokerProcess:
+        cmd = [
+            sys.executable,
+            "-m",
+            "iotauth",
+            "broker",
+            "run",
+            "--pki",
+            str(self.pki_dir),
+            "--port",
+            str(self.port),
+        ]
+        self.proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        end = time.monotonic() + 30
+        while time.monotonic() < end:
+            if self.proc.poll() is not None:
+                raise AgentError("iotauth broker run exited")
+            try:
+                with socket.create_connection(("127.0.0.1", self.port), timeout=0.2):
+                    return self
+            except OSError:
+                time.sleep(0.05)
+        raise AgentError("iotauth broker run did not start listening")
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(15)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(5)
+        self.proc = None
+
+    def restart(self) -> None:
+        self.stop()
+        self.start()
+
+
+class LocalFleetBackend:
+    """The real PKI (``--pki``) and a broker on 127.0.0.1: ours in-process, or mosquitto."""
+
+    def __init__(
+        self,
+        pki_dir: Path,
+        *,
+        broker: str | None = None,
+        kind: str = "ours",
+        workdir: Path | None = None,
+        renewal: bool = True,
+    ) -> None:
+        self.pki = PKI.open(pki_dir)
+        self.kind = kind
+        self._external = broker
+        self._thread: BrokerThread | None = None
+        self._mosquitto: Mosquitto | OurBrokerProcess | None = None
+        self._renewal = renewal
+        if broker is None and kind == "ours":
+            self._thread = self._start_ours(0)
+        elif broker is None and kind == "ours-process":
+            self._mosquitto = OurBrokerProcess(pki_dir).start()
+        elif broker is None and kind == "mosquitto":
+            self._mosquitto = Mosquitto(pki_dir, (workdir or pki_dir.parent) / "mosquitto").start()
+
+    def _start_ours(self, port: int) -> BrokerThread:
+        settings = BrokerSettings(
+            self.pki.path,
+            port=port,
+            renewal=RenewalSettings() if self._renewal else None,
+        )
+        thread = BrokerThread(settings, audit_sink=lambda _line: None).start()
+        if thread.broker.renewal is not None:
+            thread.broker.renewal.wait_subscribed()
+        return thread
+
+    @property
+    def broker(self) -> str:
+        if self._thread is not None:
+            return f"127.0.0.1:{self._thread.port}"
+        if self._mosquitto is not None:
+            return self._mosquitto.address
+        if self._external is None:
+            msg = "the fleet backend has no broker"
+            raise AgentError(msg)
+        return self._external
+
+    @property
+    def broker_thread(self) -> BrokerThread | None:
+        return self._thread
+
+    def issue(self, names: Sequence[str], out_root: Path, *, expired: bool = False) -> list[Path]:
+        out_root.mkdir(parents=True, exist_ok=True)
+        dirs = [out_root / n for n in names]
+        for d in dirs:
+            shutil.rmtree(d, ignore_errors=True)
+        kwargs: dict[str, object] = {}
+        if expired:
+            kwargs = {"now": dt.datetime.now(dt.UTC) - dt.timedelta(days=3), "days": 1}
+        for start in range(0, len(names), 500):
+            chunk = list(names[start : start + 500])
+            self.pki.issue_many(chunk, out_dirs=dirs[start : start + 500], rotate=True, **kwargs)  # type: ignore[arg-type]
+        return dirs
+
+    def issue_monitor(self, out_root: Path) -> Path:
+        out = out_root / "fleet-monitor"
+        shutil.rmtree(out, ignore_errors=True)
+        self.pki.issue("fleet-monitor", kind=IdentityKind.SERVICE, out=out, rotate=True)
+        return out
+
+    def revoke(self, names: Sequence[str]) -> None:
+        for name in names:
+            self.pki.revoke(name, reason="key-compromise")
+        if self._mosquitto is not None:
+            self._mosquitto.restart()  # mosquitto reads its CRL at start only (ours: polls it)
+        elif self._thread is not None:
+            self._thread.call(self._thread.broker.check_revocations())
+
+    def restart_broker(self) -> None:
+        if self._thread is not None:
+            port = self._thread.port
+            self._thread.stop()
+            self._thread = self._start_ours(port)
+        elif self._mosquitto is not None:
+            self._mosquitto.restart()
+        else:
+            raise AgentError("cannot restart a broker this process did not start")
+
+    def close(self) -> None:
+        if self._thread is not None:
+            self._thread.stop()
+        if self._mosquitto is not None:
+            self._mosquitto.stop()
+        self.pki.close()

@@ -1,0 +1,67 @@
+"""The fleet simulator: small fleets, real certificates, our broker and mosquitto."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from device_agent.fleet import FleetSpec, run_fleet
+from iotauth.fleet_backend import LocalFleetBackend
+from provisioning.pki import PKI
+from tests.device_agent.conftest import needs_mosquitto
+
+
+def test_fleet_against_our_broker_with_every_scenario(pki: PKI, tmp_path: Path) -> None:
+    """30 devices: revoked and expired ones refused, a broker restart, churn, renewal mid-run."""
+    backend = LocalFleetBackend(pki.path, workdir=tmp_path)
+    try:
+        spec = FleetSpec(
+            devices=30,
+            duration=8,
+            scenarios=("steady", "storm", "churn", "revoked", "renewal"),
+            telemetry_interval=0.5,
+            reactors=2,
+            churn=0.05,
+            bad_fraction=0.1,
+            renew_fraction=0.2,
+        )
+        report = run_fleet(spec, backend, workdir=tmp_path / "fleet")
+    finally:
+        backend.close()
+    text = "\n".join(report.lines())
+    assert report.expected_online == 24, text
+    assert report.first_connect_all_s is not None, text
+    assert report.storm_recovery_s is not None, text
+    assert report.online_at_end == 24, text
+    assert report.refusals.get("expired") == 3, text
+    assert report.refusals.get("closed-in-handshake", 0) >= 3 * 3, text
+    assert report.renewals_requested == 4, text
+    assert report.renewals_completed == 4, text
+    assert report.messages_acked > 0, text
+    assert report.messages_unique > 0, text
+    assert report.handshake_ms["p50"] > 0
+    assert report.to_json().startswith("{")
+
+
+@needs_mosquitto
+def test_fleet_against_mosquitto(pki: PKI, tmp_path: Path) -> None:
+    backend = LocalFleetBackend(pki.path, kind="mosquitto", workdir=tmp_path)
+    try:
+        report = run_fleet(
+            FleetSpec(
+                devices=20,
+                duration=4,
+                scenarios=("steady", "revoked"),
+                telemetry_interval=0.5,
+                reactors=2,
+                bad_fraction=0.05,
+            ),
+            backend,
+            workdir=tmp_path / "fleet",
+        )
+    finally:
+        backend.close()
+    text = "\n".join(report.lines())
+    assert report.online_at_end == report.expected_online == 18, text
+    assert report.refusals.get("revoked") == 1, text  # mosquitto names the TLS alert
+    assert report.refusals.get("expired") == 1, text
+    assert report.messages_unique > 0, text
