@@ -32,7 +32,11 @@ BENCHES: list[tuple[str, str, list[str]]] = [
         [PY, "bench/broker_bench.py"],
     ),
     ("agent_footprint", "Device agent footprint", [PY, "bench/agent_footprint.py"]),
-    ("fleet", "Fleet simulation", [PY, "bench/fleet.py"]),
+    (
+        "fleet",
+        "Fleet simulation",
+        [PY, "bench/fleet.py", "--devices", "1000", "2000", "--duration", "40"],
+    ),
 ]
 
 
