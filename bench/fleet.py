@@ -49,9 +49,11 @@ def main() -> None:
                     report = run_fleet(spec, backend, workdir=root / "fleet")
                 finally:
                     backend.close()
+            acked = report.messages_acked / max(1, report.messages_enqueued)
             ok = (
                 report.online_at_end == report.expected_online
                 and report.storm_recovery_s is not None
+                and acked >= 0.9
             )
             print(f"== {kind}, {n} devices: {'sustained' if ok else 'NOT sustained'}")
             print("\n".join("   " + line for line in report.lines()), flush=True)

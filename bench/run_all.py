@@ -119,7 +119,10 @@ def main() -> int:
                 "",
             ]
             continue
-        doc += [proc.stdout.strip(), "", f"({took:.0f} s)", ""]
+        output = proc.stdout.strip()
+        if output.startswith("Command:"):  # a benchmark that prints its own command line
+            output = output.split("\n", 1)[-1].lstrip()
+        doc += [output, "", f"({took:.0f} s)", ""]
         notes = ROOT / "bench" / "notes" / f"{name}.md"
         if notes.exists():
             doc += [notes.read_text().strip(), ""]

@@ -10,23 +10,34 @@ from __future__ import annotations
 
 import datetime as dt
 import os
+import pwd
 import shutil
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Sequence
 from pathlib import Path
 
 from broker import BrokerSettings
+from broker.export import ExportResult, export, load_inventory
+from broker.policy import Policy, default_policy
 from broker.renewal import RenewalSettings
 from broker.server import BrokerThread
 from device_agent.errors import AgentError
+from provisioning.export_hook import publish_crl
 from provisioning.identity import IdentityKind
 from provisioning.pki import PKI
 
-__all__ = ["LocalFleetBackend", "Mosquitto", "OurBrokerProcess", "free_port"]
+__all__ = [
+    "ExportedMosquittoBackend",
+    "LocalFleetBackend",
+    "Mosquitto",
+    "OurBrokerProcess",
+    "free_port",
+]
 
 
 def free_port() -> int:
@@ -282,3 +293,139 @@ class LocalFleetBackend:
         if self._mosquitto is not None:
             self._mosquitto.stop()
         self.pki.close()
+
+
+class ExportedMosquittoBackend:
+    """The real PKI and mosquitto started from ``iotauth broker export`` (docs/EXPORT.md).
+
+    Unlike :class:`Mosquitto`, nothing here writes a mosquitto configuration: the broker runs
+    from the export directory as a user would run it (``mosquitto -c OUT/mosquitto.conf``).
+    Revocations go through the same hook as ``iotauth device revoke --export OUT --reload``
+    (CRL copied, SIGHUP, live sessions closed). A service issued here (the fleet monitor) gets
+    its rights only from a new export, so :meth:`issue_monitor` re-exports and restarts.
+    """
+
+    def __init__(
+        self,
+        pki_dir: Path,
+        workdir: Path,
+        *,
+        policy: Policy | None = None,
+        port: int | None = None,
+        kick: bool = True,
+    ) -> None:
+        self.pki = PKI.open(pki_dir)
+        self.policy = policy or default_policy()
+        self.port = port or free_port()
+        self.kick = kick
+        workdir.mkdir(parents=True, exist_ok=True)
+        self.out = (workdir / "mosquitto-export").resolve()
+        self.log = workdir / "mosquitto-export.log"
+        # AF_UNIX paths are short (108 bytes): the kick channel's socket lives in /tmp.
+        self._short = Path(tempfile.mkdtemp(prefix="iam-", dir="/tmp"))
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.last_export: ExportResult | None = None
+        try:
+            self.export()
+            self.start()
+        except BaseException:
+            self.close()
+            raise
+
+    @property
+    def broker(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    @property
+    def pid(self) -> int | None:
+        return self.proc.pid if self.proc else None
+
+    def export(self) -> ExportResult:
+        """(Re-)write the export directory from the PKI, as ``iotauth broker export`` does."""
+        self.last_export = export(
+            self.policy,
+            load_inventory(self.pki.path),
+            self.out,
+            fmt="mosquitto",
+            options={
+                "host": "127.0.0.1",
+                "port": self.port,
+                # Mosquitto started as root drops to the user 'mosquitto' unless told otherwise.
+                "run_as": pwd.getpwuid(os.geteuid()).pw_name,
+                "kick": self.kick,
+                "admin_socket": self._short / "admin.sock",
+            },
+        )
+        return self.last_export
+
+    def start(self) -> ExportedMosquittoBackend:
+        binary = shutil.which("mosquitto") or "/usr/sbin/mosquitto"
+        pid_file = self.out / "mosquitto.pid"
+        pid_file.unlink(missing_ok=True)
+        with self.log.open("ab") as sink:  # a pipe nobody reads would stall mosquitto
+            self.proc = subprocess.Popen(
+                [binary, "-c", str(self.out / "mosquitto.conf")], stdout=sink, stderr=sink
+            )
+        end = time.monotonic() + 10
+        while time.monotonic() < end:
+            if self.proc.poll() is not None:
+                tail = self.log.read_text(errors="replace").strip().splitlines()[-3:]
+                self.proc = None
+                raise AgentError(f"mosquitto exited: {' | '.join(tail)}")
+            try:
+                with socket.create_connection(("127.0.0.1", self.port), timeout=0.2):
+                    if pid_file.exists():
+                        return self
+            except OSError:
+                pass
+            time.sleep(0.05)
+        self.stop()
+        raise AgentError("mosquitto (exported configuration) did not start listening")
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(5)
+        self.proc = None
+
+    def issue(self, names: Sequence[str], out_root: Path, *, expired: bool = False) -> list[Path]:
+        out_root.mkdir(parents=True, exist_ok=True)
+        dirs = [out_root / n for n in names]
+        for d in dirs:
+            shutil.rmtree(d, ignore_errors=True)
+        kwargs: dict[str, object] = {}
+        if expired:
+            kwargs = {"now": dt.datetime.now(dt.UTC) - dt.timedelta(days=3), "days": 1}
+        for start in range(0, len(names), 500):
+            chunk = list(names[start : start + 500])
+            self.pki.issue_many(chunk, out_dirs=dirs[start : start + 500], rotate=True, **kwargs)  # type: ignore[arg-type]
+        return dirs  # devices are served by the export's patterns: no re-export needed
+
+    def issue_monitor(self, out_root: Path) -> Path:
+        out = out_root / "fleet-monitor"
+        shutil.rmtree(out, ignore_errors=True)
+        self.pki.issue("fleet-monitor", kind=IdentityKind.SERVICE, out=out, rotate=True)
+        # A service's rights (and its deny lines) are per-identity entries: re-export. The new
+        # export also has a new kick-channel password, which the plugin reads at start only.
+        self.export()
+        self.restart_broker()
+        return out
+
+    def revoke(self, names: Sequence[str]) -> None:
+        for name in names:
+            self.pki.revoke(name, reason="key-compromise")
+        running = self.proc is not None and self.proc.poll() is None
+        publish_crl(self.out, self.pki, reload=running, names=list(names) if running else [])
+
+    def restart_broker(self) -> None:
+        self.stop()
+        self.start()
+
+    def close(self) -> None:
+        self.stop()
+        self.pki.close()
+        shutil.rmtree(self._short, ignore_errors=True)
