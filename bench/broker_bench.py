@@ -1040,10 +1040,9 @@ def build_fleet(work: Path, clients: int) -> tuple[Path, list[str], dict[str, Pa
 
 
 def client_context(cred: Path) -> ssl.SSLContext:
-    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
-    ctx.load_verify_locations(cred / "ca.crt")
-    ctx.load_cert_chain(cred / "device.crt", cred / "device.key")
-    return ctx
+    from provisioning.tls import client_context_for_credentials
+
+    return client_context_for_credentials(cred)
 
 
 def log(text: str) -> None:

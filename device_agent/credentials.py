@@ -20,9 +20,9 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.x509.oid import NameOID
 
 from device_agent.errors import CredentialError
-from device_agent.tls import client_context
-from provisioning.errors import InvalidIdentityError
+from provisioning.errors import InvalidIdentityError, PKIError
 from provisioning.identity import Identity, IdentityKind, parse_spiffe_id
+from provisioning.tls import client_context
 
 __all__ = ["Credentials", "check_leaf", "load_credentials", "spiffe_uris"]
 
@@ -99,12 +99,15 @@ class Credentials:
         return (now or dt.datetime.now(dt.UTC)) >= self.not_after
 
     def context(self, *, check_hostname: bool = True) -> ssl.SSLContext:
-        return client_context(
-            trust=self.ca_file,
-            cert_chain=self.cert_file,
-            key=self.key_file,
-            check_hostname=check_hostname,
-        )
+        try:
+            return client_context(
+                trust=self.ca_file,
+                cert_chain=self.cert_file,
+                key=self.key_file,
+                check_hostname=check_hostname,
+            )
+        except PKIError as exc:
+            raise CredentialError(str(self.path), str(exc)) from None
 
     def with_files(self, key_file: Path, cert_file: Path) -> Credentials:
         """The same device with another key and certificate (a renewal candidate), checked."""

@@ -40,7 +40,7 @@ from device_agent.config import AgentConfig, parse_address
 from device_agent.errors import AgentConfigError, AgentError
 from device_agent.queue import MemoryQueue
 from device_agent.reactor import Reactor
-from device_agent.tls import client_context
+from provisioning.tls import client_context_for_credentials
 
 __all__ = ["SCENARIOS", "FleetBackend", "FleetReport", "FleetSpec", "run_fleet"]
 
@@ -161,11 +161,7 @@ class _Monitor:
         ident = json.loads((creds / "identity.json").read_text())
         name = ident.get("service_name") or ident.get("device_id")
         self.client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=name, clean_session=True)
-        self.client.tls_set_context(
-            client_context(
-                trust=creds / "ca.crt", cert_chain=creds / "device.crt", key=creds / "device.key"
-            )
-        )
+        self.client.tls_set_context(client_context_for_credentials(creds))
         self.client.reconnect_delay_set(1, 2)
         self.client.on_connect = lambda c, *_: c.subscribe("devices/+/telemetry/#", qos=1)
         self.client.on_subscribe = lambda *_: self.ready.set()

@@ -254,9 +254,13 @@ def _why(record: dict[str, Any] | None) -> str:
 
 def _raw_tls(state: _State, creds: Path | None) -> bool:
     """A TLS connection to the broker; True if the broker accepted the client (it must not)."""
-    ctx = ssl.create_default_context(cafile=str(state.work / "pki" / "root.crt"))
-    if creds is not None:
-        ctx.load_cert_chain(creds / "device.crt", creds / "device.key")
+    from provisioning.tls import client_context
+
+    ctx = client_context(
+        trust=state.work / "pki" / "root.crt",
+        cert_chain=creds / "device.crt" if creds else None,
+        key=creds / "device.key" if creds else None,
+    )
     try:
         with (
             socket.create_connection(("127.0.0.1", state.endpoint.port), timeout=5) as raw,
