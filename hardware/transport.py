@@ -83,25 +83,13 @@ class FaultInjector:
         return bytes(out)
 
 
-def _write_all(fd: int, data: bytes) -> None:
-    view = memoryview(data)
-    while view:
-        view = view[os.write(fd, view) :]
+class _FdLink:
+    """Bytes over one file descriptor (a pty master or a tty); subclasses open it."""
 
-
-class PtyLink:
-    """A pseudo-terminal pair: the device owns the master, a station opens ``path``.
-
-    The slave stays open here too: otherwise every time the station closes its end the master
-    reads EIO, and bytes written meanwhile are lost instead of waiting like on a real UART.
-    """
-
-    def __init__(self) -> None:
-        self._master, self._slave = os.openpty()
-        # A fresh pty echoes and translates CR/LF; a UART does neither.
-        tty.setraw(self._slave)
-        self.path = os.ttyname(self._slave)
-        self._closed = False
+    path: str
+    _fd: int
+    _closed: bool
+    _extra_fds: tuple[int, ...] = ()
 
     @property
     def address(self) -> str:
@@ -111,28 +99,54 @@ class PtyLink:
         """Whatever the station wrote, waiting up to ``timeout``; ``b""`` if nothing."""
         if self._closed:
             return b""
-        readable, _, _ = select.select([self._master], [], [], timeout)
+        readable, _, _ = select.select([self._fd], [], [], timeout)
         if not readable:
             return b""
         try:
-            return os.read(self._master, 4096)
+            return os.read(self._fd, 4096)
+        except (BlockingIOError, InterruptedError):
+            return b""
         except OSError:
+            # A USB gadget port reads EIO while the host side is unplugged: wait, do not spin.
+            select.select([], [], [], timeout)
             return b""
 
     def send(self, data: bytes) -> None:
         if self._closed or not data:
             return
-        with contextlib.suppress(OSError):
-            _write_all(self._master, data)
+        view = memoryview(data)
+        while view:
+            try:
+                view = view[os.write(self._fd, view) :]
+            except BlockingIOError:
+                select.select([], [self._fd], [], 1.0)
+            except OSError:
+                return  # the cable is out; the station retransmits once it is back
 
     def close(self) -> None:
         """Pull the cable: the station's next read fails instead of waiting forever."""
         if self._closed:
             return
         self._closed = True
-        for fd in (self._master, self._slave):
+        for fd in (self._fd, *self._extra_fds):
             with contextlib.suppress(OSError):
                 os.close(fd)
+
+
+class PtyLink(_FdLink):
+    """A pseudo-terminal pair: the device owns the master, a station opens ``path``.
+
+    The slave stays open here too: otherwise every time the station closes its end the master
+    reads EIO, and bytes written meanwhile are lost instead of waiting like on a real UART.
+    """
+
+    def __init__(self) -> None:
+        self._fd, slave = os.openpty()
+        self._extra_fds = (slave,)
+        # A fresh pty echoes and translates CR/LF; a UART does neither.
+        tty.setraw(slave)
+        self.path = os.ttyname(slave)
+        self._closed = False
 
 
 BAUD_RATES: dict[int, int] = {
@@ -142,7 +156,7 @@ BAUD_RATES: dict[int, int] = {
 }
 
 
-class TtyLink:
+class TtyLink(_FdLink):
     """A real serial device on the device side: ``/dev/serial0``, ``/dev/ttyGS0``, a pty slave.
 
     Raw mode (no echo, no CR/LF translation, no flow control), the given baud rate, and an
@@ -180,43 +194,6 @@ class TtyLink:
             os.close(self._fd)
             raise
         self._closed = False
-
-    @property
-    def address(self) -> str:
-        return self.path
-
-    def receive(self, timeout: float) -> bytes:
-        if self._closed:
-            return b""
-        readable, _, _ = select.select([self._fd], [], [], timeout)
-        if not readable:
-            return b""
-        try:
-            return os.read(self._fd, 4096)
-        except (BlockingIOError, InterruptedError):
-            return b""
-        except OSError:
-            # A USB gadget port reads EIO while the host side is unplugged: wait for it.
-            select.select([], [], [], timeout)
-            return b""
-
-    def send(self, data: bytes) -> None:
-        if self._closed or not data:
-            return
-        view = memoryview(data)
-        while view:
-            try:
-                view = view[os.write(self._fd, view) :]
-            except BlockingIOError:
-                select.select([], [self._fd], [], 1.0)
-            except OSError:
-                return  # the cable is out; the station retransmits once it is back
-
-    def close(self) -> None:
-        if not self._closed:
-            self._closed = True
-            with contextlib.suppress(OSError):
-                os.close(self._fd)
 
 
 def parse_socket_url(url: str) -> tuple[str, int]:
