@@ -18,7 +18,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from broker import BrokerSettings
@@ -44,6 +44,59 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
+
+
+def _terminate(
+    proc: subprocess.Popen[bytes] | None, sig: int = signal.SIGTERM, grace: float = 10.0
+) -> None:
+    """Stop a broker process: the signal, a grace period, then SIGKILL."""
+    if proc is None or proc.poll() is not None:
+        return
+    proc.send_signal(sig)
+    try:
+        proc.wait(grace)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait(5)
+
+
+def _await_listening(
+    proc: subprocess.Popen[bytes],
+    port: int,
+    what: str,
+    *,
+    timeout: float = 10.0,
+    ready: Callable[[], bool] = lambda: True,
+    why: Callable[[], str] = lambda: "",
+) -> None:
+    """Wait until ``port`` accepts (and ``ready()``); AgentError if the process exits first."""
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        if proc.poll() is not None:
+            detail = why()
+            raise AgentError(f"{what} exited{': ' + detail if detail else ''}")
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=0.2):
+                if ready():
+                    return
+        except OSError:
+            pass
+        time.sleep(0.05)
+    raise AgentError(f"{what} did not start listening")
+
+
+def _issue_devices(pki: PKI, names: Sequence[str], out_root: Path, *, expired: bool) -> list[Path]:
+    """Fresh credential directories for ``names`` (re-issued if they exist), 500 per batch."""
+    out_root.mkdir(parents=True, exist_ok=True)
+    dirs = [out_root / n for n in names]
+    for d in dirs:
+        shutil.rmtree(d, ignore_errors=True)
+    now = dt.datetime.now(dt.UTC) - dt.timedelta(days=3) if expired else None
+    days = 1 if expired else None
+    for start in range(0, len(names), 500):
+        chunk = list(names[start : start + 500])
+        pki.issue_many(chunk, out_dirs=dirs[start : start + 500], rotate=True, now=now, days=days)
+    return dirs
 
 
 class Mosquitto:
@@ -115,26 +168,17 @@ class Mosquitto:
         self.proc = subprocess.Popen(
             [binary, "-c", str(conf)], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
         )
-        end = time.monotonic() + 10
-        while time.monotonic() < end:
-            if self.proc.poll() is not None:
-                err = self.proc.stderr.read().decode() if self.proc.stderr else ""
-                raise AgentError(f"mosquitto exited: {err.strip()}")
-            try:
-                with socket.create_connection(("127.0.0.1", self.port), timeout=0.2):
-                    return self
-            except OSError:
-                time.sleep(0.05)
-        raise AgentError("mosquitto did not start listening")
+        proc = self.proc
+        stderr = proc.stderr
+
+        def why() -> str:
+            return stderr.read().decode().strip() if stderr else ""
+
+        _await_listening(proc, self.port, "mosquitto", why=why)
+        return self
 
     def stop(self, sig: int = signal.SIGTERM) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.send_signal(sig)
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(5)
+        _terminate(self.proc, sig)
         if self.proc is not None and self.proc.stderr:
             self.proc.stderr.close()
         self.proc = None
@@ -173,25 +217,11 @@ class OurBrokerProcess:
             str(self.port),
         ]
         self.proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        end = time.monotonic() + 30
-        while time.monotonic() < end:
-            if self.proc.poll() is not None:
-                raise AgentError("iotauth broker run exited")
-            try:
-                with socket.create_connection(("127.0.0.1", self.port), timeout=0.2):
-                    return self
-            except OSError:
-                time.sleep(0.05)
-        raise AgentError("iotauth broker run did not start listening")
+        _await_listening(self.proc, self.port, "iotauth broker run", timeout=30)
+        return self
 
     def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(15)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(5)
+        _terminate(self.proc, grace=15)
         self.proc = None
 
     def restart(self) -> None:
@@ -251,17 +281,7 @@ class LocalFleetBackend:
         return self._thread
 
     def issue(self, names: Sequence[str], out_root: Path, *, expired: bool = False) -> list[Path]:
-        out_root.mkdir(parents=True, exist_ok=True)
-        dirs = [out_root / n for n in names]
-        for d in dirs:
-            shutil.rmtree(d, ignore_errors=True)
-        kwargs: dict[str, object] = {}
-        if expired:
-            kwargs = {"now": dt.datetime.now(dt.UTC) - dt.timedelta(days=3), "days": 1}
-        for start in range(0, len(names), 500):
-            chunk = list(names[start : start + 500])
-            self.pki.issue_many(chunk, out_dirs=dirs[start : start + 500], rotate=True, **kwargs)  # type: ignore[arg-type]
-        return dirs
+        return _issue_devices(self.pki, names, out_root, expired=expired)
 
     def issue_monitor(self, out_root: Path) -> Path:
         out = out_root / "fleet-monitor"
@@ -366,44 +386,28 @@ class ExportedMosquittoBackend:
             self.proc = subprocess.Popen(
                 [binary, "-c", str(self.out / "mosquitto.conf")], stdout=sink, stderr=sink
             )
-        end = time.monotonic() + 10
-        while time.monotonic() < end:
-            if self.proc.poll() is not None:
-                tail = self.log.read_text(errors="replace").strip().splitlines()[-3:]
-                self.proc = None
-                raise AgentError(f"mosquitto exited: {' | '.join(tail)}")
-            try:
-                with socket.create_connection(("127.0.0.1", self.port), timeout=0.2):
-                    if pid_file.exists():
-                        return self
-            except OSError:
-                pass
-            time.sleep(0.05)
-        self.stop()
-        raise AgentError("mosquitto (exported configuration) did not start listening")
+        log = self.log
+
+        def why() -> str:
+            return " | ".join(log.read_text(errors="replace").strip().splitlines()[-3:])
+
+        try:
+            _await_listening(
+                self.proc, self.port, "mosquitto (exported configuration)",
+                ready=pid_file.exists, why=why,
+            )  # fmt: skip
+        except AgentError:
+            self.stop()
+            raise
+        return self
 
     def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(5)
+        _terminate(self.proc)
         self.proc = None
 
     def issue(self, names: Sequence[str], out_root: Path, *, expired: bool = False) -> list[Path]:
-        out_root.mkdir(parents=True, exist_ok=True)
-        dirs = [out_root / n for n in names]
-        for d in dirs:
-            shutil.rmtree(d, ignore_errors=True)
-        kwargs: dict[str, object] = {}
-        if expired:
-            kwargs = {"now": dt.datetime.now(dt.UTC) - dt.timedelta(days=3), "days": 1}
-        for start in range(0, len(names), 500):
-            chunk = list(names[start : start + 500])
-            self.pki.issue_many(chunk, out_dirs=dirs[start : start + 500], rotate=True, **kwargs)  # type: ignore[arg-type]
-        return dirs  # devices are served by the export's patterns: no re-export needed
+        # Devices are served by the export's patterns: no re-export needed.
+        return _issue_devices(self.pki, names, out_root, expired=expired)
 
     def issue_monitor(self, out_root: Path) -> Path:
         out = out_root / "fleet-monitor"
