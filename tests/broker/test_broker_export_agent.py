@@ -21,7 +21,7 @@ from device_agent.fleet import FleetSpec, run_fleet
 from iotauth.fleet_backend import ExportedMosquittoBackend
 from tests.broker.broker_helpers import Fleet, Peer
 from tests.conftest import Result
-from tests.device_agent.agent_helpers import Sink, wait_until
+from tests.device_agent.agent_helpers import Sink, run_mixed_fleet, wait_until
 
 pytestmark = exported.pytestmark  # skipped where mosquitto is not installed
 
@@ -199,23 +199,4 @@ def test_fleet_backend_revocations_reach_the_exported_mosquitto(
 ) -> None:
     """The backend's revoke goes through the export hook: revoked and expired devices refused."""
     backend = ExportedMosquittoBackend(fleet.pki_dir, tmp_path / "exported")
-    try:
-        report = run_fleet(
-            FleetSpec(
-                devices=20,
-                duration=4,
-                scenarios=("steady", "revoked"),
-                telemetry_interval=0.5,
-                reactors=2,
-                bad_fraction=0.05,
-            ),
-            backend,
-            workdir=tmp_path / "fleet",
-        )
-    finally:
-        backend.close()
-    text = "\n".join(report.lines())
-    assert report.online_at_end == report.expected_online == 18, text
-    assert report.refusals.get("revoked") == 1, text  # Mosquitto names the TLS alert
-    assert report.refusals.get("expired") == 1, text
-    assert report.messages_unique > 0, text
+    run_mixed_fleet(backend, tmp_path / "fleet")

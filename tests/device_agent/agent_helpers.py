@@ -146,3 +146,26 @@ class Gate:
         self._closing = True
         self.down()
         self._server.close()
+
+
+def run_mixed_fleet(backend: Any, workdir: Path) -> None:
+    """20 devices, one revoked and one expired: 18 online, both refusals named, telemetry flows."""
+    from device_agent.fleet import FleetSpec, run_fleet
+
+    spec = FleetSpec(
+        devices=20,
+        duration=4,
+        scenarios=("steady", "revoked"),
+        telemetry_interval=0.5,
+        reactors=2,
+        bad_fraction=0.05,
+    )
+    try:
+        report = run_fleet(spec, backend, workdir=workdir)
+    finally:
+        backend.close()
+    text = "\n".join(report.lines())
+    assert report.online_at_end == report.expected_online == 18, text
+    assert report.refusals.get("revoked") == 1, text  # mosquitto names the TLS alert
+    assert report.refusals.get("expired") == 1, text
+    assert report.messages_unique > 0, text

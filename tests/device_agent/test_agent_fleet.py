@@ -7,6 +7,7 @@ from pathlib import Path
 from device_agent.fleet import FleetSpec, run_fleet
 from iotauth.fleet_backend import LocalFleetBackend
 from provisioning.pki import PKI
+from tests.device_agent.agent_helpers import run_mixed_fleet
 from tests.device_agent.conftest import needs_mosquitto
 
 
@@ -44,24 +45,6 @@ def test_fleet_against_our_broker_with_every_scenario(pki: PKI, tmp_path: Path) 
 
 @needs_mosquitto
 def test_fleet_against_mosquitto(pki: PKI, tmp_path: Path) -> None:
-    backend = LocalFleetBackend(pki.path, kind="mosquitto", workdir=tmp_path)
-    try:
-        report = run_fleet(
-            FleetSpec(
-                devices=20,
-                duration=4,
-                scenarios=("steady", "revoked"),
-                telemetry_interval=0.5,
-                reactors=2,
-                bad_fraction=0.05,
-            ),
-            backend,
-            workdir=tmp_path / "fleet",
-        )
-    finally:
-        backend.close()
-    text = "\n".join(report.lines())
-    assert report.online_at_end == report.expected_online == 18, text
-    assert report.refusals.get("revoked") == 1, text  # mosquitto names the TLS alert
-    assert report.refusals.get("expired") == 1, text
-    assert report.messages_unique > 0, text
+    run_mixed_fleet(
+        LocalFleetBackend(pki.path, kind="mosquitto", workdir=tmp_path), tmp_path / "fleet"
+    )
