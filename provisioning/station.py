@@ -159,11 +159,8 @@ def _explain(port: str, exc: HardwareError, client: DeviceClient | None) -> str:
                 f"protocol version mismatch: the device answers in another protocol version "
                 f"(this station speaks v{PROTOCOL_VERSION})"
             )
-        if (
-            client is not None
-            and not client.stats.requests.get("HELLO", 0) > 1
-            and exc.command == "HELLO"
-        ):
+        first_hello = client is None or client.stats.requests.get("HELLO", 0) <= 1
+        if exc.command == "HELLO" and first_hello:
             return f"no device answering ({exc.reason} after {exc.attempts} attempts)"
         return f"device stopped answering during {exc.command} ({exc.reason})"
     if isinstance(exc, DeviceRefusedError):

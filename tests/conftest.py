@@ -143,3 +143,24 @@ def fill_disk(disk: Path, leave: int) -> Path:
     free = os.statvfs(disk).f_bavail * os.statvfs(disk).f_frsize
     os.truncate(filler, max(0, filler.stat().st_size + free - leave))
     return filler
+
+
+def _tool(name: str, *fallbacks: str) -> str | None:
+    return shutil.which(name) or next((f for f in fallbacks if Path(f).exists()), None)
+
+
+MOSQUITTO = _tool("mosquitto", "/usr/sbin/mosquitto")
+MOSQUITTO_PUB = _tool("mosquitto_pub")
+MOSQUITTO_SUB = _tool("mosquitto_sub")
+
+
+def needs(*tools: str | None, what: str) -> pytest.MarkDecorator:
+    """Skip on a developer machine without ``what``; under CI (CI=true) a missing tool fails."""
+    missing = any(tool is None for tool in tools)
+    return pytest.mark.skipif(
+        missing and not os.environ.get("CI"), reason=f"{what} not installed (.ci/run installs it)"
+    )
+
+
+needs_mosquitto = needs(MOSQUITTO, what="mosquitto")
+needs_mosquitto_clients = needs(MOSQUITTO_PUB, MOSQUITTO_SUB, what="mosquitto-clients")

@@ -25,12 +25,9 @@ from provisioning.errors import RegistryError
 from provisioning.identity import IdentityKind
 from provisioning.pki import PKI
 from tests.broker.broker_helpers import Fleet, Peer, wait_until
-from tests.conftest import Result
+from tests.conftest import MOSQUITTO, Result, needs_mosquitto
 
-MOSQUITTO = shutil.which("mosquitto") or (
-    "/usr/sbin/mosquitto" if Path("/usr/sbin/mosquitto").exists() else None
-)
-pytestmark = pytest.mark.skipif(MOSQUITTO is None, reason="mosquitto is not installed")
+pytestmark = needs_mosquitto
 
 QUIET = 0.5  # how long "nothing arrives" is watched for (Mosquitto delivers in milliseconds)
 

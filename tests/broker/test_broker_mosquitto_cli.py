@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import re
-import shutil
 import subprocess
 import sys
 import time
@@ -14,13 +13,9 @@ import pytest
 
 from broker.server import BrokerThread
 from tests.broker.broker_helpers import Fleet, Peer, wait_until
+from tests.conftest import MOSQUITTO_PUB, MOSQUITTO_SUB, needs_mosquitto_clients
 
-MOSQUITTO_SUB = shutil.which("mosquitto_sub")
-MOSQUITTO_PUB = shutil.which("mosquitto_pub")
-needs_mosquitto = pytest.mark.skipif(
-    MOSQUITTO_SUB is None or MOSQUITTO_PUB is None,
-    reason="mosquitto-clients not installed (CI installs them)",
-)
+needs_mosquitto = needs_mosquitto_clients
 
 
 def _tls_args(creds: Path, port: int, client_id: str) -> list[str]:

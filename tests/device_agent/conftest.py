@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import shutil
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -17,11 +16,6 @@ from iotauth.fleet_backend import Mosquitto
 from provisioning.identity import IdentityKind
 from provisioning.pki import PKI
 from tests.device_agent.agent_helpers import Sink, wait_until
-
-needs_mosquitto = pytest.mark.skipif(
-    shutil.which("mosquitto") is None and not Path("/usr/sbin/mosquitto").exists(),
-    reason="mosquitto not installed (CI installs it)",
-)
 
 
 class Creds:

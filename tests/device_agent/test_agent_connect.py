@@ -15,8 +15,9 @@ from device_agent import Agent
 from provisioning.certificates import build_server_cert, generate_key
 from provisioning.keyfiles import private_key_pem
 from provisioning.pki import PKI
+from tests.conftest import needs_mosquitto
 from tests.device_agent.agent_helpers import Sink, wait_until
-from tests.device_agent.conftest import Creds, connected, needs_mosquitto
+from tests.device_agent.conftest import Creds, connected
 
 
 def _flow(agent: Agent, sink: Sink, device: str) -> None:

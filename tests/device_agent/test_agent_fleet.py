@@ -7,8 +7,8 @@ from pathlib import Path
 from device_agent.fleet import FleetSpec, run_fleet
 from iotauth.fleet_backend import LocalFleetBackend
 from provisioning.pki import PKI
+from tests.conftest import needs_mosquitto
 from tests.device_agent.agent_helpers import run_mixed_fleet
-from tests.device_agent.conftest import needs_mosquitto
 
 
 def test_fleet_against_our_broker_with_every_scenario(pki: PKI, tmp_path: Path) -> None:

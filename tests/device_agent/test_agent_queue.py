@@ -13,8 +13,9 @@ from device_agent import Agent, AgentConfig, MemoryQueue, SqliteQueue
 from device_agent.queue import MessageQueue
 from iotauth.fleet_backend import Mosquitto
 from provisioning.pki import PKI
+from tests.conftest import needs_mosquitto
 from tests.device_agent.agent_helpers import Gate, Sink, wait_until
-from tests.device_agent.conftest import Creds, connected, needs_mosquitto
+from tests.device_agent.conftest import Creds, connected
 
 
 def _queues(tmp_path: Path, **bounds: int) -> list[MessageQueue]:

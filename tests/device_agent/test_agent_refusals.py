@@ -14,8 +14,9 @@ from broker.server import BrokerThread
 from device_agent import Agent, Backoff, Failure
 from device_agent.backoff import classify_connack, classify_exception, classify_log_text
 from provisioning.pki import PKI
+from tests.conftest import needs_mosquitto
 from tests.device_agent.agent_helpers import wait_until
-from tests.device_agent.conftest import Creds, needs_mosquitto
+from tests.device_agent.conftest import Creds
 
 
 def test_backoff_is_capped_and_fully_jittered() -> None:
