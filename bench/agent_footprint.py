@@ -1,10 +1,14 @@
-"""The agent's footprint: RSS and CPU of a real `agent run` process, idle and publishing 1/s.
+"""The agent's footprint: RSS and CPU of a real `agent run` process, idle, publishing 1/s, renewed.
 
-    .venv/bin/python bench/agent_footprint.py [--seconds 30]
+    .venv/bin/python bench/agent_footprint.py [--seconds 30] [--entry iotauth-agent|iotauth]
 
-Starts our broker in-process on 127.0.0.1:0, issues one device, runs the agent as its own process
-(the same entry point as `iotauth agent run`) and reads /proc/<pid>/{status,stat}. Targets
-(issue 5): RSS <= 35 MB, idle CPU <= 0.5 %.
+Starts our broker (with its renewal service) in-process on 127.0.0.1:0, issues one device, runs
+the agent as its own process and reads /proc/<pid>/{status,stat}. By default the agent is started
+as the systemd unit starts it (packaging/iotauth-agent.service): the slim console script
+`iotauth-agent run`, the one next to this Python. `--entry iotauth` measures `iotauth agent run`
+(the full command line) instead, for comparison. The last line is the RSS after one renewal over
+MQTT (the `renew` command), when the agent has imported cryptography for the new key and CSR.
+Targets (issue 5): RSS <= 35 MB, idle CPU <= 0.5 %.
 """
 
 from __future__ import annotations
@@ -17,11 +21,23 @@ import tempfile
 import time
 from pathlib import Path
 
-from broker import BrokerSettings
-from broker.server import BrokerThread
-from provisioning.pki import PKI
+import paho.mqtt.client as mqtt
+from paho.mqtt.enums import CallbackAPIVersion
 
-RUN = "from device_agent.cli import agent_app; agent_app()"
+from broker import BrokerSettings
+from broker.renewal import RenewalSettings
+from broker.server import BrokerThread
+from provisioning.identity import IdentityKind
+from provisioning.pki import PKI
+from provisioning.tls import client_context_for_credentials
+
+# Console scripts next to the interpreter, as `pip install iotauth[agent]` puts them in a venv.
+BIN = Path(sys.executable).parent
+ENTRIES = {
+    "iotauth-agent": [str(BIN / "iotauth-agent")],
+    "iotauth": [str(BIN / "iotauth"), "agent"],
+}
+DEVICE = "dev-bench"
 TICK = os.sysconf("SC_CLK_TCK")
 
 
@@ -37,30 +53,53 @@ def _cpu_s(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / TICK
 
 
-def measure(store: Path, port: int, interval: float, seconds: float) -> dict[str, float]:
-    proc = subprocess.Popen(
-        [
-            sys.executable,
-            "-c",
-            RUN,
-            "run",
-            "--store",
-            str(store),
-            "--broker",
-            f"127.0.0.1:{port}",
-            "--telemetry-interval",
-            str(interval),
-        ],
+def _start(entry: list[str], store: Path, port: int, interval: float) -> subprocess.Popen[bytes]:
+    argv = ["run", "--store", str(store), "--broker", f"127.0.0.1:{port}"]
+    return subprocess.Popen(
+        [*entry, *argv, "--telemetry-interval", str(interval)],
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
     )
+
+
+def measure(
+    entry: list[str], store: Path, port: int, interval: float, seconds: float
+) -> dict[str, float]:
+    proc = _start(entry, store, port, interval)
     try:
         time.sleep(5)  # start-up, imports, TLS handshake, first publish
         cpu0, t0 = _cpu_s(proc.pid), time.monotonic()
         time.sleep(seconds)
         cpu1, t1 = _cpu_s(proc.pid), time.monotonic()
+        assert proc.poll() is None, f"the agent exited early ({proc.returncode})"
         return {"rss_mb": _rss_mb(proc.pid), "cpu_percent": 100 * (cpu1 - cpu0) / (t1 - t0)}
     finally:
+        proc.terminate()
+        proc.wait(10)
+
+
+def measure_renewal(entry: list[str], store: Path, service: Path, port: int) -> float:
+    """RSS a few seconds after one renewal has been installed."""
+    proc = _start(entry, store, port, 3600)
+    client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id="bench")
+    client.tls_set_context(client_context_for_credentials(service))
+    client.connect("127.0.0.1", port)
+    client.loop_start()
+    try:
+        time.sleep(5)
+        before = (store / "device.crt").read_bytes()
+        info = client.publish(f"devices/{DEVICE}/commands/renew", b"{}", qos=1)
+        info.wait_for_publish(10)
+        deadline = time.monotonic() + 60
+        while (store / "device.crt").read_bytes() == before or (store / ".renewal").exists():
+            assert time.monotonic() < deadline, "the renewal did not complete"
+            assert proc.poll() is None, f"the agent exited early ({proc.returncode})"
+            time.sleep(0.2)
+        time.sleep(3)
+        return _rss_mb(proc.pid)
+    finally:
+        client.disconnect()
+        client.loop_stop()
         proc.terminate()
         proc.wait(10)
 
@@ -68,17 +107,32 @@ def measure(store: Path, port: int, interval: float, seconds: float) -> dict[str
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--seconds", type=float, default=30)
+    parser.add_argument("--entry", choices=sorted(ENTRIES), default="iotauth-agent")
     args = parser.parse_args()
+    entry = ENTRIES[args.entry]
+    if not Path(entry[0]).exists():
+        parser.error(
+            f"{entry[0]} is missing: install the project again (make, or pip install -e .)"
+        )
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
         pki = PKI.init(root / "pki", trust_domain="fleet.example")
-        pki.issue("dev-bench", out=root / "dev")
-        with BrokerThread(BrokerSettings(root / "pki"), audit_sink=lambda _: None) as broker:
-            idle = measure(root / "dev", broker.port, 3600, args.seconds)
-            busy = measure(root / "dev", broker.port, 1, args.seconds)
+        pki.issue(DEVICE, out=root / "dev")
+        pki.issue("bench", kind=IdentityKind.SERVICE, out=root / "bench")
+        settings = BrokerSettings(root / "pki", renewal=RenewalSettings())
+        with BrokerThread(settings, audit_sink=lambda _: None) as broker:
+            renewal = broker.broker.renewal
+            assert renewal is not None
+            assert renewal.wait_subscribed(), "the renewal service did not subscribe"
+            idle = measure(entry, root / "dev", broker.port, 3600, args.seconds)
+            busy = measure(entry, root / "dev", broker.port, 1, args.seconds)
+            renewed = measure_renewal(entry, root / "dev", root / "bench", broker.port)
         pki.close()
+    shown = " ".join([Path(entry[0]).name, *entry[1:]])
+    print(f"entry point: {shown} run")
     print(f"agent idle          RSS {idle['rss_mb']:.1f} MB, CPU {idle['cpu_percent']:.2f} %")
     print(f"agent 1 msg/s QoS1  RSS {busy['rss_mb']:.1f} MB, CPU {busy['cpu_percent']:.2f} %")
+    print(f"after one renewal   RSS {renewed:.1f} MB")
     print(f"({args.seconds:.0f} s windows after 5 s start-up; python {sys.version.split()[0]})")
 
 

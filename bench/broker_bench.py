@@ -1,6 +1,7 @@
 """Our broker against plain amqtt and mosquitto, same clients, same machine, same run.
 
-    .venv/bin/python bench/broker_bench.py [--clients 500] [--concurrency 50] [--rounds 2]
+    .venv/bin/python bench/broker_bench.py [--rounds 2] [--brokers iotauth,amqtt,mosquitto]
+        [--phases connect,hold,qos0,qos1,idle] [--publishers 20,1] [--idle-clients 10000]
 
 Builds a throw-away PKI (trust domain ``bench.example``) with one credential directory per
 device (``device.crt`` = leaf + issuing CA, ``device.key``, ``ca.crt`` = root) and a service
@@ -14,13 +15,18 @@ it and stops it:
   mosquitto  mosquitto 2.x: require_certificate, use_identity_as_username, crlfile,
              set_tcp_nodelay, ACL ``pattern readwrite devices/%u/#`` + ``user sink`` /
              ``topic read devices/+/telemetry/#``; every other setting is mosquitto's default,
-             so a subscriber with 1000 messages queued loses further QoS 0 messages
-             (``--mosquitto-max-queued`` changes that)
+             so a subscriber with 1000 messages queued loses further messages, QoS 0 and QoS 1
+             (``--mosquitto-max-queued`` changes that), and at most 20 QoS 1 messages are in
+             flight to one subscriber (max_inflight_messages)
+
+This process raises its RLIMIT_NOFILE to the hard limit before it starts any broker, so the
+brokers (which inherit it) and the clients have file descriptors enough for ``--idle-clients``.
 
 Per broker (the client is raw asyncio + ssl with hand-written MQTT 3.1.1 bytes, one
-certificate per client, client id = the certificate's identity, full TLS handshakes):
+certificate per client, client id = the certificate's identity, full TLS handshakes), the phases
+of ``--phases`` in this order:
 
-  idle       broker RSS one second after start, before any client
+  (always)   broker RSS one second after start, before any client
   connect    after --concurrency untimed warm-up connects, --clients connect (TCP + mTLS +
              CONNECT/CONNACK) and disconnect, --concurrency in flight: connects/s, latency
              p50/p99 to CONNACK, broker CPU ms per connect (utime + stime from /proc over the
@@ -28,10 +34,23 @@ certificate per client, client id = the certificate's identity, full TLS handsha
   hold       broker RSS after the connect phase (a high-water mark: allocators keep what the
              handshakes used), then the same clients connect and stay connected: broker RSS
              with all of them, and the difference per client
-  pubsub     ``sink`` subscribes to ``devices/+/telemetry/#``; --publishers devices each send
-             --messages QoS 0 messages of --payload bytes to ``devices/<id>/telemetry/t`` as
-             fast as the broker takes them: delivered msgs/s (first publish to last delivery),
-             loss, broker CPU us per delivered message
+  qos0       once per entry of --publishers (default 20 and 1): ``sink`` subscribes to
+             ``devices/+/telemetry/#`` with QoS 0; that many devices share --messages QoS 0
+             messages of --payload bytes, sent to ``devices/<id>/telemetry/t`` as fast as the
+             broker takes them: delivered msgs/s (first publish to last delivery), loss, broker
+             CPU us per delivered message
+  qos1       the same with QoS 1 end to end: the sink subscribes with QoS 1 and PUBACKs every
+             delivered PUBLISH (one write per read); each publisher keeps at most --qos1-window
+             PUBLISHes unacknowledged and waits for the broker's PUBACKs
+  idle       only with --idle-clients N: a fresh broker, then N devices connect with mTLS
+             (--concurrency in flight) and stay connected, sending nothing: broker RSS before
+             and with the N clients, the difference per client, and broker CPU while they idle.
+             N is the issue's "10,000 connected devices"; iotauth's max_connections (10,000 by
+             default, and its renewal service holds one connection) is raised with
+             ``--max-connections`` when N does not fit; mosquitto and plain amqtt have no limit
+
+Every pub/sub and connect figure comes with the load generator's own CPU (this process, one
+core); near 100 % means the client, not the broker, may have set the pace.
 
 The broker order rotates between rounds. The report (Markdown, on stdout) gives the median of
 each figure over the rounds and, for the ratios, the median of the ratios taken within each
@@ -46,6 +65,8 @@ import asyncio
 import collections
 import contextlib
 import datetime as dt
+import functools
+import importlib
 import json
 import os
 import platform
@@ -75,6 +96,7 @@ SINK = "sink"
 SINK_FILTER = "devices/+/telemetry/#"
 HERE = Path(__file__).resolve().parent
 BROKERS = ("iotauth", "amqtt", "mosquitto")
+PHASES = ("connect", "hold", "qos0", "qos1", "idle")
 
 MOSQUITTO_ACL = """\
 # every device may read and write below its own id only (username = certificate CN)
@@ -126,7 +148,14 @@ def publish_qos0_packet(topic: str, payload: bytes) -> bytes:
     return b"\x30" + _varlen(len(body)) + body
 
 
+def publish_qos1_head(topic: str, payload_len: int) -> bytes:
+    """A QoS 1 PUBLISH up to its packet id: ``head + packet_id (2 bytes) + payload``."""
+    topic_bytes = _mqtt_str(topic)
+    return b"\x32" + _varlen(len(topic_bytes) + 2 + payload_len) + topic_bytes
+
+
 DISCONNECT = b"\xe0\x00"
+PUBLISH, PUBACK = 3, 4
 
 
 async def read_packet(reader: asyncio.StreamReader) -> tuple[int, bytes]:
@@ -141,8 +170,12 @@ async def read_packet(reader: asyncio.StreamReader) -> tuple[int, bytes]:
     return first, await reader.readexactly(length)
 
 
-def count_publishes(buf: bytearray) -> tuple[int, int]:
-    """(PUBLISH packets complete in ``buf``, bytes they and other complete packets use)."""
+def count_packets(buf: bytearray, kind: int, acks: bytearray | None = None) -> tuple[int, int]:
+    """(packets of type ``kind`` complete in ``buf``, bytes they and other complete packets use).
+
+    With ``acks``, a PUBACK is appended to it for each QoS 1 PUBLISH counted (the sink answers a
+    whole read with one write).
+    """
     i, size, count = 0, len(buf), 0
     while size - i >= 2:
         j, length, multiplier = i + 1, 0, 1
@@ -157,8 +190,13 @@ def count_publishes(buf: bytearray) -> tuple[int, int]:
             break
         if j + length > size:
             break
-        if buf[i] >> 4 == 3:
+        first = buf[i]
+        if first >> 4 == kind:
             count += 1
+            if acks is not None and first & 0x06 == 0x02:  # QoS 1: the id follows the topic
+                k = j + 2 + (buf[j] << 8 | buf[j + 1])
+                acks += b"\x40\x02"
+                acks += buf[k : k + 2]
         i = j + length
     return count, i
 
@@ -223,20 +261,27 @@ def machine_busy_s() -> float:
     return (user + nice + system + irq + softirq + steal) / os.sysconf("SC_CLK_TCK")
 
 
+Snapshot = tuple[float, float, float, float]  # wall, broker CPU, own CPU, machine busy
+
+
 class Window:
     """A timed window: broker CPU, this process's CPU and everybody else's, and wall time."""
 
     def __init__(self, mon: ProcTree) -> None:
         self.mon = mon
-        self.broker0, self.own0 = mon.cpu_s(), time.process_time()
-        self.all0, self.t0 = machine_busy_s(), perf()
-        self.broker = self.other = self.wall = 0.0
+        self.t0, self.broker0, self.own0, self.all0 = self.snapshot()
+        self.broker = self.own = self.other = self.wall = 0.0
 
-    def close(self) -> Window:
-        self.wall = perf() - self.t0
-        self.broker = self.mon.cpu_s() - self.broker0
-        own = time.process_time() - self.own0
-        self.other = max(0.0, machine_busy_s() - self.all0 - self.broker - own)
+    def snapshot(self) -> Snapshot:
+        return perf(), self.mon.cpu_s(), time.process_time(), machine_busy_s()
+
+    def close(self, at: Snapshot | None = None) -> Window:
+        """End the window now, or at an earlier ``snapshot()``."""
+        now, broker, own, busy = at or self.snapshot()
+        self.wall = now - self.t0
+        self.broker = broker - self.broker0
+        self.own = own - self.own0
+        self.other = max(0.0, busy - self.all0 - self.broker - self.own)
         return self
 
 
@@ -324,16 +369,37 @@ def _spawn(
     return proc, stderr_path, files
 
 
-def start_iotauth(pki_dir: Path, workdir: Path, cpu: int | None) -> RunningBroker:
+# The limits of ``broker.settings.Limits`` the report names, when the broker has them.
+IOTAUTH_LIMITS = ("outbound_max_messages", "max_inflight", "max_connections")
+
+
+def iotauth_limits() -> dict[str, int]:
+    """Our broker's default limits (``broker.settings.Limits``), as far as it has them.
+
+    Imported by name: the bench otherwise needs nothing of ``broker`` (nor mypy to check it).
+    """
+    try:
+        limits = importlib.import_module("broker.settings").Limits()
+    except Exception as exc:  # noqa: BLE001 - the broker's own start will say what is wrong
+        log(f"iotauth: cannot read broker.settings.Limits: {type(exc).__name__}: {exc}")
+        return {}
+    return {k: int(getattr(limits, k)) for k in IOTAUTH_LIMITS if hasattr(limits, k)}
+
+
+def start_iotauth(
+    pki_dir: Path, workdir: Path, cpu: int | None, max_connections: int | None = None
+) -> RunningBroker:
+    """``max_connections``: run with this connection limit instead of the default."""
     exe = Path(sys.executable).with_name("iotauth")
-    iotauth = str(exe) if exe.exists() else shutil.which("iotauth")
-    if iotauth is None:
+    found = str(exe) if exe.exists() else shutil.which("iotauth")
+    if found is None:
         msg = "iotauth: no 'iotauth' next to this Python or on PATH"
         raise BenchError(msg)
+    limit = [] if max_connections is None else ["--max-connections", str(max_connections)]
     port, metrics_port = free_port(), free_port()
     cmd = [
         *pin_prefix(cpu),
-        iotauth,
+        found,
         "broker",
         "run",
         "--pki",
@@ -344,6 +410,7 @@ def start_iotauth(pki_dir: Path, workdir: Path, cpu: int | None) -> RunningBroke
         str(port),
         "--metrics-port",
         str(metrics_port),
+        *limit,
     ]
     audit = workdir / "iotauth.audit.jsonl"
     proc, stderr_path, files = _spawn("iotauth", cmd, workdir, audit)
@@ -548,20 +615,61 @@ def percentile(values: Sequence[float], q: float) -> float | None:
 
 @dataclass(frozen=True)
 class Plan:
+    phases: tuple[str, ...]
     clients: int
     concurrency: int
-    publishers: int
-    messages: int
+    publishers: tuple[int, ...]
+    messages: int  # per pub/sub run, shared by its publishers
     payload: int
+    qos1_window: int
+    idle_clients: int
     deadline: float
-    idle: float
+    stall: float
     op_timeout: float
+
+    @property
+    def main_phases(self) -> tuple[str, ...]:
+        """The phases run on the first broker of a round (all but idle)."""
+        return tuple(ph for ph in self.phases if ph != "idle")
+
+    def runs(self) -> list[PubSubRun]:
+        """The pub/sub runs of this plan, in the order they are measured."""
+        return [
+            PubSubRun(qos, pubs, self.messages // pubs)
+            for qos in (0, 1)
+            if f"qos{qos}" in self.phases
+            for pubs in self.publishers
+        ]
+
+
+@dataclass(frozen=True)
+class PubSubRun:
+    qos: int
+    publishers: int
+    per_publisher: int
+
+    @property
+    def key(self) -> str:
+        """Prefix of this run's figures, e.g. ``q1_20p``."""
+        return f"q{self.qos}_{self.publishers}p"
+
+    @property
+    def expected(self) -> int:
+        return self.publishers * self.per_publisher
+
+    @property
+    def title(self) -> str:
+        return f"QoS {self.qos}, {self.publishers} pub → 1 sub"
 
 
 @dataclass
 class Measured:
     values: Values = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
+
+
+def cpu_percent(seconds: float, wall: float) -> float | None:
+    return seconds / wall * 100 if wall > 0 else None
 
 
 async def phase_connect(
@@ -592,8 +700,9 @@ async def phase_connect(
         "connect_p50_ms": p50 * 1e3 if p50 is not None else None,
         "connect_p99_ms": p99 * 1e3 if p99 is not None else None,
         "cpu_ms_per_connect": cpu / ok * 1e3 if ok else None,
-        "cpu_busy_connect": cpu / wall * 100,
-        "other_connect": window.other / wall * 100,
+        "cpu_busy_connect": cpu_percent(cpu, wall),
+        "other_connect": cpu_percent(window.other, wall),
+        "loadgen_connect": cpu_percent(window.own, wall),
     }
 
 
@@ -631,23 +740,82 @@ async def phase_hold(
     }
 
 
-class SinkCounter:
-    """Reads the sink's socket and counts PUBLISH packets as they arrive."""
+def idle_deadline(p: Plan) -> float:
+    """Connecting --idle-clients takes a while: allow 20 ms per client beyond the deadline."""
+    return p.deadline + 0.02 * p.idle_clients
 
-    def __init__(self, conn: Conn, expected: int) -> None:
-        self.conn, self.expected = conn, expected
+
+async def phase_idle(
+    broker: RunningBroker, mon: ProcTree, ctxs: dict[str, ssl.SSLContext], ids: list[str], p: Plan
+) -> Values:
+    """On a fresh broker: --idle-clients connect and stay; RSS with them, CPU while they idle."""
+    before = mon.rss_kib()
+    connecting = Window(mon)
+    run = await asyncio.wait_for(
+        connect_many(
+            broker.port,
+            ctxs,
+            ids[: p.idle_clients],
+            p.concurrency,
+            keep=True,
+            timeout=p.op_timeout,
+        ),
+        idle_deadline(p),
+    )
+    connecting.close()
+    ok = len(run.conns)
+    try:
+        if run.errors:
+            raise PhaseError("idle", run.errors, ok)
+        log(f"    {ok} idle clients connected in {connecting.wall:.1f} s")
+        await asyncio.sleep(2.0)  # the last handshakes' garbage is gone, the sessions are set up
+        window = Window(mon)
+        await asyncio.sleep(5.0)
+        window.close()
+        held = mon.rss_kib()
+    finally:
+        for conn in run.conns:  # the broker is stopped next: no need for a graceful goodbye
+            conn.writer.transport.abort()
+    return {
+        "idle_connects_per_s": ok / connecting.wall,
+        "idle_cpu_ms_per_connect": connecting.broker / ok * 1e3,
+        "idle_loadgen_connect": cpu_percent(connecting.own, connecting.wall),
+        "idle_busy_connect": cpu_percent(connecting.broker, connecting.wall),  # for the notes
+        "idle_other_connect": cpu_percent(connecting.other, connecting.wall),
+        "idle_rss_before_mb": before / 1024,
+        "idle_rss_held_mb": held / 1024,
+        "idle_kib_per_client": (held - before) / ok,
+        "idle_cpu_busy": cpu_percent(window.broker, window.wall),
+    }
+
+
+class SinkCounter:
+    """Reads the sink's socket and counts PUBLISH packets as they arrive.
+
+    With ``ack``, every QoS 1 PUBLISH is acknowledged: the PUBACKs of one read go out in one write.
+    """
+
+    def __init__(self, conn: Conn, expected: int, *, ack: bool = False) -> None:
+        self.conn, self.expected, self.ack = conn, expected, ack
         self.received = 0
         self.last_at = 0.0
         self.done = asyncio.Event()
 
     async def run(self) -> None:
         buf = bytearray()
+        reader, writer = self.conn.reader, self.conn.writer
         while True:
-            data = await self.conn.reader.read(65536)
+            data = await reader.read(65536)
             if not data:
                 return
             buf += data
-            count, used = count_publishes(buf)
+            if self.ack:
+                acks = bytearray()
+                count, used = count_packets(buf, PUBLISH, acks)
+                if acks:
+                    writer.write(acks)
+            else:
+                count, used = count_packets(buf, PUBLISH)
             del buf[:used]
             if count:
                 self.received += count
@@ -655,16 +823,21 @@ class SinkCounter:
                 if self.received >= self.expected:
                     self.done.set()
 
-    async def settle(self, started: float, deadline: float, idle: float) -> None:
-        """Wait for everything, or until nothing arrived for ``idle`` seconds."""
-        last_n, last_change = -1, perf()
-        while not self.done.is_set() and perf() - started < deadline:
+    async def settle(self, window: Window, deadline: float, stall: float) -> Snapshot | None:
+        """Wait for everything, or until nothing arrived for ``stall`` seconds.
+
+        Returns None if everything arrived, else a snapshot of ``window`` taken within 0.1 s
+        after the last delivery: the end of the measurement, without the ``stall`` wait.
+        """
+        last_n, last_change, last_snap = -1, perf(), None
+        while not self.done.is_set() and perf() - window.t0 < deadline:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self.done.wait(), 0.1)
             if self.received != last_n:
-                last_n, last_change = self.received, perf()
-            elif perf() - last_change > idle:
-                return
+                last_n, last_change, last_snap = self.received, perf(), window.snapshot()
+            elif perf() - last_change > stall:
+                break
+        return None if self.done.is_set() else last_snap
 
 
 async def publish_burst(conn: Conn, topic: str, payload: bytes, count: int) -> None:
@@ -677,11 +850,60 @@ async def publish_burst(conn: Conn, topic: str, payload: bytes, count: int) -> N
     await conn.writer.drain()
 
 
-async def subscribe_sink(conn: Conn, timeout: float) -> None:
-    conn.writer.write(subscribe_packet(1, SINK_FILTER, 0))
+async def publish_window(conn: Conn, topic: str, payload: bytes, count: int, window: int) -> None:
+    """QoS 1 with at most ``window`` PUBLISHes unacknowledged; returns once all are PUBACKed."""
+    head = publish_qos1_head(topic, len(payload))
+    sent = acked = 0
+    more = asyncio.Event()
+
+    async def read_acks() -> None:
+        nonlocal acked
+        buf = bytearray()
+        try:
+            while acked < count:
+                data = await conn.reader.read(65536)
+                if not data:
+                    raise asyncio.IncompleteReadError(bytes(buf), None)
+                buf += data
+                n, used = count_packets(buf, PUBACK)
+                del buf[:used]
+                if n:
+                    acked += n
+                    more.set()
+        finally:
+            more.set()  # the writer must not wait for a reader that is gone
+
+    reader = asyncio.ensure_future(read_acks())
+    try:
+        while sent < count:
+            room = min(window - (sent - acked), count - sent)
+            if room <= 0:
+                if reader.done():
+                    reader.result()  # raises what ended it
+                    msg = f"{acked} PUBACKs for {sent} QoS 1 PUBLISHes"
+                    raise BenchError(msg)
+                more.clear()
+                await more.wait()
+                continue
+            # packet ids 1..65535, unique among the (at most window < 65535) unacknowledged
+            conn.writer.write(
+                b"".join(
+                    head + ((sent + k) % 65535 + 1).to_bytes(2, "big") + payload
+                    for k in range(room)
+                )
+            )
+            sent += room
+            await conn.writer.drain()
+        await reader
+    finally:
+        reader.cancel()
+
+
+async def subscribe_sink(conn: Conn, qos: int, timeout: float) -> None:
+    conn.writer.write(subscribe_packet(1, SINK_FILTER, qos))
     kind, body = await asyncio.wait_for(read_packet(conn.reader), timeout)
-    if kind >> 4 != 9 or body[2] != 0:
-        msg = f"pubsub: SUBSCRIBE {SINK_FILTER} answered {kind:#x} {body.hex()}"
+    if kind >> 4 != 9 or body[2] != qos:
+        msg = f"SUBSCRIBE {SINK_FILTER} QoS {qos} answered {kind:#x} {body.hex()}"
         raise BenchError(msg)
 
 
@@ -692,40 +914,49 @@ async def phase_pubsub(
     sink_ctx: ssl.SSLContext,
     ids: list[str],
     p: Plan,
+    run: PubSubRun,
 ) -> Values:
-    expected = p.publishers * p.messages
     payload = (b"0123456789abcdef" * (p.payload // 16 + 1))[: p.payload]
+    await asyncio.sleep(0.5)  # the previous phase's disconnects are done
     sink = await mqtt_connect(broker.port, sink_ctx, SINK, p.op_timeout)
     publishers: list[tuple[str, Conn]] = []
     try:
-        await subscribe_sink(sink, p.op_timeout)
-        for device in ids[: p.publishers]:
+        await subscribe_sink(sink, run.qos, p.op_timeout)
+        for device in ids[: run.publishers]:
             conn = await mqtt_connect(broker.port, ctxs[device], device, p.op_timeout)
             publishers.append((device, conn))
-        counter = SinkCounter(sink, expected)
+        counter = SinkCounter(sink, run.expected, ack=run.qos == 1)
         reader_task = asyncio.ensure_future(counter.run())
         await asyncio.sleep(0.3)
         window = Window(mon)
-        t0 = window.t0
         try:
-            bursts = (
-                publish_burst(c, f"devices/{d}/telemetry/t", payload, p.messages)
-                for d, c in publishers
-            )
-            await asyncio.wait_for(asyncio.gather(*bursts), p.deadline)
-            await counter.settle(t0, p.deadline, p.idle)
+            if run.qos == 0:
+                sends = [
+                    publish_burst(c, f"devices/{d}/telemetry/t", payload, run.per_publisher)
+                    for d, c in publishers
+                ]
+            else:
+                sends = [
+                    publish_window(
+                        c, f"devices/{d}/telemetry/t", payload, run.per_publisher, p.qos1_window
+                    )
+                    for d, c in publishers
+                ]
+            await asyncio.wait_for(asyncio.gather(*sends), p.deadline)
+            window.close(await counter.settle(window, p.deadline, p.stall))
         finally:
             reader_task.cancel()
-        window.close()
         cpu = window.broker
         received = counter.received
-        span = (counter.last_at or perf()) - t0
+        span = (counter.last_at or perf()) - window.t0
+        k = run.key
         return {
-            "msgs_per_s": received / span if received else 0.0,
-            "loss": float(expected - received),
-            "cpu_us_per_msg": cpu / received * 1e6 if received else None,
-            "cpu_busy_pubsub": cpu / span * 100 if span > 0 else None,
-            "other_pubsub": window.other / window.wall * 100,
+            f"{k}_msgs_per_s": received / span if received else 0.0,
+            f"{k}_loss": float(run.expected - received),
+            f"{k}_cpu_us_per_msg": cpu / received * 1e6 if received else None,
+            f"{k}_cpu_busy": cpu_percent(cpu, span),
+            f"{k}_other": cpu_percent(window.other, window.wall),
+            f"{k}_loadgen": cpu_percent(window.own, window.wall),
         }
     finally:
         await asyncio.gather(
@@ -763,26 +994,18 @@ def audit_summary(path: Path) -> str:
     return ", ".join(f"{k} {n}" for k, n in sorted(events.items())) or "no audit lines"
 
 
-async def measure(
-    broker: RunningBroker,
-    ctxs: dict[str, ssl.SSLContext],
-    sink_ctx: ssl.SSLContext,
-    ids: list[str],
-    plan: Plan,
-) -> Measured:
-    mon = ProcTree(broker.pid)
-    result = Measured()
-    await asyncio.sleep(1.0)
-    result.values["rss_idle_mb"] = mon.rss_kib() / 1024
-    phases: list[tuple[str, Callable[[], Coroutine[None, None, Values]]]] = [
-        ("connect", lambda: phase_connect(broker, mon, ctxs, ids, plan)),
-        ("hold", lambda: phase_hold(broker, mon, ctxs, ids, plan)),
-        ("pubsub", lambda: phase_pubsub(broker, mon, ctxs, sink_ctx, ids, plan)),
-    ]
+PhaseRun = Callable[[], Coroutine[None, None, Values]]
+
+
+async def run_phases(
+    broker: RunningBroker, mon: ProcTree, phases: list[tuple[str, PhaseRun]], result: Measured
+) -> None:
+    """Run ``phases`` in order; a failed one leaves a note and the next one still runs."""
     for phase, run in phases:
         if broker.proc.poll() is not None:
             result.notes.append(f"{phase}: broker exited with status {broker.proc.returncode}")
             break
+        log(f"    {phase} ...")
         try:
             result.values.update(await run())
         except PhaseError as exc:
@@ -816,9 +1039,46 @@ async def measure(
                     )
                 )
             }
-            result.notes.append(
-                "metrics: " + ", ".join(f"{k} {v:g}" for k, v in sorted(interesting.items()))
+            if interesting:
+                result.notes.append(
+                    "metrics: " + ", ".join(f"{k} {v:g}" for k, v in sorted(interesting.items()))
+                )
+
+
+async def measure(broker: RunningBroker, fleet: Fleet, plan: Plan) -> Measured:
+    """The phases of ``plan`` but idle, on one broker."""
+    mon = ProcTree(broker.pid)
+    ctxs, ids = fleet.ctxs, fleet.ids
+    result = Measured()
+    await asyncio.sleep(1.0)
+    result.values["rss_idle_mb"] = mon.rss_kib() / 1024
+    phases: list[tuple[str, PhaseRun]] = []
+    if "connect" in plan.phases:
+        phases.append(
+            ("connect", lambda: phase_connect(broker, mon, ctxs, ids[: plan.clients], plan))
+        )
+    if "hold" in plan.phases:
+        phases.append(("hold", lambda: phase_hold(broker, mon, ctxs, ids[: plan.clients], plan)))
+    for run in plan.runs():
+        phases.append(
+            (
+                run.title,
+                functools.partial(phase_pubsub, broker, mon, ctxs, fleet.sink_ctx, ids, plan, run),
             )
+        )
+    await run_phases(broker, mon, phases, result)
+    return result
+
+
+async def measure_idle(broker: RunningBroker, fleet: Fleet, plan: Plan) -> Measured:
+    """The idle phase, on a broker of its own."""
+    mon = ProcTree(broker.pid)
+    result = Measured()
+    await asyncio.sleep(1.0)
+    phases: list[tuple[str, PhaseRun]] = [
+        ("idle", lambda: phase_idle(broker, mon, fleet.ctxs, fleet.ids, plan))
+    ]
+    await run_phases(broker, mon, phases, result)
     return result
 
 
@@ -836,28 +1096,65 @@ class Metric:
 
 def metrics_for(p: Plan) -> list[Metric]:
     n, c = p.clients, p.concurrency
-    return [
-        Metric("connects_per_s", f"mTLS connects/s ({n} clients, {c} in flight)", "higher", 0),
-        Metric("connect_p50_ms", "connect latency p50 (ms, to CONNACK)", "lower", 1),
-        Metric("connect_p99_ms", "connect latency p99 (ms)", "lower", 1),
-        Metric("cpu_ms_per_connect", "broker CPU per connect (ms)", "lower", 2),
-        Metric("cpu_busy_connect", "broker CPU busy during connects (%)", "", 0, ratio=False),
-        Metric("other_connect", "other processes' CPU during connects (%)", "", 0, ratio=False),
-        Metric("rss_idle_mb", "broker RSS idle, fresh (MB)", "lower", 1),
-        Metric("rss_after_connect_mb", f"broker RSS after the {n} connects (MB)", "lower", 1),
-        Metric("rss_held_mb", f"broker RSS with {n} clients connected (MB)", "lower", 1),
-        Metric("kib_per_client", "RSS per connected client (KiB, held - after)", "lower", 1),
-        Metric(
-            "msgs_per_s",
-            f"QoS 0 delivered msgs/s ({p.publishers} pub x {p.messages}, {p.payload} B, 1 sub)",
-            "higher",
-            0,
-        ),
-        Metric("loss", f"messages lost (of {p.publishers * p.messages})", "lower", 0, ratio=False),
-        Metric("cpu_us_per_msg", "broker CPU per delivered message (us)", "lower", 1),
-        Metric("cpu_busy_pubsub", "broker CPU busy during pub/sub (%)", "", 0, ratio=False),
-        Metric("other_pubsub", "other processes' CPU during pub/sub (%)", "", 0, ratio=False),
-    ]
+    out: list[Metric] = []
+    if "connect" in p.phases:
+        out += [
+            Metric("connects_per_s", f"mTLS connects/s ({n} clients, {c} in flight)", "higher", 0),
+            Metric("connect_p50_ms", "connect latency p50 (ms, to CONNACK)", "lower", 1),
+            Metric("connect_p99_ms", "connect latency p99 (ms)", "lower", 1),
+            Metric("cpu_ms_per_connect", "broker CPU per connect (ms)", "lower", 2),
+            Metric("cpu_busy_connect", "broker CPU busy during connects (%)", "", 0, ratio=False),
+            Metric("other_connect", "other processes' CPU during connects (%)", "", 0, ratio=False),
+            Metric("loadgen_connect", "load generator CPU during connects (%)", "", 0, ratio=False),
+        ]
+    if p.main_phases:
+        out.append(Metric("rss_idle_mb", "broker RSS idle, fresh (MB)", "lower", 1))
+    if "hold" in p.phases:
+        before = f"after the {n} connects" if "connect" in p.phases else "before the hold phase"
+        out += [
+            Metric("rss_after_connect_mb", f"broker RSS {before} (MB)", "lower", 1),
+            Metric("rss_held_mb", f"broker RSS with {n} clients connected (MB)", "lower", 1),
+            Metric("kib_per_client", "RSS per connected client (KiB, held - before)", "lower", 1),
+        ]
+    for run in p.runs():
+        k, t = run.key, run.title
+        how = f"{run.publishers} x {run.per_publisher}, {p.payload} B"
+        if run.qos == 1:
+            how += f", window {p.qos1_window}"
+        out += [
+            Metric(f"{k}_msgs_per_s", f"{t}: delivered msgs/s ({how})", "higher", 0),
+            Metric(f"{k}_loss", f"{t}: messages lost (of {run.expected})", "lower", 0, ratio=False),
+            Metric(f"{k}_cpu_us_per_msg", f"{t}: broker CPU per delivered msg (us)", "lower", 1),
+            Metric(f"{k}_cpu_busy", f"{t}: broker CPU busy (%)", "", 0, ratio=False),
+            Metric(f"{k}_other", f"{t}: other processes' CPU (%)", "", 0, ratio=False),
+            Metric(f"{k}_loadgen", f"{t}: load generator CPU (%)", "", 0, ratio=False),
+        ]
+    if "idle" in p.phases:
+        m = p.idle_clients
+        out += [
+            Metric("idle_connects_per_s", f"idle: mTLS connects/s while {m} connect", "higher", 0),
+            Metric("idle_cpu_ms_per_connect", "idle: broker CPU per connect (ms)", "lower", 2),
+            Metric(
+                "idle_loadgen_connect",
+                "idle: load generator CPU while they connect (%)",
+                "",
+                0,
+                ratio=False,
+            ),
+            Metric("idle_rss_before_mb", "idle: fresh broker RSS before them (MB)", "lower", 1),
+            Metric(
+                "idle_rss_held_mb", f"idle: broker RSS with {m} clients connected (MB)", "lower", 1
+            ),
+            Metric("idle_kib_per_client", "idle: RSS per connected client (KiB)", "lower", 1),
+            Metric(
+                "idle_cpu_busy",
+                f"idle: broker CPU while {m} clients idle (%)",
+                "lower",
+                1,
+                ratio=False,
+            ),
+        ]
+    return out
 
 
 def fmt(value: float | None, digits: int) -> str:
@@ -909,48 +1206,106 @@ class RunInfo:
     versions: str
     elapsed: float
     mosquitto_max_queued: int | None
+    nofile: int  # RLIMIT_NOFILE of this process and the brokers
+    iotauth_limits: dict[str, int]  # the defaults
+    iotauth_idle_max_connections: int | None  # raised for the idle phase; None: the default
 
 
-def explain(brokers: list[str], results: dict[str, list[Measured]], info: RunInfo) -> list[str]:
+def _cpu_notes(b: str, results: list[Measured], plan: Plan) -> list[str]:
+    # (figures: broker busy, other processes, load generator; what; unaffected figure; QoS 1)
+    checks: list[tuple[tuple[str, str, str], str, str, bool]] = []
+    if "connect" in plan.phases:
+        keys = ("cpu_busy_connect", "other_connect", "loadgen_connect")
+        checks.append((keys, "connects", "CPU per connect", False))
+    for run in plan.runs():
+        keys = (f"{run.key}_cpu_busy", f"{run.key}_other", f"{run.key}_loadgen")
+        checks.append((keys, run.title, "CPU per message", run.qos == 1))
+    if "idle" in plan.phases:
+        keys = ("idle_busy_connect", "idle_other_connect", "idle_loadgen_connect")
+        checks.append((keys, "idle phase connects", "CPU per connect", False))
+    notes = []
+    for keys, what, per, qos1 in checks:
+        for k, r in enumerate(results):
+            busy = r.values.get(keys[0])
+            other, gen = r.values.get(keys[1]) or 0.0, r.values.get(keys[2]) or 0.0
+            if busy is None:
+                continue
+            where = f"- {NAMES[b]}, round {k + 1}, {what}:"
+            if busy < 80:
+                if other >= 20:
+                    why = f"other processes on the machine used {other:.0f} % of a core"
+                elif gen >= 85:
+                    why = f"the load generator (one core) was {gen:.0f} % busy and the limit"
+                elif qos1:
+                    why = (
+                        f"nor was the load generator ({gen:.0f} %): the QoS 1 round trips "
+                        "(PUBACKs to the publishers' window, and from the sink) set the pace"
+                    )
+                else:
+                    why = f"nor was the load generator ({gen:.0f} %): round trips set the pace"
+                notes.append(
+                    f"{where} the broker was only {busy:.0f} % busy ({why}), so that round's "
+                    f"wall-clock figures understate it; {per} is not affected."
+                )
+            elif gen >= 85:
+                notes.append(
+                    f"{where} the load generator (one core) was {gen:.0f} % busy next to the "
+                    f"broker's {busy:.0f} %: the rate is about what this client can drive, so "
+                    f"the broker may do more; {per} is not affected."
+                )
+    return notes
+
+
+def explain(
+    brokers: list[str], results: dict[str, list[Measured]], info: RunInfo, plan: Plan
+) -> list[str]:
     """Say what limits a figure when the table alone would mislead."""
     notes = []
     for b in brokers:
-        for busy_key, other_key, what, per in (
-            ("cpu_busy_connect", "other_connect", "connects", "CPU per connect"),
-            ("cpu_busy_pubsub", "other_pubsub", "pub/sub", "CPU per message"),
-        ):
-            for k, r in enumerate(results[b]):
-                busy, other = r.values.get(busy_key), r.values.get(other_key) or 0.0
-                if busy is None or busy >= 80:
-                    continue
-                why = (
-                    f"other processes on the machine used {other:.0f} % of a core"
-                    if other >= 20
-                    else "the load generator (one core) was the limit"
-                )
-                notes.append(
-                    f"- {NAMES[b]}, round {k + 1}: the broker was only {busy:.0f} % busy during "
-                    f"{what} ({why}), so that round's wall-clock figures understate it; "
-                    f"{per} is not affected."
-                )
-        lost = [r.values.get("loss") for r in results[b]]
-        if not any(lost):
+        notes += _cpu_notes(b, results[b], plan)
+        lossy = [
+            run for run in plan.runs() if any(r.values.get(f"{run.key}_loss") for r in results[b])
+        ]
+        if not lossy:
             continue
+        lost_in = ", ".join(run.title for run in lossy)
+        qos1 = [run for run in lossy if run.qos == 1]
+        offered = (
+            " QoS 1: the broker acknowledges a PUBLISH as soon as it has it, so the publishers' "
+            "windows do not hold them back; when they offer more than the broker delivers to "
+            "the one subscriber, that subscriber's queue fills."
+            if qos1
+            else ""
+        )
         if b == "mosquitto":
             queued = info.mosquitto_max_queued
             notes.append(
-                "- mosquitto lost QoS 0 messages: it drops them for a subscriber that already has "
-                f"max_queued_messages ({'1000, the default' if queued is None else queued}) "
-                "queued, and the sink (one asyncio loop on CPU 1, next to the publishers) reads "
-                "slower than mosquitto sends. `--mosquitto-max-queued 0` removes the cap."
+                f"- mosquitto lost messages ({lost_in}): it drops QoS 0 and QoS 1 messages for a "
+                "subscriber that already has max_queued_messages "
+                f"({'1000, the default' if queued is None else queued}) queued."
+                + (
+                    " QoS 0: the sink (one asyncio loop on CPU 1, next to the publishers) reads "
+                    "slower than mosquitto sends."
+                    if len(qos1) < len(lossy)
+                    else ""
+                )
+                + (
+                    " QoS 1: mosquitto PUBACKs a publisher as soon as it has the message, so the "
+                    "publishers' windows do not bound that queue, while it sends the sink at most "
+                    "20 unacknowledged messages (max_inflight_messages), one round trip per 20."
+                    if qos1
+                    else ""
+                )
+                + " `--mosquitto-max-queued 0` removes the cap."
             )
         elif b == "iotauth":
             notes.append(
-                "- iotauth lost messages: see iotauth_broker_outbound_dropped_total in the notes "
-                "(the per-session outbound cap, outbound_max_messages)."
+                f"- iotauth lost messages ({lost_in}): see iotauth_broker_outbound_dropped_total "
+                "in the notes: what does not fit a subscriber's queue (max_inflight "
+                "unacknowledged, then outbound_max_messages) is dropped, QoS 1 too." + offered
             )
         else:
-            notes.append(f"- {NAMES[b]} lost messages (amqtt has no cap; see the notes).")
+            notes.append(f"- {NAMES[b]} lost messages ({lost_in}; amqtt has no cap).")
     return ["", *notes] if notes else []
 
 
@@ -962,11 +1317,42 @@ def command_line() -> str:
     return shlex.join(argv)
 
 
+def settings_text(plan: Plan, brokers: list[str], info: RunInfo) -> str:
+    queued = info.mosquitto_max_queued
+    parts = {
+        "mosquitto": "mosquitto: "
+        + (
+            "max_queued_messages 1000 by default"
+            if queued is None
+            else f"max_queued_messages {queued}"
+        )
+        + ", max_inflight_messages 20 by default, max_connections -1 (no limit)",
+        "amqtt": "plain amqtt: max_connections -1 (no limit)",
+        "iotauth": "iotauth: "
+        + ", ".join(f"{k} {v:,}" for k, v in info.iotauth_limits.items())
+        + " (its defaults)",
+    }
+    raised = info.iotauth_idle_max_connections
+    if "idle" in plan.phases and raised is not None:
+        parts["iotauth"] += (
+            f", max_connections {raised:,} in the idle phase (the default does not leave room "
+            f"for {plan.idle_clients:,} devices and the renewal service's own connection; "
+            "`iotauth broker run` has no option for it, the bench replaces the default Limits)"
+        )
+    text = "; ".join(parts[b] for b in brokers)
+    text += f". RLIMIT_NOFILE {info.nofile:,} for the clients and the brokers."
+    if "qos1" in plan.phases:
+        text += (
+            f" QoS 1: each publisher keeps at most {plan.qos1_window} PUBLISHes unacknowledged; "
+            "the sink PUBACKs every delivery, all of one read in one write."
+        )
+    return text
+
+
 def report(
     plan: Plan, brokers: list[str], results: dict[str, list[Measured]], info: RunInfo
 ) -> str:
     refs = [b for b in ("amqtt", "mosquitto") if b in brokers and "iotauth" in brokers]
-    queued = info.mosquitto_max_queued
     out = [
         "Command: `" + command_line() + "`",
         "",
@@ -979,15 +1365,11 @@ def report(
         )
         + f"Median over {info.rounds} round(s), broker order rotated per round; a ratio is the "
         "median of the ratios within each round. Broker CPU is utime + stime from "
-        f"/proc/<pid>/stat ({os.sysconf('SC_CLK_TCK')} ticks/s). Each broker runs with its "
-        "defaults apart from the settings in bench/broker_bench.py (mosquitto: "
-        + (
-            "max_queued_messages 1000 by default"
-            if queued is None
-            else f"max_queued_messages {queued}"
-        )
-        + "; iotauth: outbound_max_messages 1000 per session, inbound backpressure). "
-        f"Total time {info.elapsed:.0f} s.",
+        f"/proc/<pid>/stat ({os.sysconf('SC_CLK_TCK')} ticks/s); the load generator's is this "
+        "process's own (one core: 100 % is its limit). Each broker runs with its defaults apart "
+        "from the settings in bench/broker_bench.py ("
+        + settings_text(plan, brokers, info)
+        + f") Total time {info.elapsed:.0f} s.",
         "",
         "| metric | better | "
         + " | ".join(NAMES[b] for b in brokers)
@@ -1002,7 +1384,7 @@ def report(
             value = ratio(series["iotauth"], series[ref]) if m.ratio else None
             cells.append(f"{value:.2f}x" if value is not None else "-")
         out.append(f"| {m.label} | {m.better or '-'} | " + " | ".join(cells) + " |")
-    out += explain(brokers, results, info)
+    out += explain(brokers, results, info, plan)
     out += ["", "Per round (broker, metric: median [round 1, round 2, ...]):", ""]
     out += ["| broker | metric | median | rounds |", "|---|---|---:|---|"]
     for b in brokers:
@@ -1053,6 +1435,33 @@ def _interrupt(signum: int, frame: FrameType | None) -> None:
     raise KeyboardInterrupt
 
 
+def _int_list(text: str) -> tuple[int, ...]:
+    try:
+        values = tuple(int(x) for x in text.split(",") if x.strip())
+    except ValueError:
+        msg = f"not a comma-separated list of integers: {text!r}"
+        raise argparse.ArgumentTypeError(msg) from None
+    if not values:
+        msg = "empty list"
+        raise argparse.ArgumentTypeError(msg)
+    return values
+
+
+def _names(
+    parser: argparse.ArgumentParser, option: str, text: str, known: Sequence[str]
+) -> list[str]:
+    names = [x.strip() for x in text.split(",") if x.strip()]
+    unknown = sorted(set(names) - set(known))
+    if unknown or not names:
+        parser.error(f"{option}: unknown {unknown}; choose from {','.join(known)}")
+    # phases run in their fixed order; brokers in the order given (rotated per round)
+    return [x for x in known if x in names] if option == "--phases" else list(dict.fromkeys(names))
+
+
+# file descriptors for everything but the client connections (listeners, logs, pipes, /proc)
+FD_MARGIN = 200
+
+
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -1060,13 +1469,43 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--clients", type=int, default=500, help="devices that connect")
     parser.add_argument("--concurrency", type=int, default=50, help="connects in flight")
     parser.add_argument("--rounds", type=int, default=2)
-    parser.add_argument("--publishers", type=int, default=20)
-    parser.add_argument("--messages", type=int, default=2000, help="per publisher")
-    parser.add_argument("--payload", type=int, default=100, help="bytes per message")
     parser.add_argument(
         "--brokers",
         default=",".join(BROKERS),
-        help="comma-separated subset of " + ",".join(BROKERS),
+        help="comma-separated subset of " + ",".join(BROKERS) + " (default: all, in this order)",
+    )
+    parser.add_argument(
+        "--phases",
+        default=",".join(p for p in PHASES if p != "idle"),
+        help="comma-separated subset of "
+        + ",".join(PHASES)
+        + " (default: all but idle; --idle-clients adds idle); they run in this order",
+    )
+    parser.add_argument(
+        "--publishers",
+        type=_int_list,
+        default=(20, 1),
+        help="pub/sub runs: comma-separated publisher counts, one run each (default: 20,1)",
+    )
+    parser.add_argument(
+        "--messages",
+        type=int,
+        default=40000,
+        help="messages per pub/sub run, shared by its publishers (default: 40000)",
+    )
+    parser.add_argument("--payload", type=int, default=100, help="bytes per message")
+    parser.add_argument(
+        "--qos1-window",
+        type=int,
+        default=100,
+        help="QoS 1: PUBLISHes a publisher keeps unacknowledged at most (default: 100)",
+    )
+    parser.add_argument(
+        "--idle-clients",
+        type=int,
+        default=0,
+        help="idle phase: devices that connect and stay connected on a fresh broker (default: "
+        "0, no idle phase; the issue's figure is 10000)",
     )
     parser.add_argument("--mosquitto", default="/usr/sbin/mosquitto", help="mosquitto binary")
     parser.add_argument(
@@ -1076,20 +1515,39 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     )
     parser.add_argument("--deadline", type=float, default=90.0, help="seconds per phase")
     parser.add_argument(
-        "--idle", type=float, default=3.0, help="pub/sub: give up after this long without delivery"
+        "--stall",
+        type=float,
+        default=3.0,
+        help="pub/sub: give up after this long without a delivery",
     )
     parser.add_argument("--no-pin", action="store_true", help="do not pin to CPUs")
     parser.add_argument("--keep", type=Path, help="keep the PKI, configs and logs in this dir")
     args = parser.parse_args(argv)
-    brokers = [b.strip() for b in args.brokers.split(",") if b.strip()]
-    unknown = sorted(set(brokers) - set(BROKERS))
-    if unknown or not brokers:
-        parser.error(f"--brokers: unknown {unknown}; choose from {','.join(BROKERS)}")
-    if args.clients < 1 or args.concurrency < 1 or args.rounds < 1 or args.messages < 1:
-        parser.error("--clients, --concurrency, --rounds and --messages must be at least 1")
-    if not 1 <= args.publishers <= args.clients:
-        parser.error("--publishers must be between 1 and --clients")
-    args.broker_list = brokers
+    args.broker_list = _names(parser, "--brokers", args.brokers, BROKERS)
+    args.publishers = tuple(dict.fromkeys(args.publishers))  # one run per distinct count
+    phases = _names(parser, "--phases", args.phases, PHASES)
+    if args.idle_clients < 0:
+        parser.error("--idle-clients must not be negative")
+    if args.idle_clients and "idle" not in phases:
+        phases.append("idle")
+    if "idle" in phases and not args.idle_clients:
+        parser.error("the idle phase needs --idle-clients N")
+    args.phase_list = phases
+    if args.clients < 1 or args.concurrency < 1 or args.rounds < 1 or args.qos1_window < 1:
+        parser.error("--clients, --concurrency, --rounds and --qos1-window must be at least 1")
+    if args.qos1_window >= 65535:
+        parser.error("--qos1-window must be below 65535 (MQTT packet ids)")
+    if any(not 1 <= n <= args.clients for n in args.publishers):
+        parser.error("every --publishers count must be between 1 and --clients")
+    if any(args.messages < n for n in args.publishers):
+        parser.error("--messages must be at least the largest --publishers count")
+    _soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    needed = max(args.clients, args.idle_clients) + FD_MARGIN
+    if hard != resource.RLIM_INFINITY and needed > hard:
+        parser.error(
+            f"{needed} file descriptors needed, the hard RLIMIT_NOFILE is {hard}: raise it "
+            "(ulimit -Hn, limits.conf) or use fewer clients"
+        )
     return args
 
 
@@ -1104,8 +1562,13 @@ class Fleet:
     sink_ctx: ssl.SSLContext
 
 
-def run_one(
-    name: str, start: Starter, fleet: Fleet, workdir: Path, cpu: int | None, plan: Plan
+def run_broker(
+    name: str,
+    start: Starter,
+    fleet: Fleet,
+    workdir: Path,
+    cpu: int | None,
+    measure_with: Callable[[RunningBroker], Coroutine[None, None, Measured]],
 ) -> Measured:
     """Start one broker, measure it, stop it (also on an error or an interrupt)."""
     t0 = perf()
@@ -1115,7 +1578,7 @@ def run_one(
         log(f"  could not start: {exc}")
         return Measured(notes=[f"start: {exc}"])
     try:
-        measured = asyncio.run(measure(broker, fleet.ctxs, fleet.sink_ctx, fleet.ids, plan))
+        measured = asyncio.run(measure_with(broker))
     finally:
         broker.stop()
     if broker.audit_path is not None:
@@ -1127,11 +1590,45 @@ def run_one(
     return measured
 
 
+def run_one(
+    name: str,
+    starters: tuple[Starter, Starter],
+    fleet: Fleet,
+    workdir: Path,
+    cpu: int | None,
+    plan: Plan,
+) -> Measured:
+    """The phases of ``plan`` on one broker; the idle phase on a second, fresh one."""
+    result = Measured()
+    if plan.main_phases:
+        main_dir = workdir / "main"
+        main_dir.mkdir()
+        result = run_broker(
+            name, starters[0], fleet, main_dir, cpu, lambda b: measure(b, fleet, plan)
+        )
+    if "idle" in plan.phases:
+        idle_dir = workdir / "idle"
+        idle_dir.mkdir()
+        idle = run_broker(
+            f"{name} (idle)",
+            starters[1],
+            fleet,
+            idle_dir,
+            cpu,
+            lambda b: measure_idle(b, fleet, plan),
+        )
+        result.values.update(idle.values)
+        result.notes += [f"idle broker: {note}" for note in idle.notes]
+    return result
+
+
 def make_fleet(work: Path, clients: int) -> Fleet:
     t0 = perf()
     pki_dir, ids, dirs, sink_dir = build_fleet(work, clients)
     log(f"PKI with {len(ids)} devices + '{SINK}' in {perf() - t0:.1f} s: {pki_dir}")
+    t0 = perf()
     ctxs = {name: client_context(dirs[name]) for name in ids}
+    log(f"{len(ctxs)} client TLS contexts in {perf() - t0:.1f} s")
     return Fleet(pki_dir, ids, ctxs, client_context(sink_dir))
 
 
@@ -1149,21 +1646,37 @@ def main(argv: Sequence[str] | None = None) -> int:
     if pinned:
         os.sched_setaffinity(0, {1})
     plan = Plan(
+        phases=tuple(args.phase_list),
         clients=args.clients,
         concurrency=args.concurrency,
         publishers=args.publishers,
         messages=args.messages,
         payload=args.payload,
+        qos1_window=args.qos1_window,
+        idle_clients=args.idle_clients,
         deadline=args.deadline,
-        idle=args.idle,
+        stall=args.stall,
         op_timeout=15.0,
     )
-    starters: dict[str, Starter] = {
-        "iotauth": start_iotauth,
-        "amqtt": start_amqtt,
-        "mosquitto": lambda pki, wd, cpu: start_mosquitto(
-            pki, wd, cpu, args.mosquitto, args.mosquitto_max_queued
-        ),
+    limits = iotauth_limits() if "iotauth" in args.broker_list else {}
+    # + 1: the renewal service in the broker process holds a connection of its own
+    raised = (
+        "iotauth" in args.broker_list
+        and "idle" in plan.phases
+        and args.idle_clients + 1 > limits.get("max_connections", 0)
+    )
+    idle_limit = args.idle_clients + FD_MARGIN if raised else None
+
+    def mosquitto(pki: Path, wd: Path, cpu: int | None) -> RunningBroker:
+        return start_mosquitto(pki, wd, cpu, args.mosquitto, args.mosquitto_max_queued)
+
+    def iotauth_idle(pki: Path, wd: Path, cpu: int | None) -> RunningBroker:
+        return start_iotauth(pki, wd, cpu, idle_limit)
+
+    starters: dict[str, tuple[Starter, Starter]] = {
+        "iotauth": (start_iotauth, iotauth_idle),
+        "amqtt": (start_amqtt, start_amqtt),
+        "mosquitto": (mosquitto, mosquitto),
     }
     brokers: list[str] = args.broker_list
     results: dict[str, list[Measured]] = {b: [] for b in brokers}
@@ -1172,7 +1685,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     work = Path(tempfile.mkdtemp(prefix="broker-bench-", dir=args.keep))
     started = perf()
     try:
-        fleet = make_fleet(work, args.clients)
+        fleet = make_fleet(work, max(args.clients, args.idle_clients))
         for rnd in range(args.rounds):
             shift = rnd % len(brokers)
             for name in brokers[shift:] + brokers[:shift]:
@@ -1189,8 +1702,16 @@ def main(argv: Sequence[str] | None = None) -> int:
             log(f"kept: {work}")
         else:
             shutil.rmtree(work, ignore_errors=True)
-    versions = tool_versions(args.mosquitto)
-    info = RunInfo(args.rounds, pinned, versions, perf() - started, args.mosquitto_max_queued)
+    info = RunInfo(
+        rounds=args.rounds,
+        pinned=pinned,
+        versions=tool_versions(args.mosquitto),
+        elapsed=perf() - started,
+        mosquitto_max_queued=args.mosquitto_max_queued,
+        nofile=hard,
+        iotauth_limits=limits,
+        iotauth_idle_max_connections=idle_limit,
+    )
     print(report(plan, brokers, results, info))
     missing = [
         f"{b} round {k + 1}: {m.key}"

@@ -31,6 +31,7 @@ BENCHES: list[tuple[str, str, list[str]]] = [
         "Broker: our broker next to plain amqtt and Mosquitto",
         [PY, "bench/broker_bench.py"],
     ),
+    ("broker_acl", "Broker: the ACL's share of the publish path", [PY, "bench/broker_acl.py"]),
     ("agent_footprint", "Device agent footprint", [PY, "bench/agent_footprint.py"]),
     (
         "fleet",

@@ -1,4 +1,4 @@
-"""broker: the hardened amqtt broker (mutual TLS, identity from the certificate, per-identity ACLs).
+"""broker: the MQTT broker (mutual TLS, identity from the certificate, per-identity ACLs).
 
 May import ``provisioning`` (identity, CRL, registry) and nothing else of ours. Entry points:
 :func:`run_broker` (async context manager), :class:`BrokerThread` (the same on a thread),
@@ -26,8 +26,8 @@ _LAZY = {"BrokerThread", "RunningBroker", "run_broker"}
 
 
 def __getattr__(name: str) -> object:
-    # broker.server imports amqtt. Loading it lazily keeps `iotauth --help` and `broker explain`
-    # working where only the policy code is needed.
+    # broker.server brings the connection machinery and the renewal service (paho). Loading it
+    # lazily keeps `iotauth --help` and `broker explain` light where only the policy is needed.
     if name in _LAZY:
         import broker.server
 

@@ -1,16 +1,18 @@
-"""The TLS listener: accept, cap, handshake with a deadline, classify failures, hand over streams.
+"""The TLS listener: accept, cap, deadlines, classify handshake failures.
 
 amqtt's own listeners use ``asyncio.start_server(ssl=...)``: handshake failures vanish silently,
-excess connections queue on a semaphore, and nothing bounds the time to CONNECT. This module
-owns the socket instead (no amqtt import here):
+excess connections queue on a semaphore, and nothing bounds the time to CONNECT. Here:
 
 - each accepted socket is counted; above ``max_connections`` it is closed at once (refused,
   never queued);
-- the TLS handshake runs through ``loop.connect_accepted_socket`` with the context the
-  revocation watcher currently holds, so a new CRL applies to the very next handshake;
+- every connection (``broker.connection.MQTTConnection``) does its TLS handshake with the
+  context the revocation watcher currently holds, so a new CRL applies to the very next one;
 - at most ``max_handshakes`` handshakes are in flight; at the cap the *oldest* is dropped, so a
   flood of half-open connections cannot lock a valid device out;
-- a failed handshake is audited with a reason (no-certificate, unknown-ca, expired, revoked ...).
+- a failed handshake is audited with a reason (no-certificate, unknown-ca, expired, revoked ...);
+- one sweep, a few times a second, applies the connect deadline, keep-alive and the stalled
+  packet timeout to every connection, from timestamps the connections keep. A timer per
+  connection re-armed on every packet would cost more than the packet.
 """
 
 from __future__ import annotations
@@ -18,18 +20,18 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
-import functools
 import logging
-import socket
 import ssl
-from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
+from collections.abc import Callable
 
 from broker.audit import AuditLog
+from broker.auth import Authenticator
+from broker.connection import AUTH, LIVE, WAIT_CONNECT, MQTTConnection
+from broker.core import BrokerCore
 from broker.metrics import Metrics
 from broker.settings import Limits
 
-__all__ = ["ConnectionInfo", "TLSListener", "classify_tls_error"]
+__all__ = ["TLSListener", "classify_tls_error"]
 
 log = logging.getLogger("iotauth.broker.listener")
 
@@ -73,20 +75,7 @@ def classify_tls_error(exc: BaseException) -> tuple[str, str]:
     return "tls-error", f"{type(exc).__name__}: {exc}"
 
 
-def _close_socket(sock: socket.socket, _task: object) -> None:
-    sock.close()  # idempotent: a transport that already owned the socket closed the same object
-
-
-@dataclass(frozen=True, slots=True)
-class ConnectionInfo:
-    peer: str
-    transport: asyncio.Transport
-    tls: ssl.SSLObject | None
-    # loop.time() by which CONNECT must have been read (accept time + connect_timeout).
-    connect_deadline: float
-
-
-Serve = Callable[[asyncio.StreamReader, asyncio.StreamWriter, ConnectionInfo], Awaitable[None]]
+_SWEEP_SECONDS = 0.25
 
 
 class TLSListener:
@@ -96,130 +85,131 @@ class TLSListener:
         host: str,
         port: int,
         context: Callable[[], ssl.SSLContext],
-        serve: Serve,
+        core: BrokerCore,
+        authenticator: Authenticator,
         limits: Limits,
         audit: AuditLog,
         metrics: Metrics,
     ) -> None:
         self._host, self._port = host, port
         self._context = context
-        self._serve = serve
+        self._core = core
+        self._authenticator = authenticator
         self._limits = limits
         self._audit = audit
         self._metrics = metrics
-        self._sock: socket.socket | None = None
-        self._accept_task: asyncio.Task[None] | None = None
+        self._server: asyncio.Server | None = None
+        self._sweeper: asyncio.Task[None] | None = None
+        self._connections: set[MQTTConnection] = set()
         # Insertion-ordered, so the first entry is the oldest handshake in flight.
-        self._handshaking: collections.OrderedDict[
-            asyncio.Task[None], tuple[socket.socket, str]
-        ] = collections.OrderedDict()
-        self._established: set[asyncio.Task[None]] = set()
-        self._transports: set[asyncio.Transport] = set()
+        self._handshaking: collections.OrderedDict[MQTTConnection, None] = collections.OrderedDict()
+        self._live: set[MQTTConnection] = set()
         metrics.gauge("iotauth_broker_handshakes_in_progress", lambda: len(self._handshaking))
 
     @property
     def port(self) -> int:
-        if self._sock is None:
+        if self._server is None:
             msg = "listener not started"
             raise RuntimeError(msg)
-        return int(self._sock.getsockname()[1])
+        return int(self._server.sockets[0].getsockname()[1])
 
     @property
     def open_connections(self) -> int:
-        return len(self._handshaking) + len(self._established)
+        return len(self._connections)
 
     async def start(self) -> None:
-        family = socket.AF_INET6 if ":" in self._host else socket.AF_INET
-        sock = socket.create_server((self._host, self._port), family=family, backlog=1024)
-        sock.setblocking(False)
-        self._sock = sock
-        self._accept_task = asyncio.create_task(self._accept_loop(), name="broker-accept")
+        loop = asyncio.get_running_loop()
+        self._server = await loop.create_server(
+            self._new_connection, self._host, self._port, backlog=1024, reuse_address=True
+        )
+        self._sweeper = asyncio.create_task(self._sweep_loop(), name="broker-sweep")
 
     async def close(self) -> None:
-        """Stop accepting, drop handshakes, abort established connections, wait for them."""
-        if self._accept_task is not None:
-            self._accept_task.cancel()
+        """Stop accepting, abort every connection (no wills), wait for the sockets to close."""
+        if self._sweeper is not None:
+            self._sweeper.cancel()
             with contextlib.suppress(asyncio.CancelledError):
-                await self._accept_task
-        if self._sock is not None:
-            self._sock.close()
-        for task in list(self._handshaking):
-            task.cancel()
-        for transport in list(self._transports):
-            transport.abort()
-        pending = [*self._handshaking, *self._established]
-        if pending:
-            await asyncio.wait(pending, timeout=5)
+                await self._sweeper
+        if self._server is not None:
+            self._server.close()
+        self._core.close_all()
+        for conn in list(self._connections):
+            conn.close(will=False)
+        for _ in range(50):  # connection_lost runs on the next loop iterations
+            if not self._connections:
+                break
+            await asyncio.sleep(0.01)
 
-    async def _accept_loop(self) -> None:
+    def _new_connection(self) -> MQTTConnection:
+        return MQTTConnection(self, self._core, self._authenticator, self._context())
+
+    # -- called by MQTTConnection --------------------------------------------------------------
+
+    def opened(self, conn: MQTTConnection) -> None:
+        if len(self._connections) >= self._limits.max_connections:
+            self._refused(conn.peer, "connection-limit", "too many connections")
+            conn.drop()
+            return
+        if len(self._handshaking) >= self._limits.max_handshakes:
+            oldest = next(iter(self._handshaking))
+            del self._handshaking[oldest]
+            self._refused(oldest.peer, "handshake-evicted", "oldest handshake dropped at the cap")
+            oldest.drop()
+        self._connections.add(conn)
+        self._handshaking[conn] = None
+
+    def handshake_done(self, conn: MQTTConnection) -> None:
+        self._handshaking.pop(conn, None)
+
+    def handshake_failed(self, conn: MQTTConnection, exc: BaseException) -> None:
+        if self._handshaking.pop(conn, None) is None and conn not in self._connections:
+            return
+        reason, detail = classify_tls_error(exc)
+        self._refused(conn.peer, reason, detail)
+
+    def live(self, conn: MQTTConnection) -> None:
+        self._live.add(conn)
+
+    def closed(self, conn: MQTTConnection) -> None:
+        self._connections.discard(conn)
+        self._handshaking.pop(conn, None)
+        self._live.discard(conn)
+
+    # -- deadlines -----------------------------------------------------------------------------
+
+    async def _sweep_loop(self) -> None:
         loop = asyncio.get_running_loop()
-        assert self._sock is not None  # noqa: S101 - start() sets it
         while True:
+            await asyncio.sleep(_SWEEP_SECONDS)
             try:
-                conn, addr = await loop.sock_accept(self._sock)
-            except OSError as exc:  # EMFILE and friends: back off instead of spinning
-                log.warning("accept failed: %s", exc)
-                await asyncio.sleep(0.1)
-                continue
-            peer = f"{addr[0]}:{addr[1]}"
-            if self.open_connections >= self._limits.max_connections:
-                self._refused(peer, "connection-limit", "too many connections")
-                conn.close()
-                continue
-            if len(self._handshaking) >= self._limits.max_handshakes:
-                # Audit and close here, not in the task: a task cancelled before its first step
-                # never runs its except clauses.
-                oldest, (old_sock, old_peer) = next(iter(self._handshaking.items()))
-                del self._handshaking[oldest]
-                self._refused(old_peer, "handshake-evicted", "oldest handshake dropped at the cap")
-                oldest.cancel()
-                oldest.add_done_callback(functools.partial(_close_socket, old_sock))
-            conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            deadline = loop.time() + self._limits.connect_timeout
-            task = asyncio.create_task(self._handle(conn, peer, deadline))
-            self._handshaking[task] = (conn, peer)
+                self._sweep(loop.time())
+            except Exception:  # a bug here must not stop deadlines for everyone
+                log.exception("deadline sweep failed")
+
+    def _sweep(self, now: float) -> None:
+        for conn in list(self._handshaking):
+            if now >= conn.deadline:
+                self._handshaking.pop(conn, None)
+                self._refused(
+                    conn.peer, "handshake-timeout", "no TLS handshake within the connect deadline"
+                )
+                conn.drop()
+        packet_timeout = self._limits.packet_timeout
+        held_max = self._limits.backpressure_timeout
+        for conn in list(self._connections):
+            state = conn.state
+            if state in (WAIT_CONNECT, AUTH) and now >= conn.deadline:
+                conn.violation("connect-timeout", "no valid CONNECT in time")
+            elif state == LIVE:
+                if conn.holds:
+                    # Not read on purpose (backpressure): keep-alive cannot be judged.
+                    if now - conn.held_since > held_max:
+                        self._core.give_up(conn)
+                elif now - conn.last_packet > conn.keepalive_window:
+                    conn.violation("keepalive", "no packet in time")
+                elif conn.partial_since and now - conn.partial_since > packet_timeout:
+                    conn.violation("packet-timeout", "packet stalled")
 
     def _refused(self, peer: str, reason: str, detail: str) -> None:
         self._metrics.inc("iotauth_broker_refusals_total", reason=reason)
         self._audit.emit("refuse", peer=peer, reason=reason, detail=detail, stage="tls")
-
-    async def _handle(self, conn: socket.socket, peer: str, deadline: float) -> None:
-        loop = asyncio.get_running_loop()
-        task = asyncio.current_task()
-        assert task is not None  # noqa: S101
-        reader = asyncio.StreamReader(limit=2**16)
-        protocol = asyncio.StreamReaderProtocol(reader)
-        try:
-            transport, _ = await loop.connect_accepted_socket(
-                lambda: protocol,
-                conn,
-                ssl=self._context(),
-                ssl_handshake_timeout=max(deadline - loop.time(), 0.001),
-            )
-        except asyncio.CancelledError:
-            conn.close()
-            raise
-        except (OSError, EOFError, TimeoutError) as exc:
-            reason, detail = classify_tls_error(exc)
-            self._refused(peer, reason, detail)
-            conn.close()
-            return
-        finally:
-            self._handshaking.pop(task, None)
-        self._established.add(task)
-        self._transports.add(transport)
-        writer = asyncio.StreamWriter(transport, protocol, reader, loop)
-        info = ConnectionInfo(
-            peer=peer,
-            transport=transport,
-            tls=transport.get_extra_info("ssl_object"),
-            connect_deadline=deadline,
-        )
-        try:
-            await self._serve(reader, writer, info)
-        except Exception:  # a bug in one connection must not take the listener down
-            log.exception("connection from %s failed", peer)
-        finally:
-            self._established.discard(task)
-            self._transports.discard(transport)
-            transport.abort()

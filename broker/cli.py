@@ -7,7 +7,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
+import resource
 import sys
 from collections.abc import Iterator
 from pathlib import Path
@@ -17,11 +19,14 @@ import typer
 
 from broker.errors import BrokerError
 from broker.policy import Action, load_policy
+from broker.settings import Limits
 from provisioning.config import PKIConfig
 from provisioning.errors import ProvisioningError
 from provisioning.identity import Identity, IdentityKind
 
 __all__ = ["broker_app"]
+
+log = logging.getLogger("iotauth.broker")
 
 broker_app = typer.Typer(
     help="The hardened MQTT broker: mutual TLS, identity from certificates, per-identity ACLs.",
@@ -57,6 +62,28 @@ def _user_errors() -> Iterator[None]:
         raise _fail(f"{exc.strerror or exc}{where}") from None
 
 
+_DEFAULT_LIMITS = Limits()
+_SPARE_FILES = 256  # the PKI, the audit sink, the renewal service, the metrics endpoint ...
+
+
+def _raise_file_limit(connections: int) -> None:
+    """One socket per connection: raise the soft RLIMIT_NOFILE so ``--max-connections`` is
+    reachable, or say at start (not at the 1,000th device) that the hard limit is too low."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    wanted = connections + _SPARE_FILES
+    if soft >= wanted or soft == resource.RLIM_INFINITY:
+        return
+    target = wanted if hard == resource.RLIM_INFINITY else min(wanted, hard)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+    if target < wanted:
+        log.warning(
+            "open-file limit %d leaves room for about %d connections, not %d (raise 'ulimit -Hn')",
+            target,
+            target - _SPARE_FILES,
+            connections,
+        )
+
+
 @broker_app.command("run")
 def run(
     pki: PkiOpt,
@@ -81,6 +108,14 @@ def run(
             "--renewal-offer-ttl", min=10, help="Seconds a renewed certificate waits to be used."
         ),
     ] = 3600.0,
+    max_connections: Annotated[
+        int,
+        typer.Option(
+            "--max-connections",
+            min=1,
+            help="Connections (handshaking or established) above which new sockets are closed.",
+        ),
+    ] = _DEFAULT_LIMITS.max_connections,
 ) -> None:
     """Run the broker until interrupted. Audit lines (JSON) go to stdout, logs to stderr."""
     from broker.renewal import RenewalSettings
@@ -93,17 +128,15 @@ def run(
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         stream=sys.stderr,
     )
-    if not verbose:
-        # Per-connection INFO noise from amqtt and its state-machine library.
-        for noisy in ("amqtt", "transitions", "iotauth.broker.amqtt"):
-            logging.getLogger(noisy).setLevel(logging.WARNING)
     with _user_errors():
         if not (pki / "pki.toml").is_file():
             raise _fail(f"{pki} is not a PKI directory (no pki.toml); run 'iotauth ca init' first")
+        _raise_file_limit(max_connections)
         settings = BrokerSettings(
             pki_dir=pki,
             host=host,
             port=port,
+            limits=dataclasses.replace(_DEFAULT_LIMITS, max_connections=max_connections),
             policy=load_policy(policy),
             key_password=passphrase_from_env(),
             metrics_port=metrics_port,

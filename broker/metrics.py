@@ -23,6 +23,14 @@ _HELP = {
     "iotauth_broker_messages_out_total": ("counter", "PUBLISH packets written to clients"),
     "iotauth_broker_outbound_dropped_total": ("counter", "Messages dropped for slow subscribers"),
     "iotauth_broker_offline_dropped_total": ("counter", "Messages dropped, offline queue full"),
+    "iotauth_broker_backpressure_holds_total": (
+        "counter",
+        "Times a publisher was not read because a receiver of its messages was behind",
+    ),
+    "iotauth_broker_backpressure_stuck_total": (
+        "counter",
+        "Receivers that stayed behind past backpressure_timeout (their excess is dropped)",
+    ),
     "iotauth_broker_crl_number": ("gauge", "Number of the CRL in force"),
     "iotauth_broker_crl_next_update_seconds": ("gauge", "Seconds until the CRL's nextUpdate"),
 }

@@ -2,8 +2,8 @@
 
 This is the public entry point for the CLI, the demo, the fleet simulator and test fixtures.
 It wires the pieces together: the revocation watcher (CRL + TLS context), the TLS listener, the
-hardened amqtt broker, the audit log and optional metrics. :class:`BrokerThread` runs the same
-thing on a background thread for synchronous callers (paho-based tests, scripts).
+broker core (sessions, routing, policy), the audit log and optional metrics. :class:`BrokerThread`
+runs the same thing on a background thread for synchronous callers (paho-based tests, scripts).
 """
 
 from __future__ import annotations
@@ -17,10 +17,10 @@ from collections.abc import AsyncIterator, Callable, Coroutine
 from concurrent.futures import Future
 from typing import Any, TypeVar
 
-from broker._amqtt import HardenedBroker
 from broker._listener import TLSListener
 from broker.audit import AuditLog
 from broker.auth import Authenticator, MutualTLSAuthenticator
+from broker.core import BrokerCore
 from broker.errors import BrokerError, ConfigError
 from broker.metrics import Metrics, serve_metrics
 from broker.renewal import RenewalService
@@ -40,7 +40,7 @@ class RunningBroker:
         self,
         settings: BrokerSettings,
         *,
-        amqtt: HardenedBroker,
+        core: BrokerCore,
         listener: TLSListener,
         watcher: RevocationWatcher,
         audit: AuditLog,
@@ -48,7 +48,7 @@ class RunningBroker:
         metrics_server: asyncio.Server | None,
     ) -> None:
         self.settings = settings
-        self._amqtt = amqtt
+        self._core = core
         self._listener = listener
         self.watcher = watcher
         self.audit = audit
@@ -77,10 +77,10 @@ class RunningBroker:
 
     def connected(self) -> list[str]:
         """client_ids with a live connection."""
-        return sorted(self._amqtt._live)
+        return sorted(self._core.live)
 
     async def kick(self, client_id: str, *, reason: str = "operator") -> bool:
-        return await self._amqtt.kick(client_id, reason)
+        return self._core.kick(client_id, reason)
 
     async def check_revocations(self) -> bool:
         """Re-read crl.pem now instead of waiting for the next poll."""
@@ -103,11 +103,11 @@ async def run_broker(
     auth = authenticator or MutualTLSAuthenticator(
         trust_domain=watcher.trust_domain, is_revoked=watcher.is_revoked
     )
-    amqtt = HardenedBroker(settings, authenticator=auth, audit=audit, metrics=metrics)
+    core = BrokerCore(settings, audit=audit, metrics=metrics)
 
     async def on_crl(state: CRLState) -> None:
         metrics.set("iotauth_broker_crl_number", state.number)
-        kicked = await amqtt.kick_revoked(state.revoked)
+        kicked = core.kick_revoked(state.revoked)
         if kicked:
             log.info("closed %d session(s) of revoked certificates", kicked)
 
@@ -118,12 +118,12 @@ async def run_broker(
         host=settings.host,
         port=settings.port,
         context=lambda: watcher.context,
-        serve=amqtt.serve_connection,
+        core=core,
+        authenticator=auth,
         limits=settings.limits,
         audit=audit,
         metrics=metrics,
     )
-    await amqtt.start()
     tasks: list[asyncio.Task[None]] = []
     metrics_server: asyncio.Server | None = None
     renewal: RenewalService | None = None
@@ -138,13 +138,13 @@ async def run_broker(
             msg = f"cannot listen on {settings.host}:{settings.port}: {exc.strerror or exc}"
             raise ConfigError(msg) from None
         tasks.append(asyncio.create_task(watcher.run(), name="broker-crl-watcher"))
-        tasks.append(asyncio.create_task(_expiry_loop(amqtt), name="broker-cert-expiry"))
+        tasks.append(asyncio.create_task(_expiry_loop(core), name="broker-cert-expiry"))
         if settings.renewal is not None:
             renewal = _start_renewal(settings, listener.port, audit)
             await asyncio.to_thread(renewal.start)
         running = RunningBroker(
             settings,
-            amqtt=amqtt,
+            core=core,
             listener=listener,
             watcher=watcher,
             audit=audit,
@@ -161,9 +161,7 @@ async def run_broker(
         await asyncio.gather(*tasks, return_exceptions=True)
         if metrics_server is not None:
             metrics_server.close()
-        await amqtt.abort_all()
         await listener.close()
-        await amqtt.shutdown()
 
 
 class _ObservedAudit(AuditLog):
@@ -199,11 +197,14 @@ def _start_renewal(settings: BrokerSettings, port: int, audit: _ObservedAudit) -
     return service
 
 
-async def _expiry_loop(amqtt: HardenedBroker) -> None:
-    """A certificate that expires while its session is connected ends that session."""
+async def _expiry_loop(core: BrokerCore) -> None:
+    """A certificate that expires while its session is connected ends that session; a
+    disconnected persistent session is forgotten after ``session_expiry``."""
+    loop = asyncio.get_running_loop()
     while True:
         await asyncio.sleep(5)
-        await amqtt.kick_expired(dt.datetime.now(dt.UTC).timestamp())
+        core.kick_expired(dt.datetime.now(dt.UTC).timestamp())
+        core.expire_sessions(loop.time())
 
 
 class BrokerThread:

@@ -20,7 +20,7 @@ MiB = 1024 * KiB
 
 @dataclass(frozen=True, slots=True)
 class Limits:
-    """The limits amqtt 0.12.1 lacks. Every one is enforced in broker/_listener.py or _amqtt.py."""
+    """The limits amqtt 0.12.1 lacks. Enforced in broker/_listener.py, connection.py and core.py."""
 
     # Accept -> TLS handshake -> CONNECT must all happen within this many seconds.
     connect_timeout: float = 10.0
@@ -36,11 +36,14 @@ class Limits:
     max_connections: int = 10_000
     # TLS handshakes in flight; above it, the *oldest* one is dropped (a flood cannot lock out).
     max_handshakes: int = 256
+    # QoS 1/2 messages sent to one session and not yet acknowledged; more wait in its queue.
+    max_inflight: int = 100
     # Messages (and bytes) waiting to be written to one subscriber; beyond, new ones are dropped.
     outbound_max_messages: int = 1000
     outbound_max_bytes: int = 8 * MiB
-    # Inbound messages waiting for the broker; above it, the broker stops reading that socket.
-    inbound_max_messages: int = 1000
+    # A publisher is not read while a receiver of its messages is above half of the two limits
+    # above; after this many seconds that receiver counts as stuck and its excess is dropped.
+    backpressure_timeout: float = 2.0
     # QoS 1/2 messages kept for a disconnected persistent session; beyond, new ones are dropped.
     offline_queue_max: int = 1000
 
@@ -53,9 +56,10 @@ class Limits:
             "packet_timeout",
             "max_connections",
             "max_handshakes",
+            "max_inflight",
             "outbound_max_messages",
             "outbound_max_bytes",
-            "inbound_max_messages",
+            "backpressure_timeout",
             "offline_queue_max",
         ):
             if getattr(self, name) <= 0:

@@ -1,9 +1,11 @@
 """device_agent: what runs on a device (MQTT over mutual TLS, telemetry, commands, renewal).
 
-May import ``hardware`` (the credential store) and ``provisioning.identity`` only, so that
-``pip install iotauth[agent]`` pulls no broker or station code. Entry points: :class:`Agent`,
-:class:`AgentConfig` / :func:`load_config`, ``device_agent.cli.agent_app`` and ``fleet_app``, and
-:mod:`device_agent.fleet` (many simulated agents in one process). See docs/AGENT.md.
+May import ``hardware`` (the credential store) and ``provisioning.identity`` / ``errors`` / ``tls``
+only, so that ``pip install iotauth[agent]`` pulls no broker or station code. Entry points:
+:class:`Agent`, :class:`AgentConfig` / :func:`load_config`, the slim command line
+:mod:`device_agent.main` (``iotauth-agent``, ``python -m device_agent``), the typer apps
+``device_agent.cli.agent_app`` and ``fleet_app``, and :mod:`device_agent.fleet` (many simulated
+agents in one process). Nothing imported here loads cryptography, typer or rich. See docs/AGENT.md.
 """
 
 from device_agent.agent import Agent, AgentStats, default_commands

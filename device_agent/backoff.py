@@ -14,10 +14,10 @@ broker's certificate is not trusted, the broker rejected the identity) is retrie
 
 The reason comes from the most specific evidence available, in this order: the server
 certificate check on our side (``ssl.SSLCertVerificationError``), a TLS alert sent by the broker
-(mosquitto sends ``certificate revoked``, ``unknown ca`` ...), the CONNACK return code, and finally
-a pattern: our broker closes a refused handshake without an alert, which a TLS 1.3 client only
-sees as the connection closing before CONNACK. After ``handshake_failures_before_slow`` such
-closes in a row, the agent treats them as a refusal as well.
+(ours and mosquitto send ``certificate revoked``, ``unknown ca`` ...), the CONNACK return code,
+and finally a pattern: some brokers (amqtt) close a refused connection without an alert, which a
+TLS 1.3 client only sees as the connection closing before CONNACK. After
+``handshake_failures_before_slow`` such closes in a row, the agent treats them as a refusal too.
 """
 
 from __future__ import annotations

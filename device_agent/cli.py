@@ -1,13 +1,13 @@
 """``iotauth agent run`` and ``iotauth fleet simulate`` (typer apps; the root mounts them).
 
 Errors a user can fix end in one ``error:`` line on stderr and exit 1, never a traceback.
+``agent run`` hands its arguments to ``device_agent.main``, the slim command line a device runs
+(``iotauth-agent run``), so its options are defined once, there.
 """
 
 from __future__ import annotations
 
 import contextlib
-import logging
-import signal
 import sys
 import tempfile
 from collections.abc import Callable, Iterator
@@ -17,6 +17,8 @@ from typing import Annotated, Any
 import typer
 
 from device_agent.errors import AgentError
+from device_agent.main import describe_user_error
+from device_agent.main import main as agent_main
 from provisioning.errors import ProvisioningError
 
 __all__ = ["agent_app", "fleet_app", "set_fleet_backend", "user_errors"]
@@ -53,49 +55,26 @@ def user_errors() -> Iterator[None]:
     """One line and exit 1 for anything the user can fix; never a traceback."""
     try:
         yield
-    except (AgentError, ProvisioningError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        raise typer.Exit(1) from None
-    except OSError as exc:
-        where = f": {exc.filename}" if exc.filename else ""
-        print(f"error: {exc.strerror or exc}{where}", file=sys.stderr)
+    except (AgentError, ProvisioningError, OSError) as exc:
+        print(f"error: {describe_user_error(exc)}", file=sys.stderr)
         raise typer.Exit(1) from None
 
 
-@agent_app.command("run")
-def run(
-    store: Annotated[Path, typer.Option("--store", help="The credential directory.")],
-    broker: Annotated[
-        str | None, typer.Option("--broker", help="HOST:PORT (default: config, identity.json).")
-    ] = None,
-    config: Annotated[Path | None, typer.Option("--config", help="agent.toml")] = None,
-    telemetry_interval: Annotated[
-        float | None, typer.Option("--telemetry-interval", help="Seconds between samples.")
-    ] = None,
-    verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False,
-) -> None:
-    """Run the agent until SIGTERM or Ctrl-C (then publish 'offline' and disconnect)."""
-    from device_agent.agent import Agent
-    from device_agent.config import load_config
+@agent_app.command(
+    "run",
+    # Everything after `run` (--help too) goes to the one argparse definition in device_agent.main.
+    context_settings={"allow_extra_args": True, "ignore_unknown_options": True},
+    add_help_option=False,
+)
+def run(ctx: typer.Context) -> None:
+    """Run the agent until SIGTERM or Ctrl-C (then publish 'offline' and disconnect).
 
-    logging.basicConfig(
-        level=logging.DEBUG if verbose else logging.INFO,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        stream=sys.stderr,
-    )
-    logging.getLogger("paho").setLevel(logging.WARNING)
-    with user_errors():
-        cfg = load_config(config, store=store, broker=broker, telemetry_interval=telemetry_interval)
-        agent = Agent(cfg)
-
-        def on_signal(signum: int, _frame: object) -> None:
-            logging.getLogger("iotauth.agent").info("signal %d: shutting down", signum)
-            agent.stop(agent.reactor.stop)
-
-        signal.signal(signal.SIGTERM, on_signal)
-        signal.signal(signal.SIGINT, on_signal)
-        agent.run()
-        agent.queue.close()
+    Options: --store DIR (required), --broker HOST:PORT, --config FILE, --telemetry-interval S,
+    -v/--verbose. The same command as `iotauth-agent run`.
+    """
+    code = agent_main(["run", *ctx.args], prog="iotauth agent")
+    if code:
+        raise typer.Exit(code)
 
 
 @fleet_app.command("simulate")

@@ -100,8 +100,9 @@ class AgentConfig:
     backoff_initial: float = 1.0
     backoff_max: float = 60.0
     slow_retry: float = 600.0
-    # Our broker closes a refused handshake without a TLS alert; after this many closes in a row
-    # before CONNACK the agent treats it as a refusal that will not fix itself.
+    # Some brokers (amqtt) close a refused connection without a TLS alert or CONNACK; after this
+    # many closes in a row before CONNACK the agent treats it as a refusal that will not fix
+    # itself. Ours and Mosquitto send the alert, which names the reason at the first attempt.
     handshake_failures_before_slow: int = 3
     queue_path: str | None = None
     queue_max_messages: int = 10_000

@@ -4,6 +4,11 @@ The agent never trusts what it reads blindly: the key must belong to the certifi
 certificate must name the device of ``identity.json`` (CN and SPIFFE SAN URI), and it must chain
 through ``chain.crt`` to ``ca.crt``. These checks are local, so an expired or mismatched
 credential is reported as such instead of as an opaque TLS failure.
+
+They are made by the stdlib ``ssl`` module (``provisioning.tls.check_client_credentials``: OpenSSL
+judges the credential as the broker will), not by ``cryptography``: loading cryptography's own
+OpenSSL next to the system one behind ``ssl`` would cost a device about 8 MB of RSS just to start.
+Only a renewal (``device_agent.renewal``) imports cryptography, when it begins.
 """
 
 from __future__ import annotations
@@ -13,54 +18,16 @@ import json
 import ssl
 from dataclasses import dataclass
 from pathlib import Path
-
-from cryptography import x509
-from cryptography.exceptions import InvalidSignature
-from cryptography.hazmat.primitives import serialization
-from cryptography.x509.oid import NameOID
+from typing import Any
 
 from device_agent.errors import CredentialError
 from provisioning.errors import InvalidIdentityError, PKIError
 from provisioning.identity import Identity, IdentityKind, parse_spiffe_id
-from provisioning.tls import client_context
+from provisioning.tls import check_client_credentials, client_context
 
-__all__ = ["Credentials", "check_leaf", "load_credentials", "spiffe_uris"]
+__all__ = ["Credentials", "load_credentials"]
 
-
-def spiffe_uris(cert: x509.Certificate) -> list[str]:
-    try:
-        san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
-    except x509.ExtensionNotFound:
-        return []
-    return list(san.get_values_for_type(x509.UniformResourceIdentifier))
-
-
-def _common_name(cert: x509.Certificate) -> str | None:
-    names = cert.subject.get_attributes_for_oid(NameOID.COMMON_NAME)
-    value = names[0].value if names else None
-    return value if isinstance(value, str) else None
-
-
-def check_leaf(
-    leaf: x509.Certificate,
-    *,
-    identity: Identity,
-    issuing: x509.Certificate,
-    root: x509.Certificate,
-) -> None:
-    """Raise ValueError unless ``leaf`` names ``identity`` and chains issuing -> root."""
-    if spiffe_uris(leaf) != [identity.spiffe_id]:
-        msg = f"certificate SAN URI is {spiffe_uris(leaf)}, expected {identity.spiffe_id}"
-        raise ValueError(msg)
-    if _common_name(leaf) != identity.name:
-        msg = f"certificate CN is {_common_name(leaf)!r}, expected {identity.name!r}"
-        raise ValueError(msg)
-    try:
-        leaf.verify_directly_issued_by(issuing)
-        issuing.verify_directly_issued_by(root)
-    except (ValueError, TypeError, InvalidSignature) as exc:
-        msg = "certificate does not chain to the provisioned trust anchor (ca.crt)"
-        raise ValueError(msg) from exc
+_PEM_CERT = b"-----BEGIN CERTIFICATE-----"
 
 
 @dataclass(frozen=True, slots=True)
@@ -72,24 +39,14 @@ class Credentials:
     key_file: Path
     cert_file: Path
     ca_file: Path
-    leaf: x509.Certificate
     broker: str | None
+    serial: str  # lower-case hex without leading zeros, as the broker's audit writes it
+    not_before: dt.datetime
+    not_after: dt.datetime
 
     @property
     def device_id(self) -> str:
         return self.identity.name
-
-    @property
-    def serial(self) -> str:
-        return format(self.leaf.serial_number, "x")
-
-    @property
-    def not_before(self) -> dt.datetime:
-        return self.leaf.not_valid_before_utc
-
-    @property
-    def not_after(self) -> dt.datetime:
-        return self.leaf.not_valid_after_utc
 
     def renew_due(self, fraction: float) -> dt.datetime:
         """When ``fraction`` of the lifetime has passed (2/3 by default)."""
@@ -142,13 +99,16 @@ def load_credentials(path: Path) -> Credentials:
     )
 
 
-def _read_certs(path: Path, where: str) -> list[x509.Certificate]:
-    try:
-        return x509.load_pem_x509_certificates(path.read_bytes())
-    except FileNotFoundError:
-        raise CredentialError(where, f"{path.name} is missing") from None
-    except (OSError, ValueError) as exc:
-        raise CredentialError(where, f"{path.name} is not PEM certificates: {exc}") from None
+def _utc(openssl_time: str) -> dt.datetime:
+    # getpeercert() prints times as OpenSSL does ("Nov 27 22:46:22 2026 GMT").
+    return dt.datetime.fromtimestamp(ssl.cert_time_to_seconds(openssl_time), dt.UTC)
+
+
+def _names(peer: dict[str, Any]) -> tuple[list[str], list[str]]:
+    """(subject CNs, SAN URIs) of a ``getpeercert()`` dictionary."""
+    cns = [value for rdn in peer.get("subject", ()) for key, value in rdn if key == "commonName"]
+    uris = [value for kind, value in peer.get("subjectAltName", ()) if kind == "URI"]
+    return cns, uris
 
 
 def _load(
@@ -160,25 +120,33 @@ def _load(
     broker: str | None,
 ) -> Credentials:
     where = str(path)
-    chain = _read_certs(cert_file, where)
-    roots = _read_certs(ca_file, where)
-    if len(chain) < 2:
+    # Presence and shape first, so the reason names the file (OpenSSL's own errors do not).
+    for file in (cert_file, key_file, ca_file):
+        if not file.is_file():
+            raise CredentialError(where, f"{file.name} is missing")
+    try:
+        certs = cert_file.read_bytes().count(_PEM_CERT)
+    except OSError as exc:
+        raise CredentialError(where, f"{cert_file.name} is unreadable: {exc}") from None
+    if certs < 2:
         raise CredentialError(where, f"{cert_file.name} must hold the leaf and the issuing CA")
-    leaf, issuing = chain[0], chain[1]
     try:
-        key = serialization.load_pem_private_key(key_file.read_bytes(), password=None)
-    except FileNotFoundError:
-        raise CredentialError(where, f"{key_file.name} is missing") from None
-    except (OSError, ValueError, TypeError) as exc:
-        raise CredentialError(
-            where, f"{key_file.name} is not an unencrypted PEM key: {exc}"
-        ) from None
-    pub = serialization.PublicFormat.SubjectPublicKeyInfo
-    der = serialization.Encoding.DER
-    if key.public_key().public_bytes(der, pub) != leaf.public_key().public_bytes(der, pub):
-        raise CredentialError(where, f"{key_file.name} does not belong to {cert_file.name}")
-    try:
-        check_leaf(leaf, identity=identity, issuing=issuing, root=roots[0])
-    except ValueError as exc:
+        peer = check_client_credentials(cert_chain=cert_file, key=key_file, trust=ca_file)
+    except PKIError as exc:
         raise CredentialError(where, str(exc)) from None
-    return Credentials(path, identity, key_file, cert_file, ca_file, leaf, broker)
+    cns, uris = _names(peer)
+    if uris != [identity.spiffe_id]:
+        raise CredentialError(
+            where, f"certificate SAN URI is {uris}, expected {identity.spiffe_id}"
+        )
+    if cns[:1] != [identity.name]:
+        cn = cns[0] if cns else None
+        raise CredentialError(where, f"certificate CN is {cn!r}, expected {identity.name!r}")
+    try:
+        serial = format(int(peer["serialNumber"], 16), "x")
+        not_before, not_after = _utc(peer["notBefore"]), _utc(peer["notAfter"])
+    except (KeyError, ValueError) as exc:
+        raise CredentialError(where, f"{cert_file.name}: unreadable field {exc}") from None
+    return Credentials(
+        path, identity, key_file, cert_file, ca_file, broker, serial, not_before, not_after
+    )

@@ -28,6 +28,11 @@ The candidate lives in ``<store>/.renewal/`` (0700: ``device.key`` 0600, ``devic
 If the current credentials are refused for good while a ``received`` candidate exists (the agent
 died between connecting with the candidate and committing it, and the service has since revoked the
 old certificate as superseded), the agent tries the candidate.
+
+``cryptography`` (key generation, the CSR, reading the answer) and the credential store are
+imported inside the methods that need them, when a renewal begins or ends: an agent that is not
+renewing runs with the stdlib ``ssl`` alone, which keeps its RSS within the device budget
+(bench/notes/agent_footprint.md). Loading, clearing and the phases need neither.
 """
 
 from __future__ import annotations
@@ -39,23 +44,17 @@ import os
 import secrets
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
-
-from device_agent.credentials import Credentials, check_leaf
+from device_agent.credentials import Credentials
 from device_agent.errors import CredentialError, RenewalError
-from hardware.codec import ObjectKind
-from hardware.errors import StoreError
-from hardware.store import CredentialStore
+
+if TYPE_CHECKING:
+    from cryptography.hazmat.primitives.asymmetric import ec
 
 __all__ = ["RENEWAL_DIR", "RenewalState", "RenewalStore", "make_csr"]
 
 RENEWAL_DIR = ".renewal"
-_PUB = serialization.PublicFormat.SubjectPublicKeyInfo
-_DER = serialization.Encoding.DER
 
 
 def _write_atomic(path: Path, data: bytes, mode: int) -> None:
@@ -79,6 +78,10 @@ def _write_atomic(path: Path, data: bytes, mode: int) -> None:
 
 def make_csr(key: ec.EllipticCurvePrivateKey, *, device_id: str, spiffe_id: str) -> bytes:
     """A CSR naming the device (CN and SAN URI); the service checks both against the topic."""
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.x509.oid import NameOID
+
     csr = (
         x509.CertificateSigningRequestBuilder()
         .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, device_id)]))
@@ -126,6 +129,9 @@ class RenewalStore:
 
     def begin(self, creds: Credentials) -> tuple[RenewalState, bytes]:
         """New key and CSR (phase ``requested``)."""
+        from cryptography.hazmat.primitives import serialization
+        from cryptography.hazmat.primitives.asymmetric import ec
+
         self.clear()
         self.path.mkdir(mode=0o700, exist_ok=True)
         key = ec.generate_private_key(ec.SECP256R1())
@@ -146,13 +152,16 @@ class RenewalStore:
 
     def accept(self, chain_pem: bytes, creds: Credentials) -> Credentials:
         """Check the issued certificate against our key and identity; phase ``received``."""
+        from cryptography import x509
+        from cryptography.hazmat.primitives import serialization
+        from cryptography.x509.oid import ExtendedKeyUsageOID
+
         state = self.load()
         if state is None or state.phase != "requested":
             raise RenewalError("no renewal is waiting for a certificate", device_id=creds.device_id)
         try:
             chain = x509.load_pem_x509_certificates(chain_pem)
             key = serialization.load_pem_private_key(self.key_file.read_bytes(), None)
-            roots = x509.load_pem_x509_certificates(creds.ca_file.read_bytes())
         except (OSError, ValueError) as exc:
             raise RenewalError(
                 f"unreadable certificate: {exc}", device_id=creds.device_id
@@ -160,12 +169,9 @@ class RenewalStore:
         if len(chain) < 2:
             raise RenewalError("the answer lacks the issuing CA", device_id=creds.device_id)
         leaf = chain[0]
-        if leaf.public_key().public_bytes(_DER, _PUB) != key.public_key().public_bytes(_DER, _PUB):
+        pub, der = serialization.PublicFormat.SubjectPublicKeyInfo, serialization.Encoding.DER
+        if leaf.public_key().public_bytes(der, pub) != key.public_key().public_bytes(der, pub):
             raise RenewalError("the certificate is not for our new key", device_id=creds.device_id)
-        try:
-            check_leaf(leaf, identity=creds.identity, issuing=chain[1], root=roots[0])
-        except ValueError as exc:
-            raise RenewalError(str(exc), device_id=creds.device_id) from None
         now = dt.datetime.now(dt.UTC)
         if (
             not leaf.not_valid_before_utc
@@ -179,13 +185,16 @@ class RenewalStore:
             eku = None
         if eku is None or ExtendedKeyUsageOID.CLIENT_AUTH not in eku:
             raise RenewalError("the certificate lacks clientAuth", device_id=creds.device_id)
-        if leaf.serial_number == creds.leaf.serial_number:
+        serial = format(leaf.serial_number, "x")
+        if serial == creds.serial:
             raise RenewalError("the certificate is the one we have", device_id=creds.device_id)
         pem = b"".join(c.public_bytes(serialization.Encoding.PEM) for c in chain[:2])
         _write_atomic(self.cert_file, pem, 0o644)
-        serial = format(leaf.serial_number, "x")
+        # Identity (CN, SAN URI) and chain to ca.crt: the same check as at start-up, made by
+        # OpenSSL as the broker will make it, before the phase says the candidate is usable.
+        candidate = self.candidate(creds)
         self._save(RenewalState(state.request_id, "received", state.started_at, serial))
-        return self.candidate(creds)
+        return candidate
 
     def candidate(self, creds: Credentials) -> Credentials:
         try:
@@ -197,6 +206,13 @@ class RenewalStore:
 
     def install(self, creds: Credentials) -> None:
         """Commit the candidate into the credential directory (all or nothing); ``installed``."""
+        from cryptography import x509
+        from cryptography.hazmat.primitives import serialization
+
+        from hardware.codec import ObjectKind
+        from hardware.errors import StoreError
+        from hardware.store import CredentialStore
+
         state = self.load()
         if state is None or state.phase != "received":
             return

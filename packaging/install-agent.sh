@@ -3,7 +3,8 @@
 #   sudo packaging/install-agent.sh install [CREDENTIAL_DIR]   # CREDENTIAL_DIR: a provisioned device
 #   sudo packaging/install-agent.sh uninstall [--purge]         # --purge also deletes credentials
 # The agent goes into a virtualenv at /opt/iotauth with `pip install iotauth[agent]` (no broker,
-# no station dependencies). Set IOTAUTH_SOURCE to a wheel or a checkout to install from there.
+# no station dependencies); the unit runs its slim entry point /opt/iotauth/bin/iotauth-agent.
+# Set IOTAUTH_SOURCE to a wheel or a checkout to install from there.
 set -eu
 HERE=$(cd "$(dirname "$0")" && pwd)
 PREFIX=/opt/iotauth
@@ -19,6 +20,11 @@ install_agent() {
     systemd-tmpfiles --create /usr/lib/tmpfiles.d/iotauth.conf
     python3 -m venv "$PREFIX"
     "$PREFIX/bin/pip" install --upgrade "${SOURCE}[agent]"
+    # The unit's ExecStart; an older iotauth without the slim entry point would fail at every start.
+    [ -x "$PREFIX/bin/iotauth-agent" ] || {
+        echo "error: $PREFIX/bin/iotauth-agent is missing (iotauth too old?)" >&2
+        exit 1
+    }
     [ -f /etc/iotauth/agent.toml ] || install -m 0644 "$HERE/agent.toml" /etc/iotauth/agent.toml
     if [ "${1:-}" != "" ]; then
         for f in device.key device.crt chain.crt ca.crt identity.json; do

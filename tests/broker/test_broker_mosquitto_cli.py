@@ -125,7 +125,8 @@ RUN = [sys.executable, "-c", "from broker.cli import broker_app; broker_app()"]
 
 
 def test_broker_run_serves_and_exposes_metrics(fleet: Fleet) -> None:
-    """`broker run --port 0 --metrics-port 0`: a device connects; audit line and metrics show it."""
+    """`broker run --port 0 --metrics-port 0 --max-connections 1`: a device connects, audit line
+    and metrics show it; a second device is refused at the connection limit."""
     proc = subprocess.Popen(
         [
             *RUN,
@@ -137,6 +138,8 @@ def test_broker_run_serves_and_exposes_metrics(fleet: Fleet) -> None:
             "--metrics-port",
             "0",
             "--no-renewal",
+            "--max-connections",
+            "1",
         ],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
@@ -160,6 +163,12 @@ def test_broker_run_serves_and_exposes_metrics(fleet: Fleet) -> None:
             text = r.read().decode()
         assert "iotauth_broker_connects_total 1" in text
         assert "iotauth_broker_connections 1" in text
+        # --max-connections 1: a second device is closed at accept, and the audit says why.
+        second = Peer(port, fleet.creds("dev-2"), "dev-2").connect(expect_ok=False)
+        assert second.refused
+        line = proc.stdout.readline()
+        assert '"event":"refuse"' in line
+        assert '"reason":"connection-limit"' in line
         peer.close()
     finally:
         proc.terminate()

@@ -1,10 +1,19 @@
-"""The command line: SIGTERM shuts down cleanly; bad input is one line and exit 1; config files."""
+"""The command line: SIGTERM shuts down cleanly; bad input is one line and exit 1; config files.
+
+Two spellings run the agent: ``iotauth agent run`` (typer, mounted by the composition root) and the
+slim ``iotauth-agent run`` / ``python -m device_agent run`` a device runs. Both must behave alike,
+and the slim one must not load what a device cannot afford (cryptography, typer, rich, amqtt).
+"""
 
 from __future__ import annotations
 
+import os
+import shlex
+import shutil
 import signal
 import subprocess
 import sys
+import tomllib
 from collections.abc import Callable
 from pathlib import Path
 
@@ -14,11 +23,33 @@ from typer.testing import CliRunner
 from broker.server import BrokerThread
 from device_agent import AgentConfigError, load_config
 from device_agent.cli import agent_app, fleet_app
+from device_agent.main import build_parser
 from device_agent.telemetry import load_source, system_telemetry
 from tests.device_agent.agent_helpers import Sink, wait_until
 from tests.device_agent.conftest import Creds
 
 RUN_AGENT = "from device_agent.cli import agent_app; agent_app()"
+# argv prefixes of the entry points; each is followed by "run --store ...".
+TYPER = [sys.executable, "-c", RUN_AGENT]
+SLIM_MODULE = [sys.executable, "-m", "device_agent"]
+SLIM_SCRIPT = [str(Path(sys.executable).with_name("iotauth-agent"))]
+ENTRY_POINTS = pytest.mark.parametrize(
+    "entry",
+    [TYPER, SLIM_MODULE, SLIM_SCRIPT],
+    ids=["typer-agent-app", "python-m-device_agent", "iotauth-agent-script"],
+)
+# Packages a running agent must not load: cryptography (its own OpenSSL, ~8 MB), the typer/rich
+# command line (~9 MB), and station/broker code (DESIGN.md: the device side installs without it).
+FORBIDDEN = ("cryptography", "typer", "rich", "click", "amqtt", "broker", "iotauth")
+
+
+def _imported(importtime_stderr: str) -> set[str]:
+    """Module names from -X importtime (PYTHONPROFILEIMPORTTIME) output."""
+    return {
+        line.rsplit("|", 1)[1].strip()
+        for line in importtime_stderr.splitlines()
+        if line.startswith("import time:") and line.count("|") == 2
+    }
 
 
 def test_sigterm_publishes_offline_and_exits_0(
@@ -57,6 +88,70 @@ def test_sigterm_publishes_offline_and_exits_0(
     assert broker.broker.audit.events("disconnect", client_id="dev-1")
 
 
+def test_slim_entry_point_runs_without_heavy_imports(
+    broker: BrokerThread, creds: Creds, sinks: Callable[..., Sink]
+) -> None:
+    """`python -m device_agent run`: connects, publishes, stops cleanly; imported nothing heavy.
+
+    The import list covers the whole life of the process: start-up, credential checks, the TLS
+    connection, telemetry and the clean stop.
+    """
+    sink = sinks(broker.port)
+    store = creds("dev-1")
+    proc = subprocess.Popen(
+        [
+            *SLIM_MODULE,
+            "run",
+            "--store",
+            str(store),
+            "--broker",
+            f"127.0.0.1:{broker.port}",
+            "--telemetry-interval",
+            "0.2",
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "PYTHONPROFILEIMPORTTIME": "1"},
+    )
+    try:
+        assert wait_until(lambda: sink.telemetry_ids("dev-1"), 20)
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=20)
+    finally:
+        proc.kill()
+    assert proc.returncode == 0, err
+    assert "Traceback" not in err
+    assert wait_until(lambda: sink.on("devices/dev-1/state")[-1:] == [b'{"state":"offline"}'])
+    imported = _imported(err)
+    assert {"device_agent.main", "device_agent.agent", "paho.mqtt.client", "ssl"} <= imported
+    heavy = sorted(m for m in imported if m.split(".")[0] in FORBIDDEN)
+    assert heavy == [], heavy
+
+
+def test_renewal_loads_cryptography_only_when_it_begins(creds: Creds, tmp_path: Path) -> None:
+    """Loading and checking credentials needs no cryptography; beginning a renewal brings it in."""
+    store = tmp_path / "store"
+    shutil.copytree(creds("dev-1"), store)
+    code = (
+        "import sys\n"
+        "from pathlib import Path\n"
+        "from device_agent import load_credentials\n"
+        "from device_agent.renewal import RenewalStore\n"
+        f"creds = load_credentials(Path({str(store)!r}))\n"
+        "assert 'cryptography' not in sys.modules, 'loaded before the renewal'\n"
+        "state, csr = RenewalStore(creds.path).begin(creds)\n"
+        "assert 'cryptography' in sys.modules\n"
+        "assert csr.startswith(b'-----BEGIN CERTIFICATE REQUEST-----'), csr\n"
+    )
+    proc = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=False
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert (store / ".renewal" / "device.key").exists()
+
+
+@ENTRY_POINTS
 @pytest.mark.parametrize(
     ("args", "fragment"),
     [
@@ -64,17 +159,22 @@ def test_sigterm_publishes_offline_and_exits_0(
         (["run", "--store", "{store}", "--broker", "127.0.0.1:notaport"], "port"),
         (["run", "--store", "{store}"], "no broker address"),
         (["run", "--store", "{store}", "--config", "{bad}"], "unknown key"),
+        (["run", "--store", "{empty}", "--broker", "127.0.0.1:1"], "device.crt is missing"),
     ],
 )
 def test_bad_input_is_one_line_and_exit_1(
-    creds: Creds, tmp_path: Path, args: list[str], fragment: str
+    creds: Creds, tmp_path: Path, entry: list[str], args: list[str], fragment: str
 ) -> None:
+    """Every entry point: the same one `error:` line and exit 1."""
     store = creds("dev-1")
     bad = tmp_path / "agent.toml"
     bad.write_text("brokr = 'x'\n")
-    argv = [a.format(store=store, bad=bad) for a in args]
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    (empty / "identity.json").write_text((store / "identity.json").read_text())
+    argv = [a.format(store=store, bad=bad, empty=empty) for a in args]
     proc = subprocess.run(
-        [sys.executable, "-c", RUN_AGENT, *argv],
+        [*entry, *argv],
         capture_output=True,
         text=True,
         timeout=30,
@@ -85,6 +185,29 @@ def test_bad_input_is_one_line_and_exit_1(
     assert len(lines) == 1, proc.stderr
     assert lines[0].startswith("error:"), lines[0]
     assert fragment in lines[0], lines[0]
+
+
+@ENTRY_POINTS
+@pytest.mark.parametrize(
+    "args",
+    [["run"], ["run", "--store"], ["run", "--store", "x", "--stor", "y"], ["run", "--nope", "1"]],
+)
+def test_usage_errors_exit_2(entry: list[str], args: list[str]) -> None:
+    proc = subprocess.run([*entry, *args], capture_output=True, text=True, timeout=30, check=False)
+    assert proc.returncode == 2, proc.stderr
+    assert "usage:" in proc.stderr
+    assert "Traceback" not in proc.stderr
+
+
+@ENTRY_POINTS
+def test_help_lists_the_same_options(entry: list[str]) -> None:
+    """One definition of the options (device_agent.main) behind every spelling."""
+    proc = subprocess.run(
+        [*entry, "run", "--help"], capture_output=True, text=True, timeout=30, check=False
+    )
+    assert proc.returncode == 0, proc.stderr
+    for option in ("--store", "--broker", "--config", "--telemetry-interval", "--verbose"):
+        assert option in proc.stdout, proc.stdout
 
 
 def test_config_file_sections(tmp_path: Path) -> None:
@@ -122,3 +245,16 @@ def test_fleet_cli_without_a_backend_is_a_clear_error(tmp_path: Path) -> None:
     assert result.exit_code == 1
     assert "error:" in result.output or "error:" in (result.stderr or "")
     assert CliRunner().invoke(agent_app, ["--help"]).exit_code == 0
+
+
+def test_systemd_unit_runs_the_slim_entry_point() -> None:
+    """The unit's ExecStart is the `iotauth-agent` script, with options its parser accepts."""
+    root = Path(__file__).resolve().parents[2]
+    unit = (root / "packaging" / "iotauth-agent.service").read_text()
+    exec_start = next(line for line in unit.splitlines() if line.startswith("ExecStart="))
+    program, *args = shlex.split(exec_start.removeprefix("ExecStart="))
+    scripts = tomllib.loads((root / "pyproject.toml").read_text())["project"]["scripts"]
+    assert Path(program).name == "iotauth-agent"
+    assert scripts["iotauth-agent"] == "device_agent.main:console_main"
+    parsed = build_parser().parse_args(args)
+    assert (parsed.command, parsed.store) == ("run", Path("/var/lib/iotauth"))

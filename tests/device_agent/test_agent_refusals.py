@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import logging
 import random
+import socket
 import ssl
+import threading
 from collections.abc import Callable
 
 import pytest
@@ -14,6 +17,7 @@ from broker.server import BrokerThread
 from device_agent import Agent, Backoff, Failure
 from device_agent.backoff import classify_connack, classify_exception, classify_log_text
 from provisioning.pki import PKI
+from provisioning.tls import server_context_for_pki
 from tests.conftest import needs_mosquitto
 from tests.device_agent.agent_helpers import wait_until
 from tests.device_agent.conftest import Creds
@@ -61,7 +65,7 @@ def test_revoked_device_stops_hammering_our_broker(
     agents: Callable[..., Agent],
     caplog: pytest.LogCaptureFixture,
 ) -> None:
-    """Our broker closes the handshake without an alert; after 3 closes the agent slows down."""
+    """Our broker sends the TLS alert 'certificate revoked': one attempt, then a slow retry."""
     store = creds("dev-1")
     pki.revoke("dev-1", reason="key-compromise")
     broker.call(broker.broker.check_revocations())
@@ -71,16 +75,51 @@ def test_revoked_device_stops_hammering_our_broker(
         lambda: agent.stats.last_failure is not None and agent.stats.last_failure.permanent
     )
     attempts = agent.stats.attempts
-    assert attempts == 3
+    assert attempts == 1
     assert agent.stats.connects == 0
     failure = agent.stats.last_failure
     assert failure is not None
-    assert failure.reason == "closed-in-handshake"
-    assert "most likely revoked" in failure.detail
+    assert failure.reason == "revoked"
     assert any("will not fix itself" in r.getMessage() for r in caplog.records)
     # backoff_initial is 0.05 s: without the slow retry this would be dozens of attempts.
     assert not wait_until(lambda: agent.stats.attempts > attempts, 1.0)
-    assert len(broker.broker.audit.events("refuse", reason="revoked")) == 3
+    assert len(broker.broker.audit.events("refuse", reason="revoked")) == 1
+
+
+def test_a_broker_that_closes_without_a_reason_is_retried_slowly_after_three(
+    pki: PKI, creds: Creds, agents: Callable[..., Agent]
+) -> None:
+    """Some brokers (amqtt, for one) end a refused connection after the TLS 1.3 handshake
+    without an alert or CONNACK. After 3 such closes in a row the agent stops hammering."""
+    store = creds("dev-1")
+    context = server_context_for_pki(pki.path)
+    listener = socket.create_server(("127.0.0.1", 0))
+
+    def serve() -> None:
+        while True:
+            try:
+                conn, _ = listener.accept()
+            except OSError:
+                return
+            with contextlib.suppress(OSError), context.wrap_socket(conn, server_side=True):
+                pass  # the handshake is done; close without an alert or CONNACK
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    try:
+        agent = agents(store, listener.getsockname()[1])
+        assert wait_until(
+            lambda: agent.stats.last_failure is not None and agent.stats.last_failure.permanent
+        )
+        failure = agent.stats.last_failure
+        assert failure is not None
+        assert failure.reason == "closed-in-handshake"
+        assert "most likely revoked" in failure.detail
+        attempts = agent.stats.attempts
+        assert attempts == 3
+        assert not wait_until(lambda: agent.stats.attempts > attempts, 1.0)
+    finally:
+        listener.close()
 
 
 @needs_mosquitto

@@ -9,11 +9,18 @@ import threading
 from pathlib import Path
 
 import pytest
+from cryptography.hazmat.primitives import serialization
 from cryptography.x509.oid import ExtendedKeyUsageOID
 
+from provisioning.errors import PKIError
 from provisioning.identity import IdentityKind
 from provisioning.pki import PKI
-from provisioning.tls import client_context, client_context_for_credentials, server_context_for_pki
+from provisioning.tls import (
+    check_client_credentials,
+    client_context,
+    client_context_for_credentials,
+    server_context_for_pki,
+)
 
 
 class Outcome:
@@ -210,3 +217,77 @@ def test_server_issues_no_session_tickets(
     thread.join(10)
     listener.close()
     assert session is None or not session.has_ticket
+
+
+def _check(cred_dir: Path, trust: Path | None = None) -> dict[str, object]:
+    return check_client_credentials(
+        cert_chain=cred_dir / "device.crt",
+        key=cred_dir / "device.key",
+        trust=trust or cred_dir / "ca.crt",
+    )
+
+
+@pytest.mark.parametrize(
+    ("case", "fragment"),
+    [
+        ("good", None),
+        ("foreign", "unable to get local issuer certificate"),
+        ("server-auth-only", "unsuitable certificate purpose"),
+    ],
+)
+def test_local_check_agrees_with_the_broker(
+    pki: PKI,
+    foreign_pki: PKI,
+    pki_dir: Path,
+    tmp_path: Path,
+    server_ctx: ssl.SSLContext,
+    case: str,
+    fragment: str | None,
+) -> None:
+    """check_client_credentials (no network) gives the verdict a real broker handshake gives."""
+    out = tmp_path / case
+    if case == "foreign":
+        foreign_pki.issue("dev-1", out=out)
+    else:
+        eku = [ExtendedKeyUsageOID.SERVER_AUTH] if case == "server-auth-only" else None
+        pki.issue("dev-1", out=out, extended_key_usage=eku)
+    root = pki_dir / "root.crt"
+    # The client trusts our root, so only the server's verdict on the client certificate counts.
+    client = client_context(trust=root, cert_chain=out / "device.crt", key=out / "device.key")
+    real = handshake(server_ctx, client).server_error
+    if fragment is None:
+        assert real is None
+        peer = _check(out, root)
+        assert ("URI", "spiffe://fleet.example/device/dev-1") in peer["subjectAltName"]  # type: ignore[operator]
+        return
+    assert fragment in str(real)
+    with pytest.raises(PKIError, match=fragment):
+        _check(out, root)
+
+
+def test_local_check_leaves_dates_to_the_caller(
+    pki: PKI, pki_dir: Path, tmp_path: Path, server_ctx: ssl.SSLContext
+) -> None:
+    """Expired: the broker refuses, the local check returns the dates (a device reports them)."""
+    long_ago = dt.datetime.now(dt.UTC) - dt.timedelta(days=30)
+    pki.issue("dev-old", out=tmp_path / "old", now=long_ago, days=1)
+    real = handshake(server_ctx, client_context_for_credentials(tmp_path / "old")).server_error
+    assert "certificate has expired" in str(real)
+    peer = _check(tmp_path / "old")
+    not_after = dt.datetime.fromtimestamp(ssl.cert_time_to_seconds(str(peer["notAfter"])), dt.UTC)
+    assert not_after < dt.datetime.now(dt.UTC)
+
+
+def test_local_check_never_prompts_for_a_passphrase(pki: PKI, tmp_path: Path) -> None:
+    pki.issue("dev-1", out=tmp_path / "dev-1")
+    key_file = tmp_path / "dev-1" / "device.key"
+    key = serialization.load_pem_private_key(key_file.read_bytes(), None)
+    key_file.write_bytes(
+        key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.BestAvailableEncryption(b"secret"),
+        )
+    )
+    with pytest.raises(PKIError, match=r"device\.key is encrypted"):
+        _check(tmp_path / "dev-1")
