@@ -32,6 +32,20 @@ BENCHES: list[tuple[str, str, list[str]]] = [
         [PY, "bench/broker_bench.py"],
     ),
     ("broker_acl", "Broker: the ACL's share of the publish path", [PY, "bench/broker_acl.py"]),
+    (
+        "broker_10k",
+        "Broker: 10,000 connected devices",
+        [
+            PY,
+            "bench/broker_bench.py",
+            "--rounds",
+            "1",
+            "--phases",
+            "idle",
+            "--idle-clients",
+            "10000",
+        ],
+    ),
     ("agent_footprint", "Device agent footprint", [PY, "bench/agent_footprint.py"]),
     (
         "fleet",
