@@ -4,6 +4,9 @@ Each benchmark prints Markdown; this script records the machine, the versions, t
 the exact command next to each output, and appends the notes in bench/notes/<name>.md that say
 how to read it. A benchmark that fails is reported as failed in the document (and makes this
 script exit non-zero) instead of silently keeping old figures.
+
+``--only NAME`` (repeatable) re-runs those benchmarks and replaces only their sections of the
+existing document; the header then lists which sections were refreshed when.
 """
 
 from __future__ import annotations
@@ -88,13 +91,30 @@ def machine() -> list[str]:
     ]
 
 
+def _merge(old: str, fresh: dict[str, list[str]], now: str) -> str:
+    """``old`` with the sections titled in ``fresh`` replaced (in place), the rest kept."""
+    head, *parts = old.split("\n## ")
+    kept = {part.split("\n", 1)[0]: part for part in parts}
+    for title, lines in fresh.items():
+        kept[title] = "\n".join(lines).removeprefix("## ")
+    note = f"Sections re-run on {now} with `--only`: {', '.join(fresh)}."
+    head_lines = head.rstrip().split("\n")
+    order = [title for _, title, _ in BENCHES]
+    titles = sorted(kept, key=lambda t: order.index(t) if t in order else len(order))
+    return (
+        "\n".join([*head_lines, "", note])
+        + "\n"
+        + "".join("\n## " + kept[t].rstrip() + "\n" for t in titles)
+    )
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--out", type=Path, default=ROOT / "docs" / "BENCHMARKS.md")
     parser.add_argument("--only", action="append", help="run only these benchmarks (by name)")
     args = parser.parse_args()
     now = dt.datetime.now(dt.UTC).strftime("%Y-%m-%d %H:%M UTC")
-    doc = [
+    header = [
         "# Benchmarks",
         "",
         f"Written by `make bench` (`python bench/run_all.py`) on {now}. Every figure below comes",
@@ -104,9 +124,11 @@ def main() -> int:
         "",
     ]
     failed = 0
+    sections: dict[str, list[str]] = {}
     for name, title, command in BENCHES:
         if args.only and name not in args.only:
             continue
+        doc = sections[title] = []
         doc += [
             f"## {title}",
             "",
@@ -141,7 +163,11 @@ def main() -> int:
         notes = ROOT / "bench" / "notes" / f"{name}.md"
         if notes.exists():
             doc += [notes.read_text().strip(), ""]
-    args.out.write_text("\n".join(doc))
+    if args.only and args.out.exists():
+        text = _merge(args.out.read_text(), sections, now)
+    else:
+        text = "\n".join(header + [line for lines in sections.values() for line in lines])
+    args.out.write_text(text)
     print(f"wrote {args.out}", file=sys.stderr)
     return 1 if failed else 0
 

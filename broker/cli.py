@@ -10,7 +10,9 @@ import contextlib
 import dataclasses
 import logging
 import resource
+import signal
 import sys
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Annotated
@@ -165,6 +167,69 @@ def run(
             asyncio.run(main())
         except KeyboardInterrupt:
             print("broker stopped", file=sys.stderr)
+
+
+@broker_app.command("renewal")
+def renewal_command(
+    pki: PkiOpt,
+    broker: Annotated[
+        str,
+        typer.Option("--broker", help="HOST:PORT of the MQTT broker to serve renewals through."),
+    ],
+    offer_ttl: Annotated[
+        float,
+        typer.Option("--offer-ttl", min=10, help="Seconds a renewed certificate waits to be used."),
+    ] = 3600.0,
+    wait: Annotated[
+        float,
+        typer.Option("--wait", min=1, help="Seconds to wait for the broker at start."),
+    ] = 30.0,
+    verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Debug logging.")] = False,
+) -> None:
+    """Run the renewal service beside another broker (an exported Mosquitto or EMQX).
+
+    `broker run` includes this service; use this command when devices connect to a broker that is
+    not ours. It connects as the service identity `renewal`, whose credentials it keeps in
+    PKI/services/renewal (issue them before `broker export`, so the export grants the identity its
+    topics: `iotauth service issue renewal --out PKI/services/renewal`), answers CSRs on
+    devices/+/certs/csr, and records a renewal when the device reports the new certificate
+    installed.
+    """
+    from broker.renewal import RenewalService, RenewalSettings
+    from provisioning.pki import passphrase_from_env
+
+    logging.basicConfig(
+        level=logging.DEBUG if verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+    host, sep, port_text = broker.rpartition(":")
+    if not sep or not host or not port_text.isdigit() or not 0 < int(port_text) < 65536:
+        raise _fail(f"--broker {broker!r} is not HOST:PORT")
+    with _user_errors():
+        if not (pki / "pki.toml").is_file():
+            raise _fail(f"{pki} is not a PKI directory (no pki.toml); run 'iotauth ca init' first")
+        service = RenewalService(
+            pki,
+            host=host,
+            port=int(port_text),
+            settings=RenewalSettings(offer_ttl=offer_ttl),
+            passphrase=passphrase_from_env(),
+        ).start()
+        try:
+            if not service.wait_subscribed(wait):
+                raise _fail(
+                    f"no subscription to devices/+/certs/csr at {broker} within {wait:.0f} s: "
+                    "is the broker up, and does its ACL let the service 'renewal' read it?"
+                )
+            print(f"iotauth renewal service serving through {broker}", file=sys.stderr, flush=True)
+            stop = threading.Event()
+            signal.signal(signal.SIGTERM, lambda *_: stop.set())
+            with contextlib.suppress(KeyboardInterrupt):
+                stop.wait()
+        finally:
+            service.stop()
+        print("renewal service stopped", file=sys.stderr)
 
 
 @broker_app.command("explain")

@@ -296,6 +296,14 @@ class MQTTConnection(asyncio.Protocol):
             self.violation("tls-error", str(exc.reason or exc))
             return
         self._write_tls()
+        transport = self.transport
+        if (
+            transport is not None
+            and transport.get_write_buffer_size() > 2 * self.core.limits.outbound_max_bytes
+        ):
+            # Deliveries stop at outbound_max_bytes; only our answers to the peer's own packets
+            # (PUBACK, PINGRESP ...) grow it further: a peer that sends and never reads.
+            self.violation("slow-reader", "the client does not read what the broker sends")
 
     def _lost_by_peer(self) -> None:
         if self.state == HANDSHAKE:

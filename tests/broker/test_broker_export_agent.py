@@ -8,6 +8,7 @@ reused); the agents are the real :class:`device_agent.Agent` with certificates f
 from __future__ import annotations
 
 import json
+import subprocess
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -17,10 +18,11 @@ import pytest
 import tests.broker.test_broker_export_mosquitto as exported
 import tests.device_agent.conftest as agent_conftest
 from device_agent import Agent
+from device_agent.credentials import load_credentials
 from device_agent.fleet import FleetSpec, run_fleet
 from iotauth.fleet_backend import ExportedMosquittoBackend
 from tests.broker.broker_helpers import Fleet, Peer
-from tests.conftest import Result
+from tests.conftest import CLI, Result
 from tests.device_agent.agent_helpers import Sink, run_mixed_fleet, wait_until
 
 pytestmark = exported.pytestmark  # skipped where mosquitto is not installed
@@ -200,3 +202,48 @@ def test_fleet_backend_revocations_reach_the_exported_mosquitto(
     """The backend's revoke goes through the export hook: revoked and expired devices refused."""
     backend = ExportedMosquittoBackend(fleet.pki_dir, tmp_path / "exported")
     run_mixed_fleet(backend, tmp_path / "fleet")
+
+
+def test_agent_renews_through_the_exported_mosquitto(
+    mosquitto: Callable[..., Mosquitto],
+    agents: Callable[..., Agent],
+    fleet: Fleet,
+    cli: Callable[..., Result],
+) -> None:
+    """Renewal does not need our broker: `iotauth broker renewal` runs beside the exported
+    Mosquitto, answers the agent's CSR, and records the renewal when the agent reports it."""
+    service_dir = fleet.pki_dir / "services" / "renewal"
+    cli("service", "issue", "renewal", "--pki", str(fleet.pki_dir), "--out", str(service_dir))
+    m = mosquitto()  # the export now grants 'renewal' its topics
+    store = fleet.creds("dev-1")
+    old = load_credentials(store)
+    service = subprocess.Popen(
+        [*CLI, "broker", "renewal", "--pki", str(fleet.pki_dir), "--broker", f"127.0.0.1:{m.port}"],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert service.stderr is not None
+        banner = ""
+        deadline = time.monotonic() + 30
+        while "serving through" not in banner and time.monotonic() < deadline:
+            banner = service.stderr.readline()
+            if not banner and service.poll() is not None:
+                break
+        assert "serving through" in banner, banner
+        agent = agents(store, m.port)
+        assert agent_conftest.connected(agent), agent.stats.last_failure
+        agent.request_renewal()
+        assert wait_until(lambda: agent.stats.renewals == 1, 30), agent.stats
+        assert agent_conftest.connected(agent)
+    finally:
+        service.terminate()
+        service.wait(10)
+    assert service.returncode == 0
+    assert load_credentials(store).serial != old.serial
+    lines = (fleet.pki_dir / "ledger.jsonl").read_text().splitlines()
+    renewals = [
+        e for e in map(json.loads, lines) if e["event"] == "issue" and e["data"].get("renewal")
+    ]
+    assert [(e["data"]["name"], e["data"]["via"]) for e in renewals] == [("dev-1", "device-report")]
