@@ -621,8 +621,11 @@ class Agent:
                 return
             try:
                 state, csr = self.renewal.begin(self.credentials)
-            except OSError as exc:
+            except (OSError, RenewalError) as exc:
+                # e.g. the key generator failed: say why once a minute, not once a second.
                 log.error("%s: cannot start renewal: %s", self.device_id, exc)
+                if not force:
+                    self._timer("renewal", 60.0, self._check_renewal)
                 return
             log.info("%s: renewing the certificate (request %s)", self.device_id, state.request_id)
             self._send_renewal({"type": "csr", "request_id": state.request_id, "csr": csr.decode()})

@@ -8,7 +8,8 @@ credential is reported as such instead of as an opaque TLS failure.
 They are made by the stdlib ``ssl`` module (``provisioning.tls.check_client_credentials``: OpenSSL
 judges the credential as the broker will), not by ``cryptography``: loading cryptography's own
 OpenSSL next to the system one behind ``ssl`` would cost a device about 8 MB of RSS just to start.
-Only a renewal (``device_agent.renewal``) imports cryptography, when it begins.
+The renewal candidate is checked the same way (``Credentials.with_files``); the agent process
+never imports cryptography (its renewal key and CSR are made in a child, ``device_agent.keygen``).
 """
 
 from __future__ import annotations

@@ -17,9 +17,10 @@ The candidate lives in ``<store>/.renewal/`` (0700: ``device.key`` 0600, ``devic
 
 ``requested``  key and CSR made; the CSR is re-sent with the same request id after a timeout or a
                reconnect (the service answers a repeated request with the same certificate).
-``received``   the certificate was checked (our key, our identity, chains to ``ca.crt``). The agent
-               disconnects and connects with the candidate. The old credentials stay untouched in
-               the credential directory: if the candidate is refused, the agent goes back to them.
+``received``   the certificate was checked (our key, our identity, chains to ``ca.crt``, clientAuth,
+               valid now, a new serial). The agent disconnects and connects with the candidate.
+               The old credentials stay untouched in the credential directory: if the candidate
+               is refused, the agent goes back to them.
 ``installed``  a connection with the candidate succeeded; key and certificate were committed into
                the credential directory with the store's journaled, all-or-nothing commit
                (``hardware.store.CredentialStore``). The agent reports ``installed`` until the
@@ -29,10 +30,14 @@ If the current credentials are refused for good while a ``received`` candidate e
 died between connecting with the candidate and committing it, and the service has since revoked the
 old certificate as superseded), the agent tries the candidate.
 
-``cryptography`` (key generation, the CSR, reading the answer) and the credential store are
-imported inside the methods that need them, when a renewal begins or ends: an agent that is not
-renewing runs with the stdlib ``ssl`` alone, which keeps its RSS within the device budget
-(bench/notes/agent_footprint.md). Loading, clearing and the phases need neither.
+The agent process never imports ``cryptography`` (its own OpenSSL would add about 11 MB of RSS
+for the rest of the process's life, above the device budget: bench/notes/agent_footprint.md). The
+key and CSR are made in a short-lived child process (``device_agent.keygen``; in-process only where
+cryptography is loaded anyway, as in the fleet simulator). The answer is checked by the stdlib
+``ssl``: the PEM blocks are split as text, and the candidate goes through the same OpenSSL check
+as the credential directory at start-up (``Credentials.with_files``: key fits, CN and SAN URI,
+chain to ``ca.crt``, clientAuth), which also decodes the serial and validity dates. The credential
+store is imported when the candidate is installed.
 """
 
 from __future__ import annotations
@@ -40,58 +45,40 @@ from __future__ import annotations
 import contextlib
 import datetime as dt
 import json
-import os
+import re
 import secrets
+import ssl
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 from device_agent.credentials import Credentials
 from device_agent.errors import CredentialError, RenewalError
+from device_agent.keygen import make_key_and_csr, write_atomic
 
-if TYPE_CHECKING:
-    from cryptography.hazmat.primitives.asymmetric import ec
-
-__all__ = ["RENEWAL_DIR", "RenewalState", "RenewalStore", "make_csr"]
+__all__ = ["RENEWAL_DIR", "RenewalState", "RenewalStore"]
 
 RENEWAL_DIR = ".renewal"
+_PEM_CERT_BLOCK = re.compile(rb"-----BEGIN CERTIFICATE-----.*?-----END CERTIFICATE-----", re.DOTALL)
+# A new certificate may start up to this far ahead of our clock (which may lag the CA's).
+_CLOCK_SKEW = dt.timedelta(minutes=5)
 
 
-def _write_atomic(path: Path, data: bytes, mode: int) -> None:
-    """tmp file with its final mode from the first byte, fsync, rename, fsync the directory."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
-    try:
-        view = memoryview(data)
-        while view:
-            view = view[os.write(fd, view) :]
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    os.replace(tmp, path)
-    dfd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(dfd)
-    finally:
-        os.close(dfd)
+def _pem_certificates(data: bytes) -> list[str]:
+    """The CERTIFICATE blocks of ``data``, each re-encoded in the one canonical PEM layout.
 
-
-def make_csr(key: ec.EllipticCurvePrivateKey, *, device_id: str, spiffe_id: str) -> bytes:
-    """A CSR naming the device (CN and SAN URI); the service checks both against the topic."""
-    from cryptography import x509
-    from cryptography.hazmat.primitives import hashes, serialization
-    from cryptography.x509.oid import NameOID
-
-    csr = (
-        x509.CertificateSigningRequestBuilder()
-        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, device_id)]))
-        .add_extension(
-            x509.SubjectAlternativeName([x509.UniformResourceIdentifier(spiffe_id)]),
-            critical=False,
-        )
-        .sign(key, hashes.SHA256())
-    )
-    return csr.public_bytes(serialization.Encoding.PEM)
+    Split as text, not parsed: whether a block is a certificate for our key and identity is for
+    OpenSSL to judge (``Credentials.with_files``). Re-encoding through the stdlib's base64 helpers
+    drops text between and around the blocks and CRLF line ends, and makes equal
+    certificates equal bytes. Raises ValueError for a block that is not base64 or is empty.
+    """
+    blocks = []
+    for match in _PEM_CERT_BLOCK.finditer(data):
+        der = ssl.PEM_cert_to_DER_cert(match.group().decode("ascii"))
+        if not der:
+            msg = "an empty CERTIFICATE block"
+            raise ValueError(msg)
+        blocks.append(ssl.DER_cert_to_PEM_cert(der))
+    return blocks
 
 
 @dataclass(frozen=True, slots=True)
@@ -125,24 +112,25 @@ class RenewalStore:
             return None
 
     def _save(self, state: RenewalState) -> None:
-        _write_atomic(self._state_file, json.dumps(asdict(state)).encode(), 0o600)
+        write_atomic(self._state_file, json.dumps(asdict(state)).encode(), 0o600)
 
     def begin(self, creds: Credentials) -> tuple[RenewalState, bytes]:
-        """New key and CSR (phase ``requested``)."""
-        from cryptography.hazmat.primitives import serialization
-        from cryptography.hazmat.primitives.asymmetric import ec
-
+        """New key and CSR (phase ``requested``); RenewalError if they cannot be made."""
         self.clear()
         self.path.mkdir(mode=0o700, exist_ok=True)
-        key = ec.generate_private_key(ec.SECP256R1())
-        key_pem = key.private_bytes(
-            serialization.Encoding.PEM,
-            serialization.PrivateFormat.PKCS8,
-            serialization.NoEncryption(),
+        # In a child process (see device_agent.keygen): the key goes straight to its 0600 file.
+        make_key_and_csr(
+            self.key_file,
+            self.csr_file,
+            device_id=creds.device_id,
+            spiffe_id=creds.identity.spiffe_id,
         )
-        csr = make_csr(key, device_id=creds.device_id, spiffe_id=creds.identity.spiffe_id)
-        _write_atomic(self.key_file, key_pem, 0o600)
-        _write_atomic(self.csr_file, csr, 0o644)
+        try:
+            csr = self.csr_file.read_bytes()
+        except OSError as exc:
+            raise RenewalError(f"no CSR was written: {exc}", device_id=creds.device_id) from None
+        if not self.key_file.is_file() or not csr.startswith(b"-----BEGIN CERTIFICATE REQUEST"):
+            raise RenewalError("key generation left no key or CSR", device_id=creds.device_id)
         state = RenewalState(secrets.token_hex(8), "requested", dt.datetime.now(dt.UTC).timestamp())
         self._save(state)
         return state, csr
@@ -152,48 +140,40 @@ class RenewalStore:
 
     def accept(self, chain_pem: bytes, creds: Credentials) -> Credentials:
         """Check the issued certificate against our key and identity; phase ``received``."""
-        from cryptography import x509
-        from cryptography.hazmat.primitives import serialization
-        from cryptography.x509.oid import ExtendedKeyUsageOID
-
         state = self.load()
         if state is None or state.phase != "requested":
             raise RenewalError("no renewal is waiting for a certificate", device_id=creds.device_id)
         try:
-            chain = x509.load_pem_x509_certificates(chain_pem)
-            key = serialization.load_pem_private_key(self.key_file.read_bytes(), None)
-        except (OSError, ValueError) as exc:
+            chain = _pem_certificates(chain_pem)
+        except ValueError as exc:
             raise RenewalError(
                 f"unreadable certificate: {exc}", device_id=creds.device_id
             ) from None
+        if not chain:
+            raise RenewalError(
+                "unreadable certificate: no PEM certificate in the answer",
+                device_id=creds.device_id,
+            )
         if len(chain) < 2:
             raise RenewalError("the answer lacks the issuing CA", device_id=creds.device_id)
-        leaf = chain[0]
-        pub, der = serialization.PublicFormat.SubjectPublicKeyInfo, serialization.Encoding.DER
-        if leaf.public_key().public_bytes(der, pub) != key.public_key().public_bytes(der, pub):
-            raise RenewalError("the certificate is not for our new key", device_id=creds.device_id)
-        now = dt.datetime.now(dt.UTC)
-        if (
-            not leaf.not_valid_before_utc
-            <= now + dt.timedelta(minutes=5)
-            < leaf.not_valid_after_utc
-        ):
-            raise RenewalError("the certificate is not valid now", device_id=creds.device_id)
+        # Leaf and issuing CA only, as device.crt holds them; a root sent along is not needed.
+        write_atomic(self.cert_file, "".join(chain[:2]).encode("ascii"), 0o644)
         try:
-            eku = leaf.extensions.get_extension_for_class(x509.ExtendedKeyUsage).value
-        except x509.ExtensionNotFound:
-            eku = None
-        if eku is None or ExtendedKeyUsageOID.CLIENT_AUTH not in eku:
-            raise RenewalError("the certificate lacks clientAuth", device_id=creds.device_id)
-        serial = format(leaf.serial_number, "x")
-        if serial == creds.serial:
-            raise RenewalError("the certificate is the one we have", device_id=creds.device_id)
-        pem = b"".join(c.public_bytes(serialization.Encoding.PEM) for c in chain[:2])
-        _write_atomic(self.cert_file, pem, 0o644)
-        # Identity (CN, SAN URI) and chain to ca.crt: the same check as at start-up, made by
-        # OpenSSL as the broker will make it, before the phase says the candidate is usable.
-        candidate = self.candidate(creds)
-        self._save(RenewalState(state.request_id, "received", state.started_at, serial))
+            # OpenSSL judges the candidate as the broker will and as it judges device.crt at
+            # start-up: our new key fits the leaf (a certificate for any other key is refused
+            # here), CN and SAN URI are our identity, it chains through the issuing CA to
+            # ca.crt, clientAuth. It also decodes the serial and dates checked below.
+            candidate = self.candidate(creds)
+            now = dt.datetime.now(dt.UTC)
+            if not candidate.not_before <= now + _CLOCK_SKEW < candidate.not_after:
+                raise RenewalError("the certificate is not valid now", device_id=creds.device_id)
+            if candidate.serial == creds.serial:
+                raise RenewalError("the certificate is the one we have", device_id=creds.device_id)
+        except RenewalError:
+            # Never leave a refused certificate where a later phase could pick it up.
+            self.cert_file.unlink(missing_ok=True)
+            raise
+        self._save(RenewalState(state.request_id, "received", state.started_at, candidate.serial))
         return candidate
 
     def candidate(self, creds: Credentials) -> Credentials:
@@ -206,9 +186,6 @@ class RenewalStore:
 
     def install(self, creds: Credentials) -> None:
         """Commit the candidate into the credential directory (all or nothing); ``installed``."""
-        from cryptography import x509
-        from cryptography.hazmat.primitives import serialization
-
         from hardware.codec import ObjectKind
         from hardware.errors import StoreError
         from hardware.store import CredentialStore
@@ -216,20 +193,28 @@ class RenewalStore:
         state = self.load()
         if state is None or state.phase != "received":
             return
-        chain = x509.load_pem_x509_certificates(self.cert_file.read_bytes())
-        pem = serialization.Encoding.PEM
-        leaf, issuing = chain[0].public_bytes(pem), chain[1].public_bytes(pem)
         try:
+            chain = _pem_certificates(self.cert_file.read_bytes())
+            if len(chain) < 2:
+                msg = f"{self.cert_file} lost its issuing CA"
+                raise ValueError(msg)
+            leaf, issuing = chain[0].encode("ascii"), chain[1].encode("ascii")
+            try:
+                current_chain = _pem_certificates((self.store / "chain.crt").read_bytes())
+            except FileNotFoundError:
+                current_chain = []  # staged below, so device.crt gets its issuing CA back
             store = CredentialStore(self.store)
             tag = f"renewal-{state.request_id}"
             store.stage_whole(ObjectKind.KEY, self.key_file.read_bytes(), tag=tag)
             store.stage_whole(ObjectKind.CERT, leaf, tag=tag)
             kinds = [ObjectKind.KEY, ObjectKind.CERT]
-            if (self.store / "chain.crt").read_bytes() != issuing:
+            # Compared block by block after re-encoding, so a chain.crt written with another line
+            # layout is not staged again for nothing.
+            if current_chain != [chain[1]]:
                 store.stage_whole(ObjectKind.CHAIN, issuing, tag=tag)
                 kinds.append(ObjectKind.CHAIN)
             store.commit(kinds)
-        except (StoreError, OSError) as exc:
+        except (StoreError, OSError, ValueError) as exc:
             raise RenewalError(
                 f"cannot store the new credentials: {exc}", device_id=creds.device_id
             ) from None

@@ -1,24 +1,32 @@
-"""Renewal over MQTT: end to end, interrupted by a disconnect, forged and foreign CSRs refused."""
+"""Renewal over MQTT: end to end, interrupted by a disconnect, forged and foreign CSRs refused;
+the device's checks of the answer and its key generation in a child process."""
 
 from __future__ import annotations
 
+import datetime as dt
 import json
+import subprocess
+import sys
 import threading
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import paho.mqtt.client as mqtt
+import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import NameOID
+from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 from paho.mqtt.enums import CallbackAPIVersion
 
 from broker.renewal import RenewalService, RenewalSettings
 from broker.server import BrokerThread
-from device_agent import Agent, load_credentials
-from device_agent.renewal import make_csr
+from device_agent import Agent, Credentials, RenewalError, load_credentials
+from device_agent.keygen import make_csr, make_key_and_csr
+from device_agent.renewal import RenewalStore
+from provisioning.certificates import build_leaf
+from provisioning.identity import parse_spiffe_id
 from provisioning.pki import PKI
 from provisioning.tls import client_context_for_credentials
 from tests.device_agent.agent_helpers import wait_until
@@ -228,3 +236,207 @@ def test_a_device_cannot_publish_another_devices_csr(
     assert wait_until(lambda: broker.broker.audit.events("deny", client_id="dev-1"))
     peer.close()
     assert not any(e["event"] == "renewal-offer" for e in _ledger(pki))
+
+
+# -- the device's checks of the answer (RenewalStore.accept / install, no broker) ---------------
+
+NOW = dt.datetime.now(dt.UTC)
+PEM = serialization.Encoding.PEM
+
+
+def _pending(creds: Creds) -> tuple[RenewalStore, Credentials, ec.EllipticCurvePublicKey]:
+    """dev-1 with a renewal begun (key and CSR made): the store and the new public key."""
+    current = load_credentials(creds("dev-1"))
+    renewal = RenewalStore(current.path)
+    renewal.begin(current)
+    key = serialization.load_pem_private_key(renewal.key_file.read_bytes(), None)
+    assert isinstance(key, ec.EllipticCurvePrivateKey)
+    return renewal, current, key.public_key()
+
+
+def _chain(
+    pki: PKI,
+    public_key: ec.EllipticCurvePublicKey,
+    *,
+    name: str = "dev-1",
+    now: dt.datetime = NOW,
+    days: int = 30,
+    eku: tuple[x509.ObjectIdentifier, ...] = (ExtendedKeyUsageOID.CLIENT_AUTH,),
+) -> bytes:
+    """leaf + issuing CA as the service sends them, signed by ``pki``'s issuing CA."""
+    leaf = build_leaf(
+        parse_spiffe_id(f"spiffe://fleet.example/device/{name}"),
+        public_key,
+        issuer=pki.issuing,
+        issuer_key=pki.issuing_key(),
+        now=now,
+        days=days,
+        extended_key_usage=eku,
+    )
+    return leaf.public_bytes(PEM) + pki.issuing.public_bytes(PEM)
+
+
+def test_accept_normalises_the_chain_and_install_commits_it(pki: PKI, creds: Creds) -> None:
+    """CRLF, text around the blocks and a root sent along: the candidate is the canonical leaf +
+    issuing CA, checked by OpenSSL; install commits it with the store's atomic commit."""
+    renewal, current, public = _pending(creds)
+    chain_before = (current.path / "chain.crt").read_bytes()
+    chain = _chain(pki, public) + pki.root.public_bytes(PEM)
+    noisy = b"subject=CN = dev-1\r\n" + chain.replace(b"\n", b"\r\n") + b"trailing text\r\n"
+    candidate = renewal.accept(noisy, current)
+    leaf = x509.load_pem_x509_certificates(chain)[0]
+    assert candidate.serial == format(leaf.serial_number, "x") != current.serial
+    assert renewal.cert_file.read_bytes() == chain[: -len(pki.root.public_bytes(PEM))]
+    state = renewal.load()
+    assert state is not None
+    assert (state.phase, state.serial) == ("received", candidate.serial)
+    renewal.install(current)
+    installed = load_credentials(current.path)
+    assert installed.serial == candidate.serial
+    assert (current.path / "device.crt").read_bytes() == renewal.cert_file.read_bytes()
+    assert (current.path / "chain.crt").read_bytes() == chain_before
+    assert (current.path / "device.key").read_bytes() == renewal.key_file.read_bytes()
+    state = renewal.load()
+    assert state is not None
+    assert state.phase == "installed"
+
+
+def _other_key() -> ec.EllipticCurvePublicKey:
+    return ec.generate_private_key(ec.SECP256R1()).public_key()
+
+
+@pytest.mark.parametrize(
+    ("answer", "reason"),
+    [
+        # A certificate for a key other than the one we made: OpenSSL's key check refuses it.
+        (lambda pki, pub, _f: _chain(pki, _other_key()), "device.key does not belong to"),
+        (lambda pki, pub, _f: _chain(pki, pub, name="dev-2"), "SAN URI is"),
+        (lambda pki, pub, foreign: _chain(foreign, pub), "does not accept device.crt"),
+        (
+            lambda pki, pub, _f: _chain(pki, pub, eku=(ExtendedKeyUsageOID.SERVER_AUTH,)),
+            "certificate purpose",  # "unsuitable" (OpenSSL 3) or "unsupported" (1.1)
+        ),
+        (lambda pki, pub, _f: _chain(pki, pub, now=NOW + dt.timedelta(days=2)), "not valid now"),
+        (
+            lambda pki, pub, _f: _chain(pki, pub, now=NOW - dt.timedelta(days=10), days=1),
+            "not valid now",
+        ),
+        (lambda pki, pub, _f: _chain(pki, pub).split(b"-\n-")[0] + b"-\n", "lacks the issuing"),
+        (lambda *_: b"no certificate here", "unreadable certificate: no PEM certificate"),
+        (
+            lambda *_: b"-----BEGIN CERTIFICATE-----\nA\n-----END CERTIFICATE-----\n" * 2,
+            "unreadable certificate",
+        ),
+        (
+            lambda *_: b"-----BEGIN CERTIFICATE-----\nAAAA\n-----END CERTIFICATE-----\n" * 2,
+            "the candidate is unusable",
+        ),
+    ],
+    ids=[
+        "other-key",
+        "other-device",
+        "foreign-ca",
+        "server-auth-only",
+        "not-yet-valid",
+        "expired",
+        "leaf-only",
+        "no-pem",
+        "bad-base64",
+        "not-a-certificate",
+    ],
+)
+def test_accept_refuses_what_is_not_our_next_certificate(
+    pki: PKI,
+    foreign_pki: PKI,
+    creds: Creds,
+    answer: Callable[[PKI, ec.EllipticCurvePublicKey, PKI], bytes],
+    reason: str,
+) -> None:
+    """Refused with the reason; the phase stays ``requested`` and no candidate file is left."""
+    renewal, current, public = _pending(creds)
+    with pytest.raises(RenewalError, match="refused: ") as info:
+        renewal.accept(answer(pki, public, foreign_pki), current)
+    assert reason in info.value.reason, info.value.reason
+    state = renewal.load()
+    assert state is not None
+    assert state.phase == "requested"
+    assert not renewal.cert_file.exists()
+
+
+def test_accept_refuses_the_certificate_we_already_have(creds: Creds) -> None:
+    """The service answering with our current certificate (for the key we then hold) is refused."""
+    renewal, current, _ = _pending(creds)
+    renewal.key_file.write_bytes((current.path / "device.key").read_bytes())
+    with pytest.raises(RenewalError, match="the certificate is the one we have"):
+        renewal.accept((current.path / "device.crt").read_bytes(), current)
+    assert not renewal.cert_file.exists()
+
+
+# -- key generation in a child process (device_agent.keygen) ------------------------------------
+
+SPIFFE = "spiffe://fleet.example/device/dev-1"
+
+
+@pytest.fixture
+def without_cryptography(monkeypatch: pytest.MonkeyPatch) -> list[list[str]]:
+    """As in an agent process: cryptography not loaded, so keygen starts a child. Records the
+    argv of every subprocess.run (restored afterwards; no broker thread runs in these tests)."""
+    monkeypatch.delitem(sys.modules, "cryptography")
+    calls: list[list[str]] = []
+    run = subprocess.run
+
+    def spy(argv: list[str], **kw: Any) -> subprocess.CompletedProcess[bytes]:
+        calls.append(list(argv))
+        assert kw["stdout"] is subprocess.DEVNULL
+        return run(argv, **kw)
+
+    monkeypatch.setattr(subprocess, "run", spy)
+    return calls
+
+
+def test_keygen_child_writes_the_key_itself(
+    tmp_path: Path, without_cryptography: list[list[str]]
+) -> None:
+    """The child writes key (0600) and CSR; only paths and names cross to it, never the key."""
+    key_file, csr_file = tmp_path / "device.key", tmp_path / "csr.pem"
+    make_key_and_csr(key_file, csr_file, device_id="dev-1", spiffe_id=SPIFFE)
+    [argv] = without_cryptography
+    assert argv[-4:] == [str(key_file), str(csr_file), "dev-1", SPIFFE]
+    assert oct(key_file.stat().st_mode & 0o777) == "0o600"
+    assert not list(tmp_path.glob(".*.tmp"))
+    key = serialization.load_pem_private_key(key_file.read_bytes(), None)
+    csr = x509.load_pem_x509_csr(csr_file.read_bytes())
+    assert csr.is_signature_valid
+    assert csr.public_key() == key.public_key()
+    assert csr.subject.rfc4514_string() == "CN=dev-1"
+    san = csr.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    assert san.get_values_for_type(x509.UniformResourceIdentifier) == [SPIFFE]
+
+
+def test_keygen_child_failure_is_a_one_line_reason(
+    tmp_path: Path, without_cryptography: list[list[str]]
+) -> None:
+    missing = tmp_path / "missing"
+    with pytest.raises(RenewalError) as info:
+        make_key_and_csr(missing / "k", missing / "c", device_id="dev-1", spiffe_id=SPIFFE)
+    assert info.value.reason.startswith("key generation failed (exit status 1): error: ")
+    assert "No such file or directory" in info.value.reason
+    assert "\n" not in info.value.reason
+    with pytest.raises(RenewalError, match="did not finish within"):
+        make_key_and_csr(tmp_path / "k", tmp_path / "c", device_id="d", spiffe_id=SPIFFE, timeout=0)
+    assert len(without_cryptography) == 2
+
+
+def test_begin_in_a_process_with_cryptography_stays_in_process(
+    creds: Creds, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The fleet simulator's case: cryptography already loaded, so no child per device."""
+
+    def no_child(*_: object, **__: object) -> None:
+        raise AssertionError("no child process expected")
+
+    monkeypatch.setattr(subprocess, "run", no_child)
+    current = load_credentials(creds("dev-1"))
+    state, csr = RenewalStore(current.path).begin(current)
+    assert state.phase == "requested"
+    assert x509.load_pem_x509_csr(csr).is_signature_valid
