@@ -29,6 +29,7 @@ import logging
 import os
 import platform
 import ssl
+import threading
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -53,7 +54,7 @@ from device_agent.credentials import Credentials, load_credentials
 from device_agent.errors import AgentConfigError, AgentError, RenewalError
 from device_agent.queue import MessageQueue, open_queue
 from device_agent.reactor import Reactor, Timer
-from device_agent.renewal import RenewalStore
+from device_agent.renewal import RenewalState, RenewalStore
 from device_agent.telemetry import TelemetrySource, load_source
 
 if TYPE_CHECKING:
@@ -164,6 +165,7 @@ class Agent:
         self._running = False
         self._stopped_callbacks: list[Callable[[], None]] = []
         self._renewal_sent_at = 0.0
+        self._renewal_starting = False  # a key and CSR are being made off the loop
 
     # -- public, thread-safe ------------------------------------------------------------------
 
@@ -615,20 +617,13 @@ class Agent:
         client = self._client
         if client is None or self.state != "connected":
             return
+        if self._renewal_starting:
+            return
         state = self.renewal.load()
         if state is None:
             if not force and now < due:
                 return
-            try:
-                state, csr = self.renewal.begin(self.credentials)
-            except (OSError, RenewalError) as exc:
-                # e.g. the key generator failed: say why once a minute, not once a second.
-                log.error("%s: cannot start renewal: %s", self.device_id, exc)
-                if not force:
-                    self._timer("renewal", 60.0, self._check_renewal)
-                return
-            log.info("%s: renewing the certificate (request %s)", self.device_id, state.request_id)
-            self._send_renewal({"type": "csr", "request_id": state.request_id, "csr": csr.decode()})
+            self._begin_renewal()
         elif state.phase == "requested":
             waited = time.monotonic() - self._renewal_sent_at
             # On a fresh connection the last CSR may have been lost with the old one: resend.
@@ -642,6 +637,39 @@ class Agent:
             self._send_renewal(
                 {"type": "installed", "request_id": state.request_id, "serial": state.serial}
             )
+
+    def _begin_renewal(self) -> None:
+        """Make the key and CSR on a worker thread: a device's key generation (a child process
+        on a real agent, see device_agent.keygen) takes long enough that keep-alive, telemetry
+        and commands must not wait for it. The result comes back on the loop."""
+        self._renewal_starting = True
+        creds = self.credentials
+
+        def work() -> None:
+            try:
+                state, csr = self.renewal.begin(creds)
+            except (OSError, RenewalError) as exc:
+                failure = exc
+                self.reactor.call_soon_threadsafe(lambda: self._renewal_begun(None, failure))
+                return
+            self.reactor.call_soon_threadsafe(lambda: self._renewal_begun((state, csr), None))
+
+        threading.Thread(target=work, name=f"{self.device_id}-renewal-key", daemon=True).start()
+
+    def _renewal_begun(
+        self, made: tuple[RenewalState, bytes] | None, error: Exception | None
+    ) -> None:
+        self._renewal_starting = False
+        if made is None:
+            # e.g. the key generator failed: say why once a minute, not once a second.
+            log.error("%s: cannot start renewal: %s", self.device_id, error)
+            if self._running:
+                self._timer("renewal", 60.0, self._check_renewal)
+            return
+        state, csr = made
+        log.info("%s: renewing the certificate (request %s)", self.device_id, state.request_id)
+        # Not connected any more: the CSR goes out on the next connection (phase "requested").
+        self._send_renewal({"type": "csr", "request_id": state.request_id, "csr": csr.decode()})
 
     def _send_renewal(self, doc: dict[str, Any]) -> None:
         if self._client is None:

@@ -37,6 +37,37 @@ def _ledger(pki: PKI) -> list[dict[str, Any]]:
     return [json.loads(line) for line in (pki.path / "ledger.jsonl").read_text().splitlines()]
 
 
+def test_making_the_key_does_not_stall_the_agent_loop(
+    broker: BrokerThread,
+    creds: Creds,
+    agents: Callable[..., Agent],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Key generation (a child process on a real device, slow on a Pi) runs off the agent's
+    loop: while it takes its time the loop still runs timers (keep-alive, telemetry, commands).
+    The delay is injected into the real RenewalStore.begin, which then runs unchanged."""
+    real_begin = RenewalStore.begin
+    started, release = threading.Event(), threading.Event()
+
+    def slow_begin(self: RenewalStore, current: Credentials) -> Any:
+        started.set()
+        release.wait(10)
+        return real_begin(self, current)
+
+    monkeypatch.setattr(RenewalStore, "begin", slow_begin)
+    agent = agents(creds("dev-1"), broker.port)
+    assert connected(agent)
+    agent.request_renewal()
+    assert started.wait(5)
+    ticked = threading.Event()
+    agent.reactor.call_soon_threadsafe(lambda: agent.reactor.call_later(0.05, ticked.set))
+    try:
+        assert ticked.wait(3), "the agent's loop waited for the key generation"
+    finally:
+        release.set()
+    assert wait_until(lambda: agent.stats.renewals == 1, 20)
+
+
 def test_renewal_end_to_end(
     broker: BrokerThread, pki: PKI, creds: Creds, agents: Callable[..., Agent]
 ) -> None:
