@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+import resource
 import subprocess
 import sys
 import time
@@ -199,3 +200,48 @@ def test_broker_run_errors_are_one_line(
     assert len(lines) == 1, proc.stderr
     assert lines[0].startswith("error:")
     assert fragment in lines[0]
+
+
+def _open_file_limit(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/limits").read_text().splitlines():
+        if line.startswith("Max open files"):
+            return int(line.split()[3])
+    raise AssertionError("no 'Max open files' line")
+
+
+@pytest.mark.parametrize("over_hard", [False, True], ids=["fits", "over-the-hard-limit"])
+def test_max_connections_raises_the_open_file_limit(fleet: Fleet, over_hard: bool) -> None:
+    """One socket per connection: `--max-connections N` lifts the soft RLIMIT_NOFILE to fit N,
+    or, when the hard limit is lower, lifts it that far and says so at start."""
+    _, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    wanted = hard + 100 if over_hard else 2000
+    if not over_hard and hard < wanted + 256:
+        pytest.fail(f"hard open-file limit {hard} is too low for this test")
+    proc = subprocess.Popen(
+        [
+            *RUN,
+            *("run", "--pki", str(fleet.pki_dir), "--port", "0", "--no-renewal"),
+            *("--max-connections", str(wanted)),
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+        preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_NOFILE, (512, hard)),  # noqa: PLW1509
+    )
+    try:
+        assert proc.stderr is not None
+        seen = ""
+        deadline = time.monotonic() + 20
+        while "listening" not in seen and time.monotonic() < deadline:
+            seen += proc.stderr.readline()
+        assert "listening" in seen, seen
+        soft = _open_file_limit(proc.pid)
+        if over_hard:
+            assert soft == hard
+            assert "open-file limit" in seen
+        else:
+            assert soft >= wanted
+            assert "open-file limit" not in seen
+    finally:
+        proc.terminate()
+        proc.wait(timeout=10)
