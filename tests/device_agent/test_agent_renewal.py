@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import datetime as dt
 import json
+import logging
 import subprocess
 import sys
 import threading
@@ -66,6 +67,38 @@ def test_making_the_key_does_not_stall_the_agent_loop(
     finally:
         release.set()
     assert wait_until(lambda: agent.stats.renewals == 1, 20)
+
+
+def test_a_failed_key_generation_is_one_line_and_retried_slowly(
+    broker: BrokerThread,
+    creds: Creds,
+    agents: Callable[..., Agent],
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """The key generator fails (injected into RenewalStore.begin): the agent logs the reason
+    once, without a traceback, stays connected, and does not retry every second."""
+    calls: list[int] = []
+
+    def failing_begin(self: RenewalStore, current: Credentials) -> Any:
+        calls.append(1)
+        raise RenewalError("key generation failed: no entropy", device_id=current.device_id)
+
+    monkeypatch.setattr(RenewalStore, "begin", failing_begin)
+    caplog.set_level(logging.INFO, "iotauth")
+    store = creds("dev-1")
+    # Certificates are backdated 5 minutes: a 1e-5 fraction of the lifetime has already passed,
+    # so the renewal is due at once and the timer path (not a forced request) retries.
+    agent = agents(store, broker.port, renew_at=1e-5)
+    assert connected(agent)
+    assert wait_until(lambda: calls, 5)
+    assert not wait_until(lambda: len(calls) > 1, 2.5)
+    errors = [r for r in caplog.records if "cannot start renewal" in r.getMessage()]
+    assert len(errors) == 1
+    assert "no entropy" in errors[0].getMessage()
+    assert errors[0].exc_info is None
+    assert not [r for r in caplog.records if "unexpected error" in r.getMessage()]
+    assert agent.connected
 
 
 def test_renewal_end_to_end(
