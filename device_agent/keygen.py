@@ -12,14 +12,13 @@ Where ``cryptography`` is already loaded (the fleet simulator runs thousands of 
 process that imported it for the PKI) there is no memory to save and a child per simulated device
 would be slow, so :func:`generate` runs in-process. Both ways run the same function.
 
-:func:`write_atomic` is here because the child writes the key with it and
-``device_agent.renewal`` (which imports this module) writes its state and certificate with it.
+Both files are written with ``provisioning.keyfiles.atomic_write``, the project's one writer of key
+files (0600 from the first byte, fsync, rename, directory fsync).
 """
 
 from __future__ import annotations
 
 import argparse
-import os
 import subprocess
 import sys
 from collections.abc import Sequence
@@ -27,11 +26,12 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from device_agent.errors import RenewalError
+from provisioning.keyfiles import KEY_MODE, atomic_write
 
 if TYPE_CHECKING:
     from cryptography.hazmat.primitives.asymmetric import ec
 
-__all__ = ["KEYGEN_TIMEOUT", "generate", "main", "make_csr", "make_key_and_csr", "write_atomic"]
+__all__ = ["KEYGEN_TIMEOUT", "generate", "main", "make_csr", "make_key_and_csr"]
 
 # Generous: on a Pi Zero the child's interpreter start and imports take a few seconds; a P-256 key
 # takes milliseconds. The bound only stops a wedged child from stalling the agent's loop forever.
@@ -39,25 +39,6 @@ KEYGEN_TIMEOUT = 60.0
 # `-c`, not `-m device_agent.keygen`: importing the package already imports this module (through
 # device_agent.renewal), and runpy would then run a second copy as __main__ with a RuntimeWarning.
 _CHILD = "from device_agent.keygen import main; raise SystemExit(main())"
-
-
-def write_atomic(path: Path, data: bytes, mode: int) -> None:
-    """tmp file with its final mode from the first byte, fsync, rename, fsync the directory."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
-    try:
-        view = memoryview(data)
-        while view:
-            view = view[os.write(fd, view) :]
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    os.replace(tmp, path)
-    dfd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(dfd)
-    finally:
-        os.close(dfd)
 
 
 def make_csr(key: ec.EllipticCurvePrivateKey, *, device_id: str, spiffe_id: str) -> bytes:
@@ -90,8 +71,8 @@ def generate(key_file: Path, csr_file: Path, *, device_id: str, spiffe_id: str) 
         serialization.NoEncryption(),
     )
     csr = make_csr(key, device_id=device_id, spiffe_id=spiffe_id)
-    write_atomic(key_file, key_pem, 0o600)
-    write_atomic(csr_file, csr, 0o644)
+    atomic_write(key_file, key_pem, mode=KEY_MODE)
+    atomic_write(csr_file, csr, mode=0o644)
 
 
 def make_key_and_csr(

@@ -53,7 +53,8 @@ from pathlib import Path
 
 from device_agent.credentials import Credentials
 from device_agent.errors import CredentialError, RenewalError
-from device_agent.keygen import make_key_and_csr, write_atomic
+from device_agent.keygen import make_key_and_csr
+from provisioning.keyfiles import atomic_write
 
 __all__ = ["RENEWAL_DIR", "RenewalState", "RenewalStore"]
 
@@ -112,7 +113,7 @@ class RenewalStore:
             return None
 
     def _save(self, state: RenewalState) -> None:
-        write_atomic(self._state_file, json.dumps(asdict(state)).encode(), 0o600)
+        atomic_write(self._state_file, json.dumps(asdict(state)).encode(), mode=0o600)
 
     def begin(self, creds: Credentials) -> tuple[RenewalState, bytes]:
         """New key and CSR (phase ``requested``); RenewalError if they cannot be made."""
@@ -157,7 +158,7 @@ class RenewalStore:
         if len(chain) < 2:
             raise RenewalError("the answer lacks the issuing CA", device_id=creds.device_id)
         # Leaf and issuing CA only, as device.crt holds them; a root sent along is not needed.
-        write_atomic(self.cert_file, "".join(chain[:2]).encode("ascii"), 0o644)
+        atomic_write(self.cert_file, "".join(chain[:2]).encode("ascii"), mode=0o644)
         try:
             # OpenSSL judges the candidate as the broker will and as it judges device.crt at
             # start-up: our new key fits the leaf (a certificate for any other key is refused

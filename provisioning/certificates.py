@@ -10,6 +10,7 @@ import datetime as dt
 import hashlib
 import ipaddress
 from collections.abc import Iterable, Sequence
+from typing import TYPE_CHECKING
 
 from cryptography import x509
 from cryptography.exceptions import UnsupportedAlgorithm
@@ -19,7 +20,9 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from provisioning.errors import CSRRejectedError
 from provisioning.identity import Identity
-from provisioning.keyfiles import PrivateKey
+
+if TYPE_CHECKING:
+    from provisioning.keyfiles import PrivateKey
 
 __all__ = [
     "ALLOWED_CURVES",

@@ -4,6 +4,9 @@ Every write is atomic (temporary file in the same directory, fsync, rename, fsyn
 so a crash, a full disk or a pulled plug leaves either the old file or the new one, never half of
 one. Private keys are created with mode 0600 from the first byte: the temporary file is opened with
 that mode, so there is no window in which the key is readable by others.
+
+``cryptography`` is imported only by the functions that handle keys: the device agent writes its
+files with :func:`atomic_write` and must not load a second OpenSSL for it.
 """
 
 from __future__ import annotations
@@ -14,16 +17,20 @@ import secrets
 import shutil
 from pathlib import Path
 from types import TracebackType
-
-from cryptography.hazmat.primitives import serialization
-from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
+from typing import TYPE_CHECKING, TypeAlias
 
 from provisioning.errors import PassphraseError, PKIError
+
+if TYPE_CHECKING:
+    from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
+
+    PrivateKey: TypeAlias = (
+        ec.EllipticCurvePrivateKey | rsa.RSAPrivateKey | ed25519.Ed25519PrivateKey
+    )
 
 __all__ = [
     "KEY_MODE",
     "PRIVATE_DIR_MODE",
-    "PrivateKey",
     "StagedDirectory",
     "atomic_write",
     "fsync_directory",
@@ -33,7 +40,6 @@ __all__ = [
 
 KEY_MODE = 0o600
 PRIVATE_DIR_MODE = 0o700
-PrivateKey = ec.EllipticCurvePrivateKey | rsa.RSAPrivateKey | ed25519.Ed25519PrivateKey
 
 
 def fsync_directory(path: Path) -> None:
@@ -76,6 +82,8 @@ def atomic_write(path: Path, data: bytes, *, mode: int = 0o644) -> None:
 
 
 def private_key_pem(key: PrivateKey, passphrase: bytes | None = None) -> bytes:
+    from cryptography.hazmat.primitives import serialization
+
     encryption: serialization.KeySerializationEncryption = (
         serialization.BestAvailableEncryption(passphrase)
         if passphrase
@@ -88,6 +96,9 @@ def private_key_pem(key: PrivateKey, passphrase: bytes | None = None) -> bytes:
 
 def load_private_key(path: Path, passphrase: bytes | None = None) -> PrivateKey:
     """Load a PEM private key, turning every failure into a one-line PKIError."""
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
+
     try:
         data = path.read_bytes()
     except FileNotFoundError:

@@ -25,7 +25,7 @@ import socket
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
@@ -57,13 +57,15 @@ from provisioning.identity import Identity, IdentityKind
 from provisioning.keyfiles import (
     KEY_MODE,
     PRIVATE_DIR_MODE,
-    PrivateKey,
     StagedDirectory,
     atomic_write,
     load_private_key,
     private_key_pem,
 )
 from provisioning.ledger import Ledger, LedgerEntry, LedgerHead
+
+if TYPE_CHECKING:
+    from provisioning.keyfiles import PrivateKey
 from provisioning.registry import CertRecord, Registry
 
 __all__ = [

@@ -41,15 +41,17 @@ def test_dependency_rule(package: str) -> None:
                 assert top in ALLOWED[package], f"{path.relative_to(ROOT)} imports {module}"
 
 
+# What device_agent may use of provisioning: the identity, and the one module that builds every
+# SSLContext (tls) and the one that writes key files (keyfiles). All stdlib-only at import time.
+AGENT_PROVISIONING = ("__init__", "errors", "identity", "tls", "keyfiles")
+
+
 def test_device_agent_uses_only_identity_from_provisioning() -> None:
+    allowed = {f"provisioning.{name}" for name in AGENT_PROVISIONING} | {"provisioning"}
     for path in sorted((ROOT / "device_agent").rglob("*.py")):
         for module in _imports(path):
             if module.startswith("provisioning"):
-                # provisioning.tls is stdlib-only: the one place every SSLContext is built.
-                allowed = {"provisioning.identity", "provisioning.errors", "provisioning.tls"}
-                assert module in allowed | {"provisioning"}, (
-                    f"{path.relative_to(ROOT)} imports {module}"
-                )
+                assert module in allowed, f"{path.relative_to(ROOT)} imports {module}"
 
 
 def _module_level_imports(path: Path) -> set[str]:
@@ -86,9 +88,7 @@ AGENT_LAZY = {"cryptography": set(), "typer": {"cli.py"}, "rich": set(), "click"
 
 def test_device_agent_defers_heavy_imports() -> None:
     # The provisioning modules device_agent may import are held to the same rule.
-    shared = [
-        ROOT / "provisioning" / f"{name}.py" for name in ("__init__", "errors", "identity", "tls")
-    ]
+    shared = [ROOT / "provisioning" / f"{name}.py" for name in AGENT_PROVISIONING]
     for path in [*sorted((ROOT / "device_agent").rglob("*.py")), *shared]:
         for module in _module_level_imports(path):
             allowed_in = AGENT_LAZY.get(module.split(".")[0])
