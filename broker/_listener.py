@@ -103,7 +103,6 @@ class TLSListener:
         self._connections: set[MQTTConnection] = set()
         # Insertion-ordered, so the first entry is the oldest handshake in flight.
         self._handshaking: collections.OrderedDict[MQTTConnection, None] = collections.OrderedDict()
-        self._live: set[MQTTConnection] = set()
         metrics.gauge("iotauth_broker_handshakes_in_progress", lambda: len(self._handshaking))
 
     @property
@@ -167,13 +166,9 @@ class TLSListener:
         reason, detail = classify_tls_error(exc)
         self._refused(conn.peer, reason, detail)
 
-    def live(self, conn: MQTTConnection) -> None:
-        self._live.add(conn)
-
     def closed(self, conn: MQTTConnection) -> None:
         self._connections.discard(conn)
         self._handshaking.pop(conn, None)
-        self._live.discard(conn)
 
     # -- deadlines -----------------------------------------------------------------------------
 

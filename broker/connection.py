@@ -451,7 +451,6 @@ class MQTTConnection(asyncio.Protocol):
         session, present = core.attach(self, connect, authenticated)
         self.session = session
         self.state = LIVE
-        self._listener.live(self)
         self.send(mqtt.connack(present, mqtt.CONNACK_ACCEPTED))
         core.metrics.inc("iotauth_broker_connects_total")
         core.audit.emit(

@@ -103,7 +103,6 @@ class Session:
     next_id: int = 1
     incoming_qos2: set[int] = field(default_factory=set)
     will: Message | None = None
-    kick_reason: str | None = None
     disconnected_at: float | None = None
     publish_ok: dict[str, bool] = field(default_factory=dict)
     receive_ok: dict[str, bool] = field(default_factory=dict)
@@ -132,6 +131,8 @@ class BrokerCore:
     def __init__(self, settings: BrokerSettings, *, audit: AuditLog, metrics: Metrics) -> None:
         self.settings = settings
         self.limits = settings.limits
+        # Unsent bytes to one receiver from which its publishers are held (checked per delivery).
+        self._hold_bytes = settings.limits.outbound_max_bytes // 2
         self.policy: Policy = settings.policy
         self.audit = audit
         self.metrics = metrics
@@ -213,7 +214,6 @@ class BrokerCore:
         session.authenticated = authenticated
         session.persistent = not connect.clean_session
         session.link = link
-        session.kick_reason = None
         session.disconnected_at = None
         session.will = None
         if connect.will_topic is not None:
@@ -331,7 +331,7 @@ class BrokerCore:
                     qos0 = mqtt.encode_publish(message.topic_bytes, message.payload, 0, False)
                 link.send(qos0)
                 self.messages_out += 1
-                if backlog > self._high_bytes and publisher is not None:
+                if backlog > self._hold_bytes and publisher is not None:
                     self._hold(session, publisher)
             else:
                 self.enqueue(session, message, qos, retain=False)
@@ -388,17 +388,14 @@ class BrokerCore:
                 self._send(session, link, message, qos)
 
     def drained(self, session: Session) -> None:
-        """The link's socket buffer emptied: send what waited for room."""
+        """Room for more (an acknowledgement, or the socket buffer emptied): send what waited,
+        and let the held publishers go once the backlog is down to a quarter."""
         if session.queue:
             self._drain(session)
         if (session.waiters or session.stuck) and not self._pressed(session, 4):
             self._release_waiters(session)
 
     # -- backpressure --------------------------------------------------------------------------
-
-    @property
-    def _high_bytes(self) -> int:
-        return self.limits.outbound_max_bytes // 2
 
     def _pressed(self, session: Session, fraction: int) -> bool:
         """Is the backlog of ``session`` above 1/fraction of its limits?"""
@@ -462,10 +459,7 @@ class BrokerCore:
             return
         if (kind == mqtt.PUBACK and qos == 1) or (kind == mqtt.PUBCOMP and released):
             del session.inflight[pid]
-            if session.queue:
-                self._drain(session)
-            if (session.waiters or session.stuck) and not self._pressed(session, 4):
-                self._release_waiters(session)
+            self.drained(session)
 
     # -- SUBSCRIBE / UNSUBSCRIBE ---------------------------------------------------------------
 
@@ -530,7 +524,6 @@ class BrokerCore:
         link.close(will=False, reason=reason)
 
     def kick_record(self, session: Session, reason: str, detail: str | None = None) -> None:
-        session.kick_reason = reason
         self.metrics.inc("iotauth_broker_kicks_total", reason=reason)
         link = session.link
         self.audit.emit(
