@@ -46,6 +46,13 @@ class RawClient:
     def send(self, data: bytes) -> None:
         self.sock.sendall(data)
 
+    def subscribe(self, topic_filter: str, qos: int) -> bytes:
+        """SUBSCRIBE (packet id 1); the SUBACK's body."""
+        self.send(subscribe_packet(topic_filter, qos=qos))
+        [(kind, _, body)] = self.packets(1)
+        assert kind == 9, kind
+        return body
+
     def packets(self, count: int, timeout: float = 5) -> list[tuple[int, int, bytes]]:
         """The next ``count`` packets as (type, flags, body)."""
         out: list[tuple[int, int, bytes]] = []
@@ -168,8 +175,7 @@ def test_unacknowledged_qos1_is_resent_with_dup_on_resume(
     broker: BrokerThread, fleet: Fleet, peers: Callable[..., Peer]
 ) -> None:
     dev = RawClient(broker, fleet, "dev-1", clean=False)
-    dev.send(subscribe_packet("devices/dev-1/commands/#", qos=1))
-    assert dev.packets(1)[0][0] == 9
+    assert dev.subscribe("devices/dev-1/commands/#", 1) == b"\x00\x01\x01"
     sink = peers(broker.port, "sink", service=True).connect()
     sink.publish(TOPIC, b"ack-me", qos=1)
     [(kind, flags, body)] = dev.packets(1)
@@ -196,8 +202,7 @@ def test_the_inflight_window_holds_the_rest_until_acknowledged(
     broker = make_broker(limits=Limits(max_inflight=3))
     dev = RawClient(broker, fleet, "dev-1", clean=True)
     try:
-        dev.send(subscribe_packet("devices/dev-1/commands/#", qos=1))
-        assert dev.packets(1)[0][0] == 9
+        assert dev.subscribe("devices/dev-1/commands/#", 1) == b"\x00\x01\x01"
         sink = peers(broker.port, "sink", service=True).connect()
         for n in range(5):
             sink.publish(TOPIC, b"m%d" % n, qos=1)
@@ -220,8 +225,7 @@ def test_qos2_to_a_subscriber_runs_pubrec_pubrel_pubcomp(
 ) -> None:
     dev = RawClient(broker, fleet, "dev-1", clean=True)
     try:
-        dev.send(subscribe_packet("devices/dev-1/commands/#", qos=2))
-        assert dev.packets(1)[0] == (9, 0, b"\x00\x01\x02")
+        assert dev.subscribe("devices/dev-1/commands/#", 2) == b"\x00\x01\x02"
         sink = peers(broker.port, "sink", service=True).connect()
         sink.publish(TOPIC, b"q2", qos=2)
         [(kind, flags, body)] = dev.packets(1)
@@ -307,8 +311,7 @@ def test_a_non_acknowledging_qos1_subscriber_is_bounded(
     broker = make_broker(limits=Limits(max_inflight=10, outbound_max_messages=20))
     dev = RawClient(broker, fleet, "dev-1", clean=True)
     try:
-        dev.send(subscribe_packet("devices/dev-1/commands/#", qos=1))
-        assert dev.packets(1)[0][0] == 9
+        assert dev.subscribe("devices/dev-1/commands/#", 1) == b"\x00\x01\x01"
         sink = peers(broker.port, "sink", service=True).connect()
         for n in range(100):
             sink.client.publish(TOPIC, b"%d" % n, qos=1)
@@ -377,8 +380,7 @@ def test_a_slow_qos1_subscriber_slows_the_publisher_instead_of_losing_messages(
     broker = make_broker(limits=Limits(max_inflight=5, outbound_max_messages=20))
     dev = RawClient(broker, fleet, "dev-1", clean=True)
     try:
-        dev.send(subscribe_packet("devices/dev-1/commands/#", qos=1))
-        assert dev.packets(1)[0][0] == 9
+        assert dev.subscribe("devices/dev-1/commands/#", 1) == b"\x00\x01\x01"
         sink = peers(broker.port, "sink", service=True).connect()
         for n in range(200):
             sink.client.publish(TOPIC, b"%d" % n, qos=1)
@@ -412,8 +414,7 @@ def test_a_stuck_subscriber_releases_its_publishers_after_the_timeout(
     )
     stuck = RawClient(broker, fleet, "dev-1", clean=True)
     try:
-        stuck.send(subscribe_packet("devices/dev-1/commands/#", qos=1))
-        assert stuck.packets(1)[0][0] == 9
+        assert stuck.subscribe("devices/dev-1/commands/#", 1) == b"\x00\x01\x01"
         other = peers(broker.port, "dev-2").connect()
         assert other.subscribe("devices/dev-2/commands/#", qos=1) == [1]
         sink = peers(broker.port, "sink", service=True).connect()

@@ -33,6 +33,7 @@ RUN_AGENT = "from device_agent.cli import agent_app; agent_app()"
 # argv prefixes of the entry points; each is followed by "run --store ...".
 TYPER = [sys.executable, "-c", RUN_AGENT]
 SLIM_MODULE = [sys.executable, "-m", "device_agent"]
+TELEMETRY = ("--telemetry-interval", "0.2")
 SLIM_SCRIPT = [str(Path(sys.executable).with_name("iotauth-agent"))]
 ENTRY_POINTS = pytest.mark.parametrize(
     "entry",
@@ -53,37 +54,45 @@ def _imported(importtime_stderr: str) -> set[str]:
     }
 
 
+def _start_agent(
+    entry: list[str], store: Path, port: int, *, importtime: bool = False
+) -> subprocess.Popen[str]:
+    """The agent as its own process, telemetry every 0.2 s; ``importtime``: -X importtime."""
+    env = {**os.environ, "PYTHONPROFILEIMPORTTIME": "1"} if importtime else None
+    return subprocess.Popen(
+        [*entry, "run", "--store", str(store), "--broker", f"127.0.0.1:{port}", *TELEMETRY],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env,
+    )
+
+
+def _sigterm(proc: subprocess.Popen[str]) -> str:
+    """Stop it as systemd does; it must exit 0 without a traceback. Returns its stderr."""
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=20)
+    assert proc.returncode == 0, err
+    assert "Traceback" not in err
+    return err
+
+
+def _heavy_imports(err: str) -> list[str]:
+    return sorted(m for m in _imported(err) if m.split(".")[0] in FORBIDDEN)
+
+
 def test_sigterm_publishes_offline_and_exits_0(
     broker: BrokerThread, creds: Creds, sinks: Callable[..., Sink], tmp_path: Path
 ) -> None:
     """The real process: connects, then SIGTERM -> retained offline, DISCONNECT, exit 0."""
     sink = sinks(broker.port)
     store = creds("dev-1")
-    proc = subprocess.Popen(
-        [
-            sys.executable,
-            "-c",
-            RUN_AGENT,
-            "run",
-            "--store",
-            str(store),
-            "--broker",
-            f"127.0.0.1:{broker.port}",
-            "--telemetry-interval",
-            "0.2",
-        ],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
+    proc = _start_agent(TYPER, store, broker.port)
     try:
         assert wait_until(lambda: sink.telemetry_ids("dev-1"), 20)
-        proc.send_signal(signal.SIGTERM)
-        _, err = proc.communicate(timeout=20)
+        _sigterm(proc)
     finally:
         proc.kill()
-    assert proc.returncode == 0, err
-    assert "Traceback" not in err
     assert wait_until(lambda: sink.on("devices/dev-1/state")[-1:] == [b'{"state":"offline"}'])
     assert (store / "queue.sqlite3").exists()
     assert broker.broker.audit.events("disconnect", client_id="dev-1")
@@ -99,35 +108,16 @@ def test_slim_entry_point_runs_without_heavy_imports(
     """
     sink = sinks(broker.port)
     store = creds("dev-1")
-    proc = subprocess.Popen(
-        [
-            *SLIM_MODULE,
-            "run",
-            "--store",
-            str(store),
-            "--broker",
-            f"127.0.0.1:{broker.port}",
-            "--telemetry-interval",
-            "0.2",
-        ],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        env={**os.environ, "PYTHONPROFILEIMPORTTIME": "1"},
-    )
+    proc = _start_agent(SLIM_MODULE, store, broker.port, importtime=True)
     try:
         assert wait_until(lambda: sink.telemetry_ids("dev-1"), 20)
-        proc.send_signal(signal.SIGTERM)
-        _, err = proc.communicate(timeout=20)
+        err = _sigterm(proc)
     finally:
         proc.kill()
-    assert proc.returncode == 0, err
-    assert "Traceback" not in err
     assert wait_until(lambda: sink.on("devices/dev-1/state")[-1:] == [b'{"state":"offline"}'])
     imported = _imported(err)
     assert {"device_agent.main", "device_agent.agent", "paho.mqtt.client", "ssl"} <= imported
-    heavy = sorted(m for m in imported if m.split(".")[0] in FORBIDDEN)
-    assert heavy == [], heavy
+    assert _heavy_imports(err) == []
 
 
 def test_renewal_key_and_csr_never_load_cryptography(creds: Creds, tmp_path: Path) -> None:
@@ -162,22 +152,7 @@ def test_slim_agent_renews_without_importing_cryptography(
     sink = sinks(broker.port)
     store = creds("dev-1")
     old = load_credentials(store)
-    proc = subprocess.Popen(
-        [
-            *SLIM_MODULE,
-            "run",
-            "--store",
-            str(store),
-            "--broker",
-            f"127.0.0.1:{broker.port}",
-            "--telemetry-interval",
-            "0.2",
-        ],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        env={**os.environ, "PYTHONPROFILEIMPORTTIME": "1"},
-    )
+    proc = _start_agent(SLIM_MODULE, store, broker.port, importtime=True)
     try:
         assert wait_until(lambda: sink.telemetry_ids("dev-1"), 20)
         sink.command("dev-1", "renew", {"request_id": "r1"})
@@ -188,17 +163,12 @@ def test_slim_agent_renews_without_importing_cryptography(
         assert wait_until(lambda: not (store / ".renewal").exists(), 30)
         assert broker.broker.audit.events("connect", client_id="dev-1", credential=new.serial)
         assert proc.poll() is None
-        proc.send_signal(signal.SIGTERM)
-        _, err = proc.communicate(timeout=20)
+        err = _sigterm(proc)
     finally:
         proc.kill()
-    assert proc.returncode == 0, err
-    assert "Traceback" not in err
-    imported = _imported(err)
     # The renewal code really ran in this process (the child's imports go to a pipe of its own).
-    assert {"device_agent.renewal", "device_agent.keygen", "hardware.store"} <= imported
-    heavy = sorted(m for m in imported if m.split(".")[0] in FORBIDDEN)
-    assert heavy == [], heavy
+    assert {"device_agent.renewal", "device_agent.keygen", "hardware.store"} <= _imported(err)
+    assert _heavy_imports(err) == []
 
 
 @ENTRY_POINTS
