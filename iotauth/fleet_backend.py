@@ -39,6 +39,8 @@ __all__ = [
     "free_port",
 ]
 
+MONITOR = "fleet-monitor"  # the service identity the fleet simulator watches the fleet as
+
 
 def free_port() -> int:
     with socket.socket() as s:
@@ -99,6 +101,14 @@ def _issue_devices(pki: PKI, names: Sequence[str], out_root: Path, *, expired: b
     return dirs
 
 
+def _issue_monitor(pki: PKI, out_root: Path) -> Path:
+    """The fleet monitor's service credentials (re-issued on every run)."""
+    out = out_root / MONITOR
+    shutil.rmtree(out, ignore_errors=True)
+    pki.issue(MONITOR, kind=IdentityKind.SERVICE, out=out, rotate=True)
+    return out
+
+
 class Mosquitto:
     """mosquitto with mTLS as DESIGN.md has it: identity = certificate CN, an ACL per identity."""
 
@@ -109,7 +119,7 @@ class Mosquitto:
         *,
         port: int | None = None,
         persistence: bool = False,
-        services: Sequence[str] = ("fleet-monitor", "sink"),
+        services: Sequence[str] = (MONITOR, "sink"),
     ) -> None:
         self.pki_dir = pki_dir
         self.workdir = workdir
@@ -284,10 +294,7 @@ class LocalFleetBackend:
         return _issue_devices(self.pki, names, out_root, expired=expired)
 
     def issue_monitor(self, out_root: Path) -> Path:
-        out = out_root / "fleet-monitor"
-        shutil.rmtree(out, ignore_errors=True)
-        self.pki.issue("fleet-monitor", kind=IdentityKind.SERVICE, out=out, rotate=True)
-        return out
+        return _issue_monitor(self.pki, out_root)
 
     def revoke(self, names: Sequence[str]) -> None:
         for name in names:
@@ -410,9 +417,7 @@ class ExportedMosquittoBackend:
         return _issue_devices(self.pki, names, out_root, expired=expired)
 
     def issue_monitor(self, out_root: Path) -> Path:
-        out = out_root / "fleet-monitor"
-        shutil.rmtree(out, ignore_errors=True)
-        self.pki.issue("fleet-monitor", kind=IdentityKind.SERVICE, out=out, rotate=True)
+        out = _issue_monitor(self.pki, out_root)
         # A service's rights (and its deny lines) are per-identity entries: re-export. The new
         # export also has a new kick-channel password, which the plugin reads at start only.
         self.export()
