@@ -14,7 +14,13 @@ import pytest
 
 from broker.server import BrokerThread
 from tests.broker.broker_helpers import Fleet, Peer, wait_until
-from tests.conftest import MOSQUITTO_PUB, MOSQUITTO_SUB, needs_mosquitto_clients
+from tests.conftest import (
+    MOSQUITTO_PUB,
+    MOSQUITTO_SUB,
+    Result,
+    assert_one_line_error,
+    needs_mosquitto_clients,
+)
 
 needs_mosquitto = needs_mosquitto_clients
 
@@ -196,10 +202,7 @@ def test_broker_run_errors_are_one_line(
         check=False,
     )
     assert proc.returncode == 1
-    lines = [line for line in proc.stderr.splitlines() if line.strip()]
-    assert len(lines) == 1, proc.stderr
-    assert lines[0].startswith("error:")
-    assert fragment in lines[0]
+    assert_one_line_error(Result(proc.returncode, proc.stdout, proc.stderr), fragment)
 
 
 def _open_file_limit(pid: int) -> int:

@@ -25,7 +25,7 @@ from device_agent import AgentConfigError, load_config, load_credentials
 from device_agent.cli import agent_app, fleet_app
 from device_agent.main import build_parser
 from device_agent.telemetry import load_source, system_telemetry
-from tests.conftest import needs
+from tests.conftest import Result, assert_one_line_error, needs
 from tests.device_agent.agent_helpers import Sink, wait_until
 from tests.device_agent.conftest import Creds
 
@@ -201,10 +201,7 @@ def test_bad_input_is_one_line_and_exit_1(
         check=False,
     )
     assert proc.returncode == 1
-    lines = [line for line in proc.stderr.splitlines() if line.strip()]
-    assert len(lines) == 1, proc.stderr
-    assert lines[0].startswith("error:"), lines[0]
-    assert fragment in lines[0], lines[0]
+    assert_one_line_error(Result(proc.returncode, proc.stdout, proc.stderr), fragment)
 
 
 @ENTRY_POINTS
