@@ -142,6 +142,8 @@ class RenewalService:
         self.stats: collections.Counter[str] = collections.Counter()
         # (device, step) in the order the worker decided them: for tests and debugging.
         self.decided: collections.deque[tuple[str, str]] = collections.deque(maxlen=10_000)
+        # Requests received per device (queued or dropped).
+        self.arrived: collections.Counter[str] = collections.Counter()
         self._cv = threading.Condition()
         self._control: collections.deque[Callable[[], None] | None] = collections.deque()
         self._requests: FairQueue[str, bytes] = FairQueue(self.settings.queue_per_device)
@@ -196,6 +198,7 @@ class RenewalService:
         if device is None:
             return
         with self._cv:
+            self.arrived[device] += 1
             if not self._requests.push(device, payload):
                 self._dropped[device] += 1
             self._cv.notify()

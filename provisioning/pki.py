@@ -669,7 +669,10 @@ class PKI:
         kind: IdentityKind | None = None,
         now: dt.datetime | None = None,
     ) -> list[CertRecord]:
-        """Revoke every active certificate of ``name`` and publish a new CRL."""
+        """Revoke every active certificate of ``name`` and publish a new CRL.
+
+        A device's renewed certificate on offer (provisioning/offers.py) is voided in the same
+        change and returned with the others: it exists, so it goes on the CRL now."""
         if reason not in REVOCATION_REASONS:
             msg = (
                 f"unknown revocation reason {reason!r}; use one of {', '.join(REVOCATION_REASONS)}"
@@ -691,6 +694,9 @@ class PKI:
                     self._void_offer_in(
                         change, offer, reason=reason, answer="the device was revoked", now=when
                     )
+                    voided = self.registry.by_serial(offer.new_serial)
+                    if voided is not None:
+                        rows.append(voided)
         return rows
 
     # -- renewal offers (provisioning/offers.py) ------------------------------------------------
