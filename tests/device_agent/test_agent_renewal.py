@@ -13,13 +13,11 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import paho.mqtt.client as mqtt
 import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
-from paho.mqtt.enums import CallbackAPIVersion
 
 from broker.renewal import RenewalService, RenewalSettings
 from broker.server import BrokerThread
@@ -29,7 +27,6 @@ from device_agent.renewal import RenewalStore
 from provisioning.certificates import build_leaf
 from provisioning.identity import parse_spiffe_id
 from provisioning.pki import PKI
-from provisioning.tls import client_context_for_credentials
 from tests.device_agent.agent_helpers import RenewalPeer, wait_until
 from tests.device_agent.conftest import Creds, connected
 

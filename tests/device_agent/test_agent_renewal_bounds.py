@@ -146,7 +146,7 @@ def test_a_minimum_life_fraction_refuses_an_early_renewal(
     creds: Creds,
     agents: Callable[..., Agent],
     fraction: float,
-    renewed: bool,  # noqa: FBT001 - a parametrized expectation
+    renewed: bool,
 ) -> None:
     """A one-day certificate is about 0.35 % into its life (backdated 5 minutes): a service
     that renews only past half of the life refuses it as too-early; past 0.1 % it renews."""
