@@ -3,12 +3,13 @@
 Theory of operation
 -------------------
 An :class:`Agent` lives on a :class:`~device_agent.reactor.Reactor` (its own, or one shared with
-other simulated devices) and is driven only by reactor callbacks, so it needs no locks. Its states::
+other simulated devices) and is driven only by reactor callbacks, so it needs no locks. Its
+connection and its renewal are two state machines, each a table in ``device_agent/states.py``::
 
     idle --attempt--> connecting --CONNACK 0--> connected --lost--> idle (backoff timer)
                           |  refused / closed before CONNACK          |
                           +-------> idle (backoff, or slow retry) <---+
-    any --stop()--> stopping (publish "offline", DISCONNECT) --> stopped
+    connected --stop()--> stopping (publish "offline", DISCONNECT) --> stopped
 
 Every attempt builds a fresh paho client (MQTT 3.1.1, clean session, client_id = device id, will =
 retained ``offline`` on ``devices/<id>/state``) and a fresh TLS context from the credential
