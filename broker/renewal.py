@@ -478,8 +478,12 @@ class RenewalService:
 
     def _confirm_serial(self, device_id: str, serial: str) -> None:
         offer = self.pki.offers.by_serial(device_id, serial)
-        if offer is not None and offer.state is OfferState.OFFERED:
+        if offer is None:
+            return
+        if offer.state is OfferState.OFFERED:
             self._confirm(offer, via="broker-connect", request_id=offer.request_id)
+        else:
+            self._forget(offer)  # closed elsewhere (`device revoke` voids offers itself)
 
     def _confirm(self, offer: Offer, *, via: str, request_id: str) -> None:
         moved, record = self.pki.record_offer(offer, via=via)
