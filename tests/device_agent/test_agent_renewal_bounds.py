@@ -81,6 +81,7 @@ def test_a_flood_signs_one_certificate_and_another_device_is_served_in_its_turn(
         for i in range(FLOOD)
     ]
     lines_before, crl_before = len(_ledger(pki)), _crl_serials(pki)
+    crl_number = pki.crl_info().number
     # Hold the PKI's write lock: the service stops inside dev-1's first signature, so the rest
     # of the flood and dev-2's request are all waiting when it resumes, and the order it then
     # serves them in is the scheduler's alone (no timing involved).
@@ -105,6 +106,7 @@ def test_a_flood_signs_one_certificate_and_another_device_is_served_in_its_turn(
         ("issue", "dev-2"),
     ]
     assert _crl_serials(pki) - crl_before == {old2.serial}
+    assert pki.crl_info().number == crl_number + 1  # re-signed once, for dev-2's renewal
     certificates = {m["certificate"] for m in peer.answers if m["type"] == "certificate"}
     assert len(certificates) == 1  # every repeat of the one key got the one offer
     refusals = {m["reason"] for m in peer.answers if m["type"] == "refused"}
