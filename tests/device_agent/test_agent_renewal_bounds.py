@@ -9,6 +9,8 @@ the flood. ``device revoke`` voids an open offer in the same change that revokes
 from __future__ import annotations
 
 import json
+import os
+import subprocess
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -25,7 +27,7 @@ from device_agent.keygen import make_csr
 from provisioning.offers import OfferState
 from provisioning.pki import PKI
 from tests.broker.broker_helpers import Peer
-from tests.conftest import Result
+from tests.conftest import CLI, Result
 from tests.device_agent.agent_helpers import RenewalPeer, wait_until
 from tests.device_agent.conftest import Creds, connected
 
@@ -251,3 +253,63 @@ def test_revoking_a_device_without_an_offer_leaves_other_offers_alone(
     assert offer is not None
     assert offer.state is OfferState.OFFERED
     assert offer.new_serial not in _crl_serials(pki)
+
+
+def test_broker_renewal_beside_a_broker_bounds_a_flood_and_audits_it_on_stdout(
+    start_broker: Callable[..., BrokerThread], pki: PKI, creds: Creds
+) -> None:
+    """`iotauth broker renewal --per-day 1` as its own process: a device sending 30 requests for
+    30 different keys gets one certificate; the rest is refused (or dropped) without signing, and
+    the service's stdout carries one renewal-offer line and a few renewal-refused lines whose
+    counts add up to what was refused."""
+    broker = start_broker(renewal=False)
+    store = creds("dev-1")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("IOTAUTH_")}
+    service = subprocess.Popen(
+        [
+            *CLI,
+            "broker",
+            "renewal",
+            "--pki",
+            str(pki.path),
+            "--broker",
+            f"127.0.0.1:{broker.port}",
+            "--per-day",
+            "1",
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env,
+    )
+    try:
+        assert service.stderr is not None
+        banner = ""
+        while "serving through" not in banner:
+            banner = service.stderr.readline()
+            assert banner or service.poll() is None, "broker renewal exited"
+        peer = RenewalPeer(store, broker.port, inflight=30)
+        infos = [
+            peer.send({"type": "csr", "request_id": f"r{i}", "csr": _csr("dev-1")})
+            for i in range(30)
+        ]
+        for info in infos:
+            info.wait_for_publish(10)
+        assert wait_until(lambda: any(m["type"] == "certificate" for m in peer.answers), 20)
+        # Every request the service looked at was answered; the rest was dropped on arrival.
+        assert wait_until(lambda: len(peer.answers) >= 2, 20)
+        peer.close()
+    finally:
+        service.terminate()
+        out, _ = service.communicate(timeout=20)
+    assert service.returncode == 0
+    audit = [json.loads(line) for line in out.splitlines() if line.startswith("{")]
+    assert [a["event"] for a in audit if a["event"] == "renewal-offer"] == ["renewal-offer"]
+    refused = [a for a in audit if a["event"] == "renewal-refused"]
+    assert 1 <= len(refused) <= 4, refused  # offer-open and dropped, each once (plus held back)
+    assert {a["reason"] for a in refused} <= {"offer-open", "dropped"}
+    assert sum(a["count"] for a in refused) <= 29
+    offers = [e for e in _ledger(pki) if e["event"] == "renewal-offer"]
+    assert [e["data"]["request_id"] for e in offers] == ["r0"]
+    certificates = {m["certificate"] for m in peer.answers if m["type"] == "certificate"}
+    assert len(certificates) == 1
