@@ -227,6 +227,7 @@ class FairQueue(Generic[K, T]):
     def __init__(self, per_key: int) -> None:
         self.per_key = per_key
         self._queues: collections.OrderedDict[K, collections.deque[T]] = collections.OrderedDict()
+        self._size = 0
 
     def push(self, key: K, item: T) -> bool:
         queue = self._queues.get(key)
@@ -235,6 +236,7 @@ class FairQueue(Generic[K, T]):
         if len(queue) >= self.per_key:
             return False
         queue.append(item)
+        self._size += 1
         return True
 
     def pop(self) -> tuple[K, T] | None:
@@ -242,6 +244,7 @@ class FairQueue(Generic[K, T]):
             return None
         key, queue = next(iter(self._queues.items()))
         item = queue.popleft()
+        self._size -= 1
         if queue:
             self._queues.move_to_end(key)  # its next item waits for everyone else's turn
         else:
@@ -249,7 +252,7 @@ class FairQueue(Generic[K, T]):
         return key, item
 
     def __len__(self) -> int:
-        return sum(len(q) for q in self._queues.values())
+        return self._size
 
 
 class AuditThrottle(Generic[K]):
