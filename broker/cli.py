@@ -110,6 +110,23 @@ def run(
             "--renewal-offer-ttl", min=10, help="Seconds a renewed certificate waits to be used."
         ),
     ] = 3600.0,
+    renewal_per_day: Annotated[
+        int,
+        typer.Option(
+            "--renewal-per-day",
+            min=1,
+            help="Certificates the renewal service signs for one device per 24 h at most.",
+        ),
+    ] = 4,
+    renewal_min_life: Annotated[
+        float,
+        typer.Option(
+            "--renewal-min-life",
+            min=0.0,
+            max=0.99,
+            help="Renew only past this fraction of the current certificate's life (0: any time).",
+        ),
+    ] = 0.0,
     max_connections: Annotated[
         int,
         typer.Option(
@@ -142,7 +159,13 @@ def run(
             policy=load_policy(policy),
             key_password=passphrase_from_env(),
             metrics_port=metrics_port,
-            renewal=RenewalSettings(offer_ttl=renewal_offer_ttl) if renewal else None,
+            renewal=RenewalSettings(
+                offer_ttl=renewal_offer_ttl,
+                max_signatures=renewal_per_day,
+                min_life_fraction=renewal_min_life,
+            )
+            if renewal
+            else None,
         )
 
         def audit_line(line: str) -> None:
@@ -180,6 +203,21 @@ def renewal_command(
         float,
         typer.Option("--offer-ttl", min=10, help="Seconds a renewed certificate waits to be used."),
     ] = 3600.0,
+    per_day: Annotated[
+        int,
+        typer.Option(
+            "--per-day", min=1, help="Certificates signed for one device per 24 h at most."
+        ),
+    ] = 4,
+    min_life: Annotated[
+        float,
+        typer.Option(
+            "--min-life",
+            min=0.0,
+            max=0.99,
+            help="Renew only past this fraction of the current certificate's life (0: any time).",
+        ),
+    ] = 0.0,
     wait: Annotated[
         float,
         typer.Option("--wait", min=1, help="Seconds to wait for the broker at start."),
@@ -193,8 +231,9 @@ def renewal_command(
     PKI/services/renewal (issue them before `broker export`, so the export grants the identity its
     topics: `iotauth service issue renewal --out PKI/services/renewal`), answers CSRs on
     devices/+/certs/csr, and records a renewal when the device reports the new certificate
-    installed.
+    installed. Audit lines (JSON: renewal-offer, -recorded, -voided, -refused) go to stdout.
     """
+    from broker.audit import AuditLog
     from broker.renewal import RenewalService, RenewalSettings
     from provisioning.pki import passphrase_from_env
 
@@ -213,8 +252,11 @@ def renewal_command(
             pki,
             host=host,
             port=int(port_text),
-            settings=RenewalSettings(offer_ttl=offer_ttl),
+            settings=RenewalSettings(
+                offer_ttl=offer_ttl, max_signatures=per_day, min_life_fraction=min_life
+            ),
             passphrase=passphrase_from_env(),
+            audit=AuditLog(lambda line: print(line, flush=True)).emit,
         ).start()
         try:
             if not service.wait_subscribed(wait):

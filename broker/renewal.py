@@ -6,34 +6,49 @@ The service holds the issuing CA (it opens the PKI directory) and talks MQTT as 
 identity ``renewal``, which the default policy allows to read ``devices/+/certs/csr`` and write
 ``devices/+/certs/issued``. By default it runs inside the broker process
 (``BrokerSettings.renewal``) and connects to its own listener over mutual TLS; the same class
-can run next to any broker. The device side and the message formats are described in
+can run next to any broker (``iotauth broker renewal``). The messages and topics are defined once,
+for both sides, in ``provisioning/renewal_protocol.py``; the device side is
 ``device_agent/renewal.py``.
 
+Three layers:
+
+- ``broker/renewal_core.py`` decides, without I/O: the checks below, in order, the per-device
+  bounds, the fair queue and the audit throttle;
+- ``provisioning/offers.py`` (through ``PKI.offer`` / ``record_offer`` / ``void_offer``) keeps the
+  offers in ``<pki>/renewals.sqlite3`` and moves them along their table, under the PKI's lock;
+- this module is the adapter: paho (a network thread that only queues), one worker thread that
+  carries out the core's steps against the PKI, and the audit.
+
 A CSR on ``devices/<id>/certs/csr`` can only come from ``<id>`` (the broker's ACL), and is refused
-(``refused`` with a reason, audited in the log) unless:
+(``refused`` with a reason, audited) unless:
 
 - ``<id>`` has an active certificate in the registry (``not-active``: revoked or unknown);
 - the CSR's self-signature verifies and its key is acceptable (``bad-csr``: a forged CSR);
 - every name in it is ``<id>`` (CN and the SPIFFE SAN URI; ``identity-mismatch``);
-- its key is not the current certificate's key (``key-reuse``).
+- its key is not the current certificate's key (``key-reuse``);
+- the device has no other certificate on offer (``offer-open``; the same key asked again gets the
+  open offer's certificate, not a new signature);
+- the device is within its signing rate (``rate-limited``; ``too-early`` with a minimum life
+  fraction), see ``broker/renewal_core.py``.
 
 Make-before-break needs the old certificate to stay valid until the device has connected with the
-new one, but the registry allows one active certificate per name. So issuance is two-phase
-(``PKI.prepare`` / ``PKI.record``):
+new one, but the registry allows one active certificate per name. So issuance is two-phase:
 
-1. **offer**: the certificate is signed (not yet in the registry), written to the service's own
-   table ``renewals.sqlite3`` in the PKI directory (state ``offered``), a ``renewal-offer`` line
-   goes into the ledger (request id, device, new and old serial, fingerprint), and the
-   certificate is sent to the device. The old certificate stays active.
+1. **offer**: the certificate is signed (``PKI.prepare``, not yet in the registry) and kept as an
+   open offer (``PKI.offer``: a row in ``renewals.sqlite3`` and a ``renewal-offer`` ledger line
+   with request id, device, new and old serial, fingerprint), then sent to the device. The old
+   certificate stays active.
 2. **record**: as soon as the device connects with the new certificate (the broker's own
    ``connect`` audit event names the serial; out of process, the device's ``installed`` message),
-   ``PKI.record`` registers it (ledger ``issue`` line with ``renewal``, ``replaces``, ``via``) and
-   revokes the old one as ``superseded`` (ledger ``revoke`` line, new CRL; the broker closes any
-   session still using the old one).
-3. **void**: an offer that is not confirmed within ``offer_ttl``, whose old certificate was revoked
-   meanwhile (checked every ``sweep_interval``), or that a newer request of the same device
-   replaces, is recorded as issued-and-revoked (``PKI.void``), so the CRL covers it. A device that
-   tries a voided certificate is refused and goes back to its old one.
+   ``PKI.record_offer`` registers it (ledger ``issue`` line with ``renewal``, ``replaces``,
+   ``via``) and revokes the old one as ``superseded`` (ledger ``revoke`` line, new CRL; the broker
+   closes any session still using the old one).
+3. **void**: an offer that is not confirmed within ``offer_ttl``, or whose old certificate was
+   replaced meanwhile (checked every ``sweep_interval``), is recorded as issued-and-revoked
+   (``PKI.void_offer``), so the CRL covers it. ``iotauth device revoke`` voids the device's open
+   offer itself, in the same change as the revocation, so it is on the CRL at once whichever
+   process runs this service. A device that tries a voided certificate is refused and goes back
+   to its old one.
 
 So at any moment every certificate that left the CA is either in the registry or in an ``offered``
 row that becomes one of the two within ``offer_ttl`` (and survives a restart of the service).
@@ -41,19 +56,15 @@ row that becomes one of the two within ``offer_ttl`` (and survives a restart of 
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import datetime as dt
-import json
+import functools
 import logging
-import queue
-import re
 import shutil
-import sqlite3
 import threading
 import time
-from collections import Counter
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -61,47 +72,56 @@ from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from cryptography.x509.oid import NameOID
 
-from provisioning.certificates import fingerprint, load_csr, public_key_sha256
+from broker.renewal_core import (
+    ActiveCertificate,
+    AuditThrottle,
+    Confirm,
+    FairQueue,
+    RenewalSettings,
+    Reply,
+    Resend,
+    Sign,
+    Step,
+    decide_csr,
+    decide_installed,
+)
+from provisioning.certificates import load_csr, public_key_sha256
 from provisioning.errors import CSRRejectedError, InvalidIdentityError, ProvisioningError
 from provisioning.identity import Identity, IdentityKind, parse_spiffe_id, validate_name
-from provisioning.pki import PKI, Prepared
+from provisioning.offers import Offer, OfferState
+from provisioning.pki import PKI
+from provisioning.renewal_protocol import (
+    REQUEST_FILTER,
+    Answer,
+    CertificateAnswer,
+    CsrRequest,
+    MalformedMessageError,
+    RecordedAnswer,
+    Refusal,
+    RefusedAnswer,
+    answer_topic,
+    decode_request,
+    device_of_request_topic,
+    encode,
+)
 from provisioning.tls import client_context_for_credentials
 
 __all__ = ["RenewalService", "RenewalSettings"]
 
 log = logging.getLogger("iotauth.broker.renewal")
 
-_REQUEST_ID_RE = re.compile(r"[A-Za-z0-9_-]{1,64}")
-_CSR_TOPIC = re.compile(r"devices/([^/]+)/certs/csr")
-
-
-@dataclass(frozen=True, slots=True)
-class RenewalSettings:
-    """The renewal service in the broker process; ``BrokerSettings(renewal=RenewalSettings())``."""
-
-    # A signed certificate that the device has not used within this many seconds is voided.
-    offer_ttl: float = 3600.0
-    # How often offers are checked for expiry and for revocation of the device meanwhile.
-    sweep_interval: float = 1.0
-    service_name: str = "renewal"
-    # The service's own credential directory; default <pki>/services/<service_name>.
-    credentials: Path | None = None
-    max_request_bytes: int = 16 * 1024
-
-
-@dataclass(frozen=True, slots=True)
-class _Offer:
-    request_id: str
-    device_id: str
-    old_serial: str
-    new_serial: str
-    cert_pem: bytes
-    created: float
-    state: str
+Audit = Callable[..., object]  # AuditLog.emit: (event, **fields)
+_IDLE = object()  # no control job this turn
 
 
 class RenewalService:
-    """``start()`` / ``stop()``; everything that touches the PKI runs on one worker thread."""
+    """``start()`` / ``stop()``; everything that touches the PKI runs on one worker thread.
+
+    paho's network thread only sorts arriving requests into the per-device queues (dropping a
+    device's excess there); the worker takes control jobs first (stop, confirmations from the
+    broker's audit), then one request per device in turn, and sweeps offers every
+    ``sweep_interval``. ``audit`` receives the service's audit events (the broker's AuditLog when
+    it runs in the broker; JSON lines on stdout for ``iotauth broker renewal``)."""
 
     def __init__(
         self,
@@ -111,14 +131,24 @@ class RenewalService:
         port: int,
         settings: RenewalSettings | None = None,
         passphrase: bytes | None = None,
+        audit: Audit | None = None,
     ) -> None:
         self.pki_dir = pki_dir
         self.host = host
         self.port = port
         self.settings = settings or RenewalSettings()
         self._passphrase = passphrase
-        self.stats: Counter[str] = Counter()
-        self._jobs: queue.Queue[Callable[[], None] | None] = queue.Queue()
+        self._audit = audit
+        self.stats: collections.Counter[str] = collections.Counter()
+        # (device, step) in the order the worker decided them: for tests and debugging.
+        self.decided: collections.deque[tuple[str, str]] = collections.deque(maxlen=10_000)
+        # Requests received per device (queued or dropped).
+        self.arrived: collections.Counter[str] = collections.Counter()
+        self._cv = threading.Condition()
+        self._control: collections.deque[Callable[[], None] | None] = collections.deque()
+        self._requests: FairQueue[str, bytes] = FairQueue(self.settings.queue_per_device)
+        self._dropped: collections.Counter[str] = collections.Counter()
+        self._throttle: AuditThrottle[tuple[str, str]] = AuditThrottle(self.settings.audit_interval)
         self._ready = threading.Event()
         self._subscribed = threading.Event()
         self._error: BaseException | None = None
@@ -127,8 +157,6 @@ class RenewalService:
         self._thread = threading.Thread(target=self._main, name="iotauth-renewal", daemon=True)
         self._client: Any = None
         self._pki: PKI | None = None
-        self._db: sqlite3.Connection | None = None
-        self._stopping = False
 
     # -- life cycle (any thread) ----------------------------------------------------------------
 
@@ -143,9 +171,8 @@ class RenewalService:
         return self._subscribed.wait(timeout)
 
     def stop(self) -> None:
-        self._stopping = True
         if self._thread.is_alive():
-            self._jobs.put(None)
+            self._put_control(None)
             self._thread.join(timeout=10)
 
     def observe_connect(self, identity: str, credential: str) -> None:
@@ -158,14 +185,29 @@ class RenewalService:
         with self._pending_lock:
             if key not in self._pending_serials:
                 return
-        self._jobs.put(lambda: self._confirm(ident.name, credential, via="broker-connect"))
+        self._put_control(lambda: self._confirm_serial(ident.name, credential))
+
+    def _put_control(self, job: Callable[[], None] | None) -> None:
+        with self._cv:
+            self._control.append(job)
+            self._cv.notify()
+
+    def _arrived(self, topic: str, payload: bytes) -> None:
+        """paho's thread: queue the request behind its own device's, or drop it (audited)."""
+        device = device_of_request_topic(topic)
+        if device is None:
+            return
+        with self._cv:
+            self.arrived[device] += 1
+            if not self._requests.push(device, payload):
+                self._dropped[device] += 1
+            self._cv.notify()
 
     # -- worker thread ------------------------------------------------------------------------
 
     def _main(self) -> None:
         try:
             self._pki = PKI.open(self.pki_dir, passphrase=self._passphrase)
-            self._db = self._open_db()
             creds = self._ensure_credentials()
             self._load_pending()
             self._client = self._connect(creds)
@@ -177,20 +219,28 @@ class RenewalService:
         self._ready.set()
         next_sweep = time.monotonic()
         while True:
-            try:
-                job = self._jobs.get(timeout=max(0.0, next_sweep - time.monotonic()))
-            except queue.Empty:
-                job = self._sweep
-            if job is None:
+            with self._cv:
+                while not (self._control or len(self._requests) or self._dropped):
+                    wait = next_sweep - time.monotonic()
+                    if wait <= 0:
+                        break
+                    self._cv.wait(wait)
+                control = self._control.popleft() if self._control else _IDLE
+                request = self._requests.pop() if control is _IDLE else None
+                dropped, self._dropped = self._dropped, collections.Counter()
+            if control is None:
                 break
-            try:
-                job()
-            except Exception:
-                log.exception("renewal service job failed")
+            for device, count in dropped.items():
+                self.stats["dropped"] += count
+                self._audit_refusal(device, "dropped", "queue full: request dropped", count)
+            if callable(control):
+                self._guarded(control)
+            elif request is not None:
+                device, payload = request
+                self._guarded(functools.partial(self._handle, device, payload))
             if time.monotonic() >= next_sweep:
+                self._guarded(self._sweep)
                 next_sweep = time.monotonic() + self.settings.sweep_interval
-                if job is not self._sweep:
-                    self._guarded(self._sweep)
         self._close()
 
     def _guarded(self, job: Callable[[], None]) -> None:
@@ -204,32 +254,13 @@ class RenewalService:
             with contextlib.suppress(Exception):
                 self._client.disconnect()
                 self._client.loop_stop()
-        if self._db is not None:
-            self._db.close()
         if self._pki is not None:
             self._pki.close()
-
-    def _open_db(self) -> sqlite3.Connection:
-        db = sqlite3.connect(self.pki_dir / "renewals.sqlite3", isolation_level=None)
-        db.execute("PRAGMA journal_mode=WAL")
-        db.execute("PRAGMA synchronous=FULL")
-        db.execute(
-            "CREATE TABLE IF NOT EXISTS offers (request_id TEXT PRIMARY KEY, device_id TEXT NOT"
-            " NULL, old_serial TEXT NOT NULL, new_serial TEXT NOT NULL, cert_pem BLOB NOT NULL,"
-            " created REAL NOT NULL, state TEXT NOT NULL)"
-        )
-        db.execute("CREATE INDEX IF NOT EXISTS offers_device ON offers(device_id, state)")
-        return db
 
     @property
     def pki(self) -> PKI:
         assert self._pki is not None  # noqa: S101 - set before any job runs
         return self._pki
-
-    @property
-    def db(self) -> sqlite3.Connection:
-        assert self._db is not None  # noqa: S101 - set before any job runs
-        return self._db
 
     def _ensure_credentials(self) -> Path:
         """The service's own certificate: issued once, re-issued in the last third of its life."""
@@ -260,11 +291,10 @@ class RenewalService:
         )
         client.tls_set_context(client_context_for_credentials(creds))
         client.reconnect_delay_set(1, 5)
-        topic = "devices/+/certs/csr"
 
         def on_connect(c: mqtt.Client, _u: object, _f: object, rc: ReasonCode, _p: object) -> None:
             if not rc.is_failure:
-                c.subscribe(topic, qos=1)
+                c.subscribe(REQUEST_FILTER, qos=1)
 
         def on_subscribe(
             c: mqtt.Client, _u: object, _mid: int, codes: list[ReasonCode], _p: object
@@ -276,8 +306,7 @@ class RenewalService:
             self._subscribed.clear()
 
         def on_message(c: mqtt.Client, _u: object, msg: mqtt.MQTTMessage) -> None:
-            payload = bytes(msg.payload)
-            self._jobs.put(lambda: self._handle(msg.topic, payload))
+            self._arrived(msg.topic, bytes(msg.payload))
 
         client.on_connect = on_connect
         client.on_subscribe = on_subscribe
@@ -288,131 +317,147 @@ class RenewalService:
         client.loop_start()
         return client
 
-    # -- protocol -----------------------------------------------------------------------------
+    # -- audit and answers ----------------------------------------------------------------------
 
-    def _publish(self, device_id: str, doc: dict[str, Any]) -> None:
-        if self._client is not None:
-            self._client.publish(
-                f"devices/{device_id}/certs/issued", json.dumps(doc).encode(), qos=1
-            )
+    def _emit(self, event: str, **fields: object) -> None:
+        if self._audit is not None:
+            self._audit(event, **fields)
 
-    def _refuse(self, device_id: str, request_id: str | None, reason: str, detail: str) -> None:
-        self.stats[f"refused:{reason}"] += 1
-        log.warning("renewal for %s refused: %s (%s)", device_id, reason, detail)
-        self._publish(
-            device_id,
-            {"type": "refused", "request_id": request_id, "reason": reason, "detail": detail},
+    def _audit_refusal(self, device_id: str, reason: str, detail: str, count: int = 1) -> None:
+        """Audited (and logged) at most once per device, reason and audit_interval."""
+        reported = self._throttle.note((device_id, reason), time.monotonic(), count)
+        if reported is None:
+            return
+        log.warning("renewal for %s refused: %s (%s) x%d", device_id, reason, detail, reported)
+        self._emit(
+            "renewal-refused", client_id=device_id, reason=reason, detail=detail, count=reported
         )
 
-    def _handle(self, topic: str, payload: bytes) -> None:
-        match = _CSR_TOPIC.fullmatch(topic)
-        if match is None:
-            return
+    def _publish(self, device_id: str, answer: Answer) -> None:
+        if isinstance(answer, RefusedAnswer):
+            self.stats[f"refused:{answer.reason}"] += 1
+            self._audit_refusal(device_id, answer.reason, answer.detail)
+        if self._client is not None:
+            self._client.publish(answer_topic(device_id), encode(answer), qos=1)
+
+    def _refuse(self, device_id: str, request_id: str | None, reason: Refusal, detail: str) -> None:
+        self._publish(device_id, RefusedAnswer(request_id, reason.value, detail))
+
+    def _send_certificate(self, offer: Offer, request_id: str) -> None:
+        chain = offer.cert_pem + self.pki.issuing.public_bytes(serialization.Encoding.PEM)
+        self._publish(offer.device_id, CertificateAnswer(request_id, chain.decode()))
+
+    # -- protocol -----------------------------------------------------------------------------
+
+    def _handle(self, device: str, payload: bytes) -> None:
         try:
-            device_id = validate_name(match.group(1))
+            device_id = validate_name(device)
         except InvalidIdentityError:
             return
         if len(payload) > self.settings.max_request_bytes:
-            self._refuse(device_id, None, "bad-request", "request too large")
+            self._refuse(device_id, None, Refusal.BAD_REQUEST, "request too large")
             return
         try:
-            doc = json.loads(payload)
-            kind = doc["type"]
-            request_id = doc["request_id"]
-        except (ValueError, KeyError, TypeError):
-            self._refuse(device_id, None, "bad-request", "not a JSON renewal request")
+            request = decode_request(payload)
+        except MalformedMessageError as exc:
+            self._refuse(device_id, exc.request_id, Refusal.BAD_REQUEST, exc.detail)
             return
-        if not isinstance(request_id, str) or not _REQUEST_ID_RE.fullmatch(request_id):
-            self._refuse(device_id, None, "bad-request", "invalid request_id")
-            return
-        if kind == "csr":
-            self._offer(device_id, request_id, str(doc.get("csr", "")).encode())
-        elif kind == "installed":
-            self._installed(device_id, request_id, str(doc.get("serial", "")))
+        if isinstance(request, CsrRequest):
+            step = self._decide_csr(device_id, request)
         else:
-            self._refuse(device_id, request_id, "bad-request", f"unknown type {kind!r}")
-
-    def _offer(self, device_id: str, request_id: str, csr_pem: bytes) -> None:
-        existing = self._offer_row(request_id)
-        if existing is not None:
-            if existing.device_id != device_id:
-                self._refuse(device_id, request_id, "bad-request", "request_id already used")
-            elif existing.state == "offered":
-                self._send_certificate(existing)  # a repeated request: same answer
-            elif existing.state == "recorded":
-                self._publish(
-                    device_id,
-                    {"type": "recorded", "request_id": request_id, "serial": existing.new_serial},
-                )
-            else:
-                self._refuse(device_id, request_id, "offer-void", "this request was voided")
-            return
-        active = self.pki.registry.active(device_id)
-        if active is None or active.kind != "device":
-            self._refuse(
-                device_id,
-                request_id,
-                "not-active",
-                f"{device_id} has no active device certificate (revoked or unknown)",
+            offer = self.pki.offers.get(request.request_id) or self.pki.offers.by_serial(
+                device_id, request.serial
             )
-            return
-        try:
-            csr, key = load_csr(csr_pem)
-        except CSRRejectedError as exc:
-            self._refuse(device_id, request_id, "bad-csr", exc.reason)
-            return
-        problem = _identity_problem(csr, Identity.device(device_id, self.pki.trust_domain))
-        if problem is not None:
-            self._refuse(device_id, request_id, "identity-mismatch", problem)
-            return
-        if public_key_sha256(key) == active.public_key_sha256:
-            self._refuse(device_id, request_id, "key-reuse", "the CSR reuses the current key")
-            return
-        for old in self._offers_for(device_id):
-            self._void(old, reason="superseded", answer="superseded by a newer request")
+            step = decide_installed(
+                device_id=device_id,
+                request_id=request.request_id,
+                serial=request.serial,
+                offer=offer,
+            )
+        self.decided.append((device_id, type(step).__name__.lower()))
+        self._carry_out(device_id, step, request)
+
+    def _decide_csr(self, device_id: str, request: CsrRequest) -> Step:
+        now = time.time()
+        previous = self.pki.offers.get(request.request_id)
+        record = self.pki.registry.active(device_id)
+        active = (
+            None
+            if record is None
+            else ActiveCertificate(
+                record.serial,
+                record.kind,
+                record.not_before.timestamp(),
+                record.not_after.timestamp(),
+                record.public_key_sha256,
+            )
+        )
+        problem: tuple[Refusal, str] | None = None
+        key_sha: str | None = None
+        open_offer: Offer | None = None
+        open_key: str | None = None
+        signed: list[float] = []
+        if previous is None and active is not None:
+            try:
+                csr, key = load_csr(request.csr.encode())
+                key_sha = public_key_sha256(key)
+                mismatch = _identity_problem(csr, Identity.device(device_id, self.pki.trust_domain))
+                if mismatch is not None:
+                    problem = (Refusal.IDENTITY_MISMATCH, mismatch)
+            except CSRRejectedError as exc:
+                problem = (Refusal.BAD_CSR, exc.reason)
+            offers = self.pki.offers.open_offers(device_id)
+            if offers:
+                open_offer = offers[0]
+                cert = x509.load_pem_x509_certificate(open_offer.cert_pem)
+                open_key = public_key_sha256(cert.public_key())  # type: ignore[arg-type]
+            signed = self.pki.offers.signed_since(device_id, now - self.settings.rate_window)
+        return decide_csr(
+            device_id=device_id,
+            request_id=request.request_id,
+            previous=previous,
+            active=active,
+            csr_problem=problem,
+            csr_key_sha256=key_sha,
+            open_offer=open_offer,
+            open_offer_key_sha256=open_key,
+            signed_at=signed,
+            now=now,
+            settings=self.settings,
+        )
+
+    def _carry_out(self, device_id: str, step: Step, request: object) -> None:
+        if isinstance(step, Reply):
+            self._publish(device_id, step.answer)
+        elif isinstance(step, Resend):
+            self.stats["resent"] += 1
+            self._send_certificate(step.offer, step.request_id)
+        elif isinstance(step, Sign):
+            assert isinstance(request, CsrRequest)  # noqa: S101 - decide_csr signs only CSRs
+            self._sign(device_id, step, request.csr.encode())
+        elif isinstance(step, Confirm):
+            self._confirm(step.offer, via="device-report", request_id=step.request_id)
+
+    def _sign(self, device_id: str, step: Sign, csr_pem: bytes) -> None:
+        active = self.pki.registry.active(device_id)
         try:
             prepared = self.pki.prepare(
                 device_id,
                 csr=csr_pem,
                 rotate=True,
-                hardware_serial=active.hardware_serial,
+                hardware_serial=active.hardware_serial if active else None,
             )
         except ProvisioningError as exc:
-            self._refuse(device_id, request_id, "issuance-failed", str(exc))
+            self._refuse(device_id, step.request_id, Refusal.ISSUANCE_FAILED, str(exc))
             return
-        cert = prepared.certificate
-        offer = _Offer(
-            request_id,
-            device_id,
-            active.serial,
-            format(cert.serial_number, "x"),
-            cert.public_bytes(serialization.Encoding.PEM),
-            time.time(),
-            "offered",
-        )
-        self.db.execute(
-            "INSERT INTO offers VALUES (?, ?, ?, ?, ?, ?, ?)",
-            (
-                offer.request_id,
-                offer.device_id,
-                offer.old_serial,
-                offer.new_serial,
-                offer.cert_pem,
-                offer.created,
-                offer.state,
-            ),
-        )
-        self.pki.record_event(
-            "renewal-offer",
-            {
-                "name": device_id,
-                "request_id": request_id,
-                "serial": offer.new_serial,
-                "fingerprint": fingerprint(cert),
-                "replaces": offer.old_serial,
-                "not_after": cert.not_valid_after_utc.isoformat(),
-            },
-        )
+        try:
+            offer = self.pki.offer(prepared, request_id=step.request_id, replaces=step.replaces)
+        except ProvisioningError as exc:
+            # The device changed under the lock (revoked, rotated, another offer): the signed
+            # certificate exists, so it goes on the CRL.
+            self.pki.void(prepared, reason="superseded", details={"renewal": step.request_id})
+            self._refuse(device_id, step.request_id, Refusal.OFFER_VOID, str(exc))
+            return
         with self._pending_lock:
             self._pending_serials.add((device_id, offer.new_serial))
         self.stats["offered"] += 1
@@ -422,128 +467,90 @@ class RenewalService:
             offer.new_serial,
             offer.old_serial,
         )
-        self._send_certificate(offer)
-
-    def _send_certificate(self, offer: _Offer) -> None:
-        chain = offer.cert_pem + self.pki.issuing.public_bytes(serialization.Encoding.PEM)
-        self._publish(
-            offer.device_id,
-            {"type": "certificate", "request_id": offer.request_id, "certificate": chain.decode()},
+        self._emit(
+            "renewal-offer",
+            client_id=device_id,
+            credential=offer.new_serial,
+            replaces=offer.old_serial,
+            request_id=offer.request_id,
         )
+        self._send_certificate(offer, offer.request_id)
 
-    def _installed(self, device_id: str, request_id: str, serial: str) -> None:
-        offer = self._offer_row(request_id)
-        if offer is None or offer.device_id != device_id or offer.new_serial != serial:
-            self._refuse(device_id, request_id, "unknown-request", "no such renewal")
+    def _confirm_serial(self, device_id: str, serial: str) -> None:
+        offer = self.pki.offers.by_serial(device_id, serial)
+        if offer is None:
             return
-        if offer.state == "recorded":
-            self._publish(
-                device_id, {"type": "recorded", "request_id": request_id, "serial": serial}
-            )
-            return
-        self._confirm(device_id, serial, via="device-report")
+        if offer.state is OfferState.OFFERED:
+            self._confirm(offer, via="broker-connect", request_id=offer.request_id)
+        else:
+            self._forget(offer)  # closed elsewhere (`device revoke` voids offers itself)
 
-    def _confirm(self, device_id: str, serial: str, *, via: str) -> None:
-        row = self.db.execute(
-            "SELECT * FROM offers WHERE device_id = ? AND new_serial = ? AND state = 'offered'",
-            (device_id, serial),
-        ).fetchone()
-        if row is None:
+    def _confirm(self, offer: Offer, *, via: str, request_id: str) -> None:
+        moved, record = self.pki.record_offer(offer, via=via)
+        self._forget(moved)
+        if record is None:
+            if moved.state is OfferState.VOIDED:
+                self._voided(moved, "the device changed meanwhile")
+            elif moved.state is OfferState.RECORDED:
+                self._publish(offer.device_id, RecordedAnswer(request_id, moved.new_serial))
             return
-        offer = _Offer(*row)
-        active = self.pki.registry.active(device_id)
-        if active is None or active.serial != offer.old_serial:
-            self._void(offer, reason="superseded", answer="the device changed meanwhile")
-            return
-        self.pki.record(
-            self._prepared(offer, active.hardware_serial),
-            details={"renewal": offer.request_id, "replaces": offer.old_serial, "via": via},
-        )
-        self._set_state(offer, "recorded")
         self.stats["recorded"] += 1
         log.info(
             "renewal for %s recorded: serial %s replaces %s (%s)",
-            device_id,
+            offer.device_id,
             offer.new_serial,
             offer.old_serial,
             via,
         )
-        self._publish(
-            device_id,
-            {"type": "recorded", "request_id": offer.request_id, "serial": offer.new_serial},
+        self._emit(
+            "renewal-recorded",
+            client_id=offer.device_id,
+            credential=offer.new_serial,
+            replaces=offer.old_serial,
+            via=via,
         )
+        self._publish(offer.device_id, RecordedAnswer(request_id, offer.new_serial))
 
-    def _void(self, offer: _Offer, *, reason: str, answer: str) -> None:
-        active = self.pki.registry.active(offer.device_id)
-        hw = active.hardware_serial if active is not None else None
-        self.pki.void(
-            self._prepared(offer, None if active is None else hw),
-            reason=reason,
-            details={"renewal": offer.request_id, "voided": answer},
-        )
-        self._set_state(offer, "voided")
+    def _voided(self, offer: Offer, answer: str) -> None:
         self.stats["voided"] += 1
         log.warning(
             "renewal for %s voided: serial %s, %s", offer.device_id, offer.new_serial, answer
         )
-        self._publish(
-            offer.device_id,
-            {
-                "type": "refused",
-                "request_id": offer.request_id,
-                "reason": "offer-void",
-                "detail": answer,
-            },
+        self._emit(
+            "renewal-voided", client_id=offer.device_id, credential=offer.new_serial, detail=answer
         )
+        self._refuse(offer.device_id, offer.request_id, Refusal.OFFER_VOID, answer)
+
+    def _void(self, offer: Offer, answer: str) -> None:
+        moved = self.pki.void_offer(offer, answer=answer)
+        self._forget(moved)
+        if moved.state is OfferState.VOIDED:
+            self._voided(moved, answer)
 
     def _sweep(self) -> None:
         now = time.time()
-        for row in self.db.execute("SELECT * FROM offers WHERE state = 'offered'").fetchall():
-            offer = _Offer(*row)
+        for offer in self.pki.offers.open_offers():
             active = self.pki.registry.active(offer.device_id)
             if active is None or active.serial != offer.old_serial:
-                self._void(offer, reason="superseded", answer="the device was revoked meanwhile")
+                self._void(offer, "the device was revoked meanwhile")
             elif now - offer.created > self.settings.offer_ttl:
-                self._void(offer, reason="superseded", answer="not used within the offer time")
+                self._void(offer, "not used within the offer time")
+        for (device_id, reason), count in self._throttle.drain(time.monotonic()):
+            log.warning("renewal for %s refused: %s x%d (held back)", device_id, reason, count)
+            self._emit("renewal-refused", client_id=device_id, reason=reason, count=count)
 
-    # -- offers table -------------------------------------------------------------------------
+    # -- the serials a broker connect may confirm -----------------------------------------------
 
-    def _offer_row(self, request_id: str) -> _Offer | None:
-        row = self.db.execute("SELECT * FROM offers WHERE request_id = ?", (request_id,)).fetchone()
-        return _Offer(*row) if row else None
-
-    def _offers_for(self, device_id: str) -> list[_Offer]:
-        rows = self.db.execute(
-            "SELECT * FROM offers WHERE device_id = ? AND state = 'offered'", (device_id,)
-        ).fetchall()
-        return [_Offer(*r) for r in rows]
-
-    def _set_state(self, offer: _Offer, state: str) -> None:
-        self.db.execute(
-            "UPDATE offers SET state = ? WHERE request_id = ?", (state, offer.request_id)
-        )
-        with self._pending_lock:
-            self._pending_serials.discard((offer.device_id, offer.new_serial))
+    def _forget(self, offer: Offer) -> None:
+        if offer.state is not OfferState.OFFERED:
+            with self._pending_lock:
+                self._pending_serials.discard((offer.device_id, offer.new_serial))
 
     def _load_pending(self) -> None:
-        for offer in self._offers_for_all():
-            with self._pending_lock:
+        # An offer voided by `device revoke` meanwhile stays here until a confirm finds it closed.
+        with self._pending_lock:
+            for offer in self.pki.offers.open_offers():
                 self._pending_serials.add((offer.device_id, offer.new_serial))
-
-    def _offers_for_all(self) -> list[_Offer]:
-        rows = self.db.execute("SELECT * FROM offers WHERE state = 'offered'").fetchall()
-        return [_Offer(*r) for r in rows]
-
-    def _prepared(self, offer: _Offer, hardware_serial: str | None) -> Prepared:
-        return Prepared(
-            identity=Identity.device(offer.device_id, self.pki.trust_domain),
-            certificate=x509.load_pem_x509_certificate(offer.cert_pem),
-            issuing=self.pki.issuing,
-            key_pem=None,
-            key_origin="csr",
-            hardware_serial=hardware_serial,
-            rotate=True,
-        )
 
 
 def _identity_problem(csr: x509.CertificateSigningRequest, identity: Identity) -> str | None:

@@ -186,6 +186,7 @@ def _start_renewal(settings: BrokerSettings, port: int, audit: _ObservedAudit) -
         port=port,
         settings=settings.renewal,
         passphrase=settings.key_password,
+        audit=audit.emit,
     )
 
     def on_audit(record: dict[str, Any]) -> None:

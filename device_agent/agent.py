@@ -3,12 +3,13 @@
 Theory of operation
 -------------------
 An :class:`Agent` lives on a :class:`~device_agent.reactor.Reactor` (its own, or one shared with
-other simulated devices) and is driven only by reactor callbacks, so it needs no locks. Its states::
+other simulated devices) and is driven only by reactor callbacks, so it needs no locks. Its
+connection and its renewal are two state machines, each a table in ``device_agent/states.py``::
 
     idle --attempt--> connecting --CONNACK 0--> connected --lost--> idle (backoff timer)
                           |  refused / closed before CONNACK          |
                           +-------> idle (backoff, or slow retry) <---+
-    any --stop()--> stopping (publish "offline", DISCONNECT) --> stopped
+    connected --stop()--> stopping (publish "offline", DISCONNECT) --> stopped
 
 Every attempt builds a fresh paho client (MQTT 3.1.1, clean session, client_id = device id, will =
 retained ``offline`` on ``devices/<id>/state``) and a fresh TLS context from the credential
@@ -55,7 +56,29 @@ from device_agent.errors import AgentConfigError, AgentError, RenewalError
 from device_agent.queue import MessageQueue, open_queue
 from device_agent.reactor import Reactor, Timer
 from device_agent.renewal import RenewalState, RenewalStore
+from device_agent.states import (
+    CONNECTION,
+    RENEWAL,
+    Conn,
+    ConnEvent,
+    Machine,
+    Renewal,
+    RenewalEvent,
+    renewal_state_for_phase,
+)
 from device_agent.telemetry import TelemetrySource, load_source
+from provisioning.renewal_protocol import (
+    CertificateAnswer,
+    CsrRequest,
+    InstalledReport,
+    MalformedMessageError,
+    RecordedAnswer,
+    RefusedAnswer,
+    answer_topic,
+    decode_answer,
+    encode,
+    request_topic,
+)
 
 if TYPE_CHECKING:
     from paho.mqtt.client import SocketLike
@@ -149,14 +172,16 @@ class Agent:
         self.stats = AgentStats()
         self.on_event = on_event
         self.base = f"devices/{self.device_id}/"
-        self.state = "idle"
+        # The two state machines (device_agent/states.py): connection and renewal.
+        self._conn: Machine[Conn, ConnEvent] = Machine("connection", CONNECTION, Conn.IDLE)
+        stored = self.renewal.load()
+        self._renew: Machine[Renewal, RenewalEvent] = Machine(
+            "renewal", RENEWAL, renewal_state_for_phase(stored.phase if stored else None)
+        )
         self._client: mqtt.Client | None = None
         self._sock: SocketLike | None = None
         self._attempt_started = 0.0
-        self._attempt_candidate = False
-        self._use_candidate = False
         self._candidate_failures = 0
-        self._switching = False
         self._error_text: str | None = None
         self._closes_before_connack = 0
         self._inflight: dict[int, int] = {}
@@ -165,7 +190,6 @@ class Agent:
         self._running = False
         self._stopped_callbacks: list[Callable[[], None]] = []
         self._renewal_sent_at = 0.0
-        self._renewal_starting = False  # a key and CSR are being made off the loop
 
     # -- public, thread-safe ------------------------------------------------------------------
 
@@ -190,7 +214,7 @@ class Agent:
         """Lose the connection as a network cut would (no DISCONNECT; the broker sends the will)."""
 
         def go() -> None:
-            if self._client is not None and self.state == "connected":
+            if self._client is not None and self._conn.state is Conn.CONNECTED:
                 self._teardown()
                 self._emit("disconnected", "dropped")
                 self._failed(Failure("connection-lost", "dropped (simulated network cut)", False))
@@ -206,8 +230,17 @@ class Agent:
         self.reactor.run()
 
     @property
+    def state(self) -> str:
+        """The connection's state: idle, connecting, connected, stopping or stopped."""
+        return self._conn.state.value
+
+    @property
+    def renewal_state(self) -> str:
+        return self._renew.state.value
+
+    @property
     def connected(self) -> bool:
-        return self.state == "connected"
+        return self._conn.state is Conn.CONNECTED
 
     # -- lifecycle ------------------------------------------------------------------------------
 
@@ -239,11 +272,11 @@ class Agent:
         for name in list(self._timers):
             self._cancel(name)
         client = self._client
-        if client is None or self.state != "connected":
+        if client is None or self._conn.state is not Conn.CONNECTED:
             self._teardown()
             self._finish_stop()
             return
-        self.state = "stopping"
+        self._conn.fire(ConnEvent.STOP)
         info = client.publish(self.base + "state", OFFLINE, qos=1, retain=True)
         deadline = time.monotonic() + 3
 
@@ -258,10 +291,10 @@ class Agent:
         wait_offline()
 
     def _finish_stop(self) -> None:
-        if self.state == "stopped":
+        if self._conn.state is Conn.STOPPED:
             return
         self._teardown()
-        self.state = "stopped"
+        self._conn.fire(ConnEvent.STOPPED)
         self._emit("stopped")
         callbacks, self._stopped_callbacks = self._stopped_callbacks, []
         for cb in callbacks:
@@ -270,7 +303,7 @@ class Agent:
     # -- connecting -----------------------------------------------------------------------------
 
     def _choose_credentials(self) -> tuple[Credentials, bool]:
-        if self._use_candidate:
+        if self._renew.state in (Renewal.CANDIDATE_NEXT, Renewal.SWITCHING):
             state = self.renewal.load()
             if state is not None and state.phase == "received":
                 try:
@@ -278,7 +311,7 @@ class Agent:
                 except RenewalError as exc:
                     log.warning("%s: %s", self.device_id, exc)
                     self.renewal.clear()
-            self._use_candidate = False
+            self._renew.fire(RenewalEvent.CANDIDATE_UNUSABLE)
         return self.credentials, False
 
     def _attempt(self) -> None:
@@ -304,9 +337,10 @@ class Agent:
             return
         client = self._make_client(context)
         self._client = client
-        self._attempt_candidate = candidate
+        if candidate:
+            self._renew.fire(RenewalEvent.ATTEMPT_CANDIDATE)
         self._error_text = None
-        self.state = "connecting"
+        self._conn.fire(ConnEvent.ATTEMPT)
         self._attempt_started = time.monotonic()
         try:
             client.connect(self.host, self.port, keepalive=self.config.keepalive)
@@ -380,7 +414,7 @@ class Agent:
             self._timer("misc", 1.0, self._misc)
 
     def _connack_timeout(self) -> None:
-        if self.state == "connecting":
+        if self._conn.state is Conn.CONNECTING:
             self._teardown()
             self._failed(Failure("connack-timeout", "no CONNACK in time", False))
 
@@ -398,21 +432,19 @@ class Agent:
             client.on_disconnect = None
             client.on_socket_close = None
         self._inflight.clear()
-        if self.state in ("connecting", "connected"):
-            self.state = "idle"
+        if self._conn.state in (Conn.CONNECTING, Conn.CONNECTED):
+            self._conn.fire(ConnEvent.DOWN)
 
     def _failed(self, failure: Failure) -> None:
         """An attempt failed (or a connection ended): decide what to try next, and when."""
         self.stats.failures[failure.reason] += 1
         self.stats.last_failure = failure
-        self.state = "idle"
+        self._conn.fire(ConnEvent.DOWN)
         self._emit("failure", failure)
         if not self._running:
             self._finish_stop()
             return
-        if self._attempt_candidate:
-            self._attempt_candidate = False
-            self._use_candidate = False
+        if self._renew.state is Renewal.TRYING:
             self._candidate_failures += 1
             log.warning(
                 "%s: the renewed certificate was refused (%s); back to the current one",
@@ -421,20 +453,29 @@ class Agent:
             )
             if failure.permanent or self._candidate_failures >= 3:
                 self.renewal.clear()
+                self._renew.fire(RenewalEvent.GIVE_UP)
                 self._candidate_failures = 0
                 self._timer("renewal", self.config.renewal_retry, self._check_renewal)
+            else:
+                self._renew.fire(RenewalEvent.CANDIDATE_REFUSED)
             self._timer("connect", self.backoff.next_delay(), self._attempt)
             return
         if failure.permanent:
+            waiting = self._renew.state in (Renewal.RECEIVED, Renewal.CANDIDATE_NEXT)
             state = self.renewal.load()
-            if state is not None and state.phase == "received" and self._candidate_failures < 3:
+            if (
+                waiting
+                and state is not None
+                and state.phase == "received"
+                and (self._candidate_failures < 3)
+            ):
                 log.warning(
                     "%s: %s; trying the renewed certificate waiting in %s",
                     self.device_id,
                     failure,
                     self.renewal.path,
                 )
-                self._use_candidate = True
+                self._renew.fire(RenewalEvent.USE_CANDIDATE)
                 self._timer("connect", self.backoff.next_delay(), self._attempt)
                 return
             delay = self.backoff.next_delay(failure)
@@ -466,20 +507,19 @@ class Agent:
             self._teardown()
             self._failed(classify_connack(int(reason.value)))
             return
-        self.state = "connected"
+        self._conn.fire(ConnEvent.CONNACK)
         self.stats.connects += 1
         self.stats.connect_latency.append(time.monotonic() - self._attempt_started)
         self.stats.connected_since = time.monotonic()
         self.backoff.reset()
         self._closes_before_connack = 0
         client.publish(self.base + "state", ONLINE, qos=1, retain=True)
-        client.subscribe([(self.base + "commands/#", 1), (self.base + "certs/issued", 1)])
+        client.subscribe([(self.base + "commands/#", 1), (answer_topic(self.device_id), 1)])
         self._sent_upto = 0
         self._inflight.clear()
         log.info("%s: connected to %s:%d", self.device_id, self.host, self.port)
         self._emit("connected")
-        if self._attempt_candidate:
-            self._attempt_candidate = False
+        if self._renew.state is Renewal.TRYING:
             self._candidate_connected()
         else:
             self._check_renewal(fresh=True)
@@ -495,12 +535,12 @@ class Agent:
     ) -> None:
         if client is not self._client:
             return
-        was = self.state
+        was = self._conn.state
         self._teardown()
-        if was == "stopping" or not self._running:
+        if was is Conn.STOPPING or not self._running:
             self._finish_stop()
             return
-        if was == "connecting":
+        if was is Conn.CONNECTING:
             failure = classify_log_text(self._error_text or "")
             if failure is None:
                 self._closes_before_connack += 1
@@ -521,8 +561,8 @@ class Agent:
                 )
             self._failed(failure)
             return
-        if self._switching:
-            self._switching = False
+        if self._renew.state is Renewal.SWITCHING:
+            self._renew.fire(RenewalEvent.SWITCHED)
             self._emit("disconnected", "switching")
             self._timer("connect", 0, self._attempt)
             return
@@ -544,7 +584,7 @@ class Agent:
         if client is not self._client:
             return
         topic = msg.topic
-        if topic == self.base + "certs/issued":
+        if topic == answer_topic(self.device_id):
             self._renewal_answer(bytes(msg.payload))
             return
         prefix = self.base + "commands/"
@@ -591,7 +631,7 @@ class Agent:
 
     def _pump(self) -> None:
         client = self._client
-        if client is None or self.state != "connected":
+        if client is None or self._conn.state is not Conn.CONNECTED:
             return
         room = self.config.max_inflight - len(self._inflight)
         if room <= 0:
@@ -603,10 +643,10 @@ class Agent:
             self._inflight[info.mid] = item.seq
             self._sent_upto = item.seq
 
-    # -- renewal --------------------------------------------------------------------------------
+    # -- renewal (device_agent/states.py: RENEWAL) ------------------------------------------------
 
     def _check_renewal(self, *, force: bool = False, fresh: bool = False) -> None:
-        """Start, resend or finish a renewal as its phase requires (on the loop)."""
+        """Start, resend or finish a renewal as its state requires (on the loop)."""
         if not self._running:
             return
         due = self.credentials.renew_due(self.config.renew_at)
@@ -615,34 +655,33 @@ class Agent:
             wait = (due - now).total_seconds()
             self._timer("renewal", min(max(wait, 1.0), 3600.0), self._check_renewal)
         client = self._client
-        if client is None or self.state != "connected":
+        if client is None or self._conn.state is not Conn.CONNECTED:
             return
-        if self._renewal_starting:
-            return
+        if self._renew.state in (Renewal.MAKING_KEY, Renewal.SWITCHING):
+            return  # the key is on its way; or a reconnect that checks again is
         state = self.renewal.load()
         if state is None:
+            if self._renew.state is not Renewal.IDLE:
+                self._renew.fire(RenewalEvent.FORGOTTEN)  # damaged or removed on disk
             if not force and now < due:
                 return
             self._begin_renewal()
-        elif state.phase == "requested":
+        elif self._renew.state is Renewal.REQUESTED:
             waited = time.monotonic() - self._renewal_sent_at
             # On a fresh connection the last CSR may have been lost with the old one: resend.
             if waited < self.config.renewal_timeout and not (force or fresh):
                 return
-            csr = self.renewal.csr()
-            self._send_renewal({"type": "csr", "request_id": state.request_id, "csr": csr.decode()})
-        elif state.phase == "received":
+            self._send_renewal(CsrRequest(state.request_id, self.renewal.csr().decode()))
+        elif self._renew.state in (Renewal.RECEIVED, Renewal.CANDIDATE_NEXT):
             self._switch_to_candidate()
-        elif state.phase == "installed":
-            self._send_renewal(
-                {"type": "installed", "request_id": state.request_id, "serial": state.serial}
-            )
+        elif self._renew.state is Renewal.INSTALLED:
+            self._send_renewal(InstalledReport(state.request_id, state.serial or ""))
 
     def _begin_renewal(self) -> None:
         """Make the key and CSR on a worker thread: a device's key generation (a child process
         on a real agent, see device_agent.keygen) takes long enough that keep-alive, telemetry
         and commands must not wait for it. The result comes back on the loop."""
-        self._renewal_starting = True
+        self._renew.fire(RenewalEvent.BEGIN)
         creds = self.credentials
 
         def work() -> None:
@@ -659,62 +698,67 @@ class Agent:
     def _renewal_begun(
         self, made: tuple[RenewalState, bytes] | None, error: Exception | None
     ) -> None:
-        self._renewal_starting = False
         if made is None:
+            self._renew.fire(RenewalEvent.KEY_FAILED)
             # e.g. the key generator failed: say why once a minute, not once a second.
             log.error("%s: cannot start renewal: %s", self.device_id, error)
             if self._running:
                 self._timer("renewal", 60.0, self._check_renewal)
             return
+        self._renew.fire(RenewalEvent.KEY_MADE)
         state, csr = made
         log.info("%s: renewing the certificate (request %s)", self.device_id, state.request_id)
-        # Not connected any more: the CSR goes out on the next connection (phase "requested").
-        self._send_renewal({"type": "csr", "request_id": state.request_id, "csr": csr.decode()})
+        # Not connected any more: the CSR goes out on the next connection (state "requested").
+        self._send_renewal(CsrRequest(state.request_id, csr.decode()))
 
-    def _send_renewal(self, doc: dict[str, Any]) -> None:
+    def _send_renewal(self, message: CsrRequest | InstalledReport) -> None:
         if self._client is None:
             return
         self._renewal_sent_at = time.monotonic()
-        self._client.publish(self.base + "certs/csr", json.dumps(doc).encode(), qos=1)
+        self._client.publish(request_topic(self.device_id), encode(message), qos=1)
         self._timer("renewal-wait", self.config.renewal_timeout, self._check_renewal)
 
     def _renewal_answer(self, payload: bytes) -> None:
         try:
-            doc = json.loads(payload)
-            kind, request_id = doc["type"], doc["request_id"]
-        except (ValueError, KeyError, TypeError):
-            log.warning("%s: unreadable message on certs/issued", self.device_id)
-            return
+            answer = decode_answer(payload)
+        except MalformedMessageError as exc:
+            if exc.request_id is None:
+                log.warning("%s: unreadable message on certs/issued", self.device_id)
+            return  # else a type this agent does not know: not for it
         state = self.renewal.load()
-        if state is None or state.request_id != request_id:
+        if state is None or state.request_id != answer.request_id:
             return  # an answer to an older request
-        if kind == "certificate" and state.phase == "requested":
+        if isinstance(answer, CertificateAnswer) and self._renew.state is Renewal.REQUESTED:
             self._cancel("renewal-wait")
             try:
-                self.renewal.accept(str(doc.get("certificate", "")).encode(), self.credentials)
+                self.renewal.accept(answer.certificate.encode(), self.credentials)
             except (RenewalError, OSError) as exc:
                 log.error("%s: %s", self.device_id, exc)
                 self.stats.renewal_refusals["bad-answer"] += 1
                 self.renewal.clear()
+                self._renew.fire(RenewalEvent.BAD_ANSWER)
                 self._timer("renewal", self.config.renewal_retry, self._check_renewal)
                 return
+            self._renew.fire(RenewalEvent.CERTIFICATE)
             self._switch_to_candidate()
-        elif kind == "refused":
+        elif isinstance(answer, RefusedAnswer):
             self._cancel("renewal-wait")
-            reason = str(doc.get("reason", "refused"))
-            self.stats.renewal_refusals[reason] += 1
+            self.stats.renewal_refusals[answer.reason] += 1
             log.error(
                 "%s: the renewal service refused request %s: %s (%s)",
                 self.device_id,
-                request_id,
-                reason,
-                doc.get("detail", ""),
+                answer.request_id,
+                answer.reason,
+                answer.detail,
             )
             self.renewal.clear()
+            if self._renew.can(RenewalEvent.REFUSED):
+                self._renew.fire(RenewalEvent.REFUSED)
             self._timer("renewal", self.config.renewal_retry, self._check_renewal)
-        elif kind == "recorded" and state.phase == "installed":
+        elif isinstance(answer, RecordedAnswer) and self._renew.state is Renewal.INSTALLED:
             self._cancel("renewal-wait")
             self.renewal.clear()
+            self._renew.fire(RenewalEvent.RECORDED)
             self.stats.renewals += 1
             log.info("%s: renewal complete, serial %s", self.device_id, state.serial)
             self._emit("renewed", state.serial)
@@ -722,11 +766,10 @@ class Agent:
     def _switch_to_candidate(self) -> None:
         """Make before break: reconnect with the candidate; the old files stay until it works."""
         client = self._client
-        if client is None or self.state != "connected":
+        if client is None or self._conn.state is not Conn.CONNECTED:
             return
         log.info("%s: switching to the renewed certificate", self.device_id)
-        self._use_candidate = True
-        self._switching = True
+        self._renew.fire(RenewalEvent.SWITCH)
         client.disconnect()
 
     def _candidate_connected(self) -> None:
@@ -735,8 +778,9 @@ class Agent:
             self.credentials = load_credentials(self.config.store)
         except (RenewalError, AgentError) as exc:
             log.error("%s: %s", self.device_id, exc)
+            self._renew.fire(RenewalEvent.INSTALL_FAILED)
             return
-        self._use_candidate = False
+        self._renew.fire(RenewalEvent.CANDIDATE_CONNECTED)
         self._candidate_failures = 0
         log.info("%s: now using certificate %s", self.device_id, self.credentials.serial)
         self._check_renewal(fresh=True)

@@ -4,13 +4,9 @@ Theory of operation
 -------------------
 At ``renewal.at`` of the certificate's lifetime (2/3 by default) the agent makes a new P-256 key
 *on the device* and sends a CSR on ``devices/<id>/certs/csr``. The renewal service answers on
-``devices/<id>/certs/issued``. Messages are JSON with a ``type``::
-
-    device -> certs/csr      {"type": "csr", "request_id": R, "csr": PEM}
-                             {"type": "installed", "request_id": R, "serial": HEX}
-    service -> certs/issued  {"type": "certificate", "request_id": R, "certificate": PEM chain}
-                             {"type": "refused", "request_id": R, "reason": TOKEN, "detail": TEXT}
-                             {"type": "recorded", "request_id": R, "serial": HEX}
+``devices/<id>/certs/issued``. The messages (JSON with a ``type``: ``csr`` and ``installed`` from
+the device; ``certificate``, ``refused`` and ``recorded`` from the service) are defined, for both
+sides, in ``provisioning/renewal_protocol.py``.
 
 The candidate lives in ``<store>/.renewal/`` (0700: ``device.key`` 0600, ``device.crt``,
 ``state.json``) and goes through three phases, each written atomically before it counts:

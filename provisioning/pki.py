@@ -63,6 +63,7 @@ from provisioning.keyfiles import (
     private_key_pem,
 )
 from provisioning.ledger import Ledger, LedgerEntry, LedgerHead
+from provisioning.offers import OFFERS_FILE, Offer, OfferBook, OfferEvent, OfferState, next_state
 
 if TYPE_CHECKING:
     from provisioning.keyfiles import PrivateKey
@@ -216,6 +217,7 @@ class PKI:
         self.registry = Registry(path / "registry.sqlite3")
         self.ledger = Ledger(path / "ledger.jsonl")
         self._issuing_key: PrivateKey | None = None
+        self._offers: OfferBook | None = None
 
     # -- construction --------------------------------------------------------------------------
 
@@ -301,6 +303,8 @@ class PKI:
 
     def close(self) -> None:
         self.registry.close()
+        if self._offers is not None:
+            self._offers.close()
 
     def __enter__(self) -> PKI:
         return self
@@ -461,19 +465,30 @@ class PKI:
     ) -> CertRecord:
         """Record a prepared certificate that may exist on a device as revoked; re-sign the CRL."""
         when = _now(now)
+        with self._change(when) as change:
+            return self._void_in(change, prepared, reason=reason, details=details, now=when)
+
+    def _void_in(
+        self,
+        change: _Change,
+        prepared: Prepared,
+        *,
+        reason: str,
+        details: dict[str, Any] | None,
+        now: dt.datetime,
+    ) -> CertRecord:
         record = dataclasses.replace(
-            self._record_for(prepared, when),
+            self._record_for(prepared, now),
             status="revoked",
-            revoked_at=when,
+            revoked_at=now,
             revocation_reason=reason,
         )
-        with self._change(when) as change:
-            self.registry.insert(record)
-            event = _issue_event(record)
-            event.update(details or {})
-            change.events.append(("issue", event))
-            change.events.append(("revoke", _revoke_event(record, reason, record.issued_by)))
-            change.crl_dirty = True
+        self.registry.insert(record)
+        event = _issue_event(record)
+        event.update(details or {})
+        change.events.append(("issue", event))
+        change.events.append(("revoke", _revoke_event(record, reason, record.issued_by)))
+        change.crl_dirty = True
         return record
 
     def _prepare_batch(
@@ -610,26 +625,39 @@ class PKI:
         now: dt.datetime,
         details: dict[str, Any] | None = None,
     ) -> list[Issued]:
-        records = [self._record_for(p.prepared, now) for p in pending]
         with self._change(now) as change:
-            for item, record in zip(pending, records, strict=True):
-                existing = self.registry.active(item.identity.name)
-                if existing is not None:
-                    # Another process may have issued between our check and this lock.
-                    self._check_name_free(item.identity, rotate=rotate)
-                    for old in self.registry.mark_revoked(
-                        item.identity.name, reason="superseded", when=now
-                    ):
-                        change.events.append(
-                            ("revoke", _revoke_event(old, "superseded", record.issued_by))
-                        )
-                    change.crl_dirty = True
-                self.registry.insert(record)
-                event = _issue_event(record)
-                event.update(details or {})
-                change.events.append(("issue", event))
-            change.on_commit = [p.staged.commit for p in pending if p.staged is not None]
+            records = self._issue_in(change, pending, rotate=rotate, now=now, details=details)
         return [self._issued(p, r) for p, r in zip(pending, records, strict=True)]
+
+    def _issue_in(
+        self,
+        change: _Change,
+        pending: list[_Pending],
+        *,
+        rotate: bool,
+        now: dt.datetime,
+        details: dict[str, Any] | None = None,
+    ) -> list[CertRecord]:
+        """Record ``pending`` as issued within ``change`` (the caller holds the lock)."""
+        records = [self._record_for(p.prepared, now) for p in pending]
+        for item, record in zip(pending, records, strict=True):
+            existing = self.registry.active(item.identity.name)
+            if existing is not None:
+                # Another process may have issued between our check and this lock.
+                self._check_name_free(item.identity, rotate=rotate)
+                for old in self.registry.mark_revoked(
+                    item.identity.name, reason="superseded", when=now
+                ):
+                    change.events.append(
+                        ("revoke", _revoke_event(old, "superseded", record.issued_by))
+                    )
+                change.crl_dirty = True
+            self.registry.insert(record)
+            event = _issue_event(record)
+            event.update(details or {})
+            change.events.append(("issue", event))
+        change.on_commit.extend(p.staged.commit for p in pending if p.staged is not None)
+        return records
 
     # -- revocation and CRL --------------------------------------------------------------------
 
@@ -641,7 +669,10 @@ class PKI:
         kind: IdentityKind | None = None,
         now: dt.datetime | None = None,
     ) -> list[CertRecord]:
-        """Revoke every active certificate of ``name`` and publish a new CRL."""
+        """Revoke every active certificate of ``name`` and publish a new CRL.
+
+        A device's renewed certificate on offer (provisioning/offers.py) is voided in the same
+        change and returned with the others: it exists, so it goes on the CRL now."""
         if reason not in REVOCATION_REASONS:
             msg = (
                 f"unknown revocation reason {reason!r}; use one of {', '.join(REVOCATION_REASONS)}"
@@ -656,7 +687,144 @@ class PKI:
             )
             change.events.extend(("revoke", _revoke_event(r, reason, by)) for r in rows)
             change.crl_dirty = True
+            # A renewed certificate on offer is this device's too: it goes on the same CRL now,
+            # not when the renewal service next looks (see provisioning/offers.py).
+            if kind in (None, IdentityKind.DEVICE):
+                for offer in self._open_offers_of(name):
+                    self._void_offer_in(
+                        change, offer, reason=reason, answer="the device was revoked", now=when
+                    )
+                    voided = self.registry.by_serial(offer.new_serial)
+                    if voided is not None:
+                        rows.append(voided)
         return rows
+
+    # -- renewal offers (provisioning/offers.py) ------------------------------------------------
+
+    @property
+    def offers(self) -> OfferBook:
+        """``renewals.sqlite3``, opened (and created) on first use."""
+        if self._offers is None:
+            self._offers = OfferBook(self.path / OFFERS_FILE)
+        return self._offers
+
+    def _open_offers_of(self, name: str) -> list[Offer]:
+        # No book yet means no renewal service ever ran here: do not create one for a read.
+        if self._offers is None and not (self.path / OFFERS_FILE).exists():
+            return []
+        return self.offers.open_offers(name)
+
+    def offer(
+        self, prepared: Prepared, *, request_id: str, replaces: str, now: dt.datetime | None = None
+    ) -> Offer:
+        """Keep a signed renewal certificate as an open offer, with a ``renewal-offer`` ledger line.
+
+        Checked under the lock: the certificate it replaces is still active and the device has no
+        other open offer (PKIError otherwise: the caller voids ``prepared``)."""
+        when = _now(now)
+        cert = prepared.certificate
+        name = prepared.identity.name
+        offer = Offer(
+            request_id,
+            name,
+            replaces,
+            format(cert.serial_number, "x"),
+            _pem(cert),
+            when.timestamp(),
+            OfferState.OFFERED,
+        )
+        with self._change(when) as change:
+            active = self.registry.active(name)
+            if active is None or active.serial != replaces:
+                msg = f"{name}'s certificate {replaces} is no longer active"
+                raise PKIError(msg)
+            if self.offers.open_offers(name):
+                msg = f"{name} already has a renewed certificate on offer"
+                raise PKIError(msg)
+            change.events.append(
+                (
+                    "renewal-offer",
+                    {
+                        "name": name,
+                        "request_id": request_id,
+                        "serial": offer.new_serial,
+                        "fingerprint": fingerprint(cert),
+                        "replaces": replaces,
+                        "not_after": cert.not_valid_after_utc.isoformat(),
+                    },
+                )
+            )
+            change.on_commit.append(lambda: self.offers.insert(offer))
+        return offer
+
+    def record_offer(
+        self, offer: Offer, *, via: str, now: dt.datetime | None = None
+    ) -> tuple[Offer, CertRecord | None]:
+        """The device uses the offered certificate: register it, revoke the one it replaces.
+
+        Returns the offer as it is now and the new registry row. An offer that is no longer open
+        is returned unchanged with None; one whose device changed meanwhile (the replaced
+        certificate is not active any more: revoked, or rotated) is voided instead."""
+        when = _now(now)
+        with self._change(when) as change:
+            current = self.offers.get(offer.request_id)
+            if current is None or current.state is not OfferState.OFFERED:
+                return current or offer, None
+            active = self.registry.active(current.device_id)
+            if active is None or active.serial != current.old_serial:
+                voided = self._void_offer_in(
+                    change,
+                    current,
+                    reason="superseded",
+                    answer="the device changed meanwhile",
+                    now=when,
+                )
+                return voided, None
+            prepared = self._offer_prepared(current, active.hardware_serial)
+            details = {"renewal": current.request_id, "replaces": current.old_serial, "via": via}
+            [record] = self._issue_in(
+                change, [_Pending(prepared, None)], rotate=True, now=when, details=details
+            )
+            change.on_commit.append(lambda: self.offers.move(current, OfferEvent.CONFIRM))
+        return dataclasses.replace(current, state=OfferState.RECORDED), record
+
+    def void_offer(self, offer: Offer, *, answer: str, now: dt.datetime | None = None) -> Offer:
+        """Record an offered certificate as issued and revoked (superseded); re-sign the CRL."""
+        when = _now(now)
+        with self._change(when) as change:
+            current = self.offers.get(offer.request_id)
+            if current is None or current.state is not OfferState.OFFERED:
+                return current or offer
+            return self._void_offer_in(
+                change, current, reason="superseded", answer=answer, now=when
+            )
+
+    def _void_offer_in(
+        self, change: _Change, offer: Offer, *, reason: str, answer: str, now: dt.datetime
+    ) -> Offer:
+        event = OfferEvent.VOID
+        known = self.registry.by_serial(offer.new_serial)
+        if known is None:
+            active = self.registry.active(offer.device_id)
+            prepared = self._offer_prepared(offer, active.hardware_serial if active else None)
+            details = {"renewal": offer.request_id, "voided": answer}
+            self._void_in(change, prepared, reason=reason, details=details, now=now)
+        elif known.status == "active":
+            # Recorded by a change that could not update the book: the book follows the registry.
+            event = OfferEvent.CONFIRM
+        change.on_commit.append(lambda: self.offers.move(offer, event))
+        return dataclasses.replace(offer, state=next_state(offer.state, event))
+
+    def _offer_prepared(self, offer: Offer, hardware_serial: str | None) -> Prepared:
+        return Prepared(
+            identity=Identity.device(offer.device_id, self.trust_domain),
+            certificate=x509.load_pem_x509_certificate(offer.cert_pem),
+            issuing=self.issuing,
+            key_pem=None,
+            key_origin="csr",
+            hardware_serial=hardware_serial,
+            rotate=True,
+        )
 
     def refresh_crl(self, *, now: dt.datetime | None = None) -> CRLInfo:
         """Re-sign the CRL with a new number and nextUpdate (run before it goes stale)."""

@@ -42,8 +42,9 @@ def test_dependency_rule(package: str) -> None:
 
 
 # What device_agent may use of provisioning: the identity, and the one module that builds every
-# SSLContext (tls) and the one that writes key files (keyfiles). All stdlib-only at import time.
-AGENT_PROVISIONING = ("__init__", "errors", "identity", "tls", "keyfiles")
+# SSLContext (tls), the one that writes key files (keyfiles) and the renewal protocol's messages
+# (renewal_protocol, shared with the broker's renewal service). All stdlib-only at import time.
+AGENT_PROVISIONING = ("__init__", "errors", "identity", "tls", "keyfiles", "renewal_protocol")
 
 
 def test_device_agent_uses_only_identity_from_provisioning() -> None:

@@ -18,6 +18,33 @@ from paho.mqtt.enums import CallbackAPIVersion
 from provisioning.tls import client_context_for_credentials
 
 
+class RenewalPeer:
+    """A raw device client speaking the renewal protocol by hand (JSON on certs/csr)."""
+
+    def __init__(self, store: Path, port: int, *, inflight: int = 20) -> None:
+        ident = json.loads((store / "identity.json").read_text())
+        self.device = ident["device_id"]
+        self.answers: list[dict[str, Any]] = []
+        ready = threading.Event()
+        self.client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=self.device)
+        self.client.max_inflight_messages_set(inflight)
+        self.client.tls_set_context(client_context_for_credentials(store))
+        self.client.on_connect = lambda c, *_: c.subscribe(f"devices/{self.device}/certs/issued", 1)
+        self.client.on_subscribe = lambda *_: ready.set()
+        self.client.on_message = lambda _c, _u, m: self.answers.append(json.loads(m.payload))
+        self.client.connect("127.0.0.1", port)
+        self.client.loop_start()
+        assert ready.wait(10)
+
+    def send(self, doc: dict[str, Any] | bytes) -> mqtt.MQTTMessageInfo:
+        payload = doc if isinstance(doc, bytes) else json.dumps(doc).encode()
+        return self.client.publish(f"devices/{self.device}/certs/csr", payload, qos=1)
+
+    def close(self) -> None:
+        self.client.disconnect()
+        self.client.loop_stop()
+
+
 def wait_until(predicate: Callable[[], object], timeout: float = 10.0) -> bool:
     end = time.monotonic() + timeout
     while time.monotonic() < end:

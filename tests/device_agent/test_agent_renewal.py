@@ -13,13 +13,11 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import paho.mqtt.client as mqtt
 import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
-from paho.mqtt.enums import CallbackAPIVersion
 
 from broker.renewal import RenewalService, RenewalSettings
 from broker.server import BrokerThread
@@ -29,8 +27,7 @@ from device_agent.renewal import RenewalStore
 from provisioning.certificates import build_leaf
 from provisioning.identity import parse_spiffe_id
 from provisioning.pki import PKI
-from provisioning.tls import client_context_for_credentials
-from tests.device_agent.agent_helpers import wait_until
+from tests.device_agent.agent_helpers import RenewalPeer, wait_until
 from tests.device_agent.conftest import Creds, connected
 
 
@@ -191,7 +188,7 @@ def test_unconfirmed_offer_is_voided_and_the_device_keeps_working(
     store = creds("dev-1")
     old = load_credentials(store)
     # A client that asks for a certificate and never switches to it.
-    peer = _Peer(store, broker.port)
+    peer = RenewalPeer(store, broker.port)
     key = ec.generate_private_key(ec.SECP256R1())
     csr = make_csr(key, device_id="dev-1", spiffe_id=old.identity.spiffe_id)
     peer.send({"type": "csr", "request_id": "abc", "csr": csr.decode()})
@@ -207,33 +204,7 @@ def test_unconfirmed_offer_is_voided_and_the_device_keeps_working(
     assert connected(agent)
 
 
-class _Peer:
-    """A raw device client speaking the renewal protocol by hand."""
-
-    def __init__(self, store: Path, port: int) -> None:
-        ident = json.loads((store / "identity.json").read_text())
-        self.device = ident["device_id"]
-        self.answers: list[dict[str, Any]] = []
-        ready = threading.Event()
-        self.client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=self.device)
-        self.client.tls_set_context(client_context_for_credentials(store))
-        self.client.on_connect = lambda c, *_: c.subscribe(f"devices/{self.device}/certs/issued", 1)
-        self.client.on_subscribe = lambda *_: ready.set()
-        self.client.on_message = lambda _c, _u, m: self.answers.append(json.loads(m.payload))
-        self.client.connect("127.0.0.1", port)
-        self.client.loop_start()
-        assert ready.wait(10)
-
-    def send(self, doc: dict[str, Any] | bytes) -> None:
-        payload = doc if isinstance(doc, bytes) else json.dumps(doc).encode()
-        self.client.publish(f"devices/{self.device}/certs/csr", payload, qos=1)
-
-    def close(self) -> None:
-        self.client.disconnect()
-        self.client.loop_stop()
-
-
-def _refusal(peer: _Peer, request_id: str) -> dict[str, Any]:
+def _refusal(peer: RenewalPeer, request_id: str) -> dict[str, Any]:
     assert wait_until(lambda: any(m.get("request_id") == request_id for m in peer.answers))
     answer = next(m for m in peer.answers if m.get("request_id") == request_id)
     assert answer["type"] == "refused", answer
@@ -245,7 +216,7 @@ def test_forged_and_foreign_csrs_are_refused(broker: BrokerThread, pki: PKI, cre
     store = creds("dev-1")
     creds("dev-2")
     before = pki.registry.count()
-    peer = _Peer(store, broker.port)
+    peer = RenewalPeer(store, broker.port)
     spiffe = "spiffe://fleet.example/device/dev-1"
     key = ec.generate_private_key(ec.SECP256R1())
     good = x509.load_pem_x509_csr(make_csr(key, device_id="dev-1", spiffe_id=spiffe))
@@ -288,7 +259,7 @@ def test_a_device_cannot_publish_another_devices_csr(
     broker: BrokerThread, pki: PKI, creds: Creds
 ) -> None:
     """dev-1 writing to devices/dev-2/certs/csr is denied by the broker's ACL."""
-    peer = _Peer(creds("dev-1"), broker.port)
+    peer = RenewalPeer(creds("dev-1"), broker.port)
     creds("dev-2")
     key = ec.generate_private_key(ec.SECP256R1())
     csr = make_csr(key, device_id="dev-2", spiffe_id="spiffe://fleet.example/device/dev-2")
