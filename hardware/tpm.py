@@ -75,17 +75,18 @@ _TSS_LOG_ENV = "TSS2_LOG"
 _P = ctypes.c_void_p
 _S = ctypes.c_char_p
 _INT = ctypes.c_int
-_SIGN_CB = ctypes.CFUNCTYPE(
-    _INT, _INT, _P, _INT, _P, ctypes.POINTER(ctypes.c_uint), _P, _P, _P
-)
+_SIGN_CB = ctypes.CFUNCTYPE(_INT, _INT, _P, _INT, _P, ctypes.POINTER(ctypes.c_uint), _P, _P, _P)
 _BIO_CTRL_INFO = 3  # BIO_get_mem_data is BIO_ctrl(bio, BIO_CTRL_INFO, 0, &ptr)
 _MBSTRING_ASC = 0x1001
 _NID_SUBJECT_ALT_NAME = 85
 _DIGESTS = {20: b"SHA1", 32: b"SHA256", 48: b"SHA384", 64: b"SHA512"}
 
 
-class TpmError(HardwareError):
-    """The TPM is absent, busy or unusable, or a key does not belong to it (one line)."""
+class TpmError(HardwareError, OSError):
+    """The TPM is absent, busy or unusable, or a key does not belong to it (one line).
+
+    Also an ``OSError``: to the responder and the agent the TPM is device storage that failed.
+    """
 
     def __init__(self, tcti: str, reason: str, *, key: str | None = None) -> None:
         self.tcti = tcti
@@ -528,13 +529,13 @@ _FOREIGN: dict[int, _ForeignKey] = {}
 _method: int | None = None
 
 
-@_SIGN_CB  # type: ignore[misc]
+@_SIGN_CB  # type: ignore[untyped-decorator]
 def _sign_callback(
     _type: int,
     dgst: int,
     dlen: int,
     sig: int,
-    siglen: Any,
+    siglen: ctypes._Pointer[ctypes.c_uint],
     _kinv: int,
     _r: int,
     eckey: int,
