@@ -143,8 +143,9 @@ def make_key_and_csr(
         str(csr_file),
         device_id,
         spiffe_id,
-        f"--keystore={store}",
     ]
+    if store != "file":
+        argv.append(f"--keystore={store}")
     if tcti is not None:
         argv.append(f"--tpm={tcti}")
     try:
