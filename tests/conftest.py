@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 
+from iotauth.testing import SoftTpm
 from provisioning.pki import PKI
 
 CLI = [sys.executable, "-m", "iotauth"]
@@ -188,106 +189,33 @@ TPM2_PROVIDER = _tpm2_provider()
 needs_swtpm = needs(SWTPM, TPM2_GETCAP, TPM2_PROVIDER, what="swtpm, tpm2-tools and tpm2-openssl")
 
 
-def _free_port_pair() -> int:
-    """A port P with P+1 free too (swtpm's server and control ports)."""
-    import socket
-
-    for _ in range(50):
-        with socket.socket() as a:
-            a.bind(("127.0.0.1", 0))
-            port = a.getsockname()[1]
-            if port >= 65535:
-                continue
-            with socket.socket() as b:
-                try:
-                    b.bind(("127.0.0.1", port + 1))
-                except OSError:
-                    continue
-        return int(port)
-    pytest.fail("no two adjacent free ports on 127.0.0.1")
+def _soft_tpm(state_dir: Path) -> SoftTpm:
+    if SWTPM is None:
+        pytest.fail("swtpm is not installed; .ci/run installs swtpm and swtpm-tools")
+    try:
+        return SoftTpm(state_dir, swtpm=SWTPM).start()
+    except RuntimeError as exc:
+        pytest.fail(str(exc))
 
 
-class SoftTpm:
-    """One ``swtpm`` process (TPM 2.0, no resource manager) in its own state directory."""
-
-    def __init__(self, state_dir: Path) -> None:
-        self.state_dir = state_dir
-        self.proc: subprocess.Popen[bytes] | None = None
-        self.port = 0
-
-    @property
-    def tcti(self) -> str:
-        return f"swtpm:host=127.0.0.1,port={self.port}"
-
-    def start(self) -> SoftTpm:
-        import socket
-        import time
-
-        if SWTPM is None:
-            pytest.fail("swtpm is not installed; .ci/run installs swtpm and swtpm-tools")
-        self.state_dir.mkdir(parents=True, exist_ok=True)
-        for _attempt in range(5):
-            self.port = _free_port_pair()
-            log = (self.state_dir / "swtpm.log").open("ab")
-            self.proc = subprocess.Popen(
-                [
-                    SWTPM,
-                    "socket",
-                    "--tpm2",
-                    "--server",
-                    f"type=tcp,port={self.port},bindaddr=127.0.0.1",
-                    "--ctrl",
-                    f"type=tcp,port={self.port + 1},bindaddr=127.0.0.1",
-                    "--tpmstate",
-                    f"dir={self.state_dir}",
-                    "--flags",
-                    "not-need-init,startup-clear",
-                ],
-                stdout=subprocess.DEVNULL,
-                stderr=log,
-            )
-            log.close()  # the child has its own copy
-            deadline = time.monotonic() + 10
-            while time.monotonic() < deadline and self.proc.poll() is None:
-                try:
-                    # The control port, not the server port: swtpm serves one client at a time.
-                    socket.create_connection(("127.0.0.1", self.port + 1), timeout=1).close()
-                except OSError:
-                    time.sleep(0.05)
-                    continue
-                return self
-            self.stop()  # lost a race for the ports, or did not come up: try other ports
-        pytest.fail(f"swtpm did not start in {self.state_dir}")
-
-    def transient_handles(self) -> list[str]:
-        """The TPM's loaded transient objects (each leaked one takes one of its three slots)."""
-        if TPM2_GETCAP is None:
-            pytest.fail("tpm2_getcap is not installed; .ci/run installs tpm2-tools")
-        env = {**os.environ, "TPM2TOOLS_TCTI": self.tcti}
-        out = subprocess.run(
-            [TPM2_GETCAP, "handles-transient"],
-            capture_output=True,
-            text=True,
-            env=env,
-            check=True,
-            timeout=30,
-        ).stdout
-        return [line.strip("- ").strip() for line in out.splitlines() if line.strip()]
-
-    def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.terminate()  # by PID: only the process this object started
-            try:
-                self.proc.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        self.proc = None
+def transient_handles(tpm: SoftTpm) -> list[str]:
+    """The TPM's loaded transient objects (each leaked one takes one of its three slots)."""
+    if TPM2_GETCAP is None:
+        pytest.fail("tpm2_getcap is not installed; .ci/run installs tpm2-tools")
+    out = subprocess.run(
+        [TPM2_GETCAP, "handles-transient"],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "TPM2TOOLS_TCTI": tpm.tcti},
+        check=True,
+        timeout=30,
+    ).stdout
+    return [line.strip("- ").strip() for line in out.splitlines() if line.strip()]
 
 
 @pytest.fixture(scope="session")
 def swtpm_session(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SoftTpm]:
-    tpm = SoftTpm(tmp_path_factory.mktemp("swtpm")).start()
+    tpm = _soft_tpm(tmp_path_factory.mktemp("swtpm"))
     yield tpm
     tpm.stop()
 
@@ -295,9 +223,9 @@ def swtpm_session(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SoftTpm]
 @pytest.fixture
 def swtpm(swtpm_session: SoftTpm) -> Iterator[SoftTpm]:
     """The session's swtpm; the test fails if it leaves an object loaded in the TPM."""
-    assert swtpm_session.transient_handles() == [], "an earlier test leaked TPM objects"
+    assert transient_handles(swtpm_session) == [], "an earlier test leaked TPM objects"
     yield swtpm_session
-    assert swtpm_session.transient_handles() == [], "this test left objects loaded in the TPM"
+    assert transient_handles(swtpm_session) == [], "this test left objects loaded in the TPM"
 
 
 @pytest.fixture
@@ -306,7 +234,7 @@ def make_swtpm(tmp_path: Path) -> Iterator[Callable[[], SoftTpm]]:
     made: list[SoftTpm] = []
 
     def make() -> SoftTpm:
-        tpm = SoftTpm(tmp_path / f"swtpm-{len(made)}").start()
+        tpm = _soft_tpm(tmp_path / f"swtpm-{len(made)}")
         made.append(tpm)
         return tpm
 
