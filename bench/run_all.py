@@ -51,6 +51,11 @@ BENCHES: list[tuple[str, str, list[str]]] = [
     ),
     ("agent_footprint", "Device agent footprint", [PY, "bench/agent_footprint.py"]),
     (
+        "tpm_handshake",
+        "Device agent: TLS handshake with a file key and with a TPM key",
+        [PY, "bench/tpm_handshake.py"],
+    ),
+    (
         "fleet",
         "Fleet simulation",
         [PY, "bench/fleet.py", "--devices", "1000", "2000", "--duration", "40"],
