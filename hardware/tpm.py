@@ -61,6 +61,7 @@ __all__ = [
     "TSS2_PEM_HEADER",
     "Tpm",
     "TpmError",
+    "certificate_public_key",
     "is_tpm_blob",
     "resolve_tcti",
 ]
