@@ -18,10 +18,22 @@ from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
+from hardware.codec import Command, ObjectKind, Status
 from hardware.keygen import TpmBackend, backend_for
+from hardware.messages import pack_put_begin_request, unpack_hello_response
+from hardware.responder import Responder
+from hardware.store import CredentialStore
 from hardware.tpm import Tpm, TpmError, is_tpm_blob, resolve_tcti
-from tests.conftest import OPENSSL, SoftTpm, needs_swtpm
-from tests.hardware.hw_helpers import MiniCA, make_key
+from tests.conftest import (
+    CLI,
+    OPENSSL,
+    Result,
+    SoftTpm,
+    assert_one_line_error,
+    needs_swtpm,
+)
+from tests.hardware.hw_helpers import MiniCA, Station, make_key
+from tests.hardware.test_hw_responder import genkey, put
 
 pytestmark = needs_swtpm
 
@@ -226,3 +238,94 @@ def test_backend_for_names_the_key_stores() -> None:
     assert backend_for("tpm", "swtpm:port=1").keystore == "tpm"
     with pytest.raises(ValueError, match="unknown key store 'hsm'"):
         backend_for("hsm")
+
+
+# -- the responder with a TPM key store ------------------------------------------------------------
+
+
+def _tpm_station(tmp_path: Path, tcti: str) -> Station:
+    store = CredentialStore(tmp_path / "dev")
+    return Station(Responder(store, hardware_serial="HW-TPM", backend=TpmBackend(tcti)))
+
+
+def test_a_tpm_device_says_so_and_refuses_an_injected_key(tmp_path: Path) -> None:
+    """HELLO carries the TPM flag; PUT of a KEY is FORBIDDEN (no TPM needed for either)."""
+    station = _tpm_station(tmp_path, "swtpm:host=127.0.0.1,port=1")
+    hello = unpack_hello_response(station.ask(Command.HELLO, b"\x01").payload)
+    assert hello.keys_in_tpm
+    assert hello.can_genkey
+    key_pem, _ = make_key()
+    begin = station.ask(
+        Command.PUT_BEGIN, pack_put_begin_request(ObjectKind.KEY, len(key_pem), b"\0" * 32)
+    )
+    assert begin.status == Status.FORBIDDEN
+    # The negative twin: a file-key device has no such flag and takes the key.
+    plain = Station(
+        Responder(CredentialStore(tmp_path / "plain"), hardware_serial="HW-1", backend=None)
+    )
+    assert not unpack_hello_response(plain.ask(Command.HELLO, b"\x01").payload).keys_in_tpm
+
+
+def test_commit_checks_the_certificate_against_the_tpm_key(
+    swtpm: SoftTpm, mini_ca: MiniCA, tmp_path: Path
+) -> None:
+    station = _tpm_station(tmp_path, swtpm.tcti)
+    csr_der = genkey(station, "dev-tpm")
+    csr = x509.load_der_x509_csr(csr_der)
+    assert csr.is_signature_valid
+    staged = station.responder.store.staged_bytes(ObjectKind.KEY)
+    assert is_tpm_blob(staged)
+    # A certificate for another key is refused at COMMIT...
+    _, other_public = make_key()
+    put(station, ObjectKind.CERT, mini_ca.issue(other_public, "dev-tpm"))
+    put(station, ObjectKind.CHAIN, mini_ca.chain_pem)
+    assert station.ask(Command.COMMIT).status == Status.KEY_MISMATCH
+    # ... the one for the TPM's key is stored with it, and the key file is the blob.
+    public = csr.public_key()
+    assert isinstance(public, ec.EllipticCurvePublicKey)
+    put(station, ObjectKind.CERT, mini_ca.issue(public, "dev-tpm"))
+    assert station.ask(Command.COMMIT).status == Status.OK
+    assert is_tpm_blob((tmp_path / "dev" / "device.key").read_bytes())
+
+
+# -- the command line ------------------------------------------------------------------------------
+
+
+def _emulate(store: Path, *extra: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [*CLI, "hw", "emulate", "--store", str(store), "--link", "socket://127.0.0.1:0", *extra],
+        capture_output=True,
+        text=True,
+        check=False,
+        timeout=60,
+    )
+
+
+@pytest.mark.parametrize(
+    ("extra", "fragment"),
+    [
+        (["--keystore", "hsm"], "--keystore must be one of file, tpm"),
+        (["--tpm", "swtpm:port=1"], "--tpm needs --keystore tpm"),
+        (["--keystore", "tpm", "--no-keygen"], "--no-keygen contradicts --keystore tpm"),
+        (
+            ["--keystore", "tpm", "--tpm", "device:/nonexistent/tpmrm0"],
+            "TPM at device:/nonexistent/tpmrm0: /nonexistent/tpmrm0 does not exist",
+        ),
+    ],
+)
+def test_hw_emulate_keystore_errors_are_one_line(
+    tmp_path: Path, extra: list[str], fragment: str
+) -> None:
+    result = _emulate(tmp_path / "dev", *extra)
+    assert_one_line_error(Result(result.returncode, result.stdout, result.stderr), fragment)
+
+
+def test_hw_serve_names_an_absent_tpm(tmp_path: Path) -> None:
+    result = subprocess.run(
+        [*CLI, "hw", "serve", "--port", "/dev/null", "--store", str(tmp_path / "s"),
+         "--keystore", "tpm", "--tpm", "device:/nonexistent/tpmrm0"],
+        capture_output=True, text=True, check=False, timeout=60,
+    )  # fmt: skip
+    assert_one_line_error(
+        Result(result.returncode, result.stdout, result.stderr), "/nonexistent/tpmrm0"
+    )
