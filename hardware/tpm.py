@@ -45,6 +45,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import logging
 import os
 import ssl
 import threading
@@ -70,6 +71,7 @@ DEFAULT_TCTI = "device:/dev/tpmrm0"
 TCTI_ENV = "IOTAUTH_TPM_TCTI"
 TSS2_PEM_HEADER = b"-----BEGIN TSS2 PRIVATE KEY-----"
 _PROVIDER_TCTI_ENV = "TPM2OPENSSL_TCTI"
+_log = logging.getLogger(__name__)
 # The TSS libraries log to stderr by default; a failure reaches the user as one TpmError line.
 _TSS_LOG_ENV = "TSS2_LOG"
 
@@ -307,17 +309,17 @@ class Tpm:
         return f"Tpm({self.tcti!r})"
 
     @contextlib.contextmanager
-    def _session(self) -> Iterator[_Session]:
+    def _session(self, key: str | None = None) -> Iterator[_Session]:
         try:
             lib = _bound()
         except (OSError, AttributeError) as exc:
-            raise TpmError(self.tcti, f"no usable OpenSSL binding: {exc}") from None
+            raise TpmError(self.tcti, f"no usable OpenSSL binding: {exc}", key=key) from None
         with _session_lock:
             f = lib.f
             f["ERR_clear_error"]()
             libctx = f["OSSL_LIB_CTX_new"]()
             if not libctx:
-                raise TpmError(self.tcti, "out of memory")
+                raise TpmError(self.tcti, "out of memory", key=key)
             provider = None
             try:
                 os.environ.setdefault(_TSS_LOG_ENV, "all+NONE")
@@ -332,7 +334,7 @@ class Tpm:
                     else:
                         os.environ[_PROVIDER_TCTI_ENV] = previous
                 if not provider or not base:
-                    raise TpmError(self.tcti, _open_failure(self.tcti, lib.errors()))
+                    raise TpmError(self.tcti, _open_failure(self.tcti, lib.errors()), key=key)
                 yield _Session(lib, self.tcti, libctx)
             finally:
                 # Unloading the provider closes its TCTI connection; the libctx goes last.
@@ -377,7 +379,7 @@ class Tpm:
 
     def public_key(self, blob: bytes, *, name: str = "device.key") -> bytes:
         """The blob's SubjectPublicKeyInfo (DER), read by loading it into this TPM."""
-        with self._session() as s:
+        with self._session(name) as s:
             pkey = s.load(blob, name)
             try:
                 spki = _der(s.lib, "i2d_PUBKEY", pkey)
@@ -389,7 +391,7 @@ class Tpm:
 
     def sign_digest(self, blob: bytes, digest: bytes, *, name: str = "device.key") -> bytes:
         """An ECDSA signature (DER) of ``digest`` by the blob's key, made inside the TPM."""
-        with self._session() as s:
+        with self._session(name) as s:
             pkey = s.load(blob, name)
             try:
                 return s.sign(pkey, digest, name)
@@ -547,8 +549,10 @@ def _sign_callback(
     try:
         der = key.tpm.sign_digest(key.blob, ctypes.string_at(dgst, dlen), name=key.name)
     except TpmError as exc:
-        # OpenSSL only learns "failed"; the reason waits here for whoever reports it.
+        # OpenSSL only learns "failed" (the handshake fails with a generic error): the reason is
+        # logged in one line and kept for whoever reports it.
         key.failure = str(exc)
+        _log.warning("%s", exc)
         return 0
     ctypes.memmove(sig, der, len(der))
     siglen[0] = len(der)

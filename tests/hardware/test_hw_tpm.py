@@ -11,6 +11,7 @@ import os
 import socket
 import ssl
 import subprocess
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -211,6 +212,26 @@ def test_another_tpm_cannot_use_the_key(
     # The backend that the responder uses says "not ours" the same way (an OSError to it).
     with pytest.raises(OSError, match=r"device\.key"):
         TpmBackend(other.tcti).key_matches_cert(key_file.read_bytes(), cert_file.read_bytes())
+
+
+def test_a_tpm_gone_after_start_fails_the_handshake_with_its_reason_logged(
+    make_swtpm: Callable[[], SoftTpm],
+    mini_ca: MiniCA,
+    tmp_path: Path,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    soft = make_swtpm()
+    tpm = Tpm(soft.tcti)
+    key_file, cert_file = _issue(tmp_path, mini_ca, tpm)
+    client = _client(ssl.TLSVersion.TLSv1_3)
+    tpm.load_cert_chain(client, cert_file, key_file)
+    server = _server(tmp_path, mini_ca)
+    _handshake(client, server)  # works while the TPM is there
+    soft.stop()
+    with pytest.raises(ssl.SSLError), caplog.at_level("WARNING", logger="hardware.tpm"):
+        _handshake(client, server)
+    [record] = [r for r in caplog.records if r.name == "hardware.tpm"]
+    assert record.getMessage().startswith(f"TPM at {soft.tcti}, key {key_file.name}: ")
 
 
 def test_an_absent_tpm_is_one_line_naming_the_tcti(tmp_path: Path) -> None:
