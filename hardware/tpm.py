@@ -402,9 +402,10 @@ class Tpm:
         self, blob: bytes, common_name: str, *, uri: str | None = None, name: str = "device.key"
     ) -> bytes:
         """A CSR (DER, SHA-256) for the blob's key with subject CN and an optional SAN URI."""
+        public = self.public_key(blob, name=name)  # first: a TpmError names TPM and key
         lib = _bound()
         f = lib.f
-        foreign = _ForeignKey(self, blob, name, self.public_key(blob, name=name))
+        foreign = _ForeignKey(self, blob, name, public)
         req = f["X509_REQ_new"]()
         try:
             subject = f["X509_REQ_get_subject_name"](req)

@@ -141,7 +141,9 @@ def server_context_for_pki(
 def keystore_for_credentials(cred_dir: Path, tcti: str | None = None) -> KeyBackend:
     """The key store ``identity.json`` records for ``cred_dir`` (``file`` when it names none).
 
-    ``tcti`` (for a TPM) defaults to ``$IOTAUTH_TPM_TCTI``, else ``device:/dev/tpmrm0``.
+    A directory without ``identity.json`` (a certificate and key put together by hand) is a file
+    key store too. ``tcti`` (for a TPM) defaults to ``$IOTAUTH_TPM_TCTI``, else
+    ``device:/dev/tpmrm0``.
     """
     from hardware.keygen import backend_for, keystore_of
 
@@ -153,8 +155,7 @@ def keystore_for_credentials(cred_dir: Path, tcti: str | None = None) -> KeyBack
             raise ValueError(msg)
         return backend_for(keystore_of(doc), tcti)
     except FileNotFoundError:
-        msg = f"{path} is missing"
-        raise PKIError(msg) from None
+        return backend_for("file")
     except (OSError, ValueError) as exc:
         msg = f"{path}: {exc}"
         raise PKIError(msg) from None
