@@ -549,7 +549,7 @@ def _sign_callback(
         return 0
     try:
         der = key.tpm.sign_digest(key.blob, ctypes.string_at(dgst, dlen), name=key.name)
-    except TpmError as exc:
+    except Exception as exc:  # noqa: BLE001 - an exception must not cross back into OpenSSL
         # OpenSSL only learns "failed" (the handshake fails with a generic error): the reason is
         # logged in one line and kept for whoever reports it.
         key.failure = str(exc)
