@@ -1,6 +1,7 @@
 """The agent's footprint: RSS and CPU of a real `agent run` process, idle, publishing 1/s, renewed.
 
     .venv/bin/python bench/agent_footprint.py [--seconds 30] [--entry iotauth-agent|iotauth]
+                                              [--keystore file|tpm]
 
 Starts our broker (with its renewal service) in-process on 127.0.0.1:0, issues one device, runs
 the agent as its own process and reads /proc/<pid>/{status,stat}. By default the agent is started
@@ -9,7 +10,9 @@ as the systemd unit starts it (packaging/iotauth-agent.service): the slim consol
 (the full command line) instead, for comparison. The last line is the RSS after one renewal over
 MQTT (the `renew` command): key and CSR made by a short-lived child process, the certificate
 checked and installed with the stdlib ssl module, so the agent never loads cryptography.
-Targets (issue 5): RSS <= 35 MB, idle CPU <= 0.5 %.
+Targets (issue 5): RSS <= 35 MB, idle CPU <= 0.5 %. `--keystore tpm` gives the device a key made
+in a software TPM (swtpm, started here) by provisioning it over a pty from a TPM-backed virtual
+device: the agent then signs its handshakes in the TPM and renews into a new TPM key.
 """
 
 from __future__ import annotations
@@ -28,8 +31,13 @@ from paho.mqtt.enums import CallbackAPIVersion
 from broker import BrokerSettings
 from broker.renewal import RenewalSettings
 from broker.server import BrokerThread
+from hardware.emulator import VirtualDevice
+from hardware.keygen import TpmBackend
+from hardware.tpm import TCTI_ENV
+from iotauth.testing import SoftTpm
 from provisioning.identity import IdentityKind
 from provisioning.pki import PKI
+from provisioning.station import provision
 from provisioning.tls import client_context_for_credentials
 
 # Console scripts next to the interpreter, as `pip install iotauth[agent]` puts them in a venv.
@@ -109,6 +117,7 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--seconds", type=float, default=30)
     parser.add_argument("--entry", choices=sorted(ENTRIES), default="iotauth-agent")
+    parser.add_argument("--keystore", choices=("file", "tpm"), default="file")
     args = parser.parse_args()
     entry = ENTRIES[args.entry]
     if not Path(entry[0]).exists():
@@ -118,7 +127,14 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
         pki = PKI.init(root / "pki", trust_domain="fleet.example")
-        pki.issue(DEVICE, out=root / "dev")
+        soft = None
+        if args.keystore == "tpm":
+            soft = SoftTpm(root / "swtpm").start()
+            os.environ[TCTI_ENV] = soft.tcti  # the agent process inherits it
+            with VirtualDevice(root / "dev", "pty", backend=TpmBackend(soft.tcti)) as device:
+                assert provision(pki, device.address, device_id=DEVICE).ok
+        else:
+            pki.issue(DEVICE, out=root / "dev")
         pki.issue("bench", kind=IdentityKind.SERVICE, out=root / "bench")
         settings = BrokerSettings(root / "pki", renewal=RenewalSettings())
         with BrokerThread(settings, audit_sink=lambda _: None) as broker:
@@ -129,8 +145,10 @@ def main() -> None:
             busy = measure(entry, root / "dev", broker.port, 1, args.seconds)
             renewed = measure_renewal(entry, root / "dev", root / "bench", broker.port)
         pki.close()
+        if soft is not None:
+            soft.stop()
     shown = " ".join([Path(entry[0]).name, *entry[1:]])
-    print(f"entry point: {shown} run")
+    print(f"entry point: {shown} run; device key: {args.keystore}")
     print(f"agent idle          RSS {idle['rss_mb']:.1f} MB, CPU {idle['cpu_percent']:.2f} %")
     print(f"agent 1 msg/s QoS1  RSS {busy['rss_mb']:.1f} MB, CPU {busy['cpu_percent']:.2f} %")
     print(f"after one renewal   RSS {renewed:.1f} MB")

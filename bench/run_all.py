@@ -51,6 +51,16 @@ BENCHES: list[tuple[str, str, list[str]]] = [
     ),
     ("agent_footprint", "Device agent footprint", [PY, "bench/agent_footprint.py"]),
     (
+        "agent_footprint_tpm",
+        "Device agent footprint with its key in a TPM",
+        [PY, "bench/agent_footprint.py", "--keystore", "tpm"],
+    ),
+    (
+        "tpm_handshake",
+        "Device agent: TLS handshake with a file key and with a TPM key",
+        [PY, "bench/tpm_handshake.py"],
+    ),
+    (
         "fleet",
         "Fleet simulation",
         [PY, "bench/fleet.py", "--devices", "1000", "2000", "--duration", "40"],

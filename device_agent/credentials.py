@@ -5,6 +5,12 @@ certificate must name the device of ``identity.json`` (CN and SPIFFE SAN URI), a
 through ``chain.crt`` to ``ca.crt``. These checks are local, so an expired or mismatched
 credential is reported as such instead of as an opaque TLS failure.
 
+Where the key lives is the directory's choice, recorded in ``identity.json`` (``keystore``: a
+PEM file, or a TPM whose TCTI comes from ``$IOTAUTH_TPM_TCTI``, default ``/dev/tpmrm0``); the
+agent carries it as ``Credentials.keystore`` and hands it to every place that makes or uses a
+key, so nothing else here depends on it. A TPM key that is absent, busy or another TPM's fails
+the start-up check with one line naming the TCTI and the key.
+
 They are made by the stdlib ``ssl`` module (``provisioning.tls.check_client_credentials``: OpenSSL
 judges the credential as the broker will), not by ``cryptography``: loading cryptography's own
 OpenSSL next to the system one behind ``ssl`` would cost a device about 8 MB of RSS just to start.
@@ -19,12 +25,16 @@ import json
 import ssl
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from device_agent.errors import CredentialError
+from hardware.keygen import backend_for, keystore_of
 from provisioning.errors import InvalidIdentityError, PKIError
 from provisioning.identity import Identity, IdentityKind, parse_spiffe_id
 from provisioning.tls import check_client_credentials, client_context
+
+if TYPE_CHECKING:
+    from hardware.keygen import KeyBackend
 
 __all__ = ["Credentials", "load_credentials"]
 
@@ -44,6 +54,7 @@ class Credentials:
     serial: str  # lower-case hex without leading zeros, as the broker's audit writes it
     not_before: dt.datetime
     not_after: dt.datetime
+    keystore: KeyBackend
 
     @property
     def device_id(self) -> str:
@@ -63,13 +74,22 @@ class Credentials:
                 cert_chain=self.cert_file,
                 key=self.key_file,
                 check_hostname=check_hostname,
+                keystore=self.keystore,
             )
         except PKIError as exc:
             raise CredentialError(str(self.path), str(exc)) from None
 
     def with_files(self, key_file: Path, cert_file: Path) -> Credentials:
         """The same device with another key and certificate (a renewal candidate), checked."""
-        return _load(self.path, self.identity, key_file, cert_file, self.ca_file, self.broker)
+        return _load(
+            self.path,
+            self.identity,
+            key_file,
+            cert_file,
+            self.ca_file,
+            self.broker,
+            self.keystore,
+        )
 
 
 def load_credentials(path: Path) -> Credentials:
@@ -90,6 +110,10 @@ def load_credentials(path: Path) -> Credentials:
     if identity.kind is not IdentityKind.DEVICE:
         raise CredentialError(where, f"{identity.spiffe_id} is a service, not a device")
     broker = doc.get("broker")
+    try:
+        keystore = backend_for(keystore_of(doc))
+    except ValueError as exc:
+        raise CredentialError(where, f"identity.json: {exc}") from None
     return _load(
         path,
         identity,
@@ -97,6 +121,7 @@ def load_credentials(path: Path) -> Credentials:
         path / "device.crt",
         path / "ca.crt",
         broker if isinstance(broker, str) else None,
+        keystore,
     )
 
 
@@ -119,6 +144,7 @@ def _load(
     cert_file: Path,
     ca_file: Path,
     broker: str | None,
+    keystore: KeyBackend,
 ) -> Credentials:
     where = str(path)
     # Presence and shape first, so the reason names the file (OpenSSL's own errors do not).
@@ -132,7 +158,9 @@ def _load(
     if certs < 2:
         raise CredentialError(where, f"{cert_file.name} must hold the leaf and the issuing CA")
     try:
-        peer = check_client_credentials(cert_chain=cert_file, key=key_file, trust=ca_file)
+        peer = check_client_credentials(
+            cert_chain=cert_file, key=key_file, trust=ca_file, keystore=keystore
+        )
     except PKIError as exc:
         raise CredentialError(where, str(exc)) from None
     cns, uris = _names(peer)
@@ -149,5 +177,14 @@ def _load(
     except (KeyError, ValueError) as exc:
         raise CredentialError(where, f"{cert_file.name}: unreadable field {exc}") from None
     return Credentials(
-        path, identity, key_file, cert_file, ca_file, broker, serial, not_before, not_after
+        path,
+        identity,
+        key_file,
+        cert_file,
+        ca_file,
+        broker,
+        serial,
+        not_before,
+        not_after,
+        keystore,
     )

@@ -14,11 +14,17 @@ would be slow, so :func:`generate` runs in-process. Both ways run the same funct
 
 Both files are written with ``provisioning.keyfiles.atomic_write``, the project's one writer of key
 files (0600 from the first byte, fsync, rename, directory fsync).
+
+With a TPM key store (``keystore="tpm"``) the new key is made inside the TPM and the key file gets
+only its TPM-wrapped blob; the CSR is signed by the TPM. That runs in the child too: it needs no
+``cryptography`` at all, but it keeps the agent's one TPM binding and its ctypes out of the
+agent's memory, and a TPM that serves one connection at a time is busy only while the child runs.
 """
 
 from __future__ import annotations
 
 import argparse
+import base64
 import subprocess
 import sys
 from collections.abc import Sequence
@@ -30,6 +36,8 @@ from provisioning.keyfiles import KEY_MODE, atomic_write
 
 if TYPE_CHECKING:
     from cryptography.hazmat.primitives.asymmetric import ec
+
+    from hardware.keygen import KeyBackend
 
 __all__ = ["KEYGEN_TIMEOUT", "generate", "main", "make_csr", "make_key_and_csr"]
 
@@ -59,8 +67,29 @@ def make_csr(key: ec.EllipticCurvePrivateKey, *, device_id: str, spiffe_id: str)
     return csr.public_bytes(serialization.Encoding.PEM)
 
 
-def generate(key_file: Path, csr_file: Path, *, device_id: str, spiffe_id: str) -> None:
-    """A new P-256 key (PKCS#8 PEM, 0600) and its CSR (PEM), each written atomically."""
+def generate(
+    key_file: Path,
+    csr_file: Path,
+    *,
+    device_id: str,
+    spiffe_id: str,
+    keystore: str = "file",
+    tcti: str | None = None,
+) -> None:
+    """A new P-256 key (0600) and its CSR (PEM), each written atomically.
+
+    ``keystore`` ``file``: the key is PKCS#8 PEM. ``tpm``: the key is made in the TPM at ``tcti``
+    and the file holds its TSS2 PEM blob.
+    """
+    if keystore != "file":
+        from hardware.keygen import backend_for
+
+        blob, csr_der = backend_for(keystore, tcti).generate(device_id, uri=spiffe_id)
+        body = base64.encodebytes(csr_der).decode("ascii")
+        csr_pem = f"-----BEGIN CERTIFICATE REQUEST-----\n{body}-----END CERTIFICATE REQUEST-----\n"
+        atomic_write(key_file, blob, mode=KEY_MODE)
+        atomic_write(csr_file, csr_pem.encode("ascii"), mode=0o644)
+        return
     from cryptography.hazmat.primitives import serialization
     from cryptography.hazmat.primitives.asymmetric import ec
 
@@ -82,15 +111,29 @@ def make_key_and_csr(
     device_id: str,
     spiffe_id: str,
     timeout: float = KEYGEN_TIMEOUT,
+    keystore: KeyBackend | None = None,
 ) -> None:
     """:func:`generate`, in a child process unless this one has loaded ``cryptography`` already.
+
+    ``keystore`` is the credential directory's (``None``: a PEM file).
 
     Raises RenewalError with the child's reason if it fails; OSError from writing in-process.
     """
     # An embedded interpreter may have no sys.executable to start: pay the memory rather than
     # never renew.
+    from hardware.keygen import TpmBackend
+
+    store = "file" if keystore is None else keystore.keystore
+    tcti = keystore.tcti if isinstance(keystore, TpmBackend) else None
     if "cryptography" in sys.modules or not sys.executable:
-        generate(key_file, csr_file, device_id=device_id, spiffe_id=spiffe_id)
+        generate(
+            key_file,
+            csr_file,
+            device_id=device_id,
+            spiffe_id=spiffe_id,
+            keystore=store,
+            tcti=tcti,
+        )
         return
     argv = [
         sys.executable,
@@ -101,6 +144,10 @@ def make_key_and_csr(
         device_id,
         spiffe_id,
     ]
+    if store != "file":
+        argv.append(f"--keystore={store}")
+    if tcti is not None:
+        argv.append(f"--tpm={tcti}")
     try:
         # stdin/stdout closed: the child has nothing to read, and nothing but files to produce.
         # stderr carries the reason on failure (the key is written to key_file, never printed).
@@ -128,15 +175,27 @@ def make_key_and_csr(
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """The child's command line: ``KEY CSR DEVICE_ID SPIFFE_ID``; 0, or 1 with one stderr line."""
+    """The child's command line: ``KEY CSR DEVICE_ID SPIFFE_ID [--keystore K] [--tpm TCTI]``.
+
+    Exit status 0, or 1 with one stderr line.
+    """
     parser = argparse.ArgumentParser(prog="device_agent.keygen")
     parser.add_argument("key", type=Path, help="where to write the private key (0600)")
     parser.add_argument("csr", type=Path, help="where to write the CSR")
     parser.add_argument("device_id")
     parser.add_argument("spiffe_id")
+    parser.add_argument("--keystore", choices=("file", "tpm"), default="file")
+    parser.add_argument("--tpm", dest="tcti", default=None, help="TSS2 TCTI of the TPM")
     args = parser.parse_args(argv)
     try:
-        generate(args.key, args.csr, device_id=args.device_id, spiffe_id=args.spiffe_id)
+        generate(
+            args.key,
+            args.csr,
+            device_id=args.device_id,
+            spiffe_id=args.spiffe_id,
+            keystore=args.keystore,
+            tcti=args.tcti,
+        )
     except Exception as exc:  # noqa: BLE001 - whatever failed, the parent reads one line
         reason = " ".join(str(exc).split()) or type(exc).__name__
         print(f"error: {reason}", file=sys.stderr)

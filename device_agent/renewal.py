@@ -121,6 +121,7 @@ class RenewalStore:
             self.csr_file,
             device_id=creds.device_id,
             spiffe_id=creds.identity.spiffe_id,
+            keystore=creds.keystore,
         )
         try:
             csr = self.csr_file.read_bytes()

@@ -1,7 +1,8 @@
 """The serial provisioning protocol: codec, device responder, credential store, station client.
 
 Device side (portable, no serial or socket imports): ``codec``, ``messages``, ``responder``,
-``store``, ``keygen``. Station side: ``client``. Test and bench plumbing: ``transport``,
+``store``, ``keygen``; ``tpm`` (CPython on Linux only, loaded only for a TPM key store) makes and
+uses keys inside a TPM 2.0. Station side: ``client``. Test and bench plumbing: ``transport``,
 ``emulator``. See docs/SERIAL_PROTOCOL.md.
 
 Under MicroPython (``hardware.mp_device``) only the device side is imported: the station side

@@ -14,10 +14,41 @@ import typer
 
 from hardware.emulator import FaultConfig, VirtualDevice, run_emulator
 from hardware.errors import HardwareError
+from hardware.keygen import KEYSTORES, KeyBackend, NoKeygenBackend, TpmBackend, backend_for
 
 __all__ = ["hw_app"]
 
 hw_app = typer.Typer(help="Serial hardware: virtual devices, factory reset.", no_args_is_help=True)
+
+_KEYSTORE_HELP = (
+    "Where the device makes and keeps its key: 'file' (device.key, PEM) or 'tpm' "
+    "(inside a TPM 2.0; device.key keeps only the TPM-wrapped blob)."
+)
+_TPM_HELP = "TSS2 TCTI of the TPM (default: $IOTAUTH_TPM_TCTI, else device:/dev/tpmrm0)."
+
+
+def _key_backend(keystore: str, tpm: str | None, *, no_keygen: bool) -> KeyBackend:
+    """The device's key store from the options; one ``error:`` line and exit 1 if unusable."""
+    problem = None
+    if keystore not in KEYSTORES:
+        problem = f"--keystore must be one of {', '.join(KEYSTORES)}, not {keystore!r}"
+    elif tpm is not None and keystore != "tpm":
+        problem = "--tpm needs --keystore tpm"
+    elif no_keygen and keystore == "tpm":
+        problem = "--no-keygen contradicts --keystore tpm (a TPM device makes its own key)"
+    if problem is not None:
+        print(f"error: {problem}", file=sys.stderr)
+        raise typer.Exit(1)
+    if no_keygen:
+        return NoKeygenBackend()
+    backend = backend_for(keystore, tpm)
+    if isinstance(backend, TpmBackend):
+        try:
+            backend.tpm.check()  # fail now, not on the station's first GENKEY
+        except OSError as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            raise typer.Exit(1) from None
+    return backend
 
 
 @hw_app.command("emulate")
@@ -52,6 +83,8 @@ def emulate(
     baud: Annotated[
         int | None, typer.Option("--baud", min=300, help="Pace bytes like a UART at this rate.")
     ] = None,
+    keystore: Annotated[str, typer.Option("--keystore", help=_KEYSTORE_HELP)] = "file",
+    tpm: Annotated[str | None, typer.Option("--tpm", help=_TPM_HELP)] = None,
 ) -> None:
     """Run a virtual device until Ctrl-C; prints the serial path or URL a station should open."""
     if link != "pty" and not link.startswith("socket://"):
@@ -65,9 +98,12 @@ def emulate(
     faults = FaultConfig(
         seed=seed, flip_rate=third, drop_rate=third, garbage_rate=third, boot_log=boot_log
     )
+    backend = _key_backend(keystore, tpm, no_keygen=no_keygen)
 
     def ready(device: VirtualDevice) -> None:
         mode = "key injection only" if no_keygen else "on-device key generation"
+        if isinstance(backend, TpmBackend):
+            mode = f"keys made in the TPM at {backend.tcti}"
         print(f"virtual device {device.hardware_serial} ({mode}), store {store}", flush=True)
         print(f"station port: {device.address}", flush=True)
         print(f"  iotauth provision --pki ./pki --port {device.address}", flush=True)
@@ -79,6 +115,7 @@ def emulate(
             link,
             hardware_serial=serial,
             can_genkey=not no_keygen,
+            backend=backend,
             faults=faults,
             baudrate=baud,
             on_ready=ready,
@@ -118,12 +155,16 @@ def serve(
     no_keygen: Annotated[
         bool, typer.Option("--no-keygen", help="Refuse GENKEY; the station injects the key.")
     ] = False,
+    keystore: Annotated[str, typer.Option("--keystore", help=_KEYSTORE_HELP)] = "file",
+    tpm: Annotated[str | None, typer.Option("--tpm", help=_TPM_HELP)] = None,
 ) -> None:
     """Run the device-side responder on a real serial port until Ctrl-C (on the device)."""
+    backend = _key_backend(keystore, tpm, no_keygen=no_keygen)
+    where = f", key in the TPM at {backend.tcti}" if isinstance(backend, TpmBackend) else ""
 
     def ready(device: VirtualDevice) -> None:
         print(
-            f"device {device.hardware_serial} answering on {device.address}, store {store}",
+            f"device {device.hardware_serial} answering on {device.address}, store {store}{where}",
             flush=True,
         )
 
@@ -134,6 +175,7 @@ def serve(
             port,
             hardware_serial=serial or machine_serial(),
             can_genkey=not no_keygen,
+            backend=backend,
             baudrate=baud,
             on_ready=ready,
         )

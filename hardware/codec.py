@@ -122,6 +122,9 @@ class DeviceFlag(IntEnum):
     HAS_KEY = 0x02
     HAS_CERT = 0x04
     STAGED = 0x08
+    TPM_KEYS = 0x10
+    """Generated keys are made and kept in a TPM: the key object is a TPM-wrapped blob, and the
+    device takes no injected key."""
 
 
 def command_name(code: int) -> str:

@@ -223,20 +223,23 @@ def run_emulator(
     faults: FaultConfig | None = None,
     max_payload: int = MAX_PAYLOAD,
     baudrate: int | None = None,
+    backend: KeyBackend | None = None,
     on_ready: Callable[[VirtualDevice], None] | None = None,
     stop: threading.Event | None = None,
 ) -> None:
     """Serve a virtual device in the foreground until ``stop`` is set or Ctrl-C.
 
     ``link`` is ``"pty"`` (the slave path is announced) or ``"socket://HOST:PORT"`` (port 0
-    picks a free port; the real one is announced). ``on_ready`` receives the running device;
-    by default one line naming its serial and address is printed to stdout.
+    picks a free port; the real one is announced). ``backend`` is the key store (default: keys
+    made with ``cryptography``, or none if not ``can_genkey``). ``on_ready`` receives the running
+    device; by default one line naming its serial and address is printed to stdout.
     """
     device = VirtualDevice(
         store_dir,
         link,
         hardware_serial=hardware_serial,
         can_genkey=can_genkey,
+        backend=backend,
         faults=faults,
         max_payload=max_payload,
         baudrate=baudrate,

@@ -138,6 +138,10 @@ class HelloInfo:
         return bool(self.flags & DeviceFlag.HAS_CERT)
 
     @property
+    def keys_in_tpm(self) -> bool:
+        return bool(self.flags & DeviceFlag.TPM_KEYS)
+
+    @property
     def has_staged(self) -> bool:
         return bool(self.flags & DeviceFlag.STAGED)
 

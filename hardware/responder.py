@@ -279,6 +279,8 @@ class Responder:
         flags = 0
         if self.backend.can_generate:
             flags |= DeviceFlag.CAN_GENKEY
+        if self.backend.keystore == "tpm":
+            flags |= DeviceFlag.TPM_KEYS
         if store.has(ObjectKind.KEY):
             flags |= DeviceFlag.HAS_KEY
         if store.has(ObjectKind.CERT):
@@ -328,6 +330,9 @@ class Responder:
         if total > MAX_OBJECT_SIZE:
             raise _Refusal(Status.TOO_LARGE)
         if kind == ObjectKind.KEY:
+            if self.backend.keystore == "tpm":
+                # A key that crossed the cable was on disk somewhere: a TPM device refuses it.
+                raise _Refusal(Status.FORBIDDEN)
             # An injected key replaces a generated one, whose CSR would then certify nothing.
             self.store.discard(ObjectKind.CSR)
         return pack_watermark(self.store.begin(kind, total, digest))

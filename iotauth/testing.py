@@ -6,6 +6,9 @@ Everything listens on 127.0.0.1 with ephemeral ports and real certificates; noth
 from __future__ import annotations
 
 import contextlib
+import shutil
+import socket
+import subprocess
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -27,6 +30,7 @@ __all__ = [
     "Fleet",
     "Message",
     "ServiceClient",
+    "SoftTpm",
     "issue_service",
     "running_broker",
     "start_fleet",
@@ -242,3 +246,99 @@ def start_fleet(
             time.sleep(0.05)
         for reactor in reactors:
             reactor.stop()
+
+
+def _free_port_pair() -> int:
+    """A port P on 127.0.0.1 with P+1 free too (swtpm's server and control ports)."""
+    for _ in range(50):
+        with socket.socket() as a:
+            a.bind(("127.0.0.1", 0))
+            port = int(a.getsockname()[1])
+            if port >= 65535:
+                continue
+            with socket.socket() as b:
+                try:
+                    b.bind(("127.0.0.1", port + 1))
+                except OSError:
+                    continue
+        return port
+    msg = "no two adjacent free ports on 127.0.0.1"
+    raise RuntimeError(msg)
+
+
+class SoftTpm:
+    """A software TPM 2.0 (``swtpm``) on free 127.0.0.1 ports, its state in ``state_dir``.
+
+    Like a TPM without a resource manager: three transient object slots, one client at a time.
+    ``tcti`` is what ``--tpm`` and ``IOTAUTH_TPM_TCTI`` take. ``stop`` ends the process it
+    started, by PID.
+    """
+
+    def __init__(self, state_dir: Path, *, swtpm: str | None = None) -> None:
+        self.state_dir = state_dir
+        self.swtpm = swtpm or shutil.which("swtpm")
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.port = 0
+
+    @property
+    def tcti(self) -> str:
+        return f"swtpm:host=127.0.0.1,port={self.port}"
+
+    def start(self) -> Self:
+        if self.swtpm is None:
+            msg = "swtpm is not installed (Debian: apt-get install swtpm swtpm-tools)"
+            raise RuntimeError(msg)
+        self.state_dir.mkdir(parents=True, exist_ok=True)
+        for _attempt in range(5):
+            self.port = _free_port_pair()
+            with (self.state_dir / "swtpm.log").open("ab") as log:
+                self.proc = subprocess.Popen(
+                    [
+                        self.swtpm,
+                        "socket",
+                        "--tpm2",
+                        "--server",
+                        f"type=tcp,port={self.port},bindaddr=127.0.0.1",
+                        "--ctrl",
+                        f"type=tcp,port={self.port + 1},bindaddr=127.0.0.1",
+                        "--tpmstate",
+                        f"dir={self.state_dir}",
+                        "--flags",
+                        "not-need-init,startup-clear",
+                    ],
+                    stdout=subprocess.DEVNULL,
+                    stderr=log,
+                )
+            deadline = time.monotonic() + 10
+            while time.monotonic() < deadline and self.proc.poll() is None:
+                try:
+                    # The control port, not the server port: swtpm serves one client at a time.
+                    socket.create_connection(("127.0.0.1", self.port + 1), timeout=1).close()
+                except OSError:
+                    time.sleep(0.05)
+                    continue
+                return self
+            self.stop()  # lost a race for the ports, or did not come up: try other ports
+        msg = f"swtpm did not start in {self.state_dir} (see swtpm.log there)"
+        raise RuntimeError(msg)
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self.proc = None
+
+    def __enter__(self) -> Self:
+        return self.start()
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.stop()

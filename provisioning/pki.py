@@ -139,8 +139,14 @@ class Issued:
         return identity_json(self.identity, broker)
 
 
-def identity_json(identity: Identity, broker: str | None = None) -> bytes:
-    """``identity.json`` of a credential directory: who this is and, optionally, the broker."""
+def identity_json(
+    identity: Identity, broker: str | None = None, *, keystore: str = "file"
+) -> bytes:
+    """``identity.json`` of a credential directory: who this is and, optionally, the broker.
+
+    ``keystore`` other than ``file`` (``tpm``: ``device.key`` is a TPM-wrapped blob) is recorded
+    so that whoever uses the key knows where it lives (``hardware.keygen.keystore_of``).
+    """
     doc: dict[str, Any] = {
         "kind": identity.kind.value,
         "trust_domain": identity.trust_domain,
@@ -149,6 +155,8 @@ def identity_json(identity: Identity, broker: str | None = None) -> bytes:
     doc["device_id" if identity.is_device else "service_name"] = identity.name
     if broker:
         doc["broker"] = broker
+    if keystore != "file":
+        doc["keystore"] = keystore
     return (json.dumps(doc, indent=2) + "\n").encode()
 
 

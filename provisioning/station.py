@@ -341,6 +341,12 @@ class _Run:
         )
 
     def _key_mode(self, keygen: KeyMode, info: HelloInfo) -> str:
+        if keygen == "station" and info.keys_in_tpm:
+            msg = (
+                f"device {info.hardware_serial} keeps its key in a TPM and takes no injected key; "
+                "use --keygen device"
+            )
+            raise StationError(self.port, msg)
         if keygen == "station":
             return "station"
         if info.can_genkey:
@@ -349,6 +355,12 @@ class _Run:
             msg = f"device {info.hardware_serial} cannot generate keys; use --keygen station"
             raise StationError(self.port, msg)
         return "station"
+
+    @property
+    def _keystore(self) -> str:
+        """Where the device's key lives, as its HELLO says (a claim: no TPM attestation here)."""
+        info = self.session.info
+        return "tpm" if info is not None and info.keys_in_tpm else "file"
 
     def _objects(self, prepared: Prepared, broker: str | None) -> list[tuple[ObjectKind, bytes]]:
         from cryptography.hazmat.primitives.serialization import Encoding
@@ -360,7 +372,10 @@ class _Run:
             (ObjectKind.CERT, prepared.certificate.public_bytes(Encoding.PEM)),
             (ObjectKind.CHAIN, prepared.issuing.public_bytes(Encoding.PEM)),
             (ObjectKind.CA, self.pki.root.public_bytes(Encoding.PEM)),
-            (ObjectKind.IDENTITY, identity_json(prepared.identity, broker)),
+            (
+                ObjectKind.IDENTITY,
+                identity_json(prepared.identity, broker, keystore=self._keystore),
+            ),
         ]
         return objects
 
@@ -405,6 +420,7 @@ class _Run:
         details: dict[str, Any] = {
             "provisioned_over": self.port,
             "device_key_mode": mode,
+            "device_keystore": self._keystore,
             "object_sha256": dict(s.hashes),
             "timings": dict(s.timings),
             "resumed": s.resumed,

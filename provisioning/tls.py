@@ -5,26 +5,59 @@ and refuse TLS below 1.2. Session tickets are off, so a resumed session can neve
 revocation check that a full handshake would make. Clients verify the server against the
 provisioned trust anchor and its host name. :func:`check_client_credentials` lets OpenSSL judge a
 client credential locally, as such a server would, without a network and without ``cryptography``.
+
+A client key may live in a TPM (``keystore``, a ``hardware.keygen.TpmBackend``): the context then
+gets the certificate and a key whose signatures the TPM makes (``hardware.tpm``), and is otherwise
+the same ``ssl.SSLContext``. Which key store a credential directory uses is in its
+``identity.json`` (:func:`keystore_for_credentials`).
 """
 
 from __future__ import annotations
 
+import json
 import ssl
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from provisioning.errors import PKIError
+
+if TYPE_CHECKING:
+    from hardware.keygen import KeyBackend
 
 __all__ = [
     "check_client_credentials",
     "client_context",
     "client_context_for_credentials",
+    "keystore_for_credentials",
     "server_context",
     "server_context_for_pki",
 ]
 
 
-def _load_chain(ctx: ssl.SSLContext, cert: Path, key: Path, password: bytes | None) -> None:
+def _load_hardware_key(
+    ctx: ssl.SSLContext, cert: Path, key: Path, keystore: KeyBackend | None
+) -> bool:
+    """Load a key that lives in a TPM (True), or leave a file key to the caller (False)."""
+    from hardware.keygen import TpmBackend
+
+    if not isinstance(keystore, TpmBackend):
+        return False
+    try:
+        keystore.tpm.load_cert_chain(ctx, cert, key)
+    except (OSError, ValueError) as exc:  # TpmError is an OSError; a mismatch a ValueError
+        raise PKIError(str(exc)) from None
+    return True
+
+
+def _load_chain(
+    ctx: ssl.SSLContext,
+    cert: Path,
+    key: Path,
+    password: bytes | None,
+    keystore: KeyBackend | None = None,
+) -> None:
+    if _load_hardware_key(ctx, cert, key, keystore):
+        return
     try:
         ctx.load_cert_chain(cert, key, password=password)
     except FileNotFoundError as exc:
@@ -76,15 +109,19 @@ def client_context(
     key: Path | None = None,
     password: bytes | None = None,
     check_hostname: bool = True,
+    keystore: KeyBackend | None = None,
 ) -> ssl.SSLContext:
-    """A client that verifies the server against ``trust`` and presents its own certificate."""
+    """A client that verifies the server against ``trust`` and presents its own certificate.
+
+    ``keystore`` says where ``key`` lives; ``None`` or a file store: ``key`` is a PEM file.
+    """
     ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
     ctx.minimum_version = ssl.TLSVersion.TLSv1_2
     ctx.verify_flags |= ssl.VERIFY_X509_STRICT
     ctx.check_hostname = check_hostname
     _load_trust(ctx, trust)
     if cert_chain is not None:
-        _load_chain(ctx, cert_chain, key or cert_chain, password)
+        _load_chain(ctx, cert_chain, key or cert_chain, password, keystore)
     return ctx
 
 
@@ -101,15 +138,39 @@ def server_context_for_pki(
     )
 
 
+def keystore_for_credentials(cred_dir: Path, tcti: str | None = None) -> KeyBackend:
+    """The key store ``identity.json`` records for ``cred_dir`` (``file`` when it names none).
+
+    A directory without ``identity.json`` (a certificate and key put together by hand) is a file
+    key store too. ``tcti`` (for a TPM) defaults to ``$IOTAUTH_TPM_TCTI``, else
+    ``device:/dev/tpmrm0``.
+    """
+    from hardware.keygen import backend_for, keystore_of
+
+    path = cred_dir / "identity.json"
+    try:
+        doc = json.loads(path.read_text(encoding="utf-8"))
+        if not isinstance(doc, dict):
+            msg = "not a JSON object"
+            raise ValueError(msg)
+        return backend_for(keystore_of(doc), tcti)
+    except FileNotFoundError:
+        return backend_for("file")
+    except (OSError, ValueError) as exc:
+        msg = f"{path}: {exc}"
+        raise PKIError(msg) from None
+
+
 def client_context_for_credentials(
     cred_dir: Path, *, check_hostname: bool = True
 ) -> ssl.SSLContext:
-    """A device's or service's context from its credential directory."""
+    """A device's or service's context from its credential directory (key in a file or TPM)."""
     return client_context(
         trust=cred_dir / "ca.crt",
         cert_chain=cred_dir / "device.crt",
         key=cred_dir / "device.key",
         check_hostname=check_hostname,
+        keystore=keystore_for_credentials(cred_dir),
     )
 
 
@@ -121,7 +182,12 @@ _NO_CHECK_TIME = 0x200000
 _MAX_ROUNDS = 16
 
 
-def _load_checked_chain(ctx: ssl.SSLContext, cert_chain: Path, key: Path) -> None:
+def _load_checked_chain(
+    ctx: ssl.SSLContext, cert_chain: Path, key: Path, keystore: KeyBackend | None
+) -> None:
+    if _load_hardware_key(ctx, cert_chain, key, keystore):
+        return
+
     def password() -> bytes:
         # Without a callback OpenSSL would prompt on the terminal for an encrypted key.
         msg = f"{key.name} is encrypted; an unencrypted PEM key is needed"
@@ -140,7 +206,9 @@ def _load_checked_chain(ctx: ssl.SSLContext, cert_chain: Path, key: Path) -> Non
         raise PKIError(msg) from None
 
 
-def check_client_credentials(*, cert_chain: Path, key: Path, trust: Path) -> dict[str, Any]:
+def check_client_credentials(
+    *, cert_chain: Path, key: Path, trust: Path, keystore: KeyBackend | None = None
+) -> dict[str, Any]:
     """Check a client credential as a fleet server would; return the leaf as ``getpeercert()``.
 
     A TLS handshake between two in-memory ends: the client presents ``cert_chain`` + ``key``; the
@@ -151,7 +219,8 @@ def check_client_credentials(*, cert_chain: Path, key: Path, trust: Path) -> dic
     come back decoded, with no X.509 parser of ours and without importing ``cryptography`` (whose
     own OpenSSL copy costs a device about 8 MB of RSS). Validity dates are not checked: a device
     whose clock is not set yet at boot must still read its credentials, and the caller reports an
-    expired certificate with its date. Raises PKIError with the reason, naming the file.
+    expired certificate with its date. Raises PKIError with the reason, naming the file. With a
+    TPM ``keystore`` both ends sign in the TPM, so a key of another TPM (or none) fails here.
     """
     server = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     server.verify_mode = ssl.CERT_REQUIRED
@@ -159,8 +228,8 @@ def check_client_credentials(*, cert_chain: Path, key: Path, trust: Path) -> dic
     client = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
     client.check_hostname = False
     client.verify_mode = ssl.CERT_NONE  # the server's side of this check is not the question
-    _load_checked_chain(client, cert_chain, key)
-    _load_checked_chain(server, cert_chain, key)
+    _load_checked_chain(client, cert_chain, key, keystore)
+    _load_checked_chain(server, cert_chain, key, keystore)
     _load_trust(server, trust)
     c_in, c_out, s_in, s_out = (ssl.MemoryBIO() for _ in range(4))
     ends = [

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 
+from iotauth.testing import SoftTpm
 from provisioning.pki import PKI
 
 CLI = [sys.executable, "-m", "iotauth"]
@@ -164,3 +165,79 @@ def needs(*tools: str | None, what: str) -> pytest.MarkDecorator:
 
 needs_mosquitto = needs(MOSQUITTO, what="mosquitto")
 needs_mosquitto_clients = needs(MOSQUITTO_PUB, MOSQUITTO_SUB, what="mosquitto-clients")
+
+
+# -- a software TPM (swtpm) per test session -------------------------------------------------------
+
+SWTPM = _tool("swtpm", "/usr/bin/swtpm")
+TPM2_GETCAP = _tool("tpm2_getcap")
+
+
+def _tpm2_provider() -> str | None:
+    """The tpm2-openssl provider module, where the system OpenSSL looks for providers."""
+    if OPENSSL is None:
+        return None
+    out = subprocess.run(
+        [OPENSSL, "version", "-m"], capture_output=True, text=True, check=False
+    ).stdout
+    modules = out.partition('"')[2].rpartition('"')[0]
+    path = Path(modules) / "tpm2.so"
+    return str(path) if modules and path.exists() else None
+
+
+TPM2_PROVIDER = _tpm2_provider()
+needs_swtpm = needs(SWTPM, TPM2_GETCAP, TPM2_PROVIDER, what="swtpm, tpm2-tools and tpm2-openssl")
+
+
+def _soft_tpm(state_dir: Path) -> SoftTpm:
+    if SWTPM is None:
+        pytest.fail("swtpm is not installed; .ci/run installs swtpm and swtpm-tools")
+    try:
+        return SoftTpm(state_dir, swtpm=SWTPM).start()
+    except RuntimeError as exc:
+        pytest.fail(str(exc))
+
+
+def transient_handles(tpm: SoftTpm) -> list[str]:
+    """The TPM's loaded transient objects (each leaked one takes one of its three slots)."""
+    if TPM2_GETCAP is None:
+        pytest.fail("tpm2_getcap is not installed; .ci/run installs tpm2-tools")
+    out = subprocess.run(
+        [TPM2_GETCAP, "handles-transient"],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "TPM2TOOLS_TCTI": tpm.tcti},
+        check=True,
+        timeout=30,
+    ).stdout
+    return [line.strip("- ").strip() for line in out.splitlines() if line.strip()]
+
+
+@pytest.fixture(scope="session")
+def swtpm_session(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SoftTpm]:
+    tpm = _soft_tpm(tmp_path_factory.mktemp("swtpm"))
+    yield tpm
+    tpm.stop()
+
+
+@pytest.fixture
+def swtpm(swtpm_session: SoftTpm) -> Iterator[SoftTpm]:
+    """The session's swtpm; the test fails if it leaves an object loaded in the TPM."""
+    assert transient_handles(swtpm_session) == [], "an earlier test leaked TPM objects"
+    yield swtpm_session
+    assert transient_handles(swtpm_session) == [], "this test left objects loaded in the TPM"
+
+
+@pytest.fixture
+def make_swtpm(tmp_path: Path) -> Iterator[Callable[[], SoftTpm]]:
+    """Extra swtpms (another device's TPM), each stopped at the end of the test."""
+    made: list[SoftTpm] = []
+
+    def make() -> SoftTpm:
+        tpm = _soft_tpm(tmp_path / f"swtpm-{len(made)}")
+        made.append(tpm)
+        return tpm
+
+    yield make
+    for tpm in made:
+        tpm.stop()

@@ -12,6 +12,7 @@ import pytest
 from cryptography.hazmat.primitives import serialization
 from cryptography.x509.oid import ExtendedKeyUsageOID
 
+from hardware.keygen import TpmBackend
 from provisioning.errors import PKIError
 from provisioning.identity import IdentityKind
 from provisioning.pki import PKI
@@ -19,6 +20,7 @@ from provisioning.tls import (
     check_client_credentials,
     client_context,
     client_context_for_credentials,
+    keystore_for_credentials,
     server_context_for_pki,
 )
 
@@ -291,3 +293,17 @@ def test_local_check_never_prompts_for_a_passphrase(pki: PKI, tmp_path: Path) ->
     )
     with pytest.raises(PKIError, match=r"device\.key is encrypted"):
         _check(tmp_path / "dev-1")
+
+
+def test_the_key_store_of_a_credential_directory(tmp_path: Path) -> None:
+    """identity.json names the key store; none (or no identity.json) is a file key."""
+    assert keystore_for_credentials(tmp_path).keystore == "file"
+    (tmp_path / "identity.json").write_text('{"device_id": "dev-1"}')
+    assert keystore_for_credentials(tmp_path).keystore == "file"
+    (tmp_path / "identity.json").write_text('{"device_id": "dev-1", "keystore": "tpm"}')
+    tpm = keystore_for_credentials(tmp_path, "swtpm:port=1")
+    assert isinstance(tpm, TpmBackend)
+    assert tpm.tcti == "swtpm:port=1"
+    (tmp_path / "identity.json").write_text('{"keystore": "smartcard"}')
+    with pytest.raises(PKIError, match="unknown key store 'smartcard'"):
+        keystore_for_credentials(tmp_path)
