@@ -8,8 +8,9 @@ from __future__ import annotations
 
 import os
 import sys
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 
@@ -19,6 +20,9 @@ from hardware.cli import hw_app
 from iotauth import __version__
 from provisioning.cli import ca_app, device_app, ledger_app, service_app
 from provisioning.station_cli import hw_reset_command, provision_command
+
+if TYPE_CHECKING:
+    from device_agent.fleet import FleetBackend
 
 __all__ = ["app", "main"]
 
@@ -42,11 +46,19 @@ app.add_typer(agent_app, name="agent")
 app.add_typer(fleet_app, name="fleet")
 
 
-def _fleet_backend(pki: Path, broker: str | None, workdir: Path) -> object:
+def _fleet_backend(
+    pki: Path | None,
+    broker: str | None,
+    workdir: Path,
+    *,
+    into_pki: bool,
+    names: Sequence[str],
+    warn: Callable[[str], None],
+) -> FleetBackend:
     # device_agent may not import the PKI or the broker; the composition root hands them over.
-    from iotauth.fleet_backend import LocalFleetBackend
+    from iotauth.fleet_backend import simulation_backend
 
-    return LocalFleetBackend(pki, broker=broker, workdir=workdir)
+    return simulation_backend(pki, broker, workdir, into_pki=into_pki, names=names, warn=warn)
 
 
 set_fleet_backend(_fleet_backend)
