@@ -6,8 +6,9 @@ memory and telemetry is synthetic. Agents share a few :class:`~device_agent.reac
 threads instead of one thread each.
 
 What it needs from outside (certificates, revocations, a broker it may restart) comes through a
-:class:`FleetBackend`, because ``device_agent`` may not import the PKI or the broker (DESIGN.md,
-the dependency rule). The composition root supplies one (``iotauth fleet simulate``).
+:class:`FleetBackend`, because ``device_agent`` may not import the PKI or the broker (the
+dependency rule, docs/ARCHITECTURE.md). The composition root supplies one (``iotauth fleet
+simulate``).
 
 Scenarios (combine freely):
 

@@ -1,4 +1,4 @@
-"""The ``iotauth`` command: mounts every package's sub-commands (DESIGN.md, "Minimal CLI surface").
+"""The ``iotauth`` command: mounts every package's sub-commands (docs/ARCHITECTURE.md, "CLI names").
 
 Packages own their commands; this module only composes them and is the last line of defence
 against a traceback reaching a user.

@@ -136,7 +136,7 @@ def _issue_monitor(pki: PKI, out_root: Path, *, supersede: bool = True) -> Path:
 
 
 class Mosquitto:
-    """mosquitto with mTLS as DESIGN.md has it: identity = certificate CN, an ACL per identity."""
+    """mosquitto with mTLS: identity = certificate CN, an ACL per identity (ARCHITECTURE.md)."""
 
     def __init__(
         self,

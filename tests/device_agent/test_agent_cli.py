@@ -41,7 +41,7 @@ ENTRY_POINTS = pytest.mark.parametrize(
     ids=["typer-agent-app", "python-m-device_agent", "iotauth-agent-script"],
 )
 # Packages a running agent must not load: cryptography (its own OpenSSL, ~8 MB), the typer/rich
-# command line (~9 MB), and station/broker code (DESIGN.md: the device side installs without it).
+# command line (~9 MB), and station/broker code (the device side installs without it).
 FORBIDDEN = ("cryptography", "typer", "rich", "click", "amqtt", "broker", "iotauth")
 
 
