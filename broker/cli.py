@@ -182,6 +182,16 @@ def run(
             print("broker stopped", file=sys.stderr)
 
 
+def _run_as_hint(out: Path, run_as: str | None) -> str:
+    """Mosquitto started as root drops to another user, who must own the export directory."""
+    if run_as:
+        return f"  as root it runs as user {run_as!r}, who must own {out}: chown -R {run_as} {out}"
+    return (
+        f"  as the user who owns {out}; as root Mosquitto switches to user 'mosquitto': "
+        f"chown -R mosquitto {out}, or export again with --run-as USER"
+    )
+
+
 def _read_or_none(path: Path) -> bytes | None:
     try:
         return path.read_bytes()
@@ -364,6 +374,7 @@ def export_command(
         )
         if fmt == "mosquitto":
             print(f"start it with: mosquitto -c {result.out / 'mosquitto.conf'}")
+            print(_run_as_hint(result.out, run_as))
         narrowed = sum(1 for n in result.notes if n.level == "warning")
         if narrowed:
             print(f"{narrowed} warning(s): the export grants less than the policy (see above)")

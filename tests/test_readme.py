@@ -129,3 +129,19 @@ def test_no_tracked_file_points_outside_the_repository() -> None:
             if "../shared" in line or "/work/" in line:
                 offending.append(f"{name}:{number}: {line.strip()}")
     assert offending == []
+
+
+def test_readme_leaves_nothing_untracked_in_the_repository() -> None:
+    """The README sends readers to a scratch directory, and every directory its commands write
+    (``--pki``, ``--out``, ``--store``, ``--export``) is ignored by git should they run here."""
+    text = README.read_text(encoding="utf-8")
+    walkthrough = text.split("## The fleet PKI in six commands", 1)[1]
+    before_first = walkthrough.split("\niotauth ", 1)[0]
+    assert re.search(r"^mkdir -p \S+ && cd \S+", before_first, flags=re.MULTILINE), before_first
+    written = set(re.findall(r"--(?:pki|out|store|export) \./([\w.-]+)", text))
+    assert {"pki", "creds", "dev-a", "mosquitto"} <= written, written
+    ignored = subprocess.run(
+        ["git", "check-ignore", *(f"{d}/" for d in sorted(written))],
+        cwd=ROOT, capture_output=True, text=True, check=False,
+    ).stdout.split()  # fmt: skip
+    assert sorted(d.rstrip("/") for d in ignored) == sorted(written)
