@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from broker.server import BrokerThread
-from tests.broker.broker_helpers import Fleet, Peer, wait_until
+from tests.broker.broker_helpers import Fleet, Peer, stderr_line, wait_until
 from tests.conftest import (
     MOSQUITTO_PUB,
     MOSQUITTO_SUB,
@@ -259,14 +259,7 @@ def _banner(pki_dir: Path, *extra: str) -> str:
         text=True,
     )
     try:
-        assert proc.stderr is not None
-        banner = ""
-        deadline = time.monotonic() + 30
-        while "listening" not in banner and time.monotonic() < deadline:
-            banner = proc.stderr.readline()
-            if not banner and proc.poll() is not None:
-                break
-        return banner.strip()
+        return stderr_line(proc, "listening")
     finally:
         proc.terminate()
         proc.wait(timeout=10)
