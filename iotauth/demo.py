@@ -482,7 +482,8 @@ def _steps(work: Path, pki: Path) -> list[tuple[str, Commands, Callable[[_State]
             lambda s: [
                 _mqtt(s, "mosquitto_pub", _sink(s), "telemetry-sink")
                 + f" -t devices/{s.results[0].device_id}/commands/renew -m '{{}}'"
-                "   # or wait for 2/3 of its lifetime"
+                "   # or wait for 2/3 of its lifetime; as telemetry-sink this takes over the"
+                " mosquitto_sub of step 5 (one identity, one connection)"
             ],
             _renew,
         ),
