@@ -27,6 +27,7 @@ from tests.conftest import Result, assert_one_line_error
         (["broker", "run", "--pki", "x", "--port", "abc"], ["'--port'", "integer"]),
         (["fleet", "simulate", "--devices"], ["--devices", "'iotauth fleet simulate --help'"]),
         (["nosuchcommand"], ["No such command", "'iotauth --help'"]),
+        (["agent", "run", "--store"], ["--store", "'iotauth agent run --help'"]),
     ],
 )
 def test_a_usage_error_is_one_line_with_the_help_hint(
