@@ -92,6 +92,15 @@ def median_of(reps: int, fn: Callable[[int], float]) -> float:
     return statistics.median(fn(r) for r in range(reps))
 
 
+def _shown(path: Path) -> str:
+    """``bench/results`` rather than this machine's absolute path (the report is committed)."""
+    repo = Path(__file__).resolve().parent.parent
+    try:
+        return str(path.resolve().relative_to(repo))
+    except ValueError:
+        return f"{path.name}/ (outside the repository)"
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -136,7 +145,7 @@ def main() -> int:
     )
     print(
         f"Python {platform.python_version()}, {platform.machine()}, "
-        f"cryptography {__import__('cryptography').__version__}, disk under {base}"
+        f"cryptography {__import__('cryptography').__version__}, disk under {_shown(base)}"
     )
     print()
     print("| what | devices/s | per device |")

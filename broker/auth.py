@@ -5,7 +5,7 @@ username, password, peer) after CONNECT is read and *before* any session state i
 returns :class:`Authenticated` or raises :class:`~broker.errors.Refused` with a reason. ACLs and
 sessions only ever see the resulting :class:`~provisioning.identity.Identity`, so a JWT,
 challenge-response or PKCS#11 authenticator can be added without changing them. Binding the
-MQTT client_id to the identity is the broker's job (see ``broker._amqtt``), not the
+MQTT client_id to the identity is the broker's job (``BrokerCore`` in ``broker.core``), not the
 authenticator's, so every authenticator gets it for free.
 """
 

@@ -1,4 +1,4 @@
-"""``iotauth broker run|explain``: the broker's commands, mounted by :mod:`iotauth.cli`.
+"""``iotauth broker run|renewal|explain|export``: the broker's commands, mounted by iotauth.cli.
 
 Errors a user can fix (missing PKI, bad policy, port in use) are one line on stderr and exit 1.
 """
@@ -43,7 +43,9 @@ PkiOpt = Annotated[
 ]
 PolicyOpt = Annotated[
     Path | None,
-    typer.Option("--policy", help="Policy TOML file (default: the DESIGN.md topic table)."),
+    typer.Option(
+        "--policy", help="Policy TOML file (default: the built-in policy, docs/BROKER.md)."
+    ),
 ]
 
 
@@ -136,7 +138,12 @@ def run(
         ),
     ] = _DEFAULT_LIMITS.max_connections,
 ) -> None:
-    """Run the broker until interrupted. Audit lines (JSON) go to stdout, logs to stderr."""
+    """Run the broker until interrupted. Audit lines (JSON) go to stdout, logs to stderr.
+
+    With the renewal service (the default) the broker connects to itself as the service
+    identity 'renewal', whose certificate it issues into PKI/services/renewal on first start (the
+    banner line says so); --no-renewal runs without it.
+    """
     from broker.renewal import RenewalSettings
     from broker.server import run_broker
     from broker.settings import BrokerSettings
@@ -171,6 +178,11 @@ def run(
         def audit_line(line: str) -> None:
             print(line, flush=True)
 
+        # The renewal service holds a service certificate of its own in the PKI; the banner says
+        # when this start issued it, so no certificate appears in a registry unannounced.
+        renewal_cert = pki / "services" / "renewal" / "device.crt"
+        before = _read_or_none(renewal_cert) if renewal else None
+
         async def main() -> None:
             async with run_broker(settings, audit_sink=audit_line) as running:
                 where = f"{host}:{running.port}"
@@ -180,7 +192,8 @@ def run(
                     else ""
                 )
                 print(
-                    f"iotauth broker listening on {where} (mTLS, CRL #{running.crl.number}{extra})",
+                    f"iotauth broker listening on {where} (mTLS, CRL #{running.crl.number}{extra})"
+                    f"; {_renewal_note(renewal, renewal_cert, before)}",
                     file=sys.stderr,
                     flush=True,
                 )
@@ -190,6 +203,35 @@ def run(
             asyncio.run(main())
         except KeyboardInterrupt:
             print("broker stopped", file=sys.stderr)
+
+
+def _run_as_hint(out: Path, run_as: str | None) -> str:
+    """Mosquitto started as root drops to another user, who must own the export directory."""
+    if run_as:
+        return f"  as root it runs as user {run_as!r}, who must own {out}: chown -R {run_as} {out}"
+    return (
+        f"  as the user who owns {out}; as root Mosquitto switches to user 'mosquitto': "
+        f"chown -R mosquitto {out}, or export again with --run-as USER"
+    )
+
+
+def _read_or_none(path: Path) -> bytes | None:
+    try:
+        return path.read_bytes()
+    except OSError:
+        return None
+
+
+def _renewal_note(on: bool, cert: Path, before: bytes | None) -> str:
+    """The banner's word on the renewal service and the certificate it runs as."""
+    if not on:
+        return "renewal service off (--no-renewal)"
+    if _read_or_none(cert) != before:
+        return (
+            f"renewal service on, as service 'renewal': issued its certificate into "
+            f"{cert.parent} now (--no-renewal turns the service off)"
+        )
+    return f"renewal service on, as service 'renewal' ({cert.parent})"
 
 
 @broker_app.command("renewal")
@@ -374,6 +416,7 @@ def export_command(
         )
         if fmt == "mosquitto":
             print(f"start it with: mosquitto -c {result.out / 'mosquitto.conf'}")
+            print(_run_as_hint(result.out, run_as))
         narrowed = sum(1 for n in result.notes if n.level == "warning")
         if narrowed:
             print(f"{narrowed} warning(s): the export grants less than the policy (see above)")

@@ -48,7 +48,7 @@ __all__ = [
 ]
 
 DEFAULT_POLICY_TOML = """\
-# The default policy: the topic table of DESIGN.md. Deny by default; rules only grant.
+# The default policy: the topic table of docs/ARCHITECTURE.md. Deny by default; rules only grant.
 version = 1
 
 [[rule]]

@@ -1,4 +1,4 @@
-"""Broker settings: frozen dataclasses with the DESIGN.md defaults."""
+"""Broker settings: frozen dataclasses with the defaults of docs/ARCHITECTURE.md."""
 
 from __future__ import annotations
 

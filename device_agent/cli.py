@@ -10,9 +10,9 @@ from __future__ import annotations
 import contextlib
 import sys
 import tempfile
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Protocol
 
 import typer
 
@@ -21,7 +21,10 @@ from device_agent.main import describe_user_error
 from device_agent.main import main as agent_main
 from provisioning.errors import ProvisioningError
 
-__all__ = ["agent_app", "fleet_app", "set_fleet_backend", "user_errors"]
+if TYPE_CHECKING:
+    from device_agent.fleet import FleetBackend, FleetProgress
+
+__all__ = ["FleetBackendFactory", "agent_app", "fleet_app", "set_fleet_backend", "user_errors"]
 
 agent_app = typer.Typer(
     name="agent", help="The device agent (MQTT over mutual TLS).", no_args_is_help=True
@@ -41,11 +44,25 @@ def _fleet() -> None:
     """Simulate a fleet of agents with real certificates."""
 
 
-# Set by the composition root: (pki_dir, broker or None, workdir) -> a FleetBackend with close().
-_fleet_backend: Callable[[Path, str | None, Path], Any] | None = None
+class FleetBackendFactory(Protocol):
+    """Set by the composition root: builds the simulator's PKI + broker (it must have close())."""
+
+    def __call__(
+        self,
+        pki: Path | None,
+        broker: str | None,
+        workdir: Path,
+        *,
+        into_pki: bool,
+        names: Sequence[str],
+        warn: Callable[[str], None],
+    ) -> FleetBackend: ...
 
 
-def set_fleet_backend(factory: Callable[[Path, str | None, Path], Any]) -> None:
+_fleet_backend: FleetBackendFactory | None = None
+
+
+def set_fleet_backend(factory: FleetBackendFactory) -> None:
     global _fleet_backend  # noqa: PLW0603 - one registration at start-up
     _fleet_backend = factory
 
@@ -77,23 +94,75 @@ def run(ctx: typer.Context) -> None:
         raise typer.Exit(code)
 
 
+def _progress_printer() -> Callable[[FleetProgress], None]:
+    """On a terminal one line rewritten every second; in a log a line every 5 seconds."""
+    tty = sys.stderr.isatty()
+    last = [-5.0]
+
+    def show(p: FleetProgress) -> None:
+        if not tty and p.elapsed_s - last[0] < 5.0:
+            return
+        last[0] = p.elapsed_s
+        line = (
+            f"{p.elapsed_s:3.0f}/{p.duration_s:.0f} s  online {p.online}/{p.expected_online}"
+            f"  messages acked {p.messages_acked}"
+        )
+        print(f"\r{line}" if tty else line, end="" if tty else "\n", file=sys.stderr, flush=True)
+
+    return show
+
+
 @fleet_app.command("simulate")
 def simulate(
-    pki: Annotated[Path, typer.Option("--pki", help="The PKI directory that issues the fleet.")],
+    pki: Annotated[
+        Path | None,
+        typer.Option(
+            "--pki",
+            envvar="IOTAUTH_PKI",
+            help="PKI whose trust domain and lifetimes the scratch PKI copies; with --into-pki "
+            "the PKI that issues the fleet (env IOTAUTH_PKI).",
+            show_default=False,
+        ),
+    ] = None,
+    into_pki: Annotated[
+        bool,
+        typer.Option(
+            "--into-pki",
+            help="Issue the simulated devices into --pki itself (revoked at the end) instead of "
+            "a scratch PKI; needed with --broker.",
+        ),
+    ] = False,
     devices: Annotated[int, typer.Option("--devices", help="How many simulated devices.")] = 100,
     broker: Annotated[
-        str | None, typer.Option("--broker", help="HOST:PORT; default: our broker in-process.")
+        str | None,
+        typer.Option(
+            "--broker",
+            metavar="HOST:PORT",
+            help="A running broker of --pki (needs --into-pki); default: ours in-process.",
+        ),
     ] = None,
     duration: Annotated[float, typer.Option("--duration", help="Seconds.")] = 30.0,
     scenario: Annotated[
         list[str] | None,
-        typer.Option("--scenario", help="steady, storm, churn, revoked, renewal (repeatable)."),
+        typer.Option(
+            "--scenario",
+            metavar="NAME",
+            help="steady, storm, churn, revoked, renewal (repeatable).",
+        ),
     ] = None,
-    telemetry_interval: Annotated[float, typer.Option("--telemetry-interval")] = 5.0,
+    telemetry_interval: Annotated[
+        float, typer.Option("--telemetry-interval", help="Seconds between messages per device.")
+    ] = 5.0,
     reactors: Annotated[int, typer.Option("--reactors", help="Agent loop threads.")] = 4,
-    as_json: Annotated[bool, typer.Option("--json", help="Print the report as JSON.")] = False,
+    as_json: Annotated[
+        bool, typer.Option("--json", help="Print the final report as JSON (progress: stderr).")
+    ] = False,
 ) -> None:
-    """Run N agents with real certificates against a broker and report what happened."""
+    """Run N agents with real certificates against a broker and report what happened.
+
+    By default the simulation issues into a scratch PKI of its own and runs our broker on it:
+    the PKI given with --pki is only read (trust domain, lifetimes) and never changed.
+    """
     from device_agent.fleet import FleetSpec, run_fleet
 
     with user_errors():
@@ -108,10 +177,26 @@ def simulate(
             msg = "the fleet simulator needs a PKI backend; run it as 'iotauth fleet simulate'"
             raise AgentError(msg)
         with tempfile.TemporaryDirectory(prefix="iotauth-fleet-") as tmp:
-            backend = _fleet_backend(pki, broker, Path(tmp))
+            backend = _fleet_backend(
+                pki,
+                broker,
+                Path(tmp),
+                into_pki=into_pki,
+                names=spec.names,
+                warn=lambda line: print(line, file=sys.stderr, flush=True),
+            )
+            where = f"{pki} (--into-pki)" if into_pki else "a scratch PKI"
+            print(
+                f"simulating {devices} devices for {duration:g} s from {where} against "
+                f"{backend.broker}",
+                file=sys.stderr,
+                flush=True,
+            )
             try:
-                report = run_fleet(spec, backend, workdir=Path(tmp))
+                report = run_fleet(spec, backend, workdir=Path(tmp), progress=_progress_printer())
             finally:
+                if sys.stderr.isatty():
+                    print(file=sys.stderr)
                 backend.close()
         if as_json:
             print(report.to_json())

@@ -89,7 +89,7 @@ def parse_address(value: str) -> tuple[str, int]:
 
 @dataclass(frozen=True, slots=True)
 class AgentConfig:
-    """What one agent needs. ``store`` is the credential directory (DESIGN.md)."""
+    """What one agent needs. ``store`` is the credential directory (ARCHITECTURE.md, "Files")."""
 
     store: Path
     broker: str = ""

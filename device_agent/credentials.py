@@ -1,4 +1,4 @@
-"""Read a credential directory (DESIGN.md, "Files that others read") and check it before use.
+"""Read a credential directory (docs/ARCHITECTURE.md, "Files") and check it before use.
 
 The agent never trusts what it reads blindly: the key must belong to the certificate, the
 certificate must name the device of ``identity.json`` (CN and SPIFFE SAN URI), and it must chain

@@ -6,8 +6,9 @@ memory and telemetry is synthetic. Agents share a few :class:`~device_agent.reac
 threads instead of one thread each.
 
 What it needs from outside (certificates, revocations, a broker it may restart) comes through a
-:class:`FleetBackend`, because ``device_agent`` may not import the PKI or the broker (DESIGN.md,
-the dependency rule). The composition root supplies one (``iotauth fleet simulate``).
+:class:`FleetBackend`, because ``device_agent`` may not import the PKI or the broker (the
+dependency rule, docs/ARCHITECTURE.md). The composition root supplies one (``iotauth fleet
+simulate``).
 
 Scenarios (combine freely):
 
@@ -42,7 +43,7 @@ from device_agent.queue import MemoryQueue
 from device_agent.reactor import Reactor
 from provisioning.tls import client_context_for_credentials
 
-__all__ = ["SCENARIOS", "FleetBackend", "FleetReport", "FleetSpec", "run_fleet"]
+__all__ = ["SCENARIOS", "FleetBackend", "FleetProgress", "FleetReport", "FleetSpec", "run_fleet"]
 
 log = logging.getLogger("iotauth.fleet")
 
@@ -71,6 +72,10 @@ class FleetBackend(Protocol):
         """Stop and start the broker on the same address (raise AgentError if impossible)."""
         ...
 
+    def close(self) -> None:
+        """Stop what the backend started (after the run)."""
+        ...
+
 
 @dataclass(frozen=True, slots=True)
 class FleetSpec:
@@ -95,6 +100,23 @@ class FleetSpec:
             raise AgentConfigError(msg)
         if self.duration <= 0 or self.telemetry_interval <= 0 or self.reactors <= 0:
             raise AgentConfigError("duration, telemetry interval and reactors must be positive")
+
+    @property
+    def names(self) -> list[str]:
+        """The simulated devices' ids: ``<prefix>-0000`` onwards."""
+        width = max(4, len(str(self.devices)))
+        return [f"{self.prefix}-{i:0{width}d}" for i in range(self.devices)]
+
+
+@dataclass(frozen=True, slots=True)
+class FleetProgress:
+    """Where a run stands, for a progress line: ``elapsed_s`` of ``duration_s``."""
+
+    elapsed_s: float
+    duration_s: float
+    online: int
+    expected_online: int
+    messages_acked: int
 
 
 @dataclass
@@ -205,12 +227,18 @@ def _wait(predicate: Callable[[], object], timeout: float, step: float = 0.05) -
 
 
 def run_fleet(  # noqa: PLR0912, PLR0915 - the whole run, in order
-    spec: FleetSpec, backend: FleetBackend, *, workdir: Path
+    spec: FleetSpec,
+    backend: FleetBackend,
+    *,
+    workdir: Path,
+    progress: Callable[[FleetProgress], None] | None = None,
 ) -> FleetReport:
-    """Issue, start, run the scenarios for ``spec.duration`` seconds, stop, report."""
+    """Issue, start, run the scenarios for ``spec.duration`` seconds, stop, report.
+
+    ``progress`` (if given) is called about once a second from this thread while the fleet runs.
+    """
     rng = random.Random(spec.seed)  # noqa: S311 - scenario choice, not cryptography
-    width = max(4, len(str(spec.devices)))
-    names = [f"{spec.prefix}-{i:0{width}d}" for i in range(spec.devices)]
+    names = spec.names
     bad = 0
     if "revoked" in spec.scenarios:
         bad = max(1, int(spec.devices * spec.bad_fraction))
@@ -285,11 +313,17 @@ def run_fleet(  # noqa: PLR0912, PLR0915 - the whole run, in order
     renew_at, storm_at_t = start + spec.duration * 0.3, start + spec.duration * 0.5
     renewal_done = storm_done = False
     end = start + spec.duration
+    last_progress = start
     while time.monotonic() < end:
         time.sleep(0.05 if all_connected_at is None else 0.5)
         now = time.monotonic()
         with lock:
             everyone = expected <= set(first_online)
+            online_now = len(online & expected)
+        if progress is not None and now - last_progress >= 1.0:
+            last_progress = now
+            acked = sum(a.stats.acked for a in agents)
+            progress(FleetProgress(now - start, spec.duration, online_now, len(expected), acked))
         if all_connected_at is None and everyone:
             all_connected_at = now
         # Churn stops for the last quarter, so the end state says whether the fleet recovered.

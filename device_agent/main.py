@@ -19,6 +19,7 @@ import signal
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from typing import NoReturn
 
 from device_agent.agent import Agent
 from device_agent.config import load_config
@@ -30,10 +31,17 @@ __all__ = ["build_parser", "console_main", "describe_user_error", "main", "run_a
 log = logging.getLogger("iotauth.agent")
 
 
+class _OneLineErrors(argparse.ArgumentParser):
+    """A usage error is one line, as everywhere in iotauth: what is wrong and where help is."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"error: {message}; see '{self.prog} --help'\n")
+
+
 def build_parser(prog: str = "iotauth-agent") -> argparse.ArgumentParser:
     """The options of ``run``: the only definition, used by every entry point."""
     # allow_abbrev=False: a misspelt option is an error, as it is for typer, never a guess.
-    parser = argparse.ArgumentParser(
+    parser = _OneLineErrors(
         prog=prog,
         description="The iotauth device agent (MQTT over mutual TLS).",
         allow_abbrev=False,

@@ -78,9 +78,10 @@ _HELLO_HEAD = Struct("<BBBHB")
 def device_id_problem(value: bytes) -> str | None:
     """Why ``value`` is not a device id, or ``None``.
 
-    A deliberately minimal copy of the rule in DESIGN.md: the device must refuse nonsense before it
-    lands in a CSR subject or a lock marker, but ``provisioning.identity`` remains the authority and
-    the station validates with it before it ever sends an id.
+    A deliberately minimal copy of the identity rule (docs/ARCHITECTURE.md): the device must
+    refuse nonsense before it lands in a CSR subject or a lock marker, but
+    ``provisioning.identity`` remains the authority and the station validates with it before it
+    ever sends an id.
     """
     if not 1 <= len(value) <= DEVICE_ID_MAX:
         return f"must be 1-{DEVICE_ID_MAX} characters, got {len(value)}"

@@ -14,7 +14,7 @@ line to stderr when it is ready and serves until the line goes away or it is int
 Keys are never generated here: MicroPython has no EC key generation, so the responder runs with
 ``NoKeygenBackend``, HELLO says so, and the station injects the key (``--keygen auto`` picks that).
 
-MicroPython quirks this loop works around (``/work/shared/research/serial.md``, section 4):
+MicroPython quirks this loop works around:
 
 * a stream's ``read(n)`` blocks until all ``n`` bytes arrived, so the loop waits with
   ``select.poll`` and then reads one byte at a time while more is ready;

@@ -2,7 +2,7 @@
 
 Theory of operation
 -------------------
-What other programs read is a *credential directory* (DESIGN.md, "Files that others read")::
+What other programs read is a *credential directory* (docs/ARCHITECTURE.md, "Files")::
 
     device.key      PEM private key, mode 0600
     device.crt      the leaf followed by the issuing CA (a TLS client sends the chain from one file)

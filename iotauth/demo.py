@@ -14,7 +14,7 @@ import ssl
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -22,7 +22,7 @@ from typing import Any
 from rich.console import Console
 from rich.table import Table
 
-__all__ = ["DemoFailed", "run_demo"]
+__all__ = ["MARKER", "DemoFailed", "WorkdirRefused", "prepare_workdir", "run_demo"]
 
 
 class StepFailed(Exception):  # noqa: N818 - reads as the outcome it reports
@@ -55,16 +55,21 @@ class _State:
     summary: list[tuple[str, str]] = field(default_factory=list)
 
 
+Commands = Callable[["_State"], list[str]]
+
+
 def _step(
-    state: _State, number: int, title: str, by_hand: list[str]
+    state: _State, number: int, title: str, by_hand: Commands
 ) -> Callable[[Callable[[_State], str]], None]:
-    """Run one step: a heading, the work, a result line; DemoFailed names the step."""
+    """Run one step: a heading, the work, the commands that do it by hand, a result line.
+
+    The commands are printed after the work, from what it really used (the broker's port, the
+    devices' ports, the device names), so each one reproduces the step as it ran.
+    """
 
     def run(body: Callable[[_State], str]) -> None:
         console = state.console
         console.print(f"\n[bold cyan]{number}. {title}[/]")
-        for line in by_hand:
-            console.print(f"   [dim]$ {line}[/]")
         t0 = time.monotonic()
         where = f"step {number} ({title.lower()})"
         try:
@@ -73,7 +78,10 @@ def _step(
             raise DemoFailed(where, str(exc)) from exc
         except Exception as exc:  # each step's failure becomes one clear line
             raise DemoFailed(where, f"{type(exc).__name__}: {exc}") from exc
-        console.print(f"   [green]✓[/] {outcome} [dim]({time.monotonic() - t0:.1f} s)[/]")
+        elapsed = time.monotonic() - t0
+        for line in by_hand(state):
+            console.print(f"   [dim]$ {line}[/]", soft_wrap=True)
+        console.print(f"   [green]✓[/] {outcome} [dim]({elapsed:.1f} s)[/]", soft_wrap=True)
         state.summary.append((title, outcome))
 
     return run
@@ -305,17 +313,41 @@ def _revoke(state: _State) -> str:
 # -- driver ------------------------------------------------------------------------------------
 
 
-@contextlib.contextmanager
-def _workdir(workdir: Path | None, keep: bool, console: Console) -> Iterator[Path]:
-    path = workdir or Path(tempfile.mkdtemp(prefix="iotauth-demo-"))
-    path.mkdir(parents=True, exist_ok=True)
-    try:
-        yield path
-    finally:
-        if keep or workdir is not None:
-            console.print(f"\nwork directory kept: {path}")
-        else:
-            shutil.rmtree(path, ignore_errors=True)
+MARKER = ".iotauth-demo"  # marks a work directory as the demo's own: it may be emptied and reused
+
+
+class WorkdirRefused(Exception):  # noqa: N818 - reads as the outcome it reports
+    """``--workdir`` names a directory the demo must not write into."""
+
+
+def prepare_workdir(workdir: Path | None) -> Path:
+    """A work directory for the demo: a new temporary one, or ``workdir`` if it is safe.
+
+    ``workdir`` may be missing, empty, or a previous demo's (its marker file): then it is
+    emptied. Anything else (a PKI, a home directory) is refused before anything is written.
+    """
+    if workdir is None:
+        path = Path(tempfile.mkdtemp(prefix="iotauth-demo-"))
+    else:
+        path = workdir
+        if path.exists() and not path.is_dir():
+            msg = f"--workdir {path} is not a directory; name a new or empty directory"
+            raise WorkdirRefused(msg)
+        if path.is_dir() and any(path.iterdir()):
+            if not (path / MARKER).is_file():
+                msg = (
+                    f"--workdir {path} is not empty and is not an 'iotauth demo' work directory; "
+                    "name a new or empty directory (the demo creates a PKI there)"
+                )
+                raise WorkdirRefused(msg)
+            for child in path.iterdir():  # a previous demo's: start afresh
+                if child.is_dir() and not child.is_symlink():
+                    shutil.rmtree(child)
+                else:
+                    child.unlink()
+        path.mkdir(parents=True, exist_ok=True)
+    (path / MARKER).write_text("work directory of 'iotauth demo'; the demo may empty it\n")
+    return path
 
 
 def run_demo(
@@ -329,78 +361,178 @@ def run_demo(
     """Run every step; 0 on success, 1 with the failing step named otherwise."""
     console = console or Console(highlight=False, width=None if sys.stdout.isatty() else 120)
     if devices < 2:
-        console.print("[red]error:[/] the demo needs at least 2 devices")
+        print("error: the demo needs at least 2 devices (--devices 2)", file=sys.stderr)
         return 1
+    try:
+        work = prepare_workdir(workdir)
+    except (WorkdirRefused, OSError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    kept = keep or workdir is not None
+    try:
+        return _run_steps(work, devices, broker_port, console, kept=kept)
+    finally:
+        if not kept:
+            shutil.rmtree(work, ignore_errors=True)
+
+
+def _run_steps(work: Path, devices: int, broker_port: int, console: Console, *, kept: bool) -> int:
     started = time.monotonic()
-    with _workdir(workdir, keep, console) as work, contextlib.ExitStack() as stack:
+    pki = work / "pki"
+    console.print(f"[bold]iotauth demo[/] — work directory {work}")
+    steps = _steps(work, pki)
+    failure: str | None = None
+    with contextlib.ExitStack() as stack:
         state = _State(
             work=work, devices=devices, broker_port=broker_port, console=console, stack=stack
         )
-        pki = work / "pki"
-        console.print(f"[bold]iotauth demo[/] — work directory {work}")
-        steps: list[tuple[str, list[str], Callable[[_State], str]]] = [
-            (
-                "Create the fleet PKI",
-                [f"iotauth ca init --pki {pki} --trust-domain demo.iotauth.test"],
-                _make_pki,
-            ),
-            ("Start the broker", [f"iotauth broker run --pki {pki} --port 8883"], _start_broker),
-            (
-                "Start virtual devices",
-                [f"iotauth hw emulate --store {work}/devices/unit-0"],
-                _start_devices,
-            ),
-            (
-                "Provision them over virtual serial, all at once",
-                [f"iotauth provision --pki {pki} --port PORT --port PORT ..."],
-                _provision,
-            ),
-            (
-                "Connect a backend service",
-                [
-                    f"iotauth service issue telemetry-sink --pki {pki} "
-                    f"--out {work}/services/telemetry-sink"
-                ],
-                _observe,
-            ),
-        ]
-        steps += _agent_steps(work, pki)
-        steps += [
-            (
-                "Isolation probes",
-                [
-                    f"iotauth broker explain --pki {pki} --identity dev-intruder "
-                    "--subscribe 'devices/OTHER/#'"
-                ],
-                _probes,
-            ),
-            (
-                "Revoke a device while it is connected",
-                [f"iotauth device revoke DEVICE --pki {pki} --reason key-compromise"],
-                _revoke,
-            ),
-        ]
-        steps += _renewal_steps(work, pki)
         try:
             for number, (title, by_hand, body) in enumerate(steps, start=1):
                 _step(state, number, title, by_hand)(body)
         except DemoFailed as exc:
-            console.print(f"\n[red]✗ demo failed at {exc.step}[/]: {exc.reason}")
-            return 1
+            failure = f"\n[red]✗ demo failed at {exc.step}[/]: {exc.reason}"
         except KeyboardInterrupt:
             console.print("\n[yellow]interrupted[/]; stopping everything")
             return 130
+    # Everything is stopped now (broker, agents, devices), so nothing prints after the summary.
+    if failure is not None:
+        console.print(failure)
+        return 1
+    console.print(
+        f"\n[bold green]All {len(steps)} steps passed[/] in {time.monotonic() - started:.1f} s."
+    )
+    summary = Table(box=None, pad_edge=False, show_header=False)
+    for title, outcome in state.summary:
+        summary.add_row(f"[green]✓[/] {title}", outcome)
+    console.print(summary)
+    if kept:
         console.print(
-            f"\n[bold green]All {len(steps)} steps passed[/] in {time.monotonic() - started:.1f} s."
+            f"Work directory kept: {work}\nLook around: iotauth ledger verify --pki {pki}; "
+            f"iotauth device list --pki {pki} --all",
+            soft_wrap=True,
         )
-        summary = Table(box=None, pad_edge=False, show_header=False)
-        for title, outcome in state.summary:
-            summary.add_row(f"[green]✓[/] {title}", outcome)
-        console.print(summary)
+    else:
         console.print(
-            f"Ledger: iotauth ledger verify --pki {pki}   Registry: iotauth device list --pki {pki}"
+            "The work directory is removed now; run 'iotauth demo --keep' (or --workdir DIR) "
+            "to keep it and try the commands above."
         )
     return 0
+
+
+def _steps(work: Path, pki: Path) -> list[tuple[str, Commands, Callable[[_State], str]]]:
+    """Each step: its title, the commands that do it by hand, and the work."""
+    return [
+        (
+            "Create the fleet PKI",
+            lambda _s: [f"iotauth ca init --pki {pki} --trust-domain demo.iotauth.test"],
+            _make_pki,
+        ),
+        (
+            "Start the broker",
+            lambda s: [f"iotauth broker run --pki {pki} --port {s.endpoint.port}"],
+            _start_broker,
+        ),
+        ("Start virtual devices", _emulate_commands, _start_devices),
+        (
+            "Provision them over virtual serial, all at once",
+            lambda s: [
+                f"iotauth provision --pki {pki} "
+                + " ".join(f"--port {d.address}" for d in s.virtual)
+                + f" --broker {s.endpoint.address} --timeout 0.2"
+            ],
+            _provision,
+        ),
+        (
+            "Connect a backend service",
+            lambda s: [
+                f"iotauth service issue telemetry-sink --pki {pki} --out {_sink(s)}",
+                _mqtt(s, "mosquitto_sub", _sink(s), "telemetry-sink")
+                + " -v -t 'devices/+/telemetry/#' -t 'devices/+/state'",
+            ],
+            _observe,
+        ),
+        (
+            "Start the device agents",
+            lambda s: [
+                f"iotauth agent run --store {work}/devices/unit-{n} --broker "
+                f"{s.endpoint.address} --telemetry-interval 0.5"
+                for n in range(len(s.agents))
+            ],
+            _start_agents,
+        ),
+        (
+            "Watch the live fleet",
+            lambda _s: [
+                f"iotauth device list --pki {pki}   # serials and expiry; the telemetry: the "
+                "mosquitto_sub of step 5"
+            ],
+            _live,
+        ),
+        ("Isolation probes", _probe_commands, _probes),
+        (
+            "Revoke a device while it is connected",
+            lambda s: [
+                f"iotauth device revoke {s.results[-1].device_id} --pki {pki} "
+                "--reason key-compromise"
+            ],
+            _revoke,
+        ),
+        (
+            "Renew a certificate over MQTT",
+            lambda s: [
+                _mqtt(s, "mosquitto_pub", _sink(s), "telemetry-sink")
+                + f" -t devices/{s.results[0].device_id}/commands/renew -m '{{}}'"
+                "   # or wait for 2/3 of its lifetime; as telemetry-sink this takes over the"
+                " mosquitto_sub of step 5 (one identity, one connection)"
+            ],
+            _renew,
+        ),
+    ]
+
+
+def _sink(state: _State) -> Path:
+    return state.work / "services" / "telemetry-sink"
+
+
+def _mqtt(state: _State, tool: str, creds: Path, client_id: str) -> str:
+    """A mosquitto client command line with ``creds``, against the demo's broker."""
+    return (
+        f"{tool} -h localhost -p {state.endpoint.port} --cafile {state.work / 'pki' / 'root.crt'}"
+        f" --cert {creds / 'device.crt'} --key {creds / 'device.key'} -i {client_id}"
+    )
+
+
+def _emulate_commands(state: _State) -> list[str]:
+    lines = []
+    for n, device in enumerate(state.virtual):
+        args = f"iotauth hw emulate --store {state.work}/devices/unit-{n} --serial DEMO-{n:04d}"
+        if not device.address.startswith("/"):
+            args += f" --link {device.address}"
+        if n == 0:
+            args += " --noise 0.001 --seed 7 --boot-log"
+        if n == 1:
+            args += " --no-keygen"
+        lines.append(args)
+    return lines
+
+
+def _probe_commands(state: _State) -> list[str]:
+    pki = state.work / "pki"
+    victim = state.results[0].device_id
+    probe = state.work / "probe" / "dev-intruder"
+    return [
+        f"iotauth device issue dev-intruder --pki {pki} --out {probe}",
+        _mqtt(state, "mosquitto_sub", probe, "dev-intruder") + f" -t 'devices/{victim}/#'",
+        _mqtt(state, "mosquitto_pub", probe, "dev-intruder")
+        + f" -t devices/{victim}/commands/unlock -m '{{}}'",
+        f"iotauth broker explain --pki {pki} --identity dev-intruder "
+        f"--subscribe 'devices/{victim}/#'",
+        f"openssl s_client -connect 127.0.0.1:{state.endpoint.port} -CAfile {pki}/root.crt"
+        "   # no client certificate",
+        f"iotauth ca init --pki {state.work}/foreign-pki --trust-domain demo.iotauth.test && "
+        f"iotauth device issue {victim} --pki {state.work}/foreign-pki "
+        f"--out {state.work}/foreign-creds",
+    ]
 
 
 def _start_agents(state: _State) -> str:
@@ -467,11 +599,15 @@ def _fleet_table(state: _State) -> Table:
 def _live(state: _State) -> str:
     from rich.live import Live
 
-    with Live(_fleet_table(state), console=state.console, refresh_per_second=4) as live:
-        end = time.monotonic() + 3
-        while time.monotonic() < end:
-            time.sleep(0.25)
-            live.update(_fleet_table(state))
+    if state.console.is_terminal:
+        with Live(_fleet_table(state), console=state.console, refresh_per_second=4) as live:
+            end = time.monotonic() + 3
+            while time.monotonic() < end:
+                time.sleep(0.25)
+                live.update(_fleet_table(state))
+    else:  # a log gets the table once (Live's last frame ends without a newline there)
+        time.sleep(3)
+        state.console.print(_fleet_table(state))
     quiet = [
         name
         for name in state.agents
@@ -501,27 +637,3 @@ def _renew(state: _State) -> str:
         f"{agent.credentials.serial[:16]} issued and in use "
         f"(registry holds {len(records)} certificates for it)"
     )
-
-
-def _agent_steps(work: Path, pki: Path) -> list[tuple[str, list[str], Callable[[_State], str]]]:
-    return [
-        (
-            "Start the device agents",
-            [f"iotauth agent run --store {work}/devices/unit-0 --broker 127.0.0.1:8883"],
-            _start_agents,
-        ),
-        ("Watch the live fleet", [f"iotauth device list --pki {pki}"], _live),
-    ]
-
-
-def _renewal_steps(work: Path, pki: Path) -> list[tuple[str, list[str], Callable[[_State], str]]]:
-    return [
-        (
-            "Renew a certificate over MQTT",
-            [
-                "mosquitto_pub ... -t devices/DEVICE/commands/renew -m '{}'"
-                "   # or wait for 2/3 of its lifetime"
-            ],
-            _renew,
-        )
-    ]

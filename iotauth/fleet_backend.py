@@ -27,9 +27,11 @@ from broker.policy import Policy, default_policy
 from broker.renewal import RenewalSettings
 from broker.server import BrokerThread
 from device_agent.errors import AgentError
+from provisioning.config import PKIConfig
+from provisioning.errors import PKINotFoundError
 from provisioning.export_hook import publish_crl
 from provisioning.identity import IdentityKind
-from provisioning.pki import PKI
+from provisioning.pki import PKI, passphrase_from_env
 
 __all__ = [
     "ExportedMosquittoBackend",
@@ -37,6 +39,7 @@ __all__ = [
     "Mosquitto",
     "OurBrokerProcess",
     "free_port",
+    "simulation_backend",
 ]
 
 MONITOR = "fleet-monitor"  # the service identity the fleet simulator watches the fleet as
@@ -87,8 +90,16 @@ def _await_listening(
     raise AgentError(f"{what} did not start listening")
 
 
-def _issue_devices(pki: PKI, names: Sequence[str], out_root: Path, *, expired: bool) -> list[Path]:
-    """Fresh credential directories for ``names`` (re-issued if they exist), 500 per batch."""
+def _issue_devices(
+    pki: PKI, names: Sequence[str], out_root: Path, *, expired: bool, supersede: bool = True
+) -> list[Path]:
+    """Fresh credential directories for ``names``, 500 per batch.
+
+    ``supersede``: an active name is re-issued (the old certificate revoked as superseded);
+    otherwise it is refused (DeviceExistsError) before anything is issued.
+    """
+    if not supersede:
+        _refuse_active(pki, names)
     out_root.mkdir(parents=True, exist_ok=True)
     dirs = [out_root / n for n in names]
     for d in dirs:
@@ -97,20 +108,35 @@ def _issue_devices(pki: PKI, names: Sequence[str], out_root: Path, *, expired: b
     days = 1 if expired else None
     for start in range(0, len(names), 500):
         chunk = list(names[start : start + 500])
-        pki.issue_many(chunk, out_dirs=dirs[start : start + 500], rotate=True, now=now, days=days)
+        pki.issue_many(
+            chunk, out_dirs=dirs[start : start + 500], rotate=supersede, now=now, days=days
+        )
     return dirs
 
 
-def _issue_monitor(pki: PKI, out_root: Path) -> Path:
-    """The fleet monitor's service credentials (re-issued on every run)."""
+def _refuse_active(pki: PKI, names: Sequence[str]) -> None:
+    taken = [n for n in names if pki.registry.active(n) is not None]
+    if taken:
+        more = f" and {len(taken) - 3} more" if len(taken) > 3 else ""
+        msg = (
+            f"{', '.join(taken[:3])}{more} already active in {pki.path}: the simulation would "
+            "supersede them; revoke them first or simulate without --into-pki"
+        )
+        raise AgentError(msg)
+
+
+def _issue_monitor(pki: PKI, out_root: Path, *, supersede: bool = True) -> Path:
+    """The fleet monitor's service credentials (re-issued on every run if ``supersede``)."""
     out = out_root / MONITOR
     shutil.rmtree(out, ignore_errors=True)
-    pki.issue(MONITOR, kind=IdentityKind.SERVICE, out=out, rotate=True)
+    if not supersede:
+        _refuse_active(pki, [MONITOR])
+    pki.issue(MONITOR, kind=IdentityKind.SERVICE, out=out, rotate=supersede)
     return out
 
 
 class Mosquitto:
-    """mosquitto with mTLS as DESIGN.md has it: identity = certificate CN, an ACL per identity."""
+    """mosquitto with mTLS: identity = certificate CN, an ACL per identity (ARCHITECTURE.md)."""
 
     def __init__(
         self,
@@ -240,7 +266,13 @@ class OurBrokerProcess:
 
 
 class LocalFleetBackend:
-    """The real PKI (``--pki``) and a broker on 127.0.0.1: ours in-process, or mosquitto."""
+    """A PKI and a broker on 127.0.0.1: ours in-process, or mosquitto.
+
+    Tests and benchmarks hand it a PKI of their own, so by default it supersedes names it
+    finds active. ``supersede=False`` (a user's PKI, ``fleet simulate --into-pki``) refuses
+    them instead and revokes, on :meth:`close`, everything it issued: the simulated devices'
+    keys live only in a temporary directory.
+    """
 
     def __init__(
         self,
@@ -250,8 +282,12 @@ class LocalFleetBackend:
         kind: str = "ours",
         workdir: Path | None = None,
         renewal: bool = True,
+        supersede: bool = True,
+        passphrase: bytes | None = None,
     ) -> None:
-        self.pki = PKI.open(pki_dir)
+        self.pki = PKI.open(pki_dir, passphrase=passphrase)
+        self.supersede = supersede
+        self.issued: list[tuple[str, IdentityKind]] = []
         self.kind = kind
         self._external = broker
         self._thread: BrokerThread | None = None
@@ -291,10 +327,14 @@ class LocalFleetBackend:
         return self._thread
 
     def issue(self, names: Sequence[str], out_root: Path, *, expired: bool = False) -> list[Path]:
-        return _issue_devices(self.pki, names, out_root, expired=expired)
+        dirs = _issue_devices(self.pki, names, out_root, expired=expired, supersede=self.supersede)
+        self.issued.extend((n, IdentityKind.DEVICE) for n in names)
+        return dirs
 
     def issue_monitor(self, out_root: Path) -> Path:
-        return _issue_monitor(self.pki, out_root)
+        out = _issue_monitor(self.pki, out_root, supersede=self.supersede)
+        self.issued.append((MONITOR, IdentityKind.SERVICE))
+        return out
 
     def revoke(self, names: Sequence[str]) -> None:
         for name in names:
@@ -315,11 +355,71 @@ class LocalFleetBackend:
             raise AgentError("cannot restart a broker this process did not start")
 
     def close(self) -> None:
-        if self._thread is not None:
-            self._thread.stop()
-        if self._mosquitto is not None:
-            self._mosquitto.stop()
-        self.pki.close()
+        try:
+            if self._thread is not None:
+                self._thread.stop()
+            if self._mosquitto is not None:
+                self._mosquitto.stop()
+            if not self.supersede:
+                self._retire_issued()
+        finally:
+            self.pki.close()
+
+    def _retire_issued(self) -> None:
+        """Revoke what this run issued into a PKI it does not own (its keys are gone)."""
+        for name, kind in self.issued:
+            if self.pki.registry.active(name) is not None:
+                self.pki.revoke(name, reason="cessation-of-operation", kind=kind)
+
+
+def simulation_backend(
+    pki_dir: Path | None,
+    broker: str | None,
+    workdir: Path,
+    *,
+    into_pki: bool,
+    names: Sequence[str],
+    warn: Callable[[str], None],
+) -> LocalFleetBackend:
+    """The backend of ``iotauth fleet simulate``: a scratch PKI unless ``into_pki``.
+
+    By default nothing of ``pki_dir`` is changed: the simulation gets a fresh PKI in ``workdir``
+    with the same trust domain and lifetimes, and our broker in-process on it. (A copy of the
+    user's issuing CA would let the broker they run accept the simulated devices, but every
+    certificate it signed would be one the user's registry and ledger never saw.) A broker the
+    user runs trusts only its own PKI, so ``--broker`` needs ``into_pki``. With ``into_pki`` the
+    devices and the monitor are issued into ``pki_dir`` (after a warning; names already active
+    are refused) and revoked when the backend closes.
+    """
+    if into_pki:
+        if pki_dir is None:
+            raise AgentError("--into-pki needs --pki DIR (or IOTAUTH_PKI)")
+        with PKI.open(pki_dir) as pki:  # before our broker starts and issues 'renewal' there
+            _refuse_active(pki, [*names, MONITOR])
+        first, last = names[0], names[-1]
+        warn(
+            f"warning: issuing {len(names)} simulated devices ({first} .. {last}) and the service "
+            f"{MONITOR} into {pki_dir}; they are revoked when the simulation ends"
+            + ("" if broker else " (our broker in-process also issues 'renewal' if it is missing)")
+        )
+        return LocalFleetBackend(
+            pki_dir, broker=broker, supersede=False, passphrase=passphrase_from_env()
+        )
+    if broker is not None:
+        msg = (
+            f"the broker at {broker} trusts its own PKI, not the simulation's scratch PKI: add "
+            "--into-pki to issue the simulated devices into --pki (revoked at the end), or drop "
+            "--broker to simulate against a broker of its own"
+        )
+        raise AgentError(msg)
+    config = PKIConfig(trust_domain="fleet.example")
+    if pki_dir is not None:
+        if not (pki_dir / "pki.toml").is_file():
+            raise PKINotFoundError(pki_dir)
+        config = PKIConfig.load(pki_dir / "pki.toml")
+    scratch = workdir / "scratch-pki"
+    PKI.init(scratch, trust_domain=config.trust_domain, device_days=config.device_days).close()
+    return LocalFleetBackend(scratch, workdir=workdir)
 
 
 class ExportedMosquittoBackend:

@@ -1,6 +1,6 @@
-"""provisioning: device identity, the fleet CA, the registry, the ledger and (later) the station.
+"""provisioning: device identity, the fleet CA, the registry, the ledger and the bench station.
 
-May import ``hardware`` and nothing else of ours (DESIGN.md, "the one dependency rule").
+May import ``hardware`` and nothing else of ours (docs/ARCHITECTURE.md, the one dependency rule).
 """
 
 from provisioning.errors import (

@@ -1,7 +1,8 @@
 """Certificate profiles and the CSR policy: pure functions over cryptography objects, no disk.
 
-The profiles are those of DESIGN.md: a root that signs one online issuing CA, device and service
-leaves that carry their identity as a SPIFFE URI (CN agrees), and the broker's server certificate.
+The profiles are those of docs/ARCHITECTURE.md ("Certificates"): a root that signs one online
+issuing CA, device and service leaves that carry their identity as a SPIFFE URI (CN agrees), and
+the broker's server certificate.
 """
 
 from __future__ import annotations

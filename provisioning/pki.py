@@ -1,6 +1,6 @@
 """A PKI directory: the fleet CA on disk, with its registry, ledger and CRL.
 
-Layout (DESIGN.md, "Files that others read")::
+Layout (docs/ARCHITECTURE.md, "Files")::
 
     pki.toml  root.crt  issuing.crt  server.crt  crl.pem  registry.sqlite3  ledger.jsonl
     private/  root.key  issuing.key  server.key           (0700 / 0600)
@@ -589,7 +589,7 @@ class PKI:
     def _stage_credentials(
         self, item: Prepared, staged: StagedDirectory, broker: str | None
     ) -> None:
-        """Write the credential directory of DESIGN.md into a staging directory."""
+        """Write the credential directory of docs/ARCHITECTURE.md into a staging directory."""
         if item.key_pem is not None:
             staged.write("device.key", item.key_pem, mode=KEY_MODE)
         staged.write("device.crt", item.cert_chain_pem)

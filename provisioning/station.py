@@ -1,6 +1,6 @@
 """The bench station: put an identity onto a device over the serial provisioning protocol.
 
-One device, start to finish (DESIGN.md, "The serial provisioning protocol")::
+One device, start to finish (docs/SERIAL_PROTOCOL.md)::
 
     HELLO          who is there: hardware serial, state, can it make keys
     GENKEY         (device key mode) the device makes its key and returns a CSR; or, in station

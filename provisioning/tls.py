@@ -128,7 +128,7 @@ def client_context(
 def server_context_for_pki(
     pki_dir: Path, *, password: bytes | None = None, check_crl: bool = True
 ) -> ssl.SSLContext:
-    """The broker's context from a PKI directory (DESIGN.md layout)."""
+    """The broker's context from a PKI directory (docs/ARCHITECTURE.md, "Files")."""
     return server_context(
         cert_chain=pki_dir / "server.crt",
         key=pki_dir / "private" / "server.key",

@@ -1,4 +1,4 @@
-"""The layout contract of DESIGN.md: who may import whom, and what a device installs."""
+"""The layout contract of docs/ARCHITECTURE.md: who may import whom, and what a device installs."""
 
 from __future__ import annotations
 
@@ -33,7 +33,7 @@ def _imports(path: Path) -> set[str]:
 
 @pytest.mark.parametrize("package", sorted(ALLOWED))
 def test_dependency_rule(package: str) -> None:
-    """Each package imports only the packages DESIGN.md allows it."""
+    """Each package imports only the packages docs/ARCHITECTURE.md allows it."""
     for path in sorted((ROOT / package).rglob("*.py")):
         for module in _imports(path):
             top = module.split(".")[0]

@@ -6,6 +6,7 @@ import shutil
 import socket
 import ssl
 import struct
+import subprocess
 import threading
 import time
 from collections.abc import Callable
@@ -31,6 +32,18 @@ def wait_until(predicate: Callable[[], object], timeout: float = 5.0) -> bool:
             return True
         time.sleep(0.01)
     return bool(predicate())
+
+
+def stderr_line(proc: subprocess.Popen[str], fragment: str, timeout: float = 30.0) -> str:
+    """The first line of ``proc``'s stderr that contains ``fragment`` ("" if it exits first)."""
+    assert proc.stderr is not None
+    line = ""
+    deadline = time.monotonic() + timeout
+    while fragment not in line and time.monotonic() < deadline:
+        line = proc.stderr.readline()
+        if not line and proc.poll() is not None:
+            return ""
+    return line.strip()
 
 
 @dataclass

@@ -21,7 +21,7 @@ from device_agent import Agent
 from device_agent.credentials import load_credentials
 from device_agent.fleet import FleetSpec, run_fleet
 from iotauth.fleet_backend import ExportedMosquittoBackend
-from tests.broker.broker_helpers import Fleet, Peer
+from tests.broker.broker_helpers import Fleet, Peer, stderr_line
 from tests.conftest import CLI, Result
 from tests.device_agent.agent_helpers import Sink, run_mixed_fleet, wait_until
 
@@ -224,13 +224,7 @@ def test_agent_renews_through_the_exported_mosquitto(
         text=True,
     )
     try:
-        assert service.stderr is not None
-        banner = ""
-        deadline = time.monotonic() + 30
-        while "serving through" not in banner and time.monotonic() < deadline:
-            banner = service.stderr.readline()
-            if not banner and service.poll() is not None:
-                break
+        banner = stderr_line(service, "serving through")
         assert "serving through" in banner, banner
         agent = agents(store, m.port)
         assert agent_conftest.connected(agent), agent.stats.last_failure

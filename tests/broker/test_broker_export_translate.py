@@ -194,6 +194,14 @@ def test_cli_export_prints_warnings_and_strict_refuses(
     ok = cli("broker", "export", "--pki", pki, "--out", str(tmp_path / "a"), "--no-kick")
     assert ok.returncode == 0, ok.stderr
     assert "mosquitto configuration written to" in ok.stdout
+    # How to start it, as root too (docs/EXPORT.md, "Files and ownership").
+    out = tmp_path / "a"
+    assert f"start it with: mosquitto -c {out / 'mosquitto.conf'}" in ok.stdout
+    assert f"chown -R mosquitto {out}, or export again with --run-as USER" in ok.stdout
+    as_me = cli(
+        "broker", "export", "--pki", pki, "--out", str(tmp_path / "d"), "--run-as", "nobody"
+    )
+    assert f"runs as user 'nobody', who must own {tmp_path / 'd'}" in as_me.stdout, as_me.stderr
     assert "warning: rule 'service-fleet-io'" in ok.stderr
     strict = cli("broker", "export", "--pki", pki, "--out", str(tmp_path / "b"), "--strict")
     assert_one_line_error(strict, "--strict")

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from broker.server import BrokerThread
-from tests.broker.broker_helpers import Fleet, Peer, wait_until
+from tests.broker.broker_helpers import Fleet, Peer, stderr_line, wait_until
 from tests.conftest import (
     MOSQUITTO_PUB,
     MOSQUITTO_SUB,
@@ -248,3 +248,33 @@ def test_max_connections_raises_the_open_file_limit(fleet: Fleet, over_hard: boo
     finally:
         proc.terminate()
         proc.wait(timeout=10)
+
+
+def _banner(pki_dir: Path, *extra: str) -> str:
+    """Start `broker run --port 0`, return its banner line, stop it."""
+    proc = subprocess.Popen(
+        [*RUN, "run", "--pki", str(pki_dir), "--port", "0", *extra],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        return stderr_line(proc, "listening")
+    finally:
+        proc.terminate()
+        proc.wait(timeout=10)
+
+
+def test_broker_run_says_when_it_issues_the_renewal_certificate(fleet: Fleet) -> None:
+    """The renewal service's certificate is issued on first start, and the banner says so."""
+    services = fleet.pki_dir / "services" / "renewal"
+    assert not services.exists()
+    first = _banner(fleet.pki_dir)
+    assert "renewal service on, as service 'renewal': issued its certificate into" in first, first
+    assert str(services) in first
+    assert (services / "device.crt").is_file()
+    second = _banner(fleet.pki_dir)
+    assert "renewal service on" in second, second
+    assert "issued" not in second, second
+    off = _banner(fleet.pki_dir, "--no-renewal")
+    assert "renewal service off (--no-renewal)" in off, off

@@ -1,4 +1,4 @@
-"""The policy file: loading, the default DESIGN.md table, deny-by-default, and `broker explain`."""
+"""The policy file: loading, the default table, deny-by-default, and `broker explain`."""
 
 from __future__ import annotations
 
@@ -41,7 +41,7 @@ RENEWAL = Identity.service("renewal", "fleet.example")
 def test_default_policy_is_the_design_table(
     who: Identity, action: Action, topic: str, allowed: bool
 ) -> None:
-    """Each grant of DESIGN.md's table, with the neighbouring topics it must not grant."""
+    """Each grant of the default table, with the neighbouring topics it must not grant."""
     assert default_policy().decide(who, action, topic).allowed is allowed
 
 

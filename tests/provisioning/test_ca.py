@@ -20,7 +20,7 @@ def _mode(path: Path) -> int:
 
 
 def test_init_writes_the_documented_layout(pki: PKI, pki_dir: Path) -> None:
-    """Every file of DESIGN.md's PKI directory exists; private keys are 0600 in a 0700 dir."""
+    """Every file of the documented PKI directory exists; private keys are 0600 in a 0700 dir."""
     for name in ("pki.toml", "root.crt", "issuing.crt", "server.crt", "crl.pem", "ledger.jsonl"):
         assert (pki_dir / name).is_file(), name
     assert (pki_dir / "registry.sqlite3").is_file()

@@ -192,9 +192,21 @@ def test_ledger_verify_names_the_bad_line(cli: Run, initialised: Path) -> None:
 
 
 # The sizes hit, in turn: the registry opening, the credential files, the registry commit after
-# the ledger line was written (so the line must be taken back), and success.
-@pytest.mark.parametrize("free_bytes", [0, 32768, 61440, 73728, 131072])
-def test_a_full_disk_loses_nothing(tmpfs: Callable[[str], Path], free_bytes: int) -> None:
+# the ledger line was written (so the line must be taken back), and success. Each size names the
+# stage it must fail at, so a change that moves the failure (or lets it pass) is seen.
+@pytest.mark.parametrize(
+    ("free_bytes", "stage"),
+    [
+        (0, "cannot open registry"),
+        (32768, "No space left on device: {out}/"),
+        (61440, "cannot commit to registry"),
+        (73728, "cannot commit to registry"),
+        (131072, None),
+    ],
+)
+def test_a_full_disk_loses_nothing(
+    tmpfs: Callable[[str], Path], free_bytes: int, stage: str | None
+) -> None:
     """Whatever runs out of space first (registry, ledger, credentials), nothing is half-done."""
     small_disk = tmpfs("1m")
     pki = small_disk / "pki"
@@ -227,11 +239,14 @@ def test_a_full_disk_loses_nothing(tmpfs: Callable[[str], Path], free_bytes: int
     )  # fmt: skip
     filler.unlink()
     after = _snapshot(pki)
-    if proc.returncode == 0:  # enough room after all: then it must be complete
+    if stage is None:  # enough room: then it must be complete
+        assert proc.returncode == 0, proc.stderr
         assert len(after[2]) == len(before[2]) + 1
         assert (out / "device.key").exists()
     else:
-        assert_one_line_error(Result(proc.returncode, proc.stdout, proc.stderr))
+        assert_one_line_error(
+            Result(proc.returncode, proc.stdout, proc.stderr), stage.format(out=out)
+        )
         assert after == before
         assert not out.exists()
         assert not [p.name for p in (small_disk).iterdir() if p.name.startswith(".")]
