@@ -24,6 +24,7 @@ from __future__ import annotations
 import base64
 import binascii
 import datetime as dt
+import functools
 import heapq
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -34,7 +35,7 @@ from cryptography.exceptions import InvalidSignature
 
 from broker.auth import Authenticated, ConnectionFacts, certificate_identity, check_certificate_now
 from broker.errors import Refused
-from provisioning.identity import IdentityKind
+from provisioning.identity import Identity, IdentityKind
 from provisioning.tokens import DEFAULT_TTL, MAX_TTL, TokenError, algorithm_for
 
 __all__ = ["DeviceTokenAuthenticator", "ReplayCache"]
@@ -110,8 +111,13 @@ class DeviceTokenAuthenticator:
 
     async def authenticate(self, facts: ConnectionFacts) -> Authenticated:
         token = facts.password or ""
-        cert = self._certificate(token)
-        identity = certificate_identity(cert, self._trust_domain)
+        try:
+            header = jwt.get_unverified_header(token)
+        except jwt.DecodeError:
+            raise Refused(
+                "token-malformed", "the password is not a JWT", connack=_BAD_CREDENTIALS
+            ) from None
+        cert, identity = self._certificate(header)
         who = str(identity)
         if identity.kind is not IdentityKind.DEVICE:
             raise Refused("token-not-device", "only devices sign their own tokens", identity=who)
@@ -121,7 +127,6 @@ class DeviceTokenAuthenticator:
             expected = algorithm_for(cert.public_key())
         except TokenError as exc:
             raise Refused("token-algorithm", str(exc), identity=who) from None
-        header = jwt.get_unverified_header(token)
         if header.get("alg") != expected:
             raise Refused(
                 "token-algorithm",
@@ -160,13 +165,7 @@ class DeviceTokenAuthenticator:
             not_after=min(token_end, cert.not_valid_after_utc),
         )
 
-    def _certificate(self, token: str) -> x509.Certificate:
-        try:
-            header = jwt.get_unverified_header(token)
-        except jwt.DecodeError:
-            raise Refused(
-                "token-malformed", "the password is not a JWT", connack=_BAD_CREDENTIALS
-            ) from None
+    def _certificate(self, header: dict[str, object]) -> tuple[x509.Certificate, Identity]:
         x5c = header.get("x5c")
         if not isinstance(x5c, list) or not x5c or not isinstance(x5c[0], str):
             raise Refused(
@@ -174,8 +173,15 @@ class DeviceTokenAuthenticator:
                 "the token header has no x5c certificate",
                 connack=_BAD_CREDENTIALS,
             )
+        return self._trusted(x5c[0], self._issuer())
+
+    # A device reconnects with the same certificate many times: its issuer signature and identity
+    # are checked once per (certificate, issuing CA). Validity, revocation and the token itself
+    # are checked on every connect. A refusal raises, so only trusted certificates are cached.
+    @functools.lru_cache(maxsize=4096)  # noqa: B019 - one authenticator per broker, bounded
+    def _trusted(self, x5c: str, issuer: x509.Certificate) -> tuple[x509.Certificate, Identity]:
         try:
-            cert = x509.load_der_x509_certificate(base64.b64decode(x5c[0], validate=True))
+            cert = x509.load_der_x509_certificate(base64.b64decode(x5c, validate=True))
         except (ValueError, binascii.Error):
             raise Refused(
                 "token-bad-certificate",
@@ -183,14 +189,14 @@ class DeviceTokenAuthenticator:
                 connack=_BAD_CREDENTIALS,
             ) from None
         try:
-            cert.verify_directly_issued_by(self._issuer())
+            cert.verify_directly_issued_by(issuer)
         except (ValueError, TypeError, InvalidSignature):
             raise Refused(
                 "token-untrusted-certificate",
                 "the x5c certificate was not issued by this fleet's issuing CA",
                 connack=_BAD_CREDENTIALS,
             ) from None
-        return cert
+        return cert, certificate_identity(cert, self._trust_domain)
 
     def _verify(
         self, token: str, cert: x509.Certificate, alg: str, now: dt.datetime, who: str
