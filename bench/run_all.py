@@ -36,6 +36,11 @@ BENCHES: list[tuple[str, str, list[str]]] = [
     ),
     ("broker_acl", "Broker: the ACL's share of the publish path", [PY, "bench/broker_acl.py"]),
     (
+        "auth_connect",
+        "Broker: CPU per connect for each authentication method",
+        [PY, "bench/auth_connect.py"],
+    ),
+    (
         "broker_10k",
         "Broker: 10,000 connected devices",
         [

@@ -25,11 +25,20 @@ from provisioning.errors import InvalidIdentityError
 from provisioning.identity import Identity, parse_spiffe_id
 
 __all__ = [
+    "CERTIFICATE_METHODS",
     "Authenticated",
     "Authenticator",
     "ConnectionFacts",
+    "ListenerAuthenticator",
     "MutualTLSAuthenticator",
+    "certificate_identity",
+    "check_certificate_now",
+    "presented_method",
 ]
+
+
+# Methods whose ``Authenticated.credential`` is a certificate serial, so the CRL revokes them.
+CERTIFICATE_METHODS = frozenset({"mtls", "jwt"})
 
 
 @dataclass(frozen=True, slots=True)
@@ -94,16 +103,8 @@ class MutualTLSAuthenticator:
             cert = x509.load_der_x509_certificate(der)
         except ValueError:
             raise Refused("bad-certificate", "the client certificate cannot be parsed") from None
-        identity = self._identity(cert)
-        now = self._clock()
-        if now >= cert.not_valid_after_utc:
-            raise Refused("expired", "the certificate has expired", identity=str(identity))
-        if now < cert.not_valid_before_utc:
-            raise Refused(
-                "not-yet-valid", "the certificate is not valid yet", identity=str(identity)
-            )
-        if self._is_revoked(cert.serial_number):
-            raise Refused("revoked", "the certificate is revoked", identity=str(identity))
+        identity = certificate_identity(cert, self._trust_domain)
+        check_certificate_now(cert, identity, self._clock(), self._is_revoked)
         return Authenticated(
             identity=identity,
             method="mtls",
@@ -111,42 +112,110 @@ class MutualTLSAuthenticator:
             not_after=cert.not_valid_after_utc,
         )
 
-    def _identity(self, cert: x509.Certificate) -> Identity:
-        ext = cert.extensions
-        try:
-            if ext.get_extension_for_class(x509.BasicConstraints).value.ca:
-                raise Refused("ca-certificate", "a CA certificate cannot be a client")
-        except x509.ExtensionNotFound:
-            raise Refused("not-end-entity", "the certificate has no BasicConstraints") from None
-        try:
-            usages = ext.get_extension_for_class(x509.ExtendedKeyUsage).value
-        except x509.ExtensionNotFound:
-            raise Refused("wrong-purpose", "the certificate has no extended key usage") from None
-        if ExtendedKeyUsageOID.CLIENT_AUTH not in usages:
-            raise Refused("wrong-purpose", "the certificate is not for client authentication")
-        try:
-            sans = ext.get_extension_for_class(x509.SubjectAlternativeName).value
-        except x509.ExtensionNotFound:
-            raise Refused("no-identity", "the certificate has no subjectAltName") from None
-        uris = sans.get_values_for_type(x509.UniformResourceIdentifier)
-        if len(uris) != 1:
-            # amqtt's contrib plugin reads uris[0] (and crashes on none); one URI, exactly.
-            raise Refused("no-identity", f"expected exactly one SAN URI, found {len(uris)}")
-        try:
-            identity = parse_spiffe_id(uris[0])
-        except InvalidIdentityError as exc:
-            raise Refused("no-identity", str(exc)) from None
-        if identity.trust_domain != self._trust_domain:
+
+def check_certificate_now(
+    cert: x509.Certificate,
+    identity: Identity,
+    now: dt.datetime,
+    is_revoked: Callable[[int], bool],
+) -> None:
+    """Validity and revocation at this moment (what a resumed TLS session or a token skips)."""
+    if now >= cert.not_valid_after_utc:
+        raise Refused("expired", "the certificate has expired", identity=str(identity))
+    if now < cert.not_valid_before_utc:
+        raise Refused("not-yet-valid", "the certificate is not valid yet", identity=str(identity))
+    if is_revoked(cert.serial_number):
+        raise Refused("revoked", "the certificate is revoked", identity=str(identity))
+
+
+def certificate_identity(cert: x509.Certificate, trust_domain: str) -> Identity:
+    """The identity an end-entity client certificate of this trust domain names, or Refused."""
+    ext = cert.extensions
+    try:
+        if ext.get_extension_for_class(x509.BasicConstraints).value.ca:
+            raise Refused("ca-certificate", "a CA certificate cannot be a client")
+    except x509.ExtensionNotFound:
+        raise Refused("not-end-entity", "the certificate has no BasicConstraints") from None
+    try:
+        usages = ext.get_extension_for_class(x509.ExtendedKeyUsage).value
+    except x509.ExtensionNotFound:
+        raise Refused("wrong-purpose", "the certificate has no extended key usage") from None
+    if ExtendedKeyUsageOID.CLIENT_AUTH not in usages:
+        raise Refused("wrong-purpose", "the certificate is not for client authentication")
+    try:
+        sans = ext.get_extension_for_class(x509.SubjectAlternativeName).value
+    except x509.ExtensionNotFound:
+        raise Refused("no-identity", "the certificate has no subjectAltName") from None
+    uris = sans.get_values_for_type(x509.UniformResourceIdentifier)
+    if len(uris) != 1:
+        # amqtt's contrib plugin reads uris[0] (and crashes on none); one URI, exactly.
+        raise Refused("no-identity", f"expected exactly one SAN URI, found {len(uris)}")
+    try:
+        identity = parse_spiffe_id(uris[0])
+    except InvalidIdentityError as exc:
+        raise Refused("no-identity", str(exc)) from None
+    if identity.trust_domain != trust_domain:
+        raise Refused(
+            "foreign-trust-domain",
+            f"{identity.trust_domain} is not {trust_domain}",
+            identity=str(identity),
+        )
+    cns = cert.subject.get_attributes_for_oid(NameOID.COMMON_NAME)
+    if len(cns) != 1 or cns[0].value != identity.name:
+        raise Refused(
+            "cn-mismatch",
+            "the subject CN does not equal the SAN identity",
+            identity=str(identity),
+        )
+    return identity
+
+
+class ListenerAuthenticator:
+    """The methods one listener accepts, each with its authenticator; picks one per connection.
+
+    The method follows from what the client presented, never from what it claims: a verified
+    client certificate is ``mtls``; a password that is a compact JWS carrying ``x5c`` is ``jwt``.
+    A method the listener does not list is refused before any credential is checked, and a method
+    that the identity's kind may not use (``methods_by_kind``) after it is: a service cannot come
+    in with a device token, nor a device with a shared secret, whatever the listener accepts.
+    """
+
+    def __init__(
+        self,
+        methods: frozenset[str],
+        authenticators: dict[str, Authenticator],
+        methods_by_kind: dict[str, frozenset[str]],
+    ) -> None:
+        self.methods = methods
+        self._authenticators = authenticators
+        self._methods_by_kind = methods_by_kind
+
+    async def authenticate(self, facts: ConnectionFacts) -> Authenticated:
+        method = presented_method(facts)
+        if method not in self.methods:
             raise Refused(
-                "foreign-trust-domain",
-                f"{identity.trust_domain} is not {self._trust_domain}",
-                identity=str(identity),
+                "method-not-allowed",
+                f"{method} is not accepted on this listener ({', '.join(sorted(self.methods))})",
             )
-        cns = cert.subject.get_attributes_for_oid(NameOID.COMMON_NAME)
-        if len(cns) != 1 or cns[0].value != identity.name:
+        result = await self._authenticators[method].authenticate(facts)
+        allowed = self._methods_by_kind.get(result.identity.kind.value, frozenset())
+        if method not in allowed:
             raise Refused(
-                "cn-mismatch",
-                "the subject CN does not equal the SAN identity",
-                identity=str(identity),
+                "method-not-allowed",
+                f"a {result.identity.kind.value} may not use {method}",
+                identity=str(result.identity),
             )
-        return identity
+        return result
+
+
+def presented_method(facts: ConnectionFacts) -> str:
+    """Which method the client's credentials are for (not whether they are any good)."""
+    from provisioning.tokens import looks_like_jwt
+
+    if facts.tls is not None and facts.tls.getpeercert(binary_form=True):
+        return "mtls"
+    if looks_like_jwt(facts.password):
+        return "jwt"
+    if facts.password is not None:
+        return "password"
+    return "mtls"  # nothing presented: mutual TLS's own refusal says what is missing

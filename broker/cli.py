@@ -137,6 +137,23 @@ def run(
             help="Connections (handshaking or established) above which new sockets are closed.",
         ),
     ] = _DEFAULT_LIMITS.max_connections,
+    listen: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--listen",
+            metavar="PORT:METHODS",
+            help=(
+                "A listener and the methods it accepts, e.g. 8883:mtls or 8884:jwt "
+                "(repeatable; replaces --port). Methods: mtls, jwt."
+            ),
+        ),
+    ] = None,
+    token_max_ttl: Annotated[
+        int,
+        typer.Option(
+            "--token-max-ttl", min=1, max=86400, help="Longest device-token lifetime accepted (s)."
+        ),
+    ] = 3600,
 ) -> None:
     """Run the broker until interrupted. Audit lines (JSON) go to stdout, logs to stderr.
 
@@ -146,7 +163,7 @@ def run(
     """
     from broker.renewal import RenewalSettings
     from broker.server import run_broker
-    from broker.settings import BrokerSettings
+    from broker.settings import BrokerSettings, ListenerSpec
     from provisioning.pki import passphrase_from_env
 
     logging.basicConfig(
@@ -173,6 +190,8 @@ def run(
             )
             if renewal
             else None,
+            listeners=tuple(ListenerSpec.parse(text) for text in listen or ()),
+            token_max_ttl=token_max_ttl,
         )
 
         def audit_line(line: str) -> None:
@@ -185,14 +204,17 @@ def run(
 
         async def main() -> None:
             async with run_broker(settings, audit_sink=audit_line) as running:
-                where = f"{host}:{running.port}"
+                where = ", ".join(
+                    f"{host}:{bound} ({spec.partition(':')[2]})"
+                    for spec, bound in running.ports.items()
+                )
                 extra = (
                     f", metrics on 127.0.0.1:{running.metrics_port}"
                     if metrics_port is not None
                     else ""
                 )
                 print(
-                    f"iotauth broker listening on {where} (mTLS, CRL #{running.crl.number}{extra})"
+                    f"iotauth broker listening on {where} (CRL #{running.crl.number}{extra})"
                     f"; {_renewal_note(renewal, renewal_cert, before)}",
                     file=sys.stderr,
                     flush=True,

@@ -36,7 +36,7 @@ from typing import Protocol
 
 from broker import mqtt
 from broker.audit import AuditLog
-from broker.auth import Authenticated
+from broker.auth import CERTIFICATE_METHODS, Authenticated
 from broker.errors import Refused, TopicError
 from broker.metrics import Metrics
 from broker.policy import Action, Grants, Policy
@@ -547,12 +547,13 @@ class BrokerCore:
         return session is not None
 
     def kick_revoked(self, revoked: frozenset[int]) -> int:
-        """Close every session whose certificate serial is in ``revoked``; forget its state,
-        including offline persistent sessions (they hold queued messages)."""
+        """Close every session whose certificate serial is in ``revoked`` (mutual TLS, and device
+        tokens, which name their certificate); forget its state, including offline persistent
+        sessions (they hold queued messages)."""
         kicked = 0
         for session in list(self.sessions.values()):
             auth = session.authenticated
-            if auth.method != "mtls" or int(auth.credential, 16) not in revoked:
+            if auth.method not in CERTIFICATE_METHODS or int(auth.credential, 16) not in revoked:
                 continue
             if session.link is not None:
                 self.kick_session(session, "revoked")

@@ -34,7 +34,7 @@ from cryptography import x509
 from broker.errors import ConfigError
 from provisioning.config import PKIConfig
 from provisioning.errors import ProvisioningError
-from provisioning.tls import server_context_for_pki
+from provisioning.tls import ClientCertificates, server_context_for_pki
 
 __all__ = ["CRLState", "RevocationWatcher", "read_crl"]
 
@@ -111,7 +111,11 @@ class RevocationWatcher:
             raise ConfigError(msg) from None
         self._stamp = _stamp(pki_dir / "crl.pem")
         self.state = read_crl(pki_dir / "crl.pem", self._issuer)
-        self.context = self._build_context()
+        # One server context per client-certificate mode in use (mutual TLS, and listeners that
+        # also or only take tokens); all rebuilt together when the CRL changes.
+        self._contexts: dict[ClientCertificates, ssl.SSLContext] = {
+            "required": self._build_context("required")
+        }
         self._last_stale_warning: float | None = None
 
     @property
@@ -121,12 +125,33 @@ class RevocationWatcher:
     def seconds_left(self) -> float:
         return self.state.seconds_left()
 
+    @property
+    def issuer(self) -> x509.Certificate:
+        """The issuing CA that signs this fleet's certificates and CRL."""
+        return self._issuer
+
+    @property
+    def context(self) -> ssl.SSLContext:
+        """The mutual-TLS server context for the CRL in force."""
+        return self._contexts["required"]
+
+    def context_for(self, client_certificates: ClientCertificates) -> ssl.SSLContext:
+        """The server context for a listener's client-certificate mode, for the CRL in force."""
+        if client_certificates not in self._contexts:
+            self._contexts[client_certificates] = self._build_context(client_certificates)
+        return self._contexts[client_certificates]
+
     def is_revoked(self, serial: int) -> bool:
         return serial in self.state.revoked
 
-    def _build_context(self) -> ssl.SSLContext:
+    def _build_context(self, client_certificates: ClientCertificates) -> ssl.SSLContext:
         try:
-            return server_context_for_pki(self.pki_dir, password=self._password, check_crl=True)
+            return server_context_for_pki(
+                self.pki_dir,
+                password=self._password,
+                check_crl=client_certificates != "none",
+                client_certificates=client_certificates,
+            )
         except ProvisioningError as exc:
             raise ConfigError(str(exc)) from None
 
@@ -150,11 +175,11 @@ class RevocationWatcher:
                 )
             return False
         try:
-            context = self._build_context()
+            contexts = {mode: self._build_context(mode) for mode in self._contexts}
         except ConfigError as exc:
             log.warning("cannot rebuild the TLS context for CRL #%d: %s", state.number, exc)
             return False
-        self.state, self.context = state, context
+        self.state, self._contexts = state, contexts
         log.info("CRL #%d in force: %d revoked certificate(s)", state.number, len(state.revoked))
         if self.on_change is not None:
             await self.on_change(state)

@@ -19,7 +19,8 @@ from typing import Any, TypeVar
 
 from broker._listener import TLSListener
 from broker.audit import AuditLog
-from broker.auth import Authenticator, MutualTLSAuthenticator
+from broker.auth import Authenticator, ListenerAuthenticator, MutualTLSAuthenticator
+from broker.auth_jwt import DeviceTokenAuthenticator
 from broker.core import BrokerCore
 from broker.errors import BrokerError, ConfigError
 from broker.metrics import Metrics, serve_metrics
@@ -41,7 +42,7 @@ class RunningBroker:
         settings: BrokerSettings,
         *,
         core: BrokerCore,
-        listener: TLSListener,
+        listeners: list[TLSListener],
         watcher: RevocationWatcher,
         audit: AuditLog,
         metrics: Metrics,
@@ -49,7 +50,7 @@ class RunningBroker:
     ) -> None:
         self.settings = settings
         self._core = core
-        self._listener = listener
+        self._listeners = listeners
         self.watcher = watcher
         self.audit = audit
         self.metrics = metrics
@@ -63,7 +64,16 @@ class RunningBroker:
 
     @property
     def port(self) -> int:
-        return self._listener.port
+        """The first listener's port (the only one unless ``settings.listeners`` names more)."""
+        return self._listeners[0].port
+
+    @property
+    def ports(self) -> dict[str, int]:
+        """Each listener's bound port, keyed by its spec as given (``"0:jwt"`` -> 41234)."""
+        return {
+            str(spec): listener.port
+            for spec, listener in zip(self.settings.listener_specs, self._listeners, strict=True)
+        }
 
     @property
     def metrics_port(self) -> int | None:
@@ -100,9 +110,6 @@ async def run_broker(
     watcher = RevocationWatcher(
         settings.pki_dir, password=settings.key_password, interval=settings.crl_poll_interval
     )
-    auth = authenticator or MutualTLSAuthenticator(
-        trust_domain=watcher.trust_domain, is_revoked=watcher.is_revoked
-    )
     core = BrokerCore(settings, audit=audit, metrics=metrics)
 
     async def on_crl(state: CRLState) -> None:
@@ -114,38 +121,35 @@ async def run_broker(
     watcher.on_change = on_crl
     metrics.set("iotauth_broker_crl_number", watcher.state.number)
     metrics.gauge("iotauth_broker_crl_next_update_seconds", watcher.seconds_left)
-    listener = TLSListener(
-        host=settings.host,
-        port=settings.port,
-        context=lambda: watcher.context,
-        core=core,
-        authenticator=auth,
-        limits=settings.limits,
-        audit=audit,
-        metrics=metrics,
-    )
+    listeners = _listeners(settings, watcher, core, audit, metrics, authenticator)
     tasks: list[asyncio.Task[None]] = []
     metrics_server: asyncio.Server | None = None
     renewal: RenewalService | None = None
     try:
-        try:
-            await listener.start()
-            if settings.metrics_port is not None:
+        for spec, listener in zip(settings.listener_specs, listeners, strict=True):
+            try:
+                await listener.start()
+            except OSError as exc:
+                msg = f"cannot listen on {settings.host}:{spec.port}: {exc.strerror or exc}"
+                raise ConfigError(msg) from None
+        if settings.metrics_port is not None:
+            try:
                 metrics_server = await serve_metrics(
                     metrics, settings.metrics_host, settings.metrics_port
                 )
-        except OSError as exc:
-            msg = f"cannot listen on {settings.host}:{settings.port}: {exc.strerror or exc}"
-            raise ConfigError(msg) from None
+            except OSError as exc:
+                where = f"{settings.metrics_host}:{settings.metrics_port}"
+                msg = f"cannot serve metrics on {where}: {exc.strerror or exc}"
+                raise ConfigError(msg) from None
         tasks.append(asyncio.create_task(watcher.run(), name="broker-crl-watcher"))
         tasks.append(asyncio.create_task(_expiry_loop(core), name="broker-cert-expiry"))
         if settings.renewal is not None:
-            renewal = _start_renewal(settings, listener.port, audit)
+            renewal = _start_renewal(settings, _mtls_port(settings, listeners), audit)
             await asyncio.to_thread(renewal.start)
         running = RunningBroker(
             settings,
             core=core,
-            listener=listener,
+            listeners=listeners,
             watcher=watcher,
             audit=audit,
             metrics=metrics,
@@ -161,7 +165,65 @@ async def run_broker(
         await asyncio.gather(*tasks, return_exceptions=True)
         if metrics_server is not None:
             metrics_server.close()
-        await listener.close()
+        for listener in listeners:
+            await listener.close()
+
+
+def _listeners(
+    settings: BrokerSettings,
+    watcher: RevocationWatcher,
+    core: BrokerCore,
+    audit: AuditLog,
+    metrics: Metrics,
+    authenticator: Authenticator | None,
+) -> list[TLSListener]:
+    """One TLSListener per spec, each with its TLS context mode and its methods' authenticators.
+
+    An ``authenticator`` passed in (tests, embedders) serves every listener as it is.
+    """
+    by_method: dict[str, Authenticator] = {
+        "mtls": MutualTLSAuthenticator(
+            trust_domain=watcher.trust_domain, is_revoked=watcher.is_revoked
+        ),
+    }
+    specs = settings.listener_specs
+    if any("jwt" in spec.methods for spec in specs):
+        by_method["jwt"] = DeviceTokenAuthenticator(
+            trust_domain=watcher.trust_domain,
+            issuer=lambda: watcher.issuer,
+            is_revoked=watcher.is_revoked,
+            audience=settings.token_audience,
+            max_ttl=settings.token_max_ttl,
+            leeway=settings.token_leeway,
+        )
+    listeners = []
+    for spec in specs:
+        auth = authenticator or ListenerAuthenticator(
+            spec.methods, by_method, settings.methods_by_kind
+        )
+        mode = spec.client_certificates
+        listeners.append(
+            TLSListener(
+                host=settings.host,
+                port=spec.port,
+                context=lambda mode=mode: watcher.context_for(mode),  # type: ignore[misc]
+                core=core,
+                authenticator=auth,
+                limits=settings.limits,
+                audit=audit,
+                metrics=metrics,
+            )
+        )
+    return listeners
+
+
+def _mtls_port(settings: BrokerSettings, listeners: list[TLSListener]) -> int:
+    """Where the in-process renewal service connects: it proves itself with its certificate."""
+    for spec, listener in zip(settings.listener_specs, listeners, strict=True):
+        if "mtls" in spec.methods:
+            return listener.port
+    msg = "the renewal service needs a listener that accepts mtls"
+    raise ConfigError(msg)
 
 
 class _ObservedAudit(AuditLog):

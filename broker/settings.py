@@ -12,7 +12,82 @@ from broker.policy import Policy, default_policy
 if TYPE_CHECKING:
     from broker.renewal import RenewalSettings
 
-__all__ = ["BrokerSettings", "Limits"]
+__all__ = [
+    "AVAILABLE_METHODS",
+    "DEFAULT_METHODS_BY_KIND",
+    "METHODS",
+    "BrokerSettings",
+    "Limits",
+    "ListenerSpec",
+]
+
+# Every way in that the broker knows (docs/BROKER.md, "Authentication methods").
+METHODS = ("mtls", "jwt", "oidc", "scram", "password")
+# The methods this version implements; a listener that names another is refused at start.
+AVAILABLE_METHODS = frozenset({"mtls", "jwt"})
+# Which methods each kind of identity may use, wherever a listener accepts them: a device proves
+# itself with its own key (certificate or signed token); services may also use the company's
+# identity provider or a shared secret.
+DEFAULT_METHODS_BY_KIND: dict[str, frozenset[str]] = {
+    "device": frozenset({"mtls", "jwt"}),
+    "service": frozenset({"mtls", "oidc", "scram", "password"}),
+}
+
+
+@dataclass(frozen=True, slots=True)
+class ListenerSpec:
+    """One TLS listener and the methods it accepts: ``8883:mtls``, ``8884:jwt,password``.
+
+    There is never a plaintext listener: one that takes only ``mtls`` demands a client certificate
+    in the handshake; one that takes other methods is server-authenticated TLS (the client checks
+    the broker's certificate, the broker checks the client's token or secret inside MQTT), and asks
+    for a certificate optionally when it also lists ``mtls``.
+    """
+
+    port: int
+    methods: frozenset[str]
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.port <= 65535:
+            msg = f"listener port {self.port} is out of range (0-65535)"
+            raise ConfigError(msg)
+        if not self.methods:
+            msg = f"listener {self.port} names no method (one or more of {', '.join(METHODS)})"
+            raise ConfigError(msg)
+        unknown = sorted(self.methods - set(METHODS))
+        if unknown:
+            msg = (
+                f"listener {self.port}: unknown method {', '.join(unknown)} "
+                f"(methods: {', '.join(METHODS)})"
+            )
+            raise ConfigError(msg)
+        missing = sorted(self.methods - AVAILABLE_METHODS)
+        if missing:
+            msg = (
+                f"listener {self.port}: method {', '.join(missing)} is not available in this "
+                f"version (available: {', '.join(sorted(AVAILABLE_METHODS))})"
+            )
+            raise ConfigError(msg)
+
+    @classmethod
+    def parse(cls, text: str) -> ListenerSpec:
+        """``PORT:METHOD[,METHOD...]`` as given to ``--listen``."""
+        port_text, sep, methods_text = text.partition(":")
+        if not sep or not port_text.strip().isdigit():
+            msg = f"--listen {text!r}: expected PORT:METHOD[,METHOD...], e.g. 8883:mtls"
+            raise ConfigError(msg)
+        methods = frozenset(m.strip() for m in methods_text.split(",") if m.strip())
+        return cls(int(port_text), methods)
+
+    @property
+    def client_certificates(self) -> Literal["required", "optional", "none"]:
+        if self.methods == {"mtls"}:
+            return "required"
+        return "optional" if "mtls" in self.methods else "none"
+
+    def __str__(self) -> str:
+        return f"{self.port}:{','.join(m for m in METHODS if m in self.methods)}"
+
 
 KiB = 1024
 MiB = 1024 * KiB
@@ -91,6 +166,22 @@ class BrokerSettings:
     session_expiry: int | None = 24 * 3600
     # The certificate renewal service (broker/renewal.py) in this process; None: not started.
     renewal: RenewalSettings | None = None
+    # The listeners; none given: one mutual-TLS listener on ``port`` (the default of every
+    # earlier version).
+    listeners: tuple[ListenerSpec, ...] = ()
+    # Which methods each kind of identity may use (DEFAULT_METHODS_BY_KIND).
+    methods_by_kind: dict[str, frozenset[str]] = field(
+        default_factory=lambda: dict(DEFAULT_METHODS_BY_KIND)
+    )
+    # Device tokens (the jwt method): the longest lifetime accepted (at most 24 h), the audience
+    # (None: the trust domain) and the clock skew allowed.
+    token_max_ttl: int = 3600
+    token_audience: str | None = None
+    token_leeway: int = 60
+
+    @property
+    def listener_specs(self) -> tuple[ListenerSpec, ...]:
+        return self.listeners or (ListenerSpec(self.port, frozenset({"mtls"})),)
 
     def __post_init__(self) -> None:
         if not 0 <= self.port <= 65535:
@@ -104,4 +195,11 @@ class BrokerSettings:
             raise ConfigError(msg)
         if self.crl_poll_interval <= 0:
             msg = "crl_poll_interval must be positive"
+            raise ConfigError(msg)
+        ports = [spec.port for spec in self.listeners if spec.port != 0]
+        if len(ports) != len(set(ports)):
+            msg = f"two listeners on one port: {', '.join(str(s) for s in self.listeners)}"
+            raise ConfigError(msg)
+        if not 0 < self.token_max_ttl <= 24 * 3600:
+            msg = f"token_max_ttl must be between 1 and 86400 seconds (got {self.token_max_ttl})"
             raise ConfigError(msg)

@@ -19,6 +19,7 @@ from broker.cli import broker_app
 from device_agent.cli import agent_app, fleet_app, set_fleet_backend
 from hardware.cli import hw_app
 from iotauth import __version__
+from iotauth.mqtt_cli import mqtt_app
 from provisioning.cli import ca_app, device_app, ledger_app, service_app
 from provisioning.station_cli import hw_reset_command, provision_command
 
@@ -45,6 +46,7 @@ app.add_typer(hw_app, name="hw")
 app.add_typer(broker_app, name="broker")
 app.add_typer(agent_app, name="agent")
 app.add_typer(fleet_app, name="fleet")
+app.add_typer(mqtt_app, name="mqtt")
 
 
 def _fleet_backend(

@@ -272,6 +272,32 @@ def device_issue(
     )
 
 
+@device_app.command("token")
+def device_token(
+    device_id: Annotated[str, typer.Argument(help="The device whose key signs the token.")],
+    creds: Annotated[
+        Path,
+        typer.Option("--creds", help="The device's credential directory.", show_default=False),
+    ],
+    ttl: Annotated[
+        int, typer.Option("--ttl", help="Lifetime in seconds (1-86400).", show_default=True)
+    ] = 3600,
+    audience: Annotated[
+        str | None, typer.Option("--audience", help="aud claim (default: the trust domain).")
+    ] = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Print a device token (JWT signed by the device key): the MQTT password of the jwt method."""
+    from provisioning.tokens import token_for_credentials
+
+    with user_errors():
+        token, claims = token_for_credentials(creds, device_id, ttl=ttl, audience=audience)
+    if as_json:
+        _print_json({"token": token, "claims": claims})
+    else:
+        print(token)
+
+
 @service_app.command("issue")
 def service_issue(
     name: Annotated[str, typer.Argument(help="Service name: 1-64 of a-z, 0-9, '-'.")],

@@ -17,7 +17,7 @@ from __future__ import annotations
 import json
 import ssl
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal
 
 from provisioning.errors import PKIError
 
@@ -32,6 +32,15 @@ __all__ = [
     "server_context",
     "server_context_for_pki",
 ]
+
+# What a server asks of its clients: mutual TLS, a listener that also takes tokens or secrets, or
+# one that takes no certificates at all.
+ClientCertificates = Literal["required", "optional", "none"]
+_VERIFY_MODES: dict[str, ssl.VerifyMode] = {
+    "required": ssl.CERT_REQUIRED,
+    "optional": ssl.CERT_OPTIONAL,
+    "none": ssl.CERT_NONE,
+}
 
 
 def _load_hardware_key(
@@ -83,11 +92,17 @@ def server_context(
     trust: Path,
     crl: Path | None = None,
     password: bytes | None = None,
+    client_certificates: ClientCertificates = "required",
 ) -> ssl.SSLContext:
-    """A server that demands a client certificate from the fleet (mutual TLS)."""
+    """A server that demands a client certificate from the fleet (mutual TLS).
+
+    ``client_certificates`` is "optional" on a listener that also takes tokens or secrets (a
+    certificate, when sent, is still verified against the fleet and the CRL) and "none" on one that
+    takes no certificates: the client then proves itself inside MQTT, the server by this chain.
+    """
     ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     ctx.minimum_version = ssl.TLSVersion.TLSv1_2
-    ctx.verify_mode = ssl.CERT_REQUIRED
+    ctx.verify_mode = _VERIFY_MODES[client_certificates]
     ctx.verify_flags |= ssl.VERIFY_X509_STRICT
     # No TLS 1.3 tickets and no TLS 1.2 tickets. TLS 1.2 session-ID resumption stays possible
     # within one context's cache, so whoever reloads a CRL must build a new context (the cache
@@ -126,7 +141,11 @@ def client_context(
 
 
 def server_context_for_pki(
-    pki_dir: Path, *, password: bytes | None = None, check_crl: bool = True
+    pki_dir: Path,
+    *,
+    password: bytes | None = None,
+    check_crl: bool = True,
+    client_certificates: ClientCertificates = "required",
 ) -> ssl.SSLContext:
     """The broker's context from a PKI directory (docs/ARCHITECTURE.md, "Files")."""
     return server_context(
@@ -135,6 +154,7 @@ def server_context_for_pki(
         trust=pki_dir / "root.crt",
         crl=pki_dir / "crl.pem" if check_crl else None,
         password=password,
+        client_certificates=client_certificates,
     )
 
 

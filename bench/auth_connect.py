@@ -1,0 +1,263 @@
+"""Broker CPU per connect for each authentication method, next to mutual TLS in the same run.
+
+    .venv/bin/python bench/auth_connect.py [--devices 300] [--rounds 3] [--concurrency 20]
+
+One ``iotauth broker run`` process with two listeners (``--listen P1:mtls --listen P2:jwt``).
+Each round, every device connects once over mutual TLS (its certificate in the handshake) and
+once with a device token (server-authenticated TLS, the token as the MQTT password; each token is
+signed beforehand and used once, since the broker refuses a replayed ``jti``). Each connect is a
+full TLS handshake (no resumption), CONNECT, CONNACK, DISCONNECT. The broker's CPU is read from
+/proc before and after each batch; the figure is the median over rounds of CPU ms per connect.
+
+What dominates is measured in this process, on the same machine: the server's side of a TLS
+handshake with and without a client certificate (memory BIOs, no sockets) and the broker's token
+check alone (``DeviceTokenAuthenticator.authenticate``: the x5c certificate's issuer signature and
+the token's signature, two ECDSA P-256 verifications).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import datetime as dt
+import os
+import re
+import signal
+import ssl
+import statistics
+import struct
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from cryptography import x509
+
+from broker.auth import ConnectionFacts
+from broker.auth_jwt import DeviceTokenAuthenticator
+from provisioning.identity import IdentityKind
+from provisioning.keyfiles import load_private_key
+from provisioning.pki import PKI
+from provisioning.tls import client_context, server_context_for_pki
+from provisioning.tokens import make_device_token
+
+HOST = "127.0.0.1"
+CLK_TCK = os.sysconf("SC_CLK_TCK")
+
+
+def _utf8(text: str) -> bytes:
+    data = text.encode()
+    return struct.pack("!H", len(data)) + data
+
+
+def _varlen(n: int) -> bytes:
+    out = bytearray()
+    while True:
+        n, digit = divmod(n, 128)
+        out.append(digit | (0x80 if n else 0))
+        if not n:
+            return bytes(out)
+
+
+def connect_packet(client_id: str, password: str | None) -> bytes:
+    flags = 0x02  # clean session
+    payload = _utf8(client_id)
+    if password is not None:
+        flags |= 0xC0  # user name + password (the user name is not looked at)
+        payload += _utf8("device") + _utf8(password)
+    body = _utf8("MQTT") + bytes([4, flags]) + struct.pack("!H", 30) + payload
+    return bytes([0x10]) + _varlen(len(body)) + body
+
+
+def cpu_seconds(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / CLK_TCK
+
+
+async def one_connect(port: int, ctx: ssl.SSLContext, client_id: str, password: str | None) -> None:
+    reader, writer = await asyncio.open_connection(HOST, port, ssl=ctx)
+    writer.write(connect_packet(client_id, password))
+    connack = await asyncio.wait_for(reader.readexactly(4), 10)
+    if connack[3] != 0:
+        msg = f"{client_id}: CONNACK {connack[3]}"
+        raise RuntimeError(msg)
+    writer.write(b"\xe0\x00")
+    await writer.drain()
+    writer.close()
+    await writer.wait_closed()
+
+
+async def batch(
+    port: int, jobs: list[tuple[ssl.SSLContext, str, str | None]], concurrency: int
+) -> None:
+    gate = asyncio.Semaphore(concurrency)
+
+    async def run(job: tuple[ssl.SSLContext, str, str | None]) -> None:
+        async with gate:
+            await one_connect(port, *job)
+
+    await asyncio.gather(*(run(job) for job in jobs))
+
+
+def handshake_server_ms(pki_dir: Path, client: ssl.SSLContext, mode: str, n: int = 200) -> float:
+    """Server-side CPU of one full handshake, in memory, for a client-certificate mode."""
+    server = server_context_for_pki(pki_dir, client_certificates=mode)  # type: ignore[arg-type]
+    spent = 0.0
+    for _ in range(n):
+        c_in, c_out, s_in, s_out = (ssl.MemoryBIO() for _ in range(4))
+        cli = client.wrap_bio(c_in, c_out, server_hostname="localhost")
+        srv = server.wrap_bio(s_in, s_out, server_side=True)
+        done_c = done_s = False
+        while not (done_c and done_s):
+            if not done_c:
+                try:
+                    cli.do_handshake()
+                    done_c = True
+                except ssl.SSLWantReadError:
+                    pass
+            s_in.write(c_out.read())
+            t0 = time.process_time()
+            if not done_s:
+                try:
+                    srv.do_handshake()
+                    done_s = True
+                except ssl.SSLWantReadError:
+                    pass
+            spent += time.process_time() - t0
+            c_in.write(s_out.read())
+    return spent / n * 1e3
+
+
+class Devices:
+    """A scratch PKI with ``count`` devices: their TLS contexts, keys and certificates."""
+
+    def __init__(self, root: Path, count: int) -> None:
+        self.pki = PKI.init(root / "pki", trust_domain="bench.example")
+        self.names = [f"dev-{i}" for i in range(count)]
+        creds = {n: root / "creds" / n for n in self.names}
+        self.pki.issue_many(
+            self.names, kind=IdentityKind.DEVICE, out_dirs=[creds[n] for n in self.names]
+        )
+        self.mtls = {
+            n: client_context(
+                trust=creds[n] / "ca.crt",
+                cert_chain=creds[n] / "device.crt",
+                key=creds[n] / "device.key",
+            )
+            for n in self.names
+        }
+        self.server_only = client_context(trust=self.pki.path / "root.crt")
+        for ctx in [*self.mtls.values(), self.server_only]:
+            ctx.options |= ssl.OP_NO_TICKET  # every connect a full handshake
+        self.keys = {n: load_private_key(creds[n] / "device.key") for n in self.names}
+        self.certs = {
+            n: x509.load_pem_x509_certificate((creds[n] / "device.crt").read_bytes())
+            for n in self.names
+        }
+
+    def tokens(self, names: list[str] | None = None) -> list[tuple[str, str]]:
+        """A fresh token per device (the broker refuses a replayed jti)."""
+        return [
+            (n, make_device_token(
+                key=self.keys[n], certificate=self.certs[n], device_id=n, audience="bench.example"
+            ))
+            for n in names or self.names
+        ]  # fmt: skip
+
+    def jobs(self, method: str, names: list[str]) -> list[tuple[ssl.SSLContext, str, str | None]]:
+        if method == "mtls":
+            return [(self.mtls[n], n, None) for n in names]
+        return [(self.server_only, n, token) for n, token in self.tokens(names)]
+
+
+def measure(devices: Devices, rounds: int, concurrency: int) -> dict[str, list[float]]:
+    """Broker CPU ms per connect, per method, per round, from one broker process."""
+    exe = Path(sys.executable).with_name("iotauth")
+    listen = ["--listen", "0:mtls", "--listen", "0:jwt", "--max-connections", "1000"]
+    proc = subprocess.Popen(
+        [str(exe), "broker", "run", "--pki", str(devices.pki.path), "--no-renewal", *listen],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert proc.stderr is not None
+        banner = proc.stderr.readline()
+        found = {m: int(p) for p, m in re.findall(r":(\d+) \((\w+)\)", banner)}
+        if set(found) != {"mtls", "jwt"}:
+            msg = f"the broker did not start: {banner.strip()}"
+            raise RuntimeError(msg)
+        warm = devices.names[:concurrency]  # lazy imports and cold caches, not timed
+        for method in ("mtls", "jwt"):
+            asyncio.run(batch(found[method], devices.jobs(method, warm), 10))
+        per: dict[str, list[float]] = {"mtls": [], "jwt": []}
+        for r in range(rounds):
+            for method in ("mtls", "jwt"):
+                jobs = devices.jobs(method, devices.names)
+                before = cpu_seconds(proc.pid)
+                asyncio.run(batch(found[method], jobs, concurrency))
+                per[method].append((cpu_seconds(proc.pid) - before) / len(jobs) * 1e3)
+                print(f"round {r + 1} {method}: {per[method][-1]:.2f} ms", file=sys.stderr)
+        return per
+    finally:
+        proc.send_signal(signal.SIGINT)
+        proc.wait(timeout=15)
+
+
+def token_check_ms(devices: Devices) -> tuple[float, float]:
+    """The broker's token check alone: a certificate's first token, and a later one."""
+    auth = DeviceTokenAuthenticator(
+        trust_domain="bench.example", issuer=lambda: devices.pki.issuing, is_revoked=lambda _: False
+    )
+
+    async def run(signed: list[tuple[str, str]]) -> float:
+        t0 = time.process_time()
+        for name, token in signed:
+            await auth.authenticate(ConnectionFacts(name, "device", token, "bench", None))
+        return (time.process_time() - t0) / len(signed) * 1e3
+
+    first = asyncio.run(run(devices.tokens()))
+    return first, asyncio.run(run(devices.tokens()))
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--devices", type=int, default=300)
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--concurrency", type=int, default=20)
+    args = ap.parse_args()
+    with tempfile.TemporaryDirectory(prefix="iotauth-auth-bench-") as tmp:
+        devices = Devices(Path(tmp), args.devices)
+        try:
+            per = measure(devices, args.rounds, args.concurrency)
+        except RuntimeError as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 1
+        first = devices.names[0]
+        mutual = handshake_server_ms(devices.pki.path, devices.mtls[first], "required")
+        server_auth = handshake_server_ms(devices.pki.path, devices.server_only, "none")
+        first_ms, again_ms = token_check_ms(devices)
+        devices.pki.close()
+    mtls, jwt = statistics.median(per["mtls"]), statistics.median(per["jwt"])
+    print(f"{args.devices} devices, {args.rounds} rounds, {args.concurrency} connects at a time;")
+    print(f"{dt.date.today()}, Python {sys.version.split()[0]}, {ssl.OPENSSL_VERSION}.")
+    print()
+    print("| method | broker CPU per connect (median of rounds) | vs mutual TLS |")
+    print("|---|---:|---:|")
+    print(f"| mutual TLS (`mtls`) | {mtls:.2f} ms | 1.00x |")
+    print(f"| device token (`jwt`) | {jwt:.2f} ms | {jwt / mtls:.2f}x |")
+    print()
+    print("Where it goes (server side, measured in this process):")
+    print()
+    print("| piece | CPU |")
+    print("|---|---:|")
+    print(f"| TLS handshake, client certificate verified | {mutual:.2f} ms |")
+    print(f"| TLS handshake, server-authenticated only | {server_auth:.2f} ms |")
+    print(f"| token check, a certificate's first token (x5c chain too) | {first_ms:.2f} ms |")
+    print(f"| token check, later tokens (x5c chain cached per certificate) | {again_ms:.2f} ms |")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

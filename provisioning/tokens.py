@@ -1,0 +1,195 @@
+"""Device tokens: the contract between the device that signs one and the broker that checks it.
+
+A device that holds its key but cannot present a client certificate (a microcontroller TLS stack
+that can sign but not do client authentication, the scheme Google Cloud IoT used) sends a compact
+JWS as its MQTT password, signed by its *own* private key:
+
+- header: ``alg`` fixed by the key type (:data:`ALGORITHM_BY_KEY`), ``typ: JWT``, and ``x5c`` =
+  [the device's certificate] (RFC 7515 section 4.1.6, standard base64 DER). The certificate is how
+  the broker finds the key: it checks the certificate against the fleet CA and the CRL exactly as
+  it would in a TLS handshake, so a revoked or superseded device is refused and its token sessions
+  are kicked by the same revocation path as its TLS sessions.
+- claims: ``sub`` = device id, ``aud`` = the fleet's trust domain (or a configured audience),
+  ``iat``, ``exp`` (lifetime at most :data:`MAX_TTL`), ``jti`` (the broker refuses a replay).
+
+Signing goes through PyJWT (docs/ARCHITECTURE.md: no hand-written JOSE). The broker side is
+``broker.auth_jwt``; both read the names below so the two cannot drift.
+"""
+
+from __future__ import annotations
+
+import base64
+import datetime as dt
+import json
+import secrets
+from pathlib import Path
+from typing import TYPE_CHECKING, Final
+
+from provisioning.errors import ProvisioningError
+
+if TYPE_CHECKING:
+    from cryptography import x509
+    from cryptography.hazmat.primitives.asymmetric.types import PublicKeyTypes
+
+    from provisioning.keyfiles import PrivateKey
+
+__all__ = [
+    "ALGORITHM_BY_KEY",
+    "DEFAULT_TTL",
+    "MAX_TTL",
+    "TokenError",
+    "algorithm_for",
+    "looks_like_jwt",
+    "make_device_token",
+    "token_for_credentials",
+]
+
+DEFAULT_TTL: Final = 3600
+# The broker refuses any token that claims to live longer: a stolen token is worth one day at most.
+MAX_TTL: Final = 24 * 3600
+# The only algorithm each key type may sign with. Choosing it from the *key* (never from the
+# token's header) is what rules out algorithm confusion (`none`, HS256 keyed with a public key).
+ALGORITHM_BY_KEY: Final = {"ec-secp256r1": "ES256", "ed25519": "EdDSA"}
+
+
+class TokenError(ProvisioningError):
+    """A token that cannot be made (unsupported key, bad lifetime)."""
+
+
+def key_type(public_key: object) -> str:
+    """``ec-secp256r1`` / ``ed25519`` / a description of anything else."""
+    from cryptography.hazmat.primitives.asymmetric import ec, ed25519
+
+    if isinstance(public_key, ec.EllipticCurvePublicKey):
+        return f"ec-{public_key.curve.name}"
+    if isinstance(public_key, ed25519.Ed25519PublicKey):
+        return "ed25519"
+    return type(public_key).__name__
+
+
+def algorithm_for(public_key: object) -> str:
+    """The one JWS algorithm a key of this type signs with; TokenError for any other key."""
+    kind = key_type(public_key)
+    try:
+        return ALGORITHM_BY_KEY[kind]
+    except KeyError:
+        msg = f"a {kind} key cannot sign a device token (P-256 or Ed25519 keys only)"
+        raise TokenError(msg) from None
+
+
+def make_device_token(
+    *,
+    key: PrivateKey,
+    certificate: x509.Certificate,
+    device_id: str,
+    audience: str,
+    ttl: int = DEFAULT_TTL,
+    now: dt.datetime | None = None,
+) -> str:
+    """Sign a device token with the device's own key. ``ttl`` in seconds, 1 to MAX_TTL."""
+    import jwt
+    from cryptography.hazmat.primitives.serialization import Encoding
+
+    if not 0 < ttl <= MAX_TTL:
+        msg = f"--ttl must be between 1 and {MAX_TTL} seconds (got {ttl})"
+        raise TokenError(msg)
+    alg = algorithm_for(certificate.public_key())
+    if algorithm_for(key.public_key()) != alg or _spki(key.public_key()) != _spki(
+        certificate.public_key()
+    ):
+        msg = "the key does not belong to the certificate"
+        raise TokenError(msg)
+    issued = int((now or dt.datetime.now(dt.UTC)).timestamp())
+    claims = {
+        "sub": device_id,
+        "aud": audience,
+        "iat": issued,
+        "exp": issued + ttl,
+        "jti": secrets.token_urlsafe(16),
+    }
+    x5c = base64.b64encode(certificate.public_bytes(Encoding.DER)).decode()
+    return jwt.encode(claims, key, algorithm=alg, headers={"typ": "JWT", "x5c": [x5c]})
+
+
+def token_for_credentials(
+    cred_dir: Path,
+    device_id: str,
+    *,
+    ttl: int = DEFAULT_TTL,
+    audience: str | None = None,
+    now: dt.datetime | None = None,
+) -> tuple[str, dict[str, object]]:
+    """A token for the device whose credential directory this is, and its claims (for --json).
+
+    ``device_id`` must be the directory's own device: a token is never made for another identity.
+    """
+    import jwt
+    from cryptography import x509
+
+    from provisioning.identity import parse_spiffe_id
+    from provisioning.keyfiles import load_private_key
+
+    doc = _read_identity(cred_dir)
+    try:
+        identity = parse_spiffe_id(str(doc.get("spiffe_id", "")))
+    except ProvisioningError as exc:
+        msg = f"{cred_dir / 'identity.json'}: {exc}"
+        raise TokenError(msg) from None
+    if not identity.is_device:
+        msg = f"{cred_dir} holds service {identity.name}: only devices sign their own tokens"
+        raise TokenError(msg)
+    if identity.name != device_id:
+        msg = f"{cred_dir} holds device {identity.name}, not {device_id}"
+        raise TokenError(msg)
+    cert_path = cred_dir / "device.crt"
+    try:
+        certificate = x509.load_pem_x509_certificate(cert_path.read_bytes())
+    except FileNotFoundError:
+        msg = f"{cert_path} is missing"
+        raise TokenError(msg) from None
+    except ValueError:
+        msg = f"{cert_path} is not a PEM certificate"
+        raise TokenError(msg) from None
+    key = load_private_key(cred_dir / "device.key")
+    token = make_device_token(
+        key=key,
+        certificate=certificate,
+        device_id=identity.name,
+        audience=audience or identity.trust_domain,
+        ttl=ttl,
+        now=now,
+    )
+    return token, dict(jwt.decode(token, options={"verify_signature": False}))
+
+
+def _read_identity(cred_dir: Path) -> dict[str, object]:
+    path = cred_dir / "identity.json"
+    if not cred_dir.is_dir():
+        msg = f"credential directory {cred_dir} does not exist"
+        raise TokenError(msg)
+    try:
+        doc = json.loads(path.read_text())
+    except FileNotFoundError:
+        msg = f"{path} is missing: {cred_dir} is not a credential directory"
+        raise TokenError(msg) from None
+    except (ValueError, UnicodeDecodeError):
+        msg = f"{path} is not valid JSON"
+        raise TokenError(msg) from None
+    if not isinstance(doc, dict):
+        msg = f"{path} is not a JSON object"
+        raise TokenError(msg)
+    return doc
+
+
+def looks_like_jwt(value: str | None) -> bool:
+    """Three base64url segments: what a compact JWS looks like (not whether it is valid)."""
+    if not value or value.count(".") != 2:
+        return False
+    alphabet = set("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_.")
+    return set(value) <= alphabet
+
+
+def _spki(public_key: PublicKeyTypes) -> bytes:
+    from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
+
+    return public_key.public_bytes(Encoding.DER, PublicFormat.SubjectPublicKeyInfo)

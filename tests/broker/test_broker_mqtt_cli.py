@@ -1,0 +1,157 @@
+"""``iotauth mqtt pub|sub`` against the real broker: every method it speaks, and its refusals."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+
+from broker.server import BrokerThread
+from broker.settings import BrokerSettings, ListenerSpec
+from tests.broker.broker_helpers import Fleet
+from tests.conftest import CLI, Result, assert_one_line_error
+
+
+@pytest.fixture
+def ports(fleet: Fleet) -> Iterator[dict[str, int]]:
+    specs = (ListenerSpec(0, frozenset({"mtls"})), ListenerSpec(0, frozenset({"jwt"})))
+    thread = BrokerThread(
+        BrokerSettings(fleet.pki_dir, listeners=specs), audit_sink=lambda _: None
+    ).start()
+    bound = list(thread.broker.ports.values())
+    yield {"mtls": bound[0], "jwt": bound[1]}
+    thread.stop()
+
+
+@pytest.fixture
+def mqtt(tmp_path: Path) -> Callable[..., Result]:
+    def run(*args: str, env: dict[str, str] | None = None) -> Result:
+        proc = subprocess.run(
+            [*CLI, "mqtt", *args],
+            cwd=tmp_path,
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=False,
+            env=env,
+        )
+        return Result(proc.returncode, proc.stdout, proc.stderr)
+
+    return run
+
+
+def test_a_token_device_publishes_and_a_certificate_service_receives(
+    fleet: Fleet, ports: dict[str, int], mqtt: Callable[..., Result]
+) -> None:
+    dev, sink = fleet.creds("dev-1"), fleet.creds("sink", service=True)
+    jwt_broker, mtls_broker = f"127.0.0.1:{ports['jwt']}", f"127.0.0.1:{ports['mtls']}"
+    published = mqtt(
+        "pub", "--broker", jwt_broker, "--creds", str(dev), "--auth", "jwt",
+        "-t", "devices/dev-1/state", "-m", "online", "-q", "1", "-r", "--json",
+    )  # fmt: skip
+    assert published.returncode == 0, published.stderr
+    doc = json.loads(published.stdout)
+    assert doc["method"] == "jwt"
+    assert doc["client_id"] == "dev-1"
+    # The retained message is there for a subscriber that comes later: no race with the publish.
+    received = mqtt(
+        "sub", "--broker", mtls_broker, "--creds", str(sink),
+        "-t", "devices/+/state", "-C", "1", "-W", "20", "--json",
+    )  # fmt: skip
+    assert received.returncode == 0, received.stderr
+    message = json.loads(received.stdout.splitlines()[0])
+    assert message == {
+        "topic": "devices/dev-1/state",
+        "qos": 0,
+        "retain": True,
+        "payload": "online",
+    }
+
+
+def test_a_denied_publish_is_one_line(
+    fleet: Fleet, ports: dict[str, int], mqtt: Callable[..., Result]
+) -> None:
+    result = mqtt(
+        "pub", "--broker", f"127.0.0.1:{ports['mtls']}", "--creds", str(fleet.creds("dev-1")),
+        "-t", "devices/dev-2/commands/x", "-m", "no", "-q", "1",
+    )  # fmt: skip
+    assert_one_line_error(result, "the broker closed the connection")
+
+
+def test_a_denied_subscription_is_one_line(
+    fleet: Fleet, ports: dict[str, int], mqtt: Callable[..., Result]
+) -> None:
+    result = mqtt(
+        "sub", "--broker", f"127.0.0.1:{ports['mtls']}", "--creds", str(fleet.creds("dev-1")),
+        "-t", "devices/dev-2/#", "-W", "5",
+    )  # fmt: skip
+    assert_one_line_error(result, "subscription refused", "devices/dev-2/#")
+
+
+def test_a_refused_connect_names_the_reason_code(
+    fleet: Fleet, ports: dict[str, int], mqtt: Callable[..., Result]
+) -> None:
+    # A device token on a broker that revoked the device: CONNACK 5 (not authorized).
+    fleet.pki.revoke("dev-1")
+    result = mqtt(
+        "pub", "--broker", f"127.0.0.1:{ports['jwt']}", "--creds", str(fleet.creds("dev-1")),
+        "--auth", "jwt", "-t", "devices/dev-1/x", "-m", "x",
+    )  # fmt: skip
+    assert_one_line_error(result, "refused by the broker: CONNACK 5 (not authorized)")
+
+
+def test_a_token_on_the_mtls_listener_never_reaches_mqtt(
+    fleet: Fleet, ports: dict[str, int], mqtt: Callable[..., Result]
+) -> None:
+    result = mqtt(
+        "pub", "--broker", f"127.0.0.1:{ports['mtls']}", "--creds", str(fleet.creds("dev-1")),
+        "--auth", "jwt", "-t", "devices/dev-1/x", "-m", "x",
+    )  # fmt: skip
+    assert_one_line_error(result, f"127.0.0.1:{ports['mtls']}")
+
+
+def test_a_broker_signed_by_another_root_is_refused_by_the_client(
+    fleet: Fleet, ports: dict[str, int], mqtt: Callable[..., Result], foreign_pki: object
+) -> None:
+    foreign_root = Path(str(getattr(foreign_pki, "path"))) / "root.crt"  # noqa: B009
+    result = mqtt(
+        "pub", "--broker", f"127.0.0.1:{ports['jwt']}", "--creds", str(fleet.creds("dev-1")),
+        "--auth", "jwt", "--cafile", str(foreign_root), "-t", "devices/dev-1/x", "-m", "x",
+    )  # fmt: skip
+    assert_one_line_error(result, "failed verification")
+
+
+@pytest.mark.parametrize(
+    ("args", "words"),
+    [
+        (["-t", "a", "-m", "x", "--broker", "127.0.0.1:1"], "--creds DIR"),
+        (["-t", "a", "-m", "x", "--auth", "scram", "--user", "s"], "MQTT 5"),
+        (["-t", "a", "-m", "x", "--auth", "kerberos"], "unknown --auth"),
+        (["-t", "a", "--auth", "password", "--user", "s", "--cafile", "ca"], "-m TEXT or -f"),
+        (
+            ["-t", "a", "-m", "x", "--auth", "password", "--user", "s", "--secret-env", "NOPE"],
+            "NOPE is not set",
+        ),
+        (["-t", "a", "-m", "x", "--creds", "/nonexistent"], "does not exist"),
+    ],
+)
+def test_usage_errors_are_one_line(
+    mqtt: Callable[..., Result], args: list[str], words: str
+) -> None:
+    assert_one_line_error(mqtt("pub", *args, env={"PATH": "/usr/bin:/bin"}), words)
+
+
+def test_nothing_listens(fleet: Fleet, mqtt: Callable[..., Result]) -> None:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    result = mqtt(
+        "pub", "--broker", f"127.0.0.1:{port}", "--creds", str(fleet.creds("dev-1")),
+        "-t", "devices/dev-1/x", "-m", "x",
+    )  # fmt: skip
+    assert_one_line_error(result, f"cannot connect to 127.0.0.1:{port}")
