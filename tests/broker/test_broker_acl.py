@@ -66,7 +66,12 @@ def test_denied_publish_in_drop_mode_keeps_the_connection(
     dev.publish("devices/dev-1/state", b"ok", qos=1)
     assert not dev.disconnected.is_set()
     assert broker.broker.audit.events("deny", action="publish")
-    assert victim.messages == []
+    # A delivery of the denied messages would have been queued to the victim before their
+    # PUBACKs; a sentinel published after them arrives behind any such delivery.
+    sink = peers(broker.port, "sink", service=True).connect()
+    sink.publish("devices/dev-2/commands/sentinel", b"after", qos=1)
+    assert wait_until(lambda: victim.messages)
+    assert victim.messages == [("devices/dev-2/commands/sentinel", b"after", False)]
 
 
 def test_subscribe_outside_the_grant_is_refused(
