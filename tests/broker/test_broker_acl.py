@@ -189,3 +189,22 @@ def test_takeover_closes_the_old_connection_and_the_new_one_works(
     assert old.messages == []
     assert broker.broker.connected() == ["dev-1", "sink"]
     assert broker.broker.audit.events("disconnect", reason="takeover")
+
+
+def test_takeover_publishes_the_old_connections_will(
+    broker: BrokerThread, peers: Callable[..., Peer]
+) -> None:
+    """MQTT-3.1.4-2 with MQTT-3.1.2-8: the old connection is closed without a DISCONNECT from
+    its client, so its will is published; the new connection's will is kept for its own end."""
+    sink = peers(broker.port, "sink", service=True).connect()
+    assert sink.subscribe("devices/+/state") == [0]
+    old = peers(broker.port, "dev-1", will=("devices/dev-1/state", b"old-gone", False)).connect()
+    new = peers(broker.port, "dev-1", will=("devices/dev-1/state", b"new-gone", False)).connect()
+    assert wait_until(old.disconnected.is_set)
+    assert wait_until(lambda: sink.messages)
+    assert sink.messages == [("devices/dev-1/state", b"old-gone", False)]
+    new.close()  # a DISCONNECT: the new connection's will is discarded (MQTT-3.14.4-3)
+    dev2 = peers(broker.port, "dev-2").connect()
+    dev2.publish("devices/dev-2/state", b"sentinel", qos=1)
+    assert wait_until(lambda: len(sink.messages) == 2)
+    assert sink.messages[1] == ("devices/dev-2/state", b"sentinel", False)
