@@ -24,7 +24,8 @@ from typing import TYPE_CHECKING
 
 from broker import mqtt
 from broker.auth import Authenticated, Authenticator, ConnectionFacts
-from broker.errors import Refused
+from broker.errors import Refused, TopicError
+from broker.topics import validate_topic
 
 if TYPE_CHECKING:
     from broker._listener import TLSListener
@@ -394,6 +395,13 @@ class MQTTConnection(asyncio.Protocol):
             self.send(mqtt.connack(False, mqtt.CONNACK_UNACCEPTABLE_PROTOCOL))
             self._finish_refusal()
             return
+        if connect.will_topic is not None:
+            try:
+                validate_topic(connect.will_topic)
+            except TopicError as exc:
+                # Malformed (MQTT-4.7.3-1, MQTT-4.7.1-1): closed without CONNACK (MQTT-3.1.4-1).
+                self.violation("malformed", f"will: {exc}")
+                return
         self.state = AUTH
         assert self.transport is not None  # noqa: S101
         self.transport.pause_reading()

@@ -155,6 +155,36 @@ def test_own_will_is_published_on_abnormal_close(
     assert sink.messages[0][:2] == ("devices/dev-1/state", b"offline")
 
 
+@pytest.mark.parametrize("topic", ["", "devices/dev-1/+", "devices/dev-1/#"], ids=repr)
+def test_a_will_with_a_malformed_topic_closes_the_connection_without_connack(
+    broker: BrokerThread, fleet: Fleet, topic: str
+) -> None:
+    """MQTT-3.1.4-1 with MQTT-4.7.3-1 (a zero-length topic) and MQTT-4.7.1-1 (no wildcards in a
+    topic name): a malformed CONNECT is closed, not answered with CONNACK 5."""
+    sock = tls_socket(broker.port, fleet.creds("dev-1"), root=fleet.pki_dir / "root.crt")
+    try:
+        sock.sendall(connect_packet("dev-1", will=(topic, b"gone")))
+        assert read_connack(sock) is None
+    finally:
+        sock.close()
+    refusals = broker.broker.audit.events("refuse", reason="malformed")
+    assert len(refusals) == 1
+    assert refusals[0]["detail"].startswith("will: invalid topic name")
+    assert broker.broker.connected() == []
+
+
+def test_a_will_on_a_valid_topic_is_accepted_by_a_raw_connect(
+    broker: BrokerThread, fleet: Fleet
+) -> None:
+    """The positive twin of the malformed will: the same bytes with a valid topic get CONNACK 0."""
+    sock = tls_socket(broker.port, fleet.creds("dev-1"), root=fleet.pki_dir / "root.crt")
+    try:
+        sock.sendall(connect_packet("dev-1", will=("devices/dev-1/state", b"gone")))
+        assert read_connack(sock) == 0
+    finally:
+        sock.close()
+
+
 @pytest.mark.parametrize("topic", ["$SYS/broker/x", "devices/dev-1/+", "devices/dev-1/#"])
 def test_wildcard_and_dollar_publish_close_the_connection(
     broker: BrokerThread, fleet: Fleet, peers: Callable[..., Peer], topic: str
