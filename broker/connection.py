@@ -129,7 +129,12 @@ class MQTTConnection(asyncio.Protocol):
             except ssl.SSLError as exc:
                 self.violation("tls-error", str(exc.reason or exc))
                 return
-            if not chunk or not self._feed(chunk):
+            if not chunk:
+                # SSLObject.read() returns b"" for close_notify (SSLWantReadError when there is
+                # simply nothing more): the peer ended TLS and waits for our close_notify.
+                self._tls_closed_by_peer()
+                return
+            if not self._feed(chunk):
                 break
         if self.state == CLOSED:
             return
@@ -213,8 +218,14 @@ class MQTTConnection(asyncio.Protocol):
         self.state = CLOSED
         self._pending.clear()
         self._shutdown_tls()
-        if self.transport is not None:
-            self.transport.abort()
+        transport = self.transport
+        if transport is not None:
+            # Our close_notify is on its way unless the socket buffer was already full; then
+            # abort, since close() would wait for a peer that may never read.
+            if transport.get_write_buffer_size():
+                transport.abort()
+            else:
+                transport.close()
         if was_live and self.session is not None:
             session = self.session
             self.core.detach(session, self, will=will)
@@ -305,6 +316,17 @@ class MQTTConnection(asyncio.Protocol):
             # Deliveries stop at outbound_max_bytes; only our answers to the peer's own packets
             # (PUBACK, PINGRESP ...) grow it further: a peer that sends and never reads.
             self.violation("slow-reader", "the client does not read what the broker sends")
+
+    def _tls_closed_by_peer(self) -> None:
+        """close_notify: answered with ours (in ``_shutdown_tls``), then the same as a lost
+        connection: the will is published unless a DISCONNECT came first."""
+        if self.state == LIVE:
+            self.close(will=not self.clean_disconnect)
+            return
+        self.state = CLOSED
+        self._shutdown_tls()
+        if self.transport is not None:
+            self.transport.close()
 
     def _lost_by_peer(self) -> None:
         if self.state == HANDSHAKE:
