@@ -1,9 +1,10 @@
 """The broker's state and rules: sessions, routing, retained messages, wills, policy on every path.
 
-Synchronous on purpose. A connection (``broker.connection``) hands a decoded packet to
-:class:`BrokerCore`, which decides and queues bytes on the receiving connections before it
-returns: no task, queue hop or plugin event per message. That, and not TLS, is what made amqtt
-0.12.1 cost ~110 us of CPU per delivered message here (docs/BENCHMARKS.md, "where the time goes").
+Synchronous on purpose. A connection's protocol object (``broker.protocol``) hands a decoded
+packet to :class:`BrokerCore`, which decides and queues bytes on the receiving connections
+before it returns: no task, queue hop or plugin event per message. That, and not TLS, is what
+made amqtt 0.12.1 cost ~110 us of CPU per delivered message here (docs/BENCHMARKS.md, "where
+the time goes").
 
 The rules it enforces (each was a gap in amqtt 0.12.1, research/amqtt.md):
 
@@ -55,7 +56,7 @@ _ACL_CACHE_MAX = 1024  # topics remembered per session and action
 
 
 class Link(Protocol):
-    """What the core needs of a connection (``broker.connection.MQTTConnection``)."""
+    """What the core needs of a connection (``broker.protocol.ClientProtocol``)."""
 
     holds: set[Session]
 

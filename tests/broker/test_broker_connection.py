@@ -21,9 +21,10 @@ import pytest
 from broker._listener import TLSListener
 from broker.audit import AuditLog
 from broker.auth import MutualTLSAuthenticator
-from broker.connection import CLOSED, LIVE, MQTTConnection
+from broker.connection import MQTTConnection
 from broker.core import BrokerCore
 from broker.metrics import Metrics
+from broker.protocol import State
 from broker.server import BrokerThread
 from broker.settings import BrokerSettings, Limits
 from provisioning.tls import server_context_for_pki
@@ -117,10 +118,10 @@ class Harness:
         self.client.write(connect_packet(client_id))
         self.pump()
         for _ in range(100):  # the authenticator runs as a task
-            if self.conn.state == LIVE:
+            if self.conn.protocol.state is State.LIVE:
                 break
             await asyncio.sleep(0.01)
-        assert self.conn.state == LIVE
+        assert self.conn.protocol.state is State.LIVE
         assert self.read(4)[:2] == b"\x20\x02"  # CONNACK
 
     def send(self, data: bytes) -> None:
@@ -147,10 +148,10 @@ def test_a_client_that_sends_and_never_reads_is_closed_at_twice_the_outbound_lim
         h.transport.buffered = 2 * limits.outbound_max_bytes  # at the line: still served
         h.send(PINGREQ)
         assert h.read(2) == PINGRESP
-        assert h.conn.state == LIVE
+        assert h.conn.protocol.state is State.LIVE
         h.transport.buffered = 2 * limits.outbound_max_bytes + 1  # past it
         h.send(PINGREQ)
-        assert h.conn.state == CLOSED
+        assert h.conn.protocol.state is State.CLOSED
         assert h.transport.closed
         kicks = h.audit.events("kick", client_id="dev-1")
         assert [k["reason"] for k in kicks] == ["slow-reader"]
