@@ -28,6 +28,8 @@ from broker.auth import Authenticated, Authenticator, ConnectionFacts
 from broker.errors import Refused
 from broker.protocol import Authenticate, ClientProtocol, State
 
+_HANDSHAKE, _AUTH, _CLOSED = State.HANDSHAKE, State.AUTH, State.CLOSED  # hot path: see protocol.py
+
 if TYPE_CHECKING:
     from broker.core import BrokerCore
 
@@ -97,10 +99,10 @@ class MQTTConnection(asyncio.Protocol):
 
     def data_received(self, data: bytes) -> None:
         protocol = self.protocol
-        if protocol.state is State.CLOSED:
+        if protocol.state is _CLOSED:
             return
         self._in.write(data)
-        if protocol.state is State.HANDSHAKE and not self._handshake():
+        if protocol.state is _HANDSHAKE and not self._handshake():
             return
         now = self._loop.time()
         while True:
@@ -117,7 +119,7 @@ class MQTTConnection(asyncio.Protocol):
                 protocol.connection_lost()
                 return
             event = protocol.receive_data(chunk, now)
-            if event is not None and protocol.state is State.AUTH:
+            if event is not None and protocol.state is _AUTH:
                 self._start_authentication(event)
             if protocol.closed:
                 return
@@ -130,7 +132,7 @@ class MQTTConnection(asyncio.Protocol):
         return False  # close: MQTT has no half-closed state
 
     def connection_lost(self, exc: Exception | None) -> None:
-        if self.protocol.state is State.HANDSHAKE:
+        if self.protocol.state is _HANDSHAKE:
             self._listener.handshake_failed(self, ConnectionResetError("closed by the client"))
         self.protocol.connection_lost()
         self._listener.closed(self)
@@ -241,7 +243,7 @@ class MQTTConnection(asyncio.Protocol):
     def _flush(self) -> None:
         self._scheduled = False
         protocol = self.protocol
-        if protocol.state is State.CLOSED:
+        if protocol.state is _CLOSED:
             return
         data = protocol.data_to_send()
         if data and self._encrypt(data):

@@ -76,6 +76,17 @@ TRANSITIONS: dict[State, frozenset[State]] = {
 """The lifecycle, the one table: every state change goes through :meth:`ClientProtocol._go`."""
 
 
+# Module-level names for the hot path: a global lookup costs a tenth of ``State.LIVE`` (an
+# attribute of the Enum class) on Python 3.11, and the state is checked several times per packet.
+_HANDSHAKE, _WAIT_CONNECT, _AUTH, _LIVE, _CLOSED = (
+    State.HANDSHAKE,
+    State.WAIT_CONNECT,
+    State.AUTH,
+    State.LIVE,
+    State.CLOSED,
+)
+
+
 class LifecycleError(BrokerError):
     """A state change the lifecycle table does not allow: a bug in the broker, never input."""
 
@@ -152,7 +163,7 @@ class ClientProtocol:
         self.core = core
         self._wire = wire
         self.peer = peer
-        self.state = State.HANDSHAKE
+        self.state = _HANDSHAKE
         self.tls_version: str | None = None
         self.version = 0  # the CONNECT's protocol level once read
         self.reader = mqtt.PacketReader(core.limits.max_packet_bytes)
@@ -181,7 +192,7 @@ class ClientProtocol:
 
     @property
     def closed(self) -> bool:
-        return self.state is State.CLOSED
+        return self.state is _CLOSED
 
     @property
     def pending(self) -> bool:
@@ -209,7 +220,7 @@ class ClientProtocol:
     # -- the Link the core writes to -------------------------------------------------------------
 
     def send(self, data: bytes) -> None:
-        if self.state is State.CLOSED:
+        if self.state is _CLOSED:
             return
         self._out.append(data)
         self._out_bytes += len(data)
@@ -228,21 +239,21 @@ class ClientProtocol:
 
     def release(self, receiver: Session) -> None:
         self.holds.discard(receiver)
-        if not self.holds and self.state is State.LIVE:
+        if not self.holds and self.state is _LIVE:
             self._wire.unhold_soon()
 
     def close(self, *, will: bool, reason: str | None = None) -> None:
         """End the connection now; its session is detached, with the will if ``will``.
         ``reason`` is audited (MQTT 5: the DISCONNECT reason code is chosen from it here)."""
-        if self.state is State.CLOSED:
+        if self.state is _CLOSED:
             return
         for receiver in self.holds:
             receiver.waiters.discard(self)
         self.holds.clear()
         if reason is not None:
             self.kick_reason = reason
-        was_live = self.state is State.LIVE
-        self._go(State.CLOSED)
+        was_live = self.state is _LIVE
+        self._go(_CLOSED)
         self._out.clear()
         self._out_bytes = 0
         self._wire.end(flush=False)
@@ -261,29 +272,29 @@ class ClientProtocol:
     # -- inputs from the transport ---------------------------------------------------------------
 
     def handshake_done(self, tls_version: str | None) -> None:
-        self._go(State.WAIT_CONNECT)
+        self._go(_WAIT_CONNECT)
         self.tls_version = tls_version
 
     def handshake_failed(self) -> None:
         """The TLS handshake failed (the transport audits why and sends the alert)."""
-        self._go(State.CLOSED)
+        self._go(_CLOSED)
 
     def handshake_expired(self, now: float) -> bool:
-        return self.state is State.HANDSHAKE and now >= self.deadline
+        return self.state is _HANDSHAKE and now >= self.deadline
 
     def drop(self) -> None:
         """Closed by the listener before any MQTT (connection cap, oldest handshake)."""
-        if self.state is not State.CLOSED:
-            self._go(State.CLOSED)
+        if self.state is not _CLOSED:
+            self._go(_CLOSED)
             self._wire.end(flush=False)
 
     def connection_lost(self) -> None:
         """The peer went away: TCP closed, or TLS close_notify (answered by ``Wire.end``). Like
         any end without DISCONNECT, the will is published (MQTT-3.1.2-8)."""
-        if self.state is State.LIVE:
+        if self.state is _LIVE:
             self.close(will=not self.clean_disconnect)
-        elif self.state is not State.CLOSED:
-            self._go(State.CLOSED)
+        elif self.state is not _CLOSED:
+            self._go(_CLOSED)
             self._wire.end(flush=False)
 
     def receive_data(self, data: bytes, now: float) -> Event | None:
@@ -308,18 +319,18 @@ class ClientProtocol:
 
     def drained(self) -> None:
         """The socket buffer emptied below its low-water mark: room for the session's queue."""
-        if self.session is not None and self.state is State.LIVE:
+        if self.session is not None and self.state is _LIVE:
             self.core.drained(self.session)
 
     def unhold(self, now: float) -> None:
         """Nothing holds this publisher any more: the packets that waited, then read again."""
         self._now = now
-        if self.state is not State.LIVE or self.holds:
+        if self.state is not _LIVE or self.holds:
             return
         held, self._held = self._held, []
         for index, packet in enumerate(held):
             self._dispatch(packet)
-            if self.state is not State.LIVE:
+            if self.state is not _LIVE:
                 return
             if self.holds:  # held again: keep the rest, in order
                 self._held = held[index + 1 :] + self._held
@@ -332,10 +343,10 @@ class ClientProtocol:
         """Apply the deadlines (the listener calls this a few times a second)."""
         self._now = now
         state = self.state
-        if state is State.WAIT_CONNECT or state is State.AUTH:
+        if state is _WAIT_CONNECT or state is _AUTH:
             if now >= self.deadline:
                 self.violation("connect-timeout", "no valid CONNECT in time")
-        elif state is State.LIVE:
+        elif state is _LIVE:
             if self.holds:
                 # Not read on purpose (backpressure): keep-alive cannot be judged.
                 if now - self.held_since > self.core.limits.backpressure_timeout:
@@ -348,9 +359,9 @@ class ClientProtocol:
     def violation(self, reason: str, detail: str) -> None:
         """The peer broke the protocol or a limit: audited, closed, will published
         (an abnormal end, MQTT-3.1.2-8)."""
-        if self.state is State.CLOSED:
+        if self.state is _CLOSED:
             return
-        if self.state is State.LIVE and self.session is not None:
+        if self.state is _LIVE and self.session is not None:
             self.core.kick_record(self.session, reason, detail)
             self.close(will=True, reason=reason)
         else:
@@ -363,15 +374,15 @@ class ClientProtocol:
         event: Event | None = None
         for packet in packets:
             state = self.state
-            if state is State.LIVE and not self.holds:
+            if state is _LIVE and not self.holds:
                 self._dispatch(packet)
-            elif state is State.LIVE or state is State.AUTH:
+            elif state is _LIVE or state is _AUTH:
                 # Held (backpressure) or not yet authenticated: kept in order, bounded by what
                 # one socket read delivered, since the transport stops reading meanwhile.
                 self._held.append(packet)
-            elif state is State.WAIT_CONNECT and isinstance(packet, mqtt.Connect):
+            elif state is _WAIT_CONNECT and isinstance(packet, mqtt.Connect):
                 event = self._on_connect(packet)
-            if self.state is State.CLOSED:
+            if self.state is _CLOSED:
                 break
         return event
 
@@ -431,13 +442,13 @@ class ClientProtocol:
                 # Malformed (MQTT-4.7.3-1, MQTT-4.7.1-1): closed without CONNACK (MQTT-3.1.4-1).
                 self.violation("malformed", f"will: {exc}")
                 return None
-        self._go(State.AUTH)
+        self._go(_AUTH)
         self._wire.pause_reading()
         return Authenticate(connect)
 
     def refused(self, refusal: Refused, client_id: str | None = None) -> None:
         """The authenticator (or the client_id binding) refused the CONNECT."""
-        if self.state is not State.AUTH:
+        if self.state is not _AUTH:
             return  # the client went away meanwhile
         code = refusal.connack
         if code not in (mqtt.CONNACK_IDENTIFIER_REJECTED, mqtt.CONNACK_NOT_AUTHORIZED):
@@ -454,14 +465,14 @@ class ClientProtocol:
     ) -> None:
         self.core.refused(self.peer, reason, detail, identity, client_id)
         self.send(mqtt.connack(False, code))
-        self._go(State.CLOSED)
+        self._go(_CLOSED)
         self._wire.end(flush=True)  # the CONNACK goes out, then the socket closes
 
     def authenticated(
         self, connect: mqtt.Connect, authenticated: Authenticated, now: float
     ) -> None:
         """The authenticator accepted: bind the client_id, attach the session, CONNACK."""
-        if self.state is not State.AUTH:
+        if self.state is not _AUTH:
             return  # the client went away while we checked it
         self._now = now
         core = self.core
@@ -477,7 +488,7 @@ class ClientProtocol:
         self.last_packet = now
         session, present = core.attach(self, connect, authenticated)
         self.session = session
-        self._go(State.LIVE)
+        self._go(_LIVE)
         self.send(mqtt.connack(present, mqtt.CONNACK_ACCEPTED))
         core.metrics.inc("iotauth_broker_connects_total")
         core.audit.emit(

@@ -318,3 +318,26 @@ def test_a_held_publisher_waits_then_is_given_up_after_the_backpressure_timeout(
     assert [p.packet_id for p in c.out()] == list(range(16, 21))
     assert c.wire.reading
     assert len(dev_link.publishes()) == 5  # the in-flight window; the rest queued or dropped
+
+
+def test_the_protocol_module_does_no_io_and_reads_no_clock() -> None:
+    """Sans-IO by construction: protocol.py imports nothing that does I/O or tells the time."""
+    import ast
+    from pathlib import Path
+
+    import broker.protocol
+
+    tree = ast.parse(Path(broker.protocol.__file__).read_text())
+    imported = {
+        alias.name.split(".")[0]
+        for node in ast.walk(tree)
+        if isinstance(node, ast.Import)
+        for alias in node.names
+    } | {
+        (node.module or "").split(".")[0]
+        for node in ast.walk(tree)
+        if isinstance(node, ast.ImportFrom)
+    }
+    forbidden = {"asyncio", "ssl", "socket", "selectors", "time", "datetime", "threading"}
+    assert imported & forbidden == set()
+    assert imported >= {"broker"}
