@@ -135,6 +135,8 @@ class Negotiated:
 
 
 class ClientProtocol:
+    """One client connection's MQTT protocol; also the core's ``Link`` to that client."""
+
     __slots__ = (
         "_held",
         "_now",
