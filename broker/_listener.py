@@ -10,8 +10,9 @@ excess connections queue on a semaphore, and nothing bounds the time to CONNECT.
 - at most ``max_handshakes`` handshakes are in flight; at the cap the *oldest* is dropped, so a
   flood of half-open connections cannot lock a valid device out;
 - a failed handshake is audited with a reason (no-certificate, unknown-ca, expired, revoked ...);
-- one sweep, a few times a second, applies the connect deadline, keep-alive and the stalled
-  packet timeout to every connection, from timestamps the connections keep. A timer per
+- one sweep, a few times a second, hands the time to every connection's protocol object
+  (``broker.protocol.ClientProtocol.tick``), which applies the connect deadline, keep-alive, the
+  stalled packet and backpressure timeouts from the timestamps it keeps. A timer per
   connection re-armed on every packet would cost more than the packet.
 """
 
@@ -26,7 +27,7 @@ from collections.abc import Callable
 
 from broker.audit import AuditLog
 from broker.auth import Authenticator
-from broker.connection import AUTH, LIVE, WAIT_CONNECT, MQTTConnection
+from broker.connection import MQTTConnection
 from broker.core import BrokerCore
 from broker.metrics import Metrics
 from broker.settings import Limits
@@ -133,7 +134,7 @@ class TLSListener:
             self._server.close()
         self._core.close_all()
         for conn in list(self._connections):
-            conn.close(will=False)
+            conn.protocol.close(will=False)
         for _ in range(50):  # connection_lost runs on the next loop iterations
             if not self._connections:
                 break
@@ -182,28 +183,16 @@ class TLSListener:
                 log.exception("deadline sweep failed")
 
     def _sweep(self, now: float) -> None:
+        # The rules are the protocol's (broker.protocol.ClientProtocol.tick); this only visits.
         for conn in list(self._handshaking):
-            if now >= conn.deadline:
+            if conn.protocol.handshake_expired(now):
                 self._handshaking.pop(conn, None)
                 self._refused(
                     conn.peer, "handshake-timeout", "no TLS handshake within the connect deadline"
                 )
                 conn.drop()
-        packet_timeout = self._limits.packet_timeout
-        held_max = self._limits.backpressure_timeout
         for conn in list(self._connections):
-            state = conn.state
-            if state in (WAIT_CONNECT, AUTH) and now >= conn.deadline:
-                conn.violation("connect-timeout", "no valid CONNECT in time")
-            elif state == LIVE:
-                if conn.holds:
-                    # Not read on purpose (backpressure): keep-alive cannot be judged.
-                    if now - conn.held_since > held_max:
-                        self._core.give_up(conn)
-                elif now - conn.last_packet > conn.keepalive_window:
-                    conn.violation("keepalive", "no packet in time")
-                elif conn.partial_since and now - conn.partial_since > packet_timeout:
-                    conn.violation("packet-timeout", "packet stalled")
+            conn.protocol.tick(now)
 
     def _refused(self, peer: str, reason: str, detail: str) -> None:
         self._metrics.inc("iotauth_broker_refusals_total", reason=reason)

@@ -1,17 +1,18 @@
-"""One client connection: TLS over memory BIOs, MQTT framing, and the CONNECT handshake.
+"""One client connection's transport: socket bytes <-> TLS memory BIOs <-> the protocol object.
 
-A thin transport around the sans-IO parts: bytes from the socket go into an ``ssl.SSLObject``
+A thin adapter around the sans-IO parts: bytes from the socket go into an ``ssl.SSLObject``
 (the listener's current context, so a new CRL applies to the next handshake), decrypted bytes
-into :class:`broker.mqtt.PacketReader`, packets into :class:`broker.core.BrokerCore`. Replies and
-deliveries are collected and encrypted once per event-loop iteration.
+into :class:`broker.protocol.ClientProtocol`, which makes every protocol decision and hands the
+core its packets. What the protocol queues for the peer is encrypted once per event-loop
+iteration. The only other thing done here is running the (async) authenticator when the
+protocol asks for it.
 
 Why not ``asyncio`` streams with ``ssl=``: asyncio's SSL protocol keeps a 256 KiB read buffer per
 connection (Python 3.11) and adds a layer of Python per record; streams add a task and several
 awaits per packet. Doing TLS here with ``SSLObject`` is the same OpenSSL work with neither cost,
 and it lets a failed handshake send its TLS alert before the socket closes.
 
-Timing (connect deadline, keep-alive, stalled packets) is checked by the listener's sweep from
-the timestamps kept here, instead of a timer per connection re-armed on every packet.
+The listener is known only through :class:`ListenerHooks`, so this module does not import it.
 """
 
 from __future__ import annotations
@@ -20,87 +21,72 @@ import asyncio
 import contextlib
 import logging
 import ssl
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Protocol
 
 from broker import mqtt
 from broker.auth import Authenticated, Authenticator, ConnectionFacts
 from broker.errors import Refused
+from broker.protocol import Authenticate, ClientProtocol, State
+
+_HANDSHAKE, _AUTH, _CLOSED = State.HANDSHAKE, State.AUTH, State.CLOSED  # hot path: see protocol.py
 
 if TYPE_CHECKING:
-    from broker._listener import TLSListener
-    from broker.core import BrokerCore, Session
+    from broker.core import BrokerCore
 
-__all__ = ["MQTTConnection"]
+__all__ = ["ListenerHooks", "MQTTConnection"]
 
 log = logging.getLogger("iotauth.broker")
 
-HANDSHAKE, WAIT_CONNECT, AUTH, LIVE, CLOSED = range(5)
 _READ_SIZE = 16 * 1024  # one TLS record at most
+
+
+class ListenerHooks(Protocol):
+    """What a connection tells its listener (``broker._listener.TLSListener``)."""
+
+    def opened(self, conn: MQTTConnection) -> None: ...
+
+    def handshake_done(self, conn: MQTTConnection) -> None: ...
+
+    def handshake_failed(self, conn: MQTTConnection, exc: BaseException) -> None: ...
+
+    def closed(self, conn: MQTTConnection) -> None: ...
 
 
 class MQTTConnection(asyncio.Protocol):
     __slots__ = (
         "_auth_task",
         "_authenticator",
-        "_held",
         "_in",
         "_listener",
         "_loop",
         "_out",
-        "_pending",
-        "_pending_bytes",
         "_scheduled",
-        "clean_disconnect",
-        "core",
-        "deadline",
-        "held_since",
-        "holds",
-        "keepalive_window",
-        "kick_reason",
-        "last_packet",
-        "partial_since",
-        "peer",
-        "reader",
-        "session",
-        "state",
+        "protocol",
         "tls",
-        "tls_version",
         "transport",
     )
 
     def __init__(
         self,
-        listener: TLSListener,
+        listener: ListenerHooks,
         core: BrokerCore,
         authenticator: Authenticator,
         context: ssl.SSLContext,
     ) -> None:
         self._listener = listener
-        self.core = core
         self._loop = asyncio.get_running_loop()
         self._in = ssl.MemoryBIO()
         self._out = ssl.MemoryBIO()
         self.tls: ssl.SSLObject = context.wrap_bio(self._in, self._out, server_side=True)
-        self.tls_version: str | None = None
-        self.reader = mqtt.PacketReader(core.limits.max_packet_bytes)
-        self.state = HANDSHAKE
-        self.peer = "?"
         self.transport: asyncio.Transport | None = None
-        self.session: Session | None = None
-        self.deadline = self._loop.time() + core.limits.connect_timeout
-        self.keepalive_window = 0.0
-        self.last_packet = 0.0
-        self.partial_since = 0.0
-        self.kick_reason: str | None = None
-        self.clean_disconnect = False
-        self.holds: set[Session] = set()
-        self.held_since = 0.0
-        self._pending: list[bytes] = []
-        self._pending_bytes = 0
+        self.protocol = ClientProtocol(core, self, "?", self._loop.time())
         self._scheduled = False
-        self._held: list[mqtt.Packet] = []
         self._auth_task: asyncio.Task[None] | None = None
         self._authenticator = authenticator
+
+    @property
+    def peer(self) -> str:
+        return self.protocol.peer
 
     # -- asyncio.Protocol ----------------------------------------------------------------------
 
@@ -108,31 +94,36 @@ class MQTTConnection(asyncio.Protocol):
         assert isinstance(transport, asyncio.Transport)  # noqa: S101 - a stream socket
         self.transport = transport
         peer = transport.get_extra_info("peername")
-        self.peer = f"{peer[0]}:{peer[1]}" if isinstance(peer, tuple) else str(peer)
+        self.protocol.peer = f"{peer[0]}:{peer[1]}" if isinstance(peer, tuple) else str(peer)
         self._listener.opened(self)
 
     def data_received(self, data: bytes) -> None:
-        if self.state == CLOSED:
+        protocol = self.protocol
+        if protocol.state is _CLOSED:
             return
         self._in.write(data)
-        if self.state == HANDSHAKE and not self._handshake():
+        if protocol.state is _HANDSHAKE and not self._handshake():
             return
+        now = self._loop.time()
         while True:
             try:
                 chunk = self.tls.read(_READ_SIZE)
             except ssl.SSLWantReadError:
                 break
-            except ssl.SSLZeroReturnError:
-                self._lost_by_peer()
-                return
             except ssl.SSLError as exc:
-                self.violation("tls-error", str(exc.reason or exc))
+                protocol.violation("tls-error", str(exc.reason or exc))
                 return
-            if not chunk or not self._feed(chunk):
-                break
-        if self.state == CLOSED:
-            return
-        if self._pending:
+            if not chunk:
+                # SSLObject.read() returns b"" for close_notify (SSLWantReadError when there is
+                # simply nothing more): the peer ended TLS and waits for our close_notify.
+                protocol.connection_lost()
+                return
+            event = protocol.receive_data(chunk, now)
+            if event is not None and protocol.state is _AUTH:
+                self._start_authentication(event)
+            if protocol.closed:
+                return
+        if protocol.pending:
             self._flush()
         elif self._out.pending:
             self._write_tls()  # OpenSSL's own answers, e.g. to a TLS 1.3 KeyUpdate
@@ -141,107 +132,63 @@ class MQTTConnection(asyncio.Protocol):
         return False  # close: MQTT has no half-closed state
 
     def connection_lost(self, exc: Exception | None) -> None:
-        self._lost_by_peer()
+        if self.protocol.state is _HANDSHAKE:
+            self._listener.handshake_failed(self, ConnectionResetError("closed by the client"))
+        self.protocol.connection_lost()
         self._listener.closed(self)
         if self._auth_task is not None:
             self._auth_task.cancel()
 
     def pause_writing(self) -> None:
-        pass  # backlog() reads the transport's buffer size; nothing to record
+        pass  # the protocol reads the transport's buffer size; nothing to record
 
     def resume_writing(self) -> None:
-        if self.session is not None and self.state == LIVE:
-            self.core.drained(self.session)
+        self.protocol.drained()
 
-    # -- the Link the core writes to -----------------------------------------------------------
+    # -- the Wire the protocol asks ------------------------------------------------------------
 
-    def send(self, data: bytes) -> None:
-        if self.state == CLOSED:
-            return
-        self._pending.append(data)
-        self._pending_bytes += len(data)
+    def wake(self) -> None:
         if not self._scheduled:
             self._scheduled = True
             self._loop.call_soon(self._flush)
 
-    def backlog(self) -> int:
+    def buffered(self) -> int:
         transport = self.transport
-        buffered = transport.get_write_buffer_size() if transport is not None else 0
-        return self._pending_bytes + buffered
+        return transport.get_write_buffer_size() if transport is not None else 0
 
-    def hold(self, receiver: Session) -> None:
-        if not self.holds and self.transport is not None:
-            self.held_since = self._loop.time()
+    def pause_reading(self) -> None:
+        if self.transport is not None:
             self.transport.pause_reading()
-        self.holds.add(receiver)
 
-    def release(self, receiver: Session) -> None:
-        self.holds.discard(receiver)
-        if not self.holds and self.state == LIVE:
-            # Not now: the core is in the middle of the receiver's acknowledgement.
-            self._loop.call_soon(self._unhold)
-
-    def _unhold(self) -> None:
-        if self.state != LIVE or self.holds:
-            return
-        held, self._held = self._held, []
-        for index, packet in enumerate(held):
-            self._dispatch(packet)
-            if self.state != LIVE:
-                return
-            if self.holds:  # held again: keep the rest, in order
-                self._held = held[index + 1 :] + self._held
-                self._flush()
-                return
-        # Keep-alive counts from here: the peer's packets waited in the socket, unread.
-        self.last_packet = self._loop.time()
+    def resume_reading(self) -> None:
         if self.transport is not None:
             self.transport.resume_reading()
-        self._flush()
 
-    def close(self, *, will: bool, reason: str | None = None) -> None:
-        """Abort now. The session is detached here, with the will if ``will``."""
-        if self.state == CLOSED:
-            return
-        for receiver in self.holds:
-            receiver.waiters.discard(self)
-        self.holds.clear()
-        if reason is not None:
-            self.kick_reason = reason
-        was_live = self.state == LIVE
-        self.state = CLOSED
-        self._pending.clear()
+    def unhold_soon(self) -> None:
+        self._loop.call_soon(self._unhold)
+
+    def _unhold(self) -> None:
+        self.protocol.unhold(self._loop.time())
+
+    def end(self, *, flush: bool) -> None:
+        if flush:
+            self._encrypt(self.protocol.data_to_send())
+        else:
+            self.protocol.data_to_send()  # dropped: the connection ends now
         self._shutdown_tls()
-        if self.transport is not None:
-            self.transport.abort()
-        if was_live and self.session is not None:
-            session = self.session
-            self.core.detach(session, self, will=will)
-            self.core.audit.emit(
-                "disconnect",
-                identity=str(session.authenticated.identity),
-                client_id=session.client_id,
-                peer=self.peer,
-                reason=self.kick_reason,
-            )
+        transport = self.transport
+        if transport is None:
+            return
+        # close() sends what is buffered first (the CONNACK of a refusal, our close_notify); a
+        # peer that does not read would keep it forever, so with a full buffer abort instead.
+        if flush or not transport.get_write_buffer_size():
+            transport.close()
+        else:
+            transport.abort()
 
     def drop(self) -> None:
-        """Abort before CONNECT, already audited by the caller."""
-        self.state = CLOSED
-        if self.transport is not None:
-            self.transport.abort()
-
-    def violation(self, reason: str, detail: str) -> None:
-        """The peer broke the protocol or a limit: audited, closed, will published
-        (an abnormal end, MQTT-3.1.2-8)."""
-        if self.state == CLOSED:
-            return
-        if self.state == LIVE and self.session is not None:
-            self.core.kick_record(self.session, reason, detail)
-            self.close(will=True, reason=reason)
-        else:
-            self.core.refused(self.peer, reason, detail)
-            self.close(will=False)
+        """Abort before any MQTT (the listener audited why)."""
+        self.protocol.drop()
 
     # -- TLS -----------------------------------------------------------------------------------
 
@@ -254,13 +201,12 @@ class MQTTConnection(asyncio.Protocol):
         except (ssl.SSLError, ssl.CertificateError, ValueError) as exc:
             self._write_tls()  # the alert: the client learns why (unknown ca, revoked ...)
             self._listener.handshake_failed(self, exc)
-            self.state = CLOSED
+            self.protocol.handshake_failed()
             if self.transport is not None:
                 self.transport.close()
             return False
         self._write_tls()  # Finished and session tickets
-        self.state = WAIT_CONNECT
-        self.tls_version = self.tls.version()
+        self.protocol.handshake_done(self.tls.version())
         self._listener.handshake_done(self)
         return True
 
@@ -269,7 +215,8 @@ class MQTTConnection(asyncio.Protocol):
         # without a shutdown having been sent; a TLS 1.2 client could then never resume.
         # Whether the session may be resumed is the authenticator's business (it re-checks
         # revocation and expiry for resumed sessions), not an accident of how we close.
-        if self.tls_version is None:
+        # Answering a peer's close_notify is the same call.
+        if self.protocol.tls_version is None:
             return
         with contextlib.suppress(ssl.SSLError, ValueError):
             self.tls.unwrap()
@@ -280,133 +227,35 @@ class MQTTConnection(asyncio.Protocol):
         if data and self.transport is not None and not self.transport.is_closing():
             self.transport.write(data)
 
-    def _flush(self) -> None:
-        self._scheduled = False
-        pending = self._pending
-        if not pending or self.state == CLOSED:
-            return
-        data = pending[0] if len(pending) == 1 else b"".join(pending)
-        pending.clear()
-        self._pending_bytes = 0
+    def _encrypt(self, data: bytes) -> bool:
+        if not data:
+            return True
         try:
             view = memoryview(data)
             while view:
                 view = view[self.tls.write(view) :]
         except ssl.SSLError as exc:
-            self.violation("tls-error", str(exc.reason or exc))
-            return
-        self._write_tls()
-        transport = self.transport
-        if (
-            transport is not None
-            and transport.get_write_buffer_size() > 2 * self.core.limits.outbound_max_bytes
-        ):
-            # Deliveries stop at outbound_max_bytes; only our answers to the peer's own packets
-            # (PUBACK, PINGRESP ...) grow it further: a peer that sends and never reads.
-            self.violation("slow-reader", "the client does not read what the broker sends")
-
-    def _lost_by_peer(self) -> None:
-        if self.state == HANDSHAKE:
-            self._listener.handshake_failed(self, ConnectionResetError("closed by the client"))
-            self.state = CLOSED
-        elif self.state in (WAIT_CONNECT, AUTH):
-            self.state = CLOSED
-            self._shutdown_tls()
-        elif self.state == LIVE:
-            self.close(will=not self.clean_disconnect)
-
-    # -- MQTT ----------------------------------------------------------------------------------
-
-    def _feed(self, chunk: bytes) -> bool:
-        try:
-            packets = self.reader.feed(chunk)
-        except mqtt.ProtocolViolation as exc:
-            self._handle(exc.packets)
-            self.violation(exc.reason, exc.detail)
+            self.protocol.violation("tls-error", str(exc.reason or exc))
             return False
-        now = self._loop.time()
-        if packets:
-            self.last_packet = now
-        if self.reader.partial:
-            if not self.partial_since:
-                self.partial_since = now
-        else:
-            self.partial_since = 0.0
-        return self._handle(packets)
-
-    def _handle(self, packets: list[mqtt.Packet]) -> bool:
-        for packet in packets:
-            if self.state == LIVE and not self.holds:
-                self._dispatch(packet)
-            elif self.state in (LIVE, AUTH):
-                # Held (backpressure) or not yet authenticated: kept in order, bounded by what
-                # one socket read delivered, since the transport stops reading meanwhile.
-                self._held.append(packet)
-            elif self.state == WAIT_CONNECT and isinstance(packet, mqtt.Connect):
-                self._on_connect(packet)
-            if self.state == CLOSED:
-                return False
+        self._write_tls()
         return True
 
-    def _dispatch(self, packet: mqtt.Packet) -> None:
-        session = self.session
-        assert session is not None  # noqa: S101 - LIVE implies a session
-        if type(packet) is mqtt.Publish:
-            qos, pid = packet.qos, packet.packet_id
-            if qos == 2 and pid in session.incoming_qos2:
-                self.send(mqtt.pubrec(pid))  # a re-sent QoS 2 PUBLISH is routed only once
-                return
-            reason = self.core.publish(session, packet)
-            if reason is not None:
-                detail = (
-                    "clients cannot publish to '$' topics"
-                    if reason == "invalid-publish-topic"
-                    else f"publish to {packet.topic!r} denied"
-                )
-                self.violation(reason, detail)
-            elif qos == 1:
-                self.send(mqtt.puback(pid))
-            elif qos == 2:
-                session.incoming_qos2.add(pid)
-                self.send(mqtt.pubrec(pid))
-        elif type(packet) is tuple:
-            kind, pid = packet
-            if kind == mqtt.PUBREL:
-                session.incoming_qos2.discard(pid)
-                self.send(mqtt.pubcomp(pid))
-            elif kind == mqtt.PINGREQ:
-                self.send(mqtt.pingresp())
-            elif kind == mqtt.DISCONNECT:
-                self.clean_disconnect = True  # MQTT-3.14.4-3: the will is discarded
-                self.close(will=False)
-            else:
-                self.core.acked(session, kind, pid)
-        elif type(packet) is mqtt.Subscribe:
-            self.core.subscribe(session, packet)
-        elif type(packet) is mqtt.Unsubscribe:
-            self.core.unsubscribe(session, packet)
-
-    def _on_connect(self, connect: mqtt.Connect) -> None:
-        if connect.protocol_level not in (3, 4):
-            self.core.refused(
-                self.peer, "bad-connect", f"protocol level {connect.protocol_level} (3.1.1 only)"
-            )
-            self.send(mqtt.connack(False, mqtt.CONNACK_UNACCEPTABLE_PROTOCOL))
-            self._finish_refusal()
+    def _flush(self) -> None:
+        self._scheduled = False
+        protocol = self.protocol
+        if protocol.state is _CLOSED:
             return
-        self.state = AUTH
-        assert self.transport is not None  # noqa: S101
-        self.transport.pause_reading()
-        self._auth_task = self._loop.create_task(self._authenticate(connect))
+        data = protocol.data_to_send()
+        if data and self._encrypt(data):
+            protocol.sent()
 
-    def _finish_refusal(self) -> None:
-        self._flush()
-        self.state = CLOSED
-        if self.transport is not None:
-            self.transport.close()  # flushes the CONNACK, then closes
+    # -- authentication ------------------------------------------------------------------------
+
+    def _start_authentication(self, event: Authenticate) -> None:
+        self._auth_task = self._loop.create_task(self._authenticate(event.connect))
 
     async def _authenticate(self, connect: mqtt.Connect) -> None:
-        core = self.core
+        protocol = self.protocol
         facts = ConnectionFacts(
             client_id=connect.client_id,
             username=connect.username,
@@ -415,55 +264,18 @@ class MQTTConnection(asyncio.Protocol):
                 if connect.password is not None
                 else None
             ),
-            peer=self.peer,
+            peer=protocol.peer,
             tls=self.tls,
         )
         try:
             authenticated: Authenticated = await self._authenticator.authenticate(facts)
-            core.check_connect(connect, authenticated)
         except Refused as refusal:
-            if self.state != AUTH:
-                return
-            core.refused(
-                self.peer, refusal.reason, refusal.detail, refusal.identity, connect.client_id
-            )
-            code = refusal.connack
-            if code not in (mqtt.CONNACK_IDENTIFIER_REJECTED, mqtt.CONNACK_NOT_AUTHORIZED):
-                code = mqtt.CONNACK_NOT_AUTHORIZED
-            self.send(mqtt.connack(False, code))
-            self._finish_refusal()
+            protocol.refused(refusal, connect.client_id)
             return
         except Exception as exc:  # an authenticator bug refuses one client, not the broker
-            log.exception("authenticator failed for %s", self.peer)
-            if self.state == AUTH:
-                core.refused(self.peer, "auth-error", type(exc).__name__)
-                self.send(mqtt.connack(False, mqtt.CONNACK_NOT_AUTHORIZED))
-                self._finish_refusal()
+            log.exception("authenticator failed for %s", protocol.peer)
+            protocol.refused(Refused("auth-error", type(exc).__name__))
             return
-        if self.state != AUTH:
-            return  # the client went away while we checked it
-        self._auth_task = None
-        limits = core.limits
-        requested = connect.keepalive
-        keepalive = min(requested, limits.max_keepalive) if requested > 0 else limits.max_keepalive
-        self.keepalive_window = keepalive * limits.keepalive_factor
-        self.last_packet = self._loop.time()
-        session, present = core.attach(self, connect, authenticated)
-        self.session = session
-        self.state = LIVE
-        self.send(mqtt.connack(present, mqtt.CONNACK_ACCEPTED))
-        core.metrics.inc("iotauth_broker_connects_total")
-        core.audit.emit(
-            "connect",
-            identity=str(authenticated.identity),
-            client_id=connect.client_id,
-            peer=self.peer,
-            credential=authenticated.credential,
-            method=authenticated.method,
-            clean_session=connect.clean_session,
-            session_present=present,
-            keepalive=keepalive,
-            tls=self.tls_version,
-        )
-        core.resume(session)
-        self._unhold()  # the packets that arrived behind CONNECT, then reading resumes
+        finally:
+            self._auth_task = None
+        protocol.authenticated(connect, authenticated, self._loop.time())

@@ -1,16 +1,18 @@
 """The broker's state and rules: sessions, routing, retained messages, wills, policy on every path.
 
-Synchronous on purpose. A connection (``broker.connection``) hands a decoded packet to
-:class:`BrokerCore`, which decides and queues bytes on the receiving connections before it
-returns: no task, queue hop or plugin event per message. That, and not TLS, is what made amqtt
-0.12.1 cost ~110 us of CPU per delivered message here (docs/BENCHMARKS.md, "where the time goes").
+Synchronous on purpose. A connection's protocol object (``broker.protocol``) hands a decoded
+packet to :class:`BrokerCore`, which decides and queues bytes on the receiving connections
+before it returns: no task, queue hop or plugin event per message. That, and not TLS, is what
+made amqtt 0.12.1 cost ~110 us of CPU per delivered message here (docs/BENCHMARKS.md, "where
+the time goes").
 
 The rules it enforces (each was a gap in amqtt 0.12.1, research/amqtt.md):
 
 1. Identity before state. The authenticator says who the peer is, the client_id must equal that
    identity and the will topic must pass the publish policy *before* the session table is touched.
-2. One live connection per client_id: a second valid CONNECT closes the first one (no will), then
-   resumes the session if it belongs to the same identity, or replaces it.
+2. One live connection per client_id: a second valid CONNECT closes the first one (its will is
+   published: it ended without a DISCONNECT, MQTT-3.1.2-8), then resumes the session if it
+   belongs to the same identity, or replaces it.
 3. Every message obeys the policy: PUBLISH (denied ones are audited, never routed or retained),
    SUBSCRIBE by containment, RECEIVE for live, retained *and* queued messages. Retained messages
    go only to the subscription that asked for them. Decisions are cached per session and topic
@@ -54,7 +56,7 @@ _ACL_CACHE_MAX = 1024  # topics remembered per session and action
 
 
 class Link(Protocol):
-    """What the core needs of a connection (``broker.connection.MQTTConnection``)."""
+    """What the core needs of a connection (``broker.protocol.ClientProtocol``)."""
 
     holds: set[Session]
 
@@ -199,7 +201,7 @@ class BrokerCore:
         client_id = connect.client_id
         current = self.live.get(client_id)
         if current is not None and current.link is not None:
-            self.kick_session(current, "takeover")
+            self.kick_session(current, "takeover", will=True)
         session = self.sessions.get(client_id)
         if session is not None and (
             connect.clean_session or session.authenticated.identity != authenticated.identity
@@ -514,14 +516,17 @@ class BrokerCore:
 
     # -- closing sessions ----------------------------------------------------------------------
 
-    def kick_session(self, session: Session, reason: str, detail: str | None = None) -> None:
-        """Close the live connection of ``session`` without its will (an operator or the
-        broker ended it, not the device failing)."""
+    def kick_session(
+        self, session: Session, reason: str, detail: str | None = None, *, will: bool = False
+    ) -> None:
+        """Close the live connection of ``session``. Without its will by default: an operator,
+        a revocation or an expiry ended it, and a revoked identity speaks no more. A takeover
+        passes ``will=True`` (MQTT-3.1.2-8: the old connection ends without a DISCONNECT)."""
         link = session.link
         if link is None:
             return
         self.kick_record(session, reason, detail)
-        link.close(will=False, reason=reason)
+        link.close(will=will, reason=reason)
 
     def kick_record(self, session: Session, reason: str, detail: str | None = None) -> None:
         self.metrics.inc("iotauth_broker_kicks_total", reason=reason)

@@ -95,7 +95,7 @@ MiB = 1024 * KiB
 
 @dataclass(frozen=True, slots=True)
 class Limits:
-    """The limits amqtt 0.12.1 lacks. Enforced in broker/_listener.py, connection.py and core.py."""
+    """The limits amqtt 0.12.1 lacks. Enforced in broker/_listener.py, protocol.py and core.py."""
 
     # Accept -> TLS handshake -> CONNECT must all happen within this many seconds.
     connect_timeout: float = 10.0

@@ -212,9 +212,19 @@ def _remaining(n: int) -> bytes:
             return bytes(out)
 
 
-def connect_packet(client_id: str, *, keepalive: int = 60, clean: bool = True) -> bytes:
-    body = _utf8("MQTT") + bytes([4, 0x02 if clean else 0]) + struct.pack("!H", keepalive)
+def connect_packet(
+    client_id: str,
+    *,
+    keepalive: int = 60,
+    clean: bool = True,
+    will: tuple[str, bytes] | None = None,
+) -> bytes:
+    """A 3.1.1 CONNECT; ``will`` is (topic, payload), QoS 0, not retained."""
+    flags = (0x02 if clean else 0) | (0x04 if will is not None else 0)
+    body = _utf8("MQTT") + bytes([4, flags]) + struct.pack("!H", keepalive)
     body += _utf8(client_id)
+    if will is not None:
+        body += _utf8(will[0]) + struct.pack("!H", len(will[1])) + will[1]
     return bytes([0x10]) + _remaining(len(body)) + body
 
 

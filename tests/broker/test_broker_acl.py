@@ -66,7 +66,12 @@ def test_denied_publish_in_drop_mode_keeps_the_connection(
     dev.publish("devices/dev-1/state", b"ok", qos=1)
     assert not dev.disconnected.is_set()
     assert broker.broker.audit.events("deny", action="publish")
-    assert victim.messages == []
+    # A delivery of the denied messages would have been queued to the victim before their
+    # PUBACKs; a sentinel published after them arrives behind any such delivery.
+    sink = peers(broker.port, "sink", service=True).connect()
+    sink.publish("devices/dev-2/commands/sentinel", b"after", qos=1)
+    assert wait_until(lambda: victim.messages)
+    assert victim.messages == [("devices/dev-2/commands/sentinel", b"after", False)]
 
 
 def test_subscribe_outside_the_grant_is_refused(
@@ -150,6 +155,36 @@ def test_own_will_is_published_on_abnormal_close(
     assert sink.messages[0][:2] == ("devices/dev-1/state", b"offline")
 
 
+@pytest.mark.parametrize("topic", ["", "devices/dev-1/+", "devices/dev-1/#"], ids=repr)
+def test_a_will_with_a_malformed_topic_closes_the_connection_without_connack(
+    broker: BrokerThread, fleet: Fleet, topic: str
+) -> None:
+    """MQTT-3.1.4-1 with MQTT-4.7.3-1 (a zero-length topic) and MQTT-4.7.1-1 (no wildcards in a
+    topic name): a malformed CONNECT is closed, not answered with CONNACK 5."""
+    sock = tls_socket(broker.port, fleet.creds("dev-1"), root=fleet.pki_dir / "root.crt")
+    try:
+        sock.sendall(connect_packet("dev-1", will=(topic, b"gone")))
+        assert read_connack(sock) is None
+    finally:
+        sock.close()
+    refusals = broker.broker.audit.events("refuse", reason="malformed")
+    assert len(refusals) == 1
+    assert refusals[0]["detail"].startswith("will: invalid topic name")
+    assert broker.broker.connected() == []
+
+
+def test_a_will_on_a_valid_topic_is_accepted_by_a_raw_connect(
+    broker: BrokerThread, fleet: Fleet
+) -> None:
+    """The positive twin of the malformed will: the same bytes with a valid topic get CONNACK 0."""
+    sock = tls_socket(broker.port, fleet.creds("dev-1"), root=fleet.pki_dir / "root.crt")
+    try:
+        sock.sendall(connect_packet("dev-1", will=("devices/dev-1/state", b"gone")))
+        assert read_connack(sock) == 0
+    finally:
+        sock.close()
+
+
 @pytest.mark.parametrize("topic", ["$SYS/broker/x", "devices/dev-1/+", "devices/dev-1/#"])
 def test_wildcard_and_dollar_publish_close_the_connection(
     broker: BrokerThread, fleet: Fleet, peers: Callable[..., Peer], topic: str
@@ -184,3 +219,22 @@ def test_takeover_closes_the_old_connection_and_the_new_one_works(
     assert old.messages == []
     assert broker.broker.connected() == ["dev-1", "sink"]
     assert broker.broker.audit.events("disconnect", reason="takeover")
+
+
+def test_takeover_publishes_the_old_connections_will(
+    broker: BrokerThread, peers: Callable[..., Peer]
+) -> None:
+    """MQTT-3.1.4-2 with MQTT-3.1.2-8: the old connection is closed without a DISCONNECT from
+    its client, so its will is published; the new connection's will is kept for its own end."""
+    sink = peers(broker.port, "sink", service=True).connect()
+    assert sink.subscribe("devices/+/state") == [0]
+    old = peers(broker.port, "dev-1", will=("devices/dev-1/state", b"old-gone", False)).connect()
+    new = peers(broker.port, "dev-1", will=("devices/dev-1/state", b"new-gone", False)).connect()
+    assert wait_until(old.disconnected.is_set)
+    assert wait_until(lambda: sink.messages)
+    assert sink.messages == [("devices/dev-1/state", b"old-gone", False)]
+    new.close()  # a DISCONNECT: the new connection's will is discarded (MQTT-3.14.4-3)
+    dev2 = peers(broker.port, "dev-2").connect()
+    dev2.publish("devices/dev-2/state", b"sentinel", qos=1)
+    assert wait_until(lambda: len(sink.messages) == 2)
+    assert sink.messages[1] == ("devices/dev-2/state", b"sentinel", False)

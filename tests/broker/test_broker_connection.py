@@ -1,27 +1,43 @@
-"""The connection protocol driven in memory: real TLS (client and broker on memory BIOs), the
-real core and authenticator, and a transport that only records what the broker would send.
+"""How a connection ends and what the transport sees.
 
-For what the kernel hides from end-to-end tests: loopback socket buffers swallow megabytes, so a
-client that never reads cannot make the broker's own send buffer grow in a test of sensible
-length. Here the transport says how much is waiting, and the decision is the broker's.
+Most of it is driven in memory: real TLS (client and broker on memory BIOs), the real core and
+authenticator, and a transport that only records what the broker would send. That is for what
+the kernel hides from end-to-end tests: loopback socket buffers swallow megabytes, so a client
+that never reads cannot make the broker's own send buffer grow in a test of sensible length.
+Here the transport says how much is waiting, and the decision is the broker's. The TLS shutdown
+(close_notify) is tested with real sockets and a real subscriber.
 """
 
 from __future__ import annotations
 
 import asyncio
 import ssl
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
+
+import pytest
 
 from broker._listener import TLSListener
 from broker.audit import AuditLog
 from broker.auth import MutualTLSAuthenticator
-from broker.connection import CLOSED, LIVE, MQTTConnection
+from broker.connection import MQTTConnection
 from broker.core import BrokerCore
 from broker.metrics import Metrics
+from broker.protocol import State
+from broker.server import BrokerThread
 from broker.settings import BrokerSettings, Limits
 from provisioning.tls import server_context_for_pki
-from tests.broker.broker_helpers import Fleet, client_ctx, connect_packet
+from tests.broker.broker_helpers import (
+    Fleet,
+    Peer,
+    client_ctx,
+    closed_by_peer,
+    connect_packet,
+    read_connack,
+    tls_socket,
+    wait_until,
+)
 
 PINGREQ = b"\xc0\x00"
 PINGRESP = b"\xd0\x00"
@@ -102,10 +118,10 @@ class Harness:
         self.client.write(connect_packet(client_id))
         self.pump()
         for _ in range(100):  # the authenticator runs as a task
-            if self.conn.state == LIVE:
+            if self.conn.protocol.state is State.LIVE:
                 break
             await asyncio.sleep(0.01)
-        assert self.conn.state == LIVE
+        assert self.conn.protocol.state is State.LIVE
         assert self.read(4)[:2] == b"\x20\x02"  # CONNACK
 
     def send(self, data: bytes) -> None:
@@ -132,13 +148,61 @@ def test_a_client_that_sends_and_never_reads_is_closed_at_twice_the_outbound_lim
         h.transport.buffered = 2 * limits.outbound_max_bytes  # at the line: still served
         h.send(PINGREQ)
         assert h.read(2) == PINGRESP
-        assert h.conn.state == LIVE
+        assert h.conn.protocol.state is State.LIVE
         h.transport.buffered = 2 * limits.outbound_max_bytes + 1  # past it
         h.send(PINGREQ)
-        assert h.conn.state == CLOSED
+        assert h.conn.protocol.state is State.CLOSED
         assert h.transport.closed
         kicks = h.audit.events("kick", client_id="dev-1")
         assert [k["reason"] for k in kicks] == ["slow-reader"]
         assert "dev-1" not in h.core.live
 
     asyncio.run(scenario())
+
+
+_VERSIONS = [ssl.TLSVersion.TLSv1_2, ssl.TLSVersion.TLSv1_3]
+
+
+@pytest.mark.parametrize("version", _VERSIONS, ids=["tls1.2", "tls1.3"])
+def test_a_tls_close_notify_is_answered_and_ends_the_session_with_its_will(
+    broker: BrokerThread, fleet: Fleet, peers: Callable[..., Peer], version: ssl.TLSVersion
+) -> None:
+    """A client that only ends TLS (close_notify, as ``SSLSocket.unwrap()`` and asyncio's TLS
+    transport do) and waits for the answer gets the broker's close_notify (RFC 8446 6.1, RFC
+    5246 7.2.1), and its session ends like a lost connection: no DISCONNECT was sent, so the
+    will is published (MQTT-3.1.2-8)."""
+    sink = peers(broker.port, "sink", service=True).connect()
+    assert sink.subscribe("devices/+/state") == [0]
+    ctx = client_ctx(fleet.creds("dev-1"), root=fleet.pki_dir / "root.crt", maximum=version)
+    sock = tls_socket(broker.port, None, root=fleet.pki_dir / "root.crt", context=ctx)
+    assert sock.version() == ("TLSv1.2" if version is ssl.TLSVersion.TLSv1_2 else "TLSv1.3")
+    sock.sendall(connect_packet("dev-1", will=("devices/dev-1/state", b"tls-closed")))
+    assert read_connack(sock) == 0
+    plain = sock.unwrap()  # sends close_notify, then blocks (5 s timeout) for the broker's
+    try:
+        assert wait_until(lambda: sink.messages)
+        assert sink.messages == [("devices/dev-1/state", b"tls-closed", False)]
+        assert "dev-1" not in broker.broker.connected()
+        assert closed_by_peer(plain, 5)
+    finally:
+        plain.close()
+
+
+def test_a_close_notify_after_disconnect_publishes_no_will(
+    broker: BrokerThread, fleet: Fleet, peers: Callable[..., Peer]
+) -> None:
+    """The negative twin: DISCONNECT first (MQTT-3.14.4-3 discards the will), then close_notify."""
+    sink = peers(broker.port, "sink", service=True).connect()
+    assert sink.subscribe("devices/+/state") == [0]
+    sock = tls_socket(broker.port, fleet.creds("dev-1"), root=fleet.pki_dir / "root.crt")
+    sock.sendall(connect_packet("dev-1", will=("devices/dev-1/state", b"tls-closed")))
+    assert read_connack(sock) == 0
+    sock.sendall(b"\xe0\x00")  # DISCONNECT
+    try:
+        sock.unwrap().close()
+    except (OSError, ssl.SSLError):
+        sock.close()  # the broker may have closed first: either way the will must not come
+    dev2 = peers(broker.port, "dev-2").connect()
+    dev2.publish("devices/dev-2/state", b"sentinel", qos=1)
+    assert wait_until(lambda: sink.messages)
+    assert sink.messages == [("devices/dev-2/state", b"sentinel", False)]

@@ -18,6 +18,7 @@ from broker.revocation import RevocationWatcher
 from broker.server import BrokerThread
 from tests.broker.broker_helpers import (
     Fleet,
+    Peer,
     client_ctx,
     closed_by_peer,
     connect_packet,
@@ -55,6 +56,25 @@ def test_revoke_from_another_process_kicks_within_one_second(
     _connected_socket(broker.port, fleet, "dev-2").close()
     dev1.close()
     dev2.close()
+
+
+def test_a_revocation_kick_does_not_publish_the_will(
+    broker: BrokerThread, fleet: Fleet, peers: Callable[..., Peer]
+) -> None:
+    """The negative twin of the will on takeover: a revoked identity speaks no more, so the
+    kick that closes its session discards its will (a documented choice, docs/BROKER.md)."""
+    sink = peers(broker.port, "sink", service=True).connect()
+    assert sink.subscribe("devices/+/state") == [0]
+    dev = peers(broker.port, "dev-1", will=("devices/dev-1/state", b"revoked-gone", True))
+    dev.connect()
+    fleet.pki.revoke("dev-1", reason="key-compromise")
+    assert broker.call(broker.broker.check_revocations())
+    assert wait_until(dev.disconnected.is_set)
+    assert broker.broker.audit.events("kick", reason="revoked", client_id="dev-1")
+    dev2 = peers(broker.port, "dev-2").connect()
+    dev2.publish("devices/dev-2/state", b"sentinel", qos=1)
+    assert wait_until(lambda: sink.messages)
+    assert sink.messages == [("devices/dev-2/state", b"sentinel", False)]
 
 
 @pytest.mark.parametrize(
