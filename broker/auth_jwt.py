@@ -33,6 +33,7 @@ import jwt
 from cryptography import x509
 from cryptography.exceptions import InvalidSignature
 
+from broker import mqtt
 from broker.auth import Authenticated, ConnectionFacts, certificate_identity, check_certificate_now
 from broker.errors import Refused
 from provisioning.identity import Identity, IdentityKind
@@ -42,7 +43,7 @@ __all__ = ["DeviceTokenAuthenticator", "ReplayCache"]
 
 # MQTT 3.1.1 CONNACK 4: "bad user name or password" is what a client library shows for a
 # credential that does not verify.
-_BAD_CREDENTIALS = 4
+_BAD_CREDENTIALS = mqtt.CONNACK_BAD_CREDENTIALS
 
 
 @dataclass(frozen=True, slots=True)

@@ -453,7 +453,11 @@ class ClientProtocol:
         if self.state is not _AUTH:
             return  # the client went away meanwhile
         code = refusal.connack
-        if code not in (mqtt.CONNACK_IDENTIFIER_REJECTED, mqtt.CONNACK_NOT_AUTHORIZED):
+        if code not in (
+            mqtt.CONNACK_IDENTIFIER_REJECTED,
+            mqtt.CONNACK_BAD_CREDENTIALS,
+            mqtt.CONNACK_NOT_AUTHORIZED,
+        ):
             code = mqtt.CONNACK_NOT_AUTHORIZED
         self._refuse(refusal.reason, refusal.detail, code, refusal.identity, client_id)
 

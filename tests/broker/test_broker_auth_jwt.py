@@ -147,12 +147,25 @@ def test_the_device_token_is_refused_on_the_mtls_only_listener(
     assert dev.refused
 
 
+# paho reports a 3.1.1 CONNACK return code as the MQTT 5 reason of the same meaning.
+PAHO_CONNACK = {2: 0x85, 4: 0x86, 5: 0x87}
+
+
 def _refused_with(
-    broker: Broker, token_peer: Callable[..., Peer], token: str, client_id: str, reason: str
+    broker: Broker,
+    token_peer: Callable[..., Peer],
+    token: str,
+    client_id: str,
+    reason: str,
+    connack: int = 4,
 ) -> None:
+    """Refused with this audit reason and this MQTT 3.1.1 CONNACK return code (4: a credential
+    that does not verify; 5: not authorized; 2: identifier rejected)."""
     peer = token_peer(broker.jwt_port, token, client_id).connect(expect_ok=False)
     assert peer.refused
     assert wait_until(lambda: reason in broker.refusals()), broker.refusals()
+    assert peer.connack is not None
+    assert int(peer.connack.value) == PAHO_CONNACK[connack]
 
 
 NOW = dt.datetime.now(dt.UTC)
@@ -225,7 +238,9 @@ def test_a_token_signed_by_another_devices_key_is_refused(
 def test_a_token_for_device_a_with_client_id_b_is_refused(
     broker: Broker, fleet: Fleet, token_peer: Callable[..., Peer]
 ) -> None:
-    _refused_with(broker, token_peer, _token(fleet, "dev-1"), "dev-2", "client-id-mismatch")
+    _refused_with(
+        broker, token_peer, _token(fleet, "dev-1"), "dev-2", "client-id-mismatch", connack=2
+    )
 
 
 def test_a_replayed_token_is_refused(
@@ -264,13 +279,13 @@ def test_a_service_cannot_use_a_device_token(
         device_id="sink",
         audience="fleet.example",
     )
-    _refused_with(broker, token_peer, token, "sink", "token-not-device")
+    _refused_with(broker, token_peer, token, "sink", "token-not-device", connack=5)
 
 
 def test_a_password_is_not_a_method_of_the_jwt_listener(
     broker: Broker, token_peer: Callable[..., Peer]
 ) -> None:
-    _refused_with(broker, token_peer, "hunter2", "dev-1", "method-not-allowed")
+    _refused_with(broker, token_peer, "hunter2", "dev-1", "method-not-allowed", connack=5)
 
 
 def test_a_certificate_on_a_jwt_only_listener_proves_nothing(
