@@ -927,6 +927,9 @@ class PacketReader:
                 length |= (byte & 0x7F) << shift
                 i += 1
                 if not byte & 0x80:
+                    if not byte and shift and self._v5:
+                        # 5.0 MQTT-1.5.5-1 (3.1.1 left it open, and 3.1.1 stays as it was).
+                        raise _malformed("remaining length not in its shortest form")
                     break
                 shift += 7
                 if shift > 21:

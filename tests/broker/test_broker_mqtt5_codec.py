@@ -1122,6 +1122,108 @@ def test_level_5_violations_map_to_their_reason_code(wire: bytes, token: str, co
     assert (exc.reason, exc.code) == (token, code), exc.detail
 
 
+# One valid value of each of paho's property types, written by paho's own writeProperty.
+PAHO_TYPES = PahoProperties(PacketTypes.CONNECT).types
+SAMPLE = {
+    "Byte": 1,
+    "Two Byte Integer": 1,
+    "Four Byte Integer": 1,
+    "Variable Byte Integer": 1,
+    "Binary Data": b"x",
+    "UTF-8 Encoded String": "x",
+    "UTF-8 String Pair": ("k", "v"),
+}
+
+
+def paho_property(name: str) -> bytes:
+    """Identifier and a valid value of the property ``name``, as paho writes it."""
+    props = PahoProperties(PacketTypes.CONNECT)
+    identifier = paho_identifier(name)
+    kind = props.properties[identifier][0]
+    return bytes(props.writeProperty(identifier, kind, SAMPLE[PAHO_TYPES[kind]]))
+
+
+def method_for(packet: int, name: str) -> bytes:
+    """AUTH needs an Authentication Method (3.15.2.2.2), and Authentication Data needs one in
+    CONNECT too (3.1.2.11.10): put one in unless it is the property under test."""
+    if packet in (AUTH, CONNECT) and name != "authentication_method":
+        return paho_property("authentication_method")
+    return b""
+
+
+WRONG_PLACE = [
+    (name, packet)
+    for name in PAHO_NAME
+    for packet in CLIENT_PACKETS
+    if not paho_allows(name, packet)
+]
+
+
+@pytest.mark.parametrize(
+    ("name", "packet"), WRONG_PLACE, ids=[f"{n}-in-{p}" for n, p in WRONG_PLACE]
+)
+def test_every_property_outside_its_packets_is_malformed(name: str, packet: int) -> None:
+    """2.2.2.2: "A Control Packet which contains an Identifier which is not valid for its packet
+    type ... is a Malformed Packet" (0x81), for every property and every client packet."""
+    entries = method_for(packet, name) + paho_property(name)
+    wire = packet_with(packet, _vbi(len(entries)) + entries)
+    reader = PacketReader(BIG) if packet in (WILL, CONNECT) else reader5()
+    with pytest.raises(ProtocolViolation) as info:
+        reader.feed(wire)
+    assert (info.value.reason, info.value.code) == ("malformed", MALFORMED), info.value.detail
+
+
+ONCE_ONLY = [
+    (name, packet)
+    for name in PAHO_NAME
+    for packet in CLIENT_PACKETS
+    if paho_allows(name, packet)
+    and name != "user_properties"
+    and not (name == "subscription_identifiers" and packet == PUBLISH)
+]
+
+
+@pytest.mark.parametrize(("name", "packet"), ONCE_ONLY, ids=[f"{n}-in-{p}" for n, p in ONCE_ONLY])
+def test_every_property_twice_is_a_protocol_error(name: str, packet: int) -> None:
+    """Each property section of chapter 3: "It is a Protocol Error to include the ... more than
+    once" (0x82), for every property a client may send once, on every packet it may be on.
+    The same packet with the property once is accepted."""
+    once = method_for(packet, name) + paho_property(name)
+    reader = PacketReader(BIG) if packet in (WILL, CONNECT) else reader5()
+    assert len(reader.feed(packet_with(packet, _vbi(len(once)) + once))) == 1
+    twice = once + paho_property(name)
+    reader = PacketReader(BIG) if packet in (WILL, CONNECT) else reader5()
+    with pytest.raises(ProtocolViolation) as info:
+        reader.feed(packet_with(packet, _vbi(len(twice)) + twice))
+    assert (info.value.reason, info.value.code) == ("protocol-error", PROTOCOL_ERROR)
+
+
+KNOWN = set(PahoProperties(PacketTypes.CONNECT).properties)
+
+
+@pytest.mark.parametrize("identifier", [i for i in range(256) if i not in KNOWN])
+def test_every_unknown_property_identifier_is_malformed(identifier: int) -> None:
+    """2.2.2.2: an identifier no packet may carry is valid for none: Malformed Packet (0x81).
+    From 0x80 on it would be the first byte of a longer Variable Byte Integer: none is known."""
+    exc = violation5(publish5("t", props=props_raw(bytes([identifier, 0, 0]))))
+    assert (exc.reason, exc.code) == ("malformed", MALFORMED)
+
+
+@pytest.mark.parametrize("level", [4, 5])
+def test_remaining_length_in_its_shortest_form_at_level_5(level: int) -> None:
+    """MQTT-1.5.5-1 (5.0): a Variable Byte Integer uses the fewest bytes; a remaining length of
+    0 written as two bytes is Malformed at level 5, and read as before at level 4."""
+    reader = PacketReader(BIG)
+    reader.feed(connect5(level=level, props=EMPTY if level == 5 else b""))
+    wire = b"\xc0\x80\x00"  # PINGREQ, remaining length 0 in two bytes
+    if level == 4:
+        assert reader.feed(wire) == [(PINGREQ, 0)]
+        return
+    with pytest.raises(ProtocolViolation) as info:
+        reader.feed(wire)
+    assert (info.value.reason, info.value.code) == ("malformed", MALFORMED)
+
+
 def test_packets_before_a_violation_are_kept() -> None:
     """The valid packets in front of a bad one in the same read count (as at level 4)."""
     good = publish5("t", b"1")
