@@ -363,6 +363,15 @@ _VALUE_RULES: dict[int, tuple[Callable[[int], bool], str]] = {
     0x2A: _ZERO_OR_ONE,  # 3.2.2.3.13
 }
 _USER_LIMITS = (MAX_USER_PROPERTIES, MAX_USER_PROPERTY_BYTES)
+# Per packet type, the properties it may carry with their rules: one lookup per property read.
+_ALLOWED: dict[int, dict[int, tuple[str, int, tuple[Callable[[int], bool], str] | None]]] = {
+    packet: {
+        pid: (name, kind, _VALUE_RULES.get(pid))
+        for pid, (name, kind, where) in _PROPERTY_TABLE.items()
+        if packet in where
+    }
+    for packet in _ANY
+}
 
 
 def _varint(body: bytes, at: int, end: int) -> tuple[int, int]:
@@ -442,25 +451,34 @@ def _properties(  # noqa: PLR0912, PLR0915 - one pass over the wire, each rule w
     region = body[at:end]
     props = object.__new__(Properties)
     values = props.__dict__
-    users: list[tuple[str, str]] = []
-    subscription_ids: list[int] = []
+    users: list[tuple[str, str]] | None = None
+    subscription_ids: list[int] | None = None
     user_bytes = 0
+    allowed = _ALLOWED[packet]
     i = 0
     while i < length:
         pid = region[i]
         i += 1
-        entry = _PROPERTY_TABLE.get(pid)  # an identifier of 0x80 or more is never in it
+        entry = allowed.get(pid)  # an identifier of 0x80 or more is never in it
         if entry is None:
             # 2.2.2.2: "an Identifier which is not valid for its packet type ... is a Malformed
             # Packet" (an unknown one is valid for none).
-            raise _malformed(f"unknown property identifier {pid:#04x}")
-        name, kind, allowed = entry
-        if packet not in allowed:
-            raise _malformed(f"property {name} is not allowed in {_NAMES[packet]}")  # 2.2.2.2
-        if kind == _PAIR:  # a User Property (MQTT-1.5.7-1)
+            known = _PROPERTY_TABLE.get(pid)
+            if known is None:
+                raise _malformed(f"unknown property identifier {pid:#04x}")
+            raise _malformed(f"property {known[0]} is not allowed in {_NAMES[packet]}")
+        name, kind, rule = entry
+        if kind == _TWO:  # inline: Topic Alias, the most frequent property of a PUBLISH
+            if i + 2 > length:
+                raise _malformed(f"property {name} runs past the properties")
+            value: Any = (region[i] << 8) | region[i + 1]
+            i += 2
+        elif kind == _PAIR:  # a User Property (MQTT-1.5.7-1)
             start = i
             key, i = _string(region, i)
             text, i = _string(region, i)
+            if users is None:
+                users = []
             users.append((key, text))
             user_bytes += i - start
             if len(users) > limits[0] or user_bytes > limits[1]:
@@ -470,11 +488,13 @@ def _properties(  # noqa: PLR0912, PLR0915 - one pass over the wire, each rule w
                     Reason.QUOTA_EXCEEDED,
                 )
             continue
-        value, i = _READERS[kind](region, i, length)
-        rule = _VALUE_RULES.get(pid)
+        else:
+            value, i = _READERS[kind](region, i, length)
         if rule is not None and not rule[0](value):
             raise _protocol_error(f"property {name} with {rule[1]}")
         if pid == 0x0B:
+            if subscription_ids is None:
+                subscription_ids = []
             subscription_ids.append(value)
             # Several only where a server forwards one message for several subscriptions
             # (3.3.4); a SUBSCRIBE carries at most one (3.8.2.1.2).
@@ -706,7 +726,7 @@ def _decode_publish(flags: int, body: bytes) -> Publish:
         at += 2
     elif flags & 0x08:
         raise _malformed("DUP set on QoS 0")  # MQTT-3.3.1-2
-    return Publish(topic, body[at:], qos, bool(flags & 0x01), bool(flags & 0x08), pid)
+    return Publish(topic, body[at:], qos, (flags & 0x01) != 0, (flags & 0x08) != 0, pid)
 
 
 def _decode_subscribe(body: bytes) -> Subscribe:
@@ -760,15 +780,17 @@ def _decode_publish5(flags: int, body: bytes, limits: tuple[int, int]) -> Publis
         props, at = NO_PROPERTIES, at + 1  # the common case: no properties, nothing to build
     else:
         props, at = _properties(body, at, PUBLISH, limits)
-        if props.subscription_identifiers:
+        values = props.__dict__
+        if "subscription_identifiers" in values:
             # MQTT-3.3.4-6
             raise _protocol_error("PUBLISH from a client with a Subscription Identifier")
-        why = _topic_name_rule(props.response_topic)
-        if why:
-            raise _protocol_error(f"PUBLISH with {why}")
+        if "response_topic" in values:
+            why = _topic_name_rule(props.response_topic)
+            if why:
+                raise _protocol_error(f"PUBLISH with {why}")
     if not topic and props.topic_alias is None:
         raise _protocol_error("PUBLISH without a topic name or a topic alias")  # 3.3.2.1
-    return Publish(topic, body[at:], qos, bool(flags & 0x01), bool(flags & 0x08), pid, props)
+    return Publish(topic, body[at:], qos, (flags & 0x01) != 0, (flags & 0x08) != 0, pid, props)
 
 
 def _decode_ack5(kind: int, body: bytes, limits: tuple[int, int]) -> Ack:
