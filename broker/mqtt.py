@@ -794,10 +794,11 @@ def _decode_publish5(flags: int, body: bytes, limits: tuple[int, int]) -> Publis
 
 
 def _decode_ack5(kind: int, body: bytes, limits: tuple[int, int]) -> Ack:
-    pid = _packet_id5(body, 0)
     size = len(body)
-    if size == 2:
-        return Ack(kind, pid)  # 3.4.2.1: no reason code is 0x00 Success, no properties
+    if size == 2 and (body[0] or body[1]):
+        # 3.4.2.1: no reason code is 0x00 Success, no properties (the common case, read first)
+        return Ack(kind, (body[0] << 8) | body[1])
+    pid = _packet_id5(body, 0)
     code = body[2]
     if code not in REASON_CODES[kind]:
         # MQTT-3.4.2-1, -3.5.2-1, -3.6.2-1, -3.7.2-1 ("MUST use one of" the packet's codes)
@@ -1162,6 +1163,9 @@ def encode_properties(props: Properties, packet: int) -> bytes:  # noqa: PLR0912
     return _length(len(out)) + bytes(out)
 
 
+_ACK_FIRST = {PUBACK: 0x40, PUBREC: 0x50, PUBREL: 0x62, PUBCOMP: 0x70}  # MQTT-3.6.1-1
+
+
 def _check_code(packet: int, code: int, allowed: frozenset[int] | None = None) -> None:
     if code not in (REASON_CODES[packet] if allowed is None else allowed):
         raise ValueError(f"reason code {code:#04x} is not one {_NAMES[packet]} may carry")
@@ -1200,7 +1204,7 @@ def encode_publish5(
 
 def ack5(kind: int, packet_id: int, code: int = 0, properties: Properties = NO_PROPERTIES) -> bytes:
     """A level-5 PUBACK, PUBREC, PUBREL or PUBCOMP, as short as 3.4.2.1 allows."""
-    first = (kind << 4) | (2 if kind == PUBREL else 0)
+    first = _ACK_FIRST[kind]
     if not code and properties is NO_PROPERTIES:
         return _ack(first, packet_id)
     _check_code(kind, code)
