@@ -53,6 +53,8 @@ __all__ = [
     "WILL",
     "Ack",
     "Auth",
+    "ClientPacketReader",
+    "Connack",
     "Connect",
     "Disconnect",
     "PacketReader",
@@ -61,17 +63,22 @@ __all__ = [
     "ProtocolViolation",
     "Publish",
     "Reason",
+    "Suback",
     "Subscribe",
     "SubscriptionOptions",
+    "Unsuback",
     "Unsubscribe",
     "ack5",
     "auth5",
     "connack",
     "connack5",
     "disconnect5",
+    "encode_connect",
     "encode_properties",
     "encode_publish",
     "encode_publish5",
+    "encode_subscribe",
+    "encode_unsubscribe",
     "pingresp",
     "puback",
     "pubcomp",
@@ -219,6 +226,7 @@ _CLIENT_DISCONNECT_CODES = frozenset(
 )
 _SERVER_DISCONNECT_CODES = REASON_CODES[DISCONNECT] - {0x04}
 _CLIENT_AUTH_CODES = frozenset({0x18, 0x19})
+_SERVER_AUTH_CODES = frozenset({0x00, 0x18})
 
 
 # -- errors ----------------------------------------------------------------------------------------
@@ -603,11 +611,52 @@ class Auth:
     properties: Properties
 
 
-Packet = Connect | Publish | Subscribe | Unsubscribe | Ack | Disconnect | Auth | tuple[int, int]
+@dataclass(slots=True)
+class Connack:
+    """A CONNACK, as :class:`ClientPacketReader` reads it (``reason_code`` is the 3.1.1 return
+    code at level 3 and 4)."""
+
+    session_present: bool
+    reason_code: int
+    properties: Properties = NO_PROPERTIES
+
+
+@dataclass(slots=True)
+class Suback:
+    """A SUBACK: one reason code (granted QoS or failure) per filter of the SUBSCRIBE."""
+
+    packet_id: int
+    reason_codes: list[int]
+    properties: Properties = NO_PROPERTIES
+
+
+@dataclass(slots=True)
+class Unsuback:
+    """An UNSUBACK: one reason code per filter at level 5, none at level 3 and 4."""
+
+    packet_id: int
+    reason_codes: list[int]
+    properties: Properties = NO_PROPERTIES
+
+
+Packet = (
+    Connect
+    | Publish
+    | Subscribe
+    | Unsubscribe
+    | Ack
+    | Disconnect
+    | Auth
+    | Connack
+    | Suback
+    | Unsuback
+    | tuple[int, int]
+)
 """What :meth:`PacketReader.feed` yields: a decoded packet, or ``(type, packet_id)`` for the
 acknowledgements (PUBACK, PUBREC, PUBREL, PUBCOMP) of level 3 and 4 and ``(type, 0)`` for
-PINGREQ (every level) and DISCONNECT (level 3 and 4). Level 5 acknowledgements are :class:`Ack`,
-its DISCONNECT a :class:`Disconnect`."""
+PINGREQ and PINGRESP (every level) and DISCONNECT (level 3 and 4). Level 5 acknowledgements are
+:class:`Ack`, its DISCONNECT a :class:`Disconnect`. :class:`Connack`, :class:`Suback` and
+:class:`Unsuback` come from a :class:`ClientPacketReader` only."""
 
 
 def _string(body: bytes, at: int) -> tuple[str, int]:
@@ -760,7 +809,9 @@ def _decode_unsubscribe(body: bytes) -> Unsubscribe:
 # -- level 5 decoders ------------------------------------------------------------------------------
 
 
-def _decode_publish5(flags: int, body: bytes, limits: tuple[int, int]) -> Publish:
+def _decode_publish5(
+    flags: int, body: bytes, limits: tuple[int, int], from_client: bool = True
+) -> Publish:
     qos = (flags >> 1) & 0x03
     if qos == 3:
         raise _malformed("PUBLISH with QoS 3")  # MQTT-3.3.1-4
@@ -781,7 +832,7 @@ def _decode_publish5(flags: int, body: bytes, limits: tuple[int, int]) -> Publis
     else:
         props, at = _properties(body, at, PUBLISH, limits)
         values = props.__dict__
-        if "subscription_identifiers" in values:
+        if from_client and "subscription_identifiers" in values:
             # MQTT-3.3.4-6
             raise _protocol_error("PUBLISH from a client with a Subscription Identifier")
         if "response_topic" in values:
@@ -852,13 +903,15 @@ def _decode_unsubscribe5(body: bytes, limits: tuple[int, int]) -> Unsubscribe:
     return Unsubscribe(pid, topics, props)
 
 
-def _decode_disconnect5(body: bytes, limits: tuple[int, int]) -> Disconnect:
+def _decode_disconnect5(
+    body: bytes, limits: tuple[int, int], codes: frozenset[int] = _CLIENT_DISCONNECT_CODES
+) -> Disconnect:
     if not body:
         return Disconnect()  # 3.14.2.1: no reason code is 0x00 Normal disconnection
     code = body[0]
-    if code not in _CLIENT_DISCONNECT_CODES:
+    if code not in codes:
         # MQTT-3.14.2-1, with the "sent by" column of table 3-10
-        raise _protocol_error(f"DISCONNECT from a client with reason code {code:#04x}")
+        raise _protocol_error(f"DISCONNECT with reason code {code:#04x} from this side")
     if len(body) == 1:
         return Disconnect(code)  # 3.14.2.2.1: under 2 bytes there is no property length
     props, at = _properties(body, 1, DISCONNECT, limits)
@@ -867,14 +920,16 @@ def _decode_disconnect5(body: bytes, limits: tuple[int, int]) -> Disconnect:
     return Disconnect(code, props)
 
 
-def _decode_auth(body: bytes, limits: tuple[int, int]) -> Auth:
+def _decode_auth(
+    body: bytes, limits: tuple[int, int], codes: frozenset[int] = _CLIENT_AUTH_CODES
+) -> Auth:
     # A client sends Continue (0x18) or Re-authenticate (0x19), both with a method, so the
     # short form (Success, no properties: 3.15.2.1) never comes from a client.
     if not body:
         raise _protocol_error("AUTH without Authentication Method")  # 3.15.2.2.2
     code = body[0]
-    if code not in _CLIENT_AUTH_CODES:
-        raise _protocol_error(f"AUTH from a client with reason code {code:#04x}")  # MQTT-3.15.2-1
+    if code not in codes:
+        raise _protocol_error(f"AUTH with reason code {code:#04x} from this side")  # MQTT-3.15.2-1
     props, at = _properties(body, 1, AUTH, limits)
     if at != len(body):
         raise _malformed("bytes after the AUTH properties")
@@ -1044,6 +1099,118 @@ class PacketReader:
         if body:
             raise _malformed("PINGREQ with a body")  # 3.12
         return (kind, 0)
+
+
+_FROM_SERVER = frozenset({CONNACK, PUBACK, PUBREC, PUBREL, PUBCOMP, SUBACK, UNSUBACK, PINGRESP})
+_FROM_SERVER |= {DISCONNECT, AUTH}
+
+
+class ClientPacketReader(PacketReader):
+    """The client's side: the server's packets, at the level the client connected with.
+
+    For tests and benchmarks that play a client without paho, and to read back what the broker's
+    encoders write. Same framing and limits as :class:`PacketReader`; a packet only a client
+    sends is refused here as the server's reader refuses a server's.
+    """
+
+    __slots__ = ()
+
+    def __init__(
+        self,
+        max_packet_bytes: int,
+        level: int,
+        *,
+        max_user_properties: int = MAX_USER_PROPERTIES,
+        max_user_property_bytes: int = MAX_USER_PROPERTY_BYTES,
+    ) -> None:
+        super().__init__(
+            max_packet_bytes,
+            max_user_properties=max_user_properties,
+            max_user_property_bytes=max_user_property_bytes,
+        )
+        self.connected = True
+        self.level = level
+        self._v5 = level == 5
+
+    def _decode(self, first: int, body: bytes) -> Packet:
+        """A server's packet at level 3 or 4 (MQTT 3.1.1 section 3)."""
+        kind, flags = first >> 4, first & 0x0F
+        if kind == PUBLISH:
+            return _decode_publish(flags, body)
+        if flags != (2 if kind == PUBREL else 0):
+            raise _malformed(f"{_NAMES.get(kind, kind)} with flags {flags:#x}")
+        if kind == CONNACK:
+            if len(body) != 2 or body[0] > 1:
+                raise _malformed("CONNACK of the wrong size or with reserved bits")  # 3.2.2.1
+            return Connack(body[0] == 1, body[1])
+        if kind in (PUBACK, PUBREC, PUBREL, PUBCOMP, UNSUBACK):
+            if len(body) != 2:
+                raise _malformed(f"{_NAMES[kind]} of {len(body)} bytes")
+            pid = _packet_id(body, 0)
+            return Unsuback(pid, []) if kind == UNSUBACK else (kind, pid)
+        if kind == SUBACK:
+            codes = list(body[2:])
+            if not codes or any(c not in (0, 1, 2, 0x80) for c in codes):
+                raise _malformed("SUBACK without return codes or with an unknown one")  # 3.9.3
+            return Suback(_packet_id(body, 0), codes)
+        if kind == PINGRESP and not body:
+            return (kind, 0)
+        raise _malformed(f"{_NAMES.get(kind, f'type {kind}')} is not sent by servers")
+
+    def _decode5(self, first: int, body: bytes) -> Packet:  # noqa: PLR0911 - one per packet type
+        """A server's packet at level 5."""
+        kind, flags = first >> 4, first & 0x0F
+        if kind == PUBLISH:
+            # 3.3.4: a server's PUBLISH may carry Subscription Identifiers.
+            return _decode_publish5(flags, body, self._limits, from_client=False)
+        if kind not in _FROM_SERVER:
+            if kind == 0:
+                raise _malformed("packet type 0 is reserved")  # 2.1.2
+            raise _protocol_error(f"{_NAMES[kind]} is not sent by servers")
+        if flags != (2 if kind == PUBREL else 0):
+            raise _malformed(f"{_NAMES[kind]} with flags {flags:#x}")  # MQTT-2.1.3-1
+        if PUBACK <= kind <= PUBCOMP:
+            return _decode_ack5(kind, body, self._limits)
+        if kind == CONNACK:
+            return _decode_connack5(body, self._limits)
+        if kind in (SUBACK, UNSUBACK):
+            return _decode_suback5(kind, body, self._limits)
+        if kind == DISCONNECT:
+            return _decode_disconnect5(body, self._limits, _SERVER_DISCONNECT_CODES)
+        if kind == AUTH:
+            return _decode_auth(body, self._limits, _SERVER_AUTH_CODES)
+        if body:
+            raise _malformed("PINGRESP with a body")  # 3.13
+        return (kind, 0)
+
+
+def _decode_connack5(body: bytes, limits: tuple[int, int]) -> Connack:
+    if len(body) < 2:
+        raise _malformed("CONNACK without flags and reason code")
+    flags, code = body[0], body[1]
+    if flags > 1:
+        raise _malformed("CONNACK with reserved flag bits")  # MQTT-3.2.2-1
+    if code not in REASON_CODES[CONNACK]:
+        raise _protocol_error(f"CONNACK with reason code {code:#04x}")  # MQTT-3.2.2-8
+    if flags and code:
+        raise _protocol_error("CONNACK refusal with session present")  # MQTT-3.2.2-6
+    props, at = _properties(body, 2, CONNACK, limits)
+    if at != len(body):
+        raise _malformed("bytes after the CONNACK properties")  # 3.2.3: no payload
+    return Connack(flags == 1, code, props)
+
+
+def _decode_suback5(kind: int, body: bytes, limits: tuple[int, int]) -> Suback | Unsuback:
+    pid = _packet_id5(body, 0)
+    props, at = _properties(body, 2, kind, limits)
+    codes = list(body[at:])
+    if not codes:
+        raise _protocol_error(f"{_NAMES[kind]} without a reason code")  # 3.9.3, 3.11.3
+    for code in codes:
+        if code not in REASON_CODES[kind]:
+            # MQTT-3.9.3-2, MQTT-3.11.3-2
+            raise _protocol_error(f"{_NAMES[kind]} with reason code {code:#04x}")
+    return (Suback if kind == SUBACK else Unsuback)(pid, codes, props)
 
 
 # -- encoders ------------------------------------------------------------------------------------
@@ -1229,10 +1396,14 @@ def unsuback5(packet_id: int, codes: list[int], properties: Properties = NO_PROP
     return _frame5(0xB0, body)
 
 
-def disconnect5(code: int = 0, properties: Properties = NO_PROPERTIES) -> bytes:
-    """A DISCONNECT from the server, as short as 3.14.2.1 allows."""
-    _check_code(DISCONNECT, code, _SERVER_DISCONNECT_CODES)
-    if properties.session_expiry_interval is not None:
+def disconnect5(
+    code: int = 0, properties: Properties = NO_PROPERTIES, *, from_client: bool = False
+) -> bytes:
+    """A DISCONNECT from the server (or a client), as short as 3.14.2.1 allows."""
+    _check_code(
+        DISCONNECT, code, _CLIENT_DISCONNECT_CODES if from_client else _SERVER_DISCONNECT_CODES
+    )
+    if properties.session_expiry_interval is not None and not from_client:
         # MQTT-3.14.2-2
         raise ValueError("a server never sends a Session Expiry Interval in DISCONNECT")
     props = encode_properties(properties, DISCONNECT)
@@ -1241,9 +1412,59 @@ def disconnect5(code: int = 0, properties: Properties = NO_PROPERTIES) -> bytes:
     return _frame5(0xE0, bytes((code,)) + props)
 
 
-def auth5(code: int, properties: Properties) -> bytes:
-    """An AUTH from the server: 0x00 Success or 0x18 Continue, with its method (3.15.2.2.2)."""
-    _check_code(AUTH, code, frozenset({0x00, 0x18}))
+def auth5(code: int, properties: Properties, *, from_client: bool = False) -> bytes:
+    """An AUTH with its method (3.15.2.2.2): 0x00 Success or 0x18 Continue from the server,
+    0x18 Continue or 0x19 Re-authenticate from a client (table 3-11)."""
+    _check_code(AUTH, code, _CLIENT_AUTH_CODES if from_client else _SERVER_AUTH_CODES)
     if properties.authentication_method is None:
         raise ValueError("an AUTH packet needs its Authentication Method")
     return _frame5(0xF0, bytes((code,)) + encode_properties(properties, AUTH))
+
+
+# -- level 3, 4 and 5 encoders of what a client sends (tests, benchmarks) ----------------------
+
+
+def encode_connect(packet: Connect) -> bytes:
+    """``packet`` as its protocol level writes it: what :func:`decode_connect` reads back."""
+    level, v5 = packet.protocol_level, packet.protocol_level == 5
+    flags = 0x02 if packet.clean_session else 0
+    payload = _utf8(packet.client_id)
+    if packet.will_topic is not None:
+        flags |= 0x04 | (packet.will_qos << 3) | (0x20 if packet.will_retain else 0)
+        if v5:
+            payload += encode_properties(packet.will_properties, WILL)
+        payload += _utf8(packet.will_topic)
+        payload += len(packet.will_payload).to_bytes(2, "big") + packet.will_payload
+    if packet.username is not None:
+        flags |= 0x80
+        payload += _utf8(packet.username)
+    if packet.password is not None:
+        flags |= 0x40
+        payload += len(packet.password).to_bytes(2, "big") + packet.password
+    head = _utf8("MQIsdp" if level == 3 else "MQTT") + bytes((level, flags))
+    head += packet.keepalive.to_bytes(2, "big")
+    if v5:
+        head += encode_properties(packet.properties, CONNECT)
+    return _frame5(0x10, head + payload)
+
+
+def encode_subscribe(packet: Subscribe, level: int) -> bytes:
+    """A SUBSCRIBE; at level 5 with ``packet.options`` (3.8.3.1) and properties."""
+    body = packet.packet_id.to_bytes(2, "big")
+    if level == 5:
+        body += encode_properties(packet.properties, SUBSCRIBE)
+    options = packet.options or (SubscriptionOptions(),) * len(packet.topics)
+    for (topic_filter, qos), opt in zip(packet.topics, options, strict=True):
+        byte = qos
+        if level == 5:
+            byte |= (opt.no_local << 2) | (opt.retain_as_published << 3)
+            byte |= opt.retain_handling << 4
+        body += _utf8(topic_filter) + bytes((byte,))
+    return _frame5(0x82, body)
+
+
+def encode_unsubscribe(packet: Unsubscribe, level: int) -> bytes:
+    body = packet.packet_id.to_bytes(2, "big")
+    if level == 5:
+        body += encode_properties(packet.properties, UNSUBSCRIBE)
+    return _frame5(0xA2, body + b"".join(_utf8(f) for f in packet.topics))

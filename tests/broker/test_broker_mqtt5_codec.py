@@ -30,6 +30,7 @@ from broker.mqtt import (
     DISCONNECT,
     NO_PROPERTIES,
     PINGREQ,
+    PINGRESP,
     PROPERTY_PACKETS,
     PUBACK,
     PUBCOMP,
@@ -44,6 +45,8 @@ from broker.mqtt import (
     WILL,
     Ack,
     Auth,
+    ClientPacketReader,
+    Connack,
     Connect,
     Disconnect,
     Packet,
@@ -52,15 +55,20 @@ from broker.mqtt import (
     ProtocolViolation,
     Publish,
     Reason,
+    Suback,
     Subscribe,
     SubscriptionOptions,
+    Unsuback,
     Unsubscribe,
     ack5,
     auth5,
     connack5,
     disconnect5,
+    encode_connect,
     encode_properties,
     encode_publish5,
+    encode_subscribe,
+    encode_unsubscribe,
     pingresp,
     suback5,
     unsuback5,
@@ -514,6 +522,11 @@ def subscribes5(draw: st.DrawFn) -> Wire:
     packet_id = draw(packet_ids)
     values = draw(property_sets(SUBSCRIBE, from_client=True))
     filters = draw(st.lists(st.tuples(topic_names, options_bytes), min_size=1, max_size=4))
+    # MQTT-3.8.3-4: No Local is never set on a shared subscription (its own test below)
+    filters = [
+        (f, (o[0] & ~0x04, o[1], (False, *o[2][1:])) if f.startswith("$share/") else o)
+        for f, o in filters
+    ]
     wire = subscribe5(packet_id, [(f, o[0]) for f, o in filters], paho_pack(SUBSCRIBE, values))
     expected = Subscribe(
         packet_id,
@@ -1438,3 +1451,265 @@ def test_a_packet_above_the_maximum_size_is_refused_from_its_header(split: bool)
     with pytest.raises(ProtocolViolation) as info:
         feed_all(reader, chunks)
     assert (info.value.reason, info.value.code) == ("packet-too-large", 0x95)
+
+
+# -- the client's side: server packets read, client packets written -------------------------------
+
+
+def connack_wire(present: bool, code: int, props: bytes) -> bytes:
+    return frame(0x20, bytes([1 if present else 0, code]) + props)
+
+
+def suback_wire(kind: int, packet_id: int, codes: list[int], props: bytes) -> bytes:
+    return frame(
+        0x90 if kind == SUBACK else 0xB0, struct.pack("!H", packet_id) + props + bytes(codes)
+    )
+
+
+SERVER_AUTH = [0x00, 0x18]  # table 3-11: what a server sends
+
+
+@st.composite
+def server_packets(draw: st.DrawFn) -> Wire:  # noqa: PLR0911 - one per packet type
+    """Any packet a server sends at level 5, built by struct and paho (section 3)."""
+    kind = draw(
+        st.sampled_from(
+            ["connack", "publish", "ack", "suback", "unsuback", "disconnect", "auth", "pingresp"]
+        )
+    )
+    if kind == "connack":
+        code = draw(st.sampled_from(sorted(REASON_CODES[CONNACK])))
+        present = draw(st.booleans()) and code == 0  # MQTT-3.2.2-6
+        values = draw(property_sets(CONNACK, from_client=False))
+        return connack_wire(present, code, paho_pack(CONNACK, values)), Connack(
+            present, code, ours(values)
+        )
+    if kind == "publish":
+        values = draw(property_sets(PUBLISH, from_client=False))  # with Subscription Identifiers
+        topic, payload, qos = draw(topic_names), draw(st.binary(max_size=20)), draw(qos_levels)
+        packet_id = draw(packet_ids) if qos else 0
+        wire = publish5(
+            topic, payload, props=paho_pack(PUBLISH, values), qos=qos, packet_id=packet_id
+        )
+        return wire, Publish(topic, payload, qos, False, False, packet_id, ours(values))
+    if kind == "ack":
+        return draw(acks5())
+    if kind in ("suback", "unsuback"):
+        packet = SUBACK if kind == "suback" else UNSUBACK
+        packet_id = draw(packet_ids)
+        codes = draw(
+            st.lists(st.sampled_from(sorted(REASON_CODES[packet])), min_size=1, max_size=4)
+        )
+        values = draw(property_sets(packet, from_client=False))
+        cls = Suback if packet == SUBACK else Unsuback
+        return suback_wire(packet, packet_id, codes, paho_pack(packet, values)), cls(
+            packet_id, codes, ours(values)
+        )
+    if kind == "disconnect":
+        code = draw(st.sampled_from(SERVER_DISCONNECT))
+        values = draw(property_sets(DISCONNECT, from_client=False))
+        values.pop("session_expiry_interval", None)  # MQTT-3.14.2-2
+        return disconnect_wire(code, paho_pack(DISCONNECT, values)), Disconnect(code, ours(values))
+    if kind == "auth":
+        code = draw(st.sampled_from(SERVER_AUTH))
+        values = draw(property_sets(AUTH, from_client=False))
+        return auth_wire(code, paho_pack(AUTH, values)), Auth(code, ours(values))
+    return b"\xd0\x00", (PINGRESP, 0)
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(server_packets(), min_size=1, max_size=6), st.data())
+def test_server_packets_built_independently_decode_on_the_client_side(
+    packets: list[Wire], data: st.DataObject
+) -> None:
+    """Every packet a server sends at level 5 (CONNACK, PUBLISH with Subscription Identifiers,
+    acknowledgements, SUBACK, UNSUBACK, DISCONNECT, AUTH, PINGRESP), chunked anywhere."""
+    stream = b"".join(w for w, _ in packets)
+    cuts = sorted(data.draw(st.lists(st.integers(0, len(stream)), max_size=6)))
+    bounds = [0, *cuts, len(stream)]
+    reader = ClientPacketReader(BIG, 5)
+    assert feed_all(reader, [stream[a:b] for a, b in itertools.pairwise(bounds)]) == [
+        p for _, p in packets
+    ]
+
+
+@settings(max_examples=200, deadline=None)
+@given(server_packets())
+def test_our_server_encoders_round_trip_through_the_client_reader(wire_packet: Wire) -> None:
+    """Our encoder of each server packet, read back by our client-side reader, gives the packet
+    (the decoded packet re-encoded: the codec's two halves agree)."""
+    _, packet = wire_packet
+    if isinstance(packet, Connack):
+        wire = connack5(packet.session_present, packet.reason_code, packet.properties)
+    elif isinstance(packet, Publish):
+        props = encode_properties(packet.properties, PUBLISH)
+        wire = encode_publish5(
+            packet.topic.encode(),
+            packet.payload,
+            packet.qos,
+            packet.retain,
+            packet.packet_id,
+            packet.dup,
+            props,
+        )
+    elif isinstance(packet, Ack):
+        wire = ack5(packet.kind, packet.packet_id, packet.reason_code, packet.properties)
+    elif isinstance(packet, Suback):
+        wire = suback5(packet.packet_id, packet.reason_codes, packet.properties)
+    elif isinstance(packet, Unsuback):
+        wire = unsuback5(packet.packet_id, packet.reason_codes, packet.properties)
+    elif isinstance(packet, Disconnect):
+        wire = disconnect5(packet.reason_code, packet.properties)
+    elif isinstance(packet, Auth):
+        wire = auth5(packet.reason_code, packet.properties)
+    else:
+        wire = pingresp()
+    assert ClientPacketReader(BIG, 5).feed(wire) == [packet]
+
+
+@settings(max_examples=200, deadline=None)
+@given(sessions5())
+def test_our_client_encoders_round_trip_through_the_server_reader(
+    session: tuple[list[bytes], list[Packet]],
+) -> None:
+    """Every client packet, decoded from independent bytes, re-encoded by our client-side
+    encoders and decoded again, is the same packet (CONNECT, PUBLISH, acknowledgements,
+    SUBSCRIBE, UNSUBSCRIBE, PINGREQ, DISCONNECT, AUTH)."""
+    _, packets = session
+    wires = []
+    for packet in packets:
+        if isinstance(packet, Connect):
+            wires.append(encode_connect(packet))
+        elif isinstance(packet, Publish):
+            props = encode_properties(packet.properties, PUBLISH)
+            wires.append(
+                encode_publish5(
+                    packet.topic.encode(),
+                    packet.payload,
+                    packet.qos,
+                    packet.retain,
+                    packet.packet_id,
+                    packet.dup,
+                    props,
+                )
+            )
+        elif isinstance(packet, Ack):
+            wires.append(ack5(packet.kind, packet.packet_id, packet.reason_code, packet.properties))
+        elif isinstance(packet, Subscribe):
+            wires.append(encode_subscribe(packet, 5))
+        elif isinstance(packet, Unsubscribe):
+            wires.append(encode_unsubscribe(packet, 5))
+        elif isinstance(packet, Disconnect):
+            wires.append(disconnect5(packet.reason_code, packet.properties, from_client=True))
+        elif isinstance(packet, Auth):
+            wires.append(auth5(packet.reason_code, packet.properties, from_client=True))
+        else:
+            wires.append(PINGREQ_BYTES)
+    assert PacketReader(BIG).feed(b"".join(wires)) == packets
+
+
+def test_client_encoders_at_level_4_read_back_as_3_1_1() -> None:
+    """encode_connect, encode_subscribe and encode_unsubscribe at level 4 write 3.1.1 (no
+    properties, no subscription options), which the level-4 reader reads as it always did."""
+    connect = Connect(4, "dev-1", True, 30, "user", b"pw", "w/t", b"bye", 1, True)
+    subscribe = Subscribe(7, [("a/#", 1), ("b", 2)])
+    unsubscribe = Unsubscribe(8, ["a/#"])
+    wire = (
+        encode_connect(connect)
+        + encode_subscribe(subscribe, 4)
+        + encode_unsubscribe(unsubscribe, 4)
+    )
+    assert PacketReader(BIG).feed(wire) == [connect, subscribe, unsubscribe]
+
+
+def test_the_client_side_at_level_4() -> None:
+    """A 3.1.1 server's packets: CONNACK with a return code, SUBACK, UNSUBACK, acks, PINGRESP."""
+    reader = ClientPacketReader(BIG, 4)
+    stream = b"\x20\x02\x01\x00" + b"\x90\x04\x00\x07\x01\x80" + b"\xb0\x02\x00\x08"
+    stream += b"\x40\x02\x00\x09" + b"\xd0\x00"
+    assert reader.feed(stream) == [
+        Connack(True, 0),
+        Suback(7, [1, 0x80]),
+        Unsuback(8, []),
+        (PUBACK, 9),
+        (PINGRESP, 0),
+    ]
+
+
+SERVER_SIDE_VIOLATIONS: dict[str, tuple[bytes, str, int]] = {
+    "MQTT-3.2.2-1-connack-reserved-flags": (
+        connack_wire(False, 0, EMPTY)[:2] + b"\x02\x00\x00",
+        "malformed",
+        MALFORMED,
+    ),
+    "MQTT-3.2.2-6-refusal-with-session-present": (
+        connack_wire(True, 0x87, EMPTY),
+        "protocol-error",
+        PROTOCOL_ERROR,
+    ),
+    "MQTT-3.2.2-8-connack-code-0x04": (
+        connack_wire(False, 0x04, EMPTY),
+        "protocol-error",
+        PROTOCOL_ERROR,
+    ),
+    "2.2.2.2-topic-alias-in-connack": (
+        connack_wire(False, 0, props_raw(b"\x23\x00\x01")),
+        "malformed",
+        MALFORMED,
+    ),
+    "3.2.2.3.4-maximum-qos-2": (
+        connack_wire(False, 0, props_raw(b"\x24\x02")),
+        "protocol-error",
+        PROTOCOL_ERROR,
+    ),
+    "3.2.2.3.5-retain-available-2": (
+        connack_wire(False, 0, props_raw(b"\x25\x02")),
+        "protocol-error",
+        PROTOCOL_ERROR,
+    ),
+    "3.2.2.3.3-receive-maximum-0": (
+        connack_wire(False, 0, props_raw(b"\x21\x00\x00")),
+        "protocol-error",
+        PROTOCOL_ERROR,
+    ),
+    "MQTT-3.9.3-2-suback-code-0x11": (
+        suback_wire(SUBACK, 1, [0x11], EMPTY),
+        "protocol-error",
+        PROTOCOL_ERROR,
+    ),
+    "MQTT-3.11.3-2-unsuback-code-0x01": (
+        suback_wire(UNSUBACK, 1, [0x01], EMPTY),
+        "protocol-error",
+        PROTOCOL_ERROR,
+    ),
+    "3.9.3-suback-without-codes": (
+        suback_wire(SUBACK, 1, [], EMPTY),
+        "protocol-error",
+        PROTOCOL_ERROR,
+    ),
+    "MQTT-3.14.2-1-disconnect-0x04-from-a-server": (
+        disconnect_wire(0x04),
+        "protocol-error",
+        PROTOCOL_ERROR,
+    ),
+    "MQTT-3.15.2-1-auth-0x19-from-a-server": (
+        auth_wire(0x19, props_raw(b"\x15" + field("m"))),
+        "protocol-error",
+        PROTOCOL_ERROR,
+    ),
+    "2.1.2-subscribe-from-a-server": (subscribe5(1, [("a", 0)]), "protocol-error", PROTOCOL_ERROR),
+    "2.1.2-connect-from-a-server": (connect5(), "protocol-error", PROTOCOL_ERROR),
+    "3.13-pingresp-with-a-body": (frame(0xD0, b"\x00"), "malformed", MALFORMED),
+}
+
+
+@pytest.mark.parametrize(
+    ("wire", "token", "code"), SERVER_SIDE_VIOLATIONS.values(), ids=SERVER_SIDE_VIOLATIONS.keys()
+)
+def test_client_side_violations_map_to_their_reason_code(
+    wire: bytes, token: str, code: int
+) -> None:
+    """What a client must refuse from a server, with the code it would DISCONNECT with."""
+    with pytest.raises(ProtocolViolation) as info:
+        ClientPacketReader(BIG, 5).feed(wire)
+    assert (info.value.reason, info.value.code) == (token, code), info.value.detail
