@@ -365,7 +365,7 @@ def test_which_packet_carries_which_reason_code(packet: int) -> None:
 # -- properties both ways -------------------------------------------------------------------------
 
 
-@settings(max_examples=60, deadline=None)
+@settings(max_examples=40, deadline=None)
 @given(st.data())
 @pytest.mark.parametrize("packet", ALL_PACKETS)
 def test_properties_encoded_by_us_are_read_by_paho(packet: int, data: st.DataObject) -> None:
@@ -409,7 +409,7 @@ CLIENT_PACKETS = [WILL, CONNECT, PUBLISH, PUBACK, PUBREC, PUBREL, PUBCOMP, SUBSC
 CLIENT_PACKETS += [UNSUBSCRIBE, DISCONNECT, AUTH]
 
 
-@settings(max_examples=60, deadline=None)
+@settings(max_examples=40, deadline=None)
 @given(st.data())
 @pytest.mark.parametrize("packet", CLIENT_PACKETS)
 def test_properties_encoded_by_paho_are_decoded(packet: int, data: st.DataObject) -> None:
