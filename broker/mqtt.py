@@ -1362,10 +1362,10 @@ def encode_publish5(
     ``properties`` comes from :func:`encode_properties`: each is encoded once per message."""
     first = 0x30 | (qos << 1) | (1 if retain else 0) | (8 if dup else 0)
     tlen = len(topic)
-    head = bytes((tlen >> 8, tlen & 0xFF)) + topic
     if qos:
-        head += packet_id.to_bytes(2, "big")
-    head += properties
+        head = bytes((tlen >> 8, tlen & 0xFF)) + topic + packet_id.to_bytes(2, "big") + properties
+    else:
+        head = bytes((tlen >> 8, tlen & 0xFF)) + topic + properties
     return bytes((first,)) + _length(len(head) + len(payload)) + head + payload
 
 
