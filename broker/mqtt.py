@@ -832,7 +832,7 @@ def _decode_publish5(
     else:
         props, at = _properties(body, at, PUBLISH, limits)
         values = props.__dict__
-        if from_client and "subscription_identifiers" in values:
+        if from_client and values.get("subscription_identifiers"):
             # MQTT-3.3.4-6
             raise _protocol_error("PUBLISH from a client with a Subscription Identifier")
         if "response_topic" in values:
