@@ -35,6 +35,7 @@ BENCHES: list[tuple[str, str, list[str]]] = [
         [PY, "bench/broker_bench.py"],
     ),
     ("broker_acl", "Broker: the ACL's share of the publish path", [PY, "bench/broker_acl.py"]),
+    ("mqtt_codec", "Broker: the MQTT codec, 3.1.1 next to 5.0", [PY, "bench/mqtt_codec.py"]),
     (
         "auth_connect",
         "Broker: CPU per connect for each authentication method",
