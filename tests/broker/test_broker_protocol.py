@@ -159,6 +159,8 @@ def test_an_unsupported_protocol_level_gets_connack_1() -> None:
     c = Client()
     packet = bytearray(connect_packet("dev-1"))
     packet[8] = 5  # the protocol level byte, after the fixed header and "MQTT"
+    packet[12:12] = b"\x00"  # a level-5 CONNECT has properties (none) after the keep-alive
+    packet[1] += 1  # the remaining length (one byte for this short packet)
     assert c.feed(bytes(packet)) is None
     assert [(p.kind, p.body) for p in c.out()] == [(2, b"\x00\x01")]
     assert c.wire.ended is True
