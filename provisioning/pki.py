@@ -5,8 +5,12 @@ Layout (DESIGN.md, "Files that others read")::
     pki.toml  root.crt  issuing.crt  server.crt  crl.pem  registry.sqlite3  ledger.jsonl
     private/  root.key  issuing.key  server.key           (0700 / 0600)
 
-Only ``ca init`` uses the root key: issuance, revocation and CRLs need the issuing CA alone, so
+Only ``ca init`` uses the root key: issuing, revoking and CRLs need the issuing CA alone, so
 ``private/root.key`` can be moved offline right after init.
+
+Either CA key can live in a PKCS#11 token instead (``pki.toml`` then names it by a ``pkcs11:``
+URI and ``private/`` holds no file for it): everything that signs gets a
+:class:`~provisioning.signing.Signer` and does not care which (docs/HSM.md).
 
 Every change runs inside the registry's write transaction (see :mod:`provisioning.registry`): the
 registry row, the ledger line, the CRL and the credential directory land together or not at all.
@@ -25,13 +29,14 @@ import socket
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID
 
+from provisioning import hsm
 from provisioning.certificates import (
     PublicKey,
     build_crl,
@@ -63,10 +68,8 @@ from provisioning.keyfiles import (
     private_key_pem,
 )
 from provisioning.ledger import Ledger, LedgerEntry, LedgerHead
-
-if TYPE_CHECKING:
-    from provisioning.keyfiles import PrivateKey
 from provisioning.registry import CertRecord, Registry
+from provisioning.signing import FileSigner, Signer
 
 __all__ = [
     "PKI",
@@ -215,7 +218,7 @@ class PKI:
         self.issuing = self._load_cert("issuing.crt")
         self.registry = Registry(path / "registry.sqlite3")
         self.ledger = Ledger(path / "ledger.jsonl")
-        self._issuing_key: PrivateKey | None = None
+        self._issuing_key: Signer | None = None
 
     # -- construction --------------------------------------------------------------------------
 
@@ -233,27 +236,77 @@ class PKI:
         passphrase: bytes | None = None,
         device_days: int = 90,
         now: dt.datetime | None = None,
+        issuing_key: str | None = None,
+        root_key: str | None = None,
     ) -> PKI:
         """Create root, issuing CA, server certificate, empty registry, ledger and CRL.
 
-        Built in a staging directory and renamed into place, so a failure leaves nothing behind.
+        ``issuing_key`` / ``root_key``: a ``pkcs11:`` URI to make that CA key inside a token
+        instead of a file in ``private/``.
+
+        Built in a staging directory and renamed into place, so a failure leaves nothing behind
+        (a key already made in a token is deleted again).
         """
         if (path / "pki.toml").exists():
             raise PKIExistsError(path)
         if path.exists() and (not path.is_dir() or any(path.iterdir())):
             msg = f"{path} exists and is not empty; choose a new directory for the PKI"
             raise PKIError(msg)
+        root_uri = hsm.Pkcs11URI.parse(root_key) if root_key else None
+        issuing_uri = hsm.Pkcs11URI.parse(issuing_key) if issuing_key else None
+        if (
+            root_uri
+            and issuing_uri
+            and (root_uri.token, root_uri.object)
+            == (
+                issuing_uri.token,
+                issuing_uri.object,
+            )
+        ):
+            msg = "the root and issuing CA keys need different object= names"
+            raise PKIError(msg)
         config = PKIConfig(
-            trust_domain=trust_domain, encrypted_keys=bool(passphrase), device_days=device_days
+            trust_domain=trust_domain,
+            encrypted_keys=bool(passphrase),
+            device_days=device_days,
+            issuing_key=str(issuing_uri) if issuing_uri else None,
+            root_key=str(root_uri) if root_uri else None,
         )
         names = ["localhost", "127.0.0.1", *server_names]
         for name in server_names:
             _check_server_name(name)
-        when = _now(now)
-        root_key, issuing_key, server_key = generate_key(), generate_key(), generate_key()
+        made: list[Signer] = []
+        try:
+            made.append(_new_ca_key(root_uri))
+            made.append(_new_ca_key(issuing_uri))
+            cls._build(path, config, names, made[0], made[1], passphrase, _now(now))
+        except BaseException:
+            for signer in made:
+                if isinstance(signer, hsm.Pkcs11Signer):
+                    # A leftover would block the retry; if deleting fails, the retry says so.
+                    with contextlib.suppress(PKIError):
+                        signer.destroy()
+            raise
+        finally:
+            for signer in made:
+                signer.close()
+        return cls(path, passphrase=passphrase)
+
+    @staticmethod
+    def _build(
+        path: Path,
+        config: PKIConfig,
+        names: list[str],
+        root_key: Signer,
+        issuing_key: Signer,
+        passphrase: bytes | None,
+        when: dt.datetime,
+    ) -> None:
+        trust_domain = config.trust_domain
+        server_key = generate_key()
         root = build_root_ca(root_key, trust_domain, now=when)
         issuing = build_issuing_ca(
-            issuing_key, trust_domain, root=root, root_key=root_key, now=when
+            issuing_key.public_key(), trust_domain, root=root, root_key=root_key, now=when
         )
         server = build_server_cert(
             server_key.public_key(), names=names, issuer=issuing, issuer_key=issuing_key, now=when
@@ -261,10 +314,16 @@ class PKI:
         with StagedDirectory(path) as staged:
             private = staged.path / "private"
             private.mkdir(mode=PRIVATE_DIR_MODE)
-            for name, key in (("root", root_key), ("issuing", issuing_key), ("server", server_key)):
-                atomic_write(
-                    private / f"{name}.key", private_key_pem(key, passphrase), mode=KEY_MODE
-                )
+            for name, signer in (("root", root_key), ("issuing", issuing_key)):
+                if isinstance(signer, FileSigner):  # a token-held key has no file
+                    atomic_write(
+                        private / f"{name}.key",
+                        private_key_pem(signer.key, passphrase),
+                        mode=KEY_MODE,
+                    )
+            atomic_write(
+                private / "server.key", private_key_pem(server_key, passphrase), mode=KEY_MODE
+            )
             staged.write("pki.toml", config.to_toml().encode())
             staged.write("root.crt", _pem(root))
             staged.write("issuing.crt", _pem(issuing))
@@ -297,9 +356,11 @@ class PKI:
                 registry.close()
             os.chmod(staged.path, 0o755)  # noqa: S103 - certificates are public; private/ is 0700
             staged.commit()
-        return cls(path, passphrase=passphrase)
 
     def close(self) -> None:
+        if self._issuing_key is not None:
+            self._issuing_key.close()
+            self._issuing_key = None
         self.registry.close()
 
     def __enter__(self) -> PKI:
@@ -322,21 +383,23 @@ class PKI:
     def trust_domain(self) -> str:
         return self.config.trust_domain
 
-    def issuing_key(self) -> PrivateKey:
+    def issuing_key(self) -> Signer:
+        """The issuing CA's signer, opened on first use (a token asks for its PIN only then)."""
         if self._issuing_key is None:
-            key = load_private_key(self.path / "private" / "issuing.key", self._passphrase)
-            if key.public_key() != self.issuing.public_key():
-                msg = "private/issuing.key does not belong to issuing.crt"
-                raise PKIError(msg)
-            self._issuing_key = key
+            expected = self.issuing.public_key()
+            if self.config.issuing_key:
+                if not isinstance(expected, ec.EllipticCurvePublicKey):
+                    msg = "issuing.crt must hold an EC key when the issuing key is in a token"
+                    raise PKIError(msg)
+                self._issuing_key = hsm.open_key(self.config.issuing_key, public_key=expected)
+            else:
+                path = self.path / "private" / "issuing.key"
+                key = load_private_key(path, self._passphrase)
+                if key.public_key() != expected:
+                    msg = "private/issuing.key does not belong to issuing.crt"
+                    raise PKIError(msg)
+                self._issuing_key = FileSigner(key, str(path))
         return self._issuing_key
-
-    def _ledger_signer(self) -> ec.EllipticCurvePrivateKey:
-        key = self.issuing_key()
-        if not isinstance(key, ec.EllipticCurvePrivateKey):  # ca init only makes EC keys
-            msg = "the issuing CA key must be an EC key to sign the ledger"
-            raise PKIError(msg)
-        return key
 
     # -- issuance ------------------------------------------------------------------------------
 
@@ -724,7 +787,7 @@ class PKI:
                 yield change
                 if change.events:
                     entries, appended_at = self.ledger.append(
-                        change.events, signer=self._ledger_signer(), now=now
+                        change.events, signer=self.issuing_key(), now=now
                     )
                     _record_head(self.registry, entries)
                 if change.crl_dirty:
@@ -749,6 +812,11 @@ class _Change:
     events: list[tuple[str, dict[str, Any]]] = field(default_factory=list)
     crl_dirty: bool = False
     on_commit: list[Any] = field(default_factory=list)
+
+
+def _new_ca_key(uri: hsm.Pkcs11URI | None) -> Signer:
+    """A fresh P-256 CA key: in the token the URI names, or in memory (written to private/)."""
+    return hsm.generate_key(uri) if uri else FileSigner(generate_key())
 
 
 def _check_server_name(name: str) -> None:
@@ -797,7 +865,7 @@ def _make_crl(
     registry: Registry,
     config: PKIConfig,
     issuing: x509.Certificate,
-    issuing_key: PrivateKey,
+    issuing_key: Signer,
     now: dt.datetime,
 ) -> bytes:
     """Sign the next CRL. Its number always grows, so a reader can tell the newest one."""
