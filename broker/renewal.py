@@ -165,6 +165,9 @@ class RenewalService:
     def _main(self) -> None:
         try:
             self._pki = PKI.open(self.pki_dir, passphrase=self._passphrase)
+            # The issuing key (a file, or a token that wants its PIN) must work before any CSR is
+            # accepted: a missing PIN fails the start with one line, not the first renewal.
+            self._pki.issuing_key()
             self._db = self._open_db()
             creds = self._ensure_credentials()
             self._load_pending()

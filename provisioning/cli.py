@@ -88,6 +88,18 @@ def ca_init(
         typer.Option("--server-name", help="Extra broker host name or IP (repeat)."),
     ] = None,
     device_days: Annotated[int, typer.Option(help="Default device certificate lifetime.")] = 90,
+    issuing_key: Annotated[
+        str | None,
+        typer.Option(
+            "--issuing-key",
+            help="Make the issuing CA key in a PKCS#11 token: 'pkcs11:token=LABEL;object=NAME' "
+            "(module: ?module-path= or IOTAUTH_PKCS11_MODULE; PIN: IOTAUTH_PKCS11_PIN).",
+        ),
+    ] = None,
+    root_key: Annotated[
+        str | None,
+        typer.Option("--root-key", help="Make the root CA key in a PKCS#11 token (same form)."),
+    ] = None,
 ) -> None:
     """Create root CA, issuing CA, broker certificate, registry, ledger and CRL."""
     with user_errors():
@@ -99,6 +111,8 @@ def ca_init(
             server_names=server_name or [],
             passphrase=passphrase,
             device_days=device_days,
+            issuing_key=issuing_key,
+            root_key=root_key,
         )
         with ca:
             out.print(f"Created the PKI of [bold]{trust_domain}[/bold] in {pki}", markup=True)
@@ -111,10 +125,15 @@ def ca_init(
             out.print(
                 f"  keys        {pki / 'private'} ({'encrypted' if passphrase else 'unencrypted'})"
             )
-            out.print(
-                f"Move {pki / 'private' / 'root.key'} offline: issuing and revoking need only the "
-                "issuing CA."
-            )
+            tokens = (("root key   ", ca.config.root_key), ("issuing key", ca.config.issuing_key))
+            for label, uri in tokens:
+                if uri:
+                    out.print(f"  {label} {uri} (in the token, not extractable)")
+            if not root_key:
+                out.print(
+                    f"Move {pki / 'private' / 'root.key'} offline: issuing and revoking need only "
+                    "the issuing CA."
+                )
 
 
 @ca_app.command("crl")
@@ -147,6 +166,7 @@ def ca_show(pki: PkiOpt, as_json: JsonOpt = False) -> None:
                 "not_after": ca.issuing.not_valid_after_utc.isoformat(),
             },
             "root_key_online": (pki / "private" / "root.key").exists(),
+            "issuing_key": ca.config.issuing_key or str(pki / "private" / "issuing.key"),
             "crl": {
                 "number": info.number,
                 "this_update": info.this_update.isoformat(),
@@ -163,7 +183,9 @@ def ca_show(pki: PkiOpt, as_json: JsonOpt = False) -> None:
         out.print(f"trust domain  {ca.trust_domain}")
         online = "online" if doc["root_key_online"] else "offline"
         out.print(f"root CA       until {_when(ca.root.not_valid_after_utc)}; key {online}")
-        out.print(f"issuing CA    until {_when(ca.issuing.not_valid_after_utc)}")
+        out.print(
+            f"issuing CA    until {_when(ca.issuing.not_valid_after_utc)}; key {doc['issuing_key']}"
+        )
         crl_line = f"#{info.number}, {info.revoked} revoked, next update {_when(info.next_update)}"
         out.print(f"CRL           {crl_line}")
         out.print(f"active        {doc['devices']} devices, {doc['services']} services")

@@ -1,9 +1,9 @@
-"""CA keys in a PKCS#11 token (an HSM, a smart card, a cloud KMS's PKCS#11 library, SoftHSM2).
+"""CA keys in a PKCS#11 token (an HSM, a smart card, a cloud KMS's PKCS#11 library).
 
 The one module that talks PKCS#11, through python-pkcs11 (imported only when a token is used: the
 ``hsm`` extra). A key is named by an RFC 7512 URI::
 
-    pkcs11:token=iotauth-ca;object=issuing?module-path=/usr/lib/softhsm/libsofthsm2.so
+    pkcs11:token=iotauth-ca;object=issuing?module-path=/usr/lib/x86_64-linux-gnu/pkcs11/yubihsm_pkcs11.so
 
 The module comes from the URI's ``module-path`` or ``IOTAUTH_PKCS11_MODULE``; the user PIN only
 from ``IOTAUTH_PKCS11_PIN`` (never an argument, never the URI, so it stays out of shell history,
@@ -16,8 +16,8 @@ cloud KMS libraries have no CKM_ECDSA_SHA256), and the raw r||s that PKCS#11 ret
 with ``cryptography``'s ``encode_dss_signature``.
 
 A module is initialized (C_Initialize) when the first key of this process opens on it and
-finalized when the last one closes, so a token plugged in later, or created by
-``softhsm2-util`` after a previous open, is found at the next open.
+finalized when the last one closes, so a token plugged in (or initialized) after a previous
+open is found at the next open.
 """
 
 from __future__ import annotations
@@ -102,7 +102,9 @@ class Pkcs11URI:
                     raise PKIError(msg)
                 attrs[name] = raw
         try:
-            values = {k: urllib.parse.unquote(v, errors="strict") for k, v in attrs.items()}
+            values = {
+                k: urllib.parse.unquote(v, errors="strict") for k, v in attrs.items() if k != "id"
+            }
             key_id = urllib.parse.unquote_to_bytes(attrs["id"]) if "id" in attrs else None
         except UnicodeDecodeError:
             msg = f"the PKCS#11 URI {text!r} has a percent-encoded value that is not UTF-8"
