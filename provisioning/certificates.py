@@ -130,10 +130,12 @@ def build_issuing_ca(
     root_key: Signer,
     now: dt.datetime,
     days: int = 1825,
+    generation: str = "1",
 ) -> x509.Certificate:
+    """``generation`` tells a re-issued issuing CA (same root, new key) from its predecessors."""
     return root_key.sign_certificate(
         _base(
-            _name(f"{trust_domain} Issuing CA 1", "iotauth"),
+            _name(f"{trust_domain} Issuing CA {generation}", "iotauth"),
             root.subject,
             public_key,
             now - BACKDATE,

@@ -21,7 +21,7 @@ from rich.table import Table
 
 from provisioning.errors import ProvisioningError
 from provisioning.identity import IdentityKind, validate_name, validate_trust_domain
-from provisioning.pki import PKI, REVOCATION_REASONS, passphrase_from_env
+from provisioning.pki import PKI, REVOCATION_REASONS, open_root, passphrase_from_env
 from provisioning.registry import CertRecord
 
 __all__ = ["ca_app", "device_app", "ledger_app", "service_app", "user_errors"]
@@ -98,13 +98,32 @@ def ca_init(
     ] = None,
     root_key: Annotated[
         str | None,
-        typer.Option("--root-key", help="Make the root CA key in a PKCS#11 token (same form)."),
+        typer.Option(
+            "--root-key",
+            help="Make the root CA key in a PKCS#11 token (same form); with --root-cert, where "
+            "that root's existing key is (a PEM file or a pkcs11: URI).",
+        ),
+    ] = None,
+    root_cert: Annotated[
+        Path | None,
+        typer.Option(
+            "--root-cert",
+            help="Keep this existing root (e.g. OLD/root.crt) and give it a new issuing CA: the "
+            "way back after losing the issuing CA's token (docs/HSM.md). Needs --root-key.",
+        ),
     ] = None,
 ) -> None:
     """Create root CA, issuing CA, broker certificate, registry, ledger and CRL."""
-    with user_errors():
+    with user_errors(), contextlib.ExitStack() as stack:
         validate_trust_domain(trust_domain)
         passphrase = passphrase_from_env()
+        existing_root = None
+        if root_cert is not None:
+            if root_key is None:
+                msg = "--root-cert needs --root-key: the root's key file or pkcs11: URI"
+                raise ProvisioningError(msg)
+            existing_root = open_root(root_cert, root_key, passphrase)
+            stack.callback(existing_root[1].close)
         ca = PKI.init(
             pki,
             trust_domain=trust_domain,
@@ -112,7 +131,8 @@ def ca_init(
             passphrase=passphrase,
             device_days=device_days,
             issuing_key=issuing_key,
-            root_key=root_key,
+            root_key=None if root_cert else root_key,
+            existing_root=existing_root,
         )
         with ca:
             out.print(f"Created the PKI of [bold]{trust_domain}[/bold] in {pki}", markup=True)
@@ -129,7 +149,9 @@ def ca_init(
             for label, uri in tokens:
                 if uri:
                     out.print(f"  {label} {uri} (in the token, not extractable)")
-            if not root_key:
+            if root_cert:
+                out.print(f"  root kept from {root_cert}; its key was used once, not stored")
+            elif not root_key:
                 out.print(
                     f"Move {pki / 'private' / 'root.key'} offline: issuing and revoking need only "
                     "the issuing CA."

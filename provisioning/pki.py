@@ -79,6 +79,7 @@ __all__ = [
     "LedgerReport",
     "Prepared",
     "identity_json",
+    "open_root",
     "passphrase_from_env",
     "station_id",
 ]
@@ -238,11 +239,14 @@ class PKI:
         now: dt.datetime | None = None,
         issuing_key: str | None = None,
         root_key: str | None = None,
+        existing_root: tuple[x509.Certificate, Signer] | None = None,
     ) -> PKI:
         """Create root, issuing CA, server certificate, empty registry, ledger and CRL.
 
         ``issuing_key`` / ``root_key``: a ``pkcs11:`` URI to make that CA key inside a token
-        instead of a file in ``private/``.
+        instead of a file in ``private/``. ``existing_root`` (from :func:`open_root`) keeps an
+        existing root instead of making one: the new PKI gets a new issuing CA under the same
+        trust anchor (the way back after losing the issuing CA's token); its key is not stored.
 
         Built in a staging directory and renamed into place, so a failure leaves nothing behind
         (a key already made in a token is deleted again).
@@ -253,6 +257,10 @@ class PKI:
             msg = f"{path} exists and is not empty; choose a new directory for the PKI"
             raise PKIError(msg)
         root_uri = hsm.Pkcs11URI.parse(root_key) if root_key else None
+        if existing_root is not None:
+            _check_root(existing_root[0], trust_domain)
+            kept = existing_root[1]
+            root_uri = kept.uri if isinstance(kept, hsm.Pkcs11Signer) else None
         issuing_uri = hsm.Pkcs11URI.parse(issuing_key) if issuing_key else None
         if (
             root_uri
@@ -276,10 +284,15 @@ class PKI:
         for name in server_names:
             _check_server_name(name)
         made: list[Signer] = []
+        root: tuple[x509.Certificate | None, Signer]
         try:
-            made.append(_new_ca_key(root_uri))
+            if existing_root is None:
+                made.append(_new_ca_key(root_uri))
+                root = (None, made[0])
+            else:
+                root = existing_root
             made.append(_new_ca_key(issuing_uri))
-            cls._build(path, config, names, made[0], made[1], passphrase, _now(now))
+            cls._build(path, config, names, root, made[-1], passphrase, _now(now))
         except BaseException:
             for signer in made:
                 if isinstance(signer, hsm.Pkcs11Signer):
@@ -297,16 +310,23 @@ class PKI:
         path: Path,
         config: PKIConfig,
         names: list[str],
-        root_key: Signer,
+        root_pair: tuple[x509.Certificate | None, Signer],
         issuing_key: Signer,
         passphrase: bytes | None,
         when: dt.datetime,
     ) -> None:
         trust_domain = config.trust_domain
         server_key = generate_key()
-        root = build_root_ca(root_key, trust_domain, now=when)
+        kept_root, root_key = root_pair
+        root = kept_root or build_root_ca(root_key, trust_domain, now=when)
         issuing = build_issuing_ca(
-            issuing_key.public_key(), trust_domain, root=root, root_key=root_key, now=when
+            issuing_key.public_key(),
+            trust_domain,
+            root=root,
+            root_key=root_key,
+            now=when,
+            # A second issuing CA under the same root gets a name of its own.
+            generation=when.strftime("%Y%m%d%H%M%S") if kept_root else "1",
         )
         server = build_server_cert(
             server_key.public_key(), names=names, issuer=issuing, issuer_key=issuing_key, now=when
@@ -314,8 +334,9 @@ class PKI:
         with StagedDirectory(path) as staged:
             private = staged.path / "private"
             private.mkdir(mode=PRIVATE_DIR_MODE)
-            for name, signer in (("root", root_key), ("issuing", issuing_key)):
-                if isinstance(signer, FileSigner):  # a token-held key has no file
+            keys = [("issuing", issuing_key)] + ([] if kept_root else [("root", root_key)])
+            for name, signer in keys:
+                if isinstance(signer, FileSigner):  # a token-held (or kept offline) key: no file
                     atomic_write(
                         private / f"{name}.key",
                         private_key_pem(signer.key, passphrase),
@@ -342,6 +363,7 @@ class PKI:
                                     "issuing": fingerprint(issuing),
                                     "server": fingerprint(server),
                                     "server_names": names,
+                                    **({"root_reused": True} if kept_root else {}),
                                     "station": station_id(),
                                 },
                             )
@@ -812,6 +834,49 @@ class _Change:
     events: list[tuple[str, dict[str, Any]]] = field(default_factory=list)
     crl_dirty: bool = False
     on_commit: list[Any] = field(default_factory=list)
+
+
+def open_root(
+    root_cert: Path, root_key: str, passphrase: bytes | None = None
+) -> tuple[x509.Certificate, Signer]:
+    """An existing root CA: its certificate and its key (a PEM file or a ``pkcs11:`` URI).
+
+    The key must be the certificate's; the caller closes the signer.
+    """
+    try:
+        cert = x509.load_pem_x509_certificate(root_cert.read_bytes())
+    except FileNotFoundError:
+        msg = f"root certificate {root_cert} is missing"
+        raise PKIError(msg) from None
+    except ValueError:
+        msg = f"{root_cert} is not a PEM certificate"
+        raise PKIError(msg) from None
+    public = cert.public_key()
+    if root_key.lower().startswith("pkcs11:"):
+        if not isinstance(public, ec.EllipticCurvePublicKey):
+            msg = f"{root_cert} must hold an EC key to be signed for by a token"
+            raise PKIError(msg)
+        return cert, hsm.open_key(root_key, public_key=public)
+    key = load_private_key(Path(root_key), passphrase)
+    if key.public_key() != public:
+        msg = f"{root_key} is not the key of {root_cert}"
+        raise PKIError(msg)
+    return cert, FileSigner(key, root_key)
+
+
+def _check_root(cert: x509.Certificate, trust_domain: str) -> None:
+    expected = f"{trust_domain} Root CA"
+    names = cert.subject.get_attributes_for_oid(x509.NameOID.COMMON_NAME)
+    if not names or names[0].value != expected:
+        msg = f"the root certificate is not the root of {trust_domain} (its CN is not {expected!r})"
+        raise PKIError(msg)
+    try:
+        constraints = cert.extensions.get_extension_for_class(x509.BasicConstraints).value
+    except x509.ExtensionNotFound:
+        constraints = None
+    if constraints is None or not constraints.ca or cert.issuer != cert.subject:
+        msg = "the root certificate is not a self-signed CA certificate"
+        raise PKIError(msg)
 
 
 def _new_ca_key(uri: hsm.Pkcs11URI | None) -> Signer:

@@ -371,3 +371,105 @@ def test_no_softhsm_specific_code() -> None:
             text = path.read_text(encoding="utf-8")
             for needle in ("libsofthsm2", "SOFTHSM2_CONF", "softhsm2-util"):
                 assert needle not in text, f"{path.relative_to(root)} names {needle}"
+
+
+# -- losing the token: a new issuing CA under the same (offline) root ----------------------------
+
+
+@needs_softhsm
+def test_reissue_the_issuing_ca_from_the_offline_root(
+    cli: Callable[..., Result], softhsm: SoftHSM, tmp_path: Path
+) -> None:
+    """The issuing key's token is gone; the root key was kept offline. A new PKI keeps the root
+    (devices' ca.crt stays valid) and gets a new issuing CA in a replacement token."""
+    old = tmp_path / "old"
+    assert _init(cli, softhsm, old).returncode == 0
+    offline = tmp_path / "offline-root.key"
+    (old / "private" / "root.key").rename(offline)
+    softhsm.init_token("replacement")
+    new = tmp_path / "new"
+    result = cli(
+        "ca", "init", "--pki", str(new), "--trust-domain", "fleet.example",
+        "--root-cert", str(old / "root.crt"), "--root-key", str(offline),
+        "--issuing-key", softhsm.uri("issuing", token="replacement"),
+        env=softhsm.env,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    assert "root kept from" in result.stdout
+    assert (new / "root.crt").read_bytes() == (old / "root.crt").read_bytes()
+    assert sorted(p.name for p in (new / "private").iterdir()) == ["server.key"]
+    assert (new / "issuing.crt").read_bytes() != (old / "issuing.crt").read_bytes()
+    cli("device", "issue", "dev-9", "--pki", str(new), "--out", "d9", env=softhsm.env, check=True)
+    # A device provisioned under the old issuing CA still trusts the new broker certificate and
+    # the new devices (its ca.crt is the same root).
+    for cert, purpose in (
+        (new / "server.crt", "sslserver"),
+        (tmp_path / "d9/device.crt", "sslclient"),
+    ):
+        check = openssl(
+            "verify", "-purpose", purpose, "-CAfile", old / "root.crt",
+            "-untrusted", new / "issuing.crt", cert,
+        )  # fmt: skip
+        assert check.returncode == 0, check.stdout + check.stderr
+    cli("ledger", "verify", "--pki", str(new), env=softhsm.env, check=True)
+    first = json.loads((new / "ledger.jsonl").read_text().splitlines()[0])
+    assert first["data"]["root_reused"] is True
+
+
+@needs_softhsm
+@pytest.mark.parametrize(
+    ("case", "fragments"),
+    [
+        ("foreign-root-key", ["is not the key of", "root.crt"]),
+        ("no-root-key", ["--root-cert needs --root-key"]),
+        ("other-domain", ["is not the root of other.example"]),
+        ("not-a-cert", ["is not a PEM certificate"]),
+    ],
+)
+def test_reissue_refuses_a_wrong_root(
+    cli: Callable[..., Result], softhsm: SoftHSM, tmp_path: Path, case: str, fragments: list[str]
+) -> None:
+    old = tmp_path / "old"
+    assert _init(cli, softhsm, old).returncode == 0
+    other = tmp_path / "other"
+    cli("ca", "init", "--pki", str(other), "--trust-domain", "fleet.example", check=True)
+    root_cert, root_key = old / "root.crt", other / "private" / "root.key"  # foreign key
+    domain = "fleet.example"
+    args: list[str] = []
+    if case == "no-root-key":
+        args = ["--root-cert", str(root_cert)]
+    else:
+        if case != "foreign-root-key":
+            root_key = old / "private" / "root.key"
+        if case == "other-domain":
+            domain = "other.example"
+        if case == "not-a-cert":
+            root_cert = old / "pki.toml"
+        args = ["--root-cert", str(root_cert), "--root-key", str(root_key)]
+    new = tmp_path / "new"
+    result = cli(
+        "ca", "init", "--pki", str(new), "--trust-domain", domain,
+        "--issuing-key", softhsm.uri("issuing-2"), *args, env=softhsm.env,
+    )  # fmt: skip
+    assert_one_line_error(result, *fragments)
+    assert not new.exists()
+    assert softhsm.objects() == ["issuing", "issuing"]  # nothing new in the token
+
+
+@needs_softhsm
+def test_reissue_with_the_root_in_the_token(
+    cli: Callable[..., Result], softhsm: SoftHSM, tmp_path: Path
+) -> None:
+    old = tmp_path / "old"
+    assert _init(cli, softhsm, old, "--root-key", softhsm.uri("root")).returncode == 0
+    new = tmp_path / "new"
+    result = cli(
+        "ca", "init", "--pki", str(new), "--trust-domain", "fleet.example",
+        "--root-cert", str(old / "root.crt"), "--root-key", softhsm.uri("root"),
+        "--issuing-key", softhsm.uri("issuing-2"), env=softhsm.env,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    assert 'root_key = "pkcs11:token=iotauth-ca;object=root"' in (new / "pki.toml").read_text()
+    assert openssl_verify(new, new / "server.crt", purpose="sslserver").returncode == 0
+    # The kept root key is still in the token: init did not delete or replace it.
+    assert softhsm.objects().count("root") == 2
