@@ -189,8 +189,12 @@ class _Modules:
         self._open: dict[str, _Module] = {}
 
     def acquire(self, path: str) -> _Module:
-        import pkcs11
-
+        """The first step of every use of a token: the other imports of pkcs11 come after it."""
+        try:
+            import pkcs11
+        except ImportError:
+            msg = "a CA key in a PKCS#11 token needs python-pkcs11: pip install 'iotauth[hsm]'"
+            raise TokenError(msg) from None
         with self._lock:
             module = self._open.get(path)
             if module is None:

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import threading
 from abc import ABC, abstractmethod
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from cryptography import x509
 from cryptography.exceptions import InvalidSignature
@@ -133,19 +133,31 @@ class ExternalSigner(Signer):
             msg = f"the {what} signed by {self.location} does not verify with its public key"
             raise PKIError(msg) from None
 
+    def _assemble(self, tbs: bytes, outer: Any, inner: Any, fields: tuple[str, str]) -> bytes:  # noqa: ANN401
+        """DER of ``outer``: the TBS exactly as ``cryptography`` encoded it, the algorithm and
+        the token's signature over those bytes."""
+        tbs_field, signature_field = fields
+        return bytes(
+            outer(
+                {
+                    tbs_field: inner.load(tbs),
+                    "signature_algorithm": {"algorithm": self._ALGORITHM},
+                    signature_field: self.sign(tbs),
+                }
+            ).dump()
+        )
+
     def sign_certificate(self, builder: x509.CertificateBuilder) -> x509.Certificate:
         from asn1crypto import x509 as asn1_x509
 
         self._check_public_key()
         tbs = builder.sign(_tbs_key(), hashes.SHA256()).tbs_certificate_bytes
-        signature = self.sign(tbs)
-        der = asn1_x509.Certificate(
-            {
-                "tbs_certificate": asn1_x509.TbsCertificate.load(tbs),
-                "signature_algorithm": {"algorithm": self._ALGORITHM},
-                "signature_value": signature,
-            }
-        ).dump()
+        der = self._assemble(
+            tbs,
+            asn1_x509.Certificate,
+            asn1_x509.TbsCertificate,
+            ("tbs_certificate", "signature_value"),
+        )
         cert = x509.load_der_x509_certificate(der)
         self._verified(cert.signature, cert.tbs_certificate_bytes, "certificate")
         return cert
@@ -157,14 +169,9 @@ class ExternalSigner(Signer):
 
         self._check_public_key()
         tbs = builder.sign(_tbs_key(), hashes.SHA256()).tbs_certlist_bytes
-        signature = self.sign(tbs)
-        der = asn1_crl.CertificateList(
-            {
-                "tbs_cert_list": asn1_crl.TbsCertList.load(tbs),
-                "signature_algorithm": {"algorithm": self._ALGORITHM},
-                "signature": signature,
-            }
-        ).dump()
+        der = self._assemble(
+            tbs, asn1_crl.CertificateList, asn1_crl.TbsCertList, ("tbs_cert_list", "signature")
+        )
         crl = x509.load_der_x509_crl(der)
         self._verified(crl.signature, crl.tbs_certlist_bytes, "CRL")
         return crl

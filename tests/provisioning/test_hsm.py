@@ -133,8 +133,8 @@ def test_token_held_issuing_ca_end_to_end(
     assert openssl_verify(pki, tmp_path / "dev-2/device.crt", crl=True).returncode == 0
 
     report = cli("ledger", "verify", "--pki", str(pki), env=env, check=True)
-    assert "OK" in report.stdout or "verified" in report.stdout.lower()
-    # Each ledger line is signed by the token: its signature verifies with issuing.crt.
+    # Each ledger line was signed in the token: its signature verifies with issuing.crt.
+    assert "ledger OK: 5 entries" in report.stdout
     lines = [json.loads(line) for line in (pki / "ledger.jsonl").read_text().splitlines()]
     assert [e["event"] for e in lines] == ["ca-init", "issue", "issue", "issue", "revoke"]
     assert not (pki / "private" / "issuing.key").exists()
@@ -384,6 +384,7 @@ def test_reissue_the_issuing_ca_from_the_offline_root(
     (devices' ca.crt stays valid) and gets a new issuing CA in a replacement token."""
     old = tmp_path / "old"
     assert _init(cli, softhsm, old).returncode == 0
+    cli("device", "issue", "dev-1", "--pki", str(old), "--out", "d1", env=softhsm.env, check=True)
     offline = tmp_path / "offline-root.key"
     (old / "private" / "root.key").rename(offline)
     softhsm.init_token("replacement")
@@ -411,6 +412,13 @@ def test_reissue_the_issuing_ca_from_the_offline_root(
             "-untrusted", new / "issuing.crt", cert,
         )  # fmt: skip
         assert check.returncode == 0, check.stdout + check.stderr
+    # A device of the lost issuing CA has no CRL in the new PKI: refused until it is re-issued.
+    stranded = openssl(
+        "verify", "-crl_check", "-CRLfile", new / "crl.pem", "-CAfile", old / "root.crt",
+        "-untrusted", old / "issuing.crt", tmp_path / "d1/device.crt",
+    )  # fmt: skip
+    assert stranded.returncode != 0
+    assert "unable to get certificate CRL" in stranded.stdout + stranded.stderr
     cli("ledger", "verify", "--pki", str(new), env=softhsm.env, check=True)
     first = json.loads((new / "ledger.jsonl").read_text().splitlines()[0])
     assert first["data"]["root_reused"] is True
