@@ -17,6 +17,7 @@ from typing import Annotated
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from provisioning.errors import ProvisioningError
@@ -54,7 +55,8 @@ def user_errors() -> Iterator[None]:
     try:
         yield
     except ProvisioningError as exc:
-        err.print(f"[red]error:[/red] {exc}", markup=True)
+        # escape: a message may hold brackets (pip extras, paths) that rich would take as markup
+        err.print(f"[red]error:[/red] {escape(str(exc))}", markup=True)
         raise typer.Exit(1) from None
     except OSError as exc:
         where = f": {exc.filename}" if exc.filename else ""

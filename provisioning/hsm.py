@@ -303,7 +303,6 @@ class Pkcs11Signer(ExternalSigner):
         self.uri = uri
         self.location = str(uri)
         path = uri.module()
-        pin = _pin(uri)
         self._path = path
         self._public = public_key
         self._session: Any = None
@@ -312,6 +311,7 @@ class Pkcs11Signer(ExternalSigner):
         self._login = (uri.token, uri.serial)
         self._module = _modules.acquire(path)
         try:
+            pin = _pin(uri)
             with self._module.lock:
                 token = _find_token(self._module.lib, uri, path)
                 self._session = self._open_session(token, pin, rw=rw)

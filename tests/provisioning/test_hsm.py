@@ -7,6 +7,7 @@ token is reached through its PKCS#11 module only.
 from __future__ import annotations
 
 import json
+import os
 from collections.abc import Callable
 from pathlib import Path
 
@@ -481,3 +482,35 @@ def test_reissue_with_the_root_in_the_token(
     assert openssl_verify(new, new / "server.crt", purpose="sslserver").returncode == 0
     # The kept root key is still in the token: init did not delete or replace it.
     assert softhsm.objects().count("root") == 2
+
+
+def test_without_the_hsm_extra_the_reason_is_one_line(tmp_path: Path) -> None:
+    """A station installed without `iotauth[hsm]`: the token is refused with the fix, and a PKI
+    with file keys does not need the extra at all."""
+    import subprocess
+    import sys
+
+    script = (
+        "import sys; sys.modules['pkcs11'] = None\n"  # python-pkcs11 not installed
+        "from iotauth.cli import main\n"
+        "sys.argv = ['iotauth', *sys.argv[1:]]\n"
+        "main()\n"
+    )
+
+    def run(*args: str) -> Result:
+        proc = subprocess.run(
+            [sys.executable, "-c", script, *args],
+            cwd=tmp_path,
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=False,
+            env={**os.environ, "IOTAUTH_PKCS11_MODULE": "/nonexistent.so"},
+        )
+        return Result(proc.returncode, proc.stdout, proc.stderr)
+
+    result = run("ca", "init", "--pki", "pki", "--trust-domain", "f.example",
+                 "--issuing-key", "pkcs11:token=t;object=o")  # fmt: skip
+    assert_one_line_error(result, "needs python-pkcs11", "pip install 'iotauth[hsm]'")
+    assert not (tmp_path / "pki").exists()
+    assert run("ca", "init", "--pki", "pki", "--trust-domain", "f.example").returncode == 0
