@@ -284,14 +284,16 @@ def _find_token(lib: Any, uri: Pkcs11URI, module: str) -> Any:  # noqa: ANN401
         raise TokenError(msg) from None
 
 
-def _ec_point(raw: bytes) -> ec.EllipticCurvePublicKey:
+def _ec_point(raw: bytes, uri: Pkcs11URI) -> ec.EllipticCurvePublicKey:
     """CKA_EC_POINT is a DER OCTET STRING around the point; a few tokens give the bare point."""
     from asn1crypto.core import OctetString
 
-    point = raw
-    if not (len(raw) == 65 and raw[0] == 4):
-        point = OctetString.load(raw).native
-    return ec.EllipticCurvePublicKey.from_encoded_point(ec.SECP256R1(), point)
+    try:
+        point = raw if len(raw) == 65 and raw[0] == 4 else OctetString.load(raw).native
+        return ec.EllipticCurvePublicKey.from_encoded_point(ec.SECP256R1(), point)
+    except (ValueError, TypeError):
+        msg = f"{uri.describe()} is not a P-256 key; iotauth signs with P-256 only"
+        raise TokenError(msg) from None
 
 
 class Pkcs11Signer(ExternalSigner):
@@ -312,7 +314,7 @@ class Pkcs11Signer(ExternalSigner):
         self._module = _modules.acquire(path)
         try:
             pin = _pin(uri)
-            with self._module.lock:
+            with self._module.lock, _token_errors(uri, "finding the token"):
                 token = _find_token(self._module.lib, uri, path)
                 self._session = self._open_session(token, pin, rw=rw)
                 self._module.logins[self._login] = self._module.logins.get(self._login, 0) + 1
@@ -366,7 +368,7 @@ class Pkcs11Signer(ExternalSigner):
                 if len(publics) != 1:
                     msg = f"{self.uri.describe()} has no public key object beside it"
                     raise TokenError(msg)
-                self._public = _ec_point(publics[0][pkcs11.Attribute.EC_POINT])
+                self._public = _ec_point(publics[0][pkcs11.Attribute.EC_POINT], self.uri)
 
     def _generate(self) -> None:
         import pkcs11
@@ -408,7 +410,7 @@ class Pkcs11Signer(ExternalSigner):
             )
             self._created = [private, public]
             self._key = private
-            self._public = _ec_point(public[attr.EC_POINT])
+            self._public = _ec_point(public[attr.EC_POINT], self.uri)
 
     # -- Signer ----------------------------------------------------------------------------
 

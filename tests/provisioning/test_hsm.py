@@ -514,3 +514,28 @@ def test_without_the_hsm_extra_the_reason_is_one_line(tmp_path: Path) -> None:
     assert_one_line_error(result, "needs python-pkcs11", "pip install 'iotauth[hsm]'")
     assert not (tmp_path / "pki").exists()
     assert run("ca", "init", "--pki", "pki", "--trust-domain", "f.example").returncode == 0
+
+
+@needs_softhsm
+def test_keys_iotauth_cannot_use_are_refused(softhsm: SoftHSM) -> None:
+    """An object= that names an RSA or a P-384 key: one line, not a wrong signature later."""
+    import pkcs11
+    from pkcs11.util.ec import encode_named_curve_parameters
+
+    maker = hsm.generate_key(softhsm.uri("maker"))
+    try:
+        with maker._module.lock:
+            session = maker._session
+            session.generate_keypair(pkcs11.KeyType.RSA, 2048, label="rsa", store=True)
+            p384 = session.create_domain_parameters(
+                pkcs11.KeyType.EC,
+                {pkcs11.Attribute.EC_PARAMS: encode_named_curve_parameters("secp384r1")},
+                local=True,
+            )
+            p384.generate_keypair(label="p384", store=True)
+    finally:
+        maker.close()
+    with pytest.raises(TokenError, match=r"'rsa' .* is not an EC key"):
+        hsm.open_key(softhsm.uri("rsa"))
+    with pytest.raises(TokenError, match=r"'p384' .* is not a P-256 key"):
+        hsm.open_key(softhsm.uri("p384"))
