@@ -539,3 +539,11 @@ def test_keys_iotauth_cannot_use_are_refused(softhsm: SoftHSM) -> None:
         hsm.open_key(softhsm.uri("rsa"))
     with pytest.raises(TokenError, match=r"'p384' .* is not a P-256 key"):
         hsm.open_key(softhsm.uri("p384"))
+
+
+def test_a_device_install_does_not_pull_the_pkcs11_binding() -> None:
+    from importlib.metadata import requires
+
+    reqs = [r for r in requires("iotauth") or [] if r.lower().startswith(("python-pkcs11", "asn1"))]
+    assert len(reqs) == 2, reqs
+    assert all('extra == "hsm"' in r for r in reqs), reqs
