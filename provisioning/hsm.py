@@ -178,9 +178,17 @@ class _Module:
     # Without locking callbacks in C_Initialize a module may assume one thread at a time: every
     # call into it is made under this lock.
     lock: threading.RLock = field(default_factory=threading.RLock)
-    # Login state belongs to the token, not the session: the first session of ours logs in, the
-    # others share it, and closing the last one logs out (PKCS#11 v2.40, 5.6).
-    logins: dict[tuple[str, str | None], int] = field(default_factory=dict)
+    # Login state belongs to the token, not the session (PKCS#11 v2.40, 5.6): per token, one
+    # session of ours holds the login while any key is open on it; the keys' own sessions open
+    # without a PIN and share it. python-pkcs11 logs out when the session that logged in closes,
+    # so that session must not be any one key's.
+    logins: dict[tuple[str, str | None], _Login] = field(default_factory=dict)
+
+
+@dataclass(slots=True)
+class _Login:
+    session: Any
+    keys: int = 0
 
 
 class _Modules:
@@ -316,22 +324,36 @@ class Pkcs11Signer(ExternalSigner):
             pin = _pin(uri)
             with self._module.lock, _token_errors(uri, "finding the token"):
                 token = _find_token(self._module.lib, uri, path)
-                self._session = self._open_session(token, pin, rw=rw)
-                self._module.logins[self._login] = self._module.logins.get(self._login, 0) + 1
+                login = self._module.logins.get(self._login) or _Login(self._log_in(token, pin))
+                self._module.logins[self._login] = login
+                login.keys += 1
+                try:
+                    with _token_errors(uri, "opening a session"):
+                        self._session = token.open(rw=rw)
+                except BaseException:
+                    self._logged_out()
+                    raise
         except BaseException:
             _modules.release(path)
             raise
 
-    def _open_session(self, token: Any, pin: str, *, rw: bool) -> Any:  # noqa: ANN401
+    def _log_in(self, token: Any, pin: str) -> Any:  # noqa: ANN401
         import pkcs11
 
         with _token_errors(self.uri, "logging in"):
-            if self._module.logins.get(self._login):
-                return token.open(rw=rw)  # already logged in by another key of this process
             try:
-                return token.open(rw=rw, user_pin=pin)
-            except pkcs11.UserAlreadyLoggedIn:  # by a session this process did not open here
-                return token.open(rw=rw)
+                return token.open(user_pin=pin)
+            except pkcs11.UserAlreadyLoggedIn:  # by code of this process that is not ours
+                return token.open()
+
+    def _logged_out(self) -> None:
+        """This key no longer needs the login; the last one to go logs the token out."""
+        login = self._module.logins[self._login]
+        login.keys -= 1
+        if login.keys == 0:
+            del self._module.logins[self._login]
+            with contextlib.suppress(Exception):
+                login.session.close()
 
     # -- finding and making keys ---------------------------------------------------------------
 
@@ -444,9 +466,9 @@ class Pkcs11Signer(ExternalSigner):
             if self._session is None:
                 return
             session, self._session, self._key = self._session, None, None
-            self._module.logins[self._login] -= 1
             with contextlib.suppress(Exception):
                 session.close()
+            self._logged_out()
         _modules.release(self._path)
 
     def attributes(self) -> dict[str, Any]:

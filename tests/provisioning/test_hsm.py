@@ -547,3 +547,31 @@ def test_a_device_install_does_not_pull_the_pkcs11_binding() -> None:
     reqs = [r for r in requires("iotauth") or [] if r.lower().startswith(("python-pkcs11", "asn1"))]
     assert len(reqs) == 2, reqs
     assert all('extra == "hsm"' in r for r in reqs), reqs
+
+
+@needs_softhsm
+def test_gang_provisioning_signs_in_the_token(softhsm: SoftHSM, tmp_path: Path) -> None:
+    """Bench provisioning over ptys, four ports at once: each station thread opens the PKI and
+    signs in the token (one module, calls serialized, one login shared by the sessions)."""
+    from hardware import VirtualDevice
+    from provisioning.station import StationSettings, provision_many
+
+    pki_dir = tmp_path / "pki"
+    PKI.init(pki_dir, trust_domain="fleet.example", issuing_key=softhsm.uri()).close()
+    devices = [
+        VirtualDevice(tmp_path / "stores" / f"u{n}", "pty", hardware_serial=f"SN-{n}").start()
+        for n in range(4)
+    ]
+    try:
+        settings = StationSettings(timeout=0.15, retries=8, reconnects=3, reconnect_delay=0.2)
+        results = provision_many(pki_dir, [d.address for d in devices], settings=settings)
+    finally:
+        for device in devices:
+            device.stop()
+    assert [r.ok for r in results] == [True] * 4, [r.reason for r in results]
+    for n in range(4):
+        store = tmp_path / "stores" / f"u{n}"
+        assert openssl_verify(pki_dir, store / "device.crt").returncode == 0
+    with PKI.open(pki_dir) as ca:
+        assert ca.registry.count() == 4
+        ca.verify_ledger()
