@@ -56,14 +56,13 @@ class PKIConfig:
         for f in fields(self):
             value = getattr(self, f.name)
             if value is None:
-                continue  # an optional setting that is not used (a key kept in private/)
+                continue  # a key kept in private/; a pkcs11: URI is canonical: no quotes either
             if isinstance(value, bool):
                 rendered = "true" if value else "false"
             elif isinstance(value, int):
                 rendered = str(value)
             else:
-                # Validated names and canonical pkcs11: URIs contain no quotes or backslashes.
-                rendered = f'"{value}"'
+                rendered = f'"{value}"'  # validated names contain no quotes or backslashes
             lines.append(f"{f.name} = {rendered}")
         return "\n".join(lines) + "\n"
 
