@@ -90,6 +90,14 @@ def _env(softhsm: SoftHSM, **changes: str | None) -> dict[str, str]:
     return env
 
 
+# The environment of a station whose operator got the PIN or the module wrong.
+_BROKEN_ENV: dict[str, dict[str, str | None]] = {
+    "wrong-pin": {"IOTAUTH_PKCS11_PIN": "0000-wrong"},
+    "no-pin": {"IOTAUTH_PKCS11_PIN": None},
+    "no-module": {"IOTAUTH_PKCS11_MODULE": None},
+}
+
+
 def _init(cli: Callable[..., Result], softhsm: SoftHSM, pki: Path, *extra: str) -> Result:
     return cli(
         "ca", "init", "--pki", str(pki), "--trust-domain", "fleet.example",
@@ -250,15 +258,9 @@ def test_ca_init_errors_write_nothing(
     fragments: list[str],
 ) -> None:
     uri = softhsm.uri("issuing")
-    env = softhsm.env
-    if case == "wrong-pin":
-        env = _env(softhsm, IOTAUTH_PKCS11_PIN="0000-wrong")
-    elif case == "no-pin":
-        env = _env(softhsm, IOTAUTH_PKCS11_PIN=None)
-    elif case == "missing-token":
+    env = _env(softhsm, **_BROKEN_ENV.get(case, {}))
+    if case == "missing-token":
         uri = softhsm.uri("issuing", token="nope")
-    elif case == "no-module":
-        env = _env(softhsm, IOTAUTH_PKCS11_MODULE=None)
     elif case == "bad-module":
         uri += "?module-path=/nonexistent/lib.so"
     elif case == "not-a-module":
@@ -327,12 +329,8 @@ def test_signing_errors_change_nothing(
     pki = tmp_path / "pki"
     assert _init(cli, softhsm, pki, "--root-key", softhsm.uri("root")).returncode == 0
     cli("device", "issue", "dev-0", "--pki", str(pki), "--out", "d0", env=softhsm.env, check=True)
-    env = softhsm.env
-    if case == "wrong-pin":
-        env = _env(softhsm, IOTAUTH_PKCS11_PIN="0000-wrong")
-    elif case == "no-pin":
-        env = _env(softhsm, IOTAUTH_PKCS11_PIN=None)
-    elif case == "missing-object":
+    env = _env(softhsm, **_BROKEN_ENV.get(case, {}))
+    if case == "missing-object":
         _set_issuing_key(pki, softhsm.uri("gone"))
     elif case == "missing-token":
         _set_issuing_key(pki, softhsm.uri("issuing", token="elsewhere"))
