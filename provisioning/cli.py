@@ -191,6 +191,7 @@ def ca_show(pki: PkiOpt, as_json: JsonOpt = False) -> None:
             },
             "root_key_online": (pki / "private" / "root.key").exists(),
             "issuing_key": ca.config.issuing_key or str(pki / "private" / "issuing.key"),
+            "root_key": ca.config.root_key,
             "crl": {
                 "number": info.number,
                 "this_update": info.this_update.isoformat(),
@@ -206,6 +207,8 @@ def ca_show(pki: PkiOpt, as_json: JsonOpt = False) -> None:
             return
         out.print(f"trust domain  {ca.trust_domain}")
         online = "online" if doc["root_key_online"] else "offline"
+        if ca.config.root_key:
+            online = ca.config.root_key  # in a token: where, not whether
         out.print(f"root CA       until {_when(ca.root.not_valid_after_utc)}; key {online}")
         out.print(
             f"issuing CA    until {_when(ca.issuing.not_valid_after_utc)}; key {doc['issuing_key']}"

@@ -172,6 +172,9 @@ def test_root_in_a_token_too(cli: Callable[..., Result], softhsm: SoftHSM, tmp_p
     text = (pki / "pki.toml").read_text()
     assert 'root_key = "pkcs11:token=iotauth-ca;object=root"' in text
     assert "Move" not in result.stdout  # no root.key to move offline
+    show = cli("ca", "show", "--pki", str(pki), check=True).stdout
+    assert "key pkcs11:token=iotauth-ca;object=root" in show
+    assert "key pkcs11:token=iotauth-ca;object=issuing" in show
     check = openssl("verify", "-CAfile", pki / "root.crt", pki / "root.crt")
     assert check.returncode == 0, check.stdout
     assert openssl_verify(pki, pki / "server.crt", purpose="sslserver").returncode == 0
