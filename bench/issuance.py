@@ -1,6 +1,6 @@
 """Devices issued per second, end to end, next to the raw cryptographic cost in the same run.
 
-    .venv/bin/python bench/issuance.py [--devices 2000] [--pin] [--dir DIR]
+    .venv/bin/python bench/issuance.py [--devices 2000] [--pin] [--dir DIR] [--no-token]
 
 Measures, on one core if --pin is given:
   raw        P-256 key generation + building and signing a leaf certificate (no disk): the floor
@@ -10,6 +10,10 @@ Measures, on one core if --pin is given:
   batch      PKI.issue_many() in batches of 500: one transaction and one ledger fsync per batch
 Each figure is the median of --reps runs. The PKI lives under --dir (default: a temporary
 directory beside this file, so the disk is the project's disk, not a tmpfs).
+
+Then, in the same run, the issuing CA key in a PKCS#11 token against the key file: a second PKI
+whose issuing key is in a SoftHSM2 token made for the run (skipped with a note if softhsm2 is not
+installed, or with --no-token): one signature, build & sign a leaf, batch and single issuance.
 """
 
 from __future__ import annotations
@@ -20,6 +24,7 @@ import os
 import platform
 import shutil
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -31,6 +36,12 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from provisioning.certificates import build_leaf, generate_key
 from provisioning.identity import Identity
 from provisioning.pki import PKI
+
+SOFTHSM_MODULES = (
+    "/usr/lib/softhsm/libsofthsm2.so",
+    "/usr/lib/x86_64-linux-gnu/softhsm/libsofthsm2.so",
+    "/usr/local/lib/softhsm/libsofthsm2.so",
+)
 
 
 def _rate(count: int, seconds: float) -> float:
@@ -101,6 +112,106 @@ def _shown(path: Path) -> str:
         return f"{path.name}/ (outside the repository)"
 
 
+def bench_sign(pki: PKI, count: int) -> tuple[float, float]:
+    """(µs per bare signature, µs per leaf built and signed) with the PKI's issuing key."""
+    signer = pki.issuing_key()
+    public_key = generate_key().public_key()
+    now = dt.datetime.now(dt.UTC)
+    t0 = time.perf_counter()
+    for n in range(count):
+        signer.sign(n.to_bytes(32, "big"))
+    t1 = time.perf_counter()
+    for n in range(count):
+        build_leaf(
+            Identity.device(f"sig-{n}", pki.trust_domain),
+            public_key,
+            issuer=pki.issuing,
+            issuer_key=signer,
+            now=now,
+            days=90,
+        )
+    t2 = time.perf_counter()
+    return (t1 - t0) / count * 1e6, (t2 - t1) / count * 1e6
+
+
+def token_pki(work: Path) -> tuple[PKI, str] | None:
+    """A PKI whose issuing key is made in a fresh SoftHSM2 token under ``work``."""
+    util = shutil.which("softhsm2-util")
+    module = next((m for m in SOFTHSM_MODULES if Path(m).exists()), None)
+    if util is None or module is None:
+        return None
+    tokens = work / "softhsm-tokens"
+    tokens.mkdir()
+    conf = work / "softhsm2.conf"
+    conf.write_text(f"directories.tokendir = {tokens}\nobjectstore.backend = file\n")
+    pin = "bench-pin"
+    os.environ.update(SOFTHSM2_CONF=str(conf), IOTAUTH_PKCS11_PIN=pin, IOTAUTH_PKCS11_MODULE=module)
+    init = [util, "--init-token", "--free", "--label", "bench", "--pin", pin, "--so-pin", pin]
+    subprocess.run(init, check=True, capture_output=True)
+    version = subprocess.run([util, "--version"], capture_output=True, text=True, check=False)
+    pki = PKI.init(
+        work / "pki-token",
+        trust_domain="bench.example",
+        issuing_key="pkcs11:token=bench;object=issuing",
+    )
+    return pki, f"SoftHSM2 {version.stdout.strip()} ({module})"
+
+
+def compare_token(work: Path, file_pki: PKI, n: int, reps: int, file_rates: list[float]) -> str:
+    """The token table, as Markdown: the same measurements with the issuing key in a token."""
+    made = token_pki(work)
+    if made is None:
+        return "Token comparison skipped: softhsm2 is not installed (apt-get install softhsm2).\n"
+    pki, what = made
+    try:
+        file_sig, file_leaf = _median_pair([bench_sign(file_pki, n) for _ in range(reps)])
+        tok_sig, tok_leaf = _median_pair([bench_sign(pki, n) for _ in range(reps)])
+        tok_batch = median_of(reps, lambda r: bench_batch(pki, n, f"tb{r}"))
+        tok_single = median_of(reps, lambda r: bench_single(pki, n // 4, f"ts{r}", None))
+        pki.verify_ledger()
+    finally:
+        pki.close()
+    file_batch, file_single = file_rates
+    rows = [
+        (
+            "one ECDSA P-256 signature",
+            f"{file_sig:.0f} µs",
+            f"{tok_sig:.0f} µs",
+            tok_sig / file_sig,
+        ),
+        (
+            "build & sign a leaf, no disk",
+            f"{file_leaf:.0f} µs",
+            f"{tok_leaf:.0f} µs",
+            tok_leaf / file_leaf,
+        ),
+        (
+            "batch `issue_many`, devices/s",
+            f"{file_batch:,.0f}",
+            f"{tok_batch:,.0f}",
+            tok_batch / file_batch,
+        ),
+        (
+            "single `issue`, devices/s",
+            f"{file_single:,.0f}",
+            f"{tok_single:,.0f}",
+            tok_single / file_single,
+        ),
+    ]
+    lines = [
+        f"Issuing CA key in a file and in a PKCS#11 token, same run: {what}",
+        "",
+        "| what | key file | token | token / file |",
+        "|---|---:|---:|---:|",
+        *(f"| {w} | {f} | {t} | {ratio:.2f}x |" for w, f, t, ratio in rows),
+    ]
+    return "\n".join(lines) + "\n"
+
+
+def _median_pair(runs: list[tuple[float, float]]) -> tuple[float, float]:
+    return statistics.median(r[0] for r in runs), statistics.median(r[1] for r in runs)
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -109,6 +220,9 @@ def main() -> int:
     parser.add_argument("--reps", type=int, default=3, help="runs per figure (median reported)")
     parser.add_argument("--pin", action="store_true", help="pin to CPU 0 (one core)")
     parser.add_argument("--dir", type=Path, default=None, help="where to create the PKI")
+    parser.add_argument(
+        "--no-token", action="store_true", help="skip the PKCS#11 (SoftHSM2) comparison"
+    )
     args = parser.parse_args()
     if args.devices <= 0 or args.reps <= 0:
         parser.error("--devices and --reps must be positive")
@@ -135,6 +249,11 @@ def main() -> int:
         batch = median_of(args.reps, lambda r: bench_batch(pki, n, f"b{r}"))
         rows = pki.registry.count()
         pki.verify_ledger()  # the benchmark's output is a valid ledger, not just a fast one
+        token_report = (
+            compare_token(work, pki, n, args.reps, [batch, single])
+            if not args.no_token
+            else "Token comparison skipped (--no-token).\n"
+        )
         pki.close()
     finally:
         shutil.rmtree(work, ignore_errors=True)
@@ -163,6 +282,8 @@ def main() -> int:
     print(f"| single + credential directory | {single_out:,.0f} | {1e6 / single_out:.0f} µs |")
     print()
     print(f"{rows} certificates issued in all; ledger verified.")
+    print()
+    print(token_report, end="")
     return 0
 
 

@@ -208,6 +208,9 @@ class RenewalService:
     def _main(self) -> None:
         try:
             self._pki = PKI.open(self.pki_dir, passphrase=self._passphrase)
+            # The issuing key (a file, or a token that wants its PIN) must work before any CSR is
+            # accepted: a missing PIN fails the start with one line, not the first renewal.
+            self._pki.issuing_key()
             creds = self._ensure_credentials()
             self._load_pending()
             self._client = self._connect(creds)

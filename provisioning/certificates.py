@@ -23,7 +23,7 @@ from provisioning.errors import CSRRejectedError
 from provisioning.identity import Identity
 
 if TYPE_CHECKING:
-    from provisioning.keyfiles import PrivateKey
+    from provisioning.signing import Signer
 
 __all__ = [
     "ALLOWED_CURVES",
@@ -51,14 +51,6 @@ PublicKey = ec.EllipticCurvePublicKey | rsa.RSAPublicKey | ed25519.Ed25519Public
 def generate_key() -> ec.EllipticCurvePrivateKey:
     """The default key of every certificate we make: ECDSA P-256."""
     return ec.generate_private_key(ec.SECP256R1())
-
-
-def _sig_hash(key: PrivateKey) -> hashes.SHA256 | hashes.SHA384 | None:
-    if isinstance(key, ed25519.Ed25519PrivateKey):
-        return None
-    if isinstance(key, ec.EllipticCurvePrivateKey) and key.curve.key_size > 256:
-        return hashes.SHA384()
-    return hashes.SHA256()
 
 
 def _name(common_name: str, organization: str | None = None) -> x509.Name:
@@ -121,38 +113,38 @@ def _aki(issuer: x509.Certificate) -> x509.AuthorityKeyIdentifier:
 
 
 def build_root_ca(
-    key: ec.EllipticCurvePrivateKey, trust_domain: str, *, now: dt.datetime, days: int = 3650
+    key: Signer, trust_domain: str, *, now: dt.datetime, days: int = 3650
 ) -> x509.Certificate:
     name = _name(f"{trust_domain} Root CA", "iotauth")
-    return (
+    return key.sign_certificate(
         _base(name, name, key.public_key(), now - BACKDATE, now + dt.timedelta(days=days))
         .add_extension(x509.BasicConstraints(ca=True, path_length=1), critical=True)
         .add_extension(_ca_key_usage(), critical=True)
-        .sign(key, hashes.SHA256())
     )
 
 
 def build_issuing_ca(
-    key: ec.EllipticCurvePrivateKey,
+    public_key: PublicKey,
     trust_domain: str,
     *,
     root: x509.Certificate,
-    root_key: ec.EllipticCurvePrivateKey,
+    root_key: Signer,
     now: dt.datetime,
     days: int = 1825,
+    generation: str = "1",
 ) -> x509.Certificate:
-    return (
+    """``generation`` tells a re-issued issuing CA (same root, new key) from its predecessors."""
+    return root_key.sign_certificate(
         _base(
-            _name(f"{trust_domain} Issuing CA 1", "iotauth"),
+            _name(f"{trust_domain} Issuing CA {generation}", "iotauth"),
             root.subject,
-            key.public_key(),
+            public_key,
             now - BACKDATE,
             min(now + dt.timedelta(days=days), root.not_valid_after_utc),
         )
         .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
         .add_extension(_ca_key_usage(), critical=True)
         .add_extension(_aki(root), critical=False)
-        .sign(root_key, hashes.SHA256())
     )
 
 
@@ -168,7 +160,7 @@ def build_server_cert(
     *,
     names: Sequence[str],
     issuer: x509.Certificate,
-    issuer_key: PrivateKey,
+    issuer_key: Signer,
     now: dt.datetime,
     days: int = 397,
 ) -> x509.Certificate:
@@ -176,7 +168,7 @@ def build_server_cert(
     sans: list[x509.GeneralName] = []
     for name in dict.fromkeys(names):  # keep order, drop repeats
         sans.append(_general_name(name))
-    return (
+    return issuer_key.sign_certificate(
         _base(
             _name(names[0] if names else "iotauth broker"),
             issuer.subject,
@@ -189,7 +181,6 @@ def build_server_cert(
         .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
         .add_extension(x509.SubjectAlternativeName(sans), critical=False)
         .add_extension(_aki(issuer), critical=False)
-        .sign(issuer_key, _sig_hash(issuer_key))
     )
 
 
@@ -198,7 +189,7 @@ def build_leaf(
     public_key: PublicKey,
     *,
     issuer: x509.Certificate,
-    issuer_key: PrivateKey,
+    issuer_key: Signer,
     now: dt.datetime,
     days: int,
     extended_key_usage: Iterable[x509.ObjectIdentifier] = (ExtendedKeyUsageOID.CLIENT_AUTH,),
@@ -209,7 +200,7 @@ def build_leaf(
     (serverAuth only).
     """
     not_after = min(now + dt.timedelta(days=days), issuer.not_valid_after_utc)
-    return (
+    return issuer_key.sign_certificate(
         _base(_name(identity.name), issuer.subject, public_key, now - BACKDATE, not_after)
         .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
         .add_extension(_leaf_key_usage(), critical=True)
@@ -219,7 +210,6 @@ def build_leaf(
             critical=False,
         )
         .add_extension(_aki(issuer), critical=False)
-        .sign(issuer_key, _sig_hash(issuer_key))
     )
 
 
@@ -270,7 +260,7 @@ def load_csr(data: bytes) -> tuple[x509.CertificateSigningRequest, PublicKey]:
 def build_crl(
     *,
     issuer: x509.Certificate,
-    issuer_key: PrivateKey,
+    issuer_key: Signer,
     revoked: Iterable[tuple[int, dt.datetime, x509.ReasonFlags]],
     number: int,
     now: dt.datetime,
@@ -293,7 +283,7 @@ def build_crl(
             .build()
         )
         builder = builder.add_revoked_certificate(entry)
-    return builder.sign(issuer_key, _sig_hash(issuer_key))
+    return issuer_key.sign_crl(builder)
 
 
 def fingerprint(cert: x509.Certificate) -> str:

@@ -17,11 +17,12 @@ from typing import Annotated
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from provisioning.errors import ProvisioningError
 from provisioning.identity import IdentityKind, validate_name, validate_trust_domain
-from provisioning.pki import PKI, REVOCATION_REASONS, passphrase_from_env
+from provisioning.pki import PKI, REVOCATION_REASONS, open_root, passphrase_from_env
 from provisioning.registry import CertRecord
 
 __all__ = ["ca_app", "device_app", "ledger_app", "service_app", "user_errors"]
@@ -54,7 +55,8 @@ def user_errors() -> Iterator[None]:
     try:
         yield
     except ProvisioningError as exc:
-        err.print(f"[red]error:[/red] {exc}", markup=True)
+        # escape: a message may hold brackets (pip extras, paths) that rich would take as markup
+        err.print(f"[red]error:[/red] {escape(str(exc))}", markup=True)
         raise typer.Exit(1) from None
     except OSError as exc:
         where = f": {exc.filename}" if exc.filename else ""
@@ -88,17 +90,51 @@ def ca_init(
         typer.Option("--server-name", help="Extra broker host name or IP (repeat)."),
     ] = None,
     device_days: Annotated[int, typer.Option(help="Default device certificate lifetime.")] = 90,
+    issuing_key: Annotated[
+        str | None,
+        typer.Option(
+            "--issuing-key",
+            help="Make the issuing CA key in a PKCS#11 token: 'pkcs11:token=LABEL;object=NAME' "
+            "(module: ?module-path= or IOTAUTH_PKCS11_MODULE; PIN: IOTAUTH_PKCS11_PIN).",
+        ),
+    ] = None,
+    root_key: Annotated[
+        str | None,
+        typer.Option(
+            "--root-key",
+            help="Make the root CA key in a PKCS#11 token (same form); with --root-cert, where "
+            "that root's existing key is (a PEM file or a pkcs11: URI).",
+        ),
+    ] = None,
+    root_cert: Annotated[
+        Path | None,
+        typer.Option(
+            "--root-cert",
+            help="Keep this existing root (e.g. OLD/root.crt) and give it a new issuing CA: the "
+            "way back after losing the issuing CA's token (docs/HSM.md). Needs --root-key.",
+        ),
+    ] = None,
 ) -> None:
     """Create root CA, issuing CA, broker certificate, registry, ledger and CRL."""
-    with user_errors():
+    with user_errors(), contextlib.ExitStack() as stack:
         validate_trust_domain(trust_domain)
         passphrase = passphrase_from_env()
+        existing_root = None
+        if root_cert is not None:
+            if root_key is None:
+                msg = "--root-cert needs --root-key: the root's key file or pkcs11: URI"
+                raise ProvisioningError(msg)
+            existing_root = open_root(root_cert, root_key, passphrase)
+            stack.callback(existing_root[1].close)
         ca = PKI.init(
             pki,
             trust_domain=trust_domain,
             server_names=server_name or [],
             passphrase=passphrase,
             device_days=device_days,
+            issuing_key=issuing_key,
+            root_key=None if root_cert else root_key,
+            existing_root=existing_root,
         )
         with ca:
             out.print(f"Created the PKI of [bold]{trust_domain}[/bold] in {pki}", markup=True)
@@ -111,10 +147,17 @@ def ca_init(
             out.print(
                 f"  keys        {pki / 'private'} ({'encrypted' if passphrase else 'unencrypted'})"
             )
-            out.print(
-                f"Move {pki / 'private' / 'root.key'} offline: issuing and revoking need only the "
-                "issuing CA."
-            )
+            tokens = (("root key   ", ca.config.root_key), ("issuing key", ca.config.issuing_key))
+            for label, uri in tokens:
+                if uri:
+                    out.print(f"  {label} {uri} (in the token, not extractable)")
+            if root_cert:
+                out.print(f"  root kept from {root_cert}; its key was used once, not stored")
+            elif not root_key:
+                out.print(
+                    f"Move {pki / 'private' / 'root.key'} offline: issuing and revoking need only "
+                    "the issuing CA."
+                )
 
 
 @ca_app.command("crl")
@@ -147,6 +190,8 @@ def ca_show(pki: PkiOpt, as_json: JsonOpt = False) -> None:
                 "not_after": ca.issuing.not_valid_after_utc.isoformat(),
             },
             "root_key_online": (pki / "private" / "root.key").exists(),
+            "issuing_key": ca.config.issuing_key or str(pki / "private" / "issuing.key"),
+            "root_key": ca.config.root_key,
             "crl": {
                 "number": info.number,
                 "this_update": info.this_update.isoformat(),
@@ -162,8 +207,12 @@ def ca_show(pki: PkiOpt, as_json: JsonOpt = False) -> None:
             return
         out.print(f"trust domain  {ca.trust_domain}")
         online = "online" if doc["root_key_online"] else "offline"
+        if ca.config.root_key:
+            online = ca.config.root_key  # in a token: where, not whether
         out.print(f"root CA       until {_when(ca.root.not_valid_after_utc)}; key {online}")
-        out.print(f"issuing CA    until {_when(ca.issuing.not_valid_after_utc)}")
+        out.print(
+            f"issuing CA    until {_when(ca.issuing.not_valid_after_utc)}; key {doc['issuing_key']}"
+        )
         crl_line = f"#{info.number}, {info.revoked} revoked, next update {_when(info.next_update)}"
         out.print(f"CRL           {crl_line}")
         out.print(f"active        {doc['devices']} devices, {doc['services']} services")

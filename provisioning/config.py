@@ -23,6 +23,9 @@ class PKIConfig:
     crl_hours: int = 168
     # The broker warns when the CRL is this close to its nextUpdate; `ca crl` should run before.
     crl_warn_hours: int = 48
+    # Where a CA key lives when it is not a file in private/: a pkcs11: URI (docs/HSM.md).
+    issuing_key: str | None = None
+    root_key: str | None = None
 
     def __post_init__(self) -> None:
         validate_trust_domain(self.trust_domain)
@@ -30,6 +33,19 @@ class PKIConfig:
             if getattr(self, name) <= 0:
                 msg = f"pki.toml: {name} must be positive"
                 raise PKIError(msg)
+        for name in ("issuing_key", "root_key"):
+            value = getattr(self, name)
+            if value is not None:
+                from provisioning.hsm import Pkcs11URI
+
+                if not isinstance(value, str):
+                    msg = f"pki.toml: {name} must be a pkcs11: URI string"
+                    raise PKIError(msg)
+                try:
+                    Pkcs11URI.parse(value)
+                except PKIError as exc:
+                    msg = f"pki.toml: {name}: {exc}"
+                    raise PKIError(msg) from None
 
     def to_toml(self) -> str:
         lines = [
@@ -39,6 +55,8 @@ class PKIConfig:
         ]
         for f in fields(self):
             value = getattr(self, f.name)
+            if value is None:
+                continue  # a key kept in private/; a pkcs11: URI is canonical: no quotes either
             if isinstance(value, bool):
                 rendered = "true" if value else "false"
             elif isinstance(value, int):

@@ -20,6 +20,7 @@ __all__ = [
     "PassphraseError",
     "ProvisioningError",
     "RegistryError",
+    "TokenError",
     "UnknownDeviceError",
 ]
 
@@ -58,6 +59,10 @@ class PKINotFoundError(PKIError):
 
 class PassphraseError(PKIError):
     """Encrypted CA keys without the passphrase, or with a wrong one."""
+
+
+class TokenError(PKIError):
+    """A CA key in a PKCS#11 token cannot be used: module, token, PIN or key object."""
 
 
 class CSRRejectedError(ProvisioningError):

@@ -26,13 +26,16 @@ import os
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec
 
 from provisioning.errors import LedgerCorruptError, LedgerError
+
+if TYPE_CHECKING:
+    from provisioning.signing import Signer
 
 __all__ = ["GENESIS", "Ledger", "LedgerEntry", "LedgerHead"]
 
@@ -108,7 +111,7 @@ class Ledger:
         self,
         events: Sequence[tuple[str, Mapping[str, Any]]],
         *,
-        signer: ec.EllipticCurvePrivateKey,
+        signer: Signer,
         now: dt.datetime | None = None,
     ) -> tuple[list[LedgerEntry], int]:
         """Append events durably (one fsync for the batch).
@@ -126,7 +129,7 @@ class Ledger:
             seq += 1
             payload = json.loads(_canonical(data))  # JSON-safe copy; fails early on odd types
             digest = _entry_hash(seq, when, event, payload, prev)
-            sig = signer.sign(bytes.fromhex(digest), ec.ECDSA(hashes.SHA256()))
+            sig = signer.sign(bytes.fromhex(digest))  # ECDSA P-256 with SHA-256, in a file or token
             entries.append(
                 LedgerEntry(seq, when, event, payload, prev, digest, base64.b64encode(sig).decode())
             )

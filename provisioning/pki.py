@@ -5,8 +5,12 @@ Layout (docs/ARCHITECTURE.md, "Files")::
     pki.toml  root.crt  issuing.crt  server.crt  crl.pem  registry.sqlite3  ledger.jsonl
     private/  root.key  issuing.key  server.key           (0700 / 0600)
 
-Only ``ca init`` uses the root key: issuance, revocation and CRLs need the issuing CA alone, so
+Only ``ca init`` uses the root key: issuing, revoking and CRLs need the issuing CA alone, so
 ``private/root.key`` can be moved offline right after init.
+
+Either CA key can live in a PKCS#11 token instead (``pki.toml`` then names it by a ``pkcs11:``
+URI and ``private/`` holds no file for it): everything that signs gets a
+:class:`~provisioning.signing.Signer` and does not care which (docs/HSM.md).
 
 Every change runs inside the registry's write transaction (see :mod:`provisioning.registry`): the
 registry row, the ledger line, the CRL and the credential directory land together or not at all.
@@ -25,13 +29,14 @@ import socket
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID
 
+from provisioning import hsm
 from provisioning.certificates import (
     PublicKey,
     build_crl,
@@ -64,10 +69,8 @@ from provisioning.keyfiles import (
 )
 from provisioning.ledger import Ledger, LedgerEntry, LedgerHead
 from provisioning.offers import OFFERS_FILE, Offer, OfferBook, OfferEvent, OfferState, next_state
-
-if TYPE_CHECKING:
-    from provisioning.keyfiles import PrivateKey
 from provisioning.registry import CertRecord, Registry
+from provisioning.signing import FileSigner, Signer
 
 __all__ = [
     "PKI",
@@ -77,6 +80,7 @@ __all__ = [
     "LedgerReport",
     "Prepared",
     "identity_json",
+    "open_root",
     "passphrase_from_env",
     "station_id",
 ]
@@ -224,7 +228,7 @@ class PKI:
         self.issuing = self._load_cert("issuing.crt")
         self.registry = Registry(path / "registry.sqlite3")
         self.ledger = Ledger(path / "ledger.jsonl")
-        self._issuing_key: PrivateKey | None = None
+        self._issuing_key: Signer | None = None
         self._offers: OfferBook | None = None
 
     # -- construction --------------------------------------------------------------------------
@@ -243,27 +247,96 @@ class PKI:
         passphrase: bytes | None = None,
         device_days: int = 90,
         now: dt.datetime | None = None,
+        issuing_key: str | None = None,
+        root_key: str | None = None,
+        existing_root: tuple[x509.Certificate, Signer] | None = None,
     ) -> PKI:
         """Create root, issuing CA, server certificate, empty registry, ledger and CRL.
 
-        Built in a staging directory and renamed into place, so a failure leaves nothing behind.
+        ``issuing_key`` / ``root_key``: a ``pkcs11:`` URI to make that CA key inside a token
+        instead of a file in ``private/``. ``existing_root`` (from :func:`open_root`) keeps an
+        existing root instead of making one: the new PKI gets a new issuing CA under the same
+        trust anchor (the way back after losing the issuing CA's token); its key is not stored.
+
+        Built in a staging directory and renamed into place, so a failure leaves nothing behind
+        (a key already made in a token is deleted again).
         """
         if (path / "pki.toml").exists():
             raise PKIExistsError(path)
         if path.exists() and (not path.is_dir() or any(path.iterdir())):
             msg = f"{path} exists and is not empty; choose a new directory for the PKI"
             raise PKIError(msg)
+        root_uri = hsm.Pkcs11URI.parse(root_key) if root_key else None
+        if existing_root is not None:
+            _check_root(existing_root[0], trust_domain)
+            kept = existing_root[1]
+            root_uri = kept.uri if isinstance(kept, hsm.Pkcs11Signer) else None
+        issuing_uri = hsm.Pkcs11URI.parse(issuing_key) if issuing_key else None
+        if (
+            root_uri
+            and issuing_uri
+            and (root_uri.token, root_uri.object)
+            == (
+                issuing_uri.token,
+                issuing_uri.object,
+            )
+        ):
+            msg = "the root and issuing CA keys need different object= names"
+            raise PKIError(msg)
         config = PKIConfig(
-            trust_domain=trust_domain, encrypted_keys=bool(passphrase), device_days=device_days
+            trust_domain=trust_domain,
+            encrypted_keys=bool(passphrase),
+            device_days=device_days,
+            issuing_key=str(issuing_uri) if issuing_uri else None,
+            root_key=str(root_uri) if root_uri else None,
         )
         names = ["localhost", "127.0.0.1", *server_names]
         for name in server_names:
             _check_server_name(name)
-        when = _now(now)
-        root_key, issuing_key, server_key = generate_key(), generate_key(), generate_key()
-        root = build_root_ca(root_key, trust_domain, now=when)
+        made: list[Signer] = []
+        root: tuple[x509.Certificate | None, Signer]
+        try:
+            if existing_root is None:
+                made.append(_new_ca_key(root_uri))
+                root = (None, made[0])
+            else:
+                root = existing_root
+            made.append(_new_ca_key(issuing_uri))
+            cls._build(path, config, names, root, made[-1], passphrase, _now(now))
+        except BaseException:
+            for signer in made:
+                if isinstance(signer, hsm.Pkcs11Signer):
+                    # A leftover would block the retry; if deleting fails, the retry says so.
+                    with contextlib.suppress(PKIError):
+                        signer.destroy()
+            raise
+        finally:
+            for signer in made:
+                signer.close()
+        return cls(path, passphrase=passphrase)
+
+    @staticmethod
+    def _build(
+        path: Path,
+        config: PKIConfig,
+        names: list[str],
+        root_pair: tuple[x509.Certificate | None, Signer],
+        issuing_key: Signer,
+        passphrase: bytes | None,
+        when: dt.datetime,
+    ) -> None:
+        trust_domain = config.trust_domain
+        server_key = generate_key()
+        kept_root, root_key = root_pair
+        root = kept_root or build_root_ca(root_key, trust_domain, now=when)
         issuing = build_issuing_ca(
-            issuing_key, trust_domain, root=root, root_key=root_key, now=when
+            issuing_key.public_key(),
+            trust_domain,
+            root=root,
+            root_key=root_key,
+            now=when,
+            # A second issuing CA under the same root gets a name of its own.
+            generation=when.strftime("%Y%m%d%H%M%S") if kept_root else "1",
         )
         server = build_server_cert(
             server_key.public_key(), names=names, issuer=issuing, issuer_key=issuing_key, now=when
@@ -271,10 +344,17 @@ class PKI:
         with StagedDirectory(path) as staged:
             private = staged.path / "private"
             private.mkdir(mode=PRIVATE_DIR_MODE)
-            for name, key in (("root", root_key), ("issuing", issuing_key), ("server", server_key)):
-                atomic_write(
-                    private / f"{name}.key", private_key_pem(key, passphrase), mode=KEY_MODE
-                )
+            keys = [("issuing", issuing_key)] + ([] if kept_root else [("root", root_key)])
+            for name, signer in keys:
+                if isinstance(signer, FileSigner):  # a token-held (or kept offline) key: no file
+                    atomic_write(
+                        private / f"{name}.key",
+                        private_key_pem(signer.key, passphrase),
+                        mode=KEY_MODE,
+                    )
+            atomic_write(
+                private / "server.key", private_key_pem(server_key, passphrase), mode=KEY_MODE
+            )
             staged.write("pki.toml", config.to_toml().encode())
             staged.write("root.crt", _pem(root))
             staged.write("issuing.crt", _pem(issuing))
@@ -293,6 +373,7 @@ class PKI:
                                     "issuing": fingerprint(issuing),
                                     "server": fingerprint(server),
                                     "server_names": names,
+                                    **({"root_reused": True} if kept_root else {}),
                                     "station": station_id(),
                                 },
                             )
@@ -307,9 +388,11 @@ class PKI:
                 registry.close()
             os.chmod(staged.path, 0o755)  # noqa: S103 - certificates are public; private/ is 0700
             staged.commit()
-        return cls(path, passphrase=passphrase)
 
     def close(self) -> None:
+        if self._issuing_key is not None:
+            self._issuing_key.close()
+            self._issuing_key = None
         self.registry.close()
         if self._offers is not None:
             self._offers.close()
@@ -334,21 +417,23 @@ class PKI:
     def trust_domain(self) -> str:
         return self.config.trust_domain
 
-    def issuing_key(self) -> PrivateKey:
+    def issuing_key(self) -> Signer:
+        """The issuing CA's signer, opened on first use (a token asks for its PIN only then)."""
         if self._issuing_key is None:
-            key = load_private_key(self.path / "private" / "issuing.key", self._passphrase)
-            if key.public_key() != self.issuing.public_key():
-                msg = "private/issuing.key does not belong to issuing.crt"
-                raise PKIError(msg)
-            self._issuing_key = key
+            expected = self.issuing.public_key()
+            if self.config.issuing_key:
+                if not isinstance(expected, ec.EllipticCurvePublicKey):
+                    msg = "issuing.crt must hold an EC key when the issuing key is in a token"
+                    raise PKIError(msg)
+                self._issuing_key = hsm.open_key(self.config.issuing_key, public_key=expected)
+            else:
+                path = self.path / "private" / "issuing.key"
+                key = load_private_key(path, self._passphrase)
+                if key.public_key() != expected:
+                    msg = "private/issuing.key does not belong to issuing.crt"
+                    raise PKIError(msg)
+                self._issuing_key = FileSigner(key, str(path))
         return self._issuing_key
-
-    def _ledger_signer(self) -> ec.EllipticCurvePrivateKey:
-        key = self.issuing_key()
-        if not isinstance(key, ec.EllipticCurvePrivateKey):  # ca init only makes EC keys
-            msg = "the issuing CA key must be an EC key to sign the ledger"
-            raise PKIError(msg)
-        return key
 
     # -- issuance ------------------------------------------------------------------------------
 
@@ -900,7 +985,7 @@ class PKI:
                 yield change
                 if change.events:
                     entries, appended_at = self.ledger.append(
-                        change.events, signer=self._ledger_signer(), now=now
+                        change.events, signer=self.issuing_key(), now=now
                     )
                     _record_head(self.registry, entries)
                 if change.crl_dirty:
@@ -925,6 +1010,54 @@ class _Change:
     events: list[tuple[str, dict[str, Any]]] = field(default_factory=list)
     crl_dirty: bool = False
     on_commit: list[Any] = field(default_factory=list)
+
+
+def open_root(
+    root_cert: Path, root_key: str, passphrase: bytes | None = None
+) -> tuple[x509.Certificate, Signer]:
+    """An existing root CA: its certificate and its key (a PEM file or a ``pkcs11:`` URI).
+
+    The key must be the certificate's; the caller closes the signer.
+    """
+    try:
+        cert = x509.load_pem_x509_certificate(root_cert.read_bytes())
+    except FileNotFoundError:
+        msg = f"root certificate {root_cert} is missing"
+        raise PKIError(msg) from None
+    except ValueError:
+        msg = f"{root_cert} is not a PEM certificate"
+        raise PKIError(msg) from None
+    public = cert.public_key()
+    if root_key.lower().startswith("pkcs11:"):
+        if not isinstance(public, ec.EllipticCurvePublicKey):
+            msg = f"{root_cert} must hold an EC key to be signed for by a token"
+            raise PKIError(msg)
+        return cert, hsm.open_key(root_key, public_key=public)
+    key = load_private_key(Path(root_key), passphrase)
+    if key.public_key() != public:
+        msg = f"{root_key} is not the key of {root_cert}"
+        raise PKIError(msg)
+    return cert, FileSigner(key, root_key)
+
+
+def _check_root(cert: x509.Certificate, trust_domain: str) -> None:
+    expected = f"{trust_domain} Root CA"
+    names = cert.subject.get_attributes_for_oid(x509.NameOID.COMMON_NAME)
+    if not names or names[0].value != expected:
+        msg = f"the root certificate is not the root of {trust_domain} (its CN is not {expected!r})"
+        raise PKIError(msg)
+    try:
+        constraints = cert.extensions.get_extension_for_class(x509.BasicConstraints).value
+    except x509.ExtensionNotFound:
+        constraints = None
+    if constraints is None or not constraints.ca or cert.issuer != cert.subject:
+        msg = "the root certificate is not a self-signed CA certificate"
+        raise PKIError(msg)
+
+
+def _new_ca_key(uri: hsm.Pkcs11URI | None) -> Signer:
+    """A fresh P-256 CA key: in the token the URI names, or in memory (written to private/)."""
+    return hsm.generate_key(uri) if uri else FileSigner(generate_key())
 
 
 def _check_server_name(name: str) -> None:
@@ -973,7 +1106,7 @@ def _make_crl(
     registry: Registry,
     config: PKIConfig,
     issuing: x509.Certificate,
-    issuing_key: PrivateKey,
+    issuing_key: Signer,
     now: dt.datetime,
 ) -> bytes:
     """Sign the next CRL. Its number always grows, so a reader can tell the newest one."""

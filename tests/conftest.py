@@ -241,3 +241,100 @@ def make_swtpm(tmp_path: Path) -> Iterator[Callable[[], SoftTpm]]:
     yield make
     for tpm in made:
         tpm.stop()
+
+
+# -- SoftHSM2: a real PKCS#11 token in tmp_path ------------------------------------------------
+
+
+def _softhsm_module() -> str | None:
+    """The SoftHSM2 PKCS#11 module: the Debian path, else wherever the package put it."""
+    for candidate in (
+        "/usr/lib/softhsm/libsofthsm2.so",
+        "/usr/lib/x86_64-linux-gnu/softhsm/libsofthsm2.so",
+        "/usr/local/lib/softhsm/libsofthsm2.so",
+    ):
+        if Path(candidate).exists():
+            return candidate
+    dpkg = shutil.which("dpkg")
+    if dpkg is None:
+        return None
+    listing = subprocess.run(
+        [dpkg, "-L", "softhsm2"], capture_output=True, text=True, check=False, timeout=30
+    )
+    return next((f for f in listing.stdout.split() if f.endswith("/libsofthsm2.so")), None)
+
+
+SOFTHSM_UTIL = _tool("softhsm2-util")
+SOFTHSM_MODULE = _softhsm_module()
+needs_softhsm = needs(SOFTHSM_UTIL, SOFTHSM_MODULE, what="softhsm2")
+
+
+@dataclass
+class SoftHSM:
+    """One SoftHSM2 token store in a temporary directory; ``env`` points a process at it."""
+
+    conf: Path
+    module: str
+    label: str = "iotauth-ca"
+    pin: str = "4321-user"
+    so_pin: str = "8765-so"
+
+    @property
+    def env(self) -> dict[str, str]:
+        return {
+            "SOFTHSM2_CONF": str(self.conf),
+            "IOTAUTH_PKCS11_MODULE": self.module,
+            "IOTAUTH_PKCS11_PIN": self.pin,
+        }
+
+    def uri(self, obj: str = "issuing", token: str | None = None) -> str:
+        return f"pkcs11:token={token or self.label};object={obj}"
+
+    def init_token(self, label: str) -> None:
+        assert SOFTHSM_UTIL is not None
+        pins = ["--pin", self.pin, "--so-pin", self.so_pin]
+        subprocess.run(
+            [SOFTHSM_UTIL, "--init-token", "--free", "--label", label, *pins],
+            env={**os.environ, "SOFTHSM2_CONF": str(self.conf)},
+            capture_output=True,
+            check=True,
+            timeout=60,
+        )
+
+    def objects(self, label: str | None = None) -> list[str]:
+        """Labels of the token's objects, listed by a separate process (this one may hold the
+        module initialized with an older view of the token store)."""
+        script = (
+            "import sys, pkcs11\n"
+            "lib = pkcs11.lib(sys.argv[1])\n"
+            "with lib.get_token(token_label=sys.argv[2]).open(user_pin=sys.argv[3]) as s:\n"
+            "    labels = sorted(str(o[pkcs11.Attribute.LABEL]) for o in s.get_objects())\n"
+            "print('\\n'.join(labels))\n"
+        )
+        proc = subprocess.run(
+            [sys.executable, "-c", script, self.module, label or self.label, self.pin],
+            env={**os.environ, "SOFTHSM2_CONF": str(self.conf)},
+            capture_output=True,
+            text=True,
+            check=True,
+            timeout=60,
+        )
+        return proc.stdout.split()
+
+
+@pytest.fixture
+def softhsm(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> SoftHSM:
+    """A fresh SoftHSM2 token; this process's environment points at it (for in-process PKIs)."""
+    if SOFTHSM_UTIL is None or SOFTHSM_MODULE is None:
+        pytest.fail("softhsm2 is not installed; .ci/run installs it")
+    tokens = tmp_path / "softhsm-tokens"
+    tokens.mkdir()
+    conf = tmp_path / "softhsm2.conf"
+    conf.write_text(
+        f"directories.tokendir = {tokens}\nobjectstore.backend = file\nlog.level = ERROR\n"
+    )
+    hsm = SoftHSM(conf, SOFTHSM_MODULE)
+    hsm.init_token(hsm.label)
+    for name, value in hsm.env.items():
+        monkeypatch.setenv(name, value)
+    return hsm
