@@ -13,7 +13,8 @@ import ssl
 from pathlib import Path
 from typing import Any
 
-from provisioning.errors import PKIError
+from provisioning.config import PASSPHRASE_ENV
+from provisioning.errors import PassphraseError, PKIError
 
 __all__ = [
     "check_client_credentials",
@@ -25,12 +26,27 @@ __all__ = [
 
 
 def _load_chain(ctx: ssl.SSLContext, cert: Path, key: Path, password: bytes | None) -> None:
+    asked: list[bool] = []
+
+    def give_password() -> bytes:
+        # A callback, never None: without one OpenSSL prompts on the terminal for an encrypted
+        # key, and a service must not wait on stdin. The keys in a PKI are encrypted with
+        # IOTAUTH_CA_PASSPHRASE (``ca init``), so that is the variable to name.
+        asked.append(True)
+        if not password:
+            msg = f"{key} is encrypted; set {PASSPHRASE_ENV}"
+            raise PassphraseError(msg)
+        return password
+
     try:
-        ctx.load_cert_chain(cert, key, password=password)
+        ctx.load_cert_chain(cert, key, password=give_password)
     except FileNotFoundError as exc:
         msg = f"cannot load TLS credentials: {exc.filename} is missing"
         raise PKIError(msg) from None
     except ssl.SSLError as exc:
+        if asked and password:
+            msg = f"cannot decrypt {key}: wrong {PASSPHRASE_ENV}"
+            raise PassphraseError(msg) from None
         msg = f"cannot load TLS credentials {cert} / {key}: {exc.reason or exc}"
         raise PKIError(msg) from None
 
