@@ -17,6 +17,7 @@ from typing import Annotated
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from provisioning.errors import ProvisioningError
@@ -54,11 +55,11 @@ def user_errors() -> Iterator[None]:
     try:
         yield
     except ProvisioningError as exc:
-        err.print(f"[red]error:[/red] {exc}", markup=True)
+        err.print(f"[red]error:[/red] {escape(str(exc))}", markup=True)
         raise typer.Exit(1) from None
     except OSError as exc:
         where = f": {exc.filename}" if exc.filename else ""
-        err.print(f"[red]error:[/red] {exc.strerror or exc}{where}", markup=True)
+        err.print(f"[red]error:[/red] {escape(f'{exc.strerror or exc}{where}')}", markup=True)
         raise typer.Exit(1) from None
 
 
@@ -428,7 +429,7 @@ def _revoke(
                 for kicked in report.kicked:
                     out.print(f"Closed the live sessions of {kicked}")
                 for note in report.notes:
-                    err.print(f"[yellow]warning:[/yellow] {note}", markup=True)
+                    err.print(f"[yellow]warning:[/yellow] {escape(str(note))}", markup=True)
 
 
 @device_app.command("revoke")
@@ -464,7 +465,7 @@ def ledger_verify(pki: PkiOpt) -> None:
     with user_errors(), _open(pki) as ca:
         report = ca.verify_ledger()
         for warning in report.warnings:
-            err.print(f"[yellow]warning:[/yellow] {warning}", markup=True)
+            err.print(f"[yellow]warning:[/yellow] {escape(warning)}", markup=True)
         out.print(
             f"ledger OK: {report.entries} entries, chained and signed by the issuing CA; "
             f"head {report.head.hash[:16]}"

@@ -13,6 +13,7 @@ from typing import Annotated, cast
 import typer
 from rich import box
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import BarColumn, Progress, TaskID, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
@@ -160,7 +161,7 @@ def summary_table(results: list[ProvisionResult]) -> None:
     out.print(table)
     for r in results:
         if not r.ok:
-            err.print(f"[red]error:[/red] {r.port}: {r.reason}", markup=True)
+            err.print(f"[red]error:[/red] {escape(f'{r.port}: {r.reason}')}", markup=True)
 
 
 def hw_reset_command(

@@ -182,6 +182,65 @@ def test_encrypted_pki_through_the_environment(cli: Run, tmp_path: Path) -> None
     cli("device", "revoke", "dev-1", "--pki", "pki", env=secret, check=True)
 
 
+@pytest.mark.parametrize(
+    ("edit", "fragments"),
+    [
+        (
+            ("trust_domain = ", "# trust_domain = "),
+            ["'trust_domain'", "is missing", "fleet.example"],
+        ),
+        (("device_days = 90", 'device_days = "90"'), ["'device_days'", "whole number", "'90'"]),
+        (("device_days = 90", "device_days = true"), ["'device_days'", "whole number", "true"]),
+        (("crl_hours = 168", "crl_hours = -1"), ["'crl_hours'", "above 0", "-1"]),
+        (("encrypted_keys = false", "encrypted_keys = 0"), ["'encrypted_keys'", "true or false"]),
+        (("trust_domain = ", "trust_domain = 7 #"), ["'trust_domain'", "trust domain", "7"]),
+        (("crl_hours", "crl_hour"), ["unknown key(s) 'crl_hour'", "known:"]),
+        (("version = 1", "version = 2"), ["'version'", "must be 1"]),
+        (("[pki]", "[pki"), ["not valid TOML"]),
+        (("[pki]", "[other]"), ["missing [pki] section"]),
+    ],
+    ids=[
+        "missing",
+        "string-for-int",
+        "bool-for-int",
+        "negative",
+        "int-for-bool",
+        "int-for-str",
+        "unknown",
+        "version",
+        "syntax",
+        "section",
+    ],
+)
+def test_a_broken_pki_toml_names_file_key_and_expectation(
+    cli: Run, initialised: Path, edit: tuple[str, str], fragments: list[str]
+) -> None:
+    """No Python internals (`__init__() missing ...`, `'<=' not supported ...`): the file, the key
+    and what it expects, on one line, from every command that reads the PKI."""
+    toml = initialised / "pki.toml"
+    text = toml.read_text()
+    assert edit[0] in text
+    toml.write_text(text.replace(edit[0], edit[1], 1))
+    for args in (["device", "list"], ["ca", "show"], ["broker", "explain", "--identity", "d"]):
+        result = (
+            cli(*args, "--pki", "pki", "--publish", "x")
+            if args[0] == "broker"
+            else cli(*args, "--pki", "pki")
+        )
+        assert_one_line_error(result, "pki.toml", *fragments)
+        assert "__init__" not in result.stderr
+        assert "not supported between" not in result.stderr
+
+
+def test_every_pki_toml_key_has_a_rule() -> None:
+    """The validation table and the settings stay in step (a new key needs both)."""
+    from dataclasses import fields
+
+    from provisioning.config import SETTINGS, PKIConfig
+
+    assert list(SETTINGS) == [f.name for f in fields(PKIConfig)]
+
+
 def test_ledger_verify_names_the_bad_line(cli: Run, initialised: Path) -> None:
     cli("device", "issue", "dev-1", "--pki", "pki", "--out", "d1", check=True)
     cli("device", "issue", "dev-2", "--pki", "pki", "--out", "d2", check=True)
