@@ -73,7 +73,7 @@ def emulate(
         print(f"  iotauth provision --pki ./pki --port {device.address}", flush=True)
 
     try:
-        store.mkdir(parents=True, exist_ok=True)
+        _make_store(store)
         run_emulator(
             store,
             link,
@@ -84,8 +84,22 @@ def emulate(
             on_ready=ready,
         )
     except (HardwareError, OSError, ValueError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        print(f"error: {_said(exc)}", file=sys.stderr)
         raise typer.Exit(1) from None
+
+
+def _make_store(store: Path) -> None:
+    if store.exists() and not store.is_dir():
+        msg = f"--store {store} is a file; give a directory (it is created if missing)"
+        raise ValueError(msg)
+    store.mkdir(parents=True, exist_ok=True, mode=0o700)
+
+
+def _said(exc: Exception) -> str:
+    # "[Errno 2] No such file or directory: 'x'" reads as Python; name the path the user gave.
+    if isinstance(exc, OSError) and exc.strerror:
+        return f"{exc.filename}: {exc.strerror}" if exc.filename else exc.strerror
+    return str(exc)
 
 
 def machine_serial() -> str | None:
@@ -128,7 +142,7 @@ def serve(
         )
 
     try:
-        store.mkdir(parents=True, exist_ok=True, mode=0o700)
+        _make_store(store)
         run_emulator(
             store,
             port,
@@ -138,5 +152,5 @@ def serve(
             on_ready=ready,
         )
     except (HardwareError, OSError, ValueError) as exc:
-        print(f"error: {port}: {exc}", file=sys.stderr)
+        print(f"error: {port}: {_said(exc)}", file=sys.stderr)
         raise typer.Exit(1) from None

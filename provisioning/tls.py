@@ -47,15 +47,30 @@ def _load_chain(ctx: ssl.SSLContext, cert: Path, key: Path, password: bytes | No
         if asked and password:
             msg = f"cannot decrypt {key}: wrong {PASSPHRASE_ENV}"
             raise PassphraseError(msg) from None
-        msg = f"cannot load TLS credentials {cert} / {key}: {exc.reason or exc}"
-        raise PKIError(msg) from None
+        raise PKIError(_which_file(cert, key, exc)) from None
+
+
+def _which_file(cert: Path, key: Path, exc: ssl.SSLError) -> str:
+    """OpenSSL says "PEM lib" for either file: name the one that is broken."""
+    if exc.reason == "KEY_VALUES_MISMATCH":
+        return f"{key} does not belong to {cert}"
+    try:
+        ssl.create_default_context(cafile=cert)
+    except ssl.SSLError:
+        return f"{cert} is not a PEM certificate (cut short or edited?)"
+    if cert != key:
+        return f"{key} is not a PEM private key (cut short or edited?)"
+    return f"cannot load TLS credentials {cert}: {exc.reason or exc}"
 
 
 def _load_trust(ctx: ssl.SSLContext, cafile: Path) -> None:
     try:
         ctx.load_verify_locations(cafile=cafile)
-    except (FileNotFoundError, ssl.SSLError) as exc:
-        msg = f"cannot load trust anchor {cafile}: {exc}"
+    except FileNotFoundError:
+        msg = f"cannot load trust anchor {cafile}: the file is missing"
+        raise PKIError(msg) from None
+    except ssl.SSLError:
+        msg = f"cannot load trust anchor {cafile}: not PEM (cut short or edited?)"
         raise PKIError(msg) from None
 
 

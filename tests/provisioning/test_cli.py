@@ -232,6 +232,29 @@ def test_a_broken_pki_toml_names_file_key_and_expectation(
         assert "not supported between" not in result.stderr
 
 
+@pytest.mark.parametrize(
+    "name",
+    ["issuing.crt", "root.crt", "server.crt", "crl.pem", "private/server.key"],
+)
+def test_a_truncated_pki_file_is_named(cli: Run, initialised: Path, name: str) -> None:
+    """Whichever file is cut short, the error names it: the station's commands and the broker."""
+    path = initialised / name
+    path.write_bytes(path.read_bytes()[:100])
+    commands = [["broker", "run", "--port", "0", "--no-renewal"]]
+    if name in ("issuing.crt", "root.crt"):
+        commands.append(["device", "list"])
+    for args in commands:
+        result = cli(*args, "--pki", "pki")
+        assert_one_line_error(result, str(Path("pki") / name))
+        assert "cryptography.io" not in result.stderr
+        assert "PEM lib" not in result.stderr
+
+
+def test_hw_emulate_names_a_store_that_is_a_file(cli: Run, tmp_path: Path) -> None:
+    (tmp_path / "afile").write_text("")
+    assert_one_line_error(cli("hw", "emulate", "--store", "afile"), "--store afile is a file")
+
+
 def test_every_pki_toml_key_has_a_rule() -> None:
     """The validation table and the settings stay in step (a new key needs both)."""
     from dataclasses import fields
