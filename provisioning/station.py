@@ -48,7 +48,7 @@ from hardware import (
     ProtocolViolationError,
     Status,
 )
-from provisioning.errors import ProvisioningError
+from provisioning.errors import InvalidIdentityError, ProvisioningError
 from provisioning.identity import validate_name
 from provisioning.pki import PKI, Prepared, identity_json, passphrase_from_env
 
@@ -62,6 +62,8 @@ __all__ = [
     "device_id_from_template",
     "provision",
     "provision_many",
+    "serial_for_id",
+    "validate_id_template",
 ]
 
 KeyMode = Literal["auto", "device", "station"]
@@ -110,19 +112,66 @@ class ProvisionResult:
     reason: str | None = None
 
 
-def device_id_from_template(template: str, hardware_serial: str) -> str:
-    """Turn e.g. ``dev-{serial}`` and ``EMU-1A2B`` into a valid id: ``dev-emu-1a2b``.
+def validate_id_template(template: str) -> str:
+    """Check an ``--id-template`` before any port is opened; return it unchanged.
 
-    Lower-cases, maps every other character to ``-``, collapses runs, and cuts to 64
-    characters; the result is validated like any id.
+    The template is taken literally: only ``{serial}`` is replaced, and everything else must
+    already be id characters (``a-z``, ``0-9``, ``-``), because an id that the station would have
+    to rewrite is not the id the user asked for. So ``DEV_{serial}`` and ``{serial}/`` are
+    refused with the reason, as ``--device-id`` would refuse them.
     """
-    fields = {name for _, name, _, _ in string.Formatter().parse(template) if name is not None}
-    if fields - {"serial"}:
-        msg = f"id template {template!r} may only use {{serial}}, not {sorted(fields - {'serial'})}"
-        raise ProvisioningError(msg)
-    raw = template.format(serial=hardware_serial).lower()
-    cleaned = re.sub(r"-{2,}", "-", re.sub(r"[^a-z0-9-]", "-", raw)).strip("-")[:64].rstrip("-")
-    return validate_name(cleaned)
+    try:
+        parsed = list(string.Formatter().parse(template))
+    except ValueError as exc:  # "Single '}' encountered", "expected '}' before end of string"
+        raise InvalidIdentityError(template, f"{exc}", what="--id-template") from None
+    placeholders = [(name, spec, conv) for _, name, spec, conv in parsed if name is not None]
+    unknown = sorted({name for name, _, _ in placeholders} - {"serial"})
+    if unknown:
+        reason = f"unknown placeholder(s) {', '.join('{' + n + '}' for n in unknown)}"
+        raise InvalidIdentityError(template, f"{reason}; the only one is {{serial}}", what=_TPL)
+    if not placeholders:
+        reason = "it has no {serial}, so every device would get the same id (use --device-id)"
+        raise InvalidIdentityError(template, reason, what=_TPL)
+    if any(spec or conv for _, spec, conv in placeholders):
+        raise InvalidIdentityError(template, "write {serial} without ':' or '!'", what=_TPL)
+    try:  # the literal text, with the shortest serial, must already be a valid id
+        validate_name(template.format(serial="0"))
+    except InvalidIdentityError as exc:
+        raise InvalidIdentityError(template, exc.reason, what=_TPL) from None
+    return template
+
+
+_TPL = "--id-template"
+
+
+def serial_for_id(hardware_serial: str) -> str:
+    """The hardware serial as id characters: ``EMU-1A2B`` -> ``emu-1a2b``, ``AA:BB`` -> ``aa-bb``.
+
+    The rule (the only rewriting the station does): lower-case it, turn every character outside
+    ``a-z0-9`` into ``-``, collapse runs of ``-`` and drop them at both ends.
+    """
+    lowered = hardware_serial.lower()
+    return re.sub(r"-{2,}", "-", re.sub(r"[^a-z0-9]", "-", lowered)).strip("-")
+
+
+def device_id_from_template(template: str, hardware_serial: str) -> str:
+    """``dev-{serial}`` and ``EMU-1A2B`` give ``dev-emu-1a2b``; see :func:`serial_for_id`.
+
+    The template is never rewritten (:func:`validate_id_template`), and an id longer than 64
+    characters is refused, not cut: two units whose serials differ only at the end would
+    otherwise get the same id.
+    """
+    validate_id_template(template)
+    serial = serial_for_id(hardware_serial)
+    if not serial:
+        reason = "it has no letters or digits to put into {serial}"
+        raise InvalidIdentityError(hardware_serial, reason, what="hardware serial")
+    name = template.format(serial=serial)
+    try:
+        return validate_name(name)
+    except InvalidIdentityError as exc:
+        reason = f"{exc.reason} (--id-template {template!r})"
+        raise InvalidIdentityError(name, reason) from None
 
 
 @dataclass
@@ -468,6 +517,8 @@ def provision_many(
     if len(set(ports)) != len(ports):
         msg = "the same port is listed twice"
         raise ProvisioningError(msg)
+    if device_id is None:
+        validate_id_template(id_template)  # before any port is opened
     passphrase = passphrase if passphrase is not None else passphrase_from_env()
 
     def one(port: str) -> ProvisionResult:

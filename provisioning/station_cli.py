@@ -28,6 +28,7 @@ from provisioning.station import (
     ProvisionResult,
     StationSettings,
     provision_many,
+    validate_id_template,
 )
 
 __all__ = ["hw_reset_command", "provision_command", "run_with_progress", "summary_table"]
@@ -47,7 +48,12 @@ def provision_command(
         str | None, typer.Option("--device-id", help="Id for a single device (default: template).")
     ] = None,
     id_template: Annotated[
-        str, typer.Option("--id-template", help="Id from the hardware serial, e.g. 'dev-{serial}'.")
+        str,
+        typer.Option(
+            "--id-template",
+            help="Id from the hardware serial, e.g. 'dev-{serial}': the text is used as given "
+            "(a-z, 0-9, '-'); only the serial is lower-cased, other characters become '-'.",
+        ),
     ] = DEFAULT_ID_TEMPLATE,
     keygen: Annotated[
         str,
@@ -72,6 +78,8 @@ def provision_command(
             raise ProvisioningError(msg)
         if device_id is not None:
             validate_name(device_id)
+        else:
+            validate_id_template(id_template)  # before the PKI or any port is opened
         PKI.open(pki, passphrase=passphrase_from_env()).close()  # fail early on a bad --pki
         settings = StationSettings(baudrate=baud, timeout=timeout)
         results = run_with_progress(

@@ -15,7 +15,7 @@ import pytest
 
 from hardware import DeviceClient, FaultConfig, VirtualDevice
 from hardware.errors import PortError
-from provisioning.errors import ProvisioningError
+from provisioning.errors import InvalidIdentityError, ProvisioningError
 from provisioning.pki import PKI
 from provisioning.station import (
     ProvisionResult,
@@ -305,11 +305,46 @@ def test_ids_from_templates(template: str, serial: str, expected: str) -> None:
     assert device_id_from_template(template, serial) == expected
 
 
-def test_bad_templates(pki: PKI) -> None:
-    with pytest.raises(ProvisioningError, match="may only use"):
-        device_id_from_template("dev-{mac}", "x")
-    with pytest.raises(ProvisioningError, match="invalid device id"):
-        device_id_from_template("{serial}", "!!!")
+@pytest.mark.parametrize(
+    ("template", "serial", "reason"),
+    [
+        ("dev-{mac}", "x", "unknown placeholder(s) {mac}"),
+        ("DEV_{serial}", "EMU-E73DA874", "upper-case"),
+        ("dev_{serial}", "EMU-E73DA874", "'_'"),
+        ("{serial}/", "EMU-E73DA874", "'/'"),
+        ("-{serial}", "x", "starts with '-'"),
+        ("dev-{serial", "x", "expected '}'"),
+        ("dev-{serial:>9}", "x", "without ':'"),
+        ("dev", "x", "no {serial}"),
+        ("{serial}", "!!!", "no letters or digits"),
+        ("dev-{serial}", "X" * 61, "65 characters long; the limit is 64"),
+    ],
+)
+def test_bad_templates_are_refused_not_rewritten(template: str, serial: str, reason: str) -> None:
+    """What the user wrote is the id, or a reason why not: never a silently different id."""
+    with pytest.raises(InvalidIdentityError) as caught:
+        device_id_from_template(template, serial)
+    assert reason in str(caught.value)
+
+
+@pytest.mark.parametrize(
+    ("template", "fragment"),
+    [("DEV_{serial}", "upper-case"), ("{serial}/", "'/'"), ("dev-{mac}", "{mac}")],
+)
+def test_cli_checks_the_template_before_opening_a_port(
+    pki_dir: Path, pki: PKI, template: str, fragment: str
+) -> None:
+    """The port named here cannot be opened: the template error must come first, on one line."""
+    args = ["--pki", str(pki_dir), "--port", "/nonexistent/tty", "--id-template", template]
+    proc = subprocess.run(
+        [*CLI, "provision", *args], capture_output=True, text=True, check=False, timeout=60
+    )
+    assert_one_line_error(
+        Result(proc.returncode, proc.stdout, proc.stderr), "--id-template", fragment
+    )
+    assert "nonexistent" not in proc.stderr
+    with pytest.raises(InvalidIdentityError):  # the library refuses before its threads start
+        provision_many(pki_dir, ["/nonexistent/tty"], id_template=template)
 
 
 def test_cli_gang_mode_with_real_emulator_processes(
