@@ -22,7 +22,7 @@ from rich.table import Table
 
 from provisioning.errors import ProvisioningError
 from provisioning.identity import IdentityKind, validate_name, validate_trust_domain
-from provisioning.pki import PKI, REVOCATION_REASONS, passphrase_from_env
+from provisioning.pki import PKI, REVOCATION_REASONS, Issued, passphrase_from_env
 from provisioning.registry import CertRecord
 
 __all__ = ["ca_app", "device_app", "ledger_app", "service_app", "user_errors"]
@@ -93,6 +93,9 @@ def ca_init(
     """Create root CA, issuing CA, broker certificate, registry, ledger and CRL."""
     with user_errors():
         validate_trust_domain(trust_domain)
+        if device_days <= 0:
+            msg = f"--device-days must be at least 1, not {device_days}"
+            raise ProvisioningError(msg)
         passphrase = passphrase_from_env()
         ca = PKI.init(
             pki,
@@ -199,6 +202,7 @@ def _issue(
             raise ProvisioningError(msg)
         csr_bytes = csr.read_bytes() if csr else None
         with _open(pki) as ca:
+            asked = ca.lifetime_days(kind, days)  # refuses 0 and negatives before any work
             issued = ca.issue(
                 name,
                 kind=kind,
@@ -209,9 +213,14 @@ def _issue(
                 broker=broker,
                 days=days,
             )
+        warnings = _validity_warnings(issued, asked)
+        for warning in warnings:
+            err.print(f"[yellow]warning:[/yellow] {escape(warning)}", markup=True)
         if as_json:
             doc = issued.record.to_json()
             doc["out"] = str(out_dir) if out_dir else None
+            doc["days_requested"] = asked
+            doc["warnings"] = warnings
             _print_json(doc)
         elif out_dir is None:
             os.write(1, issued.cert_chain_pem)
@@ -226,6 +235,18 @@ def _issue(
                 "key generated here" if r.key_origin == "station" else "key stays on the device"
             )
             out.print(f"  credentials in {out_dir} ({key_note})")
+
+
+def _validity_warnings(issued: Issued, asked: int) -> list[str]:
+    """A certificate never outlives its issuer: say so when that cut the validity asked for."""
+    cert, issuer = issued.certificate, issued.issuing
+    if cert.not_valid_after_utc < issuer.not_valid_after_utc:
+        return []
+    got = (cert.not_valid_after_utc - issued.record.issued_at).days
+    return [
+        f"the certificate is valid for {got} days, not the {asked} asked: the issuing CA "
+        f"expires {_when(issuer.not_valid_after_utc)}"
+    ]
 
 
 OutOpt = Annotated[

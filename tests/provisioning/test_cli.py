@@ -156,6 +156,49 @@ def test_operational_errors_are_one_line(cli: Run, initialised: Path, tmp_path: 
     assert json.loads(rotated.stdout)["status"] == "active"
 
 
+@pytest.mark.parametrize("days", ["0", "-5"])
+def test_days_below_one_are_refused(cli: Run, initialised: Path, tmp_path: Path, days: str) -> None:
+    """`--days 0` once meant "the default" and gave a 90-day certificate."""
+    before = _snapshot(initialised)
+    for kind in ("device", "service"):
+        result = cli(kind, "issue", "x-1", "--pki", "pki", "--out", "creds/x", "--days", days)
+        assert_one_line_error(result, "--days must be at least 1", days)
+    assert_one_line_error(
+        cli("ca", "init", "--pki", "p2", "--trust-domain", "a.example", "--device-days", days),
+        "--device-days must be at least 1",
+    )
+    assert _snapshot(initialised) == before
+    assert not (tmp_path / "creds").exists()
+    assert not (tmp_path / "p2").exists()
+
+
+def test_a_validity_cut_by_the_issuing_ca_is_reported(cli: Run, initialised: Path) -> None:
+    """A certificate never outlives its issuer; the user hears it, in text and in --json."""
+    plain = cli("device", "issue", "dev-1", "--pki", "pki", "--out", "d1", "--days", "100000")
+    assert plain.returncode == 0, plain.stderr
+    warning = [line for line in plain.stderr.splitlines() if line.strip()]
+    assert len(warning) == 1, plain.stderr
+    assert warning[0].startswith("warning: the certificate is valid for ")
+    assert "not the 100000 asked" in warning[0]
+    assert "issuing CA expires" in warning[0]
+    doc = json.loads(
+        cli(
+            "device", "issue", "dev-2", "--pki", "pki", "--out", "d2", "--days", "100000", "--json",
+            check=True,
+        ).stdout
+    )  # fmt: skip
+    assert doc["days_requested"] == 100000
+    assert len(doc["warnings"]) == 1
+    assert "not the 100000 asked" in doc["warnings"][0]
+    normal = cli("device", "issue", "dev-3", "--pki", "pki", "--out", "d3", "--days", "30")
+    assert normal.returncode == 0
+    assert "warning" not in normal.stderr
+    doc = json.loads(
+        cli("device", "issue", "dev-4", "--pki", "pki", "--out", "d4", "--json", check=True).stdout
+    )
+    assert (doc["days_requested"], doc["warnings"]) == (90, [])
+
+
 def test_encrypted_pki_through_the_environment(cli: Run, tmp_path: Path) -> None:
     secret = {"IOTAUTH_CA_PASSPHRASE": "s3cret"}
     init = cli(
