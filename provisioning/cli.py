@@ -21,7 +21,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from provisioning.errors import ProvisioningError
-from provisioning.identity import IdentityKind, validate_name, validate_trust_domain
+from provisioning.identity import Identity, IdentityKind, validate_name, validate_trust_domain
 from provisioning.pki import PKI, REVOCATION_REASONS, Issued, passphrase_from_env
 from provisioning.registry import CertRecord
 
@@ -353,6 +353,30 @@ def service_list(pki: PkiOpt, as_json: JsonOpt = False, show_all: AllOpt = False
     _list(IdentityKind.SERVICE, pki, as_json, show_all)
 
 
+def _show(kind: IdentityKind, name: str, pki: Path, as_json: bool) -> None:
+    with user_errors():
+        validate_name(name, what="device id" if kind is IdentityKind.DEVICE else "service name")
+        with _open(pki) as ca:
+            everything = ca.registry.history(name)
+            spiffe = Identity(kind, name, ca.trust_domain).spiffe_id
+        history = [r for r in everything if r.kind == kind.value]
+        if not history:
+            other = everything[0].kind if everything else None
+            where = f"not a {kind.value} but a {other}: use 'iotauth {other} show {name}'"
+            msg = f"{kind.value} {name!r} is {where if other else 'not in the registry'}"
+            raise ProvisioningError(msg)
+    if as_json:
+        key = "device_id" if kind is IdentityKind.DEVICE else "service"
+        _print_json(
+            {key: name, "spiffe_id": spiffe, "certificates": [r.to_json() for r in history]}
+        )
+        return
+    current = history[-1]
+    out.print(f"[bold]{name}[/bold]  {spiffe}  ({current.state()})", markup=True)
+    for r in history:
+        _print_record(r)
+
+
 @device_app.command("show")
 def device_show(
     device_id: Annotated[str, typer.Argument(help="Device id.")],
@@ -360,27 +384,17 @@ def device_show(
     as_json: JsonOpt = False,
 ) -> None:
     """One device: every certificate it has had, newest last."""
-    with user_errors():
-        validate_name(device_id)
-        with _open(pki) as ca:
-            history = [r for r in ca.registry.history(device_id) if r.kind == "device"]
-            spiffe = f"spiffe://{ca.trust_domain}/device/{device_id}"
-        if not history:
-            msg = f"device {device_id!r} is not in the registry"
-            raise ProvisioningError(msg)
-    if as_json:
-        _print_json(
-            {
-                "device_id": device_id,
-                "spiffe_id": spiffe,
-                "certificates": [r.to_json() for r in history],
-            }
-        )
-        return
-    current = history[-1]
-    out.print(f"[bold]{device_id}[/bold]  {spiffe}  ({current.state()})", markup=True)
-    for r in history:
-        _print_record(r)
+    _show(IdentityKind.DEVICE, device_id, pki, as_json)
+
+
+@service_app.command("show")
+def service_show(
+    name: Annotated[str, typer.Argument(help="Service name.")],
+    pki: PkiOpt,
+    as_json: JsonOpt = False,
+) -> None:
+    """One service identity: every certificate it has had, newest last."""
+    _show(IdentityKind.SERVICE, name, pki, as_json)
 
 
 def _print_record(r: CertRecord) -> None:

@@ -280,13 +280,16 @@ class Registry:
     ) -> list[CertRecord]:
         """Revoke every active certificate of ``name``; return the rows as they were."""
         self._require_tx()
-        rows = [
-            r
-            for r in self.history(name)
-            if r.status == "active" and (kind is None or r.kind == kind)
-        ]
+        history = self.history(name)
+        rows = [r for r in history if r.status == "active" and (kind is None or r.kind == kind)]
         if not rows:
-            detail = "has no active certificate" if self.history(name) else "is not in the registry"
+            other = next((r.kind for r in history if kind is not None and r.kind != kind), None)
+            if other is not None:  # names are unique across kinds, so it is the other kind
+                detail = f"is not a {kind} but a {other}: use 'iotauth {other} revoke {name}'"
+            elif history:
+                detail = "has no active certificate"
+            else:
+                detail = "is not in the registry"
             raise UnknownDeviceError(name, kind=kind or "device", detail=detail)
         self._db.execute(
             "UPDATE certificates SET status = 'revoked', revoked_at = ?, revocation_reason = ?"

@@ -199,6 +199,25 @@ def test_a_validity_cut_by_the_issuing_ca_is_reported(cli: Run, initialised: Pat
     assert (doc["days_requested"], doc["warnings"]) == (90, [])
 
 
+def test_device_and_service_commands_point_to_each_other(cli: Run, initialised: Path) -> None:
+    """A service name given to `device revoke/show` (and the reverse): say which command fits."""
+    cli("service", "issue", "sink", "--pki", "pki", "--out", "s", check=True)
+    cli("device", "issue", "dev-1", "--pki", "pki", "--out", "d", check=True)
+    before = _snapshot(initialised)
+    for verb in ("revoke", "show"):
+        assert_one_line_error(
+            cli("device", verb, "sink", "--pki", "pki"), f"use 'iotauth service {verb} sink'"
+        )
+        assert_one_line_error(
+            cli("service", verb, "dev-1", "--pki", "pki"), f"use 'iotauth device {verb} dev-1'"
+        )
+        assert_one_line_error(cli("device", verb, "ghost", "--pki", "pki"), "not in the registry")
+    assert _snapshot(initialised) == before
+    shown = json.loads(cli("service", "show", "sink", "--pki", "pki", "--json", check=True).stdout)
+    assert shown["spiffe_id"] == "spiffe://fleet.example/service/sink"
+    assert [c["name"] for c in shown["certificates"]] == ["sink"]
+
+
 def test_encrypted_pki_through_the_environment(cli: Run, tmp_path: Path) -> None:
     secret = {"IOTAUTH_CA_PASSPHRASE": "s3cret"}
     init = cli(
