@@ -211,7 +211,14 @@ def _explain(port: str, exc: HardwareError, client: DeviceClient | None) -> str:
         first_hello = client is None or client.stats.requests.get("HELLO", 0) <= 1
         if exc.command == "HELLO" and first_hello:
             return f"no device answering ({exc.reason} after {exc.attempts} attempts)"
-        return f"device stopped answering during {exc.command} ({exc.reason})"
+        hint = ""
+        if exc.reason.startswith("timed out") and client is not None:
+            # It did answer before: a slow or noisy link, rather than no device.
+            hint = (
+                f"; on a slow or noisy link raise --timeout (now {client.timeout:g} s) "
+                "and check that --baud matches the device"
+            )
+        return f"device stopped answering during {exc.command} ({exc.reason}){hint}"
     if isinstance(exc, DeviceRefusedError):
         if exc.status == Status.STORAGE_ERROR:
             return f"device reports its storage is full or failing ({exc.command})"

@@ -69,7 +69,14 @@ def provision_command(
         bool, typer.Option("--rotate", help="Replace an active certificate of the same id.")
     ] = False,
     baud: Annotated[int, typer.Option("--baud", help="Baud rate of real UARTs.")] = 115200,
-    timeout: Annotated[float, typer.Option("--timeout", help="Seconds before a retransmit.")] = 0.5,
+    timeout: Annotated[
+        float,
+        typer.Option(
+            "--timeout",
+            help="Seconds to wait for an answer, beyond the time the frames take at --baud, "
+            "before a retransmit.",
+        ),
+    ] = 0.5,
 ) -> None:
     """Provision one device, or several at once (gang mode), over serial."""
     with user_errors():

@@ -255,6 +255,23 @@ def test_device_gone_for_good_leaves_no_active_record(
     assert pki.verify_ledger().warnings == []
 
 
+def test_a_device_slower_than_the_station_thinks_names_the_options(
+    pki: PKI, devices: Callable[..., VirtualDevice]
+) -> None:
+    """The unit runs at 1200 baud, the station believes 115200 and never retransmits: HELLO
+    (0.4 s on that wire) gets through, a chunk of the CSR (2 s) does not, and the reason says
+    which options to look at."""
+    device = devices("slow", "socket://127.0.0.1:0", baudrate=1200)
+    settings = StationSettings(baudrate=115200, timeout=1.0, retries=0, reconnects=0)
+    with pytest.raises(StationError) as caught:
+        provision(pki, device.address, settings=settings)
+    reason = caught.value.reason
+    assert "stopped answering" in reason, reason
+    assert "raise --timeout (now 1 s)" in reason
+    assert "--baud" in reason
+    assert pki.registry.active("dev-" + device.hardware_serial.lower()) is None
+
+
 @pytest.mark.slow
 def test_noisy_link_provisions_devices_in_a_row(pki: PKI, tmp_path: Path) -> None:
     """0.1 % per-byte faults (flips, drops, garbage) and a boot log: every unit ends verified."""
