@@ -27,6 +27,7 @@ import functools
 import hashlib
 import re
 import string
+import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -54,10 +55,12 @@ from provisioning.pki import PKI, Prepared, identity_json, passphrase_from_env
 
 __all__ = [
     "DEFAULT_ID_TEMPLATE",
+    "INTERRUPTED",
     "KeyMode",
     "ProgressCallback",
     "ProvisionResult",
     "StationError",
+    "StationInterrupted",
     "StationSettings",
     "device_id_from_template",
     "provision",
@@ -81,6 +84,22 @@ class StationError(ProvisioningError):
         self.reason = reason
         self.device_id = device_id
         super().__init__(f"{port}: {reason}")
+
+
+INTERRUPTED = "interrupted before the device was locked; nothing active was recorded"
+
+
+class StationInterrupted(ProvisioningError):  # noqa: N818 - it is what happened, not a bug
+    """Ctrl-C in gang mode: every port stopped at its next step; ``results`` says where.
+
+    A port that had locked its device finished (recorded); the others end with
+    :data:`INTERRUPTED`, a certificate already sent to the device recorded as revoked.
+    """
+
+    def __init__(self, results: list[ProvisionResult]) -> None:
+        self.results = results
+        kept = sum(r.ok for r in results)
+        super().__init__(f"interrupted: {kept} of {len(results)} device(s) provisioned")
 
 
 @dataclass(frozen=True, slots=True)
@@ -184,14 +203,23 @@ class _Session:
     hashes: dict[str, str] = dataclasses.field(default_factory=dict)
     resumed: bool = False
     info: HelloInfo | None = None
+    stop: threading.Event | None = None
 
     @contextlib.contextmanager
     def phase(self, name: str) -> Iterator[None]:
+        if name != "record":  # every step up to LOCK may stop; recording a locked unit may not
+            self.checkpoint()
         t0 = time.monotonic()
         try:
             yield
         finally:
             self.timings[name] = round(self.timings.get(name, 0.0) + time.monotonic() - t0, 4)
+
+    def checkpoint(self) -> None:
+        """Stop here if asked to (Ctrl-C). Never after LOCK: once the device is locked, the run
+        must go on to record it, or a locked unit would hold a voided certificate."""
+        if self.stop is not None and self.stop.is_set():
+            raise StationError(self.port, INTERRUPTED)
 
 
 def _explain(port: str, exc: HardwareError, client: DeviceClient | None) -> str:  # noqa: PLR0911 - one reason per failure kind
@@ -242,12 +270,13 @@ class _Run:
         port: str,
         settings: StationSettings,
         progress: ProgressCallback | None,
+        stop: threading.Event | None = None,
     ) -> None:
         self.pki = pki
         self.port = port
         self.settings = settings
         self.progress = progress
-        self.session = _Session(port)
+        self.session = _Session(port, stop=stop)
         self.client: DeviceClient | None = None
 
     def _report(self, phase: str, done: int, total: int) -> None:
@@ -409,6 +438,7 @@ class _Run:
     def _objects(self, prepared: Prepared, broker: str | None) -> list[tuple[ObjectKind, bytes]]:
         from cryptography.hazmat.primitives.serialization import Encoding
 
+        self.session.checkpoint()  # the last stop before the certificate leaves the station
         objects: list[tuple[ObjectKind, bytes]] = []
         if prepared.key_pem is not None:
             objects.append((ObjectKind.KEY, prepared.key_pem))
@@ -433,11 +463,11 @@ class _Run:
                     data: bytes = data,
                     base: int = base,
                 ) -> None:
-                    result = client.put_object(
-                        kind,
-                        data,
-                        progress=lambda sent, _t: self._report("upload", base + sent, total),
-                    )
+                    def sent_so_far(sent: int, _total: int) -> None:
+                        self._report("upload", base + sent, total)
+                        self.session.checkpoint()
+
+                    result = client.put_object(kind, data, progress=sent_so_far)
                     if result.resumed_from:
                         self.session.resumed = True
 
@@ -455,6 +485,7 @@ class _Run:
                 if actual != expected:
                     raise IntegrityError(kind.name.lower(), expected, actual)
                 self._report("verify", n + 1, len(checkable))
+                self.session.checkpoint()
 
     def _details(self, mode: str, *, failure: str | None = None) -> dict[str, Any]:
         s = self.session
@@ -483,9 +514,13 @@ def provision(
     rotate: bool = False,
     settings: StationSettings | None = None,
     progress: ProgressCallback | None = None,
+    stop: threading.Event | None = None,
 ) -> ProvisionResult:
-    """Provision the device on ``port``; raise StationError (or another ProvisioningError)."""
-    run = _Run(pki, port, settings or StationSettings(), progress)
+    """Provision the device on ``port``; raise StationError (or another ProvisioningError).
+
+    Setting ``stop`` ends the run at its next step before LOCK, as a failure (:data:`INTERRUPTED`).
+    """
+    run = _Run(pki, port, settings or StationSettings(), progress, stop)
     try:
         return run.run(
             device_id=device_id,
@@ -515,6 +550,7 @@ def provision_many(
 ) -> list[ProvisionResult]:
     """Gang mode: every port at once, one thread each; a failing port never stops the others.
 
+    Ctrl-C stops every port at its next step before LOCK and raises :class:`StationInterrupted`.
     Each thread opens the PKI itself (a SQLite connection belongs to one thread); the registry's
     write lock keeps their records apart.
     """
@@ -542,6 +578,7 @@ def provision_many(
                     rotate=rotate,
                     settings=settings,
                     progress=progress,
+                    stop=stop,
                 )
         except StationError as exc:
             reason = exc.reason
@@ -552,5 +589,13 @@ def provision_many(
         seconds = round(time.monotonic() - t0, 3)
         return ProvisionResult(port=port, ok=False, seconds=seconds, reason=reason)
 
+    stop = threading.Event()
     with ThreadPoolExecutor(max_workers=max(1, len(ports)), thread_name_prefix="station") as pool:
-        return list(pool.map(one, ports))
+        futures = [pool.submit(one, port) for port in ports]
+        try:
+            return [f.result() for f in futures]
+        except KeyboardInterrupt:
+            # Ctrl-C reaches only this thread: tell the others, let each end at its next step
+            # (voiding a certificate it may have sent), and report what was kept.
+            stop.set()
+            raise StationInterrupted([f.result() for f in futures]) from None

@@ -24,8 +24,10 @@ from provisioning.identity import validate_name
 from provisioning.pki import PKI, passphrase_from_env
 from provisioning.station import (
     DEFAULT_ID_TEMPLATE,
+    INTERRUPTED,
     KeyMode,
     ProvisionResult,
+    StationInterrupted,
     StationSettings,
     provision_many,
     validate_id_template,
@@ -89,19 +91,38 @@ def provision_command(
             validate_id_template(id_template)  # before the PKI or any port is opened
         PKI.open(pki, passphrase=passphrase_from_env()).close()  # fail early on a bad --pki
         settings = StationSettings(baudrate=baud, timeout=timeout)
-        results = run_with_progress(
-            pki,
-            port,
-            device_id,
-            id_template,
-            cast("KeyMode", keygen),  # checked against the three choices above
-            broker,
-            rotate,
-            settings,
-        )
+        try:
+            results = run_with_progress(
+                pki,
+                port,
+                device_id,
+                id_template,
+                cast("KeyMode", keygen),  # checked against the three choices above
+                broker,
+                rotate,
+                settings,
+            )
+        except StationInterrupted as stopped:
+            summary_table(stopped.results, interrupted=True)
+            err.print(escape(interrupted_line(stopped.results)))
+            raise typer.Exit(130) from None
     summary_table(results)
     if not all(r.ok for r in results):
         raise typer.Exit(1)
+
+
+def interrupted_line(results: list[ProvisionResult]) -> str:
+    """After Ctrl-C, one line: what was kept, and the ports a rerun still has to do."""
+    kept = [r for r in results if r.ok]
+    rest = [r.port for r in results if not r.ok]
+    names = f" ({', '.join(r.device_id or r.port for r in kept)})" if kept else ""
+    line = f"interrupted: kept {len(kept)} provisioned and recorded device(s){names}"
+    if rest:
+        line += (
+            f"; {len(rest)} unfinished kept no certificate (one already sent was revoked); "
+            f"rerun with {' '.join('--port ' + p for p in rest)} to resume"
+        )
+    return line
 
 
 def run_with_progress(
@@ -156,7 +177,7 @@ def run_with_progress(
     return results
 
 
-def summary_table(results: list[ProvisionResult]) -> None:
+def summary_table(results: list[ProvisionResult], *, interrupted: bool = False) -> None:
     ok = sum(r.ok for r in results)
     table = Table(
         title=f"{ok}/{len(results)} provisioned", title_justify="left", box=box.SIMPLE_HEAD
@@ -166,7 +187,11 @@ def summary_table(results: list[ProvisionResult]) -> None:
     for r in results:
         table.add_row(
             r.port,
-            "[green]ok[/]" if r.ok else "[red]failed[/]",
+            "[green]ok[/]"
+            if r.ok
+            else "[yellow]stopped[/]"
+            if interrupted and r.reason == INTERRUPTED
+            else "[red]failed[/]",
             r.device_id or "-",
             r.hardware_serial or "-",
             r.key_mode or "-",
@@ -175,7 +200,7 @@ def summary_table(results: list[ProvisionResult]) -> None:
         )
     out.print(table)
     for r in results:
-        if not r.ok:
+        if not r.ok and not (interrupted and r.reason == INTERRUPTED):
             err.print(f"[red]error:[/red] {escape(f'{r.port}: {r.reason}')}", markup=True)
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import signal
 import socket
 import stat
 import subprocess
@@ -404,6 +405,49 @@ def test_cli_gang_mode_with_real_emulator_processes(
             proc.wait(10)
     for name in ("a", "b"):
         assert openssl_verify(pki_dir, tmp_path / name / "device.crt").returncode == 0
+
+
+def test_ctrl_c_in_gang_mode_keeps_what_is_done_and_says_how_to_resume(
+    pki_dir: Path, pki: PKI, devices: Callable[..., VirtualDevice]
+) -> None:
+    """SIGINT while one unit is done and another is still uploading at 2400 baud: exit 130 with
+    one line naming what was kept and the port to rerun; the rerun finishes the second unit."""
+    fast = devices("fast", "socket://127.0.0.1:0")
+    slow = devices("slow", "socket://127.0.0.1:0", baudrate=2400)
+    fast_id = "dev-" + fast.hardware_serial.lower()
+    slow_id = "dev-" + slow.hardware_serial.lower()
+    proc = subprocess.Popen(
+        [*CLI, "provision", "--pki", str(pki_dir), "--port", fast.address, "--port", slow.address],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        deadline = time.monotonic() + 60
+        while pki.registry.active(fast_id) is None and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert pki.registry.active(fast_id) is not None
+        proc.send_signal(signal.SIGINT)
+        out, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == 130, err
+    assert "Traceback" not in err
+    last = [line for line in err.splitlines() if line.strip()][-1]
+    assert last.startswith("interrupted: kept 1 provisioned and recorded device(s)"), err
+    assert fast_id in last
+    assert f"rerun with --port {slow.address} to resume" in last
+    assert "error:" not in err  # the stopped port is not reported as a failure
+    assert "stopped" in out
+    assert pki.registry.active(slow_id) is None
+    assert pki.verify_ledger().warnings == []
+    slow.byte_time = 0.0  # the rerun need not crawl
+    rerun = subprocess.run(
+        [*CLI, "provision", "--pki", str(pki_dir), "--port", slow.address],
+        capture_output=True, text=True, check=False, timeout=120,
+    )  # fmt: skip
+    assert rerun.returncode == 0, rerun.stderr
+    assert pki.registry.active(slow_id) is not None
 
 
 def test_cli_errors_are_one_line(pki_dir: Path, pki: PKI) -> None:
