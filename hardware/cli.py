@@ -6,6 +6,7 @@ this group by the composition root.
 
 from __future__ import annotations
 
+import json
 import sys
 from pathlib import Path
 from typing import Annotated
@@ -52,6 +53,10 @@ def emulate(
     baud: Annotated[
         int | None, typer.Option("--baud", min=300, help="Pace bytes like a UART at this rate.")
     ] = None,
+    as_json: Annotated[
+        bool,
+        typer.Option("--json", help="Print one JSON line with the port as soon as it listens."),
+    ] = False,
 ) -> None:
     """Run a virtual device until Ctrl-C; prints the serial path or URL a station should open."""
     if link != "pty" and not link.startswith("socket://"):
@@ -67,6 +72,9 @@ def emulate(
     )
 
     def ready(device: VirtualDevice) -> None:
+        if as_json:
+            _ready_json(device, store, keygen=not no_keygen)
+            return
         mode = "key injection only" if no_keygen else "on-device key generation"
         print(f"virtual device {device.hardware_serial} ({mode}), store {store}", flush=True)
         print(f"station port: {device.address}", flush=True)
@@ -86,6 +94,18 @@ def emulate(
     except (HardwareError, OSError, ValueError) as exc:
         print(f"error: {_said(exc)}", file=sys.stderr)
         raise typer.Exit(1) from None
+
+
+def _ready_json(device: VirtualDevice, store: Path, *, keygen: bool) -> None:
+    """The line a script waits for (docs/JSON.md): JSON Lines, one event per line."""
+    doc = {
+        "event": "listening",
+        "port": device.address,
+        "hardware_serial": device.hardware_serial,
+        "store": str(store),
+        "keygen": keygen,
+    }
+    print(json.dumps(doc, sort_keys=True), flush=True)
 
 
 def _make_store(store: Path) -> None:
@@ -132,10 +152,16 @@ def serve(
     no_keygen: Annotated[
         bool, typer.Option("--no-keygen", help="Refuse GENKEY; the station injects the key.")
     ] = False,
+    as_json: Annotated[
+        bool, typer.Option("--json", help="Print one JSON line when the device answers.")
+    ] = False,
 ) -> None:
     """Run the device-side responder on a real serial port until Ctrl-C (on the device)."""
 
     def ready(device: VirtualDevice) -> None:
+        if as_json:
+            _ready_json(device, store, keygen=not no_keygen)
+            return
         print(
             f"device {device.hardware_serial} answering on {device.address}, store {store}",
             flush=True,

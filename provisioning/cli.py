@@ -20,12 +20,20 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from provisioning.errors import ProvisioningError
+from provisioning.errors import LedgerCorruptError, ProvisioningError
 from provisioning.identity import Identity, IdentityKind, validate_name, validate_trust_domain
 from provisioning.pki import PKI, REVOCATION_REASONS, Issued, passphrase_from_env
 from provisioning.registry import CertRecord
 
-__all__ = ["ca_app", "device_app", "ledger_app", "service_app", "user_errors"]
+__all__ = [
+    "ca_app",
+    "device_app",
+    "ledger_app",
+    "plural",
+    "print_json",
+    "service_app",
+    "user_errors",
+]
 
 # Piped output (logs, CI, tests) gets room for a whole table row instead of rich's 80 columns.
 out = Console(highlight=False, soft_wrap=True, width=None if sys.stdout.isatty() else 160)
@@ -71,8 +79,14 @@ def _when(value: dt.datetime | None) -> str:
     return value.strftime("%Y-%m-%d %H:%M UTC") if value else "-"
 
 
-def _print_json(doc: object) -> None:
+def print_json(doc: object) -> None:
+    """Every --json document (docs/JSON.md): one JSON value on stdout, keys sorted."""
     print(json.dumps(doc, indent=2, sort_keys=True))
+
+
+def plural(count: int, word: str, many: str | None = None) -> str:
+    """``1 device``, ``2 devices``, ``0 entries`` (give ``many`` when adding 's' is wrong)."""
+    return f"{count} {word if count == 1 else many or word + 's'}"
 
 
 # -- ca ----------------------------------------------------------------------------------------
@@ -140,6 +154,8 @@ def ca_show(pki: PkiOpt, as_json: JsonOpt = False) -> None:
         now = dt.datetime.now(dt.UTC)
         warn_at = info.next_update - dt.timedelta(hours=ca.config.crl_warn_hours)
         records = ca.registry.latest()
+        devices = sum(1 for r in records if r.kind == "device" and r.state() == "active")
+        services = sum(1 for r in records if r.kind == "service" and r.state() == "active")
         doc = {
             "trust_domain": ca.trust_domain,
             "root": {
@@ -158,11 +174,11 @@ def ca_show(pki: PkiOpt, as_json: JsonOpt = False) -> None:
                 "revoked": info.revoked,
                 "stale": info.stale(),
             },
-            "devices": sum(1 for r in records if r.kind == "device" and r.state() == "active"),
-            "services": sum(1 for r in records if r.kind == "service" and r.state() == "active"),
+            "devices": devices,
+            "services": services,
         }
         if as_json:
-            _print_json(doc)
+            print_json(doc)
             return
         out.print(f"trust domain  {ca.trust_domain}")
         online = "online" if doc["root_key_online"] else "offline"
@@ -170,7 +186,7 @@ def ca_show(pki: PkiOpt, as_json: JsonOpt = False) -> None:
         out.print(f"issuing CA    until {_when(ca.issuing.not_valid_after_utc)}")
         crl_line = f"#{info.number}, {info.revoked} revoked, next update {_when(info.next_update)}"
         out.print(f"CRL           {crl_line}")
-        out.print(f"active        {doc['devices']} devices, {doc['services']} services")
+        out.print(f"active        {plural(devices, 'device')}, {plural(services, 'service')}")
         if info.stale(now):
             err.print("[red]warning:[/red] the CRL is stale; run 'iotauth ca crl'", markup=True)
         elif now >= warn_at:
@@ -221,7 +237,7 @@ def _issue(
             doc["out"] = str(out_dir) if out_dir else None
             doc["days_requested"] = asked
             doc["warnings"] = warnings
-            _print_json(doc)
+            print_json(doc)
         elif out_dir is None:
             os.write(1, issued.cert_chain_pem)
         else:
@@ -316,9 +332,9 @@ def _list(kind: IdentityKind, pki: Path, as_json: bool, show_all: bool) -> None:
         rows = ca.registry.all() if show_all else ca.registry.latest(kind.value)
         rows = [r for r in rows if r.kind == kind.value]
     if as_json:
-        _print_json([r.to_json() for r in rows])
+        print_json([r.to_json() for r in rows])
         return
-    table = Table(title=f"{len(rows)} {kind.value}(s) in {pki}", title_justify="left")
+    table = Table(title=f"{plural(len(rows), kind.value)} in {pki}", title_justify="left")
     for col in ("name", "state", "serial", "not after", "hardware", "key", "issued by"):
         table.add_column(col)
     styles = {"active": "green", "revoked": "red", "expired": "yellow"}
@@ -367,9 +383,7 @@ def _show(kind: IdentityKind, name: str, pki: Path, as_json: bool) -> None:
             raise ProvisioningError(msg)
     if as_json:
         key = "device_id" if kind is IdentityKind.DEVICE else "service"
-        _print_json(
-            {key: name, "spiffe_id": spiffe, "certificates": [r.to_json() for r in history]}
-        )
+        print_json({key: name, "spiffe_id": spiffe, "certificates": [r.to_json() for r in history]})
         return
     current = history[-1]
     out.print(f"[bold]{name}[/bold]  {spiffe}  ({current.state()})", markup=True)
@@ -438,18 +452,33 @@ def _revoke(
     reason: str,
     export: Path | None = None,
     reload: bool = False,
+    as_json: bool = False,
 ) -> None:
     with user_errors():
         validate_name(name, what="device id" if kind is IdentityKind.DEVICE else "service name")
         if reload and export is None:
             msg = "--reload needs --export DIR (the directory 'iotauth broker export' wrote)"
             raise ProvisioningError(msg)
+
+        def say(line: str) -> None:
+            if not as_json:  # with --json, stdout holds the one JSON document
+                out.print(line)
+
         with _open(pki) as ca:
             rows = ca.revoke(name, reason=reason, kind=kind)
             info = ca.crl_info()
             for r in rows:
-                out.print(f"Revoked {kind.value} {name} serial {r.serial} ({reason})")
-            out.print(f"CRL #{info.number} written to {pki / 'crl.pem'}")
+                say(f"Revoked {kind.value} {name} serial {r.serial} ({reason})")
+            say(f"CRL #{info.number} written to {pki / 'crl.pem'}")
+            doc: dict[str, object] = {
+                "kind": kind.value,
+                "name": name,
+                "reason": reason,
+                "revoked": [r.serial for r in rows],
+                "crl": {"number": info.number, "path": str(pki / "crl.pem")},
+                "export": None,
+                "warnings": [],
+            }
             if export is not None:
                 from provisioning.export_hook import ExportHookError, publish_crl
 
@@ -458,13 +487,22 @@ def _revoke(
                 except ExportHookError as exc:
                     msg = f"{name} is revoked in {pki}, but the export was not fully updated: {exc}"
                     raise ProvisioningError(msg) from None
-                out.print(f"CRL #{report.crl_number} copied to {report.crl_path}")
+                say(f"CRL #{report.crl_number} copied to {report.crl_path}")
                 if report.reloaded_pid is not None:
-                    out.print(f"Mosquitto (pid {report.reloaded_pid}) reloaded (SIGHUP)")
+                    say(f"Mosquitto (pid {report.reloaded_pid}) reloaded (SIGHUP)")
                 for kicked in report.kicked:
-                    out.print(f"Closed the live sessions of {kicked}")
+                    say(f"Closed the live sessions of {kicked}")
                 for note in report.notes:
                     err.print(f"[yellow]warning:[/yellow] {escape(str(note))}", markup=True)
+                doc["export"] = {
+                    "crl_path": str(report.crl_path),
+                    "crl_number": report.crl_number,
+                    "reloaded_pid": report.reloaded_pid,
+                    "kicked": list(report.kicked),
+                }
+                doc["warnings"] = [str(n) for n in report.notes]
+        if as_json:
+            print_json(doc)
 
 
 @device_app.command("revoke")
@@ -474,9 +512,10 @@ def device_revoke(
     reason: ReasonOpt = "unspecified",
     export: ExportOpt = None,
     reload: ReloadOpt = False,
+    as_json: JsonOpt = False,
 ) -> None:
     """Revoke a device's active certificate(s), record it, and publish a new CRL."""
-    _revoke(IdentityKind.DEVICE, device_id, pki, reason, export, reload)
+    _revoke(IdentityKind.DEVICE, device_id, pki, reason, export, reload, as_json)
 
 
 @service_app.command("revoke")
@@ -486,24 +525,40 @@ def service_revoke(
     reason: ReasonOpt = "unspecified",
     export: ExportOpt = None,
     reload: ReloadOpt = False,
+    as_json: JsonOpt = False,
 ) -> None:
     """Revoke a service's active certificate(s) and publish a new CRL."""
-    _revoke(IdentityKind.SERVICE, name, pki, reason, export, reload)
+    _revoke(IdentityKind.SERVICE, name, pki, reason, export, reload, as_json)
 
 
 # -- ledger ------------------------------------------------------------------------------------
 
 
 @ledger_app.command("verify")
-def ledger_verify(pki: PkiOpt) -> None:
+def ledger_verify(pki: PkiOpt, as_json: JsonOpt = False) -> None:
     """Check the hash chain, the signatures and the registry's record of the last entry."""
     with user_errors(), _open(pki) as ca:
-        report = ca.verify_ledger()
+        try:
+            report = ca.verify_ledger()
+        except LedgerCorruptError as exc:
+            if as_json:  # the verdict is the result: a script reads it, the line goes to stderr
+                print_json({"ok": False, "error": str(exc), "line": exc.line, "warnings": []})
+            raise
         for warning in report.warnings:
             err.print(f"[yellow]warning:[/yellow] {escape(warning)}", markup=True)
+        if as_json:
+            print_json(
+                {
+                    "ok": True,
+                    "entries": report.entries,
+                    "head": {"seq": report.head.seq, "hash": report.head.hash},
+                    "warnings": list(report.warnings),
+                }
+            )
+            return
         out.print(
-            f"ledger OK: {report.entries} entries, chained and signed by the issuing CA; "
-            f"head {report.head.hash[:16]}"
+            f"ledger OK: {plural(report.entries, 'entry', 'entries')}, chained and signed by the "
+            f"issuing CA; head {report.head.hash[:16]}"
         )
 
 
@@ -519,7 +574,7 @@ def ledger_show(
     if tail:
         entries = entries[-tail:]
     if as_json:
-        _print_json(
+        print_json(
             [
                 {"seq": e.seq, "time": e.time, "event": e.event, "data": e.data, "hash": e.hash}
                 for e in entries

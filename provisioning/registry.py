@@ -83,8 +83,12 @@ class CertRecord:
         return "active"
 
     def to_json(self) -> dict[str, object]:
+        """The record for --json (docs/JSON.md): ``state`` is active, revoked or expired; the
+        stored ``status`` column (which never says expired) is not repeated."""
         out: dict[str, object] = {}
         for key in self.__slots__:
+            if key == "status":
+                continue
             value = getattr(self, key)
             out[key] = _ts(value) if isinstance(value, dt.datetime) else value
         out["state"] = self.state()

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import threading
 from pathlib import Path
-from typing import Annotated, cast
+from typing import Annotated, Any, cast
 
 import typer
 from rich import box
@@ -18,7 +18,7 @@ from rich.progress import BarColumn, Progress, TaskID, TextColumn, TimeElapsedCo
 from rich.table import Table
 
 from hardware import DeviceClient, HardwareError
-from provisioning.cli import PkiOpt, err, out, user_errors
+from provisioning.cli import JsonOpt, PkiOpt, err, out, print_json, user_errors
 from provisioning.errors import ProvisioningError
 from provisioning.identity import validate_name
 from provisioning.pki import PKI, passphrase_from_env
@@ -79,6 +79,7 @@ def provision_command(
             "before a retransmit.",
         ),
     ] = 0.5,
+    as_json: JsonOpt = False,
 ) -> None:
     """Provision one device, or several at once (gang mode), over serial."""
     with user_errors():
@@ -103,12 +104,46 @@ def provision_command(
                 settings,
             )
         except StationInterrupted as stopped:
-            summary_table(stopped.results, interrupted=True)
+            if as_json:
+                print_json(results_json(stopped.results, interrupted=True))
+            else:
+                summary_table(stopped.results, interrupted=True)
             err.print(escape(interrupted_line(stopped.results)))
             raise typer.Exit(130) from None
-    summary_table(results)
+    if as_json:
+        print_json(results_json(results))
+        for r in results:
+            if not r.ok:
+                err.print(f"[red]error:[/red] {escape(f'{r.port}: {r.reason}')}", markup=True)
+    else:
+        summary_table(results)
     if not all(r.ok for r in results):
         raise typer.Exit(1)
+
+
+def results_json(results: list[ProvisionResult], *, interrupted: bool = False) -> dict[str, Any]:
+    """``provision --json`` (docs/JSON.md): one entry per port, in the order given."""
+    return {
+        "ok": all(r.ok for r in results) and not interrupted,
+        "provisioned": sum(r.ok for r in results),
+        "interrupted": interrupted,
+        "results": [
+            {
+                "port": r.port,
+                "ok": r.ok,
+                "device_id": r.device_id,
+                "hardware_serial": r.hardware_serial,
+                "key_mode": r.key_mode,
+                "serial": r.cert_serial,
+                "seconds": r.seconds,
+                "retransmits": r.retransmits,
+                "resumed": r.resumed,
+                "error": r.reason,
+            }
+            for r in results
+        ],
+        "warnings": [],
+    }
 
 
 def interrupted_line(results: list[ProvisionResult]) -> str:
@@ -208,6 +243,7 @@ def hw_reset_command(
     pki: PkiOpt,
     port: Annotated[str, typer.Option("--port", help="Serial port of the device to wipe.")],
     yes: Annotated[bool, typer.Option("--yes", help="Do not ask for confirmation.")] = False,
+    as_json: JsonOpt = False,
 ) -> None:
     """Factory-reset a device: wipe and unlock it, revoke its certificate, log it in the ledger."""
     with user_errors(), PKI.open(pki, passphrase=passphrase_from_env()) as ca:
@@ -235,6 +271,17 @@ def hw_reset_command(
                 "revoked": holder.serial if holder else None,
             },
         )
+        if as_json:
+            print_json(
+                {
+                    "port": port,
+                    "hardware_serial": info.hardware_serial,
+                    "device_id": holder.name if holder else info.device_id or None,
+                    "revoked": [holder.serial] if holder else [],
+                    "warnings": [],
+                }
+            )
+            return
         out.print(
             f"Reset {info.hardware_serial} on {port}"
             + (f"; revoked {holder.name} serial {holder.serial}" if holder else "")

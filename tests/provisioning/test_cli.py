@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 
+from provisioning.cli import plural
 from tests.conftest import CLI, Result, assert_one_line_error, fill_disk, openssl_verify
 
 Run = Callable[..., Result]
@@ -153,7 +154,7 @@ def test_operational_errors_are_one_line(cli: Run, initialised: Path, tmp_path: 
     rotated = cli(
         "device", "issue", "dev-1", "--pki", "pki", "--out", "d2", "--rotate", "--json", check=True
     )
-    assert json.loads(rotated.stdout)["status"] == "active"
+    assert json.loads(rotated.stdout)["state"] == "active"
 
 
 @pytest.mark.parametrize("days", ["0", "-5"])
@@ -216,6 +217,47 @@ def test_device_and_service_commands_point_to_each_other(cli: Run, initialised: 
     shown = json.loads(cli("service", "show", "sink", "--pki", "pki", "--json", check=True).stdout)
     assert shown["spiffe_id"] == "spiffe://fleet.example/service/sink"
     assert [c["name"] for c in shown["certificates"]] == ["sink"]
+
+
+def test_json_for_scripts_uses_one_schema(cli: Run, initialised: Path) -> None:
+    """revoke, ledger verify and ca show: one JSON document on stdout, the same field names
+    (`state`, never `status`; `warnings` always a list), and plural words in the text."""
+    cli("device", "issue", "dev-1", "--pki", "pki", "--out", "d1", check=True)
+    cli("service", "issue", "sink", "--pki", "pki", "--out", "s1", check=True)
+    shown = cli("ca", "show", "--pki", "pki", check=True).stdout
+    assert "1 device, 1 service" in shown
+    listed = json.loads(cli("device", "list", "--pki", "pki", "--json", check=True).stdout)
+    assert "status" not in listed[0]
+    assert listed[0]["state"] == "active"
+    serial = listed[0]["serial"]
+    for kind, name in (("device", "dev-1"), ("service", "sink")):
+        result = cli(kind, "revoke", name, "--pki", "pki", "--reason", "superseded", "--json")
+        assert result.returncode == 0, result.stderr
+        doc = json.loads(result.stdout)  # nothing but the document on stdout
+        assert (doc["kind"], doc["name"], doc["reason"]) == (kind, name, "superseded")
+        assert len(doc["revoked"]) == 1
+        assert doc["crl"]["path"].endswith("crl.pem")
+        assert (doc["export"], doc["warnings"]) == (None, [])
+    assert doc["crl"]["number"] == 3
+    again = cli("device", "revoke", "dev-1", "--pki", "pki", "--json")
+    assert_one_line_error(again, "no active certificate")
+    assert again.stdout == ""  # an error is the one stderr line, never half a document
+    state = json.loads(cli("device", "show", "dev-1", "--pki", "pki", "--json").stdout)
+    assert state["certificates"][0]["serial"] == serial
+    assert state["certificates"][0]["state"] == "revoked"
+    verified = json.loads(cli("ledger", "verify", "--pki", "pki", "--json", check=True).stdout)
+    assert verified["ok"] is True
+    assert verified["entries"] == 5
+    assert verified["warnings"] == []
+    assert len(verified["head"]["hash"]) == 64
+    assert (plural(1, "entry", "entries"), plural(0, "device")) == ("1 entry", "0 devices")
+    ledger = initialised / "ledger.jsonl"
+    lines = ledger.read_bytes().splitlines(keepends=True)
+    ledger.write_bytes(b"".join([lines[0], lines[1].replace(b"dev-1", b"dev-9"), *lines[2:]]))
+    broken = cli("ledger", "verify", "--pki", "pki", "--json")
+    assert_one_line_error(broken, "ledger line 2")
+    verdict = json.loads(broken.stdout)
+    assert (verdict["ok"], verdict["line"]) == (False, 2)
 
 
 def test_encrypted_pki_through_the_environment(cli: Run, tmp_path: Path) -> None:

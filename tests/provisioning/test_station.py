@@ -450,6 +450,48 @@ def test_ctrl_c_in_gang_mode_keeps_what_is_done_and_says_how_to_resume(
     assert pki.registry.active(slow_id) is not None
 
 
+def test_station_commands_speak_json(pki_dir: Path, pki: PKI, tmp_path: Path) -> None:
+    """`hw emulate --json` prints one JSON line with the port as soon as it listens; `provision
+    --json` gives one entry per port; `hw reset --json` names what it revoked."""
+    emulator = subprocess.Popen(
+        [*CLI, "hw", "emulate", "--store", str(tmp_path / "unit"), "--link",
+         "socket://127.0.0.1:0", "--json"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        assert emulator.stdout is not None
+        ready = json.loads(emulator.stdout.readline())
+        assert ready["event"] == "listening"
+        port = ready["port"]
+        assert port.startswith("socket://127.0.0.1:")
+        device_id = "dev-" + ready["hardware_serial"].lower()
+        done = subprocess.run(
+            [*CLI, "provision", "--pki", str(pki_dir), "--port", port, "--port",
+             "socket://127.0.0.1:9", "--json", "--timeout", "0.1"],
+            capture_output=True, text=True, check=False, timeout=120,
+        )  # fmt: skip
+        assert done.returncode == 1  # one port has nothing behind it
+        doc = json.loads(done.stdout)
+        assert (doc["ok"], doc["provisioned"], doc["interrupted"]) == (False, 1, False)
+        first, second = doc["results"]
+        assert (first["port"], first["ok"], first["device_id"]) == (port, True, device_id)
+        assert first["serial"] == pki.registry.active(device_id).serial  # type: ignore[union-attr]
+        assert first["error"] is None
+        assert (second["ok"], second["port"]) == (False, "socket://127.0.0.1:9")
+        assert second["error"]
+        reset = subprocess.run(
+            [*CLI, "hw", "reset", "--pki", str(pki_dir), "--port", port, "--yes", "--json"],
+            capture_output=True, text=True, check=False, timeout=60,
+        )  # fmt: skip
+        assert reset.returncode == 0, reset.stderr
+        wiped = json.loads(reset.stdout)
+        assert (wiped["device_id"], wiped["revoked"]) == (device_id, [first["serial"]])
+        assert wiped["hardware_serial"] == ready["hardware_serial"]
+    finally:
+        emulator.terminate()
+        emulator.wait(10)
+
+
 def test_cli_errors_are_one_line(pki_dir: Path, pki: PKI) -> None:
     bad_id = subprocess.run(
         [*CLI, "provision", "--pki", str(pki_dir), "--port", "loop://", "--device-id", "Bad/Id"],
