@@ -25,7 +25,14 @@ __all__ = [
 ]
 
 
-def _load_chain(ctx: ssl.SSLContext, cert: Path, key: Path, password: bytes | None) -> None:
+def _load_chain(
+    ctx: ssl.SSLContext,
+    cert: Path,
+    key: Path,
+    password: bytes | None,
+    source: str | None = PASSPHRASE_ENV,
+) -> None:
+    """``source`` names where the password comes from; None: the key must not be encrypted."""
     asked: list[bool] = []
 
     def give_password() -> bytes:
@@ -34,7 +41,8 @@ def _load_chain(ctx: ssl.SSLContext, cert: Path, key: Path, password: bytes | No
         # IOTAUTH_CA_PASSPHRASE (``ca init``), so that is the variable to name.
         asked.append(True)
         if not password:
-            msg = f"{key} is encrypted; set {PASSPHRASE_ENV}"
+            fix = f"set {source}" if source else "an unencrypted PEM key is needed"
+            msg = f"{key} is encrypted; {fix}"
             raise PassphraseError(msg)
         return password
 
@@ -107,15 +115,20 @@ def client_context(
     key: Path | None = None,
     password: bytes | None = None,
     check_hostname: bool = True,
+    password_source: str | None = PASSPHRASE_ENV,
 ) -> ssl.SSLContext:
-    """A client that verifies the server against ``trust`` and presents its own certificate."""
+    """A client that verifies the server against ``trust`` and presents its own certificate.
+
+    ``password_source`` is what an error names when ``key`` is encrypted and no password is
+    given; None for a device's key, which is never encrypted.
+    """
     ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
     ctx.minimum_version = ssl.TLSVersion.TLSv1_2
     ctx.verify_flags |= ssl.VERIFY_X509_STRICT
     ctx.check_hostname = check_hostname
     _load_trust(ctx, trust)
     if cert_chain is not None:
-        _load_chain(ctx, cert_chain, key or cert_chain, password)
+        _load_chain(ctx, cert_chain, key or cert_chain, password, password_source)
     return ctx
 
 
@@ -141,6 +154,7 @@ def client_context_for_credentials(
         cert_chain=cred_dir / "device.crt",
         key=cred_dir / "device.key",
         check_hostname=check_hostname,
+        password_source=None,
     )
 
 

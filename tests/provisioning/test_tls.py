@@ -12,7 +12,7 @@ import pytest
 from cryptography.hazmat.primitives import serialization
 from cryptography.x509.oid import ExtendedKeyUsageOID
 
-from provisioning.errors import PKIError
+from provisioning.errors import PassphraseError, PKIError
 from provisioning.identity import IdentityKind
 from provisioning.pki import PKI
 from provisioning.tls import (
@@ -291,3 +291,27 @@ def test_local_check_never_prompts_for_a_passphrase(pki: PKI, tmp_path: Path) ->
     )
     with pytest.raises(PKIError, match=r"device\.key is encrypted"):
         _check(tmp_path / "dev-1")
+
+
+def test_an_encrypted_key_is_never_prompted_for(pki: PKI, tmp_path: Path) -> None:
+    """OpenSSL asks on the terminal for a PEM pass phrase unless given a callback: a service
+    must fail with the variable to set (PKI keys) or the fix (a device key) instead."""
+    pki.issue("dev-1", out=tmp_path / "dev-1")
+    key_path = tmp_path / "dev-1" / "device.key"
+    key = serialization.load_pem_private_key(key_path.read_bytes(), None)
+    key_path.write_bytes(
+        key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.BestAvailableEncryption(b"secret"),
+        )
+    )
+    with pytest.raises(PassphraseError, match="unencrypted PEM key is needed"):
+        client_context_for_credentials(tmp_path / "dev-1")
+    encrypted = PKI.init(tmp_path / "enc", trust_domain="fleet.example", passphrase=b"s3cret")
+    encrypted.close()
+    with pytest.raises(PassphraseError, match=r"server\.key is encrypted; set IOTAUTH_CA_"):
+        server_context_for_pki(tmp_path / "enc")
+    with pytest.raises(PassphraseError, match="wrong IOTAUTH_CA_PASSPHRASE"):
+        server_context_for_pki(tmp_path / "enc", password=b"nope")
+    server_context_for_pki(tmp_path / "enc", password=b"s3cret")
