@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
+from cryptography import x509
 from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
@@ -103,6 +104,7 @@ def ca_init(
         typer.Option("--server-name", help="Extra broker host name or IP (repeat)."),
     ] = None,
     device_days: Annotated[int, typer.Option(help="Default device certificate lifetime.")] = 90,
+    as_json: JsonOpt = False,
 ) -> None:
     """Create root CA, issuing CA, broker certificate, registry, ledger and CRL."""
     with user_errors():
@@ -119,6 +121,19 @@ def ca_init(
             device_days=device_days,
         )
         with ca:
+            if as_json:
+                print_json(
+                    {
+                        "trust_domain": trust_domain,
+                        "pki": str(pki),
+                        "root": _cert_json(ca.root),
+                        "issuing": _cert_json(ca.issuing),
+                        "server_names": ["localhost", "127.0.0.1", *(server_name or [])],
+                        "encrypted_keys": bool(passphrase),
+                        "warnings": [],
+                    }
+                )
+                return
             out.print(f"Created the PKI of [bold]{trust_domain}[/bold] in {pki}", markup=True)
             for label, cert in (("root CA    ", ca.root), ("issuing CA ", ca.issuing)):
                 subject = cert.subject.rfc4514_string()
@@ -136,10 +151,24 @@ def ca_init(
 
 
 @ca_app.command("crl")
-def ca_crl(pki: PkiOpt) -> None:
+def ca_crl(pki: PkiOpt, as_json: JsonOpt = False) -> None:
     """Re-sign the CRL with a new number and nextUpdate (schedule this before it goes stale)."""
     with user_errors(), _open(pki) as ca:
         info = ca.refresh_crl()
+        if as_json:
+            print_json(
+                {
+                    "crl": {
+                        "number": info.number,
+                        "path": str(pki / "crl.pem"),
+                        "this_update": info.this_update.isoformat(),
+                        "next_update": info.next_update.isoformat(),
+                        "revoked": info.revoked,
+                    },
+                    "warnings": [],
+                }
+            )
+            return
         out.print(
             f"CRL #{info.number} written to {pki / 'crl.pem'}: {info.revoked} revoked, "
             f"next update {_when(info.next_update)}"
@@ -158,14 +187,8 @@ def ca_show(pki: PkiOpt, as_json: JsonOpt = False) -> None:
         services = sum(1 for r in records if r.kind == "service" and r.state() == "active")
         doc = {
             "trust_domain": ca.trust_domain,
-            "root": {
-                "subject": ca.root.subject.rfc4514_string(),
-                "not_after": ca.root.not_valid_after_utc.isoformat(),
-            },
-            "issuing": {
-                "subject": ca.issuing.subject.rfc4514_string(),
-                "not_after": ca.issuing.not_valid_after_utc.isoformat(),
-            },
+            "root": _cert_json(ca.root),
+            "issuing": _cert_json(ca.issuing),
             "root_key_online": (pki / "private" / "root.key").exists(),
             "crl": {
                 "number": info.number,
@@ -409,6 +432,13 @@ def service_show(
 ) -> None:
     """One service identity: every certificate it has had, newest last."""
     _show(IdentityKind.SERVICE, name, pki, as_json)
+
+
+def _cert_json(cert: x509.Certificate) -> dict[str, str]:
+    return {
+        "subject": cert.subject.rfc4514_string(),
+        "not_after": cert.not_valid_after_utc.isoformat(),
+    }
 
 
 def _print_record(r: CertRecord) -> None:

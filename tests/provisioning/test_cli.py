@@ -251,6 +251,13 @@ def test_json_for_scripts_uses_one_schema(cli: Run, initialised: Path) -> None:
     assert verified["warnings"] == []
     assert len(verified["head"]["hash"]) == 64
     assert (plural(1, "entry", "entries"), plural(0, "device")) == ("1 entry", "0 devices")
+    crl = json.loads(cli("ca", "crl", "--pki", "pki", "--json", check=True).stdout)["crl"]
+    assert (crl["number"], crl["revoked"]) == (4, 2)
+    created = json.loads(
+        cli("ca", "init", "--pki", "p3", "--trust-domain", "b.example", "--json", check=True).stdout
+    )
+    assert (created["trust_domain"], created["encrypted_keys"]) == ("b.example", False)
+    assert created["issuing"]["subject"].startswith("CN=b.example")
     ledger = initialised / "ledger.jsonl"
     lines = ledger.read_bytes().splitlines(keepends=True)
     ledger.write_bytes(b"".join([lines[0], lines[1].replace(b"dev-1", b"dev-9"), *lines[2:]]))
