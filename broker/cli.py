@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import json
 import logging
 import resource
 import signal
@@ -25,6 +26,7 @@ from broker.settings import Limits
 from provisioning.config import PKIConfig
 from provisioning.errors import ProvisioningError
 from provisioning.identity import Identity, IdentityKind
+from provisioning.registry import CertRecord
 
 __all__ = ["broker_app"]
 
@@ -348,8 +350,15 @@ def explain(
     ] = None,
     publish: Annotated[str | None, typer.Option("--publish", help="A topic to PUBLISH to.")] = None,
     policy: PolicyOpt = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Machine-readable output.")] = False,
 ) -> None:
-    """Print whether the policy allows a SUBSCRIBE or PUBLISH, and the rule that decided."""
+    """Print whether the policy allows a SUBSCRIBE or PUBLISH, and the rule that decided.
+
+    Exit status 0 for ALLOW, 2 for DENY. The ACL is only the last check: a note says when the
+    identity has no active certificate in this PKI, so the broker would refuse it before.
+    """
+    from provisioning.pki import PKI
+
     with _user_errors():
         if (subscribe is None) == (publish is None):
             raise _fail("give exactly one of --subscribe FILTER or --publish TOPIC")
@@ -364,10 +373,45 @@ def explain(
         else:
             assert publish is not None  # noqa: S101 - exactly one was given
             decision = rules.decide(who, Action.PUBLISH, publish)
-        print(decision.describe())
-        print(f"  policy: {rules.source}")
+        with PKI.open(pki) as ca:  # the registry only: no key is loaded
+            note = _refused_before_acl(who, ca.registry.history(identity))
+        if as_json:
+            doc = {
+                "identity": who.spiffe_id,
+                "action": decision.action.value,
+                "topic": decision.topic,
+                "allowed": decision.allowed,
+                "rule": decision.rule,
+                "grant": decision.grant,
+                "reason": decision.reason,
+                "policy": str(rules.source),
+                "warnings": [note] if note else [],
+            }
+            print(json.dumps(doc, indent=2, sort_keys=True))
+        else:
+            print(decision.describe())
+            print(f"  policy: {rules.source}")
+            if note:
+                print(f"  note: {note}")
         if not decision.allowed:
             raise typer.Exit(2)
+
+
+def _refused_before_acl(who: Identity, history: list[CertRecord]) -> str | None:
+    """Why the broker would refuse this identity at the TLS handshake, or None if it would not."""
+    kind = who.kind.value
+    before = "so the broker refuses it at the TLS handshake, before any ACL"
+    if not history:
+        return f"{kind} {who.name} is not in the registry: no certificate of this PKI, {before}"
+    other = history[-1].kind
+    if other != kind:
+        flag = "add --service" if other == "service" else "drop --service"
+        return f"{who.name} is a {other}, not a {kind} ({flag}): no {kind} certificate, {before}"
+    states = {r.state() for r in history}
+    if "active" in states:
+        return None
+    state = history[-1].state()  # revoked or expired
+    return f"{kind} {who.name} has no active certificate (the newest is {state}), {before}"
 
 
 @broker_app.command("export")

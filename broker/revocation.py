@@ -56,8 +56,11 @@ def read_crl(path: Path, issuer: x509.Certificate) -> CRLState:
     """Parse and verify a CRL; raise ConfigError if it is missing, unsigned or malformed."""
     try:
         crl = x509.load_pem_x509_crl(path.read_bytes())
-    except (OSError, ValueError) as exc:
-        msg = f"cannot read CRL {path}: {exc}"
+    except OSError as exc:
+        msg = f"cannot read CRL {path}: {exc.strerror or exc}"
+        raise ConfigError(msg) from None
+    except ValueError:  # cryptography's text is a paragraph with a URL; the file is the news
+        msg = f"{path} is not a PEM CRL (cut short or edited?); run 'iotauth ca crl'"
         raise ConfigError(msg) from None
     public_key = issuer.public_key()
     if crl.issuer != issuer.subject or not crl.is_signature_valid(public_key):  # type: ignore[arg-type]
@@ -103,10 +106,17 @@ class RevocationWatcher:
         self._password = password
         self.interval = interval
         self.on_change = on_change
+        issuing = pki_dir / "issuing.crt"
         try:
             self._config = PKIConfig.load(pki_dir / "pki.toml")
-            self._issuer = x509.load_pem_x509_certificate((pki_dir / "issuing.crt").read_bytes())
-        except (OSError, ValueError, ProvisioningError) as exc:
+            self._issuer = x509.load_pem_x509_certificate(issuing.read_bytes())
+        except ValueError:
+            msg = f"{issuing} is not a PEM certificate (cut short or edited?)"
+            raise ConfigError(msg) from None
+        except OSError as exc:
+            msg = f"{pki_dir} is not a usable PKI directory: {exc.strerror or exc}: {exc.filename}"
+            raise ConfigError(msg) from None
+        except ProvisioningError as exc:
             msg = f"{pki_dir} is not a usable PKI directory: {exc}"
             raise ConfigError(msg) from None
         self._stamp = _stamp(pki_dir / "crl.pem")

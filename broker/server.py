@@ -137,9 +137,9 @@ async def run_broker(
                 metrics_server = await serve_metrics(
                     metrics, settings.metrics_host, settings.metrics_port
                 )
-            except OSError as exc:
+            except OSError as exc:  # name the metrics address, not the MQTT one that did open
                 where = f"{settings.metrics_host}:{settings.metrics_port}"
-                msg = f"cannot serve metrics on {where}: {exc.strerror or exc}"
+                msg = f"cannot serve metrics on {where} (--metrics-port): {exc.strerror or exc}"
                 raise ConfigError(msg) from None
         tasks.append(asyncio.create_task(watcher.run(), name="broker-crl-watcher"))
         tasks.append(asyncio.create_task(_expiry_loop(core), name="broker-cert-expiry"))

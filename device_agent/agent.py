@@ -346,7 +346,7 @@ class Agent:
             client.connect(self.host, self.port, keepalive=self.config.keepalive)
         except (OSError, ValueError) as exc:  # ssl.SSLError is an OSError
             self._teardown()
-            self._failed(classify_exception(exc))
+            self._failed(classify_exception(exc, f"{self.host}:{self.port}"))
             return
         self._timer("connack", self.config.connect_timeout, self._connack_timeout)
         self._timer("misc", 1.0, self._misc)

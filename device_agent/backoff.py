@@ -120,8 +120,10 @@ def classify_connack(code: int) -> Failure:
     return Failure(reason, f"the broker answered CONNACK {code} ({reason})", permanent)
 
 
-def classify_exception(exc: BaseException) -> Failure:  # noqa: PLR0911 - one per kind
-    """What a failed TCP connect or TLS handshake means."""
+def classify_exception(  # noqa: PLR0911 - one per kind
+    exc: BaseException, broker: str = "the broker address"
+) -> Failure:
+    """What a failed TCP connect or TLS handshake to ``broker`` (HOST:PORT) means."""
     if isinstance(exc, ssl.SSLCertVerificationError):
         detail = exc.verify_message or str(exc)
         if "hostname" in detail.lower() or "ip address mismatch" in detail.lower():
@@ -137,9 +139,9 @@ def classify_exception(exc: BaseException) -> Failure:  # noqa: PLR0911 - one pe
             return found
         return Failure("tls-error", str(exc.reason or exc), False)
     if isinstance(exc, ConnectionRefusedError):
-        return Failure("connection-refused", "nothing listens at the broker address", False)
+        return Failure("connection-refused", f"nothing listens at {broker}", False)
     if isinstance(exc, TimeoutError):
-        return Failure("timeout", "the broker did not answer in time", False)
+        return Failure("timeout", f"the broker at {broker} did not answer in time", False)
     if isinstance(exc, OSError):
-        return Failure("network", exc.strerror or str(exc), False)
+        return Failure("network", f"{exc.strerror or exc} (broker {broker})", False)
     return Failure("error", f"{type(exc).__name__}: {exc}", False)

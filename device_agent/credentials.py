@@ -95,6 +95,9 @@ class Credentials:
 def load_credentials(path: Path) -> Credentials:
     """Load and check ``path``; CredentialError says which file is wrong and why."""
     where = str(path)
+    if not path.is_dir():
+        problem = "is not a directory" if path.exists() else "does not exist"
+        raise CredentialError(where, f"{problem}; give the device's credential store as --store")
     try:
         doc = json.loads((path / "identity.json").read_text(encoding="utf-8"))
     except FileNotFoundError:

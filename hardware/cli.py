@@ -6,6 +6,7 @@ this group by the composition root.
 
 from __future__ import annotations
 
+import json
 import sys
 from pathlib import Path
 from typing import Annotated
@@ -85,6 +86,10 @@ def emulate(
     ] = None,
     keystore: Annotated[str, typer.Option("--keystore", help=_KEYSTORE_HELP)] = "file",
     tpm: Annotated[str | None, typer.Option("--tpm", help=_TPM_HELP)] = None,
+    as_json: Annotated[
+        bool,
+        typer.Option("--json", help="Print one JSON line with the port as soon as it listens."),
+    ] = False,
 ) -> None:
     """Run a virtual device until Ctrl-C; prints the serial path or URL a station should open."""
     if link != "pty" and not link.startswith("socket://"):
@@ -101,6 +106,9 @@ def emulate(
     backend = _key_backend(keystore, tpm, no_keygen=no_keygen)
 
     def ready(device: VirtualDevice) -> None:
+        if as_json:
+            _ready_json(device, store, keygen=not no_keygen)
+            return
         mode = "key injection only" if no_keygen else "on-device key generation"
         if isinstance(backend, TpmBackend):
             mode = f"keys made in the TPM at {backend.tcti}"
@@ -109,7 +117,7 @@ def emulate(
         print(f"  iotauth provision --pki ./pki --port {device.address}", flush=True)
 
     try:
-        store.mkdir(parents=True, exist_ok=True)
+        _make_store(store)
         run_emulator(
             store,
             link,
@@ -121,8 +129,34 @@ def emulate(
             on_ready=ready,
         )
     except (HardwareError, OSError, ValueError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        print(f"error: {_said(exc)}", file=sys.stderr)
         raise typer.Exit(1) from None
+
+
+def _ready_json(device: VirtualDevice, store: Path, *, keygen: bool) -> None:
+    """The line a script waits for (docs/JSON.md): JSON Lines, one event per line."""
+    doc = {
+        "event": "listening",
+        "port": device.address,
+        "hardware_serial": device.hardware_serial,
+        "store": str(store),
+        "keygen": keygen,
+    }
+    print(json.dumps(doc, sort_keys=True), flush=True)
+
+
+def _make_store(store: Path) -> None:
+    if store.exists() and not store.is_dir():
+        msg = f"--store {store} is a file; give a directory (it is created if missing)"
+        raise ValueError(msg)
+    store.mkdir(parents=True, exist_ok=True, mode=0o700)
+
+
+def _said(exc: Exception) -> str:
+    # "[Errno 2] No such file or directory: 'x'" reads as Python; name the path the user gave.
+    if isinstance(exc, OSError) and exc.strerror:
+        return f"{exc.filename}: {exc.strerror}" if exc.filename else exc.strerror
+    return str(exc)
 
 
 def machine_serial() -> str | None:
@@ -157,19 +191,25 @@ def serve(
     ] = False,
     keystore: Annotated[str, typer.Option("--keystore", help=_KEYSTORE_HELP)] = "file",
     tpm: Annotated[str | None, typer.Option("--tpm", help=_TPM_HELP)] = None,
+    as_json: Annotated[
+        bool, typer.Option("--json", help="Print one JSON line when the device answers.")
+    ] = False,
 ) -> None:
     """Run the device-side responder on a real serial port until Ctrl-C (on the device)."""
     backend = _key_backend(keystore, tpm, no_keygen=no_keygen)
     where = f", key in the TPM at {backend.tcti}" if isinstance(backend, TpmBackend) else ""
 
     def ready(device: VirtualDevice) -> None:
+        if as_json:
+            _ready_json(device, store, keygen=not no_keygen)
+            return
         print(
             f"device {device.hardware_serial} answering on {device.address}, store {store}{where}",
             flush=True,
         )
 
     try:
-        store.mkdir(parents=True, exist_ok=True, mode=0o700)
+        _make_store(store)
         run_emulator(
             store,
             port,
@@ -180,5 +220,5 @@ def serve(
             on_ready=ready,
         )
     except (HardwareError, OSError, ValueError) as exc:
-        print(f"error: {port}: {exc}", file=sys.stderr)
+        print(f"error: {port}: {_said(exc)}", file=sys.stderr)
         raise typer.Exit(1) from None

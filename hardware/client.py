@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, Any, Protocol, Self, TypeAlias, TypeVar
 
 from hardware.codec import (
     BODY_OVERHEAD,
+    MAX_ENCODED_FRAME,
     MAX_PAYLOAD,
     Command,
     DecoderStats,
@@ -31,6 +32,7 @@ from hardware.codec import (
     Status,
     command_name,
     encode_frame,
+    max_encoded_size,
     status_name,
 )
 from hardware.errors import (
@@ -78,6 +80,8 @@ ProgressCallback: TypeAlias = Callable[[int, int], None]
 _PUT_DATA_HEADER = 5  # kind u8 | offset u32
 _MIN_CHUNK = 32  # below this, frame overhead dominates and a line that bad will not recover
 _GROW_AFTER = 8
+# A UART sends a start bit, 8 data bits and a stop bit for every byte.
+BITS_PER_BYTE = 10
 _T = TypeVar("_T")
 
 
@@ -117,7 +121,8 @@ def open_port(
             do_not_open=True,
             baudrate=baudrate,
             timeout=read_slice,
-            write_timeout=5.0,
+            # A whole frame must fit: at 1200 baud the longest one takes about 9 s to send.
+            write_timeout=max(5.0, 2 * MAX_ENCODED_FRAME * BITS_PER_BYTE / baudrate),
             exclusive=exclusive,
             **options,
         )
@@ -219,7 +224,10 @@ class DeviceClient:
         busy_timeout: float = 60.0,
         chunk_size: int | None = None,
         first_seq: int | None = None,
+        baudrate: int | None = None,
     ) -> None:
+        """``timeout`` is the patience beyond the time the frames take on the wire at
+        ``baudrate`` (None: no wire time, e.g. a test's in-memory port)."""
         if timeout <= 0 or retries < 0:
             msg = "timeout must be positive and retries non-negative"
             raise ValueError(msg)
@@ -227,6 +235,7 @@ class DeviceClient:
         self.name = name
         self.timeout = timeout
         self.retries = retries
+        self.byte_time = BITS_PER_BYTE / baudrate if baudrate else 0.0
         self.busy_interval = busy_interval
         self.busy_timeout = busy_timeout
         self.chunk_size = chunk_size
@@ -249,7 +258,7 @@ class DeviceClient:
     ) -> Self:
         """Open ``url`` (``/dev/ttyUSB0``, a pty path, ``socket://H:P``, ``loop://``)."""
         port = open_port(url, baudrate=baudrate, exclusive=exclusive)
-        return cls(port, name=url, **settings)
+        return cls(port, name=url, baudrate=baudrate, **settings)
 
     def close(self) -> None:
         self.port.close()
@@ -285,22 +294,32 @@ class DeviceClient:
         """
         budget = self.retries if retries is None else retries
         name = cmd.name
-        self._write(self.core.start(cmd, payload), name)
-        deadline = time.monotonic() + self.timeout
+        wire = self.core.start(cmd, payload)
+        self._write(wire, name)
+        patience = self.attempt_seconds(len(wire))
+        deadline = time.monotonic() + patience
         while True:
             frame = self.core.next_response()
             if frame is not None:
                 break
             if time.monotonic() >= deadline:
                 if self.core.attempts > budget:
-                    raise DeviceGoneError(self.name, name, self.core.attempts, "timed out")
+                    raise DeviceGoneError(
+                        self.name, name, self.core.attempts, f"timed out after {patience:.2f} s"
+                    )
                 self._write(self.core.retransmit(), name)
-                deadline = time.monotonic() + self.timeout
+                deadline = time.monotonic() + patience
                 continue
             self.core.receive_data(self._read(name))
         if frame.status == Status.OK or (allow_busy and frame.status == Status.BUSY):
             return frame
         raise DeviceRefusedError(name, frame.status, status_name(frame.status))
+
+    def attempt_seconds(self, request_bytes: int) -> float:
+        """How long to wait for an answer before a retransmit: the request and the longest
+        response on the wire (start, data and stop bit: 10 bits a byte), plus ``timeout``."""
+        longest_response = max_encoded_size(self.core.max_payload) + 2
+        return self.timeout + self.byte_time * (request_bytes + longest_response)
 
     def _write(self, data: bytes, name: str) -> None:
         try:

@@ -16,16 +16,25 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
+from cryptography import x509
 from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from provisioning.errors import ProvisioningError
-from provisioning.identity import IdentityKind, validate_name, validate_trust_domain
-from provisioning.pki import PKI, REVOCATION_REASONS, open_root, passphrase_from_env
+from provisioning.errors import LedgerCorruptError, ProvisioningError
+from provisioning.identity import Identity, IdentityKind, validate_name, validate_trust_domain
+from provisioning.pki import PKI, REVOCATION_REASONS, Issued, open_root, passphrase_from_env
 from provisioning.registry import CertRecord
 
-__all__ = ["ca_app", "device_app", "ledger_app", "service_app", "user_errors"]
+__all__ = [
+    "ca_app",
+    "device_app",
+    "ledger_app",
+    "plural",
+    "print_json",
+    "service_app",
+    "user_errors",
+]
 
 # Piped output (logs, CI, tests) gets room for a whole table row instead of rich's 80 columns.
 out = Console(highlight=False, soft_wrap=True, width=None if sys.stdout.isatty() else 160)
@@ -60,7 +69,7 @@ def user_errors() -> Iterator[None]:
         raise typer.Exit(1) from None
     except OSError as exc:
         where = f": {exc.filename}" if exc.filename else ""
-        err.print(f"[red]error:[/red] {exc.strerror or exc}{where}", markup=True)
+        err.print(f"[red]error:[/red] {escape(f'{exc.strerror or exc}{where}')}", markup=True)
         raise typer.Exit(1) from None
 
 
@@ -72,8 +81,14 @@ def _when(value: dt.datetime | None) -> str:
     return value.strftime("%Y-%m-%d %H:%M UTC") if value else "-"
 
 
-def _print_json(doc: object) -> None:
+def print_json(doc: object) -> None:
+    """Every --json document (docs/JSON.md): one JSON value on stdout, keys sorted."""
     print(json.dumps(doc, indent=2, sort_keys=True))
+
+
+def plural(count: int, word: str, many: str | None = None) -> str:
+    """``1 device``, ``2 devices``, ``0 entries`` (give ``many`` when adding 's' is wrong)."""
+    return f"{count} {word if count == 1 else many or word + 's'}"
 
 
 # -- ca ----------------------------------------------------------------------------------------
@@ -114,10 +129,14 @@ def ca_init(
             "way back after losing the issuing CA's token (docs/HSM.md). Needs --root-key.",
         ),
     ] = None,
+    as_json: JsonOpt = False,
 ) -> None:
     """Create root CA, issuing CA, broker certificate, registry, ledger and CRL."""
     with user_errors(), contextlib.ExitStack() as stack:
         validate_trust_domain(trust_domain)
+        if device_days <= 0:
+            msg = f"--device-days must be at least 1, not {device_days}"
+            raise ProvisioningError(msg)
         passphrase = passphrase_from_env()
         existing_root = None
         if root_cert is not None:
@@ -137,6 +156,19 @@ def ca_init(
             existing_root=existing_root,
         )
         with ca:
+            if as_json:
+                print_json(
+                    {
+                        "trust_domain": trust_domain,
+                        "pki": str(pki),
+                        "root": _cert_json(ca.root),
+                        "issuing": _cert_json(ca.issuing),
+                        "server_names": ["localhost", "127.0.0.1", *(server_name or [])],
+                        "encrypted_keys": bool(passphrase),
+                        "warnings": [],
+                    }
+                )
+                return
             out.print(f"Created the PKI of [bold]{trust_domain}[/bold] in {pki}", markup=True)
             for label, cert in (("root CA    ", ca.root), ("issuing CA ", ca.issuing)):
                 subject = cert.subject.rfc4514_string()
@@ -161,10 +193,24 @@ def ca_init(
 
 
 @ca_app.command("crl")
-def ca_crl(pki: PkiOpt) -> None:
+def ca_crl(pki: PkiOpt, as_json: JsonOpt = False) -> None:
     """Re-sign the CRL with a new number and nextUpdate (schedule this before it goes stale)."""
     with user_errors(), _open(pki) as ca:
         info = ca.refresh_crl()
+        if as_json:
+            print_json(
+                {
+                    "crl": {
+                        "number": info.number,
+                        "path": str(pki / "crl.pem"),
+                        "this_update": info.this_update.isoformat(),
+                        "next_update": info.next_update.isoformat(),
+                        "revoked": info.revoked,
+                    },
+                    "warnings": [],
+                }
+            )
+            return
         out.print(
             f"CRL #{info.number} written to {pki / 'crl.pem'}: {info.revoked} revoked, "
             f"next update {_when(info.next_update)}"
@@ -179,16 +225,12 @@ def ca_show(pki: PkiOpt, as_json: JsonOpt = False) -> None:
         now = dt.datetime.now(dt.UTC)
         warn_at = info.next_update - dt.timedelta(hours=ca.config.crl_warn_hours)
         records = ca.registry.latest()
+        devices = sum(1 for r in records if r.kind == "device" and r.state() == "active")
+        services = sum(1 for r in records if r.kind == "service" and r.state() == "active")
         doc = {
             "trust_domain": ca.trust_domain,
-            "root": {
-                "subject": ca.root.subject.rfc4514_string(),
-                "not_after": ca.root.not_valid_after_utc.isoformat(),
-            },
-            "issuing": {
-                "subject": ca.issuing.subject.rfc4514_string(),
-                "not_after": ca.issuing.not_valid_after_utc.isoformat(),
-            },
+            "root": _cert_json(ca.root),
+            "issuing": _cert_json(ca.issuing),
             "root_key_online": (pki / "private" / "root.key").exists(),
             "issuing_key": ca.config.issuing_key or str(pki / "private" / "issuing.key"),
             "root_key": ca.config.root_key,
@@ -199,11 +241,11 @@ def ca_show(pki: PkiOpt, as_json: JsonOpt = False) -> None:
                 "revoked": info.revoked,
                 "stale": info.stale(),
             },
-            "devices": sum(1 for r in records if r.kind == "device" and r.state() == "active"),
-            "services": sum(1 for r in records if r.kind == "service" and r.state() == "active"),
+            "devices": devices,
+            "services": services,
         }
         if as_json:
-            _print_json(doc)
+            print_json(doc)
             return
         out.print(f"trust domain  {ca.trust_domain}")
         online = "online" if doc["root_key_online"] else "offline"
@@ -215,7 +257,7 @@ def ca_show(pki: PkiOpt, as_json: JsonOpt = False) -> None:
         )
         crl_line = f"#{info.number}, {info.revoked} revoked, next update {_when(info.next_update)}"
         out.print(f"CRL           {crl_line}")
-        out.print(f"active        {doc['devices']} devices, {doc['services']} services")
+        out.print(f"active        {plural(devices, 'device')}, {plural(services, 'service')}")
         if info.stale(now):
             err.print("[red]warning:[/red] the CRL is stale; run 'iotauth ca crl'", markup=True)
         elif now >= warn_at:
@@ -247,6 +289,7 @@ def _issue(
             raise ProvisioningError(msg)
         csr_bytes = csr.read_bytes() if csr else None
         with _open(pki) as ca:
+            asked = ca.lifetime_days(kind, days)  # refuses 0 and negatives before any work
             issued = ca.issue(
                 name,
                 kind=kind,
@@ -257,10 +300,15 @@ def _issue(
                 broker=broker,
                 days=days,
             )
+        warnings = _validity_warnings(issued, asked)
+        for warning in warnings:
+            err.print(f"[yellow]warning:[/yellow] {escape(warning)}", markup=True)
         if as_json:
             doc = issued.record.to_json()
             doc["out"] = str(out_dir) if out_dir else None
-            _print_json(doc)
+            doc["days_requested"] = asked
+            doc["warnings"] = warnings
+            print_json(doc)
         elif out_dir is None:
             os.write(1, issued.cert_chain_pem)
         else:
@@ -274,6 +322,18 @@ def _issue(
                 "key generated here" if r.key_origin == "station" else "key stays on the device"
             )
             out.print(f"  credentials in {out_dir} ({key_note})")
+
+
+def _validity_warnings(issued: Issued, asked: int) -> list[str]:
+    """A certificate never outlives its issuer: say so when that cut the validity asked for."""
+    cert, issuer = issued.certificate, issued.issuing
+    if cert.not_valid_after_utc < issuer.not_valid_after_utc:
+        return []
+    got = (cert.not_valid_after_utc - issued.record.issued_at).days
+    return [
+        f"the certificate is valid for {got} days, not the {asked} asked: the issuing CA "
+        f"expires {_when(issuer.not_valid_after_utc)}"
+    ]
 
 
 OutOpt = Annotated[
@@ -342,7 +402,7 @@ def device_token(
     with user_errors():
         token, claims = token_for_credentials(creds, device_id, ttl=ttl, audience=audience)
     if as_json:
-        _print_json({"token": token, "claims": claims})
+        print_json({"token": token, "claims": claims})
     else:
         print(token)
 
@@ -369,9 +429,9 @@ def _list(kind: IdentityKind, pki: Path, as_json: bool, show_all: bool) -> None:
         rows = ca.registry.all() if show_all else ca.registry.latest(kind.value)
         rows = [r for r in rows if r.kind == kind.value]
     if as_json:
-        _print_json([r.to_json() for r in rows])
+        print_json([r.to_json() for r in rows])
         return
-    table = Table(title=f"{len(rows)} {kind.value}(s) in {pki}", title_justify="left")
+    table = Table(title=f"{plural(len(rows), kind.value)} in {pki}", title_justify="left")
     for col in ("name", "state", "serial", "not after", "hardware", "key", "issued by"):
         table.add_column(col)
     styles = {"active": "green", "revoked": "red", "expired": "yellow"}
@@ -406,6 +466,28 @@ def service_list(pki: PkiOpt, as_json: JsonOpt = False, show_all: AllOpt = False
     _list(IdentityKind.SERVICE, pki, as_json, show_all)
 
 
+def _show(kind: IdentityKind, name: str, pki: Path, as_json: bool) -> None:
+    with user_errors():
+        validate_name(name, what="device id" if kind is IdentityKind.DEVICE else "service name")
+        with _open(pki) as ca:
+            everything = ca.registry.history(name)
+            spiffe = Identity(kind, name, ca.trust_domain).spiffe_id
+        history = [r for r in everything if r.kind == kind.value]
+        if not history:
+            other = everything[0].kind if everything else None
+            where = f"not a {kind.value} but a {other}: use 'iotauth {other} show {name}'"
+            msg = f"{kind.value} {name!r} is {where if other else 'not in the registry'}"
+            raise ProvisioningError(msg)
+    if as_json:
+        key = "device_id" if kind is IdentityKind.DEVICE else "service"
+        print_json({key: name, "spiffe_id": spiffe, "certificates": [r.to_json() for r in history]})
+        return
+    current = history[-1]
+    out.print(f"[bold]{name}[/bold]  {spiffe}  ({current.state()})", markup=True)
+    for r in history:
+        _print_record(r)
+
+
 @device_app.command("show")
 def device_show(
     device_id: Annotated[str, typer.Argument(help="Device id.")],
@@ -413,27 +495,24 @@ def device_show(
     as_json: JsonOpt = False,
 ) -> None:
     """One device: every certificate it has had, newest last."""
-    with user_errors():
-        validate_name(device_id)
-        with _open(pki) as ca:
-            history = [r for r in ca.registry.history(device_id) if r.kind == "device"]
-            spiffe = f"spiffe://{ca.trust_domain}/device/{device_id}"
-        if not history:
-            msg = f"device {device_id!r} is not in the registry"
-            raise ProvisioningError(msg)
-    if as_json:
-        _print_json(
-            {
-                "device_id": device_id,
-                "spiffe_id": spiffe,
-                "certificates": [r.to_json() for r in history],
-            }
-        )
-        return
-    current = history[-1]
-    out.print(f"[bold]{device_id}[/bold]  {spiffe}  ({current.state()})", markup=True)
-    for r in history:
-        _print_record(r)
+    _show(IdentityKind.DEVICE, device_id, pki, as_json)
+
+
+@service_app.command("show")
+def service_show(
+    name: Annotated[str, typer.Argument(help="Service name.")],
+    pki: PkiOpt,
+    as_json: JsonOpt = False,
+) -> None:
+    """One service identity: every certificate it has had, newest last."""
+    _show(IdentityKind.SERVICE, name, pki, as_json)
+
+
+def _cert_json(cert: x509.Certificate) -> dict[str, str]:
+    return {
+        "subject": cert.subject.rfc4514_string(),
+        "not_after": cert.not_valid_after_utc.isoformat(),
+    }
 
 
 def _print_record(r: CertRecord) -> None:
@@ -477,18 +556,33 @@ def _revoke(
     reason: str,
     export: Path | None = None,
     reload: bool = False,
+    as_json: bool = False,
 ) -> None:
     with user_errors():
         validate_name(name, what="device id" if kind is IdentityKind.DEVICE else "service name")
         if reload and export is None:
             msg = "--reload needs --export DIR (the directory 'iotauth broker export' wrote)"
             raise ProvisioningError(msg)
+
+        def say(line: str) -> None:
+            if not as_json:  # with --json, stdout holds the one JSON document
+                out.print(line)
+
         with _open(pki) as ca:
             rows = ca.revoke(name, reason=reason, kind=kind)
             info = ca.crl_info()
             for r in rows:
-                out.print(f"Revoked {kind.value} {name} serial {r.serial} ({reason})")
-            out.print(f"CRL #{info.number} written to {pki / 'crl.pem'}")
+                say(f"Revoked {kind.value} {name} serial {r.serial} ({reason})")
+            say(f"CRL #{info.number} written to {pki / 'crl.pem'}")
+            doc: dict[str, object] = {
+                "kind": kind.value,
+                "name": name,
+                "reason": reason,
+                "revoked": [r.serial for r in rows],
+                "crl": {"number": info.number, "path": str(pki / "crl.pem")},
+                "export": None,
+                "warnings": [],
+            }
             if export is not None:
                 from provisioning.export_hook import ExportHookError, publish_crl
 
@@ -497,13 +591,22 @@ def _revoke(
                 except ExportHookError as exc:
                     msg = f"{name} is revoked in {pki}, but the export was not fully updated: {exc}"
                     raise ProvisioningError(msg) from None
-                out.print(f"CRL #{report.crl_number} copied to {report.crl_path}")
+                say(f"CRL #{report.crl_number} copied to {report.crl_path}")
                 if report.reloaded_pid is not None:
-                    out.print(f"Mosquitto (pid {report.reloaded_pid}) reloaded (SIGHUP)")
+                    say(f"Mosquitto (pid {report.reloaded_pid}) reloaded (SIGHUP)")
                 for kicked in report.kicked:
-                    out.print(f"Closed the live sessions of {kicked}")
+                    say(f"Closed the live sessions of {kicked}")
                 for note in report.notes:
-                    err.print(f"[yellow]warning:[/yellow] {note}", markup=True)
+                    err.print(f"[yellow]warning:[/yellow] {escape(str(note))}", markup=True)
+                doc["export"] = {
+                    "crl_path": str(report.crl_path),
+                    "crl_number": report.crl_number,
+                    "reloaded_pid": report.reloaded_pid,
+                    "kicked": list(report.kicked),
+                }
+                doc["warnings"] = [str(n) for n in report.notes]
+        if as_json:
+            print_json(doc)
 
 
 @device_app.command("revoke")
@@ -513,9 +616,10 @@ def device_revoke(
     reason: ReasonOpt = "unspecified",
     export: ExportOpt = None,
     reload: ReloadOpt = False,
+    as_json: JsonOpt = False,
 ) -> None:
     """Revoke a device's active certificate(s), record it, and publish a new CRL."""
-    _revoke(IdentityKind.DEVICE, device_id, pki, reason, export, reload)
+    _revoke(IdentityKind.DEVICE, device_id, pki, reason, export, reload, as_json)
 
 
 @service_app.command("revoke")
@@ -525,24 +629,40 @@ def service_revoke(
     reason: ReasonOpt = "unspecified",
     export: ExportOpt = None,
     reload: ReloadOpt = False,
+    as_json: JsonOpt = False,
 ) -> None:
     """Revoke a service's active certificate(s) and publish a new CRL."""
-    _revoke(IdentityKind.SERVICE, name, pki, reason, export, reload)
+    _revoke(IdentityKind.SERVICE, name, pki, reason, export, reload, as_json)
 
 
 # -- ledger ------------------------------------------------------------------------------------
 
 
 @ledger_app.command("verify")
-def ledger_verify(pki: PkiOpt) -> None:
+def ledger_verify(pki: PkiOpt, as_json: JsonOpt = False) -> None:
     """Check the hash chain, the signatures and the registry's record of the last entry."""
     with user_errors(), _open(pki) as ca:
-        report = ca.verify_ledger()
+        try:
+            report = ca.verify_ledger()
+        except LedgerCorruptError as exc:
+            if as_json:  # the verdict is the result: a script reads it, the line goes to stderr
+                print_json({"ok": False, "error": str(exc), "line": exc.line, "warnings": []})
+            raise
         for warning in report.warnings:
-            err.print(f"[yellow]warning:[/yellow] {warning}", markup=True)
+            err.print(f"[yellow]warning:[/yellow] {escape(warning)}", markup=True)
+        if as_json:
+            print_json(
+                {
+                    "ok": True,
+                    "entries": report.entries,
+                    "head": {"seq": report.head.seq, "hash": report.head.hash},
+                    "warnings": list(report.warnings),
+                }
+            )
+            return
         out.print(
-            f"ledger OK: {report.entries} entries, chained and signed by the issuing CA; "
-            f"head {report.head.hash[:16]}"
+            f"ledger OK: {plural(report.entries, 'entry', 'entries')}, chained and signed by the "
+            f"issuing CA; head {report.head.hash[:16]}"
         )
 
 
@@ -558,7 +678,7 @@ def ledger_show(
     if tail:
         entries = entries[-tail:]
     if as_json:
-        _print_json(
+        print_json(
             [
                 {"seq": e.seq, "time": e.time, "event": e.event, "data": e.data, "hash": e.hash}
                 for e in entries

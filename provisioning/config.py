@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import tomllib
+from collections.abc import Callable
 from dataclasses import dataclass, fields
 from pathlib import Path
+from typing import Any
 
-from provisioning.errors import PKIError
+from provisioning.errors import PKIError, ProvisioningError
 from provisioning.identity import validate_trust_domain
 
-__all__ = ["PASSPHRASE_ENV", "PKIConfig"]
+__all__ = ["PASSPHRASE_ENV", "SETTINGS", "PKIConfig", "Setting"]
 
 PASSPHRASE_ENV = "IOTAUTH_CA_PASSPHRASE"  # noqa: S105 - the variable's name, not a secret
 
@@ -68,23 +70,95 @@ class PKIConfig:
 
     @classmethod
     def load(cls, path: Path) -> PKIConfig:
+        """Read and check ``path``; every failure names the file, the key and what it expects."""
         try:
             data = tomllib.loads(path.read_text(encoding="utf-8"))
         except tomllib.TOMLDecodeError as exc:
-            msg = f"{path}: {exc}"
+            msg = f"{path}: not valid TOML: {exc}"
+            raise PKIError(msg) from None
+        except UnicodeDecodeError:
+            msg = f"{path}: not valid TOML: the file is not UTF-8 text"
             raise PKIError(msg) from None
         section = data.get("pki")
-        if not isinstance(section, dict) or section.get("version") != 1:
-            msg = f"{path}: missing [pki] section with version = 1"
+        if not isinstance(section, dict):
+            msg = f"{path}: missing [pki] section (see 'iotauth ca init')"
             raise PKIError(msg)
-        known = {f.name: f.type for f in fields(cls)}
-        kwargs = {k: v for k, v in section.items() if k in known}
-        unknown = sorted(set(section) - set(known) - {"version"})
+        if section.get("version") != 1:
+            msg = f"{path}: key 'version' in [pki] must be 1, not {section.get('version')!r}"
+            raise PKIError(msg)
+        unknown = sorted(set(section) - set(SETTINGS) - {"version"})
         if unknown:
-            msg = f"{path}: unknown setting(s) {', '.join(unknown)}"
+            msg = (
+                f"{path}: unknown key(s) {', '.join(map(repr, unknown))} in [pki]; "
+                f"known: version, {', '.join(SETTINGS)}"
+            )
             raise PKIError(msg)
-        try:
-            return cls(**kwargs)
-        except TypeError as exc:
-            msg = f"{path}: {exc}"
-            raise PKIError(msg) from None
+        kwargs: dict[str, Any] = {}
+        for key, setting in SETTINGS.items():
+            if key not in section:
+                if setting.required:
+                    msg = f"{path}: key {key!r} in [pki] is missing; expected {setting.expected}"
+                    raise PKIError(msg)
+                continue
+            value = section[key]
+            # bool is a subclass of int in Python, but `device_days = true` is not a number.
+            if type(value) is not setting.kind or not setting.accepts(value):
+                msg = (
+                    f"{path}: key {key!r} in [pki] must be {setting.expected}, not {_shown(value)}"
+                )
+                raise PKIError(msg)
+            kwargs[key] = value
+        return cls(**kwargs)
+
+
+@dataclass(frozen=True, slots=True)
+class Setting:
+    """One key of ``[pki]``: its TOML type, the words of the error, and the value check."""
+
+    kind: type
+    expected: str
+    accepts: Callable[[Any], bool] = lambda _value: True
+    required: bool = False
+
+
+def _is_trust_domain(value: str) -> bool:
+    try:
+        validate_trust_domain(value)
+    except ProvisioningError:
+        return False
+    return True
+
+
+def _positive(value: int) -> bool:
+    return value > 0
+
+
+def _shown(value: object) -> str:
+    if isinstance(value, bool):  # as the file spells it
+        return "true" if value else "false"
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+_DAYS = "a whole number of days above 0 (e.g. 90)"
+_HOURS = "a whole number of hours above 0"
+_PKCS11_URI = "a pkcs11: URI (e.g. 'pkcs11:token=ca;object=issuing')"
+
+# The keys of pki.toml's [pki] section besides `version`, one per field of PKIConfig (a test keeps
+# the two in step). A new key is one line here and one field above.
+SETTINGS: dict[str, Setting] = {
+    "trust_domain": Setting(
+        str,
+        "a trust domain of lower-case letters, digits, '.', '-', '_' (e.g. fleet.example)",
+        _is_trust_domain,
+        required=True,
+    ),
+    "encrypted_keys": Setting(bool, "true or false"),
+    "device_days": Setting(int, _DAYS, _positive),
+    "service_days": Setting(int, _DAYS, _positive),
+    "crl_hours": Setting(int, _HOURS, _positive),
+    "crl_warn_hours": Setting(int, _HOURS, _positive),
+    # A CA key in a PKCS#11 token; the URI itself is checked, with the fix, by PKIConfig.
+    "issuing_key": Setting(str, _PKCS11_URI),
+    "root_key": Setting(str, _PKCS11_URI),
+}

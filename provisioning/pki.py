@@ -584,6 +584,17 @@ class PKI:
         change.crl_dirty = True
         return record
 
+    def lifetime_days(self, kind: IdentityKind, days: int | None = None) -> int:
+        """The validity asked for: ``days``, else pki.toml's default for ``kind``; at least 1."""
+        if days is None:
+            return (
+                self.config.device_days if kind is IdentityKind.DEVICE else self.config.service_days
+            )
+        if days <= 0:  # 0 once meant "the default": a 90-day certificate for --days 0
+            msg = f"--days must be at least 1, not {days}"
+            raise PKIError(msg)
+        return days
+
     def _prepare_batch(
         self,
         names: Sequence[str],
@@ -598,12 +609,7 @@ class PKI:
     ) -> list[Prepared]:
         serials = list(hardware_serials) if hardware_serials else [None] * len(names)
         identities = self._validate_batch(names, kind, serials, rotate=rotate)
-        lifetime = days or (
-            self.config.device_days if kind is IdentityKind.DEVICE else self.config.service_days
-        )
-        if lifetime <= 0:
-            msg = "validity must be at least one day"
-            raise PKIError(msg)
+        lifetime = self.lifetime_days(kind, days)
         when = _now(now)
         eku = list(extended_key_usage or (ExtendedKeyUsageOID.CLIENT_AUTH,))
         issuer_key = self.issuing_key()

@@ -83,8 +83,12 @@ class CertRecord:
         return "active"
 
     def to_json(self) -> dict[str, object]:
+        """The record for --json (docs/JSON.md): ``state`` is active, revoked or expired; the
+        stored ``status`` column (which never says expired) is not repeated."""
         out: dict[str, object] = {}
         for key in self.__slots__:
+            if key == "status":
+                continue
             value = getattr(self, key)
             out[key] = _ts(value) if isinstance(value, dt.datetime) else value
         out["state"] = self.state()
@@ -280,13 +284,16 @@ class Registry:
     ) -> list[CertRecord]:
         """Revoke every active certificate of ``name``; return the rows as they were."""
         self._require_tx()
-        rows = [
-            r
-            for r in self.history(name)
-            if r.status == "active" and (kind is None or r.kind == kind)
-        ]
+        history = self.history(name)
+        rows = [r for r in history if r.status == "active" and (kind is None or r.kind == kind)]
         if not rows:
-            detail = "has no active certificate" if self.history(name) else "is not in the registry"
+            other = next((r.kind for r in history if kind is not None and r.kind != kind), None)
+            if other is not None:  # names are unique across kinds, so it is the other kind
+                detail = f"is not a {kind} but a {other}: use 'iotauth {other} revoke {name}'"
+            elif history:
+                detail = "has no active certificate"
+            else:
+                detail = "is not in the registry"
             raise UnknownDeviceError(name, kind=kind or "device", detail=detail)
         self._db.execute(
             "UPDATE certificates SET status = 'revoked', revoked_at = ?, revocation_reason = ?"

@@ -27,6 +27,7 @@ import functools
 import hashlib
 import re
 import string
+import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -48,20 +49,24 @@ from hardware import (
     ProtocolViolationError,
     Status,
 )
-from provisioning.errors import ProvisioningError
+from provisioning.errors import InvalidIdentityError, ProvisioningError
 from provisioning.identity import validate_name
 from provisioning.pki import PKI, Prepared, identity_json, passphrase_from_env
 
 __all__ = [
     "DEFAULT_ID_TEMPLATE",
+    "INTERRUPTED",
     "KeyMode",
     "ProgressCallback",
     "ProvisionResult",
     "StationError",
+    "StationInterrupted",
     "StationSettings",
     "device_id_from_template",
     "provision",
     "provision_many",
+    "serial_for_id",
+    "validate_id_template",
 ]
 
 KeyMode = Literal["auto", "device", "station"]
@@ -79,6 +84,22 @@ class StationError(ProvisioningError):
         self.reason = reason
         self.device_id = device_id
         super().__init__(f"{port}: {reason}")
+
+
+INTERRUPTED = "interrupted before the device was locked; nothing active was recorded"
+
+
+class StationInterrupted(ProvisioningError):  # noqa: N818 - it is what happened, not a bug
+    """Ctrl-C in gang mode: every port stopped at its next step; ``results`` says where.
+
+    A port that had locked its device finished (recorded); the others end with
+    :data:`INTERRUPTED`, a certificate already sent to the device recorded as revoked.
+    """
+
+    def __init__(self, results: list[ProvisionResult]) -> None:
+        self.results = results
+        kept = sum(r.ok for r in results)
+        super().__init__(f"interrupted: {kept} of {len(results)} device(s) provisioned")
 
 
 @dataclass(frozen=True, slots=True)
@@ -110,19 +131,66 @@ class ProvisionResult:
     reason: str | None = None
 
 
-def device_id_from_template(template: str, hardware_serial: str) -> str:
-    """Turn e.g. ``dev-{serial}`` and ``EMU-1A2B`` into a valid id: ``dev-emu-1a2b``.
+def validate_id_template(template: str) -> str:
+    """Check an ``--id-template`` before any port is opened; return it unchanged.
 
-    Lower-cases, maps every other character to ``-``, collapses runs, and cuts to 64
-    characters; the result is validated like any id.
+    The template is taken literally: only ``{serial}`` is replaced, and everything else must
+    already be id characters (``a-z``, ``0-9``, ``-``), because an id that the station would have
+    to rewrite is not the id the user asked for. So ``DEV_{serial}`` and ``{serial}/`` are
+    refused with the reason, as ``--device-id`` would refuse them.
     """
-    fields = {name for _, name, _, _ in string.Formatter().parse(template) if name is not None}
-    if fields - {"serial"}:
-        msg = f"id template {template!r} may only use {{serial}}, not {sorted(fields - {'serial'})}"
-        raise ProvisioningError(msg)
-    raw = template.format(serial=hardware_serial).lower()
-    cleaned = re.sub(r"-{2,}", "-", re.sub(r"[^a-z0-9-]", "-", raw)).strip("-")[:64].rstrip("-")
-    return validate_name(cleaned)
+    try:
+        parsed = list(string.Formatter().parse(template))
+    except ValueError as exc:  # "Single '}' encountered", "expected '}' before end of string"
+        raise InvalidIdentityError(template, f"{exc}", what="--id-template") from None
+    placeholders = [(name, spec, conv) for _, name, spec, conv in parsed if name is not None]
+    unknown = sorted({name for name, _, _ in placeholders} - {"serial"})
+    if unknown:
+        reason = f"unknown placeholder(s) {', '.join('{' + n + '}' for n in unknown)}"
+        raise InvalidIdentityError(template, f"{reason}; the only one is {{serial}}", what=_TPL)
+    if not placeholders:
+        reason = "it has no {serial}, so every device would get the same id (use --device-id)"
+        raise InvalidIdentityError(template, reason, what=_TPL)
+    if any(spec or conv for _, spec, conv in placeholders):
+        raise InvalidIdentityError(template, "write {serial} without ':' or '!'", what=_TPL)
+    try:  # the literal text, with the shortest serial, must already be a valid id
+        validate_name(template.format(serial="0"))
+    except InvalidIdentityError as exc:
+        raise InvalidIdentityError(template, exc.reason, what=_TPL) from None
+    return template
+
+
+_TPL = "--id-template"
+
+
+def serial_for_id(hardware_serial: str) -> str:
+    """The hardware serial as id characters: ``EMU-1A2B`` -> ``emu-1a2b``, ``AA:BB`` -> ``aa-bb``.
+
+    The rule (the only rewriting the station does): lower-case it, turn every character outside
+    ``a-z0-9`` into ``-``, collapse runs of ``-`` and drop them at both ends.
+    """
+    lowered = hardware_serial.lower()
+    return re.sub(r"-{2,}", "-", re.sub(r"[^a-z0-9]", "-", lowered)).strip("-")
+
+
+def device_id_from_template(template: str, hardware_serial: str) -> str:
+    """``dev-{serial}`` and ``EMU-1A2B`` give ``dev-emu-1a2b``; see :func:`serial_for_id`.
+
+    The template is never rewritten (:func:`validate_id_template`), and an id longer than 64
+    characters is refused, not cut: two units whose serials differ only at the end would
+    otherwise get the same id.
+    """
+    validate_id_template(template)
+    serial = serial_for_id(hardware_serial)
+    if not serial:
+        reason = "it has no letters or digits to put into {serial}"
+        raise InvalidIdentityError(hardware_serial, reason, what="hardware serial")
+    name = template.format(serial=serial)
+    try:
+        return validate_name(name)
+    except InvalidIdentityError as exc:
+        reason = f"{exc.reason} (--id-template {template!r})"
+        raise InvalidIdentityError(name, reason) from None
 
 
 @dataclass
@@ -135,14 +203,23 @@ class _Session:
     hashes: dict[str, str] = dataclasses.field(default_factory=dict)
     resumed: bool = False
     info: HelloInfo | None = None
+    stop: threading.Event | None = None
 
     @contextlib.contextmanager
     def phase(self, name: str) -> Iterator[None]:
+        if name != "record":  # every step up to LOCK may stop; recording a locked unit may not
+            self.checkpoint()
         t0 = time.monotonic()
         try:
             yield
         finally:
             self.timings[name] = round(self.timings.get(name, 0.0) + time.monotonic() - t0, 4)
+
+    def checkpoint(self) -> None:
+        """Stop here if asked to (Ctrl-C). Never after LOCK: once the device is locked, the run
+        must go on to record it, or a locked unit would hold a voided certificate."""
+        if self.stop is not None and self.stop.is_set():
+            raise StationError(self.port, INTERRUPTED)
 
 
 def _explain(port: str, exc: HardwareError, client: DeviceClient | None) -> str:  # noqa: PLR0911 - one reason per failure kind
@@ -162,7 +239,14 @@ def _explain(port: str, exc: HardwareError, client: DeviceClient | None) -> str:
         first_hello = client is None or client.stats.requests.get("HELLO", 0) <= 1
         if exc.command == "HELLO" and first_hello:
             return f"no device answering ({exc.reason} after {exc.attempts} attempts)"
-        return f"device stopped answering during {exc.command} ({exc.reason})"
+        hint = ""
+        if exc.reason.startswith("timed out") and client is not None:
+            # It did answer before: a slow or noisy link, rather than no device.
+            hint = (
+                f"; on a slow or noisy link raise --timeout (now {client.timeout:g} s) "
+                "and check that --baud matches the device"
+            )
+        return f"device stopped answering during {exc.command} ({exc.reason}){hint}"
     if isinstance(exc, DeviceRefusedError):
         if exc.status == Status.STORAGE_ERROR:
             return f"device reports its storage is full or failing ({exc.command})"
@@ -186,12 +270,13 @@ class _Run:
         port: str,
         settings: StationSettings,
         progress: ProgressCallback | None,
+        stop: threading.Event | None = None,
     ) -> None:
         self.pki = pki
         self.port = port
         self.settings = settings
         self.progress = progress
-        self.session = _Session(port)
+        self.session = _Session(port, stop=stop)
         self.client: DeviceClient | None = None
 
     def _report(self, phase: str, done: int, total: int) -> None:
@@ -365,6 +450,7 @@ class _Run:
     def _objects(self, prepared: Prepared, broker: str | None) -> list[tuple[ObjectKind, bytes]]:
         from cryptography.hazmat.primitives.serialization import Encoding
 
+        self.session.checkpoint()  # the last stop before the certificate leaves the station
         objects: list[tuple[ObjectKind, bytes]] = []
         if prepared.key_pem is not None:
             objects.append((ObjectKind.KEY, prepared.key_pem))
@@ -392,11 +478,11 @@ class _Run:
                     data: bytes = data,
                     base: int = base,
                 ) -> None:
-                    result = client.put_object(
-                        kind,
-                        data,
-                        progress=lambda sent, _t: self._report("upload", base + sent, total),
-                    )
+                    def sent_so_far(sent: int, _total: int) -> None:
+                        self._report("upload", base + sent, total)
+                        self.session.checkpoint()
+
+                    result = client.put_object(kind, data, progress=sent_so_far)
                     if result.resumed_from:
                         self.session.resumed = True
 
@@ -414,6 +500,7 @@ class _Run:
                 if actual != expected:
                     raise IntegrityError(kind.name.lower(), expected, actual)
                 self._report("verify", n + 1, len(checkable))
+                self.session.checkpoint()
 
     def _details(self, mode: str, *, failure: str | None = None) -> dict[str, Any]:
         s = self.session
@@ -443,9 +530,13 @@ def provision(
     rotate: bool = False,
     settings: StationSettings | None = None,
     progress: ProgressCallback | None = None,
+    stop: threading.Event | None = None,
 ) -> ProvisionResult:
-    """Provision the device on ``port``; raise StationError (or another ProvisioningError)."""
-    run = _Run(pki, port, settings or StationSettings(), progress)
+    """Provision the device on ``port``; raise StationError (or another ProvisioningError).
+
+    Setting ``stop`` ends the run at its next step before LOCK, as a failure (:data:`INTERRUPTED`).
+    """
+    run = _Run(pki, port, settings or StationSettings(), progress, stop)
     try:
         return run.run(
             device_id=device_id,
@@ -475,6 +566,7 @@ def provision_many(
 ) -> list[ProvisionResult]:
     """Gang mode: every port at once, one thread each; a failing port never stops the others.
 
+    Ctrl-C stops every port at its next step before LOCK and raises :class:`StationInterrupted`.
     Each thread opens the PKI itself (a SQLite connection belongs to one thread); the registry's
     write lock keeps their records apart.
     """
@@ -484,6 +576,8 @@ def provision_many(
     if len(set(ports)) != len(ports):
         msg = "the same port is listed twice"
         raise ProvisioningError(msg)
+    if device_id is None:
+        validate_id_template(id_template)  # before any port is opened
     passphrase = passphrase if passphrase is not None else passphrase_from_env()
 
     def one(port: str) -> ProvisionResult:
@@ -500,6 +594,7 @@ def provision_many(
                     rotate=rotate,
                     settings=settings,
                     progress=progress,
+                    stop=stop,
                 )
         except StationError as exc:
             reason = exc.reason
@@ -510,5 +605,13 @@ def provision_many(
         seconds = round(time.monotonic() - t0, 3)
         return ProvisionResult(port=port, ok=False, seconds=seconds, reason=reason)
 
+    stop = threading.Event()
     with ThreadPoolExecutor(max_workers=max(1, len(ports)), thread_name_prefix="station") as pool:
-        return list(pool.map(one, ports))
+        futures = [pool.submit(one, port) for port in ports]
+        try:
+            return [f.result() for f in futures]
+        except KeyboardInterrupt:
+            # Ctrl-C reaches only this thread: tell the others, let each end at its next step
+            # (voiding a certificate it may have sent), and report what was kept.
+            stop.set()
+            raise StationInterrupted([f.result() for f in futures]) from None

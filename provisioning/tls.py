@@ -19,7 +19,8 @@ import ssl
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
-from provisioning.errors import PKIError
+from provisioning.config import PASSPHRASE_ENV
+from provisioning.errors import PassphraseError, PKIError
 
 if TYPE_CHECKING:
     from hardware.keygen import KeyBackend
@@ -64,24 +65,57 @@ def _load_chain(
     key: Path,
     password: bytes | None,
     keystore: KeyBackend | None = None,
+    source: str | None = PASSPHRASE_ENV,
 ) -> None:
+    """``source`` names where the password comes from; None: the key must not be encrypted."""
     if _load_hardware_key(ctx, cert, key, keystore):
         return
+    asked: list[bool] = []
+
+    def give_password() -> bytes:
+        # A callback, never None: without one OpenSSL prompts on the terminal for an encrypted
+        # key, and a service must not wait on stdin. The keys in a PKI are encrypted with
+        # IOTAUTH_CA_PASSPHRASE (``ca init``), so that is the variable to name.
+        asked.append(True)
+        if not password:
+            fix = f"set {source}" if source else "an unencrypted PEM key is needed"
+            msg = f"{key} is encrypted; {fix}"
+            raise PassphraseError(msg)
+        return password
+
     try:
-        ctx.load_cert_chain(cert, key, password=password)
+        ctx.load_cert_chain(cert, key, password=give_password)
     except FileNotFoundError as exc:
         msg = f"cannot load TLS credentials: {exc.filename} is missing"
         raise PKIError(msg) from None
     except ssl.SSLError as exc:
-        msg = f"cannot load TLS credentials {cert} / {key}: {exc.reason or exc}"
-        raise PKIError(msg) from None
+        if asked and password:
+            msg = f"cannot decrypt {key}: wrong {PASSPHRASE_ENV}"
+            raise PassphraseError(msg) from None
+        raise PKIError(_which_file(cert, key, exc)) from None
+
+
+def _which_file(cert: Path, key: Path, exc: ssl.SSLError) -> str:
+    """OpenSSL says "PEM lib" for either file: name the one that is broken."""
+    if exc.reason == "KEY_VALUES_MISMATCH":
+        return f"{key} does not belong to {cert}"
+    try:
+        ssl.create_default_context(cafile=cert)
+    except ssl.SSLError:
+        return f"{cert} is not a PEM certificate (cut short or edited?)"
+    if cert != key:
+        return f"{key} is not a PEM private key (cut short or edited?)"
+    return f"cannot load TLS credentials {cert}: {exc.reason or exc}"
 
 
 def _load_trust(ctx: ssl.SSLContext, cafile: Path) -> None:
     try:
         ctx.load_verify_locations(cafile=cafile)
-    except (FileNotFoundError, ssl.SSLError) as exc:
-        msg = f"cannot load trust anchor {cafile}: {exc}"
+    except FileNotFoundError:
+        msg = f"cannot load trust anchor {cafile}: the file is missing"
+        raise PKIError(msg) from None
+    except ssl.SSLError:
+        msg = f"cannot load trust anchor {cafile}: not PEM (cut short or edited?)"
         raise PKIError(msg) from None
 
 
@@ -125,10 +159,13 @@ def client_context(
     password: bytes | None = None,
     check_hostname: bool = True,
     keystore: KeyBackend | None = None,
+    password_source: str | None = PASSPHRASE_ENV,
 ) -> ssl.SSLContext:
     """A client that verifies the server against ``trust`` and presents its own certificate.
 
     ``keystore`` says where ``key`` lives; ``None`` or a file store: ``key`` is a PEM file.
+    ``password_source`` is what an error names when ``key`` is encrypted and no password is
+    given; None for a device's key, which is never encrypted.
     """
     ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
     ctx.minimum_version = ssl.TLSVersion.TLSv1_2
@@ -136,7 +173,7 @@ def client_context(
     ctx.check_hostname = check_hostname
     _load_trust(ctx, trust)
     if cert_chain is not None:
-        _load_chain(ctx, cert_chain, key or cert_chain, password, keystore)
+        _load_chain(ctx, cert_chain, key or cert_chain, password, keystore, password_source)
     return ctx
 
 
@@ -191,6 +228,7 @@ def client_context_for_credentials(
         key=cred_dir / "device.key",
         check_hostname=check_hostname,
         keystore=keystore_for_credentials(cred_dir),
+        password_source=None,
     )
 
 

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import os
 import re
 import resource
+import socket
 import subprocess
 import sys
 import time
@@ -13,6 +15,7 @@ from pathlib import Path
 import pytest
 
 from broker.server import BrokerThread
+from provisioning.pki import PKI
 from tests.broker.broker_helpers import Fleet, Peer, stderr_line, wait_until
 from tests.conftest import (
     MOSQUITTO_PUB,
@@ -203,6 +206,47 @@ def test_broker_run_errors_are_one_line(
     )
     assert proc.returncode == 1
     assert_one_line_error(Result(proc.returncode, proc.stdout, proc.stderr), fragment)
+
+
+def _run_once(pki: Path, *extra: str, passphrase: str | None = None) -> Result:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("IOTAUTH_")}
+    if passphrase is not None:
+        env["IOTAUTH_CA_PASSPHRASE"] = passphrase
+    proc = subprocess.run(
+        [*RUN, "run", "--pki", str(pki), "--port", "0", "--no-renewal", *extra],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=False,
+        stdin=subprocess.DEVNULL,
+        env=env,
+    )
+    return Result(proc.returncode, proc.stdout, proc.stderr)
+
+
+@pytest.mark.parametrize(
+    ("passphrase", "fragment"),
+    [(None, "set IOTAUTH_CA_PASSPHRASE"), ("wrong", "wrong IOTAUTH_CA_PASSPHRASE")],
+    ids=["unset", "wrong"],
+)
+def test_broker_run_on_an_encrypted_pki_never_prompts(
+    tmp_path: Path, passphrase: str | None, fragment: str
+) -> None:
+    """An encrypted PKI without (or with a wrong) IOTAUTH_CA_PASSPHRASE: the words of `device
+    issue`, naming the key file, and no OpenSSL "Enter PEM pass phrase" prompt from a service."""
+    PKI.init(tmp_path / "pki", trust_domain="fleet.example", passphrase=b"s3cret").close()
+    result = _run_once(tmp_path / "pki", passphrase=passphrase)
+    assert "pass phrase" not in result.stderr
+    assert_one_line_error(result, fragment, "server.key")
+
+
+def test_broker_run_names_a_taken_metrics_port(fleet: Fleet) -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        result = _run_once(fleet.pki_dir, "--metrics-port", str(port))
+    assert_one_line_error(result, f"127.0.0.1:{port}", "--metrics-port")
 
 
 def _open_file_limit(pid: int) -> int:

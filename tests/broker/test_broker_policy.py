@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -10,7 +11,8 @@ from typer.testing import CliRunner
 from broker.cli import broker_app
 from broker.errors import PolicyError
 from broker.policy import Action, default_policy, load_policy
-from provisioning.identity import Identity
+from provisioning.identity import Identity, IdentityKind
+from provisioning.pki import PKI
 
 DEV1 = Identity.device("dev-1", "fleet.example")
 SINK = Identity.service("sink", "fleet.example")
@@ -153,6 +155,41 @@ def test_explain_prints_decision_and_rule(pki_dir: Path, pki: object) -> None:
     )
     assert code == 0
     assert "service-fleet-io" in out
+
+
+def test_explain_notes_an_identity_the_broker_would_refuse_first(
+    pki_dir: Path, pki: PKI, tmp_path: Path
+) -> None:
+    """The ACL is the last check: for an identity without an active certificate (unknown,
+    revoked, or of the other kind) explain says the TLS handshake refuses it before any ACL."""
+    pki.issue("dev-live", out=tmp_path / "live")
+    pki.issue("dev-gone", out=tmp_path / "gone")
+    pki.revoke("dev-gone", reason="key-compromise")
+    pki.issue("sink", kind=IdentityKind.SERVICE, out=tmp_path / "sink")
+    cases = {
+        "dev-live": None,
+        "dev-gone": "the newest is revoked",
+        "dev-never": "is not in the registry",
+        "sink": "add --service",
+    }
+    for name, fragment in cases.items():
+        topic = f"devices/{name}/telemetry/t"
+        code, out, _ = _explain("--pki", str(pki_dir), "--identity", name, "--publish", topic)
+        assert code == 0, out  # the policy's own answer is unchanged
+        notes = [line for line in out.splitlines() if line.strip().startswith("note:")]
+        if fragment is None:
+            assert notes == [], out
+        else:
+            assert len(notes) == 1, out
+            assert fragment in notes[0]
+            assert "refuses it at the TLS handshake, before any ACL" in notes[0]
+        code, out, _ = _explain(
+            "--pki", str(pki_dir), "--identity", name, "--publish", topic, "--json"
+        )
+        doc = json.loads(out)
+        assert doc["allowed"] is True
+        assert doc["rule"] == "device-subtree"
+        assert len(doc["warnings"]) == (0 if fragment is None else 1)
 
 
 def test_explain_uses_a_policy_file(pki_dir: Path, pki: object, tmp_path: Path) -> None:

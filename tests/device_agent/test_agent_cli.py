@@ -11,6 +11,7 @@ import os
 import shlex
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import tomllib
@@ -175,7 +176,12 @@ def test_slim_agent_renews_without_importing_cryptography(
 @pytest.mark.parametrize(
     ("args", "fragment"),
     [
-        (["run", "--store", "/nonexistent/store", "--broker", "127.0.0.1:1"], "identity.json"),
+        (
+            ["run", "--store", "/nonexistent/store", "--broker", "127.0.0.1:1"],
+            "/nonexistent/store: does not exist",
+        ),
+        (["run", "--store", "{bad}", "--broker", "127.0.0.1:1"], "agent.toml: is not a directory"),
+        (["run", "--store", "{half}", "--broker", "127.0.0.1:1"], "identity.json is missing"),
         (["run", "--store", "{store}", "--broker", "127.0.0.1:notaport"], "port"),
         (["run", "--store", "{store}"], "no broker address"),
         (["run", "--store", "{store}", "--config", "{bad}"], "unknown key"),
@@ -192,7 +198,9 @@ def test_bad_input_is_one_line_and_exit_1(
     empty = tmp_path / "empty"
     empty.mkdir()
     (empty / "identity.json").write_text((store / "identity.json").read_text())
-    argv = [a.format(store=store, bad=bad, empty=empty) for a in args]
+    half = tmp_path / "half"
+    half.mkdir()
+    argv = [a.format(store=store, bad=bad, empty=empty, half=half) for a in args]
     proc = subprocess.run(
         [*entry, *argv],
         capture_output=True,
@@ -202,6 +210,20 @@ def test_bad_input_is_one_line_and_exit_1(
     )
     assert proc.returncode == 1
     assert_one_line_error(Result(proc.returncode, proc.stdout, proc.stderr), fragment)
+
+
+def test_nothing_listening_names_the_broker_address(creds: Creds) -> None:
+    """Connection refused: the log line says which HOST:PORT the agent tried."""
+    with socket.socket() as probe:  # a port that was free a moment ago: nothing listens there
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    proc = _start_agent(SLIM_MODULE, creds("dev-1"), port)
+    try:
+        assert proc.stderr is not None
+        line = proc.stderr.readline()
+    finally:
+        _sigterm(proc)
+    assert f"nothing listens at 127.0.0.1:{port}" in line, line
 
 
 @ENTRY_POINTS

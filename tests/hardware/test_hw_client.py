@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import time
+from pathlib import Path
 
 import pytest
 
 from hardware.client import ClientCore, DeviceClient
 from hardware.codec import Command, Frame, ObjectKind, Status, encode_frame
+from hardware.emulator import VirtualDevice
 from hardware.errors import DeviceGoneError, DeviceRefusedError, InvalidDeviceIdError, PortError
 from hardware.responder import Responder
 
@@ -145,3 +147,22 @@ def test_stats_decoder_counts_noise(make_responder) -> None:
     client.core.receive_data(b"\x00junk\x00")
     client.hello()
     assert client.stats.decoder.garbage == 1
+
+
+def test_the_wait_for_an_answer_covers_the_time_on_the_wire(tmp_path: Path) -> None:
+    """At 2400 baud the device's CSR (about 500 bytes) takes some 2 s to arrive: the station
+    waits for it (``timeout`` is the margin beyond the wire time) instead of retransmitting into
+    a link that is still busy with the answer and giving up after ``retries``."""
+    device = VirtualDevice(tmp_path / "store", "socket://127.0.0.1:0", baudrate=2400).start()
+    try:
+        with DeviceClient.open(device.address, baudrate=2400, timeout=0.3, retries=2) as client:
+            client.hello()
+            csr = client.genkey("dev-slow")
+            retransmits = sum(client.stats.retransmits.values())
+    finally:
+        device.stop()
+    assert "BEGIN CERTIFICATE REQUEST" in csr
+    assert retransmits == 0
+    assert DeviceClient(FakePort(None), timeout=0.5).attempt_seconds(100) == 0.5
+    slow = DeviceClient(FakePort(None), timeout=0.5, baudrate=1200)
+    assert slow.attempt_seconds(1000) > 0.5 + 1000 * 10 / 1200

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import signal
 import socket
 import stat
 import subprocess
@@ -15,7 +16,7 @@ import pytest
 
 from hardware import DeviceClient, FaultConfig, VirtualDevice
 from hardware.errors import PortError
-from provisioning.errors import ProvisioningError
+from provisioning.errors import InvalidIdentityError, ProvisioningError
 from provisioning.pki import PKI
 from provisioning.station import (
     ProvisionResult,
@@ -255,6 +256,23 @@ def test_device_gone_for_good_leaves_no_active_record(
     assert pki.verify_ledger().warnings == []
 
 
+def test_a_device_slower_than_the_station_thinks_names_the_options(
+    pki: PKI, devices: Callable[..., VirtualDevice]
+) -> None:
+    """The unit runs at 1200 baud, the station believes 115200 and never retransmits: HELLO
+    (0.4 s on that wire) gets through, a chunk of the CSR (2 s) does not, and the reason says
+    which options to look at."""
+    device = devices("slow", "socket://127.0.0.1:0", baudrate=1200)
+    settings = StationSettings(baudrate=115200, timeout=1.0, retries=0, reconnects=0)
+    with pytest.raises(StationError) as caught:
+        provision(pki, device.address, settings=settings)
+    reason = caught.value.reason
+    assert "stopped answering" in reason, reason
+    assert "raise --timeout (now 1 s)" in reason
+    assert "--baud" in reason
+    assert pki.registry.active("dev-" + device.hardware_serial.lower()) is None
+
+
 @pytest.mark.slow
 def test_noisy_link_provisions_devices_in_a_row(pki: PKI, tmp_path: Path) -> None:
     """0.1 % per-byte faults (flips, drops, garbage) and a boot log: every unit ends verified."""
@@ -305,11 +323,46 @@ def test_ids_from_templates(template: str, serial: str, expected: str) -> None:
     assert device_id_from_template(template, serial) == expected
 
 
-def test_bad_templates(pki: PKI) -> None:
-    with pytest.raises(ProvisioningError, match="may only use"):
-        device_id_from_template("dev-{mac}", "x")
-    with pytest.raises(ProvisioningError, match="invalid device id"):
-        device_id_from_template("{serial}", "!!!")
+@pytest.mark.parametrize(
+    ("template", "serial", "reason"),
+    [
+        ("dev-{mac}", "x", "unknown placeholder(s) {mac}"),
+        ("DEV_{serial}", "EMU-E73DA874", "upper-case"),
+        ("dev_{serial}", "EMU-E73DA874", "'_'"),
+        ("{serial}/", "EMU-E73DA874", "'/'"),
+        ("-{serial}", "x", "starts with '-'"),
+        ("dev-{serial", "x", "expected '}'"),
+        ("dev-{serial:>9}", "x", "without ':'"),
+        ("dev", "x", "no {serial}"),
+        ("{serial}", "!!!", "no letters or digits"),
+        ("dev-{serial}", "X" * 61, "65 characters long; the limit is 64"),
+    ],
+)
+def test_bad_templates_are_refused_not_rewritten(template: str, serial: str, reason: str) -> None:
+    """What the user wrote is the id, or a reason why not: never a silently different id."""
+    with pytest.raises(InvalidIdentityError) as caught:
+        device_id_from_template(template, serial)
+    assert reason in str(caught.value)
+
+
+@pytest.mark.parametrize(
+    ("template", "fragment"),
+    [("DEV_{serial}", "upper-case"), ("{serial}/", "'/'"), ("dev-{mac}", "{mac}")],
+)
+def test_cli_checks_the_template_before_opening_a_port(
+    pki_dir: Path, pki: PKI, template: str, fragment: str
+) -> None:
+    """The port named here cannot be opened: the template error must come first, on one line."""
+    args = ["--pki", str(pki_dir), "--port", "/nonexistent/tty", "--id-template", template]
+    proc = subprocess.run(
+        [*CLI, "provision", *args], capture_output=True, text=True, check=False, timeout=60
+    )
+    assert_one_line_error(
+        Result(proc.returncode, proc.stdout, proc.stderr), "--id-template", fragment
+    )
+    assert "nonexistent" not in proc.stderr
+    with pytest.raises(InvalidIdentityError):  # the library refuses before its threads start
+        provision_many(pki_dir, ["/nonexistent/tty"], id_template=template)
 
 
 def test_cli_gang_mode_with_real_emulator_processes(
@@ -352,6 +405,91 @@ def test_cli_gang_mode_with_real_emulator_processes(
             proc.wait(10)
     for name in ("a", "b"):
         assert openssl_verify(pki_dir, tmp_path / name / "device.crt").returncode == 0
+
+
+def test_ctrl_c_in_gang_mode_keeps_what_is_done_and_says_how_to_resume(
+    pki_dir: Path, pki: PKI, devices: Callable[..., VirtualDevice]
+) -> None:
+    """SIGINT while one unit is done and another is still uploading at 2400 baud: exit 130 with
+    one line naming what was kept and the port to rerun; the rerun finishes the second unit."""
+    fast = devices("fast", "socket://127.0.0.1:0")
+    slow = devices("slow", "socket://127.0.0.1:0", baudrate=2400)
+    fast_id = "dev-" + fast.hardware_serial.lower()
+    slow_id = "dev-" + slow.hardware_serial.lower()
+    proc = subprocess.Popen(
+        [*CLI, "provision", "--pki", str(pki_dir), "--port", fast.address, "--port", slow.address],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        deadline = time.monotonic() + 60
+        while pki.registry.active(fast_id) is None and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert pki.registry.active(fast_id) is not None
+        proc.send_signal(signal.SIGINT)
+        out, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == 130, err
+    assert "Traceback" not in err
+    last = [line for line in err.splitlines() if line.strip()][-1]
+    assert last.startswith("interrupted: kept 1 provisioned and recorded device(s)"), err
+    assert fast_id in last
+    assert f"rerun with --port {slow.address} to resume" in last
+    assert "error:" not in err  # the stopped port is not reported as a failure
+    assert "stopped" in out
+    assert pki.registry.active(slow_id) is None
+    assert pki.verify_ledger().warnings == []
+    slow.byte_time = 0.0  # the rerun need not crawl
+    rerun = subprocess.run(
+        [*CLI, "provision", "--pki", str(pki_dir), "--port", slow.address],
+        capture_output=True, text=True, check=False, timeout=120,
+    )  # fmt: skip
+    assert rerun.returncode == 0, rerun.stderr
+    assert pki.registry.active(slow_id) is not None
+
+
+def test_station_commands_speak_json(pki_dir: Path, pki: PKI, tmp_path: Path) -> None:
+    """`hw emulate --json` prints one JSON line with the port as soon as it listens; `provision
+    --json` gives one entry per port; `hw reset --json` names what it revoked."""
+    emulator = subprocess.Popen(
+        [*CLI, "hw", "emulate", "--store", str(tmp_path / "unit"), "--link",
+         "socket://127.0.0.1:0", "--json"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        assert emulator.stdout is not None
+        ready = json.loads(emulator.stdout.readline())
+        assert ready["event"] == "listening"
+        port = ready["port"]
+        assert port.startswith("socket://127.0.0.1:")
+        device_id = "dev-" + ready["hardware_serial"].lower()
+        done = subprocess.run(
+            [*CLI, "provision", "--pki", str(pki_dir), "--port", port, "--port",
+             "socket://127.0.0.1:9", "--json", "--timeout", "0.1"],
+            capture_output=True, text=True, check=False, timeout=120,
+        )  # fmt: skip
+        assert done.returncode == 1  # one port has nothing behind it
+        doc = json.loads(done.stdout)
+        assert (doc["ok"], doc["provisioned"], doc["interrupted"]) == (False, 1, False)
+        first, second = doc["results"]
+        assert (first["port"], first["ok"], first["device_id"]) == (port, True, device_id)
+        assert first["serial"] == pki.registry.active(device_id).serial  # type: ignore[union-attr]
+        assert first["error"] is None
+        assert (second["ok"], second["port"]) == (False, "socket://127.0.0.1:9")
+        assert second["error"]
+        reset = subprocess.run(
+            [*CLI, "hw", "reset", "--pki", str(pki_dir), "--port", port, "--yes", "--json"],
+            capture_output=True, text=True, check=False, timeout=60,
+        )  # fmt: skip
+        assert reset.returncode == 0, reset.stderr
+        wiped = json.loads(reset.stdout)
+        assert (wiped["device_id"], wiped["revoked"]) == (device_id, [first["serial"]])
+        assert wiped["hardware_serial"] == ready["hardware_serial"]
+    finally:
+        emulator.terminate()
+        emulator.wait(10)
 
 
 def test_cli_errors_are_one_line(pki_dir: Path, pki: PKI) -> None:

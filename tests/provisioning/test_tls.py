@@ -13,7 +13,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.x509.oid import ExtendedKeyUsageOID
 
 from hardware.keygen import TpmBackend
-from provisioning.errors import PKIError
+from provisioning.errors import PassphraseError, PKIError
 from provisioning.identity import IdentityKind
 from provisioning.pki import PKI
 from provisioning.tls import (
@@ -307,3 +307,27 @@ def test_the_key_store_of_a_credential_directory(tmp_path: Path) -> None:
     (tmp_path / "identity.json").write_text('{"keystore": "smartcard"}')
     with pytest.raises(PKIError, match="unknown key store 'smartcard'"):
         keystore_for_credentials(tmp_path)
+
+
+def test_an_encrypted_key_is_never_prompted_for(pki: PKI, tmp_path: Path) -> None:
+    """OpenSSL asks on the terminal for a PEM pass phrase unless given a callback: a service
+    must fail with the variable to set (PKI keys) or the fix (a device key) instead."""
+    pki.issue("dev-1", out=tmp_path / "dev-1")
+    key_path = tmp_path / "dev-1" / "device.key"
+    key = serialization.load_pem_private_key(key_path.read_bytes(), None)
+    key_path.write_bytes(
+        key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.BestAvailableEncryption(b"secret"),
+        )
+    )
+    with pytest.raises(PassphraseError, match="unencrypted PEM key is needed"):
+        client_context_for_credentials(tmp_path / "dev-1")
+    encrypted = PKI.init(tmp_path / "enc", trust_domain="fleet.example", passphrase=b"s3cret")
+    encrypted.close()
+    with pytest.raises(PassphraseError, match=r"server\.key is encrypted; set IOTAUTH_CA_"):
+        server_context_for_pki(tmp_path / "enc")
+    with pytest.raises(PassphraseError, match="wrong IOTAUTH_CA_PASSPHRASE"):
+        server_context_for_pki(tmp_path / "enc", password=b"nope")
+    server_context_for_pki(tmp_path / "enc", password=b"s3cret")
