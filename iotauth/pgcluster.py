@@ -45,7 +45,9 @@ def find_postgres_bin() -> Path | None:
         return Path(on_path).parent
     candidates = sorted(
         glob.glob("/usr/lib/postgresql/*/bin/initdb"),
-        key=lambda p: int(Path(p).parent.parent.name) if Path(p).parent.parent.name.isdigit() else 0,
+        key=lambda p: (
+            int(Path(p).parent.parent.name) if Path(p).parent.parent.name.isdigit() else 0
+        ),
         reverse=True,
     )
     return Path(candidates[0]).parent if candidates else None

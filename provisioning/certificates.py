@@ -139,10 +139,12 @@ def build_issuing_ca(
     root_key: ec.EllipticCurvePrivateKey,
     now: dt.datetime,
     days: int = 1825,
+    common_name: str | None = None,
 ) -> x509.Certificate:
+    # Stations of one fleet need distinct names: OpenSSL finds a CA's CRL by its subject.
     return (
         _base(
-            _name(f"{trust_domain} Issuing CA 1", "iotauth"),
+            _name(common_name or f"{trust_domain} Issuing CA 1", "iotauth"),
             root.subject,
             key.public_key(),
             now - BACKDATE,

@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import json
 import tomllib
 from dataclasses import dataclass, fields
 from pathlib import Path
 
-from provisioning.errors import PKIError
+from provisioning.errors import PKIError, ProvisioningError
 from provisioning.identity import validate_trust_domain
 
 __all__ = ["PASSPHRASE_ENV", "PKIConfig"]
@@ -23,9 +24,22 @@ class PKIConfig:
     crl_hours: int = 168
     # The broker warns when the CRL is this close to its nextUpdate; `ca crl` should run before.
     crl_warn_hours: int = 48
+    # A postgresql:// URL (no password: PGPASSWORD or ~/.pgpass) shared by several stations and
+    # brokers; empty: registry.sqlite3 and ledger.jsonl in this directory.
+    registry: str = ""
+    # This directory's station name in the shared registry (made by `ca add-station`).
+    station: str = ""
 
     def __post_init__(self) -> None:
         validate_trust_domain(self.trust_domain)
+        if self.registry:
+            from provisioning.registry_pg import check_registry_url
+
+            try:
+                check_registry_url(self.registry)
+            except ProvisioningError as exc:
+                msg = f"pki.toml: {exc}"
+                raise PKIError(msg) from None
         for name in ("device_days", "service_days", "crl_hours", "crl_warn_hours"):
             if getattr(self, name) <= 0:
                 msg = f"pki.toml: {name} must be positive"
@@ -39,12 +53,14 @@ class PKIConfig:
         ]
         for f in fields(self):
             value = getattr(self, f.name)
+            if value == "" and f.name in ("registry", "station"):
+                continue  # a single-station directory's pki.toml looks as it always did
             if isinstance(value, bool):
                 rendered = "true" if value else "false"
             elif isinstance(value, int):
                 rendered = str(value)
             else:
-                rendered = f'"{value}"'  # validated names contain no quotes or backslashes
+                rendered = json.dumps(value)  # a TOML basic string: quotes and \\ escaped
             lines.append(f"{f.name} = {rendered}")
         return "\n".join(lines) + "\n"
 

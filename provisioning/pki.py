@@ -19,15 +19,19 @@ import dataclasses
 import datetime as dt
 import getpass
 import json
+import logging
 import os
 import re
+import secrets
 import socket
-from collections.abc import Iterable, Iterator, Sequence
+import time
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from cryptography import x509
+from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID
@@ -52,6 +56,7 @@ from provisioning.errors import (
     PKIExistsError,
     PKINotFoundError,
     RegistryError,
+    RegistryUnavailableError,
 )
 from provisioning.identity import Identity, IdentityKind
 from provisioning.keyfiles import (
@@ -62,11 +67,18 @@ from provisioning.keyfiles import (
     load_private_key,
     private_key_pem,
 )
-from provisioning.ledger import Ledger, LedgerEntry, LedgerHead
+from provisioning.ledger import Ledger, LedgerEntry, LedgerHead, export_jsonl
 
 if TYPE_CHECKING:
     from provisioning.keyfiles import PrivateKey
-from provisioning.registry import CertRecord, Registry
+    from provisioning.registry_pg import PgLedger, PostgresRegistry, StationRecord
+from provisioning.registry import CertRecord, Registry, RegistryBackend
+
+log = logging.getLogger("iotauth.registry")
+T = TypeVar("T")
+# How long a station keeps retrying a transaction while the shared registry is unreachable (a
+# database restart, a failover): long enough for a restart, short enough for a person waiting.
+REGISTRY_RETRY_SECONDS = 60.0
 
 __all__ = [
     "PKI",
@@ -213,8 +225,15 @@ class PKI:
         self._passphrase = passphrase
         self.root = self._load_cert("root.crt")
         self.issuing = self._load_cert("issuing.crt")
-        self.registry = Registry(path / "registry.sqlite3")
-        self.ledger = Ledger(path / "ledger.jsonl")
+        self.issuer_fingerprint = fingerprint(self.issuing)
+        self.registry: RegistryBackend
+        self.ledger: Ledger | PgLedger
+        if self.config.registry:
+            self.registry, self.ledger = _open_shared(self.config.registry, self.issuer_fingerprint)
+            self._check_station_known()
+        else:
+            self.registry = Registry(path / "registry.sqlite3")
+            self.ledger = Ledger(path / "ledger.jsonl")
         self._issuing_key: PrivateKey | None = None
 
     # -- construction --------------------------------------------------------------------------
@@ -233,10 +252,14 @@ class PKI:
         passphrase: bytes | None = None,
         device_days: int = 90,
         now: dt.datetime | None = None,
+        registry: str | None = None,
+        station: str = "main",
     ) -> PKI:
         """Create root, issuing CA, server certificate, empty registry, ledger and CRL.
 
         Built in a staging directory and renamed into place, so a failure leaves nothing behind.
+        With ``registry`` (a postgresql:// URL) the registry and ledger live in that database,
+        which must be empty of any other PKI, and this directory is its first station.
         """
         if (path / "pki.toml").exists():
             raise PKIExistsError(path)
@@ -244,8 +267,20 @@ class PKI:
             msg = f"{path} exists and is not empty; choose a new directory for the PKI"
             raise PKIError(msg)
         config = PKIConfig(
-            trust_domain=trust_domain, encrypted_keys=bool(passphrase), device_days=device_days
+            trust_domain=trust_domain,
+            encrypted_keys=bool(passphrase),
+            device_days=device_days,
+            registry=registry or "",
+            station=station if registry else "",
         )
+        if registry:
+            return cls._init_shared(
+                path,
+                config,
+                server_names=server_names,
+                passphrase=passphrase,
+                now=now,
+            )
         names = ["localhost", "127.0.0.1", *server_names]
         for name in server_names:
             _check_server_name(name)
@@ -269,10 +304,10 @@ class PKI:
             staged.write("root.crt", _pem(root))
             staged.write("issuing.crt", _pem(issuing))
             staged.write("server.crt", _pem(server) + _pem(issuing))
-            registry = Registry(staged.path / "registry.sqlite3", create=True)
+            store = Registry(staged.path / "registry.sqlite3", create=True)
             ledger = Ledger(staged.path / "ledger.jsonl")
             try:
-                with registry.transaction():
+                with store.transaction():
                     entries, _ = ledger.append(
                         [
                             (
@@ -290,13 +325,107 @@ class PKI:
                         signer=issuing_key,
                         now=when,
                     )
-                    _record_head(registry, entries)
-                    crl = _make_crl(registry, config, issuing, issuing_key, when)
+                    _record_head(store, entries)
+                    crl = _make_crl(store, config, issuing, issuing_key, when)
                     atomic_write(staged.path / "crl.pem", crl)
             finally:
-                registry.close()
+                store.close()
             os.chmod(staged.path, 0o755)  # noqa: S103 - certificates are public; private/ is 0700
             staged.commit()
+        return cls(path, passphrase=passphrase)
+
+    @classmethod
+    def _init_shared(
+        cls,
+        path: Path,
+        config: PKIConfig,
+        *,
+        server_names: Sequence[str],
+        passphrase: bytes | None,
+        now: dt.datetime | None,
+    ) -> PKI:
+        """``ca init --registry``: the root directory, and the database's first station."""
+        from provisioning.identity import validate_name
+        from provisioning.registry_pg import PgLedger, PostgresRegistry
+
+        validate_name(config.station, what="station name")
+        for name in server_names:
+            _check_server_name(name)
+        # Connect (and migrate) before any key is made: a wrong URL or password changes nothing.
+        registry = PostgresRegistry(config.registry)
+        try:
+            owner = registry.get_meta("root")
+            if owner is not None or registry.stations():
+                msg = (
+                    f"the registry {registry.where} already holds a PKI (root {owner or '?'}); "
+                    "use an empty database"
+                )
+                raise PKIError(msg)
+            names = ["localhost", "127.0.0.1", *server_names]
+            when = _now(now)
+            root_key, issuing_key, server_key = generate_key(), generate_key(), generate_key()
+            root = build_root_ca(root_key, config.trust_domain, now=when)
+            issuing = build_issuing_ca(
+                issuing_key,
+                config.trust_domain,
+                root=root,
+                root_key=root_key,
+                now=when,
+                common_name=f"{config.trust_domain} Issuing CA {config.station}",
+            )
+            server = build_server_cert(
+                server_key.public_key(),
+                names=names,
+                issuer=issuing,
+                issuer_key=issuing_key,
+                now=when,
+            )
+            issuing_fp = fingerprint(issuing)
+            ledger = PgLedger(registry, signer_id=issuing_fp)
+            with StagedDirectory(path) as staged:
+                private = staged.path / "private"
+                private.mkdir(mode=PRIVATE_DIR_MODE)
+                for name, key in (
+                    ("root", root_key),
+                    ("issuing", issuing_key),
+                    ("server", server_key),
+                ):
+                    atomic_write(
+                        private / f"{name}.key", private_key_pem(key, passphrase), mode=KEY_MODE
+                    )
+                staged.write("pki.toml", config.to_toml().encode())
+                staged.write("root.crt", _pem(root))
+                staged.write("issuing.crt", _pem(issuing))
+                staged.write("server.crt", _pem(server) + _pem(issuing))
+                os.chmod(staged.path, 0o755)  # noqa: S103 - certificates are public
+                with registry.transaction():
+                    registry.set_meta("root", fingerprint(root))
+                    registry.set_meta("trust_domain", config.trust_domain)
+                    registry.add_station(config.station, issuing_fp, _pem(issuing))
+                    entries, _ = ledger.append(
+                        [
+                            (
+                                "ca-init",
+                                {
+                                    "trust_domain": config.trust_domain,
+                                    "root": fingerprint(root),
+                                    "issuing": issuing_fp,
+                                    "server": fingerprint(server),
+                                    "server_names": names,
+                                    "station": station_id(),
+                                    "station_name": config.station,
+                                },
+                            )
+                        ],
+                        signer=issuing_key,
+                        now=when,
+                    )
+                    _record_head(registry, entries)
+                    crl = _make_crl(registry, config, issuing, issuing_key, when, issuing_fp)
+                    atomic_write(staged.path / "crl.pem", crl)
+                    staged.commit()
+        finally:
+            registry.close()
         return cls(path, passphrase=passphrase)
 
     def close(self) -> None:
@@ -467,13 +596,16 @@ class PKI:
             revoked_at=when,
             revocation_reason=reason,
         )
-        with self._change(when) as change:
+
+        def body(change: _Change) -> None:
             self.registry.insert(record)
             event = _issue_event(record)
             event.update(details or {})
             change.events.append(("issue", event))
             change.events.append(("revoke", _revoke_event(record, reason, record.issued_by)))
             change.crl_dirty = True
+
+        self._write(when, body)
         return record
 
     def _prepare_batch(
@@ -600,6 +732,7 @@ class PKI:
             issued_at=now,
             issued_by=station_id(),
             hardware_serial=p.hardware_serial,
+            issuer=self.issuer_fingerprint if self.registry.shared else None,
         )
 
     def _commit_issuance(
@@ -611,7 +744,10 @@ class PKI:
         details: dict[str, Any] | None = None,
     ) -> list[Issued]:
         records = [self._record_for(p.prepared, now) for p in pending]
-        with self._change(now) as change:
+        # Renames happen once, even when a lost connection makes the transaction run again.
+        steps = [_once(p.staged.commit) for p in pending if p.staged is not None]
+
+        def body(change: _Change) -> None:
             for item, record in zip(pending, records, strict=True):
                 existing = self.registry.active(item.identity.name)
                 if existing is not None:
@@ -628,7 +764,9 @@ class PKI:
                 event = _issue_event(record)
                 event.update(details or {})
                 change.events.append(("issue", event))
-            change.on_commit = [p.staged.commit for p in pending if p.staged is not None]
+            change.on_commit = list(steps)
+
+        self._write(now, body)
         return [self._issued(p, r) for p, r in zip(pending, records, strict=True)]
 
     # -- revocation and CRL --------------------------------------------------------------------
@@ -650,18 +788,24 @@ class PKI:
         Identity(kind or IdentityKind.DEVICE, name, self.trust_domain)  # validates the name
         when = _now(now)
         by = station_id()
-        with self._change(when) as change:
+
+        def body(change: _Change) -> list[CertRecord]:
             rows = self.registry.mark_revoked(
                 name, reason=reason, when=when, kind=kind.value if kind else None
             )
             change.events.extend(("revoke", _revoke_event(r, reason, by)) for r in rows)
             change.crl_dirty = True
-        return rows
+            return rows
+
+        return self._write(when, body)
 
     def refresh_crl(self, *, now: dt.datetime | None = None) -> CRLInfo:
         """Re-sign the CRL with a new number and nextUpdate (run before it goes stale)."""
-        with self._change(_now(now)) as change:
+
+        def body(change: _Change) -> None:
             change.crl_dirty = True
+
+        self._write(_now(now), body)
         return self.crl_info()
 
     def crl_info(self) -> CRLInfo:
@@ -681,14 +825,21 @@ class PKI:
         self, event: str, data: dict[str, Any], *, now: dt.datetime | None = None
     ) -> None:
         """Append a non-issuance event (provisioning, factory reset, ...) to the ledger."""
-        with self._change(_now(now)) as change:
+
+        def body(change: _Change) -> None:
             change.events.append((event, data))
 
+        self._write(_now(now), body)
+
     def verify_ledger(self) -> LedgerReport:
-        public_key = self.issuing.public_key()
-        assert isinstance(public_key, ec.EllipticCurvePublicKey)  # noqa: S101 - ca init makes EC
+        """Check the chain, every signature, the recorded head and the registry's rows.
+
+        A shared registry's lines are signed by several stations: each line is checked against
+        the issuing CA it names (``signed_by``), which must be a station the registry knows and
+        whose certificate the root signed.
+        """
         head = _recorded_head(self.registry)
-        entries = self.ledger.verify(public_key=public_key, expected_head=head)
+        entries = self._verified_entries(head)
         warnings: list[str] = []
         issued = {e.data.get("serial") for e in entries if e.event == "issue"}
         missing = [r for r in self.registry.all() if r.serial not in issued]
@@ -709,28 +860,274 @@ class PKI:
             len(entries), LedgerHead(last.seq, last.hash) if last else LedgerHead(0, ""), warnings
         )
 
+    def _verified_entries(self, head: LedgerHead | None) -> list[LedgerEntry]:
+        if isinstance(self.ledger, Ledger):
+            public_key = self.issuing.public_key()
+            assert isinstance(public_key, ec.EllipticCurvePublicKey)  # noqa: S101 - EC by init
+            return self.ledger.verify(public_key=public_key, expected_head=head)
+        keys = self.station_keys()
+        return self.ledger.verify(
+            key_for=lambda e: keys.get(str(e.data.get("signed_by"))), expected_head=head
+        )
+
+    def station_keys(self) -> dict[str, ec.EllipticCurvePublicKey]:
+        """Issuing CA fingerprint -> public key, for every CA whose lines a ledger may hold.
+
+        Only certificates the root signed count; a station row with a forged certificate adds
+        nothing, so lines it signed fail verification.
+        """
+        keys: dict[str, ec.EllipticCurvePublicKey] = {}
+        certs = [self.issuing]
+        if self.registry.shared:
+            certs += [x509.load_pem_x509_certificate(st.certificate_pem) for st in self.stations()]
+        for cert in certs:
+            try:
+                cert.verify_directly_issued_by(self.root)
+            except (ValueError, TypeError, InvalidSignature):
+                continue
+            key = cert.public_key()
+            if isinstance(key, ec.EllipticCurvePublicKey):
+                keys[fingerprint(cert)] = key
+        return keys
+
+    def export_ledger(self, out: Path) -> LedgerReport:
+        """Verify the ledger, then write it as ``ledger.jsonl`` lines to ``out`` (for an auditor).
+
+        The copy verifies on its own with ``iotauth ledger verify --file``: every line names its
+        signer, and the signers' certificates are in the registry and chain to ``root.crt``.
+        """
+        report = self.verify_ledger()
+        export_jsonl((e for _, e in self.ledger.entries()), out)
+        return report
+
+    # -- stations (shared registry) ------------------------------------------------------------
+
+    def _shared(self, what: str) -> PostgresRegistry:
+        from provisioning.registry_pg import PostgresRegistry
+
+        if not isinstance(self.registry, PostgresRegistry):
+            msg = (
+                f"{what} needs a shared registry; create the root with "
+                "'iotauth ca init --registry postgresql://...'"
+            )
+            raise PKIError(msg)
+        return self.registry
+
+    def stations(self) -> list[StationRecord]:
+        """Every station CA of the shared registry (empty for a SQLite registry)."""
+        if not self.registry.shared:
+            return []
+        return self._shared("stations").stations()
+
+    def _check_station_known(self) -> None:
+        for st in self.stations():
+            if st.fingerprint == self.issuer_fingerprint:
+                return
+        msg = (
+            f"the issuing CA of {self.path} is not a station of the registry "
+            f"{self.registry.where}; make station directories with 'iotauth ca add-station'"
+        )
+        raise PKIError(msg)
+
+    def _check_station_active(self) -> None:
+        for st in self.stations():
+            if st.fingerprint == self.issuer_fingerprint and st.status == "revoked":
+                msg = (
+                    f"station {st.name!r} (this directory's issuing CA) was revoked; it can no "
+                    "longer issue, revoke or sign"
+                )
+                raise PKIError(msg)
+
+    def add_station(
+        self,
+        name: str,
+        *,
+        out: Path,
+        server_names: Sequence[str] = (),
+        now: dt.datetime | None = None,
+    ) -> Path:
+        """A station directory with its own issuing CA, signed by this directory's root.
+
+        Needs ``private/root.key`` here (bring it back from offline for this). The station is
+        registered in the shared registry, with its first CRL, in one transaction.
+        """
+        from provisioning.identity import validate_name
+
+        registry = self._shared("ca add-station")
+        validate_name(name, what="station name")
+        root_key_path = self.path / "private" / "root.key"
+        if not root_key_path.exists():
+            msg = f"{root_key_path} is offline; bring the root key back to add a station"
+            raise PKIError(msg)
+        if out.exists() and (not out.is_dir() or any(out.iterdir())):
+            msg = f"{out} exists and is not empty; choose a new directory for the station"
+            raise PKIError(msg)
+        if any(st.name == name for st in registry.stations()):
+            msg = f"the registry {registry.where} already has a station named {name!r}"
+            raise RegistryError(msg)
+        for server_name in server_names:
+            _check_server_name(server_name)
+        root_key = load_private_key(root_key_path, self._passphrase)
+        if not isinstance(root_key, ec.EllipticCurvePrivateKey) or (
+            root_key.public_key() != self.root.public_key()
+        ):
+            msg = "private/root.key does not belong to root.crt"
+            raise PKIError(msg)
+        when = _now(now)
+        issuing_key, server_key = generate_key(), generate_key()
+        issuing = build_issuing_ca(
+            issuing_key,
+            self.trust_domain,
+            root=self.root,
+            root_key=root_key,
+            now=when,
+            common_name=f"{self.trust_domain} Issuing CA {name}",
+        )
+        names = ["localhost", "127.0.0.1", *server_names]
+        server = build_server_cert(
+            server_key.public_key(), names=names, issuer=issuing, issuer_key=issuing_key, now=when
+        )
+        config = dataclasses.replace(self.config, station=name)
+        issuing_fp = fingerprint(issuing)
+        with StagedDirectory(out) as staged:
+            private = staged.path / "private"
+            private.mkdir(mode=PRIVATE_DIR_MODE)
+            for key_name, key in (("issuing", issuing_key), ("server", server_key)):
+                atomic_write(
+                    private / f"{key_name}.key",
+                    private_key_pem(key, self._passphrase),
+                    mode=KEY_MODE,
+                )
+            staged.write("pki.toml", config.to_toml().encode())
+            staged.write("root.crt", _pem(self.root))
+            staged.write("issuing.crt", _pem(issuing))
+            staged.write("server.crt", _pem(server) + _pem(issuing))
+            os.chmod(staged.path, 0o755)  # noqa: S103 - certificates are public; private/ is 0700
+            step = _once(staged.commit)
+
+            def body(change: _Change) -> None:
+                registry.add_station(name, issuing_fp, _pem(issuing))
+                change.events.append(
+                    (
+                        "station-add",
+                        {
+                            "name": name,
+                            "issuing": issuing_fp,
+                            "subject": issuing.subject.rfc4514_string(),
+                            "station": station_id(),
+                        },
+                    )
+                )
+                crl = _make_crl(registry, self.config, issuing, issuing_key, when, issuing_fp)
+                atomic_write(staged.path / "crl.pem", crl)
+                change.on_commit = [step]
+
+            self._write(when, body)
+        return out
+
+    def revoke_station(
+        self, name: str, *, reason: str = "unspecified", now: dt.datetime | None = None
+    ) -> StationRecord:
+        """Revoke a station's issuing CA: every broker refuses all of its certificates."""
+        registry = self._shared("ca revoke-station")
+        if reason not in REVOCATION_REASONS:
+            msg = (
+                f"unknown revocation reason {reason!r}; use one of {', '.join(REVOCATION_REASONS)}"
+            )
+            raise PKIError(msg)
+        when = _now(now)
+
+        def body(change: _Change) -> StationRecord:
+            st = registry.revoke_station(name, when)
+            change.events.append(
+                (
+                    "station-revoke",
+                    {
+                        "name": name,
+                        "issuing": st.fingerprint,
+                        "reason": reason,
+                        "station": station_id(),
+                    },
+                )
+            )
+            return st
+
+        return self._write(when, body)
+
     # -- the one write path --------------------------------------------------------------------
 
+    def _write(self, now: dt.datetime, body: Callable[[_Change], T]) -> T:
+        """Run ``body`` under the write lock; ledger lines, CRL and directories land with it.
+
+        With a shared registry, a lost connection (the database restarting, a network blip)
+        makes the station reconnect and run the transaction again, for up to
+        REGISTRY_RETRY_SECONDS. Each attempt records a random transaction id, so an attempt whose
+        COMMIT succeeded but whose answer was lost is recognised and not applied twice.
+        """
+        txid = secrets.token_hex(16)
+        deadline = time.monotonic() + REGISTRY_RETRY_SECONDS
+        while True:
+            ran = False
+            result: T | None = None
+            try:
+                change = _Change()
+                with self._change(now, change, txid):
+                    result = body(change)
+                    ran = True
+                return result
+            except RegistryUnavailableError as exc:
+                if exc.permanent or not self.registry.shared:
+                    raise
+                self._await_registry(exc, deadline)
+                # The id is written after the body, so ``ran`` holds when it was applied.
+                if ran and self.registry.was_applied(txid):
+                    log.warning("the COMMIT whose answer was lost had succeeded; not repeating it")
+                    return result  # type: ignore[return-value]
+
+    def _await_registry(self, first: RegistryUnavailableError, deadline: float) -> None:
+        """Reconnect to the shared registry; raise the last error past the deadline."""
+        from provisioning.registry_pg import PostgresRegistry
+
+        assert isinstance(self.registry, PostgresRegistry)  # noqa: S101 - shared only
+        log.warning("%s; retrying for up to %.0f s", first, REGISTRY_RETRY_SECONDS)
+        delay = 0.1
+        while True:
+            try:
+                self.registry.reconnect()
+                return
+            except RegistryUnavailableError as exc:
+                if exc.permanent or time.monotonic() + delay > deadline:
+                    raise
+            time.sleep(delay)
+            delay = min(delay * 2, 2.0)
+
     @contextlib.contextmanager
-    def _change(self, now: dt.datetime) -> Iterator[_Change]:
-        """Run a change under the write lock: ledger lines, CRL and directories land with it."""
-        change = _Change()
+    def _change(self, now: dt.datetime, change: _Change, txid: str) -> Iterator[None]:
+        """One attempt of a change under the write lock."""
         crl_path = self.path / "crl.pem"
         old_crl: bytes | None = None
         appended_at: int | None = None
         crl_written = False
         try:
             with self.registry.transaction():
-                yield change
+                if self.registry.shared:
+                    self._check_station_active()
+                yield
+                self.registry.mark_applied(txid)
                 if change.events:
                     entries, appended_at = self.ledger.append(
                         change.events, signer=self._ledger_signer(), now=now
                     )
                     _record_head(self.registry, entries)
-                if change.crl_dirty:
+                if change.crl_dirty or self._crl_behind():
                     old_crl = crl_path.read_bytes() if crl_path.exists() else None
                     crl = _make_crl(
-                        self.registry, self.config, self.issuing, self.issuing_key(), now
+                        self.registry,
+                        self.config,
+                        self.issuing,
+                        self.issuing_key(),
+                        now,
+                        self.issuer_fingerprint,
                     )
                     atomic_write(crl_path, crl)
                     crl_written = True
@@ -742,6 +1139,33 @@ class PKI:
             if crl_written and old_crl is not None:
                 atomic_write(crl_path, old_crl)
             raise
+
+    def _crl_behind(self) -> bool:
+        """Shared registry: another station revoked one of ours since our CRL was signed."""
+        if not self.registry.shared:
+            return False
+        recorded = self.registry.get_meta(f"crl_revoked:{self.issuer_fingerprint}")
+        count = self._shared("a station CRL").revoked_count(self.issuer_fingerprint)
+        return str(count) != (recorded or "0")
+
+
+def _once(step: Callable[[], None]) -> Callable[[], None]:
+    done = False
+
+    def run() -> None:
+        nonlocal done
+        if not done:
+            step()
+            done = True
+
+    return run
+
+
+def _open_shared(url: str, issuer_fingerprint: str) -> tuple[PostgresRegistry, PgLedger]:
+    from provisioning.registry_pg import PgLedger, PostgresRegistry
+
+    registry = PostgresRegistry(url)
+    return registry, PgLedger(registry, signer_id=issuer_fingerprint)
 
 
 @dataclass(slots=True)
@@ -780,13 +1204,13 @@ def _revoke_event(record: CertRecord, reason: str, by: str) -> dict[str, Any]:
     }
 
 
-def _record_head(registry: Registry, entries: list[LedgerEntry]) -> None:
+def _record_head(registry: RegistryBackend, entries: list[LedgerEntry]) -> None:
     if entries:
         registry.set_meta("ledger_seq", str(entries[-1].seq))
         registry.set_meta("ledger_hash", entries[-1].hash)
 
 
-def _recorded_head(registry: Registry) -> LedgerHead | None:
+def _recorded_head(registry: RegistryBackend) -> LedgerHead | None:
     seq, digest = registry.get_meta("ledger_seq"), registry.get_meta("ledger_hash")
     if seq is None or digest is None:
         return None
@@ -794,22 +1218,29 @@ def _recorded_head(registry: Registry) -> LedgerHead | None:
 
 
 def _make_crl(
-    registry: Registry,
+    registry: RegistryBackend,
     config: PKIConfig,
     issuing: x509.Certificate,
     issuing_key: PrivateKey,
     now: dt.datetime,
+    issuer_fingerprint: str | None = None,
 ) -> bytes:
-    """Sign the next CRL. Its number always grows, so a reader can tell the newest one."""
-    number = int(registry.get_meta("crl_number") or "0") + 1
-    registry.set_meta("crl_number", str(number))
+    """Sign the next CRL. Its number always grows, so a reader can tell the newest one.
+
+    A shared registry keeps one CRL (and number) per station and publishes it to the brokers.
+    """
+    shared = registry.shared and issuer_fingerprint is not None
+    number_key = f"crl_number:{issuer_fingerprint}" if shared else "crl_number"
+    number = int(registry.get_meta(number_key) or "0") + 1
+    registry.set_meta(number_key, str(number))
+    rows = registry.revoked(issuer_fingerprint if shared else None)
     revoked = [
         (
             int(r.serial, 16),
             r.revoked_at or now,
             REVOCATION_REASONS.get(r.revocation_reason or "", x509.ReasonFlags.unspecified),
         )
-        for r in registry.revoked()
+        for r in rows
     ]
     crl = build_crl(
         issuer=issuing,
@@ -819,4 +1250,8 @@ def _make_crl(
         now=now,
         next_update=now + dt.timedelta(hours=config.crl_hours),
     )
-    return crl.public_bytes(serialization.Encoding.PEM)
+    pem = crl.public_bytes(serialization.Encoding.PEM)
+    if shared and issuer_fingerprint is not None:
+        registry.set_meta(f"crl_revoked:{issuer_fingerprint}", str(len(rows)))
+        registry.publish_crl(issuer_fingerprint, pem, number)
+    return pem

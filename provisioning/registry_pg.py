@@ -110,7 +110,7 @@ MIGRATIONS: tuple[str, ...] = (
         seq  bigint NOT NULL,
         hash text NOT NULL
     );
-    INSERT INTO chain_head (id, seq, hash) VALUES (1, 0, '""" + GENESIS + """');
+    INSERT INTO chain_head (id, seq, hash) VALUES (1, 0, repeat('0', 64));
     CREATE TABLE revocations (
         id     bigserial PRIMARY KEY,
         serial text NOT NULL,
@@ -153,7 +153,9 @@ def _connect_error(url: str, exc: Exception) -> RegistryError:
     if "password authentication failed" in low or "no password supplied" in low:
         user = re.search(r'for user "([^"]+)"', text)
         who = f" for user {user.group(1)}" if user else ""
-        msg = f"registry {shown}: password authentication failed{who} (check PGPASSWORD or ~/.pgpass)"
+        msg = (
+            f"registry {shown}: password authentication failed{who} (check PGPASSWORD or ~/.pgpass)"
+        )
         return RegistryUnavailableError(msg, permanent=True)
     if "database" in low and "does not exist" in low:
         name = re.search(r'database "([^"]+)" does not exist', text)
@@ -241,6 +243,13 @@ _CERT_COLUMNS = (
 )
 
 
+_INSERT_CERT = (
+    f"INSERT INTO certificates ({_CERT_COLUMNS}) VALUES ("  # noqa: S608 - constant column list
+    + ", ".join(["%s"] * 15)
+    + ")"
+).encode()
+
+
 class PostgresRegistry:
     """A connection to the shared registry. Like the SQLite one: one per process and thread."""
 
@@ -307,10 +316,12 @@ class PostgresRegistry:
         with self._guard():
             return self._conn.execute(query.encode(), params).fetchall()
 
-    def _records(self, where: str, params: Sequence[object] = (), order: str = "id") -> list[
-        CertRecord
-    ]:
-        rows = self._rows(f"SELECT * FROM certificates {where} ORDER BY {order}", params)
+    def _records(
+        self, where: str, params: Sequence[object] = (), order: str = "id"
+    ) -> list[CertRecord]:
+        # ``where`` and ``order`` are literals of this class; values travel as parameters.
+        query = f"SELECT * FROM certificates {where} ORDER BY {order}"  # noqa: S608
+        rows = self._rows(query, params)
         return [CertRecord._from_row(r) for r in rows]
 
     # -- reads ---------------------------------------------------------------------------------
@@ -320,9 +331,7 @@ class PostgresRegistry:
         return rows[0] if rows else None
 
     def active_by_hardware_serial(self, hardware_serial: str) -> CertRecord | None:
-        rows = self._records(
-            "WHERE hardware_serial = %s AND status = 'active'", (hardware_serial,)
-        )
+        rows = self._records("WHERE hardware_serial = %s AND status = 'active'", (hardware_serial,))
         return rows[0] if rows else None
 
     def history(self, name: str) -> list[CertRecord]:
@@ -350,6 +359,13 @@ class PostgresRegistry:
         if issuer is None:
             return self._records("WHERE status = 'revoked'")
         return self._records("WHERE status = 'revoked' AND issuer = %s", (issuer,))
+
+    def revoked_count(self, issuer: str) -> int:
+        rows = self._rows(
+            "SELECT count(*) AS n FROM certificates WHERE status = 'revoked' AND issuer = %s",
+            (issuer,),
+        )
+        return int(rows[0]["n"])
 
     def get_meta(self, key: str) -> str | None:
         rows = self._rows("SELECT value FROM meta WHERE key = %s", (key,))
@@ -427,11 +443,7 @@ class PostgresRegistry:
         )
         try:
             with self._conn.transaction():  # a savepoint: a refused row leaves the rest intact
-                self._conn.execute(
-                    f"INSERT INTO certificates ({_CERT_COLUMNS}) VALUES"
-                    " (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s)",
-                    values,
-                )
+                self._conn.execute(_INSERT_CERT, values)
         except psycopg.errors.UniqueViolation as exc:
             constraint = exc.diag.constraint_name or ""
             if constraint == "one_active_hardware":
@@ -525,8 +537,10 @@ class PgLedger:
 
     def head(self) -> LedgerHead:
         rows = self._registry._rows("SELECT seq, hash FROM chain_head WHERE id = 1")
-        return LedgerHead(int(rows[0]["seq"]), str(rows[0]["hash"])) if rows else LedgerHead(
-            0, GENESIS
+        return (
+            LedgerHead(int(rows[0]["seq"]), str(rows[0]["hash"]))
+            if rows
+            else LedgerHead(0, GENESIS)
         )
 
     def append(
@@ -546,7 +560,15 @@ class PgLedger:
                 "INSERT INTO ledger (seq, time, event, data, prev, hash, sig)"
                 " VALUES (%s, %s, %s, %s, %s, %s, %s)",
                 [
-                    (e.seq, e.time, e.event, json.dumps(e.data, sort_keys=True), e.prev, e.hash, e.sig)
+                    (
+                        e.seq,
+                        e.time,
+                        e.event,
+                        json.dumps(e.data, sort_keys=True),
+                        e.prev,
+                        e.hash,
+                        e.sig,
+                    )
                     for e in entries
                 ],
             )
