@@ -88,6 +88,17 @@ def ca_init(
         typer.Option("--server-name", help="Extra broker host name or IP (repeat)."),
     ] = None,
     device_days: Annotated[int, typer.Option(help="Default device certificate lifetime.")] = 90,
+    registry: Annotated[
+        str | None,
+        typer.Option(
+            "--registry",
+            help="Shared registry postgresql://USER@HOST[:PORT]/DB (password: PGPASSWORD or "
+            "~/.pgpass, never here). Default: registry.sqlite3 in the PKI directory.",
+        ),
+    ] = None,
+    station: Annotated[
+        str, typer.Option("--station", help="With --registry: this directory's station name.")
+    ] = "main",
 ) -> None:
     """Create root CA, issuing CA, broker certificate, registry, ledger and CRL."""
     with user_errors():
@@ -99,9 +110,14 @@ def ca_init(
             server_names=server_name or [],
             passphrase=passphrase,
             device_days=device_days,
+            registry=registry,
+            station=station,
         )
         with ca:
             out.print(f"Created the PKI of [bold]{trust_domain}[/bold] in {pki}", markup=True)
+            if registry:
+                where = ca.registry.where
+                out.print(f"  registry    {where} (station {station!r}; ledger in the database)")
             for label, cert in (("root CA    ", ca.root), ("issuing CA ", ca.issuing)):
                 subject = cert.subject.rfc4514_string()
                 out.print(f"  {label} {subject}  (until {_when(cert.not_valid_after_utc)})")
@@ -115,6 +131,79 @@ def ca_init(
                 f"Move {pki / 'private' / 'root.key'} offline: issuing and revoking need only the "
                 "issuing CA."
             )
+
+
+@ca_app.command("add-station")
+def ca_add_station(
+    name: Annotated[str, typer.Argument(help="Station name: 1-64 of a-z, 0-9, '-'.")],
+    pki: PkiOpt,
+    out_dir: Annotated[Path, typer.Option("--out", help="Station directory to create.")],
+    server_name: Annotated[
+        list[str] | None,
+        typer.Option("--server-name", help="Extra broker host name or IP (repeat)."),
+    ] = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """A station (or broker) directory with its own issuing CA, signed by the root in --pki."""
+    with user_errors(), _open(pki) as ca:
+        ca.add_station(name, out=out_dir, server_names=server_name or [])
+        with _open(out_dir) as station:
+            issuing = station.issuing
+            doc = {
+                "station": name,
+                "out": str(out_dir),
+                "issuing": station.issuer_fingerprint,
+                "subject": issuing.subject.rfc4514_string(),
+                "registry": station.registry.where,
+            }
+        if as_json:
+            _print_json(doc)
+            return
+        out.print(f"Added station [bold]{name}[/bold] in {out_dir}", markup=True)
+        out.print(f"  issuing CA  {doc['subject']} (signed by the root)")
+        out.print(f"  registry    {doc['registry']}")
+        out.print(f"Copy {out_dir} to the station's PC; it holds no root key.")
+
+
+@ca_app.command("revoke-station")
+def ca_revoke_station(
+    name: Annotated[str, typer.Argument(help="Station name.")],
+    pki: PkiOpt,
+    reason: Annotated[
+        str, typer.Option("--reason", help=f"One of: {', '.join(REVOCATION_REASONS)}.")
+    ] = "unspecified",
+) -> None:
+    """Revoke a station's issuing CA: every broker refuses all of its certificates."""
+    with user_errors(), _open(pki) as ca:
+        st = ca.revoke_station(name, reason=reason)
+        out.print(f"Revoked station {name} (issuing CA {st.fingerprint[:16]}, {reason})")
+
+
+@ca_app.command("stations")
+def ca_stations(pki: PkiOpt, as_json: JsonOpt = False) -> None:
+    """The stations of the shared registry: issuing CA, CRL number, status."""
+    with user_errors(), _open(pki) as ca:
+        stations = ca.stations()
+        if not ca.registry.shared:
+            msg = f"{pki} uses a local registry (no stations); see 'ca init --registry'"
+            raise ProvisioningError(msg)
+    docs = [
+        {
+            "name": st.name,
+            "issuing": st.fingerprint,
+            "crl_number": st.crl_number,
+            "status": st.status,
+            "added_at": st.added_at.isoformat(),
+        }
+        for st in stations
+    ]
+    if as_json:
+        _print_json(docs)
+        return
+    for d in docs:
+        out.print(
+            f"{d['name']:<24} {d['status']:<8} CRL #{d['crl_number']:<5} {str(d['issuing'])[:16]}"
+        )
 
 
 @ca_app.command("crl")
@@ -459,16 +548,54 @@ def service_revoke(
 
 
 @ledger_app.command("verify")
-def ledger_verify(pki: PkiOpt) -> None:
+def ledger_verify(
+    pki: PkiOpt,
+    export: Annotated[
+        Path | None,
+        typer.Option("--export", help="After verifying, write the ledger as JSONL to this file."),
+    ] = None,
+    file: Annotated[
+        Path | None,
+        typer.Option(
+            "--file", help="Verify this exported JSONL copy instead (signers from --pki)."
+        ),
+    ] = None,
+) -> None:
     """Check the hash chain, the signatures and the registry's record of the last entry."""
     with user_errors(), _open(pki) as ca:
-        report = ca.verify_ledger()
+        if file is not None:
+            from provisioning.ledger import Ledger
+
+            if not file.is_file():
+                msg = f"{file} does not exist"
+                raise ProvisioningError(msg)
+            keys, own = ca.station_keys(), ca.issuer_fingerprint
+            entries = Ledger(file).verify(
+                key_for=lambda e: keys.get(str(e.data.get("signed_by", own)))
+            )
+            out.print(f"{file} OK: {len(entries)} entries, chained and signed by known CAs")
+            return
+        report = ca.export_ledger(export) if export is not None else ca.verify_ledger()
         for warning in report.warnings:
             err.print(f"[yellow]warning:[/yellow] {warning}", markup=True)
+        signers = "every station's issuing CA" if ca.registry.shared else "the issuing CA"
         out.print(
-            f"ledger OK: {report.entries} entries, chained and signed by the issuing CA; "
+            f"ledger OK: {report.entries} entries, chained and signed by {signers}; "
             f"head {report.head.hash[:16]}"
         )
+        if export is not None:
+            out.print(f"ledger written to {export} ({report.entries} lines, JSONL)")
+
+
+@ledger_app.command("export")
+def ledger_export(
+    pki: PkiOpt,
+    out_file: Annotated[Path, typer.Option("--out", help="JSONL file to write (replaced).")],
+) -> None:
+    """Verify, then write the ledger in the ledger.jsonl format for an auditor."""
+    with user_errors(), _open(pki) as ca:
+        report = ca.export_ledger(out_file)
+        out.print(f"ledger written to {out_file} ({report.entries} lines, verified)")
 
 
 @ledger_app.command("show")

@@ -19,7 +19,9 @@ from __future__ import annotations
 import contextlib
 import datetime as dt
 import json
+import logging
 import re
+import time
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -54,6 +56,8 @@ __all__ = [
     "connect",
     "display_url",
 ]
+
+log = logging.getLogger("iotauth.registry")
 
 NOTIFY_CHANNEL = "iotauth_revocations"
 _MIGRATION_LOCK = 0x696F7461  # pg_advisory_xact_lock key ("iota"): one migrator at a time
@@ -255,8 +259,10 @@ class PostgresRegistry:
 
     shared = True
 
-    def __init__(self, url: str) -> None:
+    def __init__(self, url: str, *, retry_seconds: float = 60.0) -> None:
         self.url = url
+        # How long a read waits for a restarting database (the PKI retries writes as long).
+        self.retry_seconds = retry_seconds
         self.where = display_url(url)
         self._conn = connect(url)
         migrate(self._conn, url)
@@ -313,8 +319,29 @@ class PostgresRegistry:
             raise RuntimeError(msg)
 
     def _rows(self, query: str, params: Sequence[object] = ()) -> list[dict[str, Any]]:
-        with self._guard():
-            return self._conn.execute(query.encode(), params).fetchall()
+        """Run a read. Outside a transaction a lost connection is reopened and the read repeated
+        (reads are idempotent) for up to ``retry_seconds``; inside one the caller retries."""
+        import psycopg
+
+        deadline = time.monotonic() + self.retry_seconds
+        delay = 0.1
+        while True:
+            try:
+                return self._conn.execute(query.encode(), params).fetchall()
+            except psycopg.OperationalError as exc:
+                error = self._op_error(exc)
+                if self._in_tx or time.monotonic() + delay > deadline:
+                    raise error from None
+                log.warning("%s; reconnecting", error)
+            while True:
+                time.sleep(delay)
+                delay = min(delay * 2, 2.0)
+                try:
+                    self.reconnect()
+                    break
+                except RegistryUnavailableError as exc:
+                    if exc.permanent or time.monotonic() + delay > deadline:
+                        raise
 
     def _records(
         self, where: str, params: Sequence[object] = (), order: str = "id"
