@@ -24,7 +24,7 @@ from broker.core import BrokerCore
 from broker.errors import BrokerError, ConfigError
 from broker.metrics import Metrics, serve_metrics
 from broker.renewal import RenewalService
-from broker.revocation import CRLState, RevocationWatcher
+from broker.revocation import CRLState, RevocationWatcher, open_revocation_watcher
 from broker.settings import BrokerSettings
 
 __all__ = ["BrokerThread", "RunningBroker", "run_broker"]
@@ -97,7 +97,8 @@ async def run_broker(
     """Start everything; stop everything on exit. Raises ConfigError for an unusable setup."""
     audit = _ObservedAudit(audit_sink)
     metrics = Metrics()
-    watcher = RevocationWatcher(
+    # crl.pem of the PKI directory, or every station's CRL through the shared registry.
+    watcher = open_revocation_watcher(
         settings.pki_dir, password=settings.key_password, interval=settings.crl_poll_interval
     )
     auth = authenticator or MutualTLSAuthenticator(
@@ -114,6 +115,8 @@ async def run_broker(
     watcher.on_change = on_crl
     metrics.set("iotauth_broker_crl_number", watcher.state.number)
     metrics.gauge("iotauth_broker_crl_next_update_seconds", watcher.seconds_left)
+    for name, read in watcher.gauges().items():
+        metrics.gauge(name, read)
     listener = TLSListener(
         host=settings.host,
         port=settings.port,
@@ -162,6 +165,7 @@ async def run_broker(
         if metrics_server is not None:
             metrics_server.close()
         await listener.close()
+        watcher.close()
 
 
 class _ObservedAudit(AuditLog):

@@ -167,6 +167,11 @@ class TempPostgres:
             time.sleep(0.05)
         self.pid = None
 
+    def resume(self) -> None:
+        """Start the stopped cluster again on the same port."""
+        if self.pid is None:
+            self._start_server()
+
     def restart(self, *, down_for: float = 0.0) -> None:
         """Stop, stay down ``down_for`` seconds, start again on the same port."""
         self.stop()

@@ -52,6 +52,7 @@ __all__ = [
     "PgLedger",
     "PostgresRegistry",
     "StationRecord",
+    "async_connect",
     "check_registry_url",
     "connect",
     "display_url",
@@ -174,6 +175,19 @@ def _connect_error(url: str, exc: Exception) -> RegistryError:
     return RegistryUnavailableError(msg)
 
 
+def _connect_options(timeout: float) -> dict[str, Any]:
+    return {
+        "autocommit": True,
+        "connect_timeout": max(1, int(timeout)),
+        "application_name": "iotauth",
+        # A database that vanished without closing the socket is noticed within seconds.
+        "keepalives": 1,
+        "keepalives_idle": 5,
+        "keepalives_interval": 2,
+        "keepalives_count": 2,
+    }
+
+
 def connect(url: str, *, timeout: float = 5.0) -> psycopg.Connection[dict[str, Any]]:
     """An autocommit connection (writes use explicit transactions), rows as dicts."""
     import psycopg
@@ -181,18 +195,18 @@ def connect(url: str, *, timeout: float = 5.0) -> psycopg.Connection[dict[str, A
 
     check_registry_url(url)
     try:
-        return psycopg.connect(
-            url,
-            autocommit=True,
-            row_factory=dict_row,
-            connect_timeout=max(1, int(timeout)),
-            application_name="iotauth",
-            # A database that vanished without closing the socket is noticed within seconds.
-            keepalives=1,
-            keepalives_idle=5,
-            keepalives_interval=2,
-            keepalives_count=2,
-        )
+        return psycopg.connect(url, row_factory=dict_row, **_connect_options(timeout))
+    except psycopg.Error as exc:
+        raise _connect_error(url, exc) from None
+
+
+async def async_connect(url: str, *, timeout: float = 5.0) -> psycopg.AsyncConnection[Any]:
+    """An asyncio connection (the broker LISTENs on one); errors as :func:`connect`'s."""
+    import psycopg
+
+    check_registry_url(url)
+    try:
+        return await psycopg.AsyncConnection.connect(url, **_connect_options(timeout))
     except psycopg.Error as exc:
         raise _connect_error(url, exc) from None
 
