@@ -18,10 +18,11 @@ from pathlib import Path
 import psycopg
 import pytest
 from cryptography import x509
+from cryptography.hazmat.primitives import serialization
 
 from hardware import VirtualDevice
 from iotauth.pgcluster import TempPostgres
-from provisioning.errors import DeviceExistsError, PKIError, RegistryError
+from provisioning.errors import DeviceExistsError, LedgerCorruptError, PKIError, RegistryError
 from provisioning.pki import PKI
 from provisioning.registry import Registry
 from provisioning.registry_pg import MIGRATIONS, PostgresRegistry
@@ -121,7 +122,7 @@ def test_sqlite_registry_is_versioned_too(tmp_path: Path) -> None:
         Registry(tmp_path / "pki" / "registry.sqlite3")
 
 
-# -- stations and the shared ledger -----------------------------------------------------------------
+# -- stations and the shared ledger ------------------------------------------------------------
 
 
 def test_stations_share_one_chain_each_line_signed_by_its_own_ca(root: PKI, tmp_path: Path) -> None:
@@ -156,12 +157,17 @@ def test_a_forged_line_or_an_unknown_signer_fails_verification(
     st = _station(root, tmp_path, "bench")
     st.issue("dev-a")
     st.issue("dev-b")
+    root.verify_ledger()
     with psycopg.connect(pg_url, autocommit=True) as conn:
-        # A station row whose certificate the root never signed adds no trusted key.
-        conn.execute("UPDATE stations SET certificate = %s WHERE name = 'bench'", (
-            root.issuing.public_bytes(__import__("cryptography").hazmat.primitives.serialization.Encoding.PEM).decode(),
-        ))  # fmt: skip
-    with pytest.raises(Exception, match="ledger line"):
+        # Line 4's signature on line 3: the hash still matches, the signature does not.
+        conn.execute("UPDATE ledger SET sig = (SELECT sig FROM ledger WHERE seq = 4) WHERE seq = 3")
+    with pytest.raises(LedgerCorruptError, match="line 3: signature is not the issuing CA's"):
+        root.verify_ledger()
+    with psycopg.connect(pg_url, autocommit=True) as conn:
+        # A station row swapped for another certificate: the lines it signed have no known key.
+        other = root.issuing.public_bytes(serialization.Encoding.PEM).decode()
+        conn.execute("UPDATE stations SET certificate = %s WHERE name = 'bench'", (other,))
+    with pytest.raises(LedgerCorruptError, match="line 3: signed by an issuing CA nobody knows"):
         root.verify_ledger()
 
 
@@ -178,7 +184,7 @@ def test_an_edited_ledger_row_is_named(root: PKI, pg_url: str, tmp_path: Path) -
             "UPDATE ledger SET data = %s WHERE seq = %s",
             (row[1].replace("dev-a", "dev-z"), row[0]),
         )
-    with pytest.raises(Exception, match=f"ledger line {row[0]}: content does not match its hash"):
+    with pytest.raises(LedgerCorruptError, match=f"line {row[0]}: content does not match its hash"):
         st.verify_ledger()
 
 
@@ -214,9 +220,16 @@ def test_cli_add_station_then_issue_and_revoke_from_another_station(
     again = cli("ca", "add-station", "line1-bench3", "--pki", "root-ca", "--out", "station-x")
     assert_one_line_error(again, "already has a station named 'line1-bench3'")
     # openssl: the leaf chains to the one root through station-3's issuing CA and its CRL.
+    station = tmp_path / "station-3"
     ok = openssl("verify", "-purpose", "sslclient", "-CAfile", tmp_path / "root-ca" / "root.crt",
-                 "-untrusted", tmp_path / "station-3" / "issuing.crt", tmp_path / "creds" / "device.crt")  # fmt: skip
+                 "-untrusted", station / "issuing.crt", "-crl_check", "-CRLfile",
+                 station / "crl.pem", tmp_path / "creds" / "device.crt")  # fmt: skip
     assert ok.returncode == 0, ok.stdout + ok.stderr
+    # Negative twin: the root's own issuing CA is not the chain of a station-3 certificate.
+    wrong = openssl("verify", "-purpose", "sslclient", "-CAfile", tmp_path / "root-ca" / "root.crt",
+                    "-untrusted", tmp_path / "root-ca" / "issuing.crt",
+                    tmp_path / "creds" / "device.crt")  # fmt: skip
+    assert wrong.returncode != 0
     cli("device", "revoke", "dev-0042", "--pki", "root-ca", check=True)
     listed = cli("device", "list", "--pki", "station-3", "--json", check=True)
     assert [r["state"] for r in json.loads(listed.stdout)] == ["revoked"]
@@ -235,7 +248,7 @@ def test_a_sqlite_pki_has_no_stations(pki_dir: Path, pki: PKI, cli: Callable[...
     assert_one_line_error(result, "needs a shared registry", "--registry")
 
 
-# -- concurrency ---------------------------------------------------------------------------------------
+# -- concurrency ------------------------------------------------------------------------------
 
 WORKER = """
 import sys
