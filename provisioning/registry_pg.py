@@ -483,8 +483,8 @@ class PostgresRegistry:
             record.issuer,
         )
         try:
-            with self._conn.transaction():  # a savepoint: a refused row leaves the rest intact
-                self._conn.execute(_INSERT_CERT, values)
+            # No savepoint: a refused row aborts the whole change, which the caller rolls back.
+            self._conn.execute(_INSERT_CERT, values)
         except psycopg.errors.UniqueViolation as exc:
             constraint = exc.diag.constraint_name or ""
             if constraint == "one_active_hardware":
