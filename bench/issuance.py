@@ -1,6 +1,7 @@
 """Devices issued per second, end to end, next to the raw cryptographic cost in the same run.
 
     .venv/bin/python bench/issuance.py [--devices 2000] [--pin] [--dir DIR]
+    .venv/bin/python bench/issuance.py --factory [--devices 2000]   # SQLite next to PostgreSQL
 
 Measures, on one core if --pin is given:
   raw        P-256 key generation + building and signing a leaf certificate (no disk): the floor
@@ -10,6 +11,10 @@ Measures, on one core if --pin is given:
   batch      PKI.issue_many() in batches of 500: one transaction and one ledger fsync per batch
 Each figure is the median of --reps runs. The PKI lives under --dir (default: a temporary
 directory beside this file, so the disk is the project's disk, not a tmpfs).
+
+--factory compares the two registries in one run (bench/factory.py): batch issuance from one
+station and from 4 stations at once (separate processes), and revocation-to-kick latency across
+two brokers, on SQLite (one PKI directory, crl.pem) and on a throwaway PostgreSQL cluster.
 """
 
 from __future__ import annotations
@@ -100,9 +105,18 @@ def main() -> int:
     parser.add_argument("--reps", type=int, default=3, help="runs per figure (median reported)")
     parser.add_argument("--pin", action="store_true", help="pin to CPU 0 (one core)")
     parser.add_argument("--dir", type=Path, default=None, help="where to create the PKI")
+    parser.add_argument(
+        "--factory", action="store_true", help="SQLite next to PostgreSQL (bench/factory.py)"
+    )
+    parser.add_argument("--kicks", type=int, default=40, help="--factory: revocations timed")
     args = parser.parse_args()
     if args.devices <= 0 or args.reps <= 0:
         parser.error("--devices and --reps must be positive")
+    if args.factory:
+        sys.path.insert(0, str(Path(__file__).resolve().parent))
+        from factory import run_factory
+
+        return run_factory(devices=args.devices, reps=args.reps, kicks=args.kicks, base=args.dir)
     if args.pin:
         os.sched_setaffinity(0, {0})
 

@@ -675,24 +675,30 @@ class PKI:
                     "use 1-128 printable ASCII characters without spaces",
                     what="hardware serial",
                 )
+        states = self.registry.name_states([i.name for i in identities])  # one query
         for ident in identities:
-            self._check_name_free(ident, rotate=rotate)
+            self._check_name_free(
+                ident, rotate=rotate, state=states.get(ident.name, (set(), False))
+            )
         return identities
 
-    def _check_name_free(self, ident: Identity, *, rotate: bool) -> None:
+    def _check_name_free(
+        self, ident: Identity, *, rotate: bool, state: tuple[set[str], bool] | None = None
+    ) -> None:
+        """``state``: (kinds the name ever had, has an active certificate), if already read."""
+        if state is None:
+            history = self.registry.history(ident.name)
+            state = ({r.kind for r in history}, any(r.status == "active" for r in history))
         # A name never changes kind, even after revocation: an exported broker (Mosquitto, EMQX)
         # that still lists the old identity's rights would otherwise hand them to the new one.
-        other = {r.kind for r in self.registry.history(ident.name)} - {ident.kind.value}
+        other = state[0] - {ident.kind.value}
         if other:
             msg = (
                 f"{ident.name!r} is (or was) the name of a {other.pop()}; device ids and "
                 "service names must not collide, even after revocation"
             )
             raise RegistryError(msg)
-        existing = self.registry.active(ident.name)
-        if existing is None:
-            return
-        if not rotate:
+        if state[1] and not rotate:
             raise DeviceExistsError(ident.name, kind=ident.kind.value)
 
     def _stage_credentials(
@@ -748,11 +754,12 @@ class PKI:
         steps = [_once(p.staged.commit) for p in pending if p.staged is not None]
 
         def body(change: _Change) -> None:
+            # Re-checked under the lock: another station may have issued since prepare.
+            states = self.registry.name_states([p.identity.name for p in pending])
             for item, record in zip(pending, records, strict=True):
-                existing = self.registry.active(item.identity.name)
-                if existing is not None:
-                    # Another process may have issued between our check and this lock.
-                    self._check_name_free(item.identity, rotate=rotate)
+                state = states.get(item.identity.name)
+                if state is not None and state[1]:
+                    self._check_name_free(item.identity, rotate=rotate, state=state)
                     for old in self.registry.mark_revoked(
                         item.identity.name, reason="superseded", when=now
                     ):
@@ -760,10 +767,10 @@ class PKI:
                             ("revoke", _revoke_event(old, "superseded", record.issued_by))
                         )
                     change.crl_dirty = True
-                self.registry.insert(record)
                 event = _issue_event(record)
                 event.update(details or {})
                 change.events.append(("issue", event))
+            self.registry.insert_many(records)
             change.on_commit = list(steps)
 
         self._write(now, body)

@@ -157,7 +157,9 @@ class RegistryBackend(Protocol):
     def was_applied(self, txid: str) -> bool: ...
     def set_meta(self, key: str, value: str) -> None: ...
     def mark_applied(self, txid: str) -> None: ...
+    def name_states(self, names: list[str]) -> dict[str, tuple[set[str], bool]]: ...
     def insert(self, record: CertRecord) -> None: ...
+    def insert_many(self, records: list[CertRecord]) -> None: ...
     def mark_revoked(
         self, name: str, *, reason: str, when: dt.datetime, kind: str | None = None
     ) -> list[CertRecord]: ...
@@ -308,6 +310,22 @@ class Registry:
         ).fetchall()
         return [CertRecord._from_row(r) for r in rows]
 
+    def name_states(self, names: list[str]) -> dict[str, tuple[set[str], bool]]:
+        """For each name that has rows: (every kind it had, whether one is active)."""
+        out: dict[str, tuple[set[str], bool]] = {}
+        for start in range(0, len(names), 500):  # SQLite's bound-parameter limit
+            chunk = names[start : start + 500]
+            marks = ", ".join("?" * len(chunk))
+            rows = self._db.execute(
+                f"SELECT name, kind, status FROM certificates WHERE name IN ({marks})",  # noqa: S608 - placeholders only
+                chunk,
+            ).fetchall()
+            for name, kind, status in rows:
+                kinds, active = out.get(name, (set(), False))
+                kinds.add(kind)
+                out[name] = (kinds, active or status == "active")
+        return out
+
     def get_meta(self, key: str) -> str | None:
         row = self._db.execute("SELECT value FROM meta WHERE key = ?", (key,)).fetchone()
         return str(row[0]) if row else None
@@ -369,6 +387,10 @@ class Registry:
                 raise DeviceExistsError(record.name, kind=record.kind) from exc
             msg = f"registry refused {record.name!r}: {text}"
             raise RegistryError(msg) from exc
+
+    def insert_many(self, records: list[CertRecord]) -> None:
+        for record in records:
+            self.insert(record)
 
     def mark_revoked(
         self, name: str, *, reason: str, when: dt.datetime, kind: str | None = None

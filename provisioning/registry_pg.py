@@ -408,6 +408,15 @@ class PostgresRegistry:
         )
         return int(rows[0]["n"])
 
+    def name_states(self, names: list[str]) -> dict[str, tuple[set[str], bool]]:
+        """For each name that has rows: (every kind it had, whether one is active)."""
+        rows = self._rows(
+            "SELECT name, array_agg(DISTINCT kind) AS kinds, bool_or(status = 'active') AS active"
+            " FROM certificates WHERE name = ANY(%s) GROUP BY name",
+            (names,),
+        )
+        return {r["name"]: (set(r["kinds"]), bool(r["active"])) for r in rows}
+
     def get_meta(self, key: str) -> str | None:
         rows = self._rows("SELECT value FROM meta WHERE key = %s", (key,))
         return str(rows[0]["value"]) if rows else None
@@ -459,44 +468,58 @@ class PostgresRegistry:
         self._exec("INSERT INTO applied_transactions (id) VALUES (%s)", (txid,))
 
     def insert(self, record: CertRecord) -> None:
+        self.insert_many([record])
+
+    def insert_many(self, records: list[CertRecord]) -> None:
+        """Insert in one pipelined round of statements (a batch of 500 is one round trip)."""
         import psycopg
 
         self._require_tx()
-        if record.issuer is None:
+        if not records:
+            return
+        if any(r.issuer is None for r in records):
             msg = "a shared registry needs the issuing CA of every certificate"
             raise RegistryError(msg)
-        values = (
-            record.kind,
-            record.name,
-            record.hardware_serial,
-            record.serial,
-            record.fingerprint,
-            record.public_key_sha256,
-            record.key_origin,
-            record.not_before,
-            record.not_after,
-            record.status,
-            record.issued_at,
-            record.issued_by,
-            record.revoked_at,
-            record.revocation_reason,
-            record.issuer,
-        )
+        values = [
+            (
+                r.kind,
+                r.name,
+                r.hardware_serial,
+                r.serial,
+                r.fingerprint,
+                r.public_key_sha256,
+                r.key_origin,
+                r.not_before,
+                r.not_after,
+                r.status,
+                r.issued_at,
+                r.issued_by,
+                r.revoked_at,
+                r.revocation_reason,
+                r.issuer,
+            )
+            for r in records
+        ]
         try:
             # No savepoint: a refused row aborts the whole change, which the caller rolls back.
-            self._conn.execute(_INSERT_CERT, values)
+            with self._conn.cursor() as cur:
+                cur.executemany(_INSERT_CERT, values)
         except psycopg.errors.UniqueViolation as exc:
             constraint = exc.diag.constraint_name or ""
+            detail = exc.diag.message_detail or ""
+            found = re.search(r"\)=\((.*)\) already exists", detail)
+            value = found.group(1) if found else "?"
             if constraint == "one_active_hardware":
-                hw = record.hardware_serial
-                msg = f"hardware serial {hw!r} already belongs to an active device"
+                msg = f"hardware serial {value!r} already belongs to an active device"
                 raise RegistryError(msg) from None
             if constraint == "one_active_name":
-                raise DeviceExistsError(record.name, kind=record.kind) from None
-            msg = f"registry refused {record.name!r}: {exc.diag.message_primary}"
+                kind = next((r.kind for r in records if r.name == value), "device")
+                raise DeviceExistsError(value, kind=kind) from None
+            msg = f"registry refused {value!r}: {exc.diag.message_primary}"
             raise RegistryError(msg) from None
-        if record.status == "revoked":
-            self._feed([record])
+        revoked = [r for r in records if r.status == "revoked"]
+        if revoked:
+            self._feed(revoked)
 
     def _feed(self, records: Sequence[CertRecord]) -> None:
         for r in records:
