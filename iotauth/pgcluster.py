@@ -4,7 +4,8 @@
 or under ``/usr/lib/postgresql/*/bin``) in a fresh temporary directory, listening on a free port
 of 127.0.0.1 only (no Unix socket), with scram-sha-256 passwords. PostgreSQL refuses to run as
 root, so as root the cluster runs as the unprivileged user ``nobody`` (``runuser``). It is
-stopped by the PID in its own ``postmaster.pid``, never by name::
+our own child process (``setpriv`` execs it, with a parent-death signal so that even a killed
+run leaves no cluster behind), stopped by its PID, never by name::
 
     with TempPostgres() as pg:
         url = pg.create_database("t1")      # postgresql://iotauth@127.0.0.1:PORT/t1
@@ -25,6 +26,7 @@ import socket
 import subprocess
 import tempfile
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from types import TracebackType
 from typing import Self
@@ -73,6 +75,8 @@ class TempPostgres:
         self._superpass = secrets.token_urlsafe(16)
         self.port = 0
         self.pid: int | None = None
+        self._proc: subprocess.Popen[bytes] | None = None
+        self._spawner = ThreadPoolExecutor(max_workers=1, thread_name_prefix="postgres-parent")
         self._root = Path(tempfile.mkdtemp(prefix="iotauth-pg-"))
         self.data = self._root / "data"
         self.log = self._root / "postgres.log"
@@ -120,56 +124,79 @@ class TempPostgres:
         return self
 
     def _start_server(self) -> None:
+        """``postgres`` as our own child (setpriv execs it: same PID), with a parent-death signal
+        so that even a killed test run leaves no cluster behind."""
+        import pwd
+
+        creds: list[str] = []
+        if self._as_root:
+            entry = pwd.getpwnam(_RUN_AS)
+            creds = [f"--reuid={entry.pw_uid}", f"--regid={entry.pw_gid}", "--clear-groups"]
         for _ in range(5):
             self.port = self.port or _free_port()
-            options = (
-                f"-p {self.port} -c listen_addresses=127.0.0.1 -c unix_socket_directories='' "
-                "-c max_connections=200 -c shared_buffers=32MB"
-            )
-            proc = subprocess.run(
-                self._cmd(
-                    str(self.bin / "pg_ctl"),
-                    "-D",
-                    str(self.data),
-                    "-l",
-                    str(self.log),
-                    "-o",
-                    options,
-                    "-w",
-                    "-t",
-                    "60",
-                    "start",
-                ),
-                capture_output=True,
-                text=True,
-                timeout=90,
-                check=False,
-            )
-            if proc.returncode == 0:
-                self.pid = int((self.data / "postmaster.pid").read_text().split()[0])
+            cmd = [
+                "setpriv", *creds, "--pdeathsig=INT", "--",
+                str(self.bin / "postgres"), "-D", str(self.data), "-p", str(self.port),
+                "-c", "listen_addresses=127.0.0.1", "-c", "unix_socket_directories=",
+                "-c", "max_connections=200", "-c", "shared_buffers=32MB",
+            ]  # fmt: skip
+            with self.log.open("ab") as log:
+                # Spawned from one long-lived thread: the parent-death signal fires when the
+                # *thread* that forked ends, and a restart may come from a short-lived one.
+                proc = self._spawner.submit(
+                    subprocess.Popen,
+                    cmd,
+                    stdin=subprocess.DEVNULL,
+                    stdout=log,
+                    stderr=subprocess.STDOUT,
+                ).result()
+            if self._wait_ready(proc):
+                self._proc, self.pid = proc, proc.pid
                 return
             self.port = 0  # the port was taken meanwhile: try another
         msg = f"PostgreSQL did not start: {self.log.read_text(errors='replace')[-500:]}"
         raise RuntimeError(msg)
 
+    def _wait_ready(self, proc: subprocess.Popen[bytes]) -> bool:
+        import psycopg
+
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            if proc.poll() is not None:
+                return False
+            try:
+                psycopg.connect(
+                    host="127.0.0.1",
+                    port=self.port,
+                    user="postgres",
+                    password=self._superpass,
+                    dbname="postgres",
+                    connect_timeout=2,
+                ).close()
+                return True
+            except psycopg.OperationalError:
+                time.sleep(0.1)
+        proc.kill()
+        proc.wait()
+        return False
+
     def stop(self) -> None:
         """Fast shutdown of our own postmaster (SIGINT to its PID), waiting until it is gone."""
-        if self.pid is None:
+        if self._proc is None:
             return
         with contextlib.suppress(ProcessLookupError):
-            os.kill(self.pid, signal.SIGINT)
-        deadline = time.monotonic() + 30
-        while time.monotonic() < deadline:
-            try:
-                os.kill(self.pid, 0)
-            except ProcessLookupError:
-                break
-            time.sleep(0.05)
+            self._proc.send_signal(signal.SIGINT)
+        try:
+            self._proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            self._proc.kill()
+            self._proc.wait()
+        self._proc = None
         self.pid = None
 
     def resume(self) -> None:
         """Start the stopped cluster again on the same port."""
-        if self.pid is None:
+        if self._proc is None:
             self._start_server()
 
     def restart(self, *, down_for: float = 0.0) -> None:
@@ -180,6 +207,7 @@ class TempPostgres:
 
     def close(self) -> None:
         self.stop()
+        self._spawner.shutdown()
         shutil.rmtree(self._root, ignore_errors=True)
 
     def __enter__(self) -> Self:

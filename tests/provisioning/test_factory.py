@@ -6,6 +6,7 @@ temporary directory (tests/conftest.py); under CI a missing PostgreSQL fails the
 
 from __future__ import annotations
 
+import contextlib
 import json
 import socket
 import subprocess
@@ -358,3 +359,96 @@ def test_database_restart_mid_gang_run_loses_nothing_and_records_nothing_twice(
         issues = [e for _, e in ca.ledger.entries() if e.event == "issue"]
     assert sorted(e.data["name"] for e in issues) == sorted(r.name for r in rows)
     assert report.warnings == []
+
+
+class _CommitCutter:
+    """A TCP proxy to PostgreSQL that, once armed, cuts the next connection that sends COMMIT.
+
+    ``after=True``: COMMIT reaches the server (it commits) and the answer is dropped, the
+    ambiguous case; ``after=False``: the connection is cut before COMMIT leaves (it rolls back).
+    """
+
+    def __init__(self, upstream: int, *, after: bool) -> None:
+        self.after = after
+        self.armed = threading.Event()
+        self.fired = threading.Event()
+        self._listener = socket.create_server(("127.0.0.1", 0))
+        self.port = self._listener.getsockname()[1]
+        self._upstream = upstream
+        self._socks: list[socket.socket] = []
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                client, _ = self._listener.accept()
+            except OSError:
+                return
+            server = socket.create_connection(("127.0.0.1", self._upstream))
+            self._socks += [client, server]
+            cut = threading.Event()
+            threading.Thread(target=self._up, args=(client, server, cut), daemon=True).start()
+            threading.Thread(target=self._down, args=(server, client, cut), daemon=True).start()
+
+    def _up(self, client: socket.socket, server: socket.socket, cut: threading.Event) -> None:
+        try:
+            while data := client.recv(65536):
+                if self.armed.is_set() and b"COMMIT" in data:
+                    self.armed.clear()
+                    cut.set()
+                    if self.after:
+                        server.sendall(data)  # the server commits; _down drops its answer
+                    else:
+                        _cut(client, server)
+                    self.fired.set()
+                    return
+                server.sendall(data)
+        except OSError:
+            pass
+
+    def _down(self, server: socket.socket, client: socket.socket, cut: threading.Event) -> None:
+        try:
+            while data := server.recv(65536):
+                if cut.is_set():
+                    time.sleep(0.2)  # let the commit finish on the server, then cut
+                    _cut(client, server)
+                    return
+                client.sendall(data)
+        except OSError:
+            pass
+
+    def close(self) -> None:
+        self._listener.close()
+        _cut(*self._socks)
+
+
+def _cut(*socks: socket.socket) -> None:
+    """shutdown() first: a plain close() leaves the connection up while a thread is in recv()."""
+    for sock in socks:
+        with contextlib.suppress(OSError):
+            sock.shutdown(socket.SHUT_RDWR)
+        sock.close()
+
+
+@pytest.mark.parametrize("after", [True, False], ids=["answer-lost", "never-arrived"])
+def test_a_commit_cut_off_is_applied_exactly_once(
+    root: PKI, postgres: TempPostgres, tmp_path: Path, after: bool
+) -> None:
+    """Whether the lost COMMIT happened or not, the device is recorded once (and the call
+    returns normally): the station recognises its own transaction id after reconnecting."""
+    station = _station(root, tmp_path, "bench").path
+    proxy = _CommitCutter(postgres.port, after=after)
+    toml = station / "pki.toml"
+    toml.write_text(toml.read_text().replace(f":{postgres.port}/", f":{proxy.port}/"))
+    try:
+        with PKI.open(station) as ca:
+            proxy.armed.set()
+            ca.issue("dev-once")
+            assert proxy.fired.is_set()
+            rows = ca.registry.history("dev-once")
+            issues = [e for _, e in ca.ledger.entries() if e.data.get("name") == "dev-once"]
+            ca.verify_ledger()
+    finally:
+        proxy.close()
+    assert len(rows) == 1
+    assert len(issues) == 1
