@@ -246,6 +246,9 @@ def ca_show(pki: PkiOpt, as_json: JsonOpt = False) -> None:
             "devices": sum(1 for r in records if r.kind == "device" and r.state() == "active"),
             "services": sum(1 for r in records if r.kind == "service" and r.state() == "active"),
         }
+        if ca.registry.shared:
+            doc["registry"] = ca.registry.where
+            doc["station"] = ca.config.station
         if as_json:
             _print_json(doc)
             return
@@ -256,6 +259,8 @@ def ca_show(pki: PkiOpt, as_json: JsonOpt = False) -> None:
         crl_line = f"#{info.number}, {info.revoked} revoked, next update {_when(info.next_update)}"
         out.print(f"CRL           {crl_line}")
         out.print(f"active        {doc['devices']} devices, {doc['services']} services")
+        if ca.registry.shared:
+            out.print(f"registry      {doc['registry']} (station {doc['station']})")
         if info.stale(now):
             err.print("[red]warning:[/red] the CRL is stale; run 'iotauth ca crl'", markup=True)
         elif now >= warn_at:

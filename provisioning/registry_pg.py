@@ -188,12 +188,21 @@ def _connect_options(timeout: float) -> dict[str, Any]:
     }
 
 
+def _require_driver() -> None:
+    try:
+        import psycopg  # noqa: F401 - only whether it is there
+    except ImportError:
+        msg = "a postgresql:// registry needs psycopg: pip install 'iotauth[factory]'"
+        raise RegistryError(msg) from None
+
+
 def connect(url: str, *, timeout: float = 5.0) -> psycopg.Connection[dict[str, Any]]:
     """An autocommit connection (writes use explicit transactions), rows as dicts."""
+    check_registry_url(url)
+    _require_driver()
     import psycopg
     from psycopg.rows import dict_row
 
-    check_registry_url(url)
     try:
         return psycopg.connect(url, row_factory=dict_row, **_connect_options(timeout))
     except psycopg.Error as exc:
@@ -202,9 +211,10 @@ def connect(url: str, *, timeout: float = 5.0) -> psycopg.Connection[dict[str, A
 
 async def async_connect(url: str, *, timeout: float = 5.0) -> psycopg.AsyncConnection[Any]:
     """An asyncio connection (the broker LISTENs on one); errors as :func:`connect`'s."""
+    check_registry_url(url)
+    _require_driver()
     import psycopg
 
-    check_registry_url(url)
     try:
         return await psycopg.AsyncConnection.connect(url, **_connect_options(timeout))
     except psycopg.Error as exc:
