@@ -168,9 +168,6 @@ needs_mosquitto_clients = needs(MOSQUITTO_PUB, MOSQUITTO_SUB, what="mosquitto-cl
 
 
 POSTGRES_BIN = find_postgres_bin()
-needs_postgres = needs(
-    str(POSTGRES_BIN) if POSTGRES_BIN else None, what="postgresql (the server binaries)"
-)
 
 
 @pytest.fixture(scope="session")
