@@ -1,6 +1,7 @@
 """Devices issued per second, end to end, next to the raw cryptographic cost in the same run.
 
     .venv/bin/python bench/issuance.py [--devices 2000] [--pin] [--dir DIR] [--no-token]
+    .venv/bin/python bench/issuance.py --factory [--devices 2000]   # SQLite next to PostgreSQL
 
 Measures, on one core if --pin is given:
   raw        P-256 key generation + building and signing a leaf certificate (no disk): the floor
@@ -14,6 +15,10 @@ directory beside this file, so the disk is the project's disk, not a tmpfs).
 Then, in the same run, the issuing CA key in a PKCS#11 token against the key file: a second PKI
 whose issuing key is in a SoftHSM2 token made for the run (skipped with a note if softhsm2 is not
 installed, or with --no-token): one signature, build & sign a leaf, batch and single issuance.
+
+--factory compares the two registries in one run (bench/factory.py): batch issuance from one
+station and from 4 stations at once (separate processes), and revocation-to-kick latency across
+two brokers, on SQLite (one PKI directory, crl.pem) and on a throwaway PostgreSQL cluster.
 """
 
 from __future__ import annotations
@@ -212,7 +217,7 @@ def _median_pair(runs: list[tuple[float, float]]) -> tuple[float, float]:
     return statistics.median(r[0] for r in runs), statistics.median(r[1] for r in runs)
 
 
-def main() -> int:
+def _parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
@@ -223,9 +228,23 @@ def main() -> int:
     parser.add_argument(
         "--no-token", action="store_true", help="skip the PKCS#11 (SoftHSM2) comparison"
     )
+    parser.add_argument(
+        "--factory", action="store_true", help="SQLite next to PostgreSQL (bench/factory.py)"
+    )
+    parser.add_argument("--kicks", type=int, default=40, help="--factory: revocations timed")
     args = parser.parse_args()
     if args.devices <= 0 or args.reps <= 0:
         parser.error("--devices and --reps must be positive")
+    return args
+
+
+def main() -> int:
+    args = _parse_args()
+    if args.factory:
+        sys.path.insert(0, str(Path(__file__).resolve().parent))
+        from factory import run_factory
+
+        return run_factory(devices=args.devices, reps=args.reps, kicks=args.kicks, base=args.dir)
     if args.pin:
         os.sched_setaffinity(0, {0})
 

@@ -28,6 +28,11 @@ PY = sys.executable
 # (name, title, command); a benchmark whose script does not exist yet is listed as missing.
 BENCHES: list[tuple[str, str, list[str]]] = [
     ("issuance", "Issuance", [PY, "bench/issuance.py", "--pin", "--devices", "2000"]),
+    (
+        "factory",
+        "Factory: SQLite next to PostgreSQL (stations at once, revocation to every broker)",
+        [PY, "bench/issuance.py", "--factory", "--devices", "2000", "--kicks", "100"],
+    ),
     ("provision", "Serial provisioning", [PY, "bench/provision.py"]),
     (
         "broker",

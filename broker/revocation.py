@@ -21,22 +21,41 @@ it; sessions already connected are kept. ``iotauth ca crl`` (a refresh) fixes it
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import datetime as dt
 import logging
 import os
+import shutil
 import ssl
+import tempfile
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 from cryptography import x509
+from cryptography.exceptions import InvalidSignature
 
 from broker.errors import ConfigError
 from provisioning.config import PKIConfig
 from provisioning.errors import ProvisioningError
-from provisioning.tls import ClientCertificates, server_context_for_pki
+from provisioning.keyfiles import atomic_write
+from provisioning.registry_pg import NOTIFY_CHANNEL, async_connect, display_url
+from provisioning.registry_pg import connect as registry_connect
+from provisioning.tls import ClientCertificates, server_context, server_context_for_pki
 
-__all__ = ["CRLState", "RevocationWatcher", "read_crl"]
+if TYPE_CHECKING:
+    import psycopg
+
+    _Conn = psycopg.Connection[dict[str, Any]]
+
+__all__ = [
+    "CRLState",
+    "RegistryRevocationWatcher",
+    "RevocationWatcher",
+    "open_revocation_watcher",
+    "read_crl",
+]
 
 log = logging.getLogger("iotauth.broker.revocation")
 
@@ -131,6 +150,13 @@ class RevocationWatcher:
     @property
     def trust_domain(self) -> str:
         return self._config.trust_domain
+
+    def gauges(self) -> dict[str, Callable[[], float]]:
+        """Extra metrics of this revocation source (name -> read when scraped)."""
+        return {}
+
+    def close(self) -> None:
+        """Release what the source holds (nothing for crl.pem)."""
 
     def seconds_left(self) -> float:
         return self.state.seconds_left()
@@ -229,3 +255,295 @@ class RevocationWatcher:
                 self.warn_if_stale()
             except Exception:  # one bad round must never stop revocation for good
                 log.exception("CRL watcher round failed")
+
+
+class RegistryRevocationWatcher(RevocationWatcher):
+    """Revocation from the shared registry (PostgreSQL): every station's CRL, every broker.
+
+    At start it reads, synchronously, every station's issuing CA and CRL and every revoked
+    serial (a broker does not start without the registry). Then it LISTENs on the registry's
+    notification channel: a revocation committed by any station wakes it within milliseconds; it
+    reads the revocation feed past the last id it saw (ids commit in order: every write holds
+    the chain head lock), adds the serials, rebuilds the TLS context when a station's CRL or
+    status changed, and calls ``on_change`` so the broker closes the revoked sessions. Every
+    ``safety_poll`` seconds it catches up even without a notification.
+
+    A lost database: it keeps serving with what it knows (nothing it trusted is withdrawn,
+    nothing revoked is forgotten), logs it once, shows ``iotauth_broker_registry_up 0``,
+    reconnects every ``reconnect_interval`` seconds and, once back, catches up on everything it
+    missed before sleeping on notifications again.
+
+    The TLS context trusts the root and checks the leaf against the CRL of every *active*
+    station; a revoked station's CRL is left out, so OpenSSL refuses each of its devices at the
+    handshake ("unable to get certificate CRL"), and its serials are in the revoked set for the
+    live sessions. A device revoked by another station than its own is refused at CONNECT (the
+    revoked set) until its own station re-signs its CRL on its next write.
+    """
+
+    def __init__(
+        self,
+        pki_dir: Path,
+        *,
+        registry_url: str,
+        password: bytes | None = None,
+        interval: float = 0.2,
+        on_change: Callable[[CRLState], Awaitable[None]] | None = None,
+        reconnect_interval: float = 1.0,
+        safety_poll: float = 5.0,
+    ) -> None:
+        self._url = registry_url
+        self.reconnect_interval = reconnect_interval
+        self.safety_poll = safety_poll
+        self.registry_up = False
+        self._last_id = 0
+        self._revoked: set[int] = set()
+        self._stations: dict[str, tuple[int, str]] = {}  # fingerprint -> (crl number, status)
+        self._crl_dir = Path(tempfile.mkdtemp(prefix="iotauth-broker-crls-"))
+        self._lock = asyncio.Lock()
+        self._crl_file = self._crl_dir / "stations-crl.pem"
+        try:
+            self._root = x509.load_pem_x509_certificate((pki_dir / "root.crt").read_bytes())
+        except (OSError, ValueError) as exc:
+            msg = f"{pki_dir} is not a usable PKI directory: {exc}"
+            raise ConfigError(msg) from None
+        super().__init__(pki_dir, password=password, interval=interval, on_change=on_change)
+        try:
+            conn = registry_connect(registry_url)
+        except ProvisioningError as exc:
+            msg = f"the broker needs its registry at start: {exc}"
+            raise ConfigError(msg) from None
+        try:
+            self._apply(self._full_load(conn), force_context=True)
+        finally:
+            conn.close()
+        self.registry_up = True
+
+    def gauges(self) -> dict[str, Callable[[], float]]:
+        return {
+            "iotauth_broker_registry_up": lambda: 1.0 if self.registry_up else 0.0,
+            "iotauth_broker_revoked_serials": lambda: float(len(self._revoked)),
+        }
+
+    def close(self) -> None:
+        shutil.rmtree(self._crl_dir, ignore_errors=True)
+
+    def _build_context(self, client_certificates: ClientCertificates) -> ssl.SSLContext:
+        """Trust the root, check leaves against every active station's CRL.
+
+        Until the registry has been read (the base class's start), the directory's own crl.pem.
+        """
+        if not self._crl_file.exists():
+            return super()._build_context(client_certificates)
+        try:
+            return server_context(
+                cert_chain=self.pki_dir / "server.crt",
+                key=self.pki_dir / "private" / "server.key",
+                trust=self.pki_dir / "root.crt",
+                crl=self._crl_file if client_certificates != "none" else None,
+                password=self._password,
+                client_certificates=client_certificates,
+            )
+        except ProvisioningError as exc:
+            raise ConfigError(str(exc)) from None
+
+    # -- reading the registry (sync queries; run in a thread from the loop) ---------------------
+
+    def _full_load(self, conn: _Conn) -> _Snapshot:
+        row = conn.execute("SELECT coalesce(max(id), 0) AS id FROM revocations").fetchone()
+        last = row["id"] if row else 0
+        snapshot = self._stations_snapshot(conn)
+        rows = conn.execute(
+            "SELECT serial FROM certificates WHERE status = 'revoked'"
+            " OR issuer IN (SELECT fingerprint FROM stations WHERE status = 'revoked')"
+        ).fetchall()
+        snapshot.serials = {int(r["serial"], 16) for r in rows}
+        snapshot.last_id = int(last)
+        return snapshot
+
+    def _stations_snapshot(self, conn: _Conn) -> _Snapshot:
+        rows = conn.execute(
+            "SELECT name, fingerprint, certificate, crl, crl_number, status FROM stations"
+        ).fetchall()
+        return _Snapshot(stations=rows)
+
+    def _delta(self, conn: _Conn) -> _Snapshot:
+        rows = conn.execute(
+            "SELECT id, serial FROM revocations WHERE id > %s ORDER BY id", (self._last_id,)
+        ).fetchall()
+        snapshot = self._stations_snapshot(conn)
+        snapshot.serials = {int(r["serial"], 16) for r in rows}
+        snapshot.last_id = int(rows[-1]["id"]) if rows else self._last_id
+        revoked_now = {
+            r["fingerprint"]
+            for r in snapshot.stations
+            if r["status"] == "revoked"
+            and self._stations.get(r["fingerprint"], (0, "active"))[1] != "revoked"
+        }
+        if revoked_now:
+            more = conn.execute(
+                "SELECT serial FROM certificates WHERE issuer = ANY(%s)", (list(revoked_now),)
+            ).fetchall()
+            snapshot.serials |= {int(r["serial"], 16) for r in more}
+        return snapshot
+
+    # -- applying what was read -----------------------------------------------------------------
+
+    def _apply(self, snapshot: _Snapshot, *, force_context: bool = False) -> bool:
+        """Fold a snapshot into the state; True if anything that matters changed."""
+        stations = {
+            r["fingerprint"]: (int(r["crl_number"]), r["status"]) for r in snapshot.stations
+        }
+        new_serials = snapshot.serials - self._revoked
+        stations_changed = stations != self._stations
+        if not (new_serials or stations_changed or force_context):
+            self._last_id = max(self._last_id, snapshot.last_id)
+            return False
+        crls: list[bytes] = []
+        next_updates: list[dt.datetime] = []
+        this_updates: list[dt.datetime] = []
+        for row in snapshot.stations:
+            if row["status"] != "active" or not row["crl"]:
+                continue
+            state = self._station_crl(row)
+            if state is None:
+                continue
+            crls.append(row["crl"].encode())
+            next_updates.append(state.next_update)
+            this_updates.append(state.this_update)
+        if stations_changed or force_context:
+            if not crls:
+                msg = "the registry holds no valid CRL of an active station"
+                raise ConfigError(msg)
+            atomic_write(self._crl_file, b"".join(crls), mode=0o600)
+            # Every listener's mode, rebuilt together (as the base class does for crl.pem).
+            self._contexts = {mode: self._build_context(mode) for mode in self._contexts}
+        self._revoked |= snapshot.serials
+        self._stations = stations
+        self._last_id = max(self._last_id, snapshot.last_id)
+        self.state = CRLState(
+            number=self._last_id,
+            this_update=max(this_updates) if this_updates else self.state.this_update,
+            next_update=min(next_updates) if next_updates else self.state.next_update,
+            revoked=frozenset(self._revoked),
+        )
+        return True
+
+    def _station_crl(self, row: dict[str, Any]) -> CRLState | None:
+        """A station's CRL, if its certificate is the root's and the CRL is that station's."""
+        try:
+            cert = x509.load_pem_x509_certificate(row["certificate"].encode())
+            cert.verify_directly_issued_by(self._root)
+            crl = x509.load_pem_x509_crl(row["crl"].encode())
+        except (ValueError, TypeError, InvalidSignature):
+            log.warning("ignoring station %s: its certificate is not the root's", row["name"])
+            return None
+        if crl.issuer != cert.subject or not crl.is_signature_valid(cert.public_key()):  # type: ignore[arg-type]
+            log.warning("ignoring the CRL of station %s: not signed by its CA", row["name"])
+            return None
+        next_update = crl.next_update_utc or crl.last_update_utc
+        return CRLState(0, crl.last_update_utc, next_update, frozenset())
+
+    # -- the loop --------------------------------------------------------------------------------
+
+    async def _catch_up(self, conn: _Conn) -> bool:
+        async with self._lock:
+            snapshot = await asyncio.to_thread(self._delta, conn)
+            changed = self._apply(snapshot)
+        if changed:
+            log.info(
+                "registry: %d revoked serial(s), %d station(s); revocation feed at #%d",
+                len(self._revoked),
+                len(self._stations),
+                self._last_id,
+            )
+            if self.on_change is not None:
+                await self.on_change(self.state)
+        return changed
+
+    async def check(self) -> bool:
+        """Catch up now (a fresh connection) instead of waiting for a notification."""
+        try:
+            conn = await asyncio.to_thread(registry_connect, self._url)
+        except ProvisioningError as exc:
+            log.warning("%s", exc)
+            return False
+        try:
+            return await self._catch_up(conn)
+        finally:
+            await asyncio.to_thread(conn.close)
+
+    async def run(self) -> None:
+        """LISTEN and catch up until cancelled; survive the database going away."""
+        import psycopg
+
+        self.warn_if_stale()
+        lost_at = 0.0
+        while True:
+            listen: psycopg.AsyncConnection[Any] | None = None
+            query: _Conn | None = None
+            try:
+                listen = await async_connect(self._url)
+                await listen.execute(f"LISTEN {NOTIFY_CHANNEL}")
+                query = await asyncio.to_thread(registry_connect, self._url)
+                await self._catch_up(query)  # everything committed while we were away
+                if not self.registry_up:
+                    down = asyncio.get_running_loop().time() - lost_at
+                    log.warning(
+                        "registry %s is back after %.1f s; caught up to revocation #%d",
+                        display_url(self._url),
+                        down,
+                        self._last_id,
+                    )
+                self.registry_up = True
+                while True:
+                    # A notification, or the safety poll's timeout, ends this wait.
+                    async for _ in listen.notifies(timeout=self.safety_poll, stop_after=1):
+                        pass
+                    await self._catch_up(query)
+                    self.warn_if_stale()
+            except (psycopg.Error, ProvisioningError, OSError) as exc:
+                if self.registry_up:
+                    lost_at = asyncio.get_running_loop().time()
+                    log.error(
+                        "registry %s lost (%s): keeping %d revoked serial(s) and the CRLs of %d "
+                        "station(s); reconnecting every %.0f s",
+                        display_url(self._url),
+                        " ".join(str(exc).split())[:200],
+                        len(self._revoked),
+                        len(self._stations),
+                        self.reconnect_interval,
+                    )
+                self.registry_up = False
+            except Exception:  # one bad round must never stop revocation for good
+                log.exception("registry watcher round failed")
+            finally:
+                if listen is not None:
+                    with contextlib.suppress(Exception):
+                        await listen.close()
+                if query is not None:
+                    with contextlib.suppress(Exception):
+                        query.close()
+            await asyncio.sleep(self.reconnect_interval)
+
+
+@dataclass(slots=True)
+class _Snapshot:
+    stations: list[dict[str, Any]]
+    serials: set[int] = field(default_factory=set)
+    last_id: int = 0
+
+
+def open_revocation_watcher(
+    pki_dir: Path, *, password: bytes | None = None, interval: float = 0.2
+) -> RevocationWatcher:
+    """The broker's revocation source: crl.pem of the directory, or the shared registry."""
+    try:
+        config = PKIConfig.load(pki_dir / "pki.toml")
+    except (OSError, ProvisioningError) as exc:
+        msg = f"{pki_dir} is not a usable PKI directory: {exc}"
+        raise ConfigError(msg) from None
+    if config.registry:
+        return RegistryRevocationWatcher(
+            pki_dir, registry_url=config.registry, password=password, interval=interval
+        )
+    return RevocationWatcher(pki_dir, password=password, interval=interval)

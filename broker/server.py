@@ -25,7 +25,7 @@ from broker.core import BrokerCore
 from broker.errors import BrokerError, ConfigError
 from broker.metrics import Metrics, serve_metrics
 from broker.renewal import RenewalService
-from broker.revocation import CRLState, RevocationWatcher
+from broker.revocation import CRLState, RevocationWatcher, open_revocation_watcher
 from broker.settings import BrokerSettings
 
 __all__ = ["BrokerThread", "RunningBroker", "run_broker"]
@@ -107,7 +107,8 @@ async def run_broker(
     """Start everything; stop everything on exit. Raises ConfigError for an unusable setup."""
     audit = _ObservedAudit(audit_sink)
     metrics = Metrics()
-    watcher = RevocationWatcher(
+    # crl.pem of the PKI directory, or every station's CRL through the shared registry.
+    watcher = open_revocation_watcher(
         settings.pki_dir, password=settings.key_password, interval=settings.crl_poll_interval
     )
     core = BrokerCore(settings, audit=audit, metrics=metrics)
@@ -121,6 +122,8 @@ async def run_broker(
     watcher.on_change = on_crl
     metrics.set("iotauth_broker_crl_number", watcher.state.number)
     metrics.gauge("iotauth_broker_crl_next_update_seconds", watcher.seconds_left)
+    for name, read in watcher.gauges().items():
+        metrics.gauge(name, read)
     listeners = _listeners(settings, watcher, core, audit, metrics, authenticator)
     tasks: list[asyncio.Task[None]] = []
     metrics_server: asyncio.Server | None = None
@@ -167,6 +170,7 @@ async def run_broker(
             metrics_server.close()
         for listener in listeners:
             await listener.close()
+        watcher.close()
 
 
 def _listeners(

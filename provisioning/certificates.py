@@ -132,11 +132,14 @@ def build_issuing_ca(
     now: dt.datetime,
     days: int = 1825,
     generation: str = "1",
+    common_name: str | None = None,
 ) -> x509.Certificate:
-    """``generation`` tells a re-issued issuing CA (same root, new key) from its predecessors."""
+    """``generation`` tells a re-issued issuing CA (same root, new key) from its predecessors;
+    ``common_name`` names a station's CA (stations of one fleet need distinct names: OpenSSL
+    finds a CA's CRL by its subject)."""
     return root_key.sign_certificate(
         _base(
-            _name(f"{trust_domain} Issuing CA {generation}", "iotauth"),
+            _name(common_name or f"{trust_domain} Issuing CA {generation}", "iotauth"),
             root.subject,
             public_key,
             now - BACKDATE,

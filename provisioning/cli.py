@@ -129,6 +129,17 @@ def ca_init(
             "way back after losing the issuing CA's token (docs/HSM.md). Needs --root-key.",
         ),
     ] = None,
+    registry: Annotated[
+        str | None,
+        typer.Option(
+            "--registry",
+            help="Shared registry postgresql://USER@HOST[:PORT]/DB (password: PGPASSWORD or "
+            "~/.pgpass, never here). Default: registry.sqlite3 in the PKI directory.",
+        ),
+    ] = None,
+    station: Annotated[
+        str, typer.Option("--station", help="With --registry: this directory's station name.")
+    ] = "main",
     as_json: JsonOpt = False,
 ) -> None:
     """Create root CA, issuing CA, broker certificate, registry, ledger and CRL."""
@@ -154,6 +165,8 @@ def ca_init(
             issuing_key=issuing_key,
             root_key=None if root_cert else root_key,
             existing_root=existing_root,
+            registry=registry,
+            station=station,
         )
         with ca:
             if as_json:
@@ -165,11 +178,15 @@ def ca_init(
                         "issuing": _cert_json(ca.issuing),
                         "server_names": ["localhost", "127.0.0.1", *(server_name or [])],
                         "encrypted_keys": bool(passphrase),
+                        **({"registry": ca.registry.where, "station": station} if registry else {}),
                         "warnings": [],
                     }
                 )
                 return
             out.print(f"Created the PKI of [bold]{trust_domain}[/bold] in {pki}", markup=True)
+            if registry:
+                where = ca.registry.where
+                out.print(f"  registry    {where} (station {station!r}; ledger in the database)")
             for label, cert in (("root CA    ", ca.root), ("issuing CA ", ca.issuing)):
                 subject = cert.subject.rfc4514_string()
                 out.print(f"  {label} {subject}  (until {_when(cert.not_valid_after_utc)})")
@@ -190,6 +207,92 @@ def ca_init(
                     f"Move {pki / 'private' / 'root.key'} offline: issuing and revoking need only "
                     "the issuing CA."
                 )
+
+
+@ca_app.command("add-station")
+def ca_add_station(
+    name: Annotated[str, typer.Argument(help="Station name: 1-64 of a-z, 0-9, '-'.")],
+    pki: PkiOpt,
+    out_dir: Annotated[Path, typer.Option("--out", help="Station directory to create.")],
+    server_name: Annotated[
+        list[str] | None,
+        typer.Option("--server-name", help="Extra broker host name or IP (repeat)."),
+    ] = None,
+    issuing_key: Annotated[
+        str | None,
+        typer.Option(
+            "--issuing-key",
+            help="Make the station's issuing CA key in a PKCS#11 token: "
+            "'pkcs11:token=LABEL;object=NAME' (as for 'ca init').",
+        ),
+    ] = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """A station (or broker) directory with its own issuing CA, signed by the root in --pki."""
+    with user_errors(), _open(pki) as ca:
+        ca.add_station(name, out=out_dir, server_names=server_name or [], issuing_key=issuing_key)
+        with _open(out_dir) as station:
+            issuing = station.issuing
+            doc = {
+                "station": name,
+                "out": str(out_dir),
+                "issuing": station.issuer_fingerprint,
+                "subject": issuing.subject.rfc4514_string(),
+                "registry": station.registry.where,
+                "warnings": [],
+            }
+        if as_json:
+            print_json(doc)
+            return
+        out.print(f"Added station [bold]{name}[/bold] in {out_dir}", markup=True)
+        out.print(f"  issuing CA  {doc['subject']} (signed by the root)")
+        out.print(f"  registry    {doc['registry']}")
+        out.print(f"Copy {out_dir} to the station's PC; it holds no root key.")
+
+
+@ca_app.command("revoke-station")
+def ca_revoke_station(
+    name: Annotated[str, typer.Argument(help="Station name.")],
+    pki: PkiOpt,
+    reason: Annotated[
+        str, typer.Option("--reason", help=f"One of: {', '.join(REVOCATION_REASONS)}.")
+    ] = "unspecified",
+    as_json: JsonOpt = False,
+) -> None:
+    """Revoke a station's issuing CA: every broker refuses all of its certificates."""
+    with user_errors(), _open(pki) as ca:
+        st = ca.revoke_station(name, reason=reason)
+        if as_json:
+            print_json({"station": name, "issuing": st.fingerprint, "reason": reason})
+            return
+        out.print(f"Revoked station {name} (issuing CA {st.fingerprint[:16]}, {reason})")
+
+
+@ca_app.command("stations")
+def ca_stations(pki: PkiOpt, as_json: JsonOpt = False) -> None:
+    """The stations of the shared registry: issuing CA, CRL number, status."""
+    with user_errors(), _open(pki) as ca:
+        stations = ca.stations()
+        if not ca.registry.shared:
+            msg = f"{pki} uses a local registry (no stations); see 'ca init --registry'"
+            raise ProvisioningError(msg)
+    docs = [
+        {
+            "name": st.name,
+            "issuing": st.fingerprint,
+            "crl_number": st.crl_number,
+            "status": st.status,
+            "added_at": st.added_at.isoformat(),
+        }
+        for st in stations
+    ]
+    if as_json:
+        print_json(docs)
+        return
+    for d in docs:
+        out.print(
+            f"{d['name']:<24} {d['status']:<8} CRL #{d['crl_number']:<5} {str(d['issuing'])[:16]}"
+        )
 
 
 @ca_app.command("crl")
@@ -244,6 +347,9 @@ def ca_show(pki: PkiOpt, as_json: JsonOpt = False) -> None:
             "devices": devices,
             "services": services,
         }
+        if ca.registry.shared:
+            doc["registry"] = ca.registry.where
+            doc["station"] = ca.config.station
         if as_json:
             print_json(doc)
             return
@@ -258,6 +364,8 @@ def ca_show(pki: PkiOpt, as_json: JsonOpt = False) -> None:
         crl_line = f"#{info.number}, {info.revoked} revoked, next update {_when(info.next_update)}"
         out.print(f"CRL           {crl_line}")
         out.print(f"active        {plural(devices, 'device')}, {plural(services, 'service')}")
+        if ca.registry.shared:
+            out.print(f"registry      {doc['registry']} (station {doc['station']})")
         if info.stale(now):
             err.print("[red]warning:[/red] the CRL is stale; run 'iotauth ca crl'", markup=True)
         elif now >= warn_at:
@@ -639,11 +747,27 @@ def service_revoke(
 
 
 @ledger_app.command("verify")
-def ledger_verify(pki: PkiOpt, as_json: JsonOpt = False) -> None:
+def ledger_verify(
+    pki: PkiOpt,
+    export: Annotated[
+        Path | None,
+        typer.Option("--export", help="After verifying, write the ledger as JSONL to this file."),
+    ] = None,
+    file: Annotated[
+        Path | None,
+        typer.Option(
+            "--file", help="Verify this exported JSONL copy instead (signers from --pki)."
+        ),
+    ] = None,
+    as_json: JsonOpt = False,
+) -> None:
     """Check the hash chain, the signatures and the registry's record of the last entry."""
     with user_errors(), _open(pki) as ca:
         try:
-            report = ca.verify_ledger()
+            if file is not None:
+                _verify_ledger_file(ca, file, as_json=as_json)
+                return
+            report = ca.export_ledger(export) if export is not None else ca.verify_ledger()
         except LedgerCorruptError as exc:
             if as_json:  # the verdict is the result: a script reads it, the line goes to stderr
                 print_json({"ok": False, "error": str(exc), "line": exc.line, "warnings": []})
@@ -656,14 +780,51 @@ def ledger_verify(pki: PkiOpt, as_json: JsonOpt = False) -> None:
                     "ok": True,
                     "entries": report.entries,
                     "head": {"seq": report.head.seq, "hash": report.head.hash},
+                    **({"exported": str(export)} if export is not None else {}),
                     "warnings": list(report.warnings),
                 }
             )
             return
+        signers = "every station's issuing CA" if ca.registry.shared else "the issuing CA"
         out.print(
-            f"ledger OK: {plural(report.entries, 'entry', 'entries')}, chained and signed by the "
-            f"issuing CA; head {report.head.hash[:16]}"
+            f"ledger OK: {plural(report.entries, 'entry', 'entries')}, chained and signed by "
+            f"{signers}; head {report.head.hash[:16]}"
         )
+        if export is not None:
+            out.print(f"ledger written to {export} ({report.entries} lines, JSONL)")
+
+
+def _verify_ledger_file(ca: PKI, file: Path, *, as_json: bool) -> None:
+    """``ledger verify --file``: an exported copy, checked with the signers the PKI knows."""
+    from provisioning.ledger import Ledger
+
+    if not file.is_file():
+        msg = f"{file} does not exist"
+        raise ProvisioningError(msg)
+    keys, own = ca.station_keys(), ca.issuer_fingerprint
+    entries = Ledger(file).verify(key_for=lambda e: keys.get(str(e.data.get("signed_by", own))))
+    if as_json:
+        print_json({"ok": True, "file": str(file), "entries": len(entries), "warnings": []})
+        return
+    out.print(
+        f"{file} OK: {plural(len(entries), 'entry', 'entries')}, chained and signed by known CAs"
+    )
+
+
+@ledger_app.command("export")
+def ledger_export(
+    pki: PkiOpt,
+    out_file: Annotated[Path, typer.Option("--out", help="JSONL file to write (replaced).")],
+    as_json: JsonOpt = False,
+) -> None:
+    """Verify, then write the ledger in the ledger.jsonl format for an auditor."""
+    with user_errors(), _open(pki) as ca:
+        report = ca.export_ledger(out_file)
+        if as_json:
+            doc = {"ok": True, "out": str(out_file), "entries": report.entries, "warnings": []}
+            print_json(doc)
+            return
+        out.print(f"ledger written to {out_file} ({report.entries} lines, verified)")
 
 
 @ledger_app.command("show")

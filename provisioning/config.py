@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import tomllib
 from collections.abc import Callable
 from dataclasses import dataclass, fields
@@ -9,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from provisioning.errors import PKIError, ProvisioningError
-from provisioning.identity import validate_trust_domain
+from provisioning.identity import validate_name, validate_trust_domain
 
 __all__ = ["PASSPHRASE_ENV", "SETTINGS", "PKIConfig", "Setting"]
 
@@ -28,9 +29,22 @@ class PKIConfig:
     # Where a CA key lives when it is not a file in private/: a pkcs11: URI (docs/HSM.md).
     issuing_key: str | None = None
     root_key: str | None = None
+    # A postgresql:// URL (no password: PGPASSWORD or ~/.pgpass) shared by several stations and
+    # brokers; empty: registry.sqlite3 and ledger.jsonl in this directory.
+    registry: str = ""
+    # This directory's station name in the shared registry (made by `ca add-station`).
+    station: str = ""
 
     def __post_init__(self) -> None:
         validate_trust_domain(self.trust_domain)
+        if self.registry:
+            from provisioning.registry_pg import check_registry_url
+
+            try:
+                check_registry_url(self.registry)
+            except ProvisioningError as exc:
+                msg = f"pki.toml: {exc}"
+                raise PKIError(msg) from None
         for name in ("device_days", "service_days", "crl_hours", "crl_warn_hours"):
             if getattr(self, name) <= 0:
                 msg = f"pki.toml: {name} must be positive"
@@ -57,14 +71,16 @@ class PKIConfig:
         ]
         for f in fields(self):
             value = getattr(self, f.name)
-            if value is None:
-                continue  # a key kept in private/; a pkcs11: URI is canonical: no quotes either
+            if value is None or value == "":
+                # A key kept in private/, or no shared registry: the pki.toml of a single-station
+                # directory looks as it always did.
+                continue
             if isinstance(value, bool):
                 rendered = "true" if value else "false"
             elif isinstance(value, int):
                 rendered = str(value)
             else:
-                rendered = f'"{value}"'  # validated names contain no quotes or backslashes
+                rendered = json.dumps(value)  # a TOML basic string: quotes and \\ escaped
             lines.append(f"{f.name} = {rendered}")
         return "\n".join(lines) + "\n"
 
@@ -144,6 +160,15 @@ _DAYS = "a whole number of days above 0 (e.g. 90)"
 _HOURS = "a whole number of hours above 0"
 _PKCS11_URI = "a pkcs11: URI (e.g. 'pkcs11:token=ca;object=issuing')"
 
+
+def _is_name(value: str) -> bool:
+    try:
+        validate_name(value, what="station name")
+    except ProvisioningError:
+        return False
+    return True
+
+
 # The keys of pki.toml's [pki] section besides `version`, one per field of PKIConfig (a test keeps
 # the two in step). A new key is one line here and one field above.
 SETTINGS: dict[str, Setting] = {
@@ -161,4 +186,8 @@ SETTINGS: dict[str, Setting] = {
     # A CA key in a PKCS#11 token; the URI itself is checked, with the fix, by PKIConfig.
     "issuing_key": Setting(str, _PKCS11_URI),
     "root_key": Setting(str, _PKCS11_URI),
+    # The shared registry; the URL itself (no password in it) is checked, with the fix, by
+    # PKIConfig.
+    "registry": Setting(str, "a postgresql:// URL without a password (e.g. 'postgresql://db/f')"),
+    "station": Setting(str, "a station name of a-z, 0-9 and '-' (e.g. 'line-2')", _is_name),
 }

@@ -20,6 +20,7 @@ __all__ = [
     "PassphraseError",
     "ProvisioningError",
     "RegistryError",
+    "RegistryUnavailableError",
     "TokenError",
     "UnknownDeviceError",
 ]
@@ -77,6 +78,18 @@ class CSRRejectedError(ProvisioningError):
 
 class RegistryError(ProvisioningError):
     """The device registry refused an operation."""
+
+
+class RegistryUnavailableError(RegistryError):
+    """The shared registry cannot be reached (or refused the login).
+
+    ``permanent`` is False for a connection that may come back (a database restart, a network
+    blip): a station retries its transaction; True for a wrong password or a missing database.
+    """
+
+    def __init__(self, message: str, *, permanent: bool = False) -> None:
+        self.permanent = permanent
+        super().__init__(message)
 
 
 class DeviceExistsError(RegistryError):

@@ -164,6 +164,9 @@ class StagedDirectory:
             raise OSError(exc.errno, exc.strerror, str(self.final / name)) from exc
 
     def commit(self) -> None:
+        """Rename into place; a second call does nothing (a transaction may run again)."""
+        if self.committed:
+            return
         fsync_directory(self.path)
         if self.final.is_dir():
             self.final.rmdir()  # empty (checked in __init__); rename cannot replace a directory

@@ -23,7 +23,7 @@ import datetime as dt
 import hashlib
 import json
 import os
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -33,11 +33,21 @@ from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec
 
 from provisioning.errors import LedgerCorruptError, LedgerError
+from provisioning.keyfiles import atomic_write
 
 if TYPE_CHECKING:
     from provisioning.signing import Signer
 
-__all__ = ["GENESIS", "Ledger", "LedgerEntry", "LedgerHead"]
+__all__ = [
+    "GENESIS",
+    "Ledger",
+    "LedgerEntry",
+    "LedgerHead",
+    "PublicKeyFor",
+    "build_entries",
+    "export_jsonl",
+    "verify_chain",
+]
 
 GENESIS = "0" * 64
 _TAIL_READ = 64 * 1024  # longer than any line we write
@@ -81,6 +91,90 @@ def _entry_hash(seq: int, time: str, event: str, data: Mapping[str, Any], prev: 
     return hashlib.sha256(_canonical(body)).hexdigest()
 
 
+PublicKeyFor = Callable[[LedgerEntry], ec.EllipticCurvePublicKey | None]
+
+
+def build_entries(
+    head: LedgerHead,
+    events: Sequence[tuple[str, Mapping[str, Any]]],
+    *,
+    signer: Signer,
+    now: dt.datetime | None = None,
+) -> list[LedgerEntry]:
+    """Chain and sign ``events`` after ``head`` (the file and the PostgreSQL ledger share it)."""
+    when = (now or dt.datetime.now(dt.UTC)).astimezone(dt.UTC).isoformat(timespec="microseconds")
+    entries: list[LedgerEntry] = []
+    prev, seq = head.hash, head.seq
+    for event, data in events:
+        seq += 1
+        payload = json.loads(_canonical(data))  # JSON-safe copy; fails early on odd types
+        digest = _entry_hash(seq, when, event, payload, prev)
+        sig = signer.sign(bytes.fromhex(digest))  # ECDSA P-256 with SHA-256, in a file or token
+        entries.append(
+            LedgerEntry(seq, when, event, payload, prev, digest, base64.b64encode(sig).decode())
+        )
+        prev = digest
+    return entries
+
+
+def verify_chain(
+    entries: Iterable[tuple[int, LedgerEntry]],
+    *,
+    key_for: PublicKeyFor,
+    expected_head: LedgerHead | None = None,
+) -> list[LedgerEntry]:
+    """Check every entry; raise LedgerCorruptError naming the first bad one.
+
+    ``key_for`` gives the public key an entry must be signed with (None: a signer nobody knows).
+    ``expected_head`` is what the registry recorded: a ledger that ends before it was cut.
+    """
+    prev, seq, last_line = GENESIS, 0, 0
+    out: list[LedgerEntry] = []
+    for lineno, entry in entries:
+        last_line = lineno
+        recomputed = _entry_hash(entry.seq, entry.time, entry.event, entry.data, entry.prev)
+        if recomputed != entry.hash:
+            raise LedgerCorruptError(lineno, "content does not match its hash (entry edited)")
+        if entry.seq != seq + 1:
+            what = "a line is missing before it" if entry.seq > seq + 1 else "out of order"
+            raise LedgerCorruptError(
+                lineno, f"sequence number {entry.seq} where {seq + 1} was expected ({what})"
+            )
+        if entry.prev != prev:
+            raise LedgerCorruptError(
+                lineno, "does not chain to the line before it (inserted or replaced entry)"
+            )
+        public_key = key_for(entry)
+        if public_key is None:
+            signer = str(entry.data.get("signed_by", "?"))[:16]
+            raise LedgerCorruptError(lineno, f"signed by an issuing CA nobody knows ({signer})")
+        try:
+            public_key.verify(
+                base64.b64decode(entry.sig, validate=True),
+                bytes.fromhex(entry.hash),
+                ec.ECDSA(hashes.SHA256()),
+            )
+        except (InvalidSignature, binascii.Error, ValueError):
+            raise LedgerCorruptError(
+                lineno, "signature is not the issuing CA's (entry forged)"
+            ) from None
+        prev, seq = entry.hash, entry.seq
+        out.append(entry)
+    if expected_head is not None and expected_head.seq > seq:
+        raise LedgerCorruptError(
+            last_line + 1,
+            f"the ledger ends at entry {seq} but the registry recorded {expected_head.seq} "
+            "(entries were cut from the end)",
+        )
+    if expected_head is not None and expected_head.seq and expected_head.seq <= seq:
+        recorded = out[expected_head.seq - 1].hash
+        if recorded != expected_head.hash:
+            raise LedgerCorruptError(
+                expected_head.seq, "differs from the entry the registry recorded (rewritten)"
+            )
+    return out
+
+
 class Ledger:
     def __init__(self, path: Path) -> None:
         self.path = path
@@ -119,21 +213,7 @@ class Ledger:
         Returns the entries and the file size before the append, which :meth:`truncate` takes to
         undo it if the surrounding transaction fails. A failed write undoes itself.
         """
-        head = self.head()
-        when = (
-            (now or dt.datetime.now(dt.UTC)).astimezone(dt.UTC).isoformat(timespec="microseconds")
-        )
-        entries: list[LedgerEntry] = []
-        prev, seq = head.hash, head.seq
-        for event, data in events:
-            seq += 1
-            payload = json.loads(_canonical(data))  # JSON-safe copy; fails early on odd types
-            digest = _entry_hash(seq, when, event, payload, prev)
-            sig = signer.sign(bytes.fromhex(digest))  # ECDSA P-256 with SHA-256, in a file or token
-            entries.append(
-                LedgerEntry(seq, when, event, payload, prev, digest, base64.b64encode(sig).decode())
-            )
-            prev = digest
+        entries = build_entries(self.head(), events, signer=signer, now=now)
         blob = b"".join(e.to_line() for e in entries)
         fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
         try:
@@ -192,50 +272,35 @@ class Ledger:
         return entry
 
     def verify(
-        self, *, public_key: ec.EllipticCurvePublicKey, expected_head: LedgerHead | None = None
+        self,
+        *,
+        public_key: ec.EllipticCurvePublicKey | None = None,
+        key_for: PublicKeyFor | None = None,
+        expected_head: LedgerHead | None = None,
     ) -> list[LedgerEntry]:
         """Check every line; raise LedgerCorruptError naming the first bad one.
 
-        ``expected_head`` is what the registry recorded: a ledger that ends before it was cut.
+        One issuing CA signs a station's own file (``public_key``); an export of a shared
+        registry's ledger has one signer per station (``key_for``, by ``data.signed_by``).
         """
-        prev, seq, last_line = GENESIS, 0, 0
-        out: list[LedgerEntry] = []
-        for lineno, entry in self.entries():
-            last_line = lineno
-            recomputed = _entry_hash(entry.seq, entry.time, entry.event, entry.data, entry.prev)
-            if recomputed != entry.hash:
-                raise LedgerCorruptError(lineno, "content does not match its hash (entry edited)")
-            if entry.seq != seq + 1:
-                what = "a line is missing before it" if entry.seq > seq + 1 else "out of order"
-                raise LedgerCorruptError(
-                    lineno, f"sequence number {entry.seq} where {seq + 1} was expected ({what})"
-                )
-            if entry.prev != prev:
-                raise LedgerCorruptError(
-                    lineno, "does not chain to the line before it (inserted or replaced entry)"
-                )
-            try:
-                public_key.verify(
-                    base64.b64decode(entry.sig, validate=True),
-                    bytes.fromhex(entry.hash),
-                    ec.ECDSA(hashes.SHA256()),
-                )
-            except (InvalidSignature, binascii.Error, ValueError):
-                raise LedgerCorruptError(
-                    lineno, "signature is not the issuing CA's (entry forged)"
-                ) from None
-            prev, seq = entry.hash, entry.seq
-            out.append(entry)
-        if expected_head is not None and expected_head.seq > seq:
-            raise LedgerCorruptError(
-                last_line + 1,
-                f"the ledger ends at entry {seq} but the registry recorded {expected_head.seq} "
-                "(entries were cut from the end)",
-            )
-        if expected_head is not None and expected_head.seq and expected_head.seq <= seq:
-            recorded = out[expected_head.seq - 1].hash
-            if recorded != expected_head.hash:
-                raise LedgerCorruptError(
-                    expected_head.seq, "differs from the entry the registry recorded (rewritten)"
-                )
-        return out
+        if key_for is None:
+            if public_key is None:
+                msg = "verify needs public_key or key_for"
+                raise ValueError(msg)
+            key = public_key
+
+            def key_for(_entry: LedgerEntry) -> ec.EllipticCurvePublicKey:
+                return key
+
+        return verify_chain(self.entries(), key_for=key_for, expected_head=expected_head)
+
+    def export(self, path: Path) -> int:
+        """Copy the ledger, as it is, to ``path`` (the auditor's JSONL); returns the line count."""
+        return export_jsonl((e for _, e in self.entries()), path)
+
+
+def export_jsonl(entries: Iterable[LedgerEntry], path: Path) -> int:
+    """Write entries as today's ``ledger.jsonl`` lines, atomically (fsynced, then renamed)."""
+    lines = [e.to_line() for e in entries]
+    atomic_write(path, b"".join(lines), mode=0o644)
+    return len(lines)

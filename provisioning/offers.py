@@ -173,3 +173,15 @@ class OfferBook:
             "UPDATE offers SET state = ? WHERE request_id = ?", (state.value, offer.request_id)
         )
         return dataclasses.replace(offer, state=state)
+
+    # -- taking a write back (its registry change did not commit; PKI._write) --------------------
+
+    def remove(self, offer: Offer) -> None:
+        self._db.execute("DELETE FROM offers WHERE request_id = ?", (offer.request_id,))
+
+    def reset(self, offer: Offer) -> None:
+        """Put ``offer`` back in the state it has (before a move)."""
+        self._db.execute(
+            "UPDATE offers SET state = ? WHERE request_id = ?",
+            (offer.state.value, offer.request_id),
+        )

@@ -23,15 +23,19 @@ import dataclasses
 import datetime as dt
 import getpass
 import json
+import logging
 import os
 import re
+import secrets
 import socket
-from collections.abc import Iterable, Iterator, Sequence
+import time
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from cryptography import x509
+from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID
@@ -57,6 +61,7 @@ from provisioning.errors import (
     PKIExistsError,
     PKINotFoundError,
     RegistryError,
+    RegistryUnavailableError,
 )
 from provisioning.identity import Identity, IdentityKind
 from provisioning.keyfiles import (
@@ -67,10 +72,19 @@ from provisioning.keyfiles import (
     load_private_key,
     private_key_pem,
 )
-from provisioning.ledger import Ledger, LedgerEntry, LedgerHead
+from provisioning.ledger import Ledger, LedgerEntry, LedgerHead, export_jsonl
 from provisioning.offers import OFFERS_FILE, Offer, OfferBook, OfferEvent, OfferState, next_state
-from provisioning.registry import CertRecord, Registry
+from provisioning.registry import CertRecord, Registry, RegistryBackend
 from provisioning.signing import FileSigner, Signer
+
+if TYPE_CHECKING:
+    from provisioning.registry_pg import PgLedger, PostgresRegistry, StationRecord
+
+log = logging.getLogger("iotauth.registry")
+T = TypeVar("T")
+# How long a station keeps retrying a transaction while the shared registry is unreachable (a
+# database restart, a failover): long enough for a restart, short enough for a person waiting.
+REGISTRY_RETRY_SECONDS = 60.0
 
 __all__ = [
     "PKI",
@@ -226,8 +240,15 @@ class PKI:
         self._passphrase = passphrase
         self.root = self._load_cert("root.crt")
         self.issuing = self._load_cert("issuing.crt")
-        self.registry = Registry(path / "registry.sqlite3")
-        self.ledger = Ledger(path / "ledger.jsonl")
+        self.issuer_fingerprint = fingerprint(self.issuing)
+        self.registry: RegistryBackend
+        self.ledger: Ledger | PgLedger
+        if self.config.registry:
+            self.registry, self.ledger = _open_shared(self.config.registry, self.issuer_fingerprint)
+            self._check_station_known()
+        else:
+            self.registry = Registry(path / "registry.sqlite3")
+            self.ledger = Ledger(path / "ledger.jsonl")
         self._issuing_key: Signer | None = None
         self._offers: OfferBook | None = None
 
@@ -250,6 +271,8 @@ class PKI:
         issuing_key: str | None = None,
         root_key: str | None = None,
         existing_root: tuple[x509.Certificate, Signer] | None = None,
+        registry: str | None = None,
+        station: str = "main",
     ) -> PKI:
         """Create root, issuing CA, server certificate, empty registry, ledger and CRL.
 
@@ -257,6 +280,10 @@ class PKI:
         instead of a file in ``private/``. ``existing_root`` (from :func:`open_root`) keeps an
         existing root instead of making one: the new PKI gets a new issuing CA under the same
         trust anchor (the way back after losing the issuing CA's token); its key is not stored.
+
+        With ``registry`` (a postgresql:// URL) the registry and ledger live in that database,
+        which must be empty of any other PKI, and this directory is its first station,
+        ``station``.
 
         Built in a staging directory and renamed into place, so a failure leaves nothing behind
         (a key already made in a token is deleted again).
@@ -289,10 +316,14 @@ class PKI:
             device_days=device_days,
             issuing_key=str(issuing_uri) if issuing_uri else None,
             root_key=str(root_uri) if root_uri else None,
+            registry=registry or "",
+            station=station if registry else "",
         )
         names = ["localhost", "127.0.0.1", *server_names]
         for name in server_names:
             _check_server_name(name)
+        # Connect (and migrate) before any key is made: a wrong URL or password changes nothing.
+        shared = _open_empty_registry(config) if registry else None
         made: list[Signer] = []
         root: tuple[x509.Certificate | None, Signer]
         try:
@@ -302,17 +333,15 @@ class PKI:
             else:
                 root = existing_root
             made.append(_new_ca_key(issuing_uri))
-            cls._build(path, config, names, root, made[-1], passphrase, _now(now))
+            cls._build(path, config, names, root, made[-1], passphrase, _now(now), shared)
         except BaseException:
-            for signer in made:
-                if isinstance(signer, hsm.Pkcs11Signer):
-                    # A leftover would block the retry; if deleting fails, the retry says so.
-                    with contextlib.suppress(PKIError):
-                        signer.destroy()
+            _destroy_token_keys(made)
             raise
         finally:
             for signer in made:
                 signer.close()
+            if shared is not None:
+                shared.close()
         return cls(path, passphrase=passphrase)
 
     @staticmethod
@@ -324,7 +353,9 @@ class PKI:
         issuing_key: Signer,
         passphrase: bytes | None,
         when: dt.datetime,
+        shared: PostgresRegistry | None = None,
     ) -> None:
+        """The new directory; its registry and ledger are files in it, or ``shared``."""
         trust_domain = config.trust_domain
         server_key = generate_key()
         kept_root, root_key = root_pair
@@ -335,8 +366,9 @@ class PKI:
             root=root,
             root_key=root_key,
             now=when,
-            # A second issuing CA under the same root gets a name of its own.
+            # A second issuing CA under the same root gets a name of its own, as does a station.
             generation=when.strftime("%Y%m%d%H%M%S") if kept_root else "1",
+            common_name=f"{trust_domain} Issuing CA {config.station}" if shared else None,
         )
         server = build_server_cert(
             server_key.public_key(), names=names, issuer=issuing, issuer_key=issuing_key, now=when
@@ -359,10 +391,23 @@ class PKI:
             staged.write("root.crt", _pem(root))
             staged.write("issuing.crt", _pem(issuing))
             staged.write("server.crt", _pem(server) + _pem(issuing))
-            registry = Registry(staged.path / "registry.sqlite3", create=True)
-            ledger = Ledger(staged.path / "ledger.jsonl")
+            os.chmod(staged.path, 0o755)  # noqa: S103 - certificates are public; private/ is 0700
+            issuing_fp = fingerprint(issuing)
+            store: RegistryBackend
+            ledger: Ledger | PgLedger
+            if shared is None:
+                store = Registry(staged.path / "registry.sqlite3", create=True)
+                ledger = Ledger(staged.path / "ledger.jsonl")
+            else:
+                from provisioning.registry_pg import PgLedger
+
+                store, ledger = shared, PgLedger(shared, signer_id=issuing_fp)
             try:
-                with registry.transaction():
+                with store.transaction():
+                    if shared is not None:
+                        shared.set_meta("root", fingerprint(root))
+                        shared.set_meta("trust_domain", trust_domain)
+                        shared.add_station(config.station, issuing_fp, _pem(issuing))
                     entries, _ = ledger.append(
                         [
                             (
@@ -370,24 +415,28 @@ class PKI:
                                 {
                                     "trust_domain": trust_domain,
                                     "root": fingerprint(root),
-                                    "issuing": fingerprint(issuing),
+                                    "issuing": issuing_fp,
                                     "server": fingerprint(server),
                                     "server_names": names,
                                     **({"root_reused": True} if kept_root else {}),
                                     "station": station_id(),
+                                    **({"station_name": config.station} if shared else {}),
                                 },
                             )
                         ],
                         signer=issuing_key,
                         now=when,
                     )
-                    _record_head(registry, entries)
-                    crl = _make_crl(registry, config, issuing, issuing_key, when)
+                    _record_head(store, entries)
+                    crl = _make_crl(store, config, issuing, issuing_key, when, issuing_fp)
                     atomic_write(staged.path / "crl.pem", crl)
+                    if shared is not None:
+                        staged.commit()  # before COMMIT: a failed rename leaves the database empty
             finally:
-                registry.close()
-            os.chmod(staged.path, 0o755)  # noqa: S103 - certificates are public; private/ is 0700
-            staged.commit()
+                if shared is None:
+                    store.close()
+            if shared is None:
+                staged.commit()
 
     def close(self) -> None:
         if self._issuing_key is not None:
@@ -558,8 +607,12 @@ class PKI:
     ) -> CertRecord:
         """Record a prepared certificate that may exist on a device as revoked; re-sign the CRL."""
         when = _now(now)
-        with self._change(when) as change:
-            return self._void_in(change, prepared, reason=reason, details=details, now=when)
+        return self._write(
+            when,
+            lambda change: self._void_in(
+                change, prepared, reason=reason, details=details, now=when
+            ),
+        )
 
     def _void_in(
         self,
@@ -657,24 +710,30 @@ class PKI:
                     "use 1-128 printable ASCII characters without spaces",
                     what="hardware serial",
                 )
+        states = self.registry.name_states([i.name for i in identities])  # one query
         for ident in identities:
-            self._check_name_free(ident, rotate=rotate)
+            self._check_name_free(
+                ident, rotate=rotate, state=states.get(ident.name, (set(), False))
+            )
         return identities
 
-    def _check_name_free(self, ident: Identity, *, rotate: bool) -> None:
+    def _check_name_free(
+        self, ident: Identity, *, rotate: bool, state: tuple[set[str], bool] | None = None
+    ) -> None:
+        """``state``: (kinds the name ever had, has an active certificate), if already read."""
+        if state is None:
+            history = self.registry.history(ident.name)
+            state = ({r.kind for r in history}, any(r.status == "active" for r in history))
         # A name never changes kind, even after revocation: an exported broker (Mosquitto, EMQX)
         # that still lists the old identity's rights would otherwise hand them to the new one.
-        other = {r.kind for r in self.registry.history(ident.name)} - {ident.kind.value}
+        other = state[0] - {ident.kind.value}
         if other:
             msg = (
                 f"{ident.name!r} is (or was) the name of a {other.pop()}; device ids and "
                 "service names must not collide, even after revocation"
             )
             raise RegistryError(msg)
-        existing = self.registry.active(ident.name)
-        if existing is None:
-            return
-        if not rotate:
+        if state[1] and not rotate:
             raise DeviceExistsError(ident.name, kind=ident.kind.value)
 
     def _stage_credentials(
@@ -714,6 +773,7 @@ class PKI:
             issued_at=now,
             issued_by=station_id(),
             hardware_serial=p.hardware_serial,
+            issuer=self.issuer_fingerprint if self.registry.shared else None,
         )
 
     def _commit_issuance(
@@ -724,8 +784,10 @@ class PKI:
         now: dt.datetime,
         details: dict[str, Any] | None = None,
     ) -> list[Issued]:
-        with self._change(now) as change:
-            records = self._issue_in(change, pending, rotate=rotate, now=now, details=details)
+        records = self._write(
+            now,
+            lambda change: self._issue_in(change, pending, rotate=rotate, now=now, details=details),
+        )
         return [self._issued(p, r) for p, r in zip(pending, records, strict=True)]
 
     def _issue_in(
@@ -739,11 +801,12 @@ class PKI:
     ) -> list[CertRecord]:
         """Record ``pending`` as issued within ``change`` (the caller holds the lock)."""
         records = [self._record_for(p.prepared, now) for p in pending]
+        # Re-checked under the lock: another station or process may have issued since prepare.
+        states = self.registry.name_states([p.identity.name for p in pending])  # one query
         for item, record in zip(pending, records, strict=True):
-            existing = self.registry.active(item.identity.name)
-            if existing is not None:
-                # Another process may have issued between our check and this lock.
-                self._check_name_free(item.identity, rotate=rotate)
+            state = states.get(item.identity.name)
+            if state is not None and state[1]:
+                self._check_name_free(item.identity, rotate=rotate, state=state)
                 for old in self.registry.mark_revoked(
                     item.identity.name, reason="superseded", when=now
                 ):
@@ -751,10 +814,12 @@ class PKI:
                         ("revoke", _revoke_event(old, "superseded", record.issued_by))
                     )
                 change.crl_dirty = True
-            self.registry.insert(record)
             event = _issue_event(record)
             event.update(details or {})
             change.events.append(("issue", event))
+        self.registry.insert_many(records)
+        # A rename happens once even when a lost connection makes the transaction run again
+        # (StagedDirectory.commit does nothing the second time).
         change.on_commit.extend(p.staged.commit for p in pending if p.staged is not None)
         return records
 
@@ -780,7 +845,8 @@ class PKI:
         Identity(kind or IdentityKind.DEVICE, name, self.trust_domain)  # validates the name
         when = _now(now)
         by = station_id()
-        with self._change(when) as change:
+
+        def body(change: _Change) -> list[CertRecord]:
             rows = self.registry.mark_revoked(
                 name, reason=reason, when=when, kind=kind.value if kind else None
             )
@@ -796,7 +862,9 @@ class PKI:
                     voided = self.registry.by_serial(offer.new_serial)
                     if voided is not None:
                         rows.append(voided)
-        return rows
+            return rows
+
+        return self._write(when, body)
 
     # -- renewal offers (provisioning/offers.py) ------------------------------------------------
 
@@ -832,7 +900,8 @@ class PKI:
             when.timestamp(),
             OfferState.OFFERED,
         )
-        with self._change(when) as change:
+
+        def body(change: _Change) -> None:
             active = self.registry.active(name)
             if active is None or active.serial != replaces:
                 msg = f"{name}'s certificate {replaces} is no longer active"
@@ -853,7 +922,9 @@ class PKI:
                     },
                 )
             )
-            change.on_commit.append(lambda: self.offers.insert(offer))
+            self._book_write(change, offer)
+
+        self._write(when, body)
         return offer
 
     def record_offer(
@@ -865,7 +936,8 @@ class PKI:
         is returned unchanged with None; one whose device changed meanwhile (the replaced
         certificate is not active any more: revoked, or rotated) is voided instead."""
         when = _now(now)
-        with self._change(when) as change:
+
+        def body(change: _Change) -> tuple[Offer, CertRecord | None]:
             current = self.offers.get(offer.request_id)
             if current is None or current.state is not OfferState.OFFERED:
                 return current or offer, None
@@ -884,19 +956,23 @@ class PKI:
             [record] = self._issue_in(
                 change, [_Pending(prepared, None)], rotate=True, now=when, details=details
             )
-            change.on_commit.append(lambda: self.offers.move(current, OfferEvent.CONFIRM))
-        return dataclasses.replace(current, state=OfferState.RECORDED), record
+            return self._book_write(change, current, OfferEvent.CONFIRM), record
+
+        return self._write(when, body)
 
     def void_offer(self, offer: Offer, *, answer: str, now: dt.datetime | None = None) -> Offer:
         """Record an offered certificate as issued and revoked (superseded); re-sign the CRL."""
         when = _now(now)
-        with self._change(when) as change:
+
+        def body(change: _Change) -> Offer:
             current = self.offers.get(offer.request_id)
             if current is None or current.state is not OfferState.OFFERED:
                 return current or offer
             return self._void_offer_in(
                 change, current, reason="superseded", answer=answer, now=when
             )
+
+        return self._write(when, body)
 
     def _void_offer_in(
         self, change: _Change, offer: Offer, *, reason: str, answer: str, now: dt.datetime
@@ -911,7 +987,21 @@ class PKI:
         elif known.status == "active":
             # Recorded by a change that could not update the book: the book follows the registry.
             event = OfferEvent.CONFIRM
+        return self._book_write(change, offer, event)
+
+    def _book_write(self, change: _Change, offer: Offer, event: OfferEvent | None = None) -> Offer:
+        """Insert ``offer`` in the book (``event`` None) or move it, in step with ``change``.
+
+        Written just before the registry's COMMIT, under its lock, as every write to the book;
+        taken back if that COMMIT does not happen, so a transaction that ``_write`` runs again
+        (a lost connection to a shared registry) writes it once. Returns the offer as it will be.
+        """
+        if event is None:
+            change.on_commit.append(lambda: self.offers.insert(offer))
+            change.undo.append(lambda: self.offers.remove(offer))
+            return offer
         change.on_commit.append(lambda: self.offers.move(offer, event))
+        change.undo.append(lambda: self.offers.reset(offer))
         return dataclasses.replace(offer, state=next_state(offer.state, event))
 
     def _offer_prepared(self, offer: Offer, hardware_serial: str | None) -> Prepared:
@@ -927,8 +1017,11 @@ class PKI:
 
     def refresh_crl(self, *, now: dt.datetime | None = None) -> CRLInfo:
         """Re-sign the CRL with a new number and nextUpdate (run before it goes stale)."""
-        with self._change(_now(now)) as change:
+
+        def body(change: _Change) -> None:
             change.crl_dirty = True
+
+        self._write(_now(now), body)
         return self.crl_info()
 
     def crl_info(self) -> CRLInfo:
@@ -948,14 +1041,21 @@ class PKI:
         self, event: str, data: dict[str, Any], *, now: dt.datetime | None = None
     ) -> None:
         """Append a non-issuance event (provisioning, factory reset, ...) to the ledger."""
-        with self._change(_now(now)) as change:
+
+        def body(change: _Change) -> None:
             change.events.append((event, data))
 
+        self._write(_now(now), body)
+
     def verify_ledger(self) -> LedgerReport:
-        public_key = self.issuing.public_key()
-        assert isinstance(public_key, ec.EllipticCurvePublicKey)  # noqa: S101 - ca init makes EC
+        """Check the chain, every signature, the recorded head and the registry's rows.
+
+        A shared registry's lines are signed by several stations: each line is checked against
+        the issuing CA it names (``signed_by``), which must be a station the registry knows and
+        whose certificate the root signed.
+        """
         head = _recorded_head(self.registry)
-        entries = self.ledger.verify(public_key=public_key, expected_head=head)
+        entries = self._verified_entries(head)
         warnings: list[str] = []
         issued = {e.data.get("serial") for e in entries if e.event == "issue"}
         missing = [r for r in self.registry.all() if r.serial not in issued]
@@ -976,28 +1076,316 @@ class PKI:
             len(entries), LedgerHead(last.seq, last.hash) if last else LedgerHead(0, ""), warnings
         )
 
+    def _verified_entries(self, head: LedgerHead | None) -> list[LedgerEntry]:
+        if isinstance(self.ledger, Ledger):
+            public_key = self.issuing.public_key()
+            assert isinstance(public_key, ec.EllipticCurvePublicKey)  # noqa: S101 - EC by init
+            return self.ledger.verify(public_key=public_key, expected_head=head)
+        keys = self.station_keys()
+        return self.ledger.verify(
+            key_for=lambda e: keys.get(str(e.data.get("signed_by"))), expected_head=head
+        )
+
+    def station_keys(self) -> dict[str, ec.EllipticCurvePublicKey]:
+        """Issuing CA fingerprint -> public key, for every CA whose lines a ledger may hold.
+
+        Only certificates the root signed count; a station row with a forged certificate adds
+        nothing, so lines it signed fail verification.
+        """
+        keys: dict[str, ec.EllipticCurvePublicKey] = {}
+        certs = [self.issuing]
+        if self.registry.shared:
+            certs += [x509.load_pem_x509_certificate(st.certificate_pem) for st in self.stations()]
+        for cert in certs:
+            try:
+                cert.verify_directly_issued_by(self.root)
+            except (ValueError, TypeError, InvalidSignature):
+                continue
+            key = cert.public_key()
+            if isinstance(key, ec.EllipticCurvePublicKey):
+                keys[fingerprint(cert)] = key
+        return keys
+
+    def export_ledger(self, out: Path) -> LedgerReport:
+        """Verify the ledger, then write it as ``ledger.jsonl`` lines to ``out`` (for an auditor).
+
+        The copy verifies on its own with ``iotauth ledger verify --file``: every line names its
+        signer, and the signers' certificates are in the registry and chain to ``root.crt``.
+        """
+        report = self.verify_ledger()
+        export_jsonl((e for _, e in self.ledger.entries()), out)
+        return report
+
+    # -- stations (shared registry) ------------------------------------------------------------
+
+    def _shared(self, what: str) -> PostgresRegistry:
+        from provisioning.registry_pg import PostgresRegistry
+
+        if not isinstance(self.registry, PostgresRegistry):
+            msg = (
+                f"{what} needs a shared registry; create the root with "
+                "'iotauth ca init --registry postgresql://...'"
+            )
+            raise PKIError(msg)
+        return self.registry
+
+    def stations(self) -> list[StationRecord]:
+        """Every station CA of the shared registry (empty for a SQLite registry)."""
+        if not self.registry.shared:
+            return []
+        return self._shared("stations").stations()
+
+    def _check_station_known(self) -> None:
+        for st in self.stations():
+            if st.fingerprint == self.issuer_fingerprint:
+                return
+        msg = (
+            f"the issuing CA of {self.path} is not a station of the registry "
+            f"{self.registry.where}; make station directories with 'iotauth ca add-station'"
+        )
+        raise PKIError(msg)
+
+    def _check_station_active(self) -> None:
+        for st in self.stations():
+            if st.fingerprint == self.issuer_fingerprint and st.status == "revoked":
+                msg = (
+                    f"station {st.name!r} (this directory's issuing CA) was revoked; it can no "
+                    "longer issue, revoke or sign"
+                )
+                raise PKIError(msg)
+
+    def add_station(
+        self,
+        name: str,
+        *,
+        out: Path,
+        server_names: Sequence[str] = (),
+        issuing_key: str | None = None,
+        now: dt.datetime | None = None,
+    ) -> Path:
+        """A station directory with its own issuing CA, signed by this directory's root.
+
+        Needs the root key: ``private/root.key`` here (bring it back from offline for this), or
+        the token ``pki.toml`` names. ``issuing_key``: a ``pkcs11:`` URI to make the station's
+        issuing key in a token instead of a file in its ``private/``. The station is registered
+        in the shared registry, with its first CRL, in one transaction.
+        """
+        from provisioning.identity import validate_name
+
+        registry = self._shared("ca add-station")
+        validate_name(name, what="station name")
+        root_key_path = self.path / "private" / "root.key"
+        if not self.config.root_key and not root_key_path.exists():
+            msg = f"{root_key_path} is offline; bring the root key back to add a station"
+            raise PKIError(msg)
+        if out.exists() and (not out.is_dir() or any(out.iterdir())):
+            msg = f"{out} exists and is not empty; choose a new directory for the station"
+            raise PKIError(msg)
+        if any(st.name == name for st in registry.stations()):
+            msg = f"the registry {registry.where} already has a station named {name!r}"
+            raise RegistryError(msg)
+        for server_name in server_names:
+            _check_server_name(server_name)
+        issuing_uri = hsm.Pkcs11URI.parse(issuing_key) if issuing_key else None
+        root, root_key = open_root(
+            self.path / "root.crt", self.config.root_key or str(root_key_path), self._passphrase
+        )
+        made: list[Signer] = []
+        try:
+            made.append(_new_ca_key(issuing_uri))
+            self._build_station(name, out, server_names, (root, root_key), made[0], _now(now))
+        except BaseException:
+            _destroy_token_keys(made)
+            raise
+        finally:
+            for signer in (*made, root_key):
+                signer.close()
+        return out
+
+    def _build_station(
+        self,
+        name: str,
+        out: Path,
+        server_names: Sequence[str],
+        root_pair: tuple[x509.Certificate, Signer],
+        issuing_key: Signer,
+        when: dt.datetime,
+    ) -> None:
+        registry = self._shared("ca add-station")
+        root, root_key = root_pair
+        server_key = generate_key()
+        issuing = build_issuing_ca(
+            issuing_key.public_key(),
+            self.trust_domain,
+            root=root,
+            root_key=root_key,
+            now=when,
+            common_name=f"{self.trust_domain} Issuing CA {name}",
+        )
+        names = ["localhost", "127.0.0.1", *server_names]
+        server = build_server_cert(
+            server_key.public_key(), names=names, issuer=issuing, issuer_key=issuing_key, now=when
+        )
+        # The station's own key locations: its issuing key (file or token), no root key.
+        token_uri = issuing_key.uri if isinstance(issuing_key, hsm.Pkcs11Signer) else None
+        config = dataclasses.replace(
+            self.config,
+            station=name,
+            issuing_key=str(token_uri) if token_uri else None,
+            root_key=None,
+        )
+        issuing_fp = fingerprint(issuing)
+        with StagedDirectory(out) as staged:
+            private = staged.path / "private"
+            private.mkdir(mode=PRIVATE_DIR_MODE)
+            if isinstance(issuing_key, FileSigner):  # a token-held key: no file
+                atomic_write(
+                    private / "issuing.key",
+                    private_key_pem(issuing_key.key, self._passphrase),
+                    mode=KEY_MODE,
+                )
+            atomic_write(
+                private / "server.key",
+                private_key_pem(server_key, self._passphrase),
+                mode=KEY_MODE,
+            )
+            staged.write("pki.toml", config.to_toml().encode())
+            staged.write("root.crt", _pem(root))
+            staged.write("issuing.crt", _pem(issuing))
+            staged.write("server.crt", _pem(server) + _pem(issuing))
+            os.chmod(staged.path, 0o755)  # noqa: S103 - certificates are public; private/ is 0700
+
+            def body(change: _Change) -> None:
+                registry.add_station(name, issuing_fp, _pem(issuing))
+                change.events.append(
+                    (
+                        "station-add",
+                        {
+                            "name": name,
+                            "issuing": issuing_fp,
+                            "subject": issuing.subject.rfc4514_string(),
+                            "station": station_id(),
+                        },
+                    )
+                )
+                crl = _make_crl(registry, self.config, issuing, issuing_key, when, issuing_fp)
+                atomic_write(staged.path / "crl.pem", crl)
+                change.on_commit.append(staged.commit)
+
+            self._write(when, body)
+
+    def revoke_station(
+        self, name: str, *, reason: str = "unspecified", now: dt.datetime | None = None
+    ) -> StationRecord:
+        """Revoke a station's issuing CA: every broker refuses all of its certificates."""
+        registry = self._shared("ca revoke-station")
+        if reason not in REVOCATION_REASONS:
+            msg = (
+                f"unknown revocation reason {reason!r}; use one of {', '.join(REVOCATION_REASONS)}"
+            )
+            raise PKIError(msg)
+        when = _now(now)
+
+        def body(change: _Change) -> StationRecord:
+            st = registry.revoke_station(name, when)
+            change.events.append(
+                (
+                    "station-revoke",
+                    {
+                        "name": name,
+                        "issuing": st.fingerprint,
+                        "reason": reason,
+                        "station": station_id(),
+                    },
+                )
+            )
+            return st
+
+        return self._write(when, body)
+
     # -- the one write path --------------------------------------------------------------------
 
+    def _write(self, now: dt.datetime, body: Callable[[_Change], T]) -> T:
+        """Run ``body`` under the write lock; ledger lines, CRL and directories land with it.
+
+        With a shared registry, a lost connection (the database restarting, a network blip)
+        makes the station reconnect and run the transaction again, for up to
+        REGISTRY_RETRY_SECONDS. Each attempt records a random transaction id, so an attempt whose
+        COMMIT succeeded but whose answer was lost is recognised and not applied twice. What an
+        attempt wrote outside the registry before a COMMIT that did not happen (the renewal offer
+        book, ``_Change.undo``) is taken back, so the next attempt starts from the same book.
+        """
+        txid = secrets.token_hex(16)
+        deadline = time.monotonic() + REGISTRY_RETRY_SECONDS
+        while True:
+            ran = False
+            result: T | None = None
+            change = _Change()
+            try:
+                try:
+                    with self._change(now, change, txid):
+                        result = body(change)
+                        ran = True
+                    return result
+                except RegistryUnavailableError as exc:
+                    if exc.permanent or not self.registry.shared:
+                        raise
+                    self._await_registry(exc, deadline)
+                    # The id is written after the body, so ``ran`` holds when it was applied.
+                    if ran and self.registry.was_applied(txid):
+                        log.warning(
+                            "the COMMIT whose answer was lost had succeeded; not repeating it"
+                        )
+                        return result  # type: ignore[return-value]
+            except BaseException:
+                change.take_back()
+                raise
+            change.take_back()  # not applied: the next attempt starts from where this one did
+
+    def _await_registry(self, first: RegistryUnavailableError, deadline: float) -> None:
+        """Reconnect to the shared registry; raise the last error past the deadline."""
+        from provisioning.registry_pg import PostgresRegistry
+
+        assert isinstance(self.registry, PostgresRegistry)  # noqa: S101 - shared only
+        log.warning("%s; retrying for up to %.0f s", first, REGISTRY_RETRY_SECONDS)
+        delay = 0.1
+        while True:
+            try:
+                self.registry.reconnect()
+                return
+            except RegistryUnavailableError as exc:
+                if exc.permanent or time.monotonic() + delay > deadline:
+                    raise
+            time.sleep(delay)
+            delay = min(delay * 2, 2.0)
+
     @contextlib.contextmanager
-    def _change(self, now: dt.datetime) -> Iterator[_Change]:
-        """Run a change under the write lock: ledger lines, CRL and directories land with it."""
-        change = _Change()
+    def _change(self, now: dt.datetime, change: _Change, txid: str) -> Iterator[None]:
+        """One attempt of a change under the write lock."""
         crl_path = self.path / "crl.pem"
         old_crl: bytes | None = None
         appended_at: int | None = None
         crl_written = False
         try:
             with self.registry.transaction():
-                yield change
+                if self.registry.shared:
+                    self._check_station_active()
+                yield
+                self.registry.mark_applied(txid)
                 if change.events:
                     entries, appended_at = self.ledger.append(
                         change.events, signer=self.issuing_key(), now=now
                     )
                     _record_head(self.registry, entries)
-                if change.crl_dirty:
+                if change.crl_dirty or self._crl_behind():
                     old_crl = crl_path.read_bytes() if crl_path.exists() else None
                     crl = _make_crl(
-                        self.registry, self.config, self.issuing, self.issuing_key(), now
+                        self.registry,
+                        self.config,
+                        self.issuing,
+                        self.issuing_key(),
+                        now,
+                        self.issuer_fingerprint,
                     )
                     atomic_write(crl_path, crl)
                     crl_written = True
@@ -1010,12 +1398,36 @@ class PKI:
                 atomic_write(crl_path, old_crl)
             raise
 
+    def _crl_behind(self) -> bool:
+        """Shared registry: another station revoked one of ours since our CRL was signed."""
+        if not self.registry.shared:
+            return False
+        recorded = self.registry.get_meta(f"crl_revoked:{self.issuer_fingerprint}")
+        count = self._shared("a station CRL").revoked_count(self.issuer_fingerprint)
+        return str(count) != (recorded or "0")
+
+
+def _open_shared(url: str, issuer_fingerprint: str) -> tuple[PostgresRegistry, PgLedger]:
+    from provisioning.registry_pg import PgLedger, PostgresRegistry
+
+    registry = PostgresRegistry(url)
+    return registry, PgLedger(registry, signer_id=issuer_fingerprint)
+
 
 @dataclass(slots=True)
 class _Change:
     events: list[tuple[str, dict[str, Any]]] = field(default_factory=list)
     crl_dirty: bool = False
-    on_commit: list[Any] = field(default_factory=list)
+    # Run inside the transaction, just before COMMIT (directory renames, the offer book).
+    on_commit: list[Callable[[], object]] = field(default_factory=list)
+    # Undo on_commit steps outside the registry (the offer book) when COMMIT did not happen.
+    undo: list[Callable[[], object]] = field(default_factory=list)
+
+    def take_back(self) -> None:
+        for step in reversed(self.undo):
+            # Best effort: the error that made the change fail is the one to report.
+            with contextlib.suppress(Exception):
+                step()
 
 
 def open_root(
@@ -1066,6 +1478,33 @@ def _new_ca_key(uri: hsm.Pkcs11URI | None) -> Signer:
     return hsm.generate_key(uri) if uri else FileSigner(generate_key())
 
 
+def _destroy_token_keys(made: Iterable[Signer]) -> None:
+    """Delete the CA keys a failed init or add-station made in a token."""
+    for signer in made:
+        if isinstance(signer, hsm.Pkcs11Signer):
+            # A leftover would block the retry; if deleting fails, the retry says so.
+            with contextlib.suppress(PKIError):
+                signer.destroy()
+
+
+def _open_empty_registry(config: PKIConfig) -> PostgresRegistry:
+    """The shared registry ``ca init --registry`` starts: it must hold no PKI yet."""
+    from provisioning.identity import validate_name
+    from provisioning.registry_pg import PostgresRegistry
+
+    validate_name(config.station, what="station name")
+    registry = PostgresRegistry(config.registry)
+    owner = registry.get_meta("root")
+    if owner is not None or registry.stations():
+        registry.close()
+        msg = (
+            f"the registry {registry.where} already holds a PKI (root {owner or '?'}); "
+            "use an empty database"
+        )
+        raise PKIError(msg)
+    return registry
+
+
 def _check_server_name(name: str) -> None:
     if not name or len(name) > 253 or not re.fullmatch(r"[A-Za-z0-9.:*-]+", name):
         raise InvalidIdentityError(name, "not a host name or IP address", what="server name")
@@ -1095,13 +1534,13 @@ def _revoke_event(record: CertRecord, reason: str, by: str) -> dict[str, Any]:
     }
 
 
-def _record_head(registry: Registry, entries: list[LedgerEntry]) -> None:
+def _record_head(registry: RegistryBackend, entries: list[LedgerEntry]) -> None:
     if entries:
         registry.set_meta("ledger_seq", str(entries[-1].seq))
         registry.set_meta("ledger_hash", entries[-1].hash)
 
 
-def _recorded_head(registry: Registry) -> LedgerHead | None:
+def _recorded_head(registry: RegistryBackend) -> LedgerHead | None:
     seq, digest = registry.get_meta("ledger_seq"), registry.get_meta("ledger_hash")
     if seq is None or digest is None:
         return None
@@ -1109,22 +1548,29 @@ def _recorded_head(registry: Registry) -> LedgerHead | None:
 
 
 def _make_crl(
-    registry: Registry,
+    registry: RegistryBackend,
     config: PKIConfig,
     issuing: x509.Certificate,
     issuing_key: Signer,
     now: dt.datetime,
+    issuer_fingerprint: str | None = None,
 ) -> bytes:
-    """Sign the next CRL. Its number always grows, so a reader can tell the newest one."""
-    number = int(registry.get_meta("crl_number") or "0") + 1
-    registry.set_meta("crl_number", str(number))
+    """Sign the next CRL. Its number always grows, so a reader can tell the newest one.
+
+    A shared registry keeps one CRL (and number) per station and publishes it to the brokers.
+    """
+    shared = registry.shared and issuer_fingerprint is not None
+    number_key = f"crl_number:{issuer_fingerprint}" if shared else "crl_number"
+    number = int(registry.get_meta(number_key) or "0") + 1
+    registry.set_meta(number_key, str(number))
+    rows = registry.revoked(issuer_fingerprint if shared else None)
     revoked = [
         (
             int(r.serial, 16),
             r.revoked_at or now,
             REVOCATION_REASONS.get(r.revocation_reason or "", x509.ReasonFlags.unspecified),
         )
-        for r in registry.revoked()
+        for r in rows
     ]
     crl = build_crl(
         issuer=issuing,
@@ -1134,4 +1580,8 @@ def _make_crl(
         now=now,
         next_update=now + dt.timedelta(hours=config.crl_hours),
     )
-    return crl.public_bytes(serialization.Encoding.PEM)
+    pem = crl.public_bytes(serialization.Encoding.PEM)
+    if shared and issuer_fingerprint is not None:
+        registry.set_meta(f"crl_revoked:{issuer_fingerprint}", str(len(rows)))
+        registry.publish_crl(issuer_fingerprint, pem, number)
+    return pem

@@ -1,5 +1,9 @@
 """The device registry: one SQLite file (WAL) holding every certificate the station issued.
 
+:class:`RegistryBackend` is the interface; :class:`Registry` (this file) and
+:class:`provisioning.registry_pg.PostgresRegistry` (several stations, one database) implement it,
+and one test suite runs against both.
+
 A row is a certificate, not a device: a device that was rotated has one active row and older
 revoked ones. SQLite's ``BEGIN IMMEDIATE`` is the one lock of a PKI directory: every change to the
 registry, the ledger and the CRL happens inside such a transaction, so several processes can issue
@@ -11,13 +15,15 @@ from __future__ import annotations
 import contextlib
 import datetime as dt
 import sqlite3
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, Protocol
 
 from provisioning.errors import DeviceExistsError, RegistryError, UnknownDeviceError
 
-__all__ = ["CertRecord", "Registry", "Status"]
+__all__ = ["SQLITE_MIGRATIONS", "CertRecord", "Registry", "RegistryBackend", "Status"]
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS certificates (
@@ -46,6 +52,10 @@ CREATE INDEX IF NOT EXISTS by_name ON certificates (name, id);
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
 """
 
+# Versioned schema (PRAGMA user_version). Version 1 is the schema above, which registries made
+# before versioning already have (its statements are idempotent). Append; never edit.
+SQLITE_MIGRATIONS: tuple[str, ...] = (_SCHEMA,)
+
 Status = str  # 'active' | 'revoked'
 
 
@@ -53,8 +63,18 @@ def _ts(value: dt.datetime) -> str:
     return value.astimezone(dt.UTC).isoformat(timespec="seconds")
 
 
-def _parse_ts(value: str | None) -> dt.datetime | None:
-    return dt.datetime.fromisoformat(value) if value else None
+def _parse_ts(value: str | dt.datetime | None) -> dt.datetime | None:
+    if value is None or value == "":
+        return None
+    if isinstance(value, dt.datetime):  # PostgreSQL timestamptz
+        return value.astimezone(dt.UTC)
+    return dt.datetime.fromisoformat(value)
+
+
+def _req_ts(value: str | dt.datetime) -> dt.datetime:
+    parsed = _parse_ts(value)
+    assert parsed is not None  # noqa: S101 - NOT NULL columns
+    return parsed
 
 
 @dataclass(frozen=True, slots=True)
@@ -73,6 +93,9 @@ class CertRecord:
     hardware_serial: str | None = None
     revoked_at: dt.datetime | None = None
     revocation_reason: str | None = None
+    # SHA-256 fingerprint of the issuing CA that signed it. A SQLite registry belongs to one
+    # issuing CA and leaves it None; the shared registry has one per station.
+    issuer: str | None = None
 
     def state(self, now: dt.datetime | None = None) -> str:
         """'active', 'revoked' or 'expired' as a user means it."""
@@ -90,12 +113,15 @@ class CertRecord:
             if key == "status":
                 continue
             value = getattr(self, key)
+            if key == "issuer" and value is None:
+                continue
             out[key] = _ts(value) if isinstance(value, dt.datetime) else value
         out["state"] = self.state()
         return out
 
     @classmethod
-    def _from_row(cls, row: sqlite3.Row) -> CertRecord:
+    def _from_row(cls, row: sqlite3.Row | Mapping[str, Any]) -> CertRecord:
+        keys = row.keys()
         return cls(
             kind=row["kind"],
             name=row["name"],
@@ -103,25 +129,58 @@ class CertRecord:
             fingerprint=row["fingerprint"],
             public_key_sha256=row["public_key_sha256"],
             key_origin=row["key_origin"],
-            not_before=dt.datetime.fromisoformat(row["not_before"]),
-            not_after=dt.datetime.fromisoformat(row["not_after"]),
+            not_before=_req_ts(row["not_before"]),
+            not_after=_req_ts(row["not_after"]),
             status=row["status"],
-            issued_at=dt.datetime.fromisoformat(row["issued_at"]),
+            issued_at=_req_ts(row["issued_at"]),
             issued_by=row["issued_by"],
             hardware_serial=row["hardware_serial"],
             revoked_at=_parse_ts(row["revoked_at"]),
             revocation_reason=row["revocation_reason"],
+            issuer=row["issuer"] if "issuer" in keys else None,
         )
+
+
+class RegistryBackend(Protocol):
+    """What the PKI needs from a registry; SQLite (one station) or PostgreSQL (a factory)."""
+
+    shared: bool  # True: several stations and brokers use it (PostgreSQL)
+    where: str  # what messages name: the file, or the URL without its password
+
+    def close(self) -> None: ...
+    def transaction(self) -> AbstractContextManager[None]: ...
+    def active(self, name: str) -> CertRecord | None: ...
+    def active_by_hardware_serial(self, hardware_serial: str) -> CertRecord | None: ...
+    def history(self, name: str) -> list[CertRecord]: ...
+    def by_serial(self, serial: str) -> CertRecord | None: ...
+    def latest(self, kind: str | None = None) -> list[CertRecord]: ...
+    def all(self) -> list[CertRecord]: ...
+    def count(self) -> int: ...
+    def revoked(self, issuer: str | None = None) -> list[CertRecord]: ...
+    def get_meta(self, key: str) -> str | None: ...
+    def was_applied(self, txid: str) -> bool: ...
+    def set_meta(self, key: str, value: str) -> None: ...
+    def mark_applied(self, txid: str) -> None: ...
+    def name_states(self, names: list[str]) -> dict[str, tuple[set[str], bool]]: ...
+    def insert(self, record: CertRecord) -> None: ...
+    def insert_many(self, records: list[CertRecord]) -> None: ...
+    def mark_revoked(
+        self, name: str, *, reason: str, when: dt.datetime, kind: str | None = None
+    ) -> list[CertRecord]: ...
+    def publish_crl(self, issuer: str, pem: bytes, number: int) -> None: ...
 
 
 class Registry:
     """A connection to ``registry.sqlite3``. Not shared between threads; open one per process."""
+
+    shared = False
 
     def __init__(self, path: Path, *, create: bool = False) -> None:
         if not create and not path.exists():
             msg = f"registry {path} is missing"
             raise RegistryError(msg)
         self.path = path
+        self.where = str(path)
         try:
             # isolation_level=None: we issue BEGIN IMMEDIATE ourselves, so the write lock is taken
             # before we read the state we are about to change.
@@ -129,12 +188,36 @@ class Registry:
             self._db.row_factory = sqlite3.Row
             self._db.execute("PRAGMA journal_mode=WAL")
             self._db.execute("PRAGMA synchronous=FULL")
-            if create:
-                self._db.executescript(_SCHEMA)
+            self._migrate()
         except sqlite3.Error as exc:
             msg = f"cannot open registry {path}: {exc}"
             raise RegistryError(msg) from exc
         self._in_tx = False
+
+    def _migrate(self) -> None:
+        """Apply the migrations this file lacks; refuse a file from a newer iotauth."""
+        version = int(self._db.execute("PRAGMA user_version").fetchone()[0])
+        if version > len(SQLITE_MIGRATIONS):
+            msg = (
+                f"registry {self.path} has schema version {version}, newer than this iotauth "
+                f"knows ({len(SQLITE_MIGRATIONS)}); upgrade iotauth"
+            )
+            raise RegistryError(msg)
+        if version == len(SQLITE_MIGRATIONS):
+            return
+        self._db.execute("BEGIN IMMEDIATE")
+        try:
+            # Re-read under the lock: another process may have migrated meanwhile.
+            version = int(self._db.execute("PRAGMA user_version").fetchone()[0])
+            for number in range(version + 1, len(SQLITE_MIGRATIONS) + 1):
+                for statement in SQLITE_MIGRATIONS[number - 1].split(";"):
+                    if statement.strip():
+                        self._db.execute(statement)
+                self._db.execute(f"PRAGMA user_version = {number}")
+            self._db.execute("COMMIT")
+        except BaseException:
+            self._db.execute("ROLLBACK")
+            raise
 
     def close(self) -> None:
         self._db.close()
@@ -223,17 +306,47 @@ class Registry:
     def count(self) -> int:
         return int(self._db.execute("SELECT COUNT(*) FROM certificates").fetchone()[0])
 
-    def revoked(self) -> list[CertRecord]:
+    def revoked(self, issuer: str | None = None) -> list[CertRecord]:
+        """Every revoked row (one issuing CA owns a SQLite registry, so ``issuer`` is moot)."""
+        del issuer
         rows = self._db.execute(
             "SELECT * FROM certificates WHERE status = 'revoked' ORDER BY id"
         ).fetchall()
         return [CertRecord._from_row(r) for r in rows]
 
+    def name_states(self, names: list[str]) -> dict[str, tuple[set[str], bool]]:
+        """For each name that has rows: (every kind it had, whether one is active)."""
+        out: dict[str, tuple[set[str], bool]] = {}
+        for start in range(0, len(names), 500):  # SQLite's bound-parameter limit
+            chunk = names[start : start + 500]
+            marks = ", ".join("?" * len(chunk))
+            rows = self._db.execute(
+                f"SELECT name, kind, status FROM certificates WHERE name IN ({marks})",  # noqa: S608 - placeholders only
+                chunk,
+            ).fetchall()
+            for name, kind, status in rows:
+                kinds, active = out.get(name, (set(), False))
+                kinds.add(kind)
+                out[name] = (kinds, active or status == "active")
+        return out
+
     def get_meta(self, key: str) -> str | None:
         row = self._db.execute("SELECT value FROM meta WHERE key = ?", (key,)).fetchone()
         return str(row[0]) if row else None
 
+    def was_applied(self, txid: str) -> bool:
+        """A local file never loses a COMMIT's answer, so nothing is ever retried."""
+        del txid
+        return False
+
     # -- writes (inside transaction()) ---------------------------------------------------------
+
+    def mark_applied(self, txid: str) -> None:
+        del txid
+
+    def publish_crl(self, issuer: str, pem: bytes, number: int) -> None:
+        """crl.pem beside the registry is the publication; nothing else to tell."""
+        del issuer, pem, number
 
     def set_meta(self, key: str, value: str) -> None:
         self._require_tx()
@@ -278,6 +391,10 @@ class Registry:
                 raise DeviceExistsError(record.name, kind=record.kind) from exc
             msg = f"registry refused {record.name!r}: {text}"
             raise RegistryError(msg) from exc
+
+    def insert_many(self, records: list[CertRecord]) -> None:
+        for record in records:
+            self.insert(record)
 
     def mark_revoked(
         self, name: str, *, reason: str, when: dt.datetime, kind: str | None = None

@@ -309,6 +309,12 @@ def test_encrypted_pki_through_the_environment(cli: Run, tmp_path: Path) -> None
         (("version = 1", "version = 2"), ["'version'", "must be 1"]),
         (("[pki]", "[pki"), ["not valid TOML"]),
         (("[pki]", "[other]"), ["missing [pki] section"]),
+        (("crl_hours = 168", "crl_hours = 168\nregistry = 5"), ["'registry'", "postgresql://"]),
+        (
+            ("crl_hours = 168", 'crl_hours = 168\nregistry = "postgresql://u:pw@db/f"'),
+            ["registry", "contains a password", "PGPASSWORD"],
+        ),
+        (("crl_hours = 168", 'crl_hours = 168\nstation = "Line 2"'), ["'station'", "'Line 2'"]),
     ],
     ids=[
         "missing",
@@ -321,6 +327,9 @@ def test_encrypted_pki_through_the_environment(cli: Run, tmp_path: Path) -> None
         "version",
         "syntax",
         "section",
+        "registry-not-a-string",
+        "registry-password",
+        "station-name",
     ],
 )
 def test_a_broken_pki_toml_names_file_key_and_expectation(

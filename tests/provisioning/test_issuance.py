@@ -25,6 +25,17 @@ from provisioning.pki import PKI
 from tests.conftest import openssl, openssl_verify
 
 
+@pytest.fixture
+def pki(backend_pki: PKI) -> PKI:
+    """Issuance holds on both registries (SQLite and PostgreSQL)."""
+    return backend_pki
+
+
+def _ledger(pki: PKI) -> list[str]:
+    """The ledger's hashes, wherever it lives (file or database)."""
+    return [e.hash for _, e in pki.ledger.entries()]
+
+
 def _leaf(path: Path) -> x509.Certificate:
     return x509.load_pem_x509_certificates(path.read_bytes())[0]
 
@@ -179,11 +190,11 @@ def test_weak_or_exotic_csr_keys_are_refused(
     pki: PKI, pki_dir: Path, tmp_path: Path, newkey: tuple[str, ...], reason: str
 ) -> None:
     csr = _openssl_csr(tmp_path, *newkey)
-    ledger_before = (pki_dir / "ledger.jsonl").read_bytes()
+    ledger_before = _ledger(pki)
     with pytest.raises(CSRRejectedError, match=reason):
         pki.issue("dev-weak", csr=csr, out=tmp_path / "out" / "dev-weak")
     assert pki.registry.count() == 0
-    assert (pki_dir / "ledger.jsonl").read_bytes() == ledger_before
+    assert _ledger(pki) == ledger_before
     assert not (tmp_path / "out").exists()
 
 
@@ -237,11 +248,11 @@ def test_ed25519_and_rsa_keys_from_python_csrs(pki: PKI) -> None:
 
 @pytest.mark.parametrize("bad", ["", "Dev-1", "a/b", "x" * 65, "-x", "d\x00v", "dév", "a b", "#"])
 def test_invalid_ids_write_nothing(pki: PKI, pki_dir: Path, tmp_path: Path, bad: str) -> None:
-    ledger_before = (pki_dir / "ledger.jsonl").read_bytes()
+    ledger_before = _ledger(pki)
     with pytest.raises(InvalidIdentityError):
         pki.issue(bad, out=tmp_path / "creds" / "x")
     assert pki.registry.count() == 0
-    assert (pki_dir / "ledger.jsonl").read_bytes() == ledger_before
+    assert _ledger(pki) == ledger_before
     assert not (tmp_path / "creds").exists()
 
 
@@ -305,10 +316,10 @@ def test_batch_issuance_is_one_transaction(pki: PKI, tmp_path: Path) -> None:
 
 def test_two_phase_issuance_records_only_when_asked(pki: PKI, pki_dir: Path) -> None:
     """prepare() signs and records nothing; record() adds the row and a ledger line with details."""
-    ledger_before = (pki_dir / "ledger.jsonl").read_bytes()
+    ledger_before = _ledger(pki)
     prepared = pki.prepare("dev-1", hardware_serial="HW-9")
     assert pki.registry.count() == 0
-    assert (pki_dir / "ledger.jsonl").read_bytes() == ledger_before
+    assert _ledger(pki) == ledger_before
     record = pki.record(prepared, details={"port": "loop://", "verified": ["cert"]})
     assert record.serial == format(prepared.certificate.serial_number, "x")
     last = [e for _, e in pki.ledger.entries()][-1]

@@ -7,6 +7,7 @@ import hashlib
 import json
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 from cryptography.hazmat.primitives import hashes
@@ -153,9 +154,11 @@ def test_a_failed_change_takes_its_ledger_lines_back(pki: PKI, pki_dir: Path) ->
         raise RuntimeError
 
     def change_that_fails() -> None:
-        with pki._change(pki.crl_info().this_update) as change:
+        def body(change: Any) -> None:
             change.events.append(("note", {"x": 1}))
             change.on_commit.append(fail)
+
+        pki._write(pki.crl_info().this_update, body)
 
     with pytest.raises(RuntimeError):
         change_that_fails()

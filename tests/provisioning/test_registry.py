@@ -1,4 +1,4 @@
-"""The registry under concurrency, and its records."""
+"""The registry under concurrency, and its records: every test runs on SQLite and on PostgreSQL."""
 
 from __future__ import annotations
 
@@ -11,6 +11,12 @@ import pytest
 from provisioning.errors import UnknownDeviceError
 from provisioning.identity import IdentityKind
 from provisioning.pki import PKI
+
+
+@pytest.fixture
+def pki(backend_pki: PKI) -> PKI:
+    return backend_pki
+
 
 WORKER = """
 import sys
