@@ -353,11 +353,11 @@ class Agent:
         wait_offline()
 
     def _finish_stop(self) -> None:
-        if self._conn.state is Conn.STOPPED:
-            return
-        self._teardown()
-        self._conn.fire(ConnEvent.STOPPED)
-        self._emit("stopped")
+        if self._conn.state is not Conn.STOPPED:
+            self._teardown()
+            self._conn.fire(ConnEvent.STOPPED)
+            self._emit("stopped")
+        # A stop() of a stopped agent still calls its callback (once).
         callbacks, self._stopped_callbacks = self._stopped_callbacks, []
         for cb in callbacks:
             cb()
@@ -828,9 +828,11 @@ class Agent:
                         response_topic,
                         reply_topic,
                     )
+            if self._attempt_protocol == V5 and correlation is not None:
+                # Echoed with or without a Response Topic: it costs nothing and lets a caller
+                # that listens on replies/<name> match the reply to its command.
                 reply_props = Properties(PacketTypes.PUBLISH)  # type: ignore[no-untyped-call]
-                if correlation is not None:
-                    reply_props.CorrelationData = bytes(correlation)
+                reply_props.CorrelationData = bytes(correlation)
             client.publish(reply_topic, payload, qos=1, properties=reply_props)
 
     def _own_topic(self, topic: str) -> bool:
