@@ -204,9 +204,7 @@ class V5Service:
         self.messages: list[tuple[str, bytes, bytes | None]] = []
         self.lock = threading.Lock()
         ready = threading.Event()
-        self.client = mqtt.Client(
-            CallbackAPIVersion.VERSION2, client_id=name, protocol=mqtt.MQTTv5
-        )
+        self.client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=name, protocol=mqtt.MQTTv5)
         self.client.tls_set_context(client_context_for_credentials(creds))
         self.client.on_connect = lambda c, *_: c.subscribe("devices/+/replies/#", 1)
         self.client.on_subscribe = lambda *_: ready.set()
@@ -215,7 +213,7 @@ class V5Service:
         self.client.loop_start()
         assert ready.wait(10)
 
-    def _on_message(self, _c: object, _u: object, msg: Any) -> None:  # noqa: ANN401 - paho
+    def _on_message(self, _c: object, _u: object, msg: Any) -> None:
         corr = getattr(msg.properties, "CorrelationData", None)
         with self.lock:
             self.messages.append((msg.topic, bytes(msg.payload), corr))
