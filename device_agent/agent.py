@@ -249,7 +249,8 @@ class Agent:
         self._stopped_callbacks: list[Callable[[], None]] = []
         self._renewal_sent_at = 0.0
         self._attempt_protocol = V5
-        self._token: DeviceToken | None = None
+        self._token: DeviceToken | None = None  # signed, not yet used
+        self._session_token: DeviceToken | None = None  # the one the connection was made with
         self._token_making = False
         self._token_switch = False
 
@@ -407,9 +408,11 @@ class Agent:
         self._attempt_protocol = self._protocol_for_attempt()
         client = self._make_client(context)
         if jwt and self._token is not None:
-            # MQTT-3.1.2-18/19 (5: 3.1.2-16..19): the password needs a user name; ours is the
-            # device id, which the broker checks against the token's subject.
+            # MQTT-3.1.2-22 (3.1.1): a password needs a user name; ours is the device id. A
+            # token is good for one CONNECT (the broker keeps a replay cache of its jti), so
+            # it moves to _session_token and the next attempt signs a fresh one.
             client.username_pw_set(self.device_id, self._token.value)
+            self._session_token, self._token = self._token, None
         self._client = client
         if candidate:
             self._renew.fire(RenewalEvent.ATTEMPT_CANDIDATE)
@@ -588,7 +591,7 @@ class Agent:
     def _teardown(self) -> None:
         """Forget the current client and close its socket (no DISCONNECT, no callbacks)."""
         client, self._client = self._client, None
-        for name in ("connack", "misc", "renewal-wait"):
+        for name in ("connack", "misc", "renewal-wait", "token"):
             self._cancel(name)
         if self._sock is not None:
             self.reactor.remove_socket(self._sock)
@@ -708,8 +711,8 @@ class Agent:
             self._attempt_protocol,
             ", session present" if v5 and flags.session_present else "",
         )
-        if self.config.auth == "jwt" and self._token is not None:
-            wait = self._token.renew_at(self.config.token_renew_at) - time.time()
+        if self.config.auth == "jwt" and self._session_token is not None:
+            wait = self._session_token.renew_at(self.config.token_renew_at) - time.time()
             self._timer("token", max(wait, 1.0), self._renew_token)
         self._emit("connected")
         if self._renew.state is Renewal.TRYING:

@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from device_agent.errors import AgentError
+from provisioning.errors import ProvisioningError
 
 __all__ = ["TOKEN_TIMEOUT", "DeviceToken", "TokenSigningError", "main", "make_token"]
 
@@ -78,7 +79,7 @@ def make_token(
     if "cryptography" in sys.modules or not sys.executable:
         try:
             return DeviceToken.parse(_sign(cred_dir, device_id, ttl, tcti))
-        except (OSError, ValueError) as exc:  # TokenError is a ProvisioningError (ValueError)
+        except (OSError, ValueError, ProvisioningError) as exc:  # TokenError among them
             raise TokenSigningError(f"cannot sign a device token: {exc}") from None
     argv = [sys.executable, "-c", _CHILD, str(cred_dir), device_id, f"--ttl={ttl}"]
     if tcti is not None:
