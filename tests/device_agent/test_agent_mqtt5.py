@@ -12,6 +12,8 @@ import contextlib
 import json
 import logging
 import socket
+import subprocess
+import sys
 import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -335,3 +337,50 @@ def test_session_expiry_keeps_commands_for_a_sleeping_device(
             assert not wait_until(lambda: service.messages, 1.0)
     finally:
         service.close()
+
+
+def test_version_session_and_auth_options_from_toml_and_the_command_line(
+    creds: Creds, tmp_path: Path
+) -> None:
+    """[mqtt] and [auth] in agent.toml (``version = 5`` means "5"), overridden by options;
+    a wrong value is refused with the key named."""
+    from device_agent import AgentConfigError, load_config
+    from device_agent.main import build_parser
+
+    store = creds("dev-1")
+    toml = tmp_path / "agent.toml"
+    toml.write_text(
+        "[mqtt]\nversion = 5\nsession_expiry = 0\n[auth]\nmethod = 'jwt'\ntoken_ttl = 600\n"
+    )
+    cfg = load_config(toml, store=store)
+    assert (cfg.mqtt_version, cfg.session_expiry, cfg.auth, cfg.token_ttl) == ("5", 0, "jwt", 600)
+    assert load_config(toml, store=store, mqtt_version="311").mqtt_version == "311"
+    assert load_config(None, store=store).mqtt_version == "auto"
+    toml.write_text("[mqtt]\nversion = 4\n")
+    with pytest.raises(AgentConfigError, match="mqtt version '4'"):
+        load_config(toml, store=store)
+    toml.write_text("[auth]\ntoken_ttl = 90000\n")
+    with pytest.raises(AgentConfigError, match="token_ttl"):
+        load_config(toml, store=store)
+    args = build_parser().parse_args(
+        ["run", "--store", str(store), "--mqtt-version", "311", "--auth", "jwt"]
+    )
+    assert (args.mqtt_version, args.auth) == ("311", "jwt")
+
+
+@pytest.mark.parametrize(
+    "bad", [["--mqtt-version", "4"], ["--auth", "password"], ["--session-expiry", "-1"]]
+)
+def test_bad_version_or_auth_option_is_a_one_line_usage_error(creds: Creds, bad: list[str]) -> None:
+    proc = subprocess.run(
+        [sys.executable, "-m", "device_agent", "run", "--store", str(creds("dev-1")), *bad],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=False,
+    )
+    assert proc.returncode == 2
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1, proc.stderr
+    assert lines[0].startswith("error:"), lines
+    assert bad[0] in lines[0], lines
