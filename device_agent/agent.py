@@ -521,6 +521,8 @@ class Agent:
                 error: Exception | None = None
             except TokenSigningError as exc:
                 token, error = None, exc
+            except Exception as exc:  # noqa: BLE001 - the loop must hear back, whatever failed
+                token, error = None, TokenSigningError(f"{type(exc).__name__}: {exc}")
             self.reactor.call_soon_threadsafe(lambda: self._token_made(token, error))
 
         threading.Thread(target=work, name=f"{device_id}-token", daemon=True).start()

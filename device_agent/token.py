@@ -22,7 +22,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from device_agent.errors import AgentError
+from device_agent.errors import TokenSigningError
 from provisioning.errors import ProvisioningError
 
 __all__ = ["TOKEN_TIMEOUT", "DeviceToken", "TokenSigningError", "main", "make_token"]
@@ -30,10 +30,6 @@ __all__ = ["TOKEN_TIMEOUT", "DeviceToken", "TokenSigningError", "main", "make_to
 # As device_agent.keygen: a slow device's interpreter start dominates; ECDSA takes milliseconds.
 TOKEN_TIMEOUT = 60.0
 _CHILD = "from device_agent.token import main; raise SystemExit(main())"
-
-
-class TokenSigningError(AgentError):
-    """The device token could not be made (the child's reason)."""
 
 
 @dataclass(frozen=True, slots=True)
