@@ -155,7 +155,7 @@ class RenewalService:
         self._route: tuple[str, ReplyRoute] | None = None
         # "5" or "3.1.1" once connected: MQTT 5 where the broker allows it (for Response Topic).
         self.protocol: str | None = None
-        self._v311 = False
+        self._v311 = self.settings.mqtt_version == "311"
         self._dropped: collections.Counter[str] = collections.Counter()
         self._throttle: AuditThrottle[tuple[str, str]] = AuditThrottle(self.settings.audit_interval)
         self._ready = threading.Event()
@@ -314,7 +314,7 @@ class RenewalService:
         connacked = threading.Event()
 
         def fall_back(why: str) -> None:
-            if self._v311:
+            if self._v311 or self.settings.mqtt_version == "5":
                 return
             self._v311 = True
             log.info("the broker refused MQTT 5 (%s); the renewal service uses 3.1.1", why)
