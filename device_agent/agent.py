@@ -47,6 +47,7 @@ import threading
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import paho.mqtt.client as mqtt
@@ -251,6 +252,7 @@ class Agent:
         self._attempt_protocol = V5
         self._token: DeviceToken | None = None  # signed, not yet used
         self._session_token: DeviceToken | None = None  # the one the connection was made with
+        self._token_cert: Path | None = None  # the certificate file _token was signed for
         self._token_making = False
         self._token_switch = False
 
@@ -394,9 +396,9 @@ class Agent:
             )
             return
         jwt = self.config.auth == "jwt"
-        if jwt and not self._token_fresh():
+        if jwt and not self._token_fresh(creds):
             self.stats.attempts -= 1  # not an attempt yet: the token comes first
-            self._make_token()
+            self._make_token(creds)
             return
         try:
             context = creds.context(
@@ -501,23 +503,34 @@ class Agent:
 
     # -- device tokens (auth = "jwt") ----------------------------------------------------------
 
-    def _token_fresh(self) -> bool:
+    def _token_fresh(self, creds: Credentials) -> bool:
+        """An unused token, signed for ``creds``'s certificate, not yet due for renewal."""
         token = self._token
-        return token is not None and time.time() < token.renew_at(self.config.token_renew_at)
+        return (
+            token is not None
+            and self._token_cert == creds.cert_file
+            and time.time() < token.renew_at(self.config.token_renew_at)
+        )
 
-    def _make_token(self) -> None:
+    def _make_token(self, creds: Credentials) -> None:
         """Sign a fresh token off the loop (a child process, see device_agent.token), then
-        attempt the connection with it."""
+        attempt the connection with it. A renewal candidate's token is signed with the
+        candidate's key and names its certificate, so the broker sees the new serial (and the
+        renewal is confirmed by that connection) before anything is installed."""
         if self._token_making:
             return
         self._token_making = True
         store, device_id = self.config.store, self.device_id
         ttl = self.config.token_ttl
-        tcti = getattr(self.credentials.keystore, "tcti", None)
+        tcti = getattr(creds.keystore, "tcti", None)
+        pair = (creds.cert_file, creds.key_file)
+        self._token_cert = creds.cert_file
 
         def work() -> None:
             try:
-                token: DeviceToken | None = make_token(store, device_id, ttl=ttl, tcti=tcti)
+                token: DeviceToken | None = make_token(
+                    store, device_id, ttl=ttl, tcti=tcti, pair=pair
+                )
                 error: Exception | None = None
             except TokenSigningError as exc:
                 token, error = None, exc
@@ -545,7 +558,7 @@ class Agent:
 
     def _renew_token(self) -> None:
         if self._running and self._conn.state is Conn.CONNECTED:
-            self._make_token()
+            self._make_token(self.credentials)
 
     # paho's external-loop hooks: the socket joins and leaves this agent's reactor.
 

@@ -56,10 +56,19 @@ class DeviceToken:
             raise TokenSigningError(msg) from None
 
 
-def _sign(cred_dir: Path, device_id: str, ttl: int, tcti: str | None) -> str:
+def _sign(
+    cred_dir: Path,
+    device_id: str,
+    ttl: int,
+    tcti: str | None,
+    pair: tuple[Path, Path] | None = None,
+) -> str:
     from provisioning.tokens import token_for_credentials
 
-    token, _claims = token_for_credentials(cred_dir, device_id, ttl=ttl, tcti=tcti)
+    cert_file, key_file = pair if pair is not None else (None, None)
+    token, _claims = token_for_credentials(
+        cred_dir, device_id, ttl=ttl, tcti=tcti, cert_file=cert_file, key_file=key_file
+    )
     return token
 
 
@@ -70,16 +79,22 @@ def make_token(
     ttl: int,
     tcti: str | None = None,
     timeout: float = TOKEN_TIMEOUT,
+    pair: tuple[Path, Path] | None = None,
 ) -> DeviceToken:
-    """A fresh token for the device of ``cred_dir``; TokenSigningError with the reason."""
+    """A fresh token for the device of ``cred_dir``; TokenSigningError with the reason.
+
+    ``pair`` (certificate file, key file): sign with that pair instead of the directory's own
+    (a renewal candidate, tried before it is installed)."""
     if "cryptography" in sys.modules or not sys.executable:
         try:
-            return DeviceToken.parse(_sign(cred_dir, device_id, ttl, tcti))
+            return DeviceToken.parse(_sign(cred_dir, device_id, ttl, tcti, pair))
         except (OSError, ValueError, ProvisioningError) as exc:  # TokenError among them
             raise TokenSigningError(f"cannot sign a device token: {exc}") from None
     argv = [sys.executable, "-c", _CHILD, str(cred_dir), device_id, f"--ttl={ttl}"]
     if tcti is not None:
         argv.append(f"--tpm={tcti}")
+    if pair is not None:
+        argv += [f"--cert={pair[0]}", f"--key={pair[1]}"]
     try:
         proc = subprocess.run(
             argv,
@@ -109,9 +124,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("device_id")
     parser.add_argument("--ttl", type=int, required=True)
     parser.add_argument("--tpm", dest="tcti", default=None, help="TSS2 TCTI of the TPM")
+    parser.add_argument("--cert", type=Path, default=None, help="another certificate file")
+    parser.add_argument("--key", type=Path, default=None, help="its key file")
     args = parser.parse_args(argv)
+    pair = (args.cert, args.key) if args.cert is not None and args.key is not None else None
     try:
-        token = _sign(args.cred_dir, args.device_id, args.ttl, args.tcti)
+        token = _sign(args.cred_dir, args.device_id, args.ttl, args.tcti, pair)
     except Exception as exc:  # noqa: BLE001 - whatever failed, the parent reads one line
         reason = " ".join(str(exc).split()) or type(exc).__name__
         print(f"error: {reason}", file=sys.stderr)

@@ -177,12 +177,16 @@ def token_for_credentials(
     audience: str | None = None,
     now: dt.datetime | None = None,
     tcti: str | None = None,
+    cert_file: Path | None = None,
+    key_file: Path | None = None,
 ) -> tuple[str, dict[str, object]]:
     """A token for the device whose credential directory this is, and its claims (for --json).
 
     ``device_id`` must be the directory's own device: a token is never made for another identity.
     A directory whose key lives in a TPM (``identity.json`` ``keystore: tpm``) signs in the TPM
-    at ``tcti`` (default: ``$IOTAUTH_TPM_TCTI``, else ``/dev/tpmrm0``).
+    at ``tcti`` (default: ``$IOTAUTH_TPM_TCTI``, else ``/dev/tpmrm0``). ``cert_file`` and
+    ``key_file`` (default: the directory's ``device.crt`` and ``device.key``) name another pair of
+    the same device: the agent signs with a renewed certificate's pair before installing it.
     """
     import jwt
     from cryptography import x509
@@ -203,7 +207,8 @@ def token_for_credentials(
     if identity.name != device_id:
         msg = f"{cred_dir} holds device {identity.name}, not {device_id}"
         raise TokenError(msg)
-    cert_path = cred_dir / "device.crt"
+    cert_path = cert_file or cred_dir / "device.crt"
+    key_path = key_file or cred_dir / "device.key"
     try:
         certificate = x509.load_pem_x509_certificate(cert_path.read_bytes())
     except FileNotFoundError:
@@ -222,7 +227,7 @@ def token_for_credentials(
 
         token = make_device_token_tpm(
             tpm=Tpm(tcti),
-            blob=(cred_dir / "device.key").read_bytes(),
+            blob=key_path.read_bytes(),
             certificate=certificate,
             device_id=identity.name,
             audience=audience or identity.trust_domain,
@@ -230,7 +235,7 @@ def token_for_credentials(
             now=now,
         )
         return token, dict(jwt.decode(token, options={"verify_signature": False}))
-    key = load_private_key(cred_dir / "device.key")
+    key = load_private_key(key_path)
     token = make_device_token(
         key=key,
         certificate=certificate,

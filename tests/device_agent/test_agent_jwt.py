@@ -220,3 +220,45 @@ def test_slim_agent_with_jwt_never_loads_cryptography(
     assert "device_agent.token" in imported
     assert sorted(m for m in imported if m.split(".")[0] in FORBIDDEN) == []
     assert _jwt_connects(two, "dev-1")
+
+
+def test_a_jwt_agent_renews_its_certificate_make_before_break(
+    pki: PKI, creds: Creds, agents: Callable[..., Agent]
+) -> None:
+    """Renewal over MQTT with --auth jwt: the candidate is tried first with a token signed by
+    the candidate's key naming the new certificate, so the broker's connect event confirms the
+    offer (via broker-connect) before the agent installs it; no session is kicked on the way."""
+    from broker.renewal import RenewalSettings
+    from device_agent import load_credentials
+
+    audit: list[dict[str, Any]] = []
+    thread = BrokerThread(
+        BrokerSettings(
+            pki.path, listeners=(MTLS, JWT), renewal=RenewalSettings(mqtt_version="311")
+        ),
+        audit_sink=lambda line: audit.append(json.loads(line)),
+    ).start()
+    try:
+        assert thread.broker.renewal is not None
+        assert thread.broker.renewal.wait_subscribed()
+        jwt_port = list(thread.broker.ports.values())[-1]
+        store = creds("dev-1")
+        old = load_credentials(store).serial
+        agent = agents(store, jwt_port, auth="jwt")
+        assert connected(agent, 20), agent.stats.last_failure
+        agent.request_renewal()
+        assert wait_until(lambda: agent.stats.renewals == 1, 40), agent.stats
+        new = load_credentials(store).serial
+        assert new != old
+        assert connected(agent, 20), agent.stats.last_failure
+        assert agent.stats.failures == {}, agent.stats.failures
+    finally:
+        thread.stop()
+    connects = [
+        (e["credential"], e["method"])
+        for e in audit
+        if e["event"] == "connect" and e.get("client_id") == "dev-1"
+    ]
+    assert connects[:2] == [(old, "jwt"), (new, "jwt")], connects
+    recorded = [e for e in audit if e["event"] == "renewal-recorded"]
+    assert [(e["credential"], e["via"]) for e in recorded] == [(new, "broker-connect")]
