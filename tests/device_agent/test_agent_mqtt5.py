@@ -384,3 +384,34 @@ def test_bad_version_or_auth_option_is_a_one_line_usage_error(creds: Creds, bad:
     assert len(lines) == 1, proc.stderr
     assert lines[0].startswith("error:"), lines
     assert bad[0] in lines[0], lines
+
+
+def test_a_restarted_agent_process_tries_mqtt_5_again(
+    old_brokers: Callable[[bytes], OldBroker], creds: Creds
+) -> None:
+    """The fallback lives as long as the process: each new `python -m device_agent run` sends a
+    level-5 CONNECT first (the broker may have been upgraded meanwhile), then 3.1.1."""
+    old = old_brokers(CONNACK_311_REFUSED_VERSION)
+    store = creds("dev-1")
+    for run in (1, 2):
+        proc = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "device_agent",
+                "run",
+                "--store",
+                str(store),
+                "--broker",
+                f"127.0.0.1:{old.port}",
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        try:
+            assert wait_until(lambda r=run: old.levels == [5, 4] * r, 20), old.levels
+        finally:
+            proc.terminate()
+            _, err = proc.communicate(timeout=20)
+        assert "refused MQTT 5" in err, err
