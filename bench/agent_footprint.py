@@ -1,7 +1,7 @@
 """The agent's footprint: RSS and CPU of a real `agent run` process, idle, publishing 1/s, renewed.
 
     .venv/bin/python bench/agent_footprint.py [--seconds 30] [--entry iotauth-agent|iotauth]
-                                              [--keystore file|tpm]
+                                              [--keystore file|tpm] [--auth mtls|jwt]
 
 Starts our broker (with its renewal service) in-process on 127.0.0.1:0, issues one device, runs
 the agent as its own process and reads /proc/<pid>/{status,stat}. By default the agent is started
@@ -13,6 +13,10 @@ checked and installed with the stdlib ssl module, so the agent never loads crypt
 Targets (issue 5): RSS <= 35 MB, idle CPU <= 0.5 %. `--keystore tpm` gives the device a key made
 in a software TPM (swtpm, started here) by provisioning it over a pty from a TPM-backed virtual
 device: the agent then signs its handshakes in the TPM and renews into a new TPM key.
+`--auth jwt` runs the broker with a jwt listener beside the mTLS one and the agent with
+`--auth jwt --token-ttl 20`: each connection is made with a device token signed in a child
+process, and the busy window includes a reconnect with a fresh token (at 80 % of 20 s); the
+renewal line is not measured then.
 """
 
 from __future__ import annotations
@@ -31,6 +35,7 @@ from paho.mqtt.enums import CallbackAPIVersion
 from broker import BrokerSettings
 from broker.renewal import RenewalSettings
 from broker.server import BrokerThread
+from broker.settings import ListenerSpec
 from hardware.emulator import VirtualDevice
 from hardware.keygen import TpmBackend
 from hardware.tpm import TCTI_ENV
@@ -62,8 +67,11 @@ def _cpu_s(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / TICK
 
 
+AUTH_ARGS: list[str] = []  # set by main() for --auth jwt
+
+
 def _start(entry: list[str], store: Path, port: int, interval: float) -> subprocess.Popen[bytes]:
-    argv = ["run", "--store", str(store), "--broker", f"127.0.0.1:{port}"]
+    argv = ["run", "--store", str(store), "--broker", f"127.0.0.1:{port}", *AUTH_ARGS]
     return subprocess.Popen(
         [*entry, *argv, "--telemetry-interval", str(interval)],
         stdout=subprocess.DEVNULL,
@@ -118,7 +126,10 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=30)
     parser.add_argument("--entry", choices=sorted(ENTRIES), default="iotauth-agent")
     parser.add_argument("--keystore", choices=("file", "tpm"), default="file")
+    parser.add_argument("--auth", choices=("mtls", "jwt"), default="mtls")
     args = parser.parse_args()
+    if args.auth == "jwt":
+        AUTH_ARGS.extend(["--auth", "jwt", "--token-ttl", "20"])
     entry = ENTRIES[args.entry]
     if not Path(entry[0]).exists():
         parser.error(
@@ -136,22 +147,30 @@ def main() -> None:
         else:
             pki.issue(DEVICE, out=root / "dev")
         pki.issue("bench", kind=IdentityKind.SERVICE, out=root / "bench")
-        settings = BrokerSettings(root / "pki", renewal=RenewalSettings())
+        listeners = (ListenerSpec(0, frozenset({"mtls"})), ListenerSpec(0, frozenset({"jwt"})))
+        if args.auth == "jwt":
+            settings = BrokerSettings(root / "pki", renewal=RenewalSettings(), listeners=listeners)
+        else:
+            settings = BrokerSettings(root / "pki", renewal=RenewalSettings())
+        renewed: float | None = None
         with BrokerThread(settings, audit_sink=lambda _: None) as broker:
             renewal = broker.broker.renewal
             assert renewal is not None
             assert renewal.wait_subscribed(), "the renewal service did not subscribe"
-            idle = measure(entry, root / "dev", broker.port, 3600, args.seconds)
-            busy = measure(entry, root / "dev", broker.port, 1, args.seconds)
-            renewed = measure_renewal(entry, root / "dev", root / "bench", broker.port)
+            port = list(broker.broker.ports.values())[-1] if args.auth == "jwt" else broker.port
+            idle = measure(entry, root / "dev", port, 3600, args.seconds)
+            busy = measure(entry, root / "dev", port, 1, args.seconds)
+            if args.auth == "mtls":
+                renewed = measure_renewal(entry, root / "dev", root / "bench", port)
         pki.close()
         if soft is not None:
             soft.stop()
     shown = " ".join([Path(entry[0]).name, *entry[1:]])
-    print(f"entry point: {shown} run; device key: {args.keystore}")
+    print(f"entry point: {shown} run; device key: {args.keystore}; auth: {args.auth}")
     print(f"agent idle          RSS {idle['rss_mb']:.1f} MB, CPU {idle['cpu_percent']:.2f} %")
     print(f"agent 1 msg/s QoS1  RSS {busy['rss_mb']:.1f} MB, CPU {busy['cpu_percent']:.2f} %")
-    print(f"after one renewal   RSS {renewed:.1f} MB")
+    if renewed is not None:
+        print(f"after one renewal   RSS {renewed:.1f} MB")
     print(f"({args.seconds:.0f} s windows after 5 s start-up; python {sys.version.split()[0]})")
 
 

@@ -31,6 +31,13 @@ def main() -> None:
     parser.add_argument("--duration", type=float, default=60)
     parser.add_argument("--brokers", nargs="+", default=["ours-process", "mosquitto"])
     parser.add_argument("--interval", type=float, default=10)
+    parser.add_argument(
+        "--mqtt5-share",
+        type=float,
+        default=None,
+        metavar="F",
+        help="fraction of the devices on MQTT 5, the rest on 3.1.1 (default: all auto)",
+    )
     args = parser.parse_args()
     for kind in args.brokers:
         for n in args.devices:
@@ -45,6 +52,7 @@ def main() -> None:
                         scenarios=("steady", "storm"),
                         telemetry_interval=args.interval,
                         reactors=4,
+                        mqtt5_share=args.mqtt5_share,
                     )
                     report = run_fleet(spec, backend, workdir=root / "fleet")
                 finally:

@@ -67,6 +67,11 @@ BENCHES: list[tuple[str, str, list[str]]] = [
         [PY, "bench/agent_footprint.py", "--keystore", "tpm"],
     ),
     (
+        "agent_footprint_jwt",
+        "Device agent footprint with device tokens (--auth jwt)",
+        [PY, "bench/agent_footprint.py", "--auth", "jwt"],
+    ),
+    (
         "tpm_handshake",
         "Device agent: TLS handshake with a file key and with a TPM key",
         [PY, "bench/tpm_handshake.py"],

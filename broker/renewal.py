@@ -99,10 +99,12 @@ from provisioning.renewal_protocol import (
     RecordedAnswer,
     Refusal,
     RefusedAnswer,
+    ReplyRoute,
     answer_topic,
     decode_request,
     device_of_request_topic,
     encode,
+    reply_route,
 )
 from provisioning.tls import client_context_for_credentials
 
@@ -146,7 +148,14 @@ class RenewalService:
         self.arrived: collections.Counter[str] = collections.Counter()
         self._cv = threading.Condition()
         self._control: collections.deque[Callable[[], None] | None] = collections.deque()
-        self._requests: FairQueue[str, bytes] = FairQueue(self.settings.queue_per_device)
+        self._requests: FairQueue[str, tuple[bytes, ReplyRoute | None]] = FairQueue(
+            self.settings.queue_per_device
+        )
+        # The reply route of the request the worker is handling (MQTT 5 Response Topic).
+        self._route: tuple[str, ReplyRoute] | None = None
+        # "5" or "3.1.1" once connected: MQTT 5 where the broker allows it (for Response Topic).
+        self.protocol: str | None = None
+        self._v311 = self.settings.mqtt_version == "311"
         self._dropped: collections.Counter[str] = collections.Counter()
         self._throttle: AuditThrottle[tuple[str, str]] = AuditThrottle(self.settings.audit_interval)
         self._ready = threading.Event()
@@ -192,14 +201,14 @@ class RenewalService:
             self._control.append(job)
             self._cv.notify()
 
-    def _arrived(self, topic: str, payload: bytes) -> None:
+    def _arrived(self, topic: str, payload: bytes, route: ReplyRoute | None = None) -> None:
         """paho's thread: queue the request behind its own device's, or drop it (audited)."""
         device = device_of_request_topic(topic)
         if device is None:
             return
         with self._cv:
             self.arrived[device] += 1
-            if not self._requests.push(device, payload):
+            if not self._requests.push(device, (payload, route)):
                 self._dropped[device] += 1
             self._cv.notify()
 
@@ -239,8 +248,8 @@ class RenewalService:
             if callable(control):
                 self._guarded(control)
             elif request is not None:
-                device, payload = request
-                self._guarded(functools.partial(self._handle, device, payload))
+                device, (payload, route) = request
+                self._guarded(functools.partial(self._handle_routed, device, payload, route))
             if time.monotonic() >= next_sweep:
                 self._guarded(self._sweep)
                 next_sweep = time.monotonic() + self.settings.sweep_interval
@@ -282,21 +291,52 @@ class RenewalService:
         return path
 
     def _connect(self, creds: Path) -> Any:  # noqa: ANN401 - paho is imported lazily
+        """MQTT 5 (answers follow a request's Response Topic), or 3.1.1 with a broker that
+        refuses 5: CONNACK 0x84 / return code 1, or a close before any CONNACK after a level-5
+        CONNECT. The service runs beside any broker (``iotauth broker renewal``), so both."""
         import paho.mqtt.client as mqtt
         from paho.mqtt.enums import CallbackAPIVersion
         from paho.mqtt.reasoncodes import ReasonCode
 
-        client = mqtt.Client(
-            CallbackAPIVersion.VERSION2,
-            client_id=self.settings.service_name,
-            clean_session=True,
-            protocol=mqtt.MQTTv311,
-        )
+        v5 = not self._v311
+        if v5:
+            client = mqtt.Client(
+                CallbackAPIVersion.VERSION2,
+                client_id=self.settings.service_name,
+                protocol=mqtt.MQTTv5,
+            )
+        else:
+            client = mqtt.Client(
+                CallbackAPIVersion.VERSION2,
+                client_id=self.settings.service_name,
+                clean_session=True,
+                protocol=mqtt.MQTTv311,
+            )
         client.tls_set_context(client_context_for_credentials(creds))
         client.reconnect_delay_set(1, 5)
+        connacked = threading.Event()
+
+        def fall_back(why: str) -> None:
+            if self._v311 or self.settings.mqtt_version == "5":
+                return
+            self._v311 = True
+            log.info("the broker refused MQTT 5 (%s); the renewal service uses 3.1.1", why)
+
+            def reconnect() -> None:
+                with contextlib.suppress(Exception):
+                    client.disconnect()
+                    client.loop_stop()
+                self._client = self._connect(creds)
+
+            self._put_control(reconnect)
 
         def on_connect(c: mqtt.Client, _u: object, _f: object, rc: ReasonCode, _p: object) -> None:
+            connacked.set()
+            if v5 and rc.is_failure and int(rc.value) == 0x84:
+                fall_back("CONNACK 0x84")
+                return
             if not rc.is_failure:
+                self.protocol = "5" if v5 else "3.1.1"
                 c.subscribe(REQUEST_FILTER, qos=1)
 
         def on_subscribe(
@@ -307,9 +347,12 @@ class RenewalService:
 
         def on_disconnect(c: mqtt.Client, _u: object, _f: object, _rc: object, _p: object) -> None:
             self._subscribed.clear()
+            if v5 and not connacked.is_set():
+                fall_back("closed before CONNACK")
 
         def on_message(c: mqtt.Client, _u: object, msg: mqtt.MQTTMessage) -> None:
-            self._arrived(msg.topic, bytes(msg.payload))
+            route = _route_of(msg.topic, getattr(msg, "properties", None)) if v5 else None
+            self._arrived(msg.topic, bytes(msg.payload), route)
 
         client.on_connect = on_connect
         client.on_subscribe = on_subscribe
@@ -340,8 +383,19 @@ class RenewalService:
         if isinstance(answer, RefusedAnswer):
             self.stats[f"refused:{answer.reason}"] += 1
             self._audit_refusal(device_id, answer.reason, answer.detail)
-        if self._client is not None:
-            self._client.publish(answer_topic(device_id), encode(answer), qos=1)
+        if self._client is None:
+            return
+        if self._route is not None and self._route[0] == device_id:
+            from paho.mqtt.packettypes import PacketTypes
+            from paho.mqtt.properties import Properties
+
+            route = self._route[1]
+            props = Properties(PacketTypes.PUBLISH)  # type: ignore[no-untyped-call]
+            if route.correlation is not None:
+                props.CorrelationData = route.correlation
+            self._client.publish(route.topic, encode(answer), qos=1, properties=props)
+            return
+        self._client.publish(answer_topic(device_id), encode(answer), qos=1)
 
     def _refuse(self, device_id: str, request_id: str | None, reason: Refusal, detail: str) -> None:
         self._publish(device_id, RefusedAnswer(request_id, reason.value, detail))
@@ -351,6 +405,14 @@ class RenewalService:
         self._publish(offer.device_id, CertificateAnswer(request_id, chain.decode()))
 
     # -- protocol -----------------------------------------------------------------------------
+
+    def _handle_routed(self, device: str, payload: bytes, route: ReplyRoute | None) -> None:
+        """:meth:`_handle`, its answers sent on the request's reply route when it had one."""
+        self._route = (device, route) if route is not None else None
+        try:
+            self._handle(device, payload)
+        finally:
+            self._route = None
 
     def _handle(self, device: str, payload: bytes) -> None:
         try:
@@ -554,6 +616,19 @@ class RenewalService:
         with self._pending_lock:
             for offer in self.pki.offers.open_offers():
                 self._pending_serials.add((offer.device_id, offer.new_serial))
+
+
+def _route_of(topic: str, props: object) -> ReplyRoute | None:
+    """The reply route of a request that arrived with MQTT 5 properties (or None)."""
+    device = device_of_request_topic(topic)
+    if device is None or props is None:
+        return None
+    correlation = getattr(props, "CorrelationData", None)
+    return reply_route(
+        device,
+        getattr(props, "ResponseTopic", None),
+        bytes(correlation) if correlation is not None else None,
+    )
 
 
 def _identity_problem(csr: x509.CertificateSigningRequest, identity: Identity) -> str | None:

@@ -60,6 +60,9 @@ class RenewalSettings:
     # How often offers are checked for expiry and for revocation of the device meanwhile.
     sweep_interval: float = 1.0
     service_name: str = "renewal"
+    # The service's own MQTT client: "auto" (MQTT 5, so answers can follow a request's Response
+    # Topic; 3.1.1 with a broker that refuses 5), "5" or "311".
+    mqtt_version: str = "auto"
     # The service's own credential directory; default <pki>/services/<service_name>.
     credentials: Path | None = None
     max_request_bytes: int = 16 * 1024
@@ -83,6 +86,9 @@ class RenewalSettings:
             if getattr(self, name) < 1:
                 msg = f"renewal {name} must be at least 1, not {getattr(self, name)!r}"
                 raise ConfigError(msg)
+        if self.mqtt_version not in ("auto", "5", "311"):
+            msg = f"renewal mqtt_version must be auto, 5 or 311, not {self.mqtt_version!r}"
+            raise ConfigError(msg)
         if not 0 <= self.min_life_fraction < 1:
             msg = (
                 "renewal min_life_fraction is a fraction of the certificate's life in [0, 1), "

@@ -19,6 +19,7 @@ from device_agent.errors import (
     CredentialError,
     QueueError,
     RenewalError,
+    TokenSigningError,
 )
 from device_agent.queue import MemoryQueue, SqliteQueue, open_queue
 from device_agent.reactor import Reactor
@@ -43,6 +44,7 @@ __all__ = [
     "RenewalError",
     "Reply",
     "SqliteQueue",
+    "TokenSigningError",
     "default_commands",
     "load_config",
     "load_credentials",

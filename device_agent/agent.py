@@ -11,13 +11,26 @@ connection and its renewal are two state machines, each a table in ``device_agen
                           +-------> idle (backoff, or slow retry) <---+
     connected --stop()--> stopping (publish "offline", DISCONNECT) --> stopped
 
-Every attempt builds a fresh paho client (MQTT 3.1.1, clean session, client_id = device id, will =
-retained ``offline`` on ``devices/<id>/state``) and a fresh TLS context from the credential
-directory, so a renewed certificate is used from the next attempt on and paho never resends
-messages on its own: the offline queue (``device_agent.queue``) is the one source of truth for
-what still needs a PUBACK. After CONNACK the agent publishes a retained ``online`` state,
-subscribes to its commands and to ``certs/issued``, and drains the queue with at most
-``queue.inflight`` unacknowledged messages.
+Every attempt builds a fresh paho client (client_id = device id, will = retained ``offline`` on
+``devices/<id>/state``) and a fresh TLS context from the credential directory, so a renewed
+certificate is used from the next attempt on and paho never resends messages on its own: the
+offline queue (``device_agent.queue``) is the one source of truth for what still needs a PUBACK.
+After CONNACK the agent publishes a retained ``online`` state, subscribes to its commands and to
+``certs/issued``, and drains the queue with at most ``queue.inflight`` unacknowledged messages.
+
+Protocol version (``mqtt_version``): MQTT 5 by default, with Clean Start 0 and a Session Expiry
+Interval (``session_expiry``) so the broker keeps the device's subscriptions and queued commands
+while it sleeps; MQTT 3.1.1 with clean session as before. With ``auto`` a broker that refuses 5
+(CONNACK 0x84, or the 3.1.1 return code 1, or a close before CONNACK right after a level-5
+CONNECT with no TLS alert to explain it) is remembered in :data:`PROTOCOL_MEMORY` for the life
+of the process, logged once, and spoken to in 3.1.1 at once; a restarted agent tries 5 again.
+On MQTT 5 the renewal request carries a Response Topic (the device's own ``certs/issued``) and
+Correlation Data (the request id), and a command that carries a Response Topic inside the
+device's subtree is answered there with its Correlation Data (MQTT 5 section 4.10).
+
+Authentication (``auth``): ``mtls`` presents the certificate; ``jwt`` sends a device token signed
+by the device key (``device_agent.token``, in a child process) as the MQTT password over
+server-authenticated TLS, and reconnects with a fresh token at ``token_renew_at`` of its life.
 """
 
 from __future__ import annotations
@@ -34,20 +47,23 @@ import threading
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import paho.mqtt.client as mqtt
 from paho.mqtt.client import ConnectFlags, DisconnectFlags
 from paho.mqtt.enums import CallbackAPIVersion, MQTTErrorCode
+from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 from paho.mqtt.reasoncodes import ReasonCode
 
 from device_agent.backoff import (
     Backoff,
     Failure,
-    classify_connack,
     classify_exception,
     classify_log_text,
+    classify_refusal,
+    describe_reason,
 )
 from device_agent.commands import Command, CommandRegistry
 from device_agent.config import AgentConfig, parse_address
@@ -67,6 +83,7 @@ from device_agent.states import (
     renewal_state_for_phase,
 )
 from device_agent.telemetry import TelemetrySource, load_source
+from device_agent.token import DeviceToken, TokenSigningError, make_token
 from provisioning.renewal_protocol import (
     CertificateAnswer,
     CsrRequest,
@@ -83,12 +100,50 @@ from provisioning.renewal_protocol import (
 if TYPE_CHECKING:
     from paho.mqtt.client import SocketLike
 
-__all__ = ["Agent", "AgentStats", "default_commands"]
+__all__ = ["PROTOCOL_MEMORY", "Agent", "AgentStats", "ProtocolMemory", "default_commands"]
 
 log = logging.getLogger("iotauth.agent")
 
 ONLINE = b'{"state":"online"}'
 OFFLINE = b'{"state":"offline"}'
+
+V5 = "5"
+V311 = "3.1.1"
+
+
+class ProtocolMemory:
+    """The brokers (host, port) that refused MQTT 5, for the life of the process.
+
+    One instance (:data:`PROTOCOL_MEMORY`) is shared by every agent of the process, so a
+    simulated fleet learns it once; a restarted agent starts empty and tries 5 again.
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._v311_only: set[tuple[str, int]] = set()
+
+    def refused_v5(self, host: str, port: int) -> bool:
+        with self._lock:
+            return (host, port) in self._v311_only
+
+    def remember(self, host: str, port: int) -> bool:
+        """Note that the broker refused MQTT 5; True the first time (log it once)."""
+        with self._lock:
+            new = (host, port) not in self._v311_only
+            self._v311_only.add((host, port))
+            return new
+
+    def forget(self) -> None:
+        with self._lock:
+            self._v311_only.clear()
+
+
+PROTOCOL_MEMORY = ProtocolMemory()
+
+
+def _reason_string(props: Properties | None) -> str | None:
+    value = getattr(props, "ReasonString", None) if props is not None else None
+    return str(value) if value else None
 
 
 @dataclass
@@ -107,6 +162,10 @@ class AgentStats:
     renewal_refusals: collections.Counter[str] = field(default_factory=collections.Counter)
     last_failure: Failure | None = None
     connected_since: float | None = None
+    # The MQTT version of the current (or last) connection: "5" or "3.1.1".
+    protocol: str | None = None
+    fallbacks: int = 0  # times a broker refused MQTT 5 and the agent went on in 3.1.1
+    token_renewals: int = 0  # jwt: reconnects with a fresh token
 
 
 def default_commands(agent: Agent) -> CommandRegistry:
@@ -190,6 +249,12 @@ class Agent:
         self._running = False
         self._stopped_callbacks: list[Callable[[], None]] = []
         self._renewal_sent_at = 0.0
+        self._attempt_protocol = V5
+        self._token: DeviceToken | None = None  # signed, not yet used
+        self._session_token: DeviceToken | None = None  # the one the connection was made with
+        self._token_cert: Path | None = None  # the certificate file _token was signed for
+        self._token_making = False
+        self._token_switch = False
 
     # -- public, thread-safe ------------------------------------------------------------------
 
@@ -291,11 +356,11 @@ class Agent:
         wait_offline()
 
     def _finish_stop(self) -> None:
-        if self._conn.state is Conn.STOPPED:
-            return
-        self._teardown()
-        self._conn.fire(ConnEvent.STOPPED)
-        self._emit("stopped")
+        if self._conn.state is not Conn.STOPPED:
+            self._teardown()
+            self._conn.fire(ConnEvent.STOPPED)
+            self._emit("stopped")
+        # A stop() of a stopped agent still calls its callback (once).
         callbacks, self._stopped_callbacks = self._stopped_callbacks, []
         for cb in callbacks:
             cb()
@@ -330,12 +395,26 @@ class Agent:
                 )
             )
             return
+        jwt = self.config.auth == "jwt"
+        if jwt and not self._token_fresh(creds):
+            self.stats.attempts -= 1  # not an attempt yet: the token comes first
+            self._make_token(creds)
+            return
         try:
-            context = creds.context(check_hostname=self.config.check_hostname)
+            context = creds.context(
+                check_hostname=self.config.check_hostname, present_certificate=not jwt
+            )
         except AgentError as exc:
             self._failed(Failure("credentials", str(exc), True))
             return
+        self._attempt_protocol = self._protocol_for_attempt()
         client = self._make_client(context)
+        if jwt and self._token is not None:
+            # MQTT-3.1.2-22 (3.1.1): a password needs a user name; ours is the device id. A
+            # token is good for one CONNECT (the broker keeps a replay cache of its jti), so
+            # it moves to _session_token and the next attempt signs a fresh one.
+            client.username_pw_set(self.device_id, self._token.value)
+            self._session_token, self._token = self._token, None
         self._client = client
         if candidate:
             self._renew.fire(RenewalEvent.ATTEMPT_CANDIDATE)
@@ -343,7 +422,19 @@ class Agent:
         self._conn.fire(ConnEvent.ATTEMPT)
         self._attempt_started = time.monotonic()
         try:
-            client.connect(self.host, self.port, keepalive=self.config.keepalive)
+            if self._attempt_protocol == V5:
+                props = Properties(PacketTypes.CONNECT)  # type: ignore[no-untyped-call]
+                # MQTT 5 section 3.1.2.11.2: the session outlives the connection this long.
+                props.SessionExpiryInterval = self.config.session_expiry
+                client.connect(
+                    self.host,
+                    self.port,
+                    keepalive=self.config.keepalive,
+                    clean_start=False,
+                    properties=props,
+                )
+            else:
+                client.connect(self.host, self.port, keepalive=self.config.keepalive)
         except (OSError, ValueError) as exc:  # ssl.SSLError is an OSError
             self._teardown()
             self._failed(classify_exception(exc, f"{self.host}:{self.port}"))
@@ -351,14 +442,31 @@ class Agent:
         self._timer("connack", self.config.connect_timeout, self._connack_timeout)
         self._timer("misc", 1.0, self._misc)
 
+    def _protocol_for_attempt(self) -> str:
+        wanted = self.config.mqtt_version
+        if wanted == "311":
+            return V311
+        if wanted == "auto" and PROTOCOL_MEMORY.refused_v5(self.host, self.port):
+            return V311
+        return V5
+
     def _make_client(self, context: ssl.SSLContext) -> mqtt.Client:
-        client = mqtt.Client(
-            CallbackAPIVersion.VERSION2,
-            client_id=self.device_id,
-            clean_session=True,
-            protocol=mqtt.MQTTv311,
-            reconnect_on_failure=False,
-        )
+        if self._attempt_protocol == V5:
+            # Clean Start and Session Expiry go with CONNECT (see _attempt), not the client.
+            client = mqtt.Client(
+                CallbackAPIVersion.VERSION2,
+                client_id=self.device_id,
+                protocol=mqtt.MQTTv5,
+                reconnect_on_failure=False,
+            )
+        else:
+            client = mqtt.Client(
+                CallbackAPIVersion.VERSION2,
+                client_id=self.device_id,
+                clean_session=True,
+                protocol=mqtt.MQTTv311,
+                reconnect_on_failure=False,
+            )
         client.tls_set_context(context)
         client.connect_timeout = self.config.connect_timeout
         client.max_inflight_messages_set(self.config.max_inflight)
@@ -374,6 +482,83 @@ class Agent:
         client.on_socket_register_write = self._on_register_write
         client.on_socket_unregister_write = self._on_unregister_write
         return client
+
+    def _fall_back(self, why: str) -> bool:
+        """``auto``: the broker refused MQTT 5; go on in 3.1.1 at once. False if not ``auto``."""
+        if self.config.mqtt_version != "auto":
+            return False
+        self.stats.fallbacks += 1
+        if PROTOCOL_MEMORY.remember(self.host, self.port):
+            log.warning(
+                "%s: %s:%d refused MQTT 5 (%s); using MQTT 3.1.1 with this broker until the "
+                "agent restarts",
+                self.device_id,
+                self.host,
+                self.port,
+                why,
+            )
+        self._conn.fire(ConnEvent.DOWN)
+        self._timer("connect", 0, self._attempt)
+        return True
+
+    # -- device tokens (auth = "jwt") ----------------------------------------------------------
+
+    def _token_fresh(self, creds: Credentials) -> bool:
+        """An unused token, signed for ``creds``'s certificate, not yet due for renewal."""
+        token = self._token
+        return (
+            token is not None
+            and self._token_cert == creds.cert_file
+            and time.time() < token.renew_at(self.config.token_renew_at)
+        )
+
+    def _make_token(self, creds: Credentials) -> None:
+        """Sign a fresh token off the loop (a child process, see device_agent.token), then
+        attempt the connection with it. A renewal candidate's token is signed with the
+        candidate's key and names its certificate, so the broker sees the new serial (and the
+        renewal is confirmed by that connection) before anything is installed."""
+        if self._token_making:
+            return
+        self._token_making = True
+        store, device_id = self.config.store, self.device_id
+        ttl = self.config.token_ttl
+        tcti = getattr(creds.keystore, "tcti", None)
+        pair = (creds.cert_file, creds.key_file)
+        self._token_cert = creds.cert_file
+
+        def work() -> None:
+            try:
+                token: DeviceToken | None = make_token(
+                    store, device_id, ttl=ttl, tcti=tcti, pair=pair
+                )
+                error: Exception | None = None
+            except TokenSigningError as exc:
+                token, error = None, exc
+            except Exception as exc:  # noqa: BLE001 - the loop must hear back, whatever failed
+                token, error = None, TokenSigningError(f"{type(exc).__name__}: {exc}")
+            self.reactor.call_soon_threadsafe(lambda: self._token_made(token, error))
+
+        threading.Thread(target=work, name=f"{device_id}-token", daemon=True).start()
+
+    def _token_made(self, token: DeviceToken | None, error: Exception | None) -> None:
+        self._token_making = False
+        if token is None:
+            self.stats.attempts += 1
+            self._failed(Failure("token", str(error), True))
+            return
+        self._token = token
+        if self._client is None:
+            self._timer("connect", 0, self._attempt)
+        elif self._conn.state is Conn.CONNECTED:
+            # Make before break: the fresh token is ready; reconnect with it now.
+            log.info("%s: reconnecting with a fresh device token", self.device_id)
+            self.stats.token_renewals += 1
+            self._token_switch = True
+            self._client.disconnect()
+
+    def _renew_token(self) -> None:
+        if self._running and self._conn.state is Conn.CONNECTED:
+            self._make_token(self.credentials)
 
     # paho's external-loop hooks: the socket joins and leaves this agent's reactor.
 
@@ -421,7 +606,7 @@ class Agent:
     def _teardown(self) -> None:
         """Forget the current client and close its socket (no DISCONNECT, no callbacks)."""
         client, self._client = self._client, None
-        for name in ("connack", "misc", "renewal-wait"):
+        for name in ("connack", "misc", "renewal-wait", "token"):
             self._cancel(name)
         if self._sock is not None:
             self.reactor.remove_socket(self._sock)
@@ -503,11 +688,27 @@ class Agent:
         if client is not self._client:
             return
         self._cancel("connack")
+        v5 = self._attempt_protocol == V5
         if reason.is_failure:
             self._teardown()
-            self._failed(classify_connack(int(reason.value)))
+            # paho reads a 3.1.1 return code 1 after a level-5 CONNECT as 0x84 too.
+            if (
+                v5
+                and int(reason.value) == 0x84
+                and self._fall_back(describe_reason(0x84, reason.getName(), _reason_string(props)))
+            ):
+                return
+            self._failed(
+                classify_refusal(
+                    int(reason.value),
+                    reason.getName(),
+                    v5=v5,
+                    reason_string=_reason_string(props) if v5 else None,
+                )
+            )
             return
         self._conn.fire(ConnEvent.CONNACK)
+        self.stats.protocol = self._attempt_protocol
         self.stats.connects += 1
         self.stats.connect_latency.append(time.monotonic() - self._attempt_started)
         self.stats.connected_since = time.monotonic()
@@ -517,7 +718,17 @@ class Agent:
         client.subscribe([(self.base + "commands/#", 1), (answer_topic(self.device_id), 1)])
         self._sent_upto = 0
         self._inflight.clear()
-        log.info("%s: connected to %s:%d", self.device_id, self.host, self.port)
+        log.info(
+            "%s: connected to %s:%d (MQTT %s%s)",
+            self.device_id,
+            self.host,
+            self.port,
+            self._attempt_protocol,
+            ", session present" if v5 and flags.session_present else "",
+        )
+        if self.config.auth == "jwt" and self._session_token is not None:
+            wait = self._session_token.renew_at(self.config.token_renew_at) - time.time()
+            self._timer("token", max(wait, 1.0), self._renew_token)
         self._emit("connected")
         if self._renew.state is Renewal.TRYING:
             self._candidate_connected()
@@ -542,6 +753,12 @@ class Agent:
             return
         if was is Conn.CONNECTING:
             failure = classify_log_text(self._error_text or "")
+            if (
+                failure is None
+                and self._attempt_protocol == V5
+                and self._fall_back("closed the connection before CONNACK")
+            ):
+                return
             if failure is None:
                 self._closes_before_connack += 1
                 permanent = (
@@ -566,8 +783,21 @@ class Agent:
             self._emit("disconnected", "switching")
             self._timer("connect", 0, self._attempt)
             return
+        if self._token_switch:
+            self._token_switch = False
+            self._emit("disconnected", "token")
+            self._timer("connect", 0, self._attempt)
+            return
         self._emit("disconnected", None)
-        self._failed(Failure("connection-lost", self._error_text or "the connection closed", False))
+        detail = self._error_text or "the connection closed"
+        if self._attempt_protocol == V5 and reason.is_failure:
+            # A server-sent DISCONNECT names why (MQTT 5 section 3.14.2.1): takeover 0x8e,
+            # keep-alive timeout 0x8d, an administrative action (a revocation kick) 0x98 ...
+            detail = "the broker disconnected: " + describe_reason(
+                int(reason.value), reason.getName(), _reason_string(props)
+            )
+            log.warning("%s: %s", self.device_id, detail)
+        self._failed(Failure("connection-lost", detail, False))
 
     def _on_publish(
         self, client: mqtt.Client, _: object, mid: int, reason: ReasonCode, props: Properties
@@ -584,8 +814,10 @@ class Agent:
         if client is not self._client:
             return
         topic = msg.topic
+        props = getattr(msg, "properties", None)
+        correlation = getattr(props, "CorrelationData", None)
         if topic == answer_topic(self.device_id):
-            self._renewal_answer(bytes(msg.payload))
+            self._renewal_answer(bytes(msg.payload), correlation)
             return
         prefix = self.base + "commands/"
         if topic.startswith(prefix):
@@ -599,7 +831,35 @@ class Agent:
             else:
                 reply = self.commands.dispatch(name, bytes(msg.payload))
                 reply_topic, payload = self.base + "replies/" + name, reply.to_json()
-            client.publish(reply_topic, payload, qos=1)
+            reply_props = None
+            response_topic = getattr(props, "ResponseTopic", None)
+            if self._attempt_protocol == V5 and response_topic:
+                if self._own_topic(response_topic):
+                    # MQTT 5 section 4.10.1: reply on the Response Topic with the Correlation Data.
+                    reply_topic = response_topic
+                else:
+                    log.warning(
+                        "%s: command %s asked for a reply on %r, outside the device's topics; "
+                        "replying on %s",
+                        self.device_id,
+                        name,
+                        response_topic,
+                        reply_topic,
+                    )
+            if self._attempt_protocol == V5 and correlation is not None:
+                # Echoed with or without a Response Topic: it costs nothing and lets a caller
+                # that listens on replies/<name> match the reply to its command.
+                reply_props = Properties(PacketTypes.PUBLISH)  # type: ignore[no-untyped-call]
+                reply_props.CorrelationData = bytes(correlation)
+            client.publish(reply_topic, payload, qos=1, properties=reply_props)
+
+    def _own_topic(self, topic: str) -> bool:
+        """A topic name the device may publish to: inside ``devices/<id>/``, no wildcards."""
+        return (
+            topic.startswith(self.base)
+            and len(topic) > len(self.base)
+            and not any(c in topic for c in "+#\0")
+        )
 
     # -- telemetry and the queue ----------------------------------------------------------------
 
@@ -715,10 +975,19 @@ class Agent:
         if self._client is None:
             return
         self._renewal_sent_at = time.monotonic()
-        self._client.publish(request_topic(self.device_id), encode(message), qos=1)
+        props = None
+        if self._attempt_protocol == V5:
+            # MQTT 5 section 4.10: request/response. The answer comes back on our own answer
+            # topic (inside the device's subtree, which it may subscribe to) with the request id.
+            props = Properties(PacketTypes.PUBLISH)  # type: ignore[no-untyped-call]
+            props.ResponseTopic = answer_topic(self.device_id)
+            props.CorrelationData = message.request_id.encode()
+        self._client.publish(
+            request_topic(self.device_id), encode(message), qos=1, properties=props
+        )
         self._timer("renewal-wait", self.config.renewal_timeout, self._check_renewal)
 
-    def _renewal_answer(self, payload: bytes) -> None:
+    def _renewal_answer(self, payload: bytes, correlation: bytes | None = None) -> None:
         try:
             answer = decode_answer(payload)
         except MalformedMessageError as exc:
@@ -728,6 +997,8 @@ class Agent:
         state = self.renewal.load()
         if state is None or state.request_id != answer.request_id:
             return  # an answer to an older request
+        if correlation is not None and bytes(correlation) != state.request_id.encode():
+            return  # the payload and its Correlation Data disagree: not our answer
         if isinstance(answer, CertificateAnswer) and self._renew.state is Renewal.REQUESTED:
             self._cancel("renewal-wait")
             try:

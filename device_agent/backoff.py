@@ -28,11 +28,14 @@ from dataclasses import dataclass
 
 __all__ = [
     "CONNACK_REASONS",
+    "V5_CONNACK_REASONS",
     "Backoff",
     "Failure",
     "classify_connack",
     "classify_exception",
     "classify_log_text",
+    "classify_refusal",
+    "describe_reason",
 ]
 
 
@@ -85,6 +88,35 @@ CONNACK_REASONS: dict[int, tuple[str, bool]] = {
     4: ("bad-credentials", True),
     5: ("not-authorized", True),
 }
+# MQTT 5 CONNACK reason codes (section 3.2.2.2, table 3-1) -> (token, permanent). The five that
+# 3.1.1 also has keep its tokens, so a fleet's counters mean the same on both versions.
+# Anything else at or above 0x80 is a refusal that will not fix itself (MQTT-3.2.2-7: the server
+# closes after it), except the ones that say "later" or "elsewhere".
+V5_CONNACK_REASONS: dict[int, tuple[str, bool]] = {
+    0x80: ("unspecified-error", False),
+    0x81: ("malformed-packet", True),
+    0x82: ("protocol-error", True),
+    0x83: ("implementation-specific", True),
+    0x84: ("protocol-version", True),
+    0x85: ("identifier-rejected", True),
+    0x86: ("bad-credentials", True),
+    0x87: ("not-authorized", True),
+    0x88: ("server-unavailable", False),
+    0x89: ("server-busy", False),
+    0x8A: ("banned", True),
+    0x8C: ("bad-authentication-method", True),
+    0x90: ("topic-name-invalid", True),
+    0x95: ("packet-too-large", True),
+    0x97: ("quota-exceeded", False),
+    0x99: ("payload-format-invalid", True),
+    0x9A: ("retain-not-supported", True),
+    0x9B: ("qos-not-supported", True),
+    0x9C: ("use-another-server", False),
+    0x9D: ("server-moved", False),
+    0x9F: ("connection-rate-exceeded", False),
+}
+# paho reports a 3.1.1 CONNACK return code as the MQTT 5 reason code of the same meaning.
+V5_TO_311: dict[int, int] = {0x84: 1, 0x85: 2, 0x88: 3, 0x86: 4, 0x87: 5}
 
 # TLS alerts as OpenSSL names them in the error text, most specific first.
 _ALERTS: tuple[tuple[str, str, bool], ...] = (
@@ -118,6 +150,35 @@ def classify_log_text(text: str) -> Failure | None:
 def classify_connack(code: int) -> Failure:
     reason, permanent = CONNACK_REASONS.get(code, (f"connack-{code}", True))
     return Failure(reason, f"the broker answered CONNACK {code} ({reason})", permanent)
+
+
+def _named_revoked(reason_string: str | None) -> bool:
+    return reason_string is not None and "revoked" in reason_string.lower()
+
+
+def describe_reason(code: int, name: str, reason_string: str | None = None) -> str:
+    """``0x87 not authorized (revoked)``: the code, its name, and the broker's reason string."""
+    text = f"0x{code:02x} {name.lower()}"
+    return f"{text} ({reason_string})" if reason_string else text
+
+
+def classify_refusal(
+    code: int, name: str, *, v5: bool, reason_string: str | None = None
+) -> Failure:
+    """A refused CONNECT, from paho's reason code (an MQTT 5 code on both versions).
+
+    The detail reads ``refused by the broker: 0x87 not authorized (revoked)`` on MQTT 5 and
+    ``refused by the broker: CONNACK 5 not authorized`` on 3.1.1. A reason string that says the
+    credential is revoked makes the token ``revoked``, as the TLS alert does.
+    """
+    token, permanent = V5_CONNACK_REASONS.get(code, (f"connack-0x{code:02x}", True))
+    if v5:
+        detail = f"refused by the broker: {describe_reason(code, name, reason_string)}"
+    else:
+        detail = f"refused by the broker: CONNACK {V5_TO_311.get(code, code)} {name.lower()}"
+    if _named_revoked(reason_string):
+        token, permanent = "revoked", True
+    return Failure(token, detail, permanent)
 
 
 def classify_exception(  # noqa: PLR0911 - one per kind

@@ -87,6 +87,7 @@ def run(ctx: typer.Context) -> None:
     """Run the agent until SIGTERM or Ctrl-C (then publish 'offline' and disconnect).
 
     Options: --store DIR (required), --broker HOST:PORT, --config FILE, --telemetry-interval S,
+    --mqtt-version 5|311|auto, --session-expiry S, --auth mtls|jwt, --token-ttl S,
     -v/--verbose. The same command as `iotauth-agent run`.
     """
     code = agent_main(["run", *ctx.args], prog="iotauth agent")
@@ -154,6 +155,16 @@ def simulate(
         float, typer.Option("--telemetry-interval", help="Seconds between messages per device.")
     ] = 5.0,
     reactors: Annotated[int, typer.Option("--reactors", help="Agent loop threads.")] = 4,
+    mqtt5_share: Annotated[
+        float | None,
+        typer.Option(
+            "--mqtt5-share",
+            metavar="F",
+            help="Fraction of the devices on MQTT 5, the rest on 3.1.1 (0 to 1); default: "
+            "every device 'auto' (5, falling back to 3.1.1).",
+            show_default=False,
+        ),
+    ] = None,
     as_json: Annotated[
         bool, typer.Option("--json", help="Print the final report as JSON (progress: stderr).")
     ] = False,
@@ -172,6 +183,7 @@ def simulate(
             scenarios=tuple(scenario or ["steady"]),
             telemetry_interval=telemetry_interval,
             reactors=reactors,
+            mqtt5_share=mqtt5_share,
         )
         if _fleet_backend is None:
             msg = "the fleet simulator needs a PKI backend; run it as 'iotauth fleet simulate'"

@@ -24,6 +24,15 @@ silently falls back to a default. The file mirrors the dataclass in sections::
     at = 0.6667                        # fraction of the certificate's lifetime
     timeout = 60.0                     # wait this long for the certificate, then retry
     retry = 600.0
+
+    [mqtt]
+    version = "auto"                   # "5", "311", or "auto" (5, falling back to 3.1.1)
+    session_expiry = 3600              # MQTT 5: seconds the broker keeps the session offline
+
+    [auth]
+    method = "mtls"                    # or "jwt": a token signed by the device key as password
+    token_ttl = 3600                   # seconds a token lives (jwt)
+    token_renew_at = 0.8               # reconnect with a fresh token at this fraction of its life
 """
 
 from __future__ import annotations
@@ -36,7 +45,14 @@ from typing import Any
 
 from device_agent.errors import AgentConfigError
 
-__all__ = ["DEFAULT_PORT", "AgentConfig", "load_config", "parse_address"]
+__all__ = [
+    "AUTH_METHODS",
+    "DEFAULT_PORT",
+    "MQTT_VERSIONS",
+    "AgentConfig",
+    "load_config",
+    "parse_address",
+]
 
 DEFAULT_PORT = 8883
 
@@ -57,7 +73,14 @@ _SECTIONS: dict[str, dict[str, str]] = {
         "inflight": "max_inflight",
     },
     "renewal": {"at": "renew_at", "timeout": "renewal_timeout", "retry": "renewal_retry"},
+    "mqtt": {"version": "mqtt_version", "session_expiry": "session_expiry"},
+    "auth": {"method": "auth", "token_ttl": "token_ttl", "token_renew_at": "token_renew_at"},
 }
+
+MQTT_VERSIONS = ("5", "311", "auto")
+AUTH_METHODS = ("mtls", "jwt")
+# provisioning.tokens.MAX_TTL, repeated so that reading a config never imports the token module.
+_MAX_TOKEN_TTL = 24 * 3600
 
 
 def parse_address(value: str) -> tuple[str, int]:
@@ -112,6 +135,18 @@ class AgentConfig:
     renewal_timeout: float = 60.0
     renewal_retry: float = 600.0
     connect_timeout: float = 10.0
+    # "5" (MQTT 5 only), "311" (MQTT 3.1.1 only) or "auto": MQTT 5, and 3.1.1 with a broker that
+    # refuses 5 (remembered for that broker until the process ends).
+    mqtt_version: str = "auto"
+    # MQTT 5 Session Expiry Interval (seconds): the broker keeps the subscriptions and the
+    # commands queued for the device this long after a disconnect. 0: the session ends with the
+    # connection (what clean session did in 3.1.1, which the agent still uses on 3.1.1).
+    session_expiry: int = 3600
+    # "mtls" (present the certificate) or "jwt" (sign a device token with the device key and
+    # send it as the MQTT password over server-authenticated TLS).
+    auth: str = "mtls"
+    token_ttl: int = 3600
+    token_renew_at: float = 0.8
 
     def __post_init__(self) -> None:
         positive = (
@@ -140,6 +175,21 @@ class AgentConfig:
             raise AgentConfigError(msg)
         if self.broker:
             parse_address(self.broker)
+        if self.mqtt_version not in MQTT_VERSIONS:
+            msg = f"mqtt version {self.mqtt_version!r}: use one of {', '.join(MQTT_VERSIONS)}"
+            raise AgentConfigError(msg)
+        if not 0 <= self.session_expiry <= 0xFFFFFFFF:
+            msg = "session_expiry is seconds, 0 to 4294967295"
+            raise AgentConfigError(msg)
+        if self.auth not in AUTH_METHODS:
+            msg = f"auth method {self.auth!r}: use one of {', '.join(AUTH_METHODS)}"
+            raise AgentConfigError(msg)
+        if not 0 < self.token_ttl <= _MAX_TOKEN_TTL:
+            msg = f"token_ttl must be between 1 and {_MAX_TOKEN_TTL} seconds"
+            raise AgentConfigError(msg)
+        if not 0 < self.token_renew_at < 1:
+            msg = "token_renew_at is a fraction of the token's lifetime, between 0 and 1"
+            raise AgentConfigError(msg)
 
     @property
     def address(self) -> tuple[str, int]:
@@ -165,6 +215,8 @@ def load_config(path: Path | None, *, store: Path, **overrides: Any) -> AgentCon
             raise AgentConfigError(f"not valid TOML: {exc}", path=str(path)) from None
         values = _flatten(doc, str(path))
     values.update({k: v for k, v in overrides.items() if v is not None})
+    if isinstance(values.get("mqtt_version"), int):  # `version = 5` in TOML means "5"
+        values["mqtt_version"] = str(values["mqtt_version"])
     fields = {f.name: f for f in dataclasses.fields(AgentConfig)}
     for name, value in values.items():
         expected = fields[name].type

@@ -67,8 +67,14 @@ class Credentials:
     def expired(self, now: dt.datetime | None = None) -> bool:
         return (now or dt.datetime.now(dt.UTC)) >= self.not_after
 
-    def context(self, *, check_hostname: bool = True) -> ssl.SSLContext:
+    def context(
+        self, *, check_hostname: bool = True, present_certificate: bool = True
+    ) -> ssl.SSLContext:
+        """The TLS context for the broker; without the certificate for token authentication
+        (the broker still proves itself against ``ca.crt``)."""
         try:
+            if not present_certificate:
+                return client_context(trust=self.ca_file, check_hostname=check_hostname)
             return client_context(
                 trust=self.ca_file,
                 cert_chain=self.cert_file,

@@ -12,6 +12,7 @@ __all__ = [
     "CredentialError",
     "QueueError",
     "RenewalError",
+    "TokenSigningError",
 ]
 
 
@@ -48,3 +49,7 @@ class RenewalError(AgentError):
         self.device_id = device_id
         who = f" for {device_id}" if device_id else ""
         super().__init__(f"renewal{who} refused: {reason}")
+
+
+class TokenSigningError(AgentError):
+    """A device token (``--auth jwt``) could not be made; the message is the signer's reason."""

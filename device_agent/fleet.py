@@ -17,6 +17,11 @@ Scenarios (combine freely):
 ``churn``    every second, ``churn`` of the devices lose their connection (no DISCONNECT).
 ``revoked``  ``bad_fraction`` of the devices are revoked and as many expired before the start.
 ``renewal``  halfway, ``renew_fraction`` of the devices renew their certificate over MQTT.
+
+Protocol mix: by default every device runs with ``mqtt_version = "auto"`` (MQTT 5, 3.1.1 with a
+broker that refuses 5). ``mqtt5_share`` F pins a fraction F of the devices (chosen with the seed)
+to MQTT 5 and the rest to 3.1.1, so one broker serves a mixed fleet; the report counts devices
+by the protocol of their last connection.
 """
 
 from __future__ import annotations
@@ -90,6 +95,7 @@ class FleetSpec:
     prefix: str = "sim"
     workdir: Path | None = None
     seed: int = 1
+    mqtt5_share: float | None = None  # None: every device "auto"
 
     def __post_init__(self) -> None:
         if self.devices <= 0:
@@ -100,6 +106,16 @@ class FleetSpec:
             raise AgentConfigError(msg)
         if self.duration <= 0 or self.telemetry_interval <= 0 or self.reactors <= 0:
             raise AgentConfigError("duration, telemetry interval and reactors must be positive")
+        if self.mqtt5_share is not None and not 0 <= self.mqtt5_share <= 1:
+            raise AgentConfigError("--mqtt5-share is a fraction of the devices, from 0 to 1")
+
+    def versions(self, names: Sequence[str]) -> dict[str, str]:
+        """Each device's ``mqtt_version``: all "auto", or a seeded ``mqtt5_share`` on "5"."""
+        if self.mqtt5_share is None:
+            return dict.fromkeys(names, "auto")
+        rng = random.Random(self.seed)  # noqa: S311 - a sample of devices, not cryptography
+        on_v5 = set(rng.sample(list(names), round(len(names) * self.mqtt5_share)))
+        return {n: "5" if n in on_v5 else "311" for n in names}
 
     @property
     def names(self) -> list[str]:
@@ -140,6 +156,10 @@ class FleetReport:
     storm_recovery_s: float | None = None
     renewals_requested: int = 0
     renewals_completed: int = 0
+    # Devices by the MQTT version of their last connection ("5", "3.1.1", "never connected").
+    protocols: dict[str, int] = field(default_factory=dict)
+    mqtt5_share: float | None = None
+    fallbacks: int = 0  # agents that found the broker refusing MQTT 5
     notes: list[str] = field(default_factory=list)
 
     def to_json(self) -> str:
@@ -163,6 +183,14 @@ class FleetReport:
             f"{self.duplicates} duplicates)",
             "refusals             "
             + (", ".join(f"{k} {v}" for k, v in sorted(self.refusals.items())) or "none"),
+            "protocols            "
+            + (", ".join(f"MQTT {k} {v}" for k, v in sorted(self.protocols.items())) or "-")
+            + (
+                "  (auto)"
+                if self.mqtt5_share is None
+                else f"  (--mqtt5-share {self.mqtt5_share:g})"
+            )
+            + (f", {self.fallbacks} fell back to 3.1.1" if self.fallbacks else ""),
         ]
         if self.storm_recovery_s is not None:
             out.append(f"storm recovery       {self.storm_recovery_s:.2f} s")
@@ -280,6 +308,7 @@ def run_fleet(  # noqa: PLR0912, PLR0915 - the whole run, in order
                 renewed.add(agent.device_id)
 
     agents: list[Agent] = []
+    versions = spec.versions(names)
     for idx, name in enumerate(names):
         config = AgentConfig(
             store=dirs[name],
@@ -291,6 +320,7 @@ def run_fleet(  # noqa: PLR0912, PLR0915 - the whole run, in order
             queue_path=":memory:",
             connect_timeout=30.0,
             renewal_timeout=5.0,
+            mqtt_version=versions[name],
         )
         agents.append(
             Agent(
@@ -387,6 +417,9 @@ def run_fleet(  # noqa: PLR0912, PLR0915 - the whole run, in order
         for reason, n in agent.stats.failures.items():
             if reason not in ("connection-lost",):
                 refusals[reason] += n
+    protocols = collections.Counter(
+        a.stats.protocol or "never connected" for a in agents if a.device_id in expected
+    )
     first = sorted(first_online[n] - start for n in expected if n in first_online)
     rate = len(first) / first[-1] if first and first[-1] > 0 else None
     return FleetReport(
@@ -409,5 +442,8 @@ def run_fleet(  # noqa: PLR0912, PLR0915 - the whole run, in order
         storm_recovery_s=storm_recovery,
         renewals_requested=len(renew_targets),
         renewals_completed=len(renewed & {a.device_id for a in renew_targets}),
+        protocols=dict(protocols),
+        mqtt5_share=spec.mqtt5_share,
+        fallbacks=sum(1 for a in agents if a.stats.fallbacks),
         notes=notes,
     )

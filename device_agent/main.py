@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import NoReturn
 
 from device_agent.agent import Agent
-from device_agent.config import load_config
+from device_agent.config import AUTH_METHODS, MQTT_VERSIONS, load_config
 from device_agent.errors import AgentError
 from provisioning.errors import ProvisioningError
 
@@ -43,7 +43,7 @@ def build_parser(prog: str = "iotauth-agent") -> argparse.ArgumentParser:
     # allow_abbrev=False: a misspelt option is an error, as it is for typer, never a guess.
     parser = _OneLineErrors(
         prog=prog,
-        description="The iotauth device agent (MQTT over mutual TLS).",
+        description="The iotauth device agent (MQTT 5 or 3.1.1 over TLS).",
         allow_abbrev=False,
     )
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -64,8 +64,52 @@ def build_parser(prog: str = "iotauth-agent") -> argparse.ArgumentParser:
     run.add_argument(
         "--telemetry-interval", type=float, metavar="SECONDS", help="Seconds between samples."
     )
+    run.add_argument(
+        "--mqtt-version",
+        choices=MQTT_VERSIONS,
+        help="MQTT protocol: 5, 311, or auto (5, and 3.1.1 with a broker that refuses 5; "
+        "default: config, else auto).",
+    )
+    run.add_argument(
+        "--session-expiry",
+        type=_non_negative_int,
+        metavar="SECONDS",
+        help="MQTT 5 session expiry interval (default: config, else 3600; 0: none).",
+    )
+    run.add_argument(
+        "--auth",
+        choices=AUTH_METHODS,
+        help="mtls: present the certificate; jwt: send a device token signed by the device "
+        "key as the password over server-authenticated TLS (default: config, else mtls).",
+    )
+    run.add_argument(
+        "--token-ttl",
+        type=_positive_int,
+        metavar="SECONDS",
+        help="Lifetime of each device token with --auth jwt (default: config, else 3600).",
+    )
     run.add_argument("-v", "--verbose", action="store_true", help="Log at debug level.")
     return parser
+
+
+def _int(text: str, minimum: int) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        msg = f"{text!r} is not a whole number"
+        raise argparse.ArgumentTypeError(msg) from None
+    if value < minimum:
+        msg = f"{value} is below {minimum}"
+        raise argparse.ArgumentTypeError(msg)
+    return value
+
+
+def _positive_int(text: str) -> int:
+    return _int(text, 1)
+
+
+def _non_negative_int(text: str) -> int:
+    return _int(text, 0)
 
 
 def describe_user_error(exc: BaseException) -> str | None:
@@ -85,6 +129,10 @@ def run_agent(
     config: Path | None = None,
     telemetry_interval: float | None = None,
     verbose: bool = False,
+    mqtt_version: str | None = None,
+    session_expiry: int | None = None,
+    auth: str | None = None,
+    token_ttl: int | None = None,
 ) -> int:
     """Run the agent on this thread until SIGTERM or SIGINT; the exit code (0, or 1 + one line)."""
     logging.basicConfig(
@@ -94,7 +142,16 @@ def run_agent(
     )
     logging.getLogger("paho").setLevel(logging.WARNING)
     try:
-        cfg = load_config(config, store=store, broker=broker, telemetry_interval=telemetry_interval)
+        cfg = load_config(
+            config,
+            store=store,
+            broker=broker,
+            telemetry_interval=telemetry_interval,
+            mqtt_version=mqtt_version,
+            session_expiry=session_expiry,
+            auth=auth,
+            token_ttl=token_ttl,
+        )
         agent = Agent(cfg)
 
         def on_signal(signum: int, _frame: object) -> None:
@@ -121,6 +178,10 @@ def main(argv: Sequence[str] | None = None, *, prog: str = "iotauth-agent") -> i
         config=args.config,
         telemetry_interval=args.telemetry_interval,
         verbose=args.verbose,
+        mqtt_version=args.mqtt_version,
+        session_expiry=args.session_expiry,
+        auth=args.auth,
+        token_ttl=args.token_ttl,
     )
 
 

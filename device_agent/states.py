@@ -11,7 +11,9 @@ Connection (``CONNECTION``)::
       +------ down -------+----------down---------+          (idle --stopped--> stopped)
 
 ``down`` is every way a connection or an attempt ends (refused, closed before CONNACK, no
-CONNACK in time, lost, dropped); what to try next is the agent's backoff, not the table's.
+CONNACK in time, lost, dropped); what to try next is the agent's backoff, not the table's. Two
+ends are followed by an attempt at once, without backoff: a broker that refused MQTT 5 (the next
+attempt speaks 3.1.1) and a deliberate reconnect with a fresh device token (``--auth jwt``).
 A stopped agent may be started again (``stopped --attempt--> connecting``).
 
 Renewal (``RENEWAL``): the in-memory side of ``device_agent.renewal``. The store's phase on disk

@@ -16,6 +16,12 @@ in the field speak, so they never change::
                                            "reason": TOKEN, "detail": TEXT}
                                           {"type": "recorded", "request_id": R, "serial": HEX}
 
+On MQTT 5 a request may carry a Response Topic and Correlation Data (MQTT 5 section 4.10): the
+agent sends its own answer topic and the request id. The service answers on that topic with the
+same Correlation Data (:func:`reply_route`), but only on a topic inside the requesting device's
+own subtree, so a request can never make the service write to another device's topics; anything
+else is answered as on 3.1.1, on ``certs/issued``. The payloads are the same on both versions.
+
 A request id is 1-64 of ``[A-Za-z0-9_-]``, chosen by the device and kept across resends, so a
 repeated request gets the same answer. Refusal reasons are stable tokens (:class:`Refusal`); a
 device that does not know a token treats it as "refused, try again later", which is what every
@@ -45,12 +51,14 @@ __all__ = [
     "RecordedAnswer",
     "Refusal",
     "RefusedAnswer",
+    "ReplyRoute",
     "Request",
     "answer_topic",
     "decode_answer",
     "decode_request",
     "device_of_request_topic",
     "encode",
+    "reply_route",
     "request_topic",
 ]
 
@@ -69,6 +77,32 @@ def request_topic(device_id: str) -> str:
 
 def answer_topic(device_id: str) -> str:
     return f"devices/{device_id}/{ANSWER_SUFFIX}"
+
+
+@dataclass(frozen=True, slots=True)
+class ReplyRoute:
+    """Where an MQTT 5 request asked for its answer: a topic and the Correlation Data."""
+
+    topic: str
+    correlation: bytes | None
+
+
+def reply_route(
+    device_id: str, response_topic: str | None, correlation: bytes | None
+) -> ReplyRoute | None:
+    """The route for a request's Response Topic; None (answer on ``certs/issued``) unless it is
+    a topic name inside ``devices/<device_id>/`` other than the request topic itself."""
+    if not response_topic:
+        return None
+    base = f"devices/{device_id}/"
+    if (
+        not response_topic.startswith(base)
+        or response_topic == request_topic(device_id)
+        or len(response_topic) == len(base)
+        or any(c in response_topic for c in "+#\x00")
+    ):
+        return None
+    return ReplyRoute(response_topic, correlation)
 
 
 def device_of_request_topic(topic: str) -> str | None:

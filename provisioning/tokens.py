@@ -23,7 +23,7 @@ import datetime as dt
 import json
 import secrets
 from pathlib import Path
-from typing import TYPE_CHECKING, Final
+from typing import TYPE_CHECKING, Any, Final
 
 from provisioning.errors import ProvisioningError
 
@@ -31,6 +31,7 @@ if TYPE_CHECKING:
     from cryptography import x509
     from cryptography.hazmat.primitives.asymmetric.types import PublicKeyTypes
 
+    from hardware.tpm import Tpm
     from provisioning.keyfiles import PrivateKey
 
 __all__ = [
@@ -41,6 +42,7 @@ __all__ = [
     "algorithm_for",
     "looks_like_jwt",
     "make_device_token",
+    "make_device_token_tpm",
     "token_for_credentials",
 ]
 
@@ -90,25 +92,81 @@ def make_device_token(
     import jwt
     from cryptography.hazmat.primitives.serialization import Encoding
 
-    if not 0 < ttl <= MAX_TTL:
-        msg = f"--ttl must be between 1 and {MAX_TTL} seconds (got {ttl})"
-        raise TokenError(msg)
+    _check_ttl(ttl)
     alg = algorithm_for(certificate.public_key())
     if algorithm_for(key.public_key()) != alg or _spki(key.public_key()) != _spki(
         certificate.public_key()
     ):
         msg = "the key does not belong to the certificate"
         raise TokenError(msg)
+    claims = _claims(device_id, audience, ttl, now)
+    x5c = base64.b64encode(certificate.public_bytes(Encoding.DER)).decode()
+    return jwt.encode(claims, key, algorithm=alg, headers={"typ": "JWT", "x5c": [x5c]})
+
+
+def _check_ttl(ttl: int) -> None:
+    if not 0 < ttl <= MAX_TTL:
+        msg = f"--ttl must be between 1 and {MAX_TTL} seconds (got {ttl})"
+        raise TokenError(msg)
+
+
+def _claims(device_id: str, audience: str, ttl: int, now: dt.datetime | None) -> dict[str, Any]:
     issued = int((now or dt.datetime.now(dt.UTC)).timestamp())
-    claims = {
+    return {
         "sub": device_id,
         "aud": audience,
         "iat": issued,
         "exp": issued + ttl,
         "jti": secrets.token_urlsafe(16),
     }
+
+
+def make_device_token_tpm(
+    *,
+    tpm: Tpm,
+    blob: bytes,
+    certificate: x509.Certificate,
+    device_id: str,
+    audience: str,
+    ttl: int = DEFAULT_TTL,
+    now: dt.datetime | None = None,
+) -> str:
+    """:func:`make_device_token` for a key inside a TPM (P-256, ES256).
+
+    The TPM signs the SHA-256 digest of the JWS signing input (RFC 7515 section 5.1); PyJWT's
+    helpers make the rest: the base64url segments, the DER-to-raw ``r || s`` conversion that
+    ES256 requires (RFC 7518 section 3.4), and a verification of the result against the
+    certificate's key before it leaves this function.
+    """
+    import hashlib
+
+    import jwt
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
+    from jwt.utils import base64url_encode, der_to_raw_signature
+
+    _check_ttl(ttl)
+    public = certificate.public_key()
+    if not isinstance(public, ec.EllipticCurvePublicKey) or algorithm_for(public) != "ES256":
+        msg = "a TPM key signs device tokens with ES256 (P-256) only"
+        raise TokenError(msg)
+    spki = public.public_bytes(Encoding.DER, PublicFormat.SubjectPublicKeyInfo)
+    if tpm.public_key(blob) != spki:
+        msg = "the TPM key does not belong to the certificate"
+        raise TokenError(msg)
     x5c = base64.b64encode(certificate.public_bytes(Encoding.DER)).decode()
-    return jwt.encode(claims, key, algorithm=alg, headers={"typ": "JWT", "x5c": [x5c]})
+    header = {"alg": "ES256", "typ": "JWT", "x5c": [x5c]}
+    claims = _claims(device_id, audience, ttl, now)
+
+    def segment(doc: dict[str, Any]) -> bytes:
+        return base64url_encode(json.dumps(doc, separators=(",", ":")).encode())
+
+    signing_input = segment(header) + b"." + segment(claims)
+    der = tpm.sign_digest(blob, hashlib.sha256(signing_input).digest())
+    raw = der_to_raw_signature(der, ec.SECP256R1())
+    token = (signing_input + b"." + base64url_encode(raw)).decode("ascii")
+    jwt.decode(token, public, algorithms=["ES256"], audience=audience)  # raises if malformed
+    return token
 
 
 def token_for_credentials(
@@ -118,14 +176,22 @@ def token_for_credentials(
     ttl: int = DEFAULT_TTL,
     audience: str | None = None,
     now: dt.datetime | None = None,
+    tcti: str | None = None,
+    cert_file: Path | None = None,
+    key_file: Path | None = None,
 ) -> tuple[str, dict[str, object]]:
     """A token for the device whose credential directory this is, and its claims (for --json).
 
     ``device_id`` must be the directory's own device: a token is never made for another identity.
+    A directory whose key lives in a TPM (``identity.json`` ``keystore: tpm``) signs in the TPM
+    at ``tcti`` (default: ``$IOTAUTH_TPM_TCTI``, else ``/dev/tpmrm0``). ``cert_file`` and
+    ``key_file`` (default: the directory's ``device.crt`` and ``device.key``) name another pair of
+    the same device: the agent signs with a renewed certificate's pair before installing it.
     """
     import jwt
     from cryptography import x509
 
+    from hardware.keygen import keystore_of
     from provisioning.identity import parse_spiffe_id
     from provisioning.keyfiles import load_private_key
 
@@ -141,7 +207,8 @@ def token_for_credentials(
     if identity.name != device_id:
         msg = f"{cred_dir} holds device {identity.name}, not {device_id}"
         raise TokenError(msg)
-    cert_path = cred_dir / "device.crt"
+    cert_path = cert_file or cred_dir / "device.crt"
+    key_path = key_file or cred_dir / "device.key"
     try:
         certificate = x509.load_pem_x509_certificate(cert_path.read_bytes())
     except FileNotFoundError:
@@ -150,7 +217,25 @@ def token_for_credentials(
     except ValueError:
         msg = f"{cert_path} is not a PEM certificate"
         raise TokenError(msg) from None
-    key = load_private_key(cred_dir / "device.key")
+    try:
+        keystore = keystore_of(doc)
+    except ValueError as exc:
+        msg = f"{cred_dir / 'identity.json'}: {exc}"
+        raise TokenError(msg) from None
+    if keystore == "tpm":
+        from hardware.tpm import Tpm
+
+        token = make_device_token_tpm(
+            tpm=Tpm(tcti),
+            blob=key_path.read_bytes(),
+            certificate=certificate,
+            device_id=identity.name,
+            audience=audience or identity.trust_domain,
+            ttl=ttl,
+            now=now,
+        )
+        return token, dict(jwt.decode(token, options={"verify_signature": False}))
+    key = load_private_key(key_path)
     token = make_device_token(
         key=key,
         certificate=certificate,

@@ -43,8 +43,18 @@ def test_dependency_rule(package: str) -> None:
 
 # What device_agent may use of provisioning: the identity, and the one module that builds every
 # SSLContext (tls), the one that writes key files (keyfiles) and the renewal protocol's messages
-# (renewal_protocol, shared with the broker's renewal service). All stdlib-only at import time.
-AGENT_PROVISIONING = ("__init__", "errors", "identity", "tls", "keyfiles", "renewal_protocol")
+# (renewal_protocol, shared with the broker's renewal service), and the device-token contract
+# (tokens, shared with the broker's jwt method; the agent signs in a child process, see
+# device_agent/token.py). All stdlib-only at import time.
+AGENT_PROVISIONING = (
+    "__init__",
+    "errors",
+    "identity",
+    "tls",
+    "keyfiles",
+    "renewal_protocol",
+    "tokens",
+)
 
 
 def test_device_agent_uses_only_identity_from_provisioning() -> None:

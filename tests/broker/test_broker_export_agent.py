@@ -8,19 +8,28 @@ reused); the agents are the real :class:`device_agent.Agent` with certificates f
 from __future__ import annotations
 
 import json
+import logging
 import subprocess
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
+import paho.mqtt.client as mqtt
 import pytest
+from paho.mqtt.enums import CallbackAPIVersion
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
 
 import tests.broker.test_broker_export_mosquitto as exported
 import tests.device_agent.conftest as agent_conftest
+from broker.renewal import RenewalService, RenewalSettings
 from device_agent import Agent
 from device_agent.credentials import load_credentials
 from device_agent.fleet import FleetSpec, run_fleet
 from iotauth.fleet_backend import ExportedMosquittoBackend
+from provisioning.tls import client_context_for_credentials
 from tests.broker.broker_helpers import Fleet, Peer, stderr_line
 from tests.conftest import CLI, Result
 from tests.device_agent.agent_helpers import Sink, run_mixed_fleet, wait_until
@@ -68,19 +77,24 @@ def test_agent_works_against_the_exported_mosquitto(
     assert agent.stats.failures == {}  # connected at the first attempt, never dropped
 
 
+@pytest.mark.parametrize("version", ["5", "311"])
 def test_revoked_agent_is_closed_and_refused_by_the_exported_mosquitto(
     mosquitto: Callable[..., Mosquitto],
     agents: Callable[..., Agent],
     fleet: Fleet,
     cli: Callable[..., Result],
+    caplog: pytest.LogCaptureFixture,
+    version: str,
 ) -> None:
-    """The negative twin: `device revoke --export --reload` ends the agent's session, and the
-    agent reports the reconnects as refused ('revoked', will not fix itself); dev-1 carries on."""
+    """The negative twin: `device revoke --export --reload` ends the agent's session (on both MQTT
+    versions), and the agent reports the reconnects as refused ('revoked', will not fix itself);
+    dev-1 carries on."""
     m = mosquitto()
     sink = Sink(fleet.creds("sink", service=True), m.port, "sink")
     try:
-        good = agents(fleet.creds("dev-1"), m.port, telemetry_interval=0.2)
-        bad = agents(fleet.creds("dev-2"), m.port, telemetry_interval=0.2)
+        caplog.set_level(logging.INFO, "iotauth.agent")
+        good = agents(fleet.creds("dev-1"), m.port, telemetry_interval=0.2, mqtt_version=version)
+        bad = agents(fleet.creds("dev-2"), m.port, telemetry_interval=0.2, mqtt_version=version)
         assert agent_conftest.connected(good)
         assert agent_conftest.connected(bad)
         assert wait_until(lambda: sink.telemetry_ids("dev-2"))
@@ -108,6 +122,13 @@ def test_revoked_agent_is_closed_and_refused_by_the_exported_mosquitto(
         assert len(sink.telemetry_ids("dev-2")) == seen
         assert good.connected
         assert good.stats.failures == {}
+        # On MQTT 5 Mosquitto's kick (dynamic security disableClient) is a DISCONNECT with
+        # reason code 0x98 (administrative action, MQTT 5 section 3.14.2.1), named in one line;
+        # on 3.1.1 the connection just closes. Either way the reconnect meets the CRL in TLS.
+        lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("dev-2:")]
+        kicked = "the broker disconnected: 0x98 administrative action"
+        assert any(kicked in line for line in lines) == (version == "5"), lines
+        assert any("refused, revoked" in line for line in lines), lines
     finally:
         sink.close()
 
@@ -204,14 +225,17 @@ def test_fleet_backend_revocations_reach_the_exported_mosquitto(
     run_mixed_fleet(backend, tmp_path / "fleet")
 
 
+@pytest.mark.parametrize("version", ["5", "311"])
 def test_agent_renews_through_the_exported_mosquitto(
     mosquitto: Callable[..., Mosquitto],
     agents: Callable[..., Agent],
     fleet: Fleet,
     cli: Callable[..., Result],
+    version: str,
 ) -> None:
     """Renewal does not need our broker: `iotauth broker renewal` runs beside the exported
-    Mosquitto, answers the agent's CSR, and records the renewal when the agent reports it."""
+    Mosquitto, answers the agent's CSR, and records the renewal when the agent reports it, with
+    the agent on MQTT 5 (Response Topic + Correlation Data) or 3.1.1."""
     service_dir = fleet.pki_dir / "services" / "renewal"
     cli("service", "issue", "renewal", "--pki", str(fleet.pki_dir), "--out", str(service_dir))
     m = mosquitto()  # the export now grants 'renewal' its topics
@@ -226,7 +250,7 @@ def test_agent_renews_through_the_exported_mosquitto(
     try:
         banner = stderr_line(service, "serving through")
         assert "serving through" in banner, banner
-        agent = agents(store, m.port)
+        agent = agents(store, m.port, mqtt_version=version)
         assert agent_conftest.connected(agent), agent.stats.last_failure
         agent.request_renewal()
         assert wait_until(lambda: agent.stats.renewals == 1, 30), agent.stats
@@ -241,3 +265,91 @@ def test_agent_renews_through_the_exported_mosquitto(
         e for e in map(json.loads, lines) if e["event"] == "issue" and e["data"].get("renewal")
     ]
     assert [(e["data"]["name"], e["data"]["via"]) for e in renewals] == [("dev-1", "device-report")]
+
+
+class _V5Device:
+    """A device on MQTT 5 speaking the renewal protocol by hand, recording the answers with
+    their Correlation Data."""
+
+    def __init__(self, store: Path, port: int, device: str, *, v5: bool = True) -> None:
+        self.device = device
+        self.answers: list[tuple[str, dict[str, object], bytes | None]] = []
+        ready = threading.Event()
+        self.client = mqtt.Client(
+            CallbackAPIVersion.VERSION2,
+            client_id=device,
+            protocol=mqtt.MQTTv5 if v5 else mqtt.MQTTv311,
+        )
+        self.client.tls_set_context(client_context_for_credentials(store))
+        self.client.on_connect = lambda c, *_: c.subscribe(f"devices/{device}/#", 1)
+        self.client.on_subscribe = lambda *_: ready.set()
+        self.client.on_message = self._on_message
+        self.client.connect("127.0.0.1", port)
+        self.client.loop_start()
+        assert ready.wait(10)
+
+    def _on_message(self, _c: object, _u: object, msg: Any) -> None:
+        if msg.topic.endswith("/certs/csr"):
+            return
+        corr = getattr(getattr(msg, "properties", None), "CorrelationData", None)
+        self.answers.append((msg.topic, json.loads(msg.payload), corr))
+
+    def report(self, request_id: str, *, response: str | None) -> None:
+        props = Properties(PacketTypes.PUBLISH)  # type: ignore[no-untyped-call]
+        if response is not None:
+            props.ResponseTopic = response
+            props.CorrelationData = request_id.encode()
+        doc = {"type": "installed", "request_id": request_id, "serial": "abc"}
+        self.client.publish(
+            f"devices/{self.device}/certs/csr", json.dumps(doc).encode(), 1, properties=props
+        )
+
+    def close(self) -> None:
+        self.client.disconnect()
+        self.client.loop_stop()
+
+
+def test_renewal_service_answers_on_the_response_topic_beside_mosquitto(
+    mosquitto: Callable[..., Mosquitto], fleet: Fleet
+) -> None:
+    """MQTT 5 section 4.10: beside Mosquitto (which speaks 5) the renewal service connects with
+    MQTT 5 and answers a request on its Response Topic with its Correlation Data. Negative
+    twins: a Response Topic outside the requesting device's subtree is not followed (the answer
+    goes to the device's own certs/issued, never to dev-2), and a 3.1.1 request is answered
+    exactly as before (no properties)."""
+    fleet.creds("renewal", service=True)  # the export grants 'renewal' its topics
+    fleet.creds("dev-2")
+    m = mosquitto()
+    service = RenewalService(
+        fleet.pki_dir, host="127.0.0.1", port=m.port, settings=RenewalSettings()
+    ).start()
+    dev1 = _V5Device(fleet.creds("dev-1"), m.port, "dev-1")
+    dev2 = _V5Device(fleet.creds("dev-2"), m.port, "dev-2")
+    old = _V5Device(fleet.creds("dev-3"), m.port, "dev-3", v5=False)
+    try:
+        assert service.wait_subscribed()
+        assert service.protocol == "5"
+        dev1.report("r1", response="devices/dev-1/certs/issued")
+        assert wait_until(lambda: dev1.answers), dev1.answers
+        topic, doc, corr = dev1.answers[0]
+        assert (topic, doc["type"], doc["request_id"], corr) == (
+            "devices/dev-1/certs/issued",
+            "refused",
+            "r1",
+            b"r1",
+        )
+        assert doc["reason"] == "unknown-request"
+        dev1.report("r2", response="devices/dev-2/certs/issued")
+        assert wait_until(lambda: len(dev1.answers) == 2), dev1.answers
+        assert dev1.answers[1][0] == "devices/dev-1/certs/issued"
+        assert dev1.answers[1][1]["request_id"] == "r2"
+        assert dev1.answers[1][2] is None
+        old.report("r3", response=None)
+        assert wait_until(lambda: old.answers), old.answers
+        assert old.answers[0][0] == "devices/dev-3/certs/issued"
+        assert old.answers[0][2] is None
+        assert dev2.answers == []  # nothing reached dev-2's topics
+    finally:
+        for client in (dev1, dev2, old):
+            client.close()
+        service.stop()

@@ -169,6 +169,7 @@ def test_checks_run_in_order_the_final_ones_first() -> None:
         {"min_life_fraction": 1.0},
         {"min_life_fraction": -0.1},
         {"audit_interval": -1},
+        {"mqtt_version": "4"},
     ],
 )
 def test_settings_refuse_what_cannot_work(bad: dict[str, Any]) -> None:
@@ -292,3 +293,27 @@ def test_malformed_requests(payload: bytes, detail: str, request_id: str | None)
         decode_request(payload)
     assert info.value.detail == detail
     assert info.value.request_id == request_id
+
+
+def test_reply_route_stays_inside_the_requesting_devices_subtree() -> None:
+    """MQTT 5 Response Topic on a renewal request: followed only inside devices/<id>/ (not the
+    request topic itself, no wildcards); anything else is answered on certs/issued as on 3.1.1."""
+    from provisioning.renewal_protocol import ReplyRoute, reply_route
+
+    ok = reply_route("dev-1", "devices/dev-1/certs/issued", b"r1")
+    assert ok == ReplyRoute("devices/dev-1/certs/issued", b"r1")
+    assert reply_route("dev-1", "devices/dev-1/certs/issued", None) == ReplyRoute(
+        "devices/dev-1/certs/issued", None
+    )
+    for foreign in (
+        None,
+        "",
+        "devices/dev-2/certs/issued",
+        "devices/dev-1",
+        "devices/dev-1/",
+        "devices/dev-1/certs/csr",
+        "devices/dev-1/certs/+",
+        "devices/dev-1/#",
+        "devices/dev-10/certs/issued",
+    ):
+        assert reply_route("dev-1", foreign, b"r1") is None, foreign

@@ -175,7 +175,7 @@ class Gate:
         self._server.close()
 
 
-def run_mixed_fleet(backend: Any, workdir: Path) -> None:
+def run_mixed_fleet(backend: Any, workdir: Path, *, mqtt5_share: float | None = None) -> Any:
     """20 devices, one revoked and one expired: 18 online, both refusals named, telemetry flows."""
     from device_agent.fleet import FleetSpec, run_fleet
 
@@ -186,6 +186,7 @@ def run_mixed_fleet(backend: Any, workdir: Path) -> None:
         telemetry_interval=0.5,
         reactors=2,
         bad_fraction=0.05,
+        mqtt5_share=mqtt5_share,
     )
     try:
         report = run_fleet(spec, backend, workdir=workdir)
@@ -196,3 +197,4 @@ def run_mixed_fleet(backend: Any, workdir: Path) -> None:
     assert report.refusals.get("revoked") == 1, text  # mosquitto names the TLS alert
     assert report.refusals.get("expired") == 1, text
     assert report.messages_unique > 0, text
+    return report

@@ -4,6 +4,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
+
+from device_agent.errors import AgentConfigError
 from device_agent.fleet import FleetSpec, run_fleet
 from iotauth.fleet_backend import LocalFleetBackend
 from provisioning.pki import PKI
@@ -47,6 +50,36 @@ def test_fleet_against_our_broker_with_every_scenario(pki: PKI, tmp_path: Path) 
 
 @needs_mosquitto
 def test_fleet_against_mosquitto(pki: PKI, tmp_path: Path) -> None:
-    run_mixed_fleet(
+    """auto: Mosquitto speaks MQTT 5, so every device that connected did so on 5."""
+    report = run_mixed_fleet(
         LocalFleetBackend(pki.path, kind="mosquitto", workdir=tmp_path), tmp_path / "fleet"
     )
+    assert report.protocols == {"5": 18}, report.lines()
+    assert report.fallbacks == 0
+
+
+@needs_mosquitto
+def test_mixed_protocol_fleet_against_mosquitto(pki: PKI, tmp_path: Path) -> None:
+    """--mqtt5-share 0.5: a seeded half of the devices on MQTT 5, the rest on 3.1.1, one broker;
+    the report counts devices per protocol (the revoked and expired ones never connect)."""
+    report = run_mixed_fleet(
+        LocalFleetBackend(pki.path, kind="mosquitto", workdir=tmp_path),
+        tmp_path / "fleet",
+        mqtt5_share=0.5,
+    )
+    assert sum(report.protocols.values()) == 18, report.lines()
+    assert set(report.protocols) == {"5", "3.1.1"}, report.lines()
+    spec = FleetSpec(devices=20, mqtt5_share=0.5)
+    pinned = spec.versions(spec.names)
+    assert sorted(pinned.values()).count("5") == 10
+    assert pinned == spec.versions(spec.names)  # seeded: the same devices every run
+    assert any("MQTT 3.1.1" in line and "--mqtt5-share 0.5" in line for line in report.lines())
+
+
+def test_mqtt5_share_is_a_fraction() -> None:
+    for bad in (-0.1, 1.5):
+        with pytest.raises(AgentConfigError, match="from 0 to 1"):
+            FleetSpec(devices=3, mqtt5_share=bad)
+    assert set(FleetSpec(devices=3).versions(["a", "b"]).values()) == {"auto"}
+    assert set(FleetSpec(devices=3, mqtt5_share=1).versions(["a", "b"]).values()) == {"5"}
+    assert set(FleetSpec(devices=3, mqtt5_share=0).versions(["a", "b"]).values()) == {"311"}

@@ -116,7 +116,10 @@ def test_a_broker_that_closes_without_a_reason_is_retried_slowly_after_three(
         assert failure.reason == "closed-in-handshake"
         assert "most likely revoked" in failure.detail
         attempts = agent.stats.attempts
-        assert attempts == 3
+        # The first close followed a level-5 CONNECT: 'auto' takes it for a broker that does
+        # not speak MQTT 5 and goes on in 3.1.1 at once; three closes in 3.1.1 make it a refusal.
+        assert agent.stats.fallbacks == 1
+        assert attempts == 4
         assert not wait_until(lambda: agent.stats.attempts > attempts, 1.0)
     finally:
         listener.close()

@@ -297,3 +297,59 @@ def test_the_renewal_child_names_an_absent_tpm(tmp_path: Path) -> None:
         "(no TPM, or its device-tree overlay is not enabled)"
     )
     assert not (tmp_path / "k").exists()
+
+
+def test_a_tpm_device_signs_its_token_in_the_tpm_and_connects_with_jwt(
+    pki: PKI,
+    swtpm: SoftTpm,
+    creds: Creds,
+    agents: Callable[..., Agent],
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """--auth jwt with a TPM key store: the TPM signs the JWS signing input's digest, PyJWT's
+    helpers make the raw r||s ES256 signature, and the token verifies against the certificate.
+    The token child needs no key file (there is none); the agent connects to the jwt listener.
+    Negative twin: the same directory with another TPM is refused with the TCTI named."""
+    import jwt as pyjwt
+
+    from broker.settings import BrokerSettings, ListenerSpec
+    from device_agent.token import TokenSigningError, make_token
+
+    store = _provision_tpm_device(pki, swtpm, tmp_path)
+    child = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            "from device_agent.token import main; raise SystemExit(main())",
+            str(store),
+            "dev-tpm",
+            "--ttl=300",
+            f"--tpm={swtpm.tcti}",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert child.returncode == 0, child.stderr
+    token = child.stdout.strip()
+    cert = x509.load_pem_x509_certificate((store / "device.crt").read_bytes())
+    claims = pyjwt.decode(token, cert.public_key(), algorithms=["ES256"], audience="fleet.example")
+    assert claims["sub"] == "dev-tpm"
+    assert pyjwt.get_unverified_header(token)["alg"] == "ES256"
+    with pytest.raises(TokenSigningError, match="tpm"):
+        make_token(store, "dev-tpm", ttl=60, tcti=f"device:{tmp_path / 'no-tpm'}")
+
+    monkeypatch.setenv("IOTAUTH_TPM_TCTI", swtpm.tcti)
+    listeners = (ListenerSpec(0, frozenset({"mtls"})), ListenerSpec(0, frozenset({"jwt"})))
+    broker = BrokerThread(
+        BrokerSettings(pki.path, listeners=listeners, renewal=None), audit_sink=lambda _: None
+    ).start()
+    try:
+        _mtls_port, jwt_port = list(broker.broker.ports.values())
+        agent = agents(store, jwt_port, auth="jwt")
+        assert connected(agent, 30), agent.stats.last_failure
+        assert broker.broker.audit.events("connect", client_id="dev-tpm")
+    finally:
+        broker.stop()

@@ -41,6 +41,7 @@ def test_default_simulation_leaves_the_users_pki_byte_identical(
     report = json.loads(result.stdout)
     assert report["online_at_end"] == 3, result.stdout
     assert report["messages_acked"] > 0, result.stdout
+    assert sum(report["protocols"].values()) == 3, result.stdout  # devices per MQTT version
     assert "scratch PKI" in result.stderr
     assert re.search(r"online \d/3  messages acked \d+", result.stderr), result.stderr  # progress
     assert _tree(pki.path) == before
@@ -104,3 +105,8 @@ def test_into_pki_refuses_names_it_would_supersede(pki: PKI, cli: Callable[..., 
         before.pop(name, None)
         after.pop(name, None)
     assert after == before
+
+
+def test_mqtt5_share_out_of_range_is_a_one_line_error(cli: Callable[..., Result]) -> None:
+    result = cli("fleet", "simulate", *FAST, "--mqtt5-share", "1.5")
+    assert_one_line_error(result, "--mqtt5-share", "from 0 to 1")
