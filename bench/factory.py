@@ -218,6 +218,15 @@ def run_factory(*, devices: int, reps: int, kicks: int, base: Path | None) -> in
         f"devices/s; load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs."
     )
     print(f"PostgreSQL ledger verified afterwards: {pg['entries']} entries, one chain.")
+    lat = pg["lat"]
+    assert isinstance(lat, list)
+    rate_ok, p99 = float(pg["four"]) >= 2000, _pct(lat, 99)
+    print()
+    print(
+        f"Verdict: 4 stations together ≥ 2,000 devices/s: {'**met**' if rate_ok else '**not met**'}"
+        f" ({float(pg['four']):,.0f}/s on PostgreSQL); p99 revocation to kick on every broker under"
+        f" 1 s: {'**met**' if p99 < 1 else '**not met**'} ({p99 * 1000:.0f} ms)."
+    )
     return 0
 
 
