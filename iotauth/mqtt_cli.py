@@ -215,19 +215,13 @@ def _secret(
 
 
 def _identity(creds: Path) -> dict[str, object]:
-    path = creds / "identity.json"
-    if not creds.is_dir():
-        msg = f"credential directory {creds} does not exist"
-        raise ClientError(msg)
+    from provisioning.errors import ProvisioningError
+    from provisioning.tokens import read_identity
+
     try:
-        doc = json.loads(path.read_text())
-    except FileNotFoundError:
-        msg = f"{path} is missing: {creds} is not a credential directory"
-        raise ClientError(msg) from None
-    except (ValueError, UnicodeDecodeError):
-        msg = f"{path} is not valid JSON"
-        raise ClientError(msg) from None
-    return doc if isinstance(doc, dict) else {}
+        return read_identity(creds)
+    except ProvisioningError as exc:
+        raise ClientError(str(exc)) from None
 
 
 def _address(text: str) -> tuple[str, int]:

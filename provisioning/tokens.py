@@ -43,6 +43,7 @@ __all__ = [
     "looks_like_jwt",
     "make_device_token",
     "make_device_token_tpm",
+    "read_identity",
     "token_for_credentials",
 ]
 
@@ -195,7 +196,7 @@ def token_for_credentials(
     from provisioning.identity import parse_spiffe_id
     from provisioning.keyfiles import load_private_key
 
-    doc = _read_identity(cred_dir)
+    doc = read_identity(cred_dir)
     try:
         identity = parse_spiffe_id(str(doc.get("spiffe_id", "")))
     except ProvisioningError as exc:
@@ -247,7 +248,8 @@ def token_for_credentials(
     return token, dict(jwt.decode(token, options={"verify_signature": False}))
 
 
-def _read_identity(cred_dir: Path) -> dict[str, object]:
+def read_identity(cred_dir: Path) -> dict[str, object]:
+    """A credential directory's ``identity.json``; TokenError naming the path if unusable."""
     path = cred_dir / "identity.json"
     if not cred_dir.is_dir():
         msg = f"credential directory {cred_dir} does not exist"
