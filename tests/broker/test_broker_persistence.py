@@ -23,7 +23,7 @@ import pytest
 from broker.server import BrokerThread
 from broker.settings import BrokerSettings
 from tests.broker.broker_helpers import Fleet, Peer, stderr_line, wait_until
-from tests.conftest import CLI, MOSQUITTO, fill_disk, needs_mosquitto
+from tests.conftest import CLI, MOSQUITTO, assert_one_line_error, fill_disk, needs_mosquitto
 
 CMD = "devices/{}/commands/storm"
 STORM = 6000  # messages per subscriber; the kill comes long before the publisher is done
@@ -303,3 +303,35 @@ def test_a_revoked_identity_s_stored_queue_is_never_delivered(fleet: Fleet, tmp_
         got.close()
     finally:
         broker.stop()
+
+
+def test_broker_run_refuses_state_written_by_another_pki(
+    fleet: Fleet, tmp_path: Path, cli: Callable[..., Any]
+) -> None:
+    """State is bound to its PKI's trust domain and root: another one's is refused in one line
+    (and left as it was)."""
+    state = tmp_path / "other-state"
+    state.mkdir()
+    meta = '{"schema": 1, "trust_domain": "other.example", "root_sha256": "00"}\n'
+    (state / "state.json").write_text(meta)
+    argv = ["broker", "run", "--pki", str(fleet.pki_dir), "--port", "0", "--no-renewal"]
+    result = cli(*argv, "--data-dir", str(state))
+    assert_one_line_error(result, "belongs to another PKI", "other.example", "--data-dir")
+    assert (state / "state.json").read_text() == meta
+    assert not (state / "state.log").exists()
+    both = cli(*argv, "--data-dir", str(state), "--no-persist")
+    assert_one_line_error(both, "--no-persist")
+
+
+def test_broker_run_keeps_state_under_the_pki_by_default(fleet: Fleet, procs: list[Proc]) -> None:
+    argv = [*CLI, "broker", "run", "--pki", str(fleet.pki_dir), "--port", "0", "--no-renewal"]
+    proc = Proc(argv, fleet.root)
+    procs.append(proc)
+    where = fleet.pki_dir / "broker-state"
+    assert f"state in {where}: 0 session(s)" in proc.banner
+    assert (where / "state.log").is_file()
+    proc.stop()
+    memory = Proc([*argv, "--no-persist"], fleet.root)
+    procs.append(memory)
+    assert "state in memory only (--no-persist)" in memory.banner
+    memory.stop()
