@@ -45,6 +45,7 @@ from bench.broker_bench import (
     log,
     make_fleet,
     phase_pubsub,
+    scrape_metrics,
     start_iotauth,
     start_mosquitto,
     tool_versions,
@@ -209,6 +210,12 @@ async def throughput(
             run,
         )
         values.update({k: v for k, v in got.items() if v is not None})
+    if broker.metrics_port is not None:
+        counters = await scrape_metrics(broker.metrics_port)
+        commits = counters.get("iotauth_broker_store_commits_total")
+        if commits:
+            delivered = sum(r.expected for r in runs)
+            values["msgs_per_commit"] = delivered / commits
     return values
 
 
@@ -304,12 +311,17 @@ def _report(
             (f"q1_{pubs}p_msgs_per_s", f"{pubs} pub → 1 sub: delivered msgs/s ({pubs} x {per})"),
             (f"q1_{pubs}p_loss", f"{pubs} pub → 1 sub: messages lost"),
             (f"q1_{pubs}p_cpu_us_per_msg", f"{pubs} pub → 1 sub: broker CPU per msg (us)"),
+            (f"q1_{pubs}p_cpu_busy", f"{pubs} pub → 1 sub: broker CPU busy (%)"),
+            (f"q1_{pubs}p_loadgen", f"{pubs} pub → 1 sub: load generator CPU (%)"),
         ):
             cells = [_cell(_median(rows, key)) for rows in results.values()]
             lines.append(f"| {label} | " + " | ".join(cells) + " |")
     mem = _median(results["iotauth --no-persist"], "q1_20p_msgs_per_s")
     disk = _median(results["iotauth persistent"], "q1_20p_msgs_per_s")
     mosq = _median(results["mosquitto persistence true"], "q1_20p_msgs_per_s")
+    per_commit = _median(results["iotauth persistent"], "msgs_per_commit")
+    if per_commit:
+        lines += ["", f"iotauth persistent: {per_commit:.0f} messages per fsync (group commit)."]
     if mem and disk:
         lines += ["", f"Persistent / in memory, 20 → 1: {disk / mem:.2f}x."]
     if disk and mosq:
