@@ -652,14 +652,21 @@ class BrokerCore:
         if self.store is not None:
             self.store.qos2_incoming(session, pid, waiting=waiting)  # store
 
-    def ack(self, link: Link, data: bytes) -> None:
+    def mark(self) -> int:
+        """Where the store's records are before a packet is handled (see :meth:`ack`)."""
+        store = self.store
+        return store.seq if store is not None else 0
+
+    def ack(self, link: Link, data: bytes, since: int | None = None) -> None:
         """PUBACK, PUBREC or PUBCOMP to a publisher: with a store, only once what it promises
-        is on disk (issue 15), in the order they were made (MQTT-4.6.0-2, MQTT-4.6.0-3)."""
+        is on disk (issue 15), in the order they were made (MQTT-4.6.0-2, MQTT-4.6.0-3).
+        ``since``: :meth:`mark` before the packet was handled; if it wrote nothing, the answer
+        waits only behind the link's earlier ones (None: behind everything not yet on disk)."""
         store = self.store
         if store is None:
             link.send(data)
         else:
-            store.ack(link, data)
+            store.ack(link, data, since)
 
     # -- audit helpers -------------------------------------------------------------------------
 

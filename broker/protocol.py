@@ -397,7 +397,8 @@ class ClientProtocol:
             if qos == 2 and pid in session.incoming_qos2:
                 core.ack(self, mqtt.pubrec(pid))  # a re-sent QoS 2 PUBLISH is routed only once
                 return
-            reason = self.core.publish(session, packet)
+            mark = core.mark()
+            reason = core.publish(session, packet)
             if reason is not None:
                 detail = (
                     "clients cannot publish to '$' topics"
@@ -410,15 +411,16 @@ class ClientProtocol:
             # Acknowledgements go through core.ack: with persistence on, it holds them until
             # what they promise is on disk (issue 15).
             elif qos == 1:
-                core.ack(self, mqtt.puback(pid))
+                core.ack(self, mqtt.puback(pid), mark)
             elif qos == 2:
                 core.qos2_waiting(session, pid, waiting=True)  # MQTT-4.3.3-2: until PUBREL
-                core.ack(self, mqtt.pubrec(pid))
+                core.ack(self, mqtt.pubrec(pid), mark)
         elif type(packet) is tuple:
             kind, pid = packet
             if kind == mqtt.PUBREL:
+                mark = self.core.mark()
                 self.core.qos2_waiting(session, pid, waiting=False)
-                self.core.ack(self, mqtt.pubcomp(pid))
+                self.core.ack(self, mqtt.pubcomp(pid), mark)
             elif kind == mqtt.PINGREQ:
                 self.send(mqtt.pingresp())
             elif kind == mqtt.DISCONNECT:

@@ -148,28 +148,38 @@ class Store:
         self._retained: dict[str, Message] = {}
         # Acknowledgements waiting for durability: (seq they need, link, bytes), in order made.
         self._acks: collections.deque[tuple[int, Link, bytes]] = collections.deque()
+        self._waiting: dict[Link, int] = {}  # links with answers in _acks, and how many
         self.on_dirty: Any = None  # the Committer's wake-up, called when the first record waits
 
     # -- acknowledgements ------------------------------------------------------------------------
 
-    def ack(self, link: Link, data: bytes) -> None:
-        """Send ``data`` (PUBACK/PUBREC/PUBCOMP) once every record so far is durable."""
-        if self.durable >= self.seq:
+    def ack(self, link: Link, data: bytes, since: int | None = None) -> None:
+        """Send ``data`` (PUBACK/PUBREC/PUBCOMP) once every record so far is durable; at once
+        if the packet it answers wrote nothing (``since`` is still :attr:`seq`) and no earlier
+        answer to this link waits (their order is kept)."""
+        seq = self.seq
+        if self.durable >= seq or (since == seq and link not in self._waiting):
             link.send(data)
         else:
-            self._acks.append((self.seq, link, data))
+            self._acks.append((seq, link, data))
+            self._waiting[link] = self._waiting.get(link, 0) + 1
 
     def release_acks(self) -> None:
         acks = self._acks
         durable = self.durable
+        waiting = self._waiting
         while acks and acks[0][0] <= durable:
             _, link, data = acks.popleft()
+            left = waiting.pop(link, 1) - 1
+            if left:
+                waiting[link] = left
             link.send(data)
 
     def refuse_acks(self) -> list[Link]:
         """The batch they wait for could not be written: their links, to be closed."""
-        links = list(dict.fromkeys(link for _, link, _ in self._acks))
+        links = list(self._waiting)
         self._acks.clear()
+        self._waiting.clear()
         return links
 
     # -- writing ---------------------------------------------------------------------------------

@@ -115,10 +115,18 @@ def test_without_a_persistent_subscriber_nothing_is_written(tmp_path: Path) -> N
     svc, svc_link, _ = connect(core, "ops", service=True)
     dev, _, _ = connect(core, "dev-1", clean=True)
     core.subscribe(dev, mqtt.Subscribe(1, [("devices/dev-1/commands/#", 1)]))
+    connect(core, "dev-2", clean=False)  # a record waits for the disk meanwhile
+    assert opened.store.dirty
+    mark = core.mark()
     publish(core, svc, CMD, b"x", qos=1)
-    assert not opened.store.dirty
-    core.ack(svc_link, mqtt.puback(1))
+    assert core.mark() == mark  # nothing written for this message
+    core.ack(svc_link, mqtt.puback(1), mark)
     assert [p.kind for p in svc_link.take()] == [mqtt.PUBACK]  # sent at once
+    # Its negative twin: an answer that cannot say what it waits for waits for everything.
+    core.ack(svc_link, mqtt.puback(2))
+    assert svc_link.take() == []
+    _commit(opened)
+    assert [p.kind for p in svc_link.take()] == [mqtt.PUBACK]
     opened.close()
 
 
