@@ -226,6 +226,7 @@ def main() -> int:
     parser.add_argument("--rounds", type=int, default=1)
     parser.add_argument("--sessions", type=int, default=10_000)
     parser.add_argument("--per-session", type=int, default=10)
+    parser.add_argument("--only", default="", help="run only the brokers whose name has this")
     args = parser.parse_args()
     started = time.time()
     work = Path(tempfile.mkdtemp(prefix="iotauth-persist-bench-"))
@@ -262,6 +263,7 @@ def main() -> int:
                 fleet.pki_dir, wd, 0, MOSQUITTO, max_queued=0, persistence=True
             ),
         }
+        starters = {k: v for k, v in starters.items() if args.only in k}
         results: dict[str, list[dict[str, float]]] = {name: [] for name in starters}
         for round_no in range(args.rounds):
             for index, (name, start) in enumerate(starters.items()):
@@ -316,10 +318,10 @@ def _report(
         ):
             cells = [_cell(_median(rows, key)) for rows in results.values()]
             lines.append(f"| {label} | " + " | ".join(cells) + " |")
-    mem = _median(results["iotauth --no-persist"], "q1_20p_msgs_per_s")
-    disk = _median(results["iotauth persistent"], "q1_20p_msgs_per_s")
-    mosq = _median(results["mosquitto persistence true"], "q1_20p_msgs_per_s")
-    per_commit = _median(results["iotauth persistent"], "msgs_per_commit")
+    mem = _median(results.get("iotauth --no-persist", []), "q1_20p_msgs_per_s")
+    disk = _median(results.get("iotauth persistent", []), "q1_20p_msgs_per_s")
+    mosq = _median(results.get("mosquitto persistence true", []), "q1_20p_msgs_per_s")
+    per_commit = _median(results.get("iotauth persistent", []), "msgs_per_commit")
     if per_commit:
         lines += ["", f"iotauth persistent: {per_commit:.0f} messages per fsync (group commit)."]
     if mem and disk:
