@@ -333,3 +333,55 @@ def test_broker_run_keeps_state_under_the_pki_by_default(fleet: Fleet, procs: li
     procs.append(memory)
     assert "state in memory only (--no-persist)" in memory.banner
     memory.stop()
+
+
+def test_broker_run_starts_on_a_damaged_state_file_and_says_what_it_dropped(
+    fleet: Fleet, tmp_path: Path, procs: list[Proc]
+) -> None:
+    """Random bytes in the middle of the log: the real broker starts, keeps what came before,
+    and one warning line says where the damage was; the file is kept aside, not deleted."""
+    data = tmp_path / "state"
+    broker = _thread_broker(fleet, data)
+    try:
+        _subscribe_offline(fleet, broker.port)
+        pub = Peer(broker.port, fleet.creds("ops", service=True), "ops")
+        pub.connect()
+        pub.publish(CMD.format("dev-1"), b"kept", qos=1)
+        cut = (data / "state.log").stat().st_size
+        pub.publish(CMD.format("dev-1"), b"damaged", qos=1)
+        pub.close()
+    finally:
+        broker.stop()
+    log = data / "state.log"
+    raw = bytearray(log.read_bytes())
+    raw[cut + 2 : cut + 10] = os.urandom(8)
+    log.write_bytes(bytes(raw))
+    argv = [*CLI, "broker", "run", "--pki", str(fleet.pki_dir), "--port", "0", "--no-renewal"]
+    proc = subprocess.Popen(
+        [*argv, "--data-dir", str(data)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+        cwd=tmp_path,
+    )
+    assert proc.stderr is not None
+    lines = []
+    try:
+        while not lines or "listening on" not in lines[-1]:
+            line = proc.stderr.readline()
+            assert line, f"the broker exited: {lines}"
+            lines.append(line)
+        damage = [line for line in lines if "damaged at byte" in line]
+        assert len(damage) == 1, lines
+        assert f"damaged at byte {cut}" in damage[0]
+        assert "Traceback" not in "".join(lines)
+        port = int(lines[-1].split("127.0.0.1:")[1].split(" ")[0])
+        peer = Peer(port, fleet.creds("dev-1"), "dev-1", clean=False).connect()
+        assert wait_until(lambda: peer.messages)
+        time.sleep(0.3)
+        assert [m[1] for m in peer.messages] == [b"kept"]
+        peer.close()
+    finally:
+        proc.send_signal(signal.SIGINT)
+        proc.wait(timeout=10)
+    assert list(data.glob("state.log.damaged-*"))
