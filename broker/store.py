@@ -672,6 +672,11 @@ def open_store(directory: Path, *, pki_dir: Path, trust_domain: str, core: Broke
         raise ConfigError(msg) from None
     try:
         return _open_locked(directory, pki_dir, trust_domain, core, lock_fd, started)
+    except OSError as exc:
+        os.close(lock_fd)
+        where = exc.filename or directory
+        msg = f"cannot use broker state in {directory}: {exc.strerror or exc}: {where}"
+        raise ConfigError(msg) from None
     except BaseException:
         os.close(lock_fd)
         raise

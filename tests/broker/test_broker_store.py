@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -21,6 +22,7 @@ from broker.errors import ConfigError
 from broker.settings import Limits
 from broker.store import Opened, open_store
 from tests.broker.recording_link import DOMAIN, connect, make_core, publish
+from tests.conftest import fill_disk
 
 CMD = "devices/dev-1/commands/x"
 
@@ -288,3 +290,13 @@ def test_the_state_file_says_whose_it_is(tmp_path: Path) -> None:
     (tmp_path / "root.crt").write_bytes(b"another root, same trust domain name")
     with pytest.raises(ConfigError, match="another PKI"):
         _open(tmp_path, make_core())
+
+
+def test_a_full_disk_at_start_is_one_clear_error(
+    tmp_path: Path, tmpfs: Callable[[str], Path]
+) -> None:
+    disk = tmpfs("64k")
+    fill_disk(disk, 0)
+    with pytest.raises(ConfigError, match="No space left on device") as info:
+        open_store(disk / "state", pki_dir=tmp_path, trust_domain=DOMAIN, core=make_core())
+    assert "\n" not in str(info.value)
