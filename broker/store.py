@@ -283,12 +283,27 @@ class Store:
             self._put(_QUEUE_S.pack(_QUEUE, 13, sid, self._mid(message), qos))
 
     def sent(self, session: Session, pid: int, message: Message, qos: int, *, queued: bool) -> None:
+        # The hot path (one per QoS 1/2 delivery): _mid and _put written out.
         sid = self._sids.get(session.client_id)
         if sid is None:
             return
-        entry = self._mids.get(id(message)) if queued else None
-        mid = int(entry[0]) if entry is not None else self._mid(message)
-        self._put(_SENT_S.pack(_SENT, 15, sid, pid, mid, qos))
+        buf = self._buf
+        if not buf and self.on_dirty is not None:
+            self.on_dirty()
+        key = id(message)
+        entry = self._mids.get(key)
+        if entry is None:
+            mid = self._next_mid
+            self._next_mid = mid + 1
+            self._mids[key] = [mid, message, 1]
+            buf.append(_encode_message(mid, message))
+            self.seq += 1
+        else:
+            mid = entry[0]
+            if not queued:  # from the queue it moves; otherwise one more reference
+                entry[2] += 1
+        buf.append(_SENT_S.pack(_SENT, 15, sid, pid, mid, qos))
+        self.seq += 1
 
     def unqueued(self, session: Session, message: Message) -> None:
         sid = self._sids.get(session.client_id)
@@ -306,9 +321,20 @@ class Store:
 
     def completed(self, session: Session, pid: int, message: Message) -> None:
         sid = self._sids.get(session.client_id)
-        if sid is not None:
-            self._put(_PID_S.pack(_DONE, 6, sid, pid))
-            self._unref(message)
+        if sid is None:
+            return
+        buf = self._buf
+        if not buf and self.on_dirty is not None:
+            self.on_dirty()
+        buf.append(_PID_S.pack(_DONE, 6, sid, pid))
+        self.seq += 1
+        key = id(message)
+        entry = self._mids.get(key)
+        if entry is not None:
+            if entry[2] <= 1:
+                del self._mids[key]
+            else:
+                entry[2] -= 1
 
     def qos2_incoming(self, session: Session, pid: int, *, waiting: bool) -> None:
         sid = self._sids.get(session.client_id)
@@ -382,13 +408,10 @@ def _json_record(kind: int, sid: int, fields: dict[str, Any]) -> bytes:
 def _encode_message(mid: int, message: Message) -> bytes:
     topic = message.topic_bytes
     extra = b""  # MQTT 5: properties and expiry, as JSON, go here
-    size = 8 + 1 + 1 + 2 + 4 + len(topic) + len(extra) + len(message.payload)
-    return (
-        _MSG_S.pack(_MSG, size, mid, message.qos, int(message.retain), len(topic), len(extra))
-        + topic
-        + extra
-        + message.payload
-    )
+    payload = message.payload
+    size = 16 + len(topic) + len(extra) + len(payload)
+    head = _MSG_S.pack(_MSG, size, mid, message.qos, message.retain, len(topic), len(extra))
+    return b"".join((head, topic, extra, payload))
 
 
 # -- reading -------------------------------------------------------------------------------------
