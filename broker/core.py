@@ -19,8 +19,8 @@ The rules it enforces (each was a gap in amqtt 0.12.1, research/amqtt.md):
    (the policy of a connected identity does not change; a revocation closes the session).
 4. Bounded: at most ``max_inflight`` unacknowledged QoS 1/2 messages per session, then a queue of
    ``outbound_max_messages`` / ``outbound_max_bytes``; QoS 0 to a connection whose unsent bytes
-   exceed ``outbound_max_bytes`` is dropped; ``offline_queue_max`` for a disconnected persistent
-   session. Every drop is counted.
+   exceed ``outbound_max_bytes`` is dropped; ``offline_queue_max`` / ``offline_queue_max_bytes``
+   for a disconnected persistent session. Every drop is counted per reason and audited.
 5. Backpressure before loss. A receiver whose queue or unsent bytes pass half of those limits
    holds the publishers that feed it: the broker stops reading their sockets (TCP slows them, an
    agent keeps its messages in its own queue) until the receiver is down to a quarter. A receiver
