@@ -33,7 +33,11 @@ How (docs/BROKER.md, "Persistence", has the measurement behind the choice):
 
 Records carry fields generically where MQTT 5 will add some: a session is a JSON object, a
 subscription a JSON object of options, a message has a JSON ``extra`` (properties, expiry). The
-schema is versioned in the file header (:data:`SCHEMA`).
+schema is versioned in the file header (:data:`SCHEMA`). For the MQTT 5 work, the places to
+extend: ``_session_fields`` / ``_Replay._session`` (session expiry interval), the options dict
+of ``_subscription_options`` / ``_SUB`` replay (no-local, retain-as-published, retain handling,
+shared group), ``_encode_message``'s ``extra`` / ``_MSG`` replay (properties, message expiry as
+an absolute wall-clock time), and the marked will-delay TODO below.
 """
 
 from __future__ import annotations
@@ -51,7 +55,7 @@ import os
 import struct
 import time
 import zlib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -149,7 +153,8 @@ class Store:
         # Acknowledgements waiting for durability: (seq they need, link, bytes), in order made.
         self._acks: collections.deque[tuple[int, Link, bytes]] = collections.deque()
         self._waiting: dict[Link, int] = {}  # links with answers in _acks, and how many
-        self.on_dirty: Any = None  # the Committer's wake-up, called when the first record waits
+        # The Committer's wake-up, called when the first record of a batch waits.
+        self.on_dirty: Callable[[], None] | None = None
 
     # -- acknowledgements ------------------------------------------------------------------------
 
