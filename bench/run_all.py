@@ -58,7 +58,7 @@ BENCHES: list[tuple[str, str, list[str]]] = [
     (
         "broker_persist",
         "Broker: what persistence costs, next to Mosquitto's",
-        [PY, "bench/broker_persist.py"],
+        [PY, "bench/broker_persist.py", "--rounds", "5"],
     ),
     ("agent_footprint", "Device agent footprint", [PY, "bench/agent_footprint.py"]),
     (
