@@ -132,9 +132,11 @@ def _mqtt_str(text: str) -> bytes:
     return len(raw).to_bytes(2, "big") + raw
 
 
-def connect_packet(client_id: str, keepalive: int = 0) -> bytes:
-    """CONNECT, protocol level 4, clean session, no will, no username or password."""
-    body = _mqtt_str("MQTT") + b"\x04\x02" + keepalive.to_bytes(2, "big") + _mqtt_str(client_id)
+def connect_packet(client_id: str, keepalive: int = 0, *, clean: bool = True) -> bytes:
+    """CONNECT, protocol level 4, clean session (unless ``clean`` is False: a persistent
+    session), no will, no username or password."""
+    flags = b"\x04\x02" if clean else b"\x04\x00"
+    body = _mqtt_str("MQTT") + flags + keepalive.to_bytes(2, "big") + _mqtt_str(client_id)
     return b"\x10" + _varlen(len(body)) + body
 
 
@@ -387,9 +389,14 @@ def iotauth_limits() -> dict[str, int]:
 
 
 def start_iotauth(
-    pki_dir: Path, workdir: Path, cpu: int | None, max_connections: int | None = None
+    pki_dir: Path,
+    workdir: Path,
+    cpu: int | None,
+    max_connections: int | None = None,
+    extra: Sequence[str] = (),
 ) -> RunningBroker:
-    """``max_connections``: run with this connection limit instead of the default."""
+    """``max_connections``: run with this connection limit instead of the default; ``extra``:
+    more ``broker run`` options (``--no-persist``, ``--data-dir``)."""
     exe = Path(sys.executable).with_name("iotauth")
     found = str(exe) if exe.exists() else shutil.which("iotauth")
     if found is None:
@@ -411,6 +418,7 @@ def start_iotauth(
         "--metrics-port",
         str(metrics_port),
         *limit,
+        *extra,
     ]
     audit = workdir / "iotauth.audit.jsonl"
     proc, stderr_path, files = _spawn("iotauth", cmd, workdir, audit)
@@ -454,7 +462,12 @@ def start_amqtt(pki_dir: Path, workdir: Path, cpu: int | None) -> RunningBroker:
 
 
 def mosquitto_config(
-    pki_dir: Path, port: int, workdir: Path, max_queued: int | None = None
+    pki_dir: Path,
+    port: int,
+    workdir: Path,
+    max_queued: int | None = None,
+    *,
+    persistence: bool = False,
 ) -> Path:
     acl = workdir / "mosquitto.acl"
     acl.write_text(MOSQUITTO_ACL)
@@ -462,7 +475,11 @@ def mosquitto_config(
         # as root mosquitto would switch to user 'mosquitto', which cannot read the 0600 key
         *(["user root"] if os.geteuid() == 0 else []),
         "per_listener_settings false",
-        "persistence false",
+        *(
+            [f"persistence true\npersistence_location {workdir}/"]
+            if persistence
+            else ["persistence false"]
+        ),
         "log_dest stderr",
         "log_type error",
         "log_type warning",
@@ -493,12 +510,14 @@ def start_mosquitto(
     cpu: int | None,
     binary: str = "/usr/sbin/mosquitto",
     max_queued: int | None = None,
+    *,
+    persistence: bool = False,
 ) -> RunningBroker:
     if not Path(binary).exists():
         msg = f"mosquitto: {binary} not found (apt-get install mosquitto)"
         raise BenchError(msg)
     port = free_port()
-    conf = mosquitto_config(pki_dir, port, workdir, max_queued)
+    conf = mosquitto_config(pki_dir, port, workdir, max_queued, persistence=persistence)
     log = workdir / "mosquitto.stdout.log"
     proc, stderr_path, files = _spawn(
         "mosquitto", [*pin_prefix(cpu), binary, "-c", str(conf)], workdir, log
@@ -545,11 +564,13 @@ def describe(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {exc}"[:120]
 
 
-async def mqtt_connect(port: int, ctx: ssl.SSLContext, client_id: str, timeout: float) -> Conn:
+async def mqtt_connect(
+    port: int, ctx: ssl.SSLContext, client_id: str, timeout: float, *, clean: bool = True
+) -> Conn:
     reader, writer = await asyncio.wait_for(
         asyncio.open_connection(HOST, port, ssl=ctx, ssl_handshake_timeout=timeout), timeout
     )
-    writer.write(connect_packet(client_id))
+    writer.write(connect_packet(client_id, clean=clean))
     try:
         connack = await asyncio.wait_for(reader.readexactly(4), timeout)
     except BaseException:
@@ -647,6 +668,7 @@ class PubSubRun:
     qos: int
     publishers: int
     per_publisher: int
+    persistent_sink: bool = False  # the sink has a persistent session (bench/broker_persist.py)
 
     @property
     def key(self) -> str:
@@ -918,7 +940,9 @@ async def phase_pubsub(
 ) -> Values:
     payload = (b"0123456789abcdef" * (p.payload // 16 + 1))[: p.payload]
     await asyncio.sleep(0.5)  # the previous phase's disconnects are done
-    sink = await mqtt_connect(broker.port, sink_ctx, SINK, p.op_timeout)
+    sink = await mqtt_connect(
+        broker.port, sink_ctx, SINK, p.op_timeout, clean=not run.persistent_sink
+    )
     publishers: list[tuple[str, Conn]] = []
     try:
         await subscribe_sink(sink, run.qos, p.op_timeout)

@@ -60,6 +60,11 @@ BENCHES: list[tuple[str, str, list[str]]] = [
             "10000",
         ],
     ),
+    (
+        "broker_persist",
+        "Broker: what persistence costs, next to Mosquitto's",
+        [PY, "bench/broker_persist.py", "--rounds", "5"],
+    ),
     ("agent_footprint", "Device agent footprint", [PY, "bench/agent_footprint.py"]),
     (
         "agent_footprint_tpm",

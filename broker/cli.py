@@ -156,6 +156,21 @@ def run(
             "--token-max-ttl", min=1, max=86400, help="Longest device-token lifetime accepted (s)."
         ),
     ] = 3600,
+    data_dir: Annotated[
+        Path | None,
+        typer.Option(
+            "--data-dir",
+            help="Where persistent sessions, queues and retained messages are kept "
+            "(default: PKI/broker-state).",
+        ),
+    ] = None,
+    persist: Annotated[
+        bool,
+        typer.Option(
+            "--persist/--no-persist",
+            help="Keep state on disk across restarts and crashes (--no-persist: memory only).",
+        ),
+    ] = True,
 ) -> None:
     """Run the broker until interrupted. Audit lines (JSON) go to stdout, logs to stderr.
 
@@ -194,7 +209,10 @@ def run(
             else None,
             listeners=tuple(ListenerSpec.parse(text) for text in listen or ()),
             token_max_ttl=token_max_ttl,
+            data_dir=(data_dir or pki / "broker-state") if persist else None,
         )
+        if data_dir is not None and not persist:
+            raise _fail("--data-dir and --no-persist contradict each other: give one")
 
         def audit_line(line: str) -> None:
             print(line, flush=True)
@@ -214,6 +232,13 @@ def run(
                     f", metrics on 127.0.0.1:{running.metrics_port}"
                     if metrics_port is not None
                     else ""
+                )
+                state = running.state
+                extra += (
+                    f", state in {settings.data_dir}: {state.sessions} session(s), "
+                    f"{state.queued + state.inflight} queued message(s), {state.retained} retained"
+                    if state is not None
+                    else ", state in memory only (--no-persist)"
                 )
                 print(
                     f"iotauth broker listening on {where} (CRL #{running.crl.number}{extra})"

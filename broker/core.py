@@ -19,8 +19,8 @@ The rules it enforces (each was a gap in amqtt 0.12.1, research/amqtt.md):
    (the policy of a connected identity does not change; a revocation closes the session).
 4. Bounded: at most ``max_inflight`` unacknowledged QoS 1/2 messages per session, then a queue of
    ``outbound_max_messages`` / ``outbound_max_bytes``; QoS 0 to a connection whose unsent bytes
-   exceed ``outbound_max_bytes`` is dropped; ``offline_queue_max`` for a disconnected persistent
-   session. Every drop is counted.
+   exceed ``outbound_max_bytes`` is dropped; ``offline_queue_max`` / ``offline_queue_max_bytes``
+   for a disconnected persistent session. Every drop is counted per reason and audited.
 5. Backpressure before loss. A receiver whose queue or unsent bytes pass half of those limits
    holds the publishers that feed it: the broker stops reading their sockets (TCP slows them, an
    agent keeps its messages in its own queue) until the receiver is down to a quarter. A receiver
@@ -34,7 +34,7 @@ import collections
 import logging
 import time
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 from broker import mqtt
 from broker.audit import AuditLog
@@ -48,11 +48,15 @@ from broker.topics import validate_filter, validate_topic
 from provisioning.errors import InvalidIdentityError
 from provisioning.identity import validate_name
 
+if TYPE_CHECKING:
+    from broker.store import Store
+
 __all__ = ["BrokerCore", "Link", "Message", "Session"]
 
 log = logging.getLogger("iotauth.broker")
 
 _ACL_CACHE_MAX = 1024  # topics remembered per session and action
+_DROP_AUDIT_EVERY = 10.0  # seconds between two "drop" audit lines for one session
 
 
 class Link(Protocol):
@@ -142,6 +146,11 @@ class BrokerCore:
         self.live: dict[str, Session] = {}
         self.index: SubscriptionIndex[Session] = SubscriptionIndex()
         self.retained: RetainedStore[Message] = RetainedStore()
+        # Persistence (broker/store.py): None runs in memory. Every call into it below is a
+        # hook marked "store:"; it records only persistent sessions and retained messages.
+        self.store: Store | None = None
+        # Drops not yet audited, per client_id: (time of the last audit line, count since).
+        self._drop_audit: dict[str, tuple[float, int]] = {}
         # Hot counters are plain ints read at scrape time: Metrics.inc costs a dict build per call.
         self.messages_in = 0
         self.messages_out = 0
@@ -224,6 +233,8 @@ class BrokerCore:
                 topic, topic.encode(), connect.will_payload, connect.will_qos, connect.will_retain
             )
         self.live[client_id] = session
+        if self.store is not None and session.persistent:
+            self.store.session_saved(session)  # store: created or resumed
         return session, present
 
     def resume(self, session: Session) -> None:
@@ -260,9 +271,13 @@ class BrokerCore:
             self.forget(session)
         else:
             session.disconnected_at = time.monotonic()
+            if self.store is not None:
+                self.store.session_detached(session, time.time())  # store: expiry counts
 
     def forget(self, session: Session) -> None:
         """Drop a session and everything it holds (subscriptions, queued messages)."""
+        if self.store is not None:
+            self.store.session_forgotten(session)  # store: before its queue is cleared
         for topic_filter in session.subscriptions:
             self.index.remove(topic_filter, session)
         session.subscriptions.clear()
@@ -296,6 +311,17 @@ class BrokerCore:
             if self.settings.denied_publish == "disconnect":
                 return "publish-denied"
             return None
+        store = self.store
+        if (
+            store is not None
+            and store.failed is not None
+            and packet.qos
+            and (packet.retain or any(store.is_persistent(s) for s, _ in self.index.route(topic)))
+        ):
+            # store: it cannot be made durable, so it must not be acknowledged (issue 15).
+            # TODO(mqtt5): a 5.0 publisher gets PUBACK/PUBREC 0x97 instead of the close.
+            self._dropped(session, "storage-failed")
+            return "storage-failed"
         self.messages_in += 1
         message = Message(topic, topic.encode(), packet.payload, packet.qos, packet.retain)
         if packet.retain:
@@ -306,13 +332,20 @@ class BrokerCore:
     def retain(self, message: Message) -> None:
         if message.payload:
             self.retained.set(message.topic, message)
+            if self.store is not None:
+                self.store.retained_set(message)  # store
         else:
             self.retained.delete(message.topic)  # MQTT-3.3.1-10: an empty retained PUBLISH clears
+            if self.store is not None:
+                self.store.retained_cleared(message.topic)  # store
 
     def route(self, message: Message, publisher: Session | None) -> None:
         """Deliver to every subscriber the policy lets receive it; ``publisher`` may be held."""
         topic = message.topic
         qos0: bytes | None = None  # one encoding shared by every QoS 0 receiver
+        # TODO(mqtt5): count the subscribers that took it; none (all queues full) -> the
+        # publisher's PUBACK carries 0x97 (issue 15). 3.1.1 has no code for it: the drop is
+        # counted and audited per receiver (_dropped).
         for session, granted in self.index.route(topic):
             allowed = session.receive_ok.get(topic)
             if allowed is None:
@@ -328,6 +361,7 @@ class BrokerCore:
                 backlog = link.backlog()
                 if backlog > self.limits.outbound_max_bytes:
                     self.outbound_dropped += 1
+                    self._dropped(session, "slow-subscriber-qos0")
                     continue
                 if qos0 is None:
                     qos0 = mqtt.encode_publish(message.topic_bytes, message.payload, 0, False)
@@ -355,20 +389,37 @@ class BrokerCore:
         ):
             self._send(session, link, message, qos)
             return
-        too_big = session.queued_bytes + len(message.payload) > self.limits.outbound_max_bytes
+        size = session.queued_bytes + len(message.payload)
         if link is None:
-            if len(session.queue) >= self.limits.offline_queue_max or too_big:
+            limits = self.limits
+            if len(session.queue) >= limits.offline_queue_max:
                 self.offline_dropped += 1
+                self._dropped(session, "offline-queue-full")
                 return
-        elif len(session.queue) >= self.limits.outbound_max_messages or too_big:
+            if size > limits.offline_queue_max_bytes:
+                self.offline_dropped += 1
+                self._dropped(session, "offline-queue-bytes")
+                return
+        elif len(session.queue) >= self.limits.outbound_max_messages:
             self.outbound_dropped += 1
+            self._dropped(session, "outbound-queue-full")
+            return
+        elif size > self.limits.outbound_max_bytes:
+            self.outbound_dropped += 1
+            self._dropped(session, "outbound-queue-bytes")
             return
         session.queue.append((message, qos))
         session.queued_bytes += len(message.payload)
+        if self.store is not None:
+            self.store.queued(session, message, qos)  # store
 
-    def _send(self, session: Session, link: Link, message: Message, qos: int) -> None:
+    def _send(
+        self, session: Session, link: Link, message: Message, qos: int, *, queued: bool = False
+    ) -> None:
         pid = session.packet_id()
         session.inflight[pid] = (message, qos, False)
+        if self.store is not None:
+            self.store.sent(session, pid, message, qos, queued=queued)  # store
         link.send(
             mqtt.encode_publish(message.topic_bytes, message.payload, qos, message.retain, pid)
         )
@@ -387,7 +438,9 @@ class BrokerCore:
             session.queued_bytes -= len(message.payload)
             # The receiver's grants are re-checked: it may be a resumed session.
             if session.grants.allows(Action.RECEIVE, message.topic):
-                self._send(session, link, message, qos)
+                self._send(session, link, message, qos, queued=True)
+            elif self.store is not None:
+                self.store.unqueued(session, message)  # store
 
     def drained(self, session: Session) -> None:
         """Room for more (an acknowledgement, or the socket buffer emptied): send what waited,
@@ -456,11 +509,15 @@ class BrokerCore:
             if qos != 2:
                 return
             session.inflight[pid] = (message, qos, True)
+            if self.store is not None:
+                self.store.pubrec(session, pid)  # store: we owe PUBREL now
             if session.link is not None:
                 session.link.send(mqtt.pubrel(pid))
             return
         if (kind == mqtt.PUBACK and qos == 1) or (kind == mqtt.PUBCOMP and released):
             del session.inflight[pid]
+            if self.store is not None:
+                self.store.completed(session, pid, message)  # store
             self.drained(session)
 
     # -- SUBSCRIBE / UNSUBSCRIBE ---------------------------------------------------------------
@@ -486,6 +543,8 @@ class BrokerCore:
                 continue
             session.subscriptions[topic_filter] = qos
             self.index.add(topic_filter, session, qos)
+            if self.store is not None:
+                self.store.subscribed(session, topic_filter, {"qos": qos})  # store
             accepted.append((topic_filter, qos))
             codes.append(qos)
         if link is not None:
@@ -501,6 +560,7 @@ class BrokerCore:
                         continue
                     if link.backlog() > self.limits.outbound_max_bytes:
                         self.outbound_dropped += 1
+                        self._dropped(session, "slow-subscriber-qos0")
                         continue
                     link.send(mqtt.encode_publish(message.topic_bytes, message.payload, 0, True))
                     self.messages_out += 1
@@ -511,6 +571,8 @@ class BrokerCore:
         for topic_filter in packet.topics:
             if session.subscriptions.pop(topic_filter, None) is not None:
                 self.index.remove(topic_filter, session)
+                if self.store is not None:
+                    self.store.unsubscribed(session, topic_filter)  # store
         if session.link is not None:
             session.link.send(mqtt.unsuback(packet.packet_id))
 
@@ -579,7 +641,55 @@ class BrokerCore:
             if link is not None:
                 link.close(will=False, reason="shutdown")
 
+    # -- acknowledgements to publishers ---------------------------------------------------------
+
+    def qos2_waiting(self, session: Session, pid: int, *, waiting: bool) -> None:
+        """A client's QoS 2 packet id waits for PUBREL (routed once, MQTT-4.3.3-2), or not."""
+        if waiting:
+            session.incoming_qos2.add(pid)
+        else:
+            session.incoming_qos2.discard(pid)
+        if self.store is not None:
+            self.store.qos2_incoming(session, pid, waiting=waiting)  # store
+
+    def mark(self) -> int:
+        """Where the store's records are before a packet is handled (see :meth:`ack`)."""
+        store = self.store
+        return store.seq if store is not None else 0
+
+    def ack(self, link: Link, data: bytes, since: int | None = None) -> None:
+        """PUBACK, PUBREC or PUBCOMP to a publisher: with a store, only once what it promises
+        is on disk (issue 15), in the order they were made (MQTT-4.6.0-2, MQTT-4.6.0-3).
+        ``since``: :meth:`mark` before the packet was handled; if it wrote nothing, the answer
+        waits only behind the link's earlier ones (None: behind everything not yet on disk)."""
+        store = self.store
+        if store is None:
+            link.send(data)
+        else:
+            store.ack(link, data, since)
+
     # -- audit helpers -------------------------------------------------------------------------
+
+    def _dropped(self, session: Session, reason: str) -> None:
+        """A message ``session`` should have had is dropped: a metric per reason, and an audit
+        line per session at most every _DROP_AUDIT_EVERY seconds with the count since."""
+        self.metrics.inc("iotauth_broker_dropped_total", reason=reason)
+        now = time.monotonic()
+        last, count = self._drop_audit.get(session.client_id, (0.0, 0))
+        count += 1
+        if now - last < _DROP_AUDIT_EVERY:
+            self._drop_audit[session.client_id] = (last, count)
+            return
+        if len(self._drop_audit) > 10_000:
+            self._drop_audit.clear()
+        self._drop_audit[session.client_id] = (now, 0)
+        self.audit.emit(
+            "drop",
+            identity=str(session.authenticated.identity),
+            client_id=session.client_id,
+            reason=reason,
+            count=count,
+        )
 
     def denied(self, identity: str, client_id: str, action: str, topic: str) -> None:
         self.metrics.inc("iotauth_broker_acl_denials_total", action=action)

@@ -393,27 +393,34 @@ class ClientProtocol:
         assert session is not None  # noqa: S101 - LIVE implies a session
         if type(packet) is mqtt.Publish:
             qos, pid = packet.qos, packet.packet_id
+            core = self.core
             if qos == 2 and pid in session.incoming_qos2:
-                self.send(mqtt.pubrec(pid))  # a re-sent QoS 2 PUBLISH is routed only once
+                core.ack(self, mqtt.pubrec(pid))  # a re-sent QoS 2 PUBLISH is routed only once
                 return
-            reason = self.core.publish(session, packet)
+            mark = core.mark()
+            reason = core.publish(session, packet)
             if reason is not None:
                 detail = (
                     "clients cannot publish to '$' topics"
                     if reason == "invalid-publish-topic"
+                    else f"cannot store {packet.topic!r} now (disk full?): not acknowledged"
+                    if reason == "storage-failed"
                     else f"publish to {packet.topic!r} denied"
                 )
                 self.violation(reason, detail)
+            # Acknowledgements go through core.ack: with persistence on, it holds them until
+            # what they promise is on disk (issue 15).
             elif qos == 1:
-                self.send(mqtt.puback(pid))
+                core.ack(self, mqtt.puback(pid), mark)
             elif qos == 2:
-                session.incoming_qos2.add(pid)  # MQTT-4.3.3-2: until PUBREL
-                self.send(mqtt.pubrec(pid))
+                core.qos2_waiting(session, pid, waiting=True)  # MQTT-4.3.3-2: until PUBREL
+                core.ack(self, mqtt.pubrec(pid), mark)
         elif type(packet) is tuple:
             kind, pid = packet
             if kind == mqtt.PUBREL:
-                session.incoming_qos2.discard(pid)
-                self.send(mqtt.pubcomp(pid))
+                mark = self.core.mark()
+                self.core.qos2_waiting(session, pid, waiting=False)
+                self.core.ack(self, mqtt.pubcomp(pid), mark)
             elif kind == mqtt.PINGREQ:
                 self.send(mqtt.pingresp())
             elif kind == mqtt.DISCONNECT:

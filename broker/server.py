@@ -27,6 +27,7 @@ from broker.metrics import Metrics, serve_metrics
 from broker.renewal import RenewalService
 from broker.revocation import CRLState, RevocationWatcher, open_revocation_watcher
 from broker.settings import BrokerSettings
+from broker.store import Committer, LoadReport, Opened, open_store
 
 __all__ = ["BrokerThread", "RunningBroker", "run_broker"]
 
@@ -47,6 +48,7 @@ class RunningBroker:
         audit: AuditLog,
         metrics: Metrics,
         metrics_server: asyncio.Server | None,
+        state: LoadReport | None = None,
     ) -> None:
         self.settings = settings
         self._core = core
@@ -57,6 +59,8 @@ class RunningBroker:
         self._metrics_server = metrics_server
         # The renewal service, when settings.renewal asked for one.
         self.renewal: RenewalService | None = None
+        # What the state directory gave back at start (None: --no-persist).
+        self.state = state
 
     @property
     def host(self) -> str:
@@ -112,14 +116,10 @@ async def run_broker(
         settings.pki_dir, password=settings.key_password, interval=settings.crl_poll_interval
     )
     core = BrokerCore(settings, audit=audit, metrics=metrics)
+    opened = _open_state(settings, watcher, core)
 
-    async def on_crl(state: CRLState) -> None:
-        metrics.set("iotauth_broker_crl_number", state.number)
-        kicked = core.kick_revoked(state.revoked)
-        if kicked:
-            log.info("closed %d session(s) of revoked certificates", kicked)
-
-    watcher.on_change = on_crl
+    committer = _start_committer(opened, core, metrics, watcher)
+    watcher.on_change = _on_crl(core, metrics, committer)
     metrics.set("iotauth_broker_crl_number", watcher.state.number)
     metrics.gauge("iotauth_broker_crl_next_update_seconds", watcher.seconds_left)
     for name, read in watcher.gauges().items():
@@ -157,6 +157,7 @@ async def run_broker(
             audit=audit,
             metrics=metrics,
             metrics_server=metrics_server,
+            state=opened.report if opened is not None else None,
         )
         running.renewal = renewal
         yield running
@@ -171,6 +172,67 @@ async def run_broker(
         for listener in listeners:
             await listener.close()
         watcher.close()
+        await _close_state(opened, committer)
+
+
+def _open_state(
+    settings: BrokerSettings, watcher: RevocationWatcher, core: BrokerCore
+) -> Opened | None:
+    """Load the state directory into ``core`` (one line on stderr says what came back)."""
+    if settings.data_dir is None:
+        return None
+    opened = open_store(
+        settings.data_dir, pki_dir=settings.pki_dir, trust_domain=watcher.trust_domain, core=core
+    )
+    if opened.report.damage is not None:
+        log.warning("%s", opened.report.damage)
+    log.debug("%s", opened.report.line())
+    return opened
+
+
+def _on_crl(
+    core: BrokerCore, metrics: Metrics, committer: Committer | None
+) -> Callable[[CRLState], Coroutine[Any, Any, None]]:
+    """What a new CRL does: close and forget the sessions of revoked certificates."""
+
+    async def on_crl(state: CRLState) -> None:
+        metrics.set("iotauth_broker_crl_number", state.number)
+        stored = len(core.sessions)
+        kicked = core.kick_revoked(state.revoked)
+        if committer is not None and len(core.sessions) < stored:
+            committer.compact_soon()  # a revoked session's queue leaves the disk too
+        if kicked:
+            log.info("closed %d session(s) of revoked certificates", kicked)
+
+    return on_crl
+
+
+async def _close_state(opened: Opened | None, committer: Committer | None) -> None:
+    """What waits is written, then the directory is unlocked."""
+    if committer is not None:
+        await committer.close()
+    if opened is not None:
+        opened.close()
+
+
+def _start_committer(
+    opened: Opened | None, core: BrokerCore, metrics: Metrics, watcher: RevocationWatcher
+) -> Committer | None:
+    if opened is None:
+        return None
+    committer = Committer(core, opened)
+    core.store = opened.store
+    metrics.gauge("iotauth_broker_store_commits_total", lambda: committer.commits)
+    metrics.gauge("iotauth_broker_store_failures_total", lambda: committer.failures)
+    # A revoked identity's stored session and queue go now, before anyone connects, and
+    # from the disk: the state is written again without them.
+    stored = len(core.sessions)
+    core.kick_revoked(watcher.state.revoked)
+    if len(core.sessions) < stored:
+        body, seq = opened.store.snapshot(core)
+        opened.log.replace(body)
+        opened.store.durable = seq
+    return committer
 
 
 def _listeners(

@@ -119,8 +119,11 @@ class Limits:
     # A publisher is not read while a receiver of its messages is above half of the two limits
     # above; after this many seconds that receiver counts as stuck and its excess is dropped.
     backpressure_timeout: float = 2.0
-    # QoS 1/2 messages kept for a disconnected persistent session; beyond, new ones are dropped.
-    offline_queue_max: int = 1000
+    # QoS 1/2 messages (and payload bytes) kept for a disconnected persistent session; beyond,
+    # new ones are dropped, counted per reason and audited (docs/BROKER.md, "Full queues").
+    # Sized for a disk-backed store: Mosquitto's max_queued_messages is 1000.
+    offline_queue_max: int = 10_000
+    offline_queue_max_bytes: int = 16 * MiB
 
     def __post_init__(self) -> None:
         for name in (
@@ -136,6 +139,7 @@ class Limits:
             "outbound_max_bytes",
             "backpressure_timeout",
             "offline_queue_max",
+            "offline_queue_max_bytes",
         ):
             if getattr(self, name) <= 0:
                 msg = f"limit {name} must be positive"
@@ -178,6 +182,9 @@ class BrokerSettings:
     token_max_ttl: int = 3600
     token_audience: str | None = None
     token_leeway: int = 60
+    # Persistence (broker/store.py): sessions, queues and retained messages in this directory;
+    # None keeps them in memory only (tests, the simulator; `broker run --no-persist`).
+    data_dir: Path | None = None
 
     @property
     def listener_specs(self) -> tuple[ListenerSpec, ...]:

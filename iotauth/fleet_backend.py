@@ -251,6 +251,9 @@ class OurBrokerProcess:
             str(self.pki_dir),
             "--port",
             str(self.port),
+            # In memory, as the Mosquitto it is compared with runs by default (a scratch PKI:
+            # there is nothing to keep across runs).
+            "--no-persist",
         ]
         self.proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         _await_listening(self.proc, self.port, "iotauth broker run", timeout=30)

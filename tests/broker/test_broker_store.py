@@ -1,0 +1,302 @@
+"""The broker's state on disk (broker/store.py), driven through the core with recording links.
+
+Each test writes state with one core, "restarts" by replaying the directory into a fresh core,
+and checks what came back: the log's real bytes on a real filesystem, no mocks. The end-to-end
+twins (a real ``iotauth broker run`` killed with SIGKILL, a full tmpfs) are in
+test_broker_persistence.py.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+from broker import mqtt
+from broker.core import BrokerCore
+from broker.errors import ConfigError
+from broker.settings import Limits
+from broker.store import Opened, open_store
+from tests.broker.recording_link import DOMAIN, connect, make_core, publish
+from tests.conftest import fill_disk
+
+CMD = "devices/dev-1/commands/x"
+
+
+def _open(tmp_path: Path, core: BrokerCore, domain: str = DOMAIN) -> Opened:
+    opened = open_store(tmp_path / "state", pki_dir=tmp_path, trust_domain=domain, core=core)
+    core.store = opened.store
+    return opened
+
+
+def _commit(opened: Opened) -> None:
+    """What the Committer does once per event-loop turn: one frame, fsynced."""
+    body, seq = opened.store.take()
+    if body:
+        opened.log.append(body)
+    opened.store.durable = seq
+    opened.store.release_acks()
+
+
+def _restart(tmp_path: Path, opened: Opened, **settings: object) -> tuple[BrokerCore, Opened]:
+    _commit(opened)
+    opened.close()
+    core = make_core(**settings)  # type: ignore[arg-type]
+    return core, _open(tmp_path, core)
+
+
+def test_sessions_queues_inflight_and_retained_messages_survive_a_restart(tmp_path: Path) -> None:
+    """MQTT-4.4.0-1: after the restart the resumed session gets its in-flight PUBLISHes again
+    with their packet ids and DUP set, PUBREL where PUBREC had come, then its queue."""
+    core = make_core(limits=Limits(max_inflight=3))
+    opened = _open(tmp_path, core)
+    svc, _, _ = connect(core, "ops", service=True)
+    dev, link, _ = connect(core, "dev-1", clean=False)
+    core.subscribe(dev, mqtt.Subscribe(1, [("devices/dev-1/commands/#", 2)]))
+    link.take()
+    for n in range(5):
+        publish(core, svc, CMD, b"m%d" % n, qos=2 if n % 2 else 1)
+    sent = link.publishes()
+    assert [p[3] for p in sent] == [b"m0", b"m1", b"m2"]  # 3 in flight, 2 queued
+    core.acked(dev, mqtt.PUBREC, sent[1][2])  # m1: PUBREC came, we owe PUBREL
+    link.take()
+    core.qos2_waiting(dev, 77, waiting=True)  # dev's own QoS 2 PUBLISH 77 waits for PUBREL
+    for topic, payload in [("state", b"on"), ("x", b"on"), ("x", b"")]:  # x: set, cleared
+        assert (
+            core.publish(dev, mqtt.Publish(f"devices/dev-1/{topic}", payload, 1, True, False, 5))
+            is None
+        )
+    link.close(will=False)
+
+    core2, opened2 = _restart(tmp_path, opened, limits=Limits(max_inflight=3))
+    assert opened2.report.damage is None
+    assert (opened2.report.sessions, opened2.report.queued, opened2.report.inflight) == (1, 2, 3)
+    assert core2.retained.get("devices/dev-1/state") is not None
+    assert core2.retained.get("devices/dev-1/x") is None
+    assert set(core2.sessions) == {"dev-1"}  # the clean session "ops" was never stored
+    dev2 = core2.sessions["dev-1"]
+    assert dev2.incoming_qos2 == {77}
+    _, link2, present = connect(core2, "dev-1", clean=False)
+    assert present
+    packets = link2.take()
+    assert [(p.kind, p.publish[2] if p.kind == 3 else p.packet_id) for p in packets] == [
+        (3, sent[0][2]),
+        (6, sent[1][2]),
+        (3, sent[2][2]),
+    ]
+    assert all(p.publish[5] for p in packets if p.kind == 3)  # DUP on the re-sent PUBLISHes
+    core2.acked(dev2, mqtt.PUBACK, sent[0][2])
+    assert [p[3] for p in link2.publishes()] == [b"m3"]  # the queue follows, in order
+    opened2.close()
+
+
+def test_an_acknowledgement_waits_until_its_message_is_durable(tmp_path: Path) -> None:
+    """The promise: PUBACK only once the message is on disk for each persistent subscriber."""
+    core = make_core()
+    opened = _open(tmp_path, core)
+    svc, svc_link, _ = connect(core, "ops", service=True)
+    dev, _, _ = connect(core, "dev-1", clean=False)
+    core.subscribe(dev, mqtt.Subscribe(1, [("devices/dev-1/commands/#", 1)]))
+    _commit(opened)
+    svc_link.take()
+    publish(core, svc, CMD, b"x", qos=1)
+    core.ack(svc_link, mqtt.puback(1))
+    assert svc_link.take() == []  # not yet on disk
+    _commit(opened)
+    assert [p.kind for p in svc_link.take()] == [mqtt.PUBACK]
+    opened.close()
+
+
+def test_without_a_persistent_subscriber_nothing_is_written(tmp_path: Path) -> None:
+    core = make_core()
+    opened = _open(tmp_path, core)
+    svc, svc_link, _ = connect(core, "ops", service=True)
+    dev, _, _ = connect(core, "dev-1", clean=True)
+    core.subscribe(dev, mqtt.Subscribe(1, [("devices/dev-1/commands/#", 1)]))
+    connect(core, "dev-2", clean=False)  # a record waits for the disk meanwhile
+    assert opened.store.dirty
+    mark = core.mark()
+    publish(core, svc, CMD, b"x", qos=1)
+    assert core.mark() == mark  # nothing written for this message
+    core.ack(svc_link, mqtt.puback(1), mark)
+    assert [p.kind for p in svc_link.take()] == [mqtt.PUBACK]  # sent at once
+    # Its negative twin: an answer that cannot say what it waits for waits for everything.
+    core.ack(svc_link, mqtt.puback(2))
+    assert svc_link.take() == []
+    _commit(opened)
+    assert [p.kind for p in svc_link.take()] == [mqtt.PUBACK]
+    opened.close()
+
+
+def _state_with_three_batches(tmp_path: Path) -> tuple[Path, list[int]]:
+    """A log of a snapshot and three batches of one queued message each; the batch offsets."""
+    core = make_core()
+    opened = _open(tmp_path, core)
+    svc, _, _ = connect(core, "ops", service=True)
+    dev, link, _ = connect(core, "dev-1", clean=False)
+    core.subscribe(dev, mqtt.Subscribe(1, [("devices/dev-1/commands/#", 1)]))
+    link.close(will=False)
+    _commit(opened)
+    offsets = []
+    for n in range(3):
+        offsets.append(opened.log.size)
+        publish(core, svc, CMD, b"m%d" % n, qos=1)
+        _commit(opened)
+    opened.close()
+    return tmp_path / "state" / "state.log", offsets
+
+
+def _queued(core: BrokerCore) -> list[bytes]:
+    return [m.payload for m, _ in core.sessions["dev-1"].queue]
+
+
+def test_a_torn_last_write_keeps_everything_before_it(tmp_path: Path) -> None:
+    path, offsets = _state_with_three_batches(tmp_path)
+    data = path.read_bytes()
+    path.write_bytes(data[:-3])  # the crash came in the middle of the last write
+    core = make_core()
+    opened = _open(tmp_path, core)
+    assert _queued(core) == [b"m0", b"m1"]
+    damage = opened.report.damage
+    assert damage is not None
+    assert "\n" not in damage
+    assert f"damaged at byte {offsets[2]}" in damage
+    assert "torn write" in damage
+    kept = [p for p in path.parent.iterdir() if p.name.startswith("state.log.damaged-")]
+    assert [p.read_bytes() for p in kept] == [data[:-3]]  # nothing is deleted
+    opened.close()
+    # The damage was written away: the next start is clean and has the same state.
+    core = make_core()
+    opened = _open(tmp_path, core)
+    assert opened.report.damage is None
+    assert _queued(core) == [b"m0", b"m1"]
+    opened.close()
+
+
+def test_random_bytes_in_the_middle_keep_what_came_before(tmp_path: Path) -> None:
+    path, offsets = _state_with_three_batches(tmp_path)
+    data = bytearray(path.read_bytes())
+    data[offsets[1] + 20 : offsets[1] + 28] = os.urandom(8)
+    path.write_bytes(bytes(data))
+    core = make_core()
+    opened = _open(tmp_path, core)
+    assert _queued(core) == [b"m0"]
+    assert opened.report.damage is not None
+    assert f"damaged at byte {offsets[1]}" in opened.report.damage
+    opened.close()
+
+
+def test_a_file_of_garbage_starts_empty_and_says_so(tmp_path: Path) -> None:
+    (tmp_path / "state").mkdir()
+    (tmp_path / "state" / "state.log").write_bytes(os.urandom(300))
+    core = make_core()
+    opened = _open(tmp_path, core)
+    assert core.sessions == {}
+    assert opened.report.damage is not None
+    assert "no state header" in opened.report.damage
+    opened.close()
+
+
+def test_state_of_another_trust_domain_is_refused(tmp_path: Path) -> None:
+    core = make_core()
+    opened = _open(tmp_path, core)
+    connect(core, "dev-1", clean=False)
+    _commit(opened)
+    opened.close()
+    with pytest.raises(ConfigError, match="belongs to another PKI") as info:
+        _open(tmp_path, make_core(), domain="other.example")
+    assert "\n" not in str(info.value)
+    # The negative twin: the same trust domain opens it.
+    _open(tmp_path, make_core()).close()
+
+
+def test_one_directory_serves_one_broker(tmp_path: Path) -> None:
+    opened = _open(tmp_path, make_core())
+    with pytest.raises(ConfigError, match="in use by another broker"):
+        _open(tmp_path, make_core())
+    opened.close()
+
+
+def test_session_expiry_keeps_counting_while_the_broker_is_down(tmp_path: Path) -> None:
+    core = make_core(session_expiry=3600)
+    opened = _open(tmp_path, core)
+    for name in ("dev-1", "dev-2"):
+        session, link, _ = connect(core, name, clean=False)
+        core.subscribe(session, mqtt.Subscribe(1, [(f"devices/{name}/commands/#", 1)]))
+        link.close(will=False)
+    _commit(opened)
+    # dev-1 went away two hours ago (as if the broker had been down that long).
+    opened.store.session_detached(core.sessions["dev-1"], time.time() - 7200)
+    core2, opened2 = _restart(tmp_path, opened, session_expiry=3600)
+    assert set(core2.sessions) == {"dev-2"}
+    assert opened2.report.expired == 1
+    opened2.close()
+
+
+def test_a_forgotten_session_stays_forgotten(tmp_path: Path) -> None:
+    """A revoked identity's stored session and queue are deleted for good."""
+    core = make_core()
+    opened = _open(tmp_path, core)
+    svc, _, _ = connect(core, "ops", service=True)
+    dev, link, _ = connect(core, "dev-1", clean=False)
+    core.subscribe(dev, mqtt.Subscribe(1, [("devices/dev-1/commands/#", 1)]))
+    link.close(will=False)
+    publish(core, svc, CMD, b"secret", qos=1)
+    _commit(opened)
+    core.kick_revoked(frozenset({int(dev.authenticated.credential, 16)}))
+    core2, opened2 = _restart(tmp_path, opened)
+    assert core2.sessions == {}
+    assert b"secret" not in (tmp_path / "state" / "state.log").read_bytes()  # compacted away
+    opened2.close()
+
+
+def test_a_full_offline_queue_is_counted_and_audited_per_reason(tmp_path: Path) -> None:
+    """Issue 15: no silent drop. One audit line per session per interval, with the count."""
+    core = make_core(limits=Limits(offline_queue_max=2))
+    svc, _, _ = connect(core, "ops", service=True)
+    dev, link, _ = connect(core, "dev-1", clean=False)
+    core.subscribe(dev, mqtt.Subscribe(1, [("devices/dev-1/commands/#", 1)]))
+    link.close(will=False)
+    for n in range(5):
+        publish(core, svc, CMD, b"m%d" % n, qos=1)
+    assert len(dev.queue) == 2
+    assert core.metrics.value("iotauth_broker_dropped_total", reason="offline-queue-full") == 3
+    lines = core.audit.events("drop", client_id="dev-1")
+    assert [(r["reason"], r["count"]) for r in lines] == [("offline-queue-full", 1)]
+
+
+def test_the_offline_queue_is_bounded_by_bytes_too(tmp_path: Path) -> None:
+    core = make_core(limits=Limits(offline_queue_max_bytes=10))
+    svc, _, _ = connect(core, "ops", service=True)
+    dev, link, _ = connect(core, "dev-1", clean=False)
+    core.subscribe(dev, mqtt.Subscribe(1, [("devices/dev-1/commands/#", 1)]))
+    link.close(will=False)
+    for _ in range(3):
+        publish(core, svc, CMD, b"12345", qos=1)
+    assert len(dev.queue) == 2
+    assert core.metrics.value("iotauth_broker_dropped_total", reason="offline-queue-bytes") == 1
+
+
+def test_the_state_file_says_whose_it_is(tmp_path: Path) -> None:
+    (tmp_path / "root.crt").write_bytes(b"a root")
+    _open(tmp_path, make_core()).close()
+    meta = json.loads((tmp_path / "state" / "state.json").read_text())
+    assert meta["trust_domain"] == DOMAIN
+    assert meta["schema"] == 1
+    (tmp_path / "root.crt").write_bytes(b"another root, same trust domain name")
+    with pytest.raises(ConfigError, match="another PKI"):
+        _open(tmp_path, make_core())
+
+
+def test_a_full_disk_at_start_is_one_clear_error(
+    tmp_path: Path, tmpfs: Callable[[str], Path]
+) -> None:
+    disk = tmpfs("64k")
+    fill_disk(disk, 0)
+    with pytest.raises(ConfigError, match="No space left on device") as info:
+        open_store(disk / "state", pki_dir=tmp_path, trust_domain=DOMAIN, core=make_core())
+    assert "\n" not in str(info.value)
