@@ -194,7 +194,7 @@ def _listeners(
     if any("jwt" in spec.methods for spec in specs):
         by_method["jwt"] = DeviceTokenAuthenticator(
             trust_domain=watcher.trust_domain,
-            issuer=lambda: watcher.issuer,
+            issuers=lambda: watcher.issuers,
             is_revoked=watcher.is_revoked,
             audience=settings.token_audience,
             max_ttl=settings.token_max_ttl,
