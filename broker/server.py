@@ -21,6 +21,7 @@ from broker._listener import TLSListener
 from broker.audit import AuditLog
 from broker.auth import Authenticator, ListenerAuthenticator, MutualTLSAuthenticator
 from broker.auth_jwt import DeviceTokenAuthenticator
+from broker.auth_password import PasswordAuthenticator, SecretSource
 from broker.core import BrokerCore
 from broker.errors import BrokerError, ConfigError
 from broker.metrics import Metrics, serve_metrics
@@ -124,7 +125,9 @@ async def run_broker(
     metrics.gauge("iotauth_broker_crl_next_update_seconds", watcher.seconds_left)
     for name, read in watcher.gauges().items():
         metrics.gauge(name, read)
-    listeners = _listeners(settings, watcher, core, audit, metrics, authenticator)
+    # Service secrets (the password method): read from the registry, polled for rotations.
+    secrets = _secret_source(settings)
+    listeners = _listeners(settings, watcher, core, audit, metrics, authenticator, secrets)
     tasks: list[asyncio.Task[None]] = []
     metrics_server: asyncio.Server | None = None
     renewal: RenewalService | None = None
@@ -144,8 +147,7 @@ async def run_broker(
                 where = f"{settings.metrics_host}:{settings.metrics_port}"
                 msg = f"cannot serve metrics on {where} (--metrics-port): {exc.strerror or exc}"
                 raise ConfigError(msg) from None
-        tasks.append(asyncio.create_task(watcher.run(), name="broker-crl-watcher"))
-        tasks.append(asyncio.create_task(_expiry_loop(core), name="broker-cert-expiry"))
+        tasks = _background(settings, watcher, core, secrets)
         if settings.renewal is not None:
             renewal = _start_renewal(settings, _mtls_port(settings, listeners), audit)
             await asyncio.to_thread(renewal.start)
@@ -173,6 +175,29 @@ async def run_broker(
         watcher.close()
 
 
+def _secret_source(settings: BrokerSettings) -> SecretSource | None:
+    if any("password" in spec.methods for spec in settings.listener_specs):
+        return SecretSource(settings.pki_dir)
+    return None
+
+
+def _background(
+    settings: BrokerSettings,
+    watcher: RevocationWatcher,
+    core: BrokerCore,
+    secrets: SecretSource | None,
+) -> list[asyncio.Task[None]]:
+    """The broker's own loops: CRL, expiry and, with a password listener, service secrets."""
+    tasks = [
+        asyncio.create_task(watcher.run(), name="broker-crl-watcher"),
+        asyncio.create_task(_expiry_loop(core), name="broker-cert-expiry"),
+    ]
+    if secrets is not None:
+        loop = _secret_loop(core, secrets, settings.crl_poll_interval)
+        tasks.append(asyncio.create_task(loop, name="broker-secret-watcher"))
+    return tasks
+
+
 def _listeners(
     settings: BrokerSettings,
     watcher: RevocationWatcher,
@@ -180,6 +205,7 @@ def _listeners(
     audit: AuditLog,
     metrics: Metrics,
     authenticator: Authenticator | None,
+    secrets: SecretSource | None = None,
 ) -> list[TLSListener]:
     """One TLSListener per spec, each with its TLS context mode and its methods' authenticators.
 
@@ -199,6 +225,10 @@ def _listeners(
             audience=settings.token_audience,
             max_ttl=settings.token_max_ttl,
             leeway=settings.token_leeway,
+        )
+    if secrets is not None:
+        by_method["password"] = PasswordAuthenticator(
+            trust_domain=watcher.trust_domain, secret=secrets.secret
         )
     listeners = []
     for spec in specs:
@@ -262,6 +292,35 @@ def _start_renewal(settings: BrokerSettings, port: int, audit: _ObservedAudit) -
 
     audit.observers.append(on_audit)
     return service
+
+
+async def _secret_loop(core: BrokerCore, secrets: SecretSource, interval: float) -> None:
+    """Sessions that came in with a service secret end within a second of its rotation or
+    revocation: their credential names the verifier version (``name#version``), compared with
+    the registry's while any such session is live. A registry that cannot be read keeps the
+    sessions (as a lost CRL source does) and is asked again on the next round. The loop owns
+    ``secrets`` and closes it when cancelled (the broker's stop)."""
+    try:
+        await _watch_secrets(core, secrets, interval)
+    finally:
+        await asyncio.to_thread(secrets.close)
+
+
+async def _watch_secrets(core: BrokerCore, secrets: SecretSource, interval: float) -> None:
+    while True:
+        await asyncio.sleep(interval)
+        live = [s for s in core.live.values() if s.authenticated.method == "password"]
+        if not live:
+            continue
+        try:
+            states = await secrets.states()
+        except Exception as exc:  # noqa: BLE001 - one bad round must never stop the watcher
+            log.warning("cannot read service secrets: %s", exc)
+            continue
+        for session in live:
+            name, _, version = session.authenticated.credential.rpartition("#")
+            if states.get(name) != (int(version), "active"):
+                core.kick(session.client_id, "secret-revoked", forget_session=True)
 
 
 async def _expiry_loop(core: BrokerCore) -> None:
