@@ -174,7 +174,8 @@ class ListenerAuthenticator:
     """The methods one listener accepts, each with its authenticator; picks one per connection.
 
     The method follows from what the client presented, never from what it claims: a verified
-    client certificate is ``mtls``; a password that is a compact JWS carrying ``x5c`` is ``jwt``.
+    client certificate is ``mtls``; a password that is a compact JWS carrying ``x5c`` is ``jwt``,
+    another JWS ``oidc``, any other password ``password``.
     A method the listener does not list is refused before any credential is checked, and a method
     that the identity's kind may not use (``methods_by_kind``) after it is: a service cannot come
     in with a device token, nor a device with a shared secret, whatever the listener accepts.
@@ -215,7 +216,15 @@ def presented_method(facts: ConnectionFacts) -> str:
     if facts.tls is not None and facts.tls.getpeercert(binary_form=True):
         return "mtls"
     if looks_like_jwt(facts.password):
-        return "jwt"
+        # A device signs its own token and names its certificate (x5c); an identity provider's
+        # access token names a key of the provider's JWKS (kid) instead.
+        import jwt
+
+        try:
+            header = jwt.get_unverified_header(facts.password or "")
+        except jwt.DecodeError:
+            return "jwt"  # the jwt method's own refusal says what is wrong with it
+        return "jwt" if "x5c" in header else "oidc"
     if facts.password is not None:
         return "password"
     return "mtls"  # nothing presented: mutual TLS's own refusal says what is missing

@@ -96,8 +96,8 @@ class Backoff:
 
 
 class SecretSource:
-    """The registry's service verifiers, read on one worker thread (a SQLite connection stays on
-    the thread that opened it; a PostgreSQL one is not shared between threads either)."""
+    """The registry's services and their verifiers, read on one worker thread (a SQLite
+    connection stays on the thread that opened it; a PostgreSQL one is not shared either)."""
 
     def __init__(self, pki_dir: Path, *, retry_seconds: float = 2.0) -> None:
         try:
@@ -131,6 +131,21 @@ class SecretSource:
 
     def _read_states(self) -> dict[str, tuple[int, str]]:
         return self._open().secret_states()
+
+    def _read_service_active(self, name: str) -> bool:
+        registry = self._open()
+        cert = registry.active(name)
+        if cert is not None:
+            return cert.kind == "service"
+        secret = registry.secret(name)
+        return secret is not None and secret.status == "active"
+
+    async def service_active(self, name: str) -> bool:
+        """Whether ``name`` is a registered service that is not revoked (an active certificate
+        of kind service, or an active secret): what the oidc method requires of a token's
+        subject."""
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self._executor, self._read_service_active, name)
 
     async def secret(self, name: str) -> SecretRecord | None:
         loop = asyncio.get_running_loop()

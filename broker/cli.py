@@ -20,6 +20,7 @@ from typing import Annotated
 
 import typer
 
+from broker.auth_oidc import OIDCSettings
 from broker.errors import BrokerError
 from broker.policy import Action, load_policy
 from broker.settings import Limits
@@ -90,6 +91,21 @@ def _raise_file_limit(connections: int) -> None:
         )
 
 
+def _oidc_settings(
+    issuer: str | None,
+    audience: str | None,
+    jwks: str | None,
+    claim: str,
+    cafile: Path | None,
+) -> OIDCSettings | None:
+    """The identity provider, when any --oidc-* option is given (all three main ones needed)."""
+    if issuer is None and audience is None and jwks is None:
+        return None
+    return OIDCSettings(
+        issuer=issuer or "", audience=audience or "", jwks=jwks or "", claim=claim, cafile=cafile
+    )
+
+
 @broker_app.command("run")
 def run(
     pki: PkiOpt,
@@ -146,7 +162,7 @@ def run(
             metavar="PORT:METHODS",
             help=(
                 "A listener and the methods it accepts, e.g. 8883:mtls or 8884:jwt "
-                "(repeatable; replaces --port). Methods: mtls, jwt."
+                "(repeatable; replaces --port). Methods: mtls, jwt, password, oidc."
             ),
         ),
     ] = None,
@@ -156,6 +172,29 @@ def run(
             "--token-max-ttl", min=1, max=86400, help="Longest device-token lifetime accepted (s)."
         ),
     ] = 3600,
+    oidc_issuer: Annotated[
+        str | None,
+        typer.Option("--oidc-issuer", help="oidc: the identity provider's issuer (iss)."),
+    ] = None,
+    oidc_audience: Annotated[
+        str | None,
+        typer.Option("--oidc-audience", help="oidc: the audience (aud) tokens must name."),
+    ] = None,
+    oidc_jwks: Annotated[
+        str | None,
+        typer.Option(
+            "--oidc-jwks", metavar="FILE|URL", help="oidc: the provider's JWKS (file or https)."
+        ),
+    ] = None,
+    oidc_claim: Annotated[
+        str, typer.Option("--oidc-claim", help="oidc: the claim that names the service.")
+    ] = "sub",
+    oidc_cafile: Annotated[
+        Path | None,
+        typer.Option(
+            "--oidc-cafile", help="oidc: CA of the JWKS server's certificate (default: system)."
+        ),
+    ] = None,
 ) -> None:
     """Run the broker until interrupted. Audit lines (JSON) go to stdout, logs to stderr.
 
@@ -194,6 +233,7 @@ def run(
             else None,
             listeners=tuple(ListenerSpec.parse(text) for text in listen or ()),
             token_max_ttl=token_max_ttl,
+            oidc=_oidc_settings(oidc_issuer, oidc_audience, oidc_jwks, oidc_claim, oidc_cafile),
         )
 
         def audit_line(line: str) -> None:

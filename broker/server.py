@@ -21,6 +21,7 @@ from broker._listener import TLSListener
 from broker.audit import AuditLog
 from broker.auth import Authenticator, ListenerAuthenticator, MutualTLSAuthenticator
 from broker.auth_jwt import DeviceTokenAuthenticator
+from broker.auth_oidc import OIDCAuthenticator
 from broker.auth_password import PasswordAuthenticator, SecretSource
 from broker.core import BrokerCore
 from broker.errors import BrokerError, ConfigError
@@ -176,7 +177,7 @@ async def run_broker(
 
 
 def _secret_source(settings: BrokerSettings) -> SecretSource | None:
-    if any("password" in spec.methods for spec in settings.listener_specs):
+    if any(spec.methods & {"password", "oidc"} for spec in settings.listener_specs):
         return SecretSource(settings.pki_dir)
     return None
 
@@ -229,6 +230,16 @@ def _listeners(
     if secrets is not None:
         by_method["password"] = PasswordAuthenticator(
             trust_domain=watcher.trust_domain, secret=secrets.secret
+        )
+    if secrets is not None and any("oidc" in spec.methods for spec in specs):
+        if settings.oidc is None:
+            msg = (
+                "a listener lists oidc: give the identity provider "
+                "(--oidc-issuer, --oidc-audience, --oidc-jwks)"
+            )
+            raise ConfigError(msg)
+        by_method["oidc"] = OIDCAuthenticator(
+            settings.oidc, trust_domain=watcher.trust_domain, service_active=secrets.service_active
         )
     listeners = []
     for spec in specs:
