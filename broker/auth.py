@@ -21,6 +21,7 @@ from cryptography import x509
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from broker.errors import Refused
+from broker.metrics import Metrics
 from provisioning.errors import InvalidIdentityError
 from provisioning.identity import Identity, parse_spiffe_id
 
@@ -186,10 +187,12 @@ class ListenerAuthenticator:
         methods: frozenset[str],
         authenticators: dict[str, Authenticator],
         methods_by_kind: dict[str, frozenset[str]],
+        metrics: Metrics | None = None,
     ) -> None:
         self.methods = methods
         self._authenticators = authenticators
         self._methods_by_kind = methods_by_kind
+        self._metrics = metrics
 
     async def authenticate(self, facts: ConnectionFacts) -> Authenticated:
         method = presented_method(facts)
@@ -206,6 +209,8 @@ class ListenerAuthenticator:
                 f"a {result.identity.kind.value} may not use {method}",
                 identity=str(result.identity),
             )
+        if self._metrics is not None:
+            self._metrics.inc("iotauth_broker_authentications_total", method=method)
         return result
 
 

@@ -244,7 +244,7 @@ def _listeners(
     listeners = []
     for spec in specs:
         auth = authenticator or ListenerAuthenticator(
-            spec.methods, by_method, settings.methods_by_kind
+            spec.methods, by_method, settings.methods_by_kind, metrics
         )
         mode = spec.client_certificates
         listeners.append(

@@ -217,6 +217,8 @@ def test_an_access_token_gets_exactly_the_service_grants(
     assert other.connected.is_set()
     connects = [r for r in broker.audit if r["event"] == "connect" and r.get("method") == "oidc"]
     assert {r["identity"].rsplit("/", 1)[1] for r in connects} == {"dash", "grafana"}
+    metrics = broker.thread.broker.metrics
+    assert metrics.value("iotauth_broker_authentications_total", method="oidc") == 2
     svc.client.publish("devices/dev-1/telemetry/fake", b"x", qos=1)  # outside its grants
     assert wait_until(svc.disconnected.is_set)
 

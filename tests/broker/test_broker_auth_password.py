@@ -121,6 +121,9 @@ def test_a_service_with_its_secret_gets_exactly_the_service_grants(
     connects = [r for r in broker.audit if r["event"] == "connect" and r.get("identity")]
     assert any(r.get("method") == "password" and r["identity"].endswith("/service/dash")
                for r in connects)  # fmt: skip
+    metrics = broker.thread.broker.metrics
+    assert metrics.value("iotauth_broker_authentications_total", method="password") == 1
+    assert metrics.value("iotauth_broker_authentications_total", method="mtls") == 1
     # A publish outside the service's grants ends the session (denied_publish = disconnect).
     svc.client.publish("devices/dev-1/telemetry/fake", b"x", qos=1)
     assert wait_until(svc.disconnected.is_set)
