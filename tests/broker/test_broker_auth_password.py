@@ -264,3 +264,22 @@ def test_the_backoff_is_per_address_and_per_identity_and_grows() -> None:
         attempt("dash", "10.0.0.9:1")
         waits.append(auth.backoff.wait("service:dash"))
     assert waits == [2.0, 4.0, 8.0, 8.0]
+
+
+def test_broker_explain_says_which_methods_an_identity_may_use_on_each_listener(
+    fleet: Fleet, cli: Callable[..., Result]
+) -> None:
+    _secret(cli, fleet, "dash")
+    fleet.creds("dev-1")
+    pki = str(fleet.pki_dir)
+    listen = ("--listen", "8883:mtls", "--listen", "8884:jwt,password,oidc")
+    svc = cli("broker", "explain", "--pki", pki, "--identity", "dash", "--service",
+              "--subscribe", "devices/+/telemetry/#", *listen, "--json", check=True)  # fmt: skip
+    doc = json.loads(svc.stdout)
+    assert doc["methods"] == {"8883": ["mtls"], "8884": ["oidc", "password"]}
+    assert "comes in with its secret" in doc["warnings"][0]
+    dev = cli("broker", "explain", "--pki", pki, "--identity", "dev-1",
+              "--subscribe", "devices/dev-1/#", *listen, check=True)  # fmt: skip
+    assert "methods on 8883: mtls" in dev.stdout
+    assert "methods on 8884: jwt" in dev.stdout
+    assert "password" not in dev.stdout  # a device never uses a shared secret
