@@ -16,9 +16,9 @@ claim that names the service. What it checks, in order, each failure its own aud
 3. PyJWT verifies the signature, ``iss``, ``aud``, ``exp`` (and ``nbf``/``iat``) with a bounded
    clock skew;
 4. the claim names a service that is registered (a certificate or a secret) and not revoked;
-   the session gets that service's ACL and ends when the token expires (``not_after``). A
-   service disabled at the provider is refused at its next connect; its live sessions end when
-   their tokens expire.
+   the session gets that service's ACL and ends when the token expires (``not_after``), or
+   within a second of ``service revoke`` (broker/server.py). A service disabled at the provider
+   is refused at its next connect; its live sessions end when their tokens expire.
 """
 
 from __future__ import annotations

@@ -194,7 +194,7 @@ def _background(
         asyncio.create_task(_expiry_loop(core), name="broker-cert-expiry"),
     ]
     if secrets is not None:
-        loop = _secret_loop(core, secrets, settings.crl_poll_interval)
+        loop = _secret_loop(core, secrets, settings.crl_poll_interval, lambda: watcher.state.number)
         tasks.append(asyncio.create_task(loop, name="broker-secret-watcher"))
     return tasks
 
@@ -305,33 +305,52 @@ def _start_renewal(settings: BrokerSettings, port: int, audit: _ObservedAudit) -
     return service
 
 
-async def _secret_loop(core: BrokerCore, secrets: SecretSource, interval: float) -> None:
+async def _secret_loop(
+    core: BrokerCore, secrets: SecretSource, interval: float, crl_number: Callable[[], int]
+) -> None:
     """Sessions that came in with a service secret end within a second of its rotation or
     revocation: their credential names the verifier version (``name#version``), compared with
-    the registry's while any such session is live. A registry that cannot be read keeps the
+    the registry's while any such session is live. Sessions of identity-provider tokens end
+    within a second of ``service revoke`` too (the service is no longer registered and active).
+    A registry that cannot be read keeps the
     sessions (as a lost CRL source does) and is asked again on the next round. The loop owns
     ``secrets`` and closes it when cancelled (the broker's stop)."""
     try:
-        await _watch_secrets(core, secrets, interval)
+        await _watch_secrets(core, secrets, interval, crl_number)
     finally:
         await asyncio.to_thread(secrets.close)
 
 
-async def _watch_secrets(core: BrokerCore, secrets: SecretSource, interval: float) -> None:
+async def _watch_secrets(
+    core: BrokerCore, secrets: SecretSource, interval: float, crl_number: Callable[[], int]
+) -> None:
+    seen: tuple[dict[str, tuple[int, str]], int] | None = None
     while True:
         await asyncio.sleep(interval)
-        live = [s for s in core.live.values() if s.authenticated.method == "password"]
-        if not live:
+        live = list(core.live.values())
+        password = [s for s in live if s.authenticated.method == "password"]
+        oidc = [s for s in live if s.authenticated.method == "oidc"]
+        if not (password or oidc):
             continue
         try:
             states = await secrets.states()
+            for session in password:
+                name, _, version = session.authenticated.credential.rpartition("#")
+                if states.get(name) != (int(version), "active"):
+                    core.kick(session.client_id, "secret-revoked", forget_session=True)
+            # An identity-provider session names no credential of ours: when a secret or the
+            # CRL changed (``service revoke`` changes one of them), ask whether its service is
+            # still registered and not revoked.
+            now = (states, crl_number())
+            if oidc and now != seen:
+                for name in {s.authenticated.identity.name for s in oidc}:
+                    if not await secrets.service_active(name):
+                        for session in oidc:
+                            if session.authenticated.identity.name == name:
+                                core.kick(session.client_id, "revoked", forget_session=True)
+            seen = now
         except Exception as exc:  # noqa: BLE001 - one bad round must never stop the watcher
             log.warning("cannot read service secrets: %s", exc)
-            continue
-        for session in live:
-            name, _, version = session.authenticated.credential.rpartition("#")
-            if states.get(name) != (int(version), "active"):
-                core.kick(session.client_id, "secret-revoked", forget_session=True)
 
 
 async def _expiry_loop(core: BrokerCore) -> None:

@@ -238,6 +238,22 @@ def test_an_unknown_kid_refreshes_the_jwks_and_a_removed_key_is_refused(
     assert wait_until(lambda: "oidc-unknown-key" in broker.refusals())
 
 
+def test_service_revoke_ends_the_token_sessions_of_that_service_within_one_second(
+    broker: Broker, fleet: Fleet, idp: IdentityProvider, token_peer: Callable[..., Peer]
+) -> None:
+    dash = token_peer(broker.oidc_port, idp.token("dash"), "dash").connect()
+    grafana = token_peer(broker.oidc_port, idp.token("grafana"), "grafana").connect()
+    fleet.pki.revoke("grafana", kind=IdentityKind.SERVICE)  # it has a certificate
+    assert wait_until(grafana.disconnected.is_set, 1.0)
+    assert not wait_until(dash.disconnected.is_set, 0.3)  # the negative twin stays
+    fleet.pki.revoke("dash", kind=IdentityKind.SERVICE)  # it has a secret only
+    assert wait_until(dash.disconnected.is_set, 1.0)
+    again = token_peer(broker.oidc_port, idp.token("dash"), "dash").connect(expect_ok=False)
+    assert again.refused
+    kicks = [r for r in broker.audit if r["event"] == "kick" and r["reason"] == "revoked"]
+    assert {r["client_id"] for r in kicks} == {"dash", "grafana"}
+
+
 def _b64(data: bytes) -> str:
     return base64.urlsafe_b64encode(data).rstrip(b"=").decode()
 
