@@ -208,7 +208,9 @@ def measure(devices: Devices, rounds: int, concurrency: int) -> dict[str, list[f
 def token_check_ms(devices: Devices) -> tuple[float, float]:
     """The broker's token check alone: a certificate's first token, and a later one."""
     auth = DeviceTokenAuthenticator(
-        trust_domain="bench.example", issuer=lambda: devices.pki.issuing, is_revoked=lambda _: False
+        trust_domain="bench.example",
+        issuers=lambda: [devices.pki.issuing],
+        is_revoked=lambda _: False,
     )
 
     async def run(signed: list[tuple[str, str]]) -> float:

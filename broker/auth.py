@@ -21,6 +21,7 @@ from cryptography import x509
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from broker.errors import Refused
+from broker.metrics import Metrics
 from provisioning.errors import InvalidIdentityError
 from provisioning.identity import Identity, parse_spiffe_id
 
@@ -174,7 +175,8 @@ class ListenerAuthenticator:
     """The methods one listener accepts, each with its authenticator; picks one per connection.
 
     The method follows from what the client presented, never from what it claims: a verified
-    client certificate is ``mtls``; a password that is a compact JWS carrying ``x5c`` is ``jwt``.
+    client certificate is ``mtls``; a password that is a compact JWS carrying ``x5c`` is ``jwt``,
+    another JWS ``oidc``, any other password ``password``.
     A method the listener does not list is refused before any credential is checked, and a method
     that the identity's kind may not use (``methods_by_kind``) after it is: a service cannot come
     in with a device token, nor a device with a shared secret, whatever the listener accepts.
@@ -185,10 +187,12 @@ class ListenerAuthenticator:
         methods: frozenset[str],
         authenticators: dict[str, Authenticator],
         methods_by_kind: dict[str, frozenset[str]],
+        metrics: Metrics | None = None,
     ) -> None:
         self.methods = methods
         self._authenticators = authenticators
         self._methods_by_kind = methods_by_kind
+        self._metrics = metrics
 
     async def authenticate(self, facts: ConnectionFacts) -> Authenticated:
         method = presented_method(facts)
@@ -205,6 +209,8 @@ class ListenerAuthenticator:
                 f"a {result.identity.kind.value} may not use {method}",
                 identity=str(result.identity),
             )
+        if self._metrics is not None:
+            self._metrics.inc("iotauth_broker_authentications_total", method=method)
         return result
 
 
@@ -215,7 +221,15 @@ def presented_method(facts: ConnectionFacts) -> str:
     if facts.tls is not None and facts.tls.getpeercert(binary_form=True):
         return "mtls"
     if looks_like_jwt(facts.password):
-        return "jwt"
+        # A device signs its own token and names its certificate (x5c); an identity provider's
+        # access token names a key of the provider's JWKS (kid) instead.
+        import jwt
+
+        try:
+            header = jwt.get_unverified_header(facts.password or "")
+        except jwt.DecodeError:
+            return "jwt"  # the jwt method's own refusal says what is wrong with it
+        return "jwt" if "x5c" in header else "oidc"
     if facts.password is not None:
         return "password"
     return "mtls"  # nothing presented: mutual TLS's own refusal says what is missing

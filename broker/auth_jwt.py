@@ -4,7 +4,8 @@ The token's contract (claims, header, lifetimes) is :mod:`provisioning.tokens`. 
 in order, each failure a :class:`~broker.errors.Refused` with its own audit reason:
 
 1. the password is a compact JWS whose header carries ``x5c`` = [the device certificate];
-2. that certificate was issued by this fleet's issuing CA, names a device of this trust domain
+2. that certificate was issued by an issuing CA the broker trusts (its own, or on a shared
+   registry any active station's), names a device of this trust domain
    (the same identity rules as a TLS client certificate), is valid now and is not on the CRL, so a
    revoked or superseded device is refused and its live token sessions are kicked by the CRL
    watcher exactly like its TLS sessions (``credential`` is the certificate serial);
@@ -26,7 +27,7 @@ import binascii
 import datetime as dt
 import functools
 import heapq
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import jwt
@@ -83,6 +84,14 @@ class ReplayCache:
         return True
 
 
+def _issued_by(cert: x509.Certificate, issuer: x509.Certificate) -> bool:
+    try:
+        cert.verify_directly_issued_by(issuer)
+    except (ValueError, TypeError, InvalidSignature):
+        return False
+    return True
+
+
 class DeviceTokenAuthenticator:
     """Checks device tokens against the fleet CA, the CRL and the replay cache."""
 
@@ -90,7 +99,7 @@ class DeviceTokenAuthenticator:
         self,
         *,
         trust_domain: str,
-        issuer: Callable[[], x509.Certificate],
+        issuers: Callable[[], Sequence[x509.Certificate]],
         is_revoked: Callable[[int], bool],
         audience: str | None = None,
         max_ttl: int = DEFAULT_TTL,
@@ -103,7 +112,7 @@ class DeviceTokenAuthenticator:
             raise ValueError(msg)
         self._trust_domain = trust_domain
         self._audience = audience or trust_domain
-        self._issuer = issuer
+        self._issuers = issuers
         self._is_revoked = is_revoked
         self._max_ttl = max_ttl
         self._leeway = leeway
@@ -174,13 +183,15 @@ class DeviceTokenAuthenticator:
                 "the token header has no x5c certificate",
                 connack=_BAD_CREDENTIALS,
             )
-        return self._trusted(x5c[0], self._issuer())
+        return self._trusted(x5c[0], tuple(self._issuers()))
 
     # A device reconnects with the same certificate many times: its issuer signature and identity
     # are checked once per (certificate, issuing CA). Validity, revocation and the token itself
     # are checked on every connect. A refusal raises, so only trusted certificates are cached.
     @functools.lru_cache(maxsize=4096)  # noqa: B019 - one authenticator per broker, bounded
-    def _trusted(self, x5c: str, issuer: x509.Certificate) -> tuple[x509.Certificate, Identity]:
+    def _trusted(
+        self, x5c: str, issuers: tuple[x509.Certificate, ...]
+    ) -> tuple[x509.Certificate, Identity]:
         try:
             cert = x509.load_der_x509_certificate(base64.b64decode(x5c, validate=True))
         except (ValueError, binascii.Error):
@@ -189,14 +200,12 @@ class DeviceTokenAuthenticator:
                 "the x5c certificate cannot be parsed",
                 connack=_BAD_CREDENTIALS,
             ) from None
-        try:
-            cert.verify_directly_issued_by(issuer)
-        except (ValueError, TypeError, InvalidSignature):
+        if not any(_issued_by(cert, issuer) for issuer in issuers):
             raise Refused(
                 "token-untrusted-certificate",
-                "the x5c certificate was not issued by this fleet's issuing CA",
+                "the x5c certificate was not issued by an issuing CA of this fleet",
                 connack=_BAD_CREDENTIALS,
-            ) from None
+            )
         return cert, certificate_identity(cert, self._trust_domain)
 
     def _verify(

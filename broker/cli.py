@@ -20,9 +20,10 @@ from typing import Annotated
 
 import typer
 
+from broker.auth_oidc import OIDCSettings
 from broker.errors import BrokerError
 from broker.policy import Action, load_policy
-from broker.settings import Limits
+from broker.settings import DEFAULT_METHODS_BY_KIND, Limits, ListenerSpec
 from provisioning.config import PKIConfig
 from provisioning.errors import ProvisioningError
 from provisioning.identity import Identity, IdentityKind
@@ -90,6 +91,21 @@ def _raise_file_limit(connections: int) -> None:
         )
 
 
+def _oidc_settings(
+    issuer: str | None,
+    audience: str | None,
+    jwks: str | None,
+    claim: str,
+    cafile: Path | None,
+) -> OIDCSettings | None:
+    """The identity provider, when any --oidc-* option is given (all three main ones needed)."""
+    if issuer is None and audience is None and jwks is None:
+        return None
+    return OIDCSettings(
+        issuer=issuer or "", audience=audience or "", jwks=jwks or "", claim=claim, cafile=cafile
+    )
+
+
 @broker_app.command("run")
 def run(
     pki: PkiOpt,
@@ -146,7 +162,7 @@ def run(
             metavar="PORT:METHODS",
             help=(
                 "A listener and the methods it accepts, e.g. 8883:mtls or 8884:jwt "
-                "(repeatable; replaces --port). Methods: mtls, jwt."
+                "(repeatable; replaces --port). Methods: mtls, jwt, password, oidc."
             ),
         ),
     ] = None,
@@ -171,6 +187,29 @@ def run(
             help="Keep state on disk across restarts and crashes (--no-persist: memory only).",
         ),
     ] = True,
+    oidc_issuer: Annotated[
+        str | None,
+        typer.Option("--oidc-issuer", help="oidc: the identity provider's issuer (iss)."),
+    ] = None,
+    oidc_audience: Annotated[
+        str | None,
+        typer.Option("--oidc-audience", help="oidc: the audience (aud) tokens must name."),
+    ] = None,
+    oidc_jwks: Annotated[
+        str | None,
+        typer.Option(
+            "--oidc-jwks", metavar="FILE|URL", help="oidc: the provider's JWKS (file or https)."
+        ),
+    ] = None,
+    oidc_claim: Annotated[
+        str, typer.Option("--oidc-claim", help="oidc: the claim that names the service.")
+    ] = "sub",
+    oidc_cafile: Annotated[
+        Path | None,
+        typer.Option(
+            "--oidc-cafile", help="oidc: CA of the JWKS server's certificate (default: system)."
+        ),
+    ] = None,
 ) -> None:
     """Run the broker until interrupted. Audit lines (JSON) go to stdout, logs to stderr.
 
@@ -210,6 +249,7 @@ def run(
             listeners=tuple(ListenerSpec.parse(text) for text in listen or ()),
             token_max_ttl=token_max_ttl,
             data_dir=(data_dir or pki / "broker-state") if persist else None,
+            oidc=_oidc_settings(oidc_issuer, oidc_audience, oidc_jwks, oidc_claim, oidc_cafile),
         )
         if data_dir is not None and not persist:
             raise _fail("--data-dir and --no-persist contradict each other: give one")
@@ -375,6 +415,15 @@ def explain(
     ] = None,
     publish: Annotated[str | None, typer.Option("--publish", help="A topic to PUBLISH to.")] = None,
     policy: PolicyOpt = None,
+    listen: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--listen",
+            metavar="PORT:METHODS",
+            help="The broker's listeners, as given to 'broker run' (default 8883:mtls): "
+            "say which methods this identity may use on each.",
+        ),
+    ] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Machine-readable output.")] = False,
 ) -> None:
     """Print whether the policy allows a SUBSCRIBE or PUBLISH, and the rule that decided.
@@ -398,8 +447,15 @@ def explain(
         else:
             assert publish is not None  # noqa: S101 - exactly one was given
             decision = rules.decide(who, Action.PUBLISH, publish)
+        specs = [ListenerSpec.parse(text) for text in listen or ("8883:mtls",)]
         with PKI.open(pki) as ca:  # the registry only: no key is loaded
-            note = _refused_before_acl(who, ca.registry.history(identity))
+            secret = ca.service_secret(identity)
+            has_secret = secret is not None and secret.status == "active" and service
+            note = _refused_before_acl(who, ca.registry.history(identity), has_secret=has_secret)
+        methods = {
+            str(spec.port): sorted(spec.methods & DEFAULT_METHODS_BY_KIND[kind.value])
+            for spec in specs
+        }
         if as_json:
             doc = {
                 "identity": who.spiffe_id,
@@ -410,22 +466,32 @@ def explain(
                 "grant": decision.grant,
                 "reason": decision.reason,
                 "policy": str(rules.source),
+                "methods": methods,
                 "warnings": [note] if note else [],
             }
             print(json.dumps(doc, indent=2, sort_keys=True))
         else:
             print(decision.describe())
             print(f"  policy: {rules.source}")
+            for port, names in methods.items():
+                print(f"  methods on {port}: {', '.join(names) or 'none for a ' + kind.value}")
             if note:
                 print(f"  note: {note}")
         if not decision.allowed:
             raise typer.Exit(2)
 
 
-def _refused_before_acl(who: Identity, history: list[CertRecord]) -> str | None:
+def _refused_before_acl(
+    who: Identity, history: list[CertRecord], *, has_secret: bool = False
+) -> str | None:
     """Why the broker would refuse this identity at the TLS handshake, or None if it would not."""
     kind = who.kind.value
     before = "so the broker refuses it at the TLS handshake, before any ACL"
+    if has_secret and not any(r.state() == "active" for r in history):
+        return (
+            f"service {who.name} has no active certificate: it comes in with its secret "
+            "(password) or an identity-provider token (oidc), not with mtls"
+        )
     if not history:
         return f"{kind} {who.name} is not in the registry: no certificate of this PKI, {before}"
     other = history[-1].kind

@@ -17,6 +17,10 @@ _HELP = {
     "iotauth_broker_handshakes_in_progress": ("gauge", "TLS handshakes in flight"),
     "iotauth_broker_connects_total": ("counter", "Accepted CONNECTs"),
     "iotauth_broker_refusals_total": ("counter", "Refused connections, by reason"),
+    "iotauth_broker_authentications_total": (
+        "counter",
+        "Identities proven at CONNECT, by method (mtls, jwt, password, oidc)",
+    ),
     "iotauth_broker_acl_denials_total": ("counter", "ACL denials, by action"),
     "iotauth_broker_kicks_total": ("counter", "Sessions closed by the broker, by reason"),
     "iotauth_broker_messages_in_total": ("counter", "PUBLISH packets accepted from clients"),

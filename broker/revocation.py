@@ -167,6 +167,11 @@ class RevocationWatcher:
         return self._issuer
 
     @property
+    def issuers(self) -> tuple[x509.Certificate, ...]:
+        """Every issuing CA whose end-entity certificates this broker trusts (just its own)."""
+        return (self._issuer,)
+
+    @property
     def context(self) -> ssl.SSLContext:
         """The mutual-TLS server context for the CRL in force."""
         return self._contexts["required"]
@@ -298,6 +303,7 @@ class RegistryRevocationWatcher(RevocationWatcher):
         self._last_id = 0
         self._revoked: set[int] = set()
         self._stations: dict[str, tuple[int, str]] = {}  # fingerprint -> (crl number, status)
+        self._issuers: tuple[x509.Certificate, ...] = ()  # the active stations' CAs
         self._crl_dir = Path(tempfile.mkdtemp(prefix="iotauth-broker-crls-"))
         self._lock = asyncio.Lock()
         self._crl_file = self._crl_dir / "stations-crl.pem"
@@ -317,6 +323,13 @@ class RegistryRevocationWatcher(RevocationWatcher):
         finally:
             conn.close()
         self.registry_up = True
+
+    @property
+    def issuers(self) -> tuple[x509.Certificate, ...]:
+        """Every active station's issuing CA (signed by the root, with a valid CRL of its own):
+        a device of any station is trusted, as in the TLS context; until the registry is read,
+        the directory's own."""
+        return self._issuers or (self._issuer,)
 
     def gauges(self) -> dict[str, Callable[[], float]]:
         return {
@@ -399,6 +412,7 @@ class RegistryRevocationWatcher(RevocationWatcher):
             self._last_id = max(self._last_id, snapshot.last_id)
             return False
         crls: list[bytes] = []
+        issuers: list[x509.Certificate] = []
         next_updates: list[dt.datetime] = []
         this_updates: list[dt.datetime] = []
         for row in snapshot.stations:
@@ -408,6 +422,7 @@ class RegistryRevocationWatcher(RevocationWatcher):
             if state is None:
                 continue
             crls.append(row["crl"].encode())
+            issuers.append(x509.load_pem_x509_certificate(row["certificate"].encode()))
             next_updates.append(state.next_update)
             this_updates.append(state.this_update)
         if stations_changed or force_context:
@@ -419,6 +434,7 @@ class RegistryRevocationWatcher(RevocationWatcher):
             self._contexts = {mode: self._build_context(mode) for mode in self._contexts}
         self._revoked |= snapshot.serials
         self._stations = stations
+        self._issuers = tuple(issuers)
         self._last_id = max(self._last_id, snapshot.last_id)
         self.state = CRLState(
             number=self._last_id,

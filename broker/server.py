@@ -21,6 +21,8 @@ from broker._listener import TLSListener
 from broker.audit import AuditLog
 from broker.auth import Authenticator, ListenerAuthenticator, MutualTLSAuthenticator
 from broker.auth_jwt import DeviceTokenAuthenticator
+from broker.auth_oidc import OIDCAuthenticator
+from broker.auth_password import PasswordAuthenticator, SecretSource
 from broker.core import BrokerCore
 from broker.errors import BrokerError, ConfigError
 from broker.metrics import Metrics, serve_metrics
@@ -124,7 +126,9 @@ async def run_broker(
     metrics.gauge("iotauth_broker_crl_next_update_seconds", watcher.seconds_left)
     for name, read in watcher.gauges().items():
         metrics.gauge(name, read)
-    listeners = _listeners(settings, watcher, core, audit, metrics, authenticator)
+    # Service secrets (the password method): read from the registry, polled for rotations.
+    secrets = _secret_source(settings)
+    listeners = _listeners(settings, watcher, core, audit, metrics, authenticator, secrets)
     tasks: list[asyncio.Task[None]] = []
     metrics_server: asyncio.Server | None = None
     renewal: RenewalService | None = None
@@ -144,8 +148,7 @@ async def run_broker(
                 where = f"{settings.metrics_host}:{settings.metrics_port}"
                 msg = f"cannot serve metrics on {where} (--metrics-port): {exc.strerror or exc}"
                 raise ConfigError(msg) from None
-        tasks.append(asyncio.create_task(watcher.run(), name="broker-crl-watcher"))
-        tasks.append(asyncio.create_task(_expiry_loop(core), name="broker-cert-expiry"))
+        tasks = _background(settings, watcher, core, secrets)
         if settings.renewal is not None:
             renewal = _start_renewal(settings, _mtls_port(settings, listeners), audit)
             await asyncio.to_thread(renewal.start)
@@ -235,6 +238,29 @@ def _start_committer(
     return committer
 
 
+def _secret_source(settings: BrokerSettings) -> SecretSource | None:
+    if any(spec.methods & {"password", "oidc"} for spec in settings.listener_specs):
+        return SecretSource(settings.pki_dir)
+    return None
+
+
+def _background(
+    settings: BrokerSettings,
+    watcher: RevocationWatcher,
+    core: BrokerCore,
+    secrets: SecretSource | None,
+) -> list[asyncio.Task[None]]:
+    """The broker's own loops: CRL, expiry and, with a password listener, service secrets."""
+    tasks = [
+        asyncio.create_task(watcher.run(), name="broker-crl-watcher"),
+        asyncio.create_task(_expiry_loop(core), name="broker-cert-expiry"),
+    ]
+    if secrets is not None:
+        loop = _secret_loop(core, secrets, settings.crl_poll_interval, lambda: watcher.state.number)
+        tasks.append(asyncio.create_task(loop, name="broker-secret-watcher"))
+    return tasks
+
+
 def _listeners(
     settings: BrokerSettings,
     watcher: RevocationWatcher,
@@ -242,6 +268,7 @@ def _listeners(
     audit: AuditLog,
     metrics: Metrics,
     authenticator: Authenticator | None,
+    secrets: SecretSource | None = None,
 ) -> list[TLSListener]:
     """One TLSListener per spec, each with its TLS context mode and its methods' authenticators.
 
@@ -256,16 +283,30 @@ def _listeners(
     if any("jwt" in spec.methods for spec in specs):
         by_method["jwt"] = DeviceTokenAuthenticator(
             trust_domain=watcher.trust_domain,
-            issuer=lambda: watcher.issuer,
+            issuers=lambda: watcher.issuers,
             is_revoked=watcher.is_revoked,
             audience=settings.token_audience,
             max_ttl=settings.token_max_ttl,
             leeway=settings.token_leeway,
         )
+    if secrets is not None:
+        by_method["password"] = PasswordAuthenticator(
+            trust_domain=watcher.trust_domain, secret=secrets.secret
+        )
+    if secrets is not None and any("oidc" in spec.methods for spec in specs):
+        if settings.oidc is None:
+            msg = (
+                "a listener lists oidc: give the identity provider "
+                "(--oidc-issuer, --oidc-audience, --oidc-jwks)"
+            )
+            raise ConfigError(msg)
+        by_method["oidc"] = OIDCAuthenticator(
+            settings.oidc, trust_domain=watcher.trust_domain, service_active=secrets.service_active
+        )
     listeners = []
     for spec in specs:
         auth = authenticator or ListenerAuthenticator(
-            spec.methods, by_method, settings.methods_by_kind
+            spec.methods, by_method, settings.methods_by_kind, metrics
         )
         mode = spec.client_certificates
         listeners.append(
@@ -324,6 +365,54 @@ def _start_renewal(settings: BrokerSettings, port: int, audit: _ObservedAudit) -
 
     audit.observers.append(on_audit)
     return service
+
+
+async def _secret_loop(
+    core: BrokerCore, secrets: SecretSource, interval: float, crl_number: Callable[[], int]
+) -> None:
+    """Sessions that came in with a service secret end within a second of its rotation or
+    revocation: their credential names the verifier version (``name#version``), compared with
+    the registry's while any such session is live. Sessions of identity-provider tokens end
+    within a second of ``service revoke`` too (the service is no longer registered and active).
+    A registry that cannot be read keeps the
+    sessions (as a lost CRL source does) and is asked again on the next round. The loop owns
+    ``secrets`` and closes it when cancelled (the broker's stop)."""
+    try:
+        await _watch_secrets(core, secrets, interval, crl_number)
+    finally:
+        await asyncio.to_thread(secrets.close)
+
+
+async def _watch_secrets(
+    core: BrokerCore, secrets: SecretSource, interval: float, crl_number: Callable[[], int]
+) -> None:
+    seen: tuple[dict[str, tuple[int, str]], int] | None = None
+    while True:
+        await asyncio.sleep(interval)
+        live = list(core.live.values())
+        password = [s for s in live if s.authenticated.method == "password"]
+        oidc = [s for s in live if s.authenticated.method == "oidc"]
+        if not (password or oidc):
+            continue
+        try:
+            states = await secrets.states()
+            for session in password:
+                name, _, version = session.authenticated.credential.rpartition("#")
+                if states.get(name) != (int(version), "active"):
+                    core.kick(session.client_id, "secret-revoked", forget_session=True)
+            # An identity-provider session names no credential of ours: when a secret or the
+            # CRL changed (``service revoke`` changes one of them), ask whether its service is
+            # still registered and not revoked.
+            now = (states, crl_number())
+            if oidc and now != seen:
+                for name in {s.authenticated.identity.name for s in oidc}:
+                    if not await secrets.service_active(name):
+                        for session in oidc:
+                            if session.authenticated.identity.name == name:
+                                core.kick(session.client_id, "revoked", forget_session=True)
+            seen = now
+        except Exception as exc:  # noqa: BLE001 - one bad round must never stop the watcher
+            log.warning("cannot read service secrets: %s", exc)
 
 
 async def _expiry_loop(core: BrokerCore) -> None:

@@ -10,6 +10,7 @@ from broker.errors import ConfigError
 from broker.policy import Policy, default_policy
 
 if TYPE_CHECKING:
+    from broker.auth_oidc import OIDCSettings
     from broker.renewal import RenewalSettings
 
 __all__ = [
@@ -24,7 +25,7 @@ __all__ = [
 # Every way in that the broker knows (docs/BROKER.md, "Authentication methods").
 METHODS = ("mtls", "jwt", "oidc", "scram", "password")
 # The methods this version implements; a listener that names another is refused at start.
-AVAILABLE_METHODS = frozenset({"mtls", "jwt"})
+AVAILABLE_METHODS = frozenset({"mtls", "jwt", "password", "oidc"})
 # Which methods each kind of identity may use, wherever a listener accepts them: a device proves
 # itself with its own key (certificate or signed token); services may also use the company's
 # identity provider or a shared secret.
@@ -185,6 +186,9 @@ class BrokerSettings:
     # Persistence (broker/store.py): sessions, queues and retained messages in this directory;
     # None keeps them in memory only (tests, the simulator; `broker run --no-persist`).
     data_dir: Path | None = None
+    # Identity-provider access tokens (the oidc method): issuer, audience, JWKS and the claim
+    # naming the service. Required when a listener lists oidc.
+    oidc: OIDCSettings | None = None
 
     @property
     def listener_specs(self) -> tuple[ListenerSpec, ...]:

@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING, Annotated
 import typer
 
 if TYPE_CHECKING:
-    from paho.mqtt.client import MQTTMessage
+    from paho.mqtt.client import MQTTMessage, MQTTMessageInfo
     from paho.mqtt.reasoncodes import ReasonCode
 
 __all__ = ["mqtt_app"]
@@ -413,7 +413,7 @@ def pub(
             session.open()
             info = session.client.publish(topic, payload, qos=qos, retain=retain)
             deadline = time.monotonic() + _CONNECT_TIMEOUT
-            while not info.is_published():
+            while not _published(info):
                 if session.closed.is_set():
                     raise session.lost()
                 if time.monotonic() > deadline:
@@ -518,6 +518,15 @@ def sub(
                 time.sleep(0.01)
         finally:
             session.close()
+
+
+def _published(info: MQTTMessageInfo) -> bool:
+    """paho raises instead of answering False when the connection went away before the message
+    left (the broker closed it first, e.g. after a denied publish): that is "not published"."""
+    try:
+        return info.is_published()
+    except RuntimeError:
+        return False
 
 
 def _print_message(msg: MQTTMessage, *, verbose: bool, as_json: bool) -> None:

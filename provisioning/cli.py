@@ -532,6 +532,33 @@ def service_issue(
     _issue(IdentityKind.SERVICE, name, pki, out_dir, csr, rotate, None, broker, days, as_json)
 
 
+@service_app.command("secret")
+def service_secret(
+    name: Annotated[str, typer.Argument(help="Service name: 1-64 of a-z, 0-9, '-'.")],
+    pki: PkiOpt,
+    as_json: JsonOpt = False,
+) -> None:
+    """Create or rotate a service's shared secret (password and SCRAM methods); print it once.
+
+    The registry keeps only its SCRAM-SHA-256 verifier; the ledger records the creation or
+    rotation, never the secret. A rotation ends the broker's sessions that used the old one.
+    A service needs no certificate to have a secret: this registers it.
+    """
+    with user_errors():
+        validate_name(name, what="service name")
+        with _open(pki) as ca:
+            secret, record, replaced = ca.set_service_secret(name)
+    if as_json:
+        print_json({**record.to_json(), "secret": secret, "replaced_version": replaced})
+        return
+    action = f"Rotated (version {replaced} -> {record.version})" if replaced else "Created"
+    err.print(
+        f"{action} the secret of service {name}; it is shown once, store it now "
+        f"(the registry keeps only its {record.mechanism} verifier):"
+    )
+    print(secret)
+
+
 def _list(kind: IdentityKind, pki: Path, as_json: bool, show_all: bool) -> None:
     with user_errors(), _open(pki) as ca:
         rows = ca.registry.all() if show_all else ca.registry.latest(kind.value)
@@ -677,16 +704,20 @@ def _revoke(
                 out.print(line)
 
         with _open(pki) as ca:
+            had_secret = kind is IdentityKind.SERVICE and _active_secret(ca, name)
             rows = ca.revoke(name, reason=reason, kind=kind)
             info = ca.crl_info()
             for r in rows:
                 say(f"Revoked {kind.value} {name} serial {r.serial} ({reason})")
+            if had_secret:
+                say(f"Revoked the secret of service {name} ({reason})")
             say(f"CRL #{info.number} written to {pki / 'crl.pem'}")
             doc: dict[str, object] = {
                 "kind": kind.value,
                 "name": name,
                 "reason": reason,
                 "revoked": [r.serial for r in rows],
+                "secret_revoked": bool(had_secret),
                 "crl": {"number": info.number, "path": str(pki / "crl.pem")},
                 "export": None,
                 "warnings": [],
@@ -715,6 +746,11 @@ def _revoke(
                 doc["warnings"] = [str(n) for n in report.notes]
         if as_json:
             print_json(doc)
+
+
+def _active_secret(ca: PKI, name: str) -> bool:
+    record = ca.service_secret(name)
+    return record is not None and record.status == "active"
 
 
 @device_app.command("revoke")

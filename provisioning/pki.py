@@ -62,6 +62,7 @@ from provisioning.errors import (
     PKINotFoundError,
     RegistryError,
     RegistryUnavailableError,
+    UnknownDeviceError,
 )
 from provisioning.identity import Identity, IdentityKind
 from provisioning.keyfiles import (
@@ -74,7 +75,7 @@ from provisioning.keyfiles import (
 )
 from provisioning.ledger import Ledger, LedgerEntry, LedgerHead, export_jsonl
 from provisioning.offers import OFFERS_FILE, Offer, OfferBook, OfferEvent, OfferState, next_state
-from provisioning.registry import CertRecord, Registry, RegistryBackend
+from provisioning.registry import CertRecord, Registry, RegistryBackend, SecretRecord
 from provisioning.signing import FileSigner, Signer
 
 if TYPE_CHECKING:
@@ -847,9 +848,20 @@ class PKI:
         by = station_id()
 
         def body(change: _Change) -> list[CertRecord]:
-            rows = self.registry.mark_revoked(
-                name, reason=reason, when=when, kind=kind.value if kind else None
-            )
+            secret = None
+            if kind in (None, IdentityKind.SERVICE):
+                secret = self.registry.revoke_secret(name, when)
+            if secret is not None:
+                event = {"kind": "service", "name": name, "version": secret.version}
+                change.events.append(("secret-revoke", {**event, "reason": reason, "station": by}))
+            try:
+                rows = self.registry.mark_revoked(
+                    name, reason=reason, when=when, kind=kind.value if kind else None
+                )
+            except UnknownDeviceError:
+                if secret is None:  # a service with a secret and no certificate is revoked
+                    raise
+                return []
             change.events.extend(("revoke", _revoke_event(r, reason, by)) for r in rows)
             change.crl_dirty = True
             # A renewed certificate on offer is this device's too: it goes on the same CRL now,
@@ -865,6 +877,53 @@ class PKI:
             return rows
 
         return self._write(when, body)
+
+    # -- service secrets (provisioning/service_secrets.py) ----------------------------------------
+
+    def set_service_secret(
+        self, name: str, *, now: dt.datetime | None = None
+    ) -> tuple[str, SecretRecord, int | None]:
+        """Create or rotate the shared secret of service ``name``; return (the secret, its
+        verifier, the version it replaced or None).
+
+        The registry stores only the verifier; the ledger records ``secret-create`` or
+        ``secret-rotate`` with the version, never the secret. A service needs no certificate to
+        have a secret (this registers it); a name that is or was a device's is refused.
+        """
+        from provisioning.service_secrets import make_secret, make_verifier
+
+        ident = Identity(IdentityKind.SERVICE, name, self.trust_domain)  # validates the name
+        when = _now(now)
+        secret = make_secret()
+
+        def body(change: _Change) -> tuple[SecretRecord, int | None]:
+            state = self.registry.name_states([name]).get(name)
+            if state is not None:
+                self._check_name_free(ident, rotate=True, state=state)
+            old = self.registry.secret(name)
+            version = old.version + 1 if old is not None else 1
+            record = make_verifier(name, secret, version=version, now=when)
+            self.registry.put_secret(record)
+            replaced = old.version if old is not None and old.status == "active" else None
+            event = {
+                "kind": "service",
+                "name": name,
+                "version": version,
+                "mechanism": record.mechanism,
+                "iterations": record.iterations,
+                "station": station_id(),
+            }
+            if replaced is not None:
+                event["replaces"] = replaced
+            change.events.append(("secret-rotate" if old is not None else "secret-create", event))
+            return record, replaced
+
+        record, replaced = self._write(when, body)
+        return secret, record, replaced
+
+    def service_secret(self, name: str) -> SecretRecord | None:
+        """The verifier of a service's secret (active or revoked), or None."""
+        return self.registry.secret(name)
 
     # -- renewal offers (provisioning/offers.py) ------------------------------------------------
 

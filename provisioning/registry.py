@@ -23,7 +23,14 @@ from typing import Any, Protocol
 
 from provisioning.errors import DeviceExistsError, RegistryError, UnknownDeviceError
 
-__all__ = ["SQLITE_MIGRATIONS", "CertRecord", "Registry", "RegistryBackend", "Status"]
+__all__ = [
+    "SQLITE_MIGRATIONS",
+    "CertRecord",
+    "Registry",
+    "RegistryBackend",
+    "SecretRecord",
+    "Status",
+]
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS certificates (
@@ -54,7 +61,25 @@ CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
 
 # Versioned schema (PRAGMA user_version). Version 1 is the schema above, which registries made
 # before versioning already have (its statements are idempotent). Append; never edit.
-SQLITE_MIGRATIONS: tuple[str, ...] = (_SCHEMA,)
+SQLITE_MIGRATIONS: tuple[str, ...] = (
+    _SCHEMA,
+    # 2: a service's shared secret, as its SCRAM-SHA-256 verifier only (never the secret). One row
+    # per service; a rotation replaces it and bumps ``version`` (what a session's credential names).
+    """
+    CREATE TABLE IF NOT EXISTS service_secrets (
+        name        TEXT PRIMARY KEY,
+        version     INTEGER NOT NULL CHECK (version >= 1),
+        mechanism   TEXT NOT NULL,
+        salt        TEXT NOT NULL,
+        iterations  INTEGER NOT NULL CHECK (iterations >= 4096),
+        stored_key  TEXT NOT NULL,
+        server_key  TEXT NOT NULL,
+        status      TEXT NOT NULL CHECK (status IN ('active', 'revoked')),
+        created_at  TEXT NOT NULL,
+        revoked_at  TEXT
+    )
+    """,
+)
 
 Status = str  # 'active' | 'revoked'
 
@@ -141,6 +166,60 @@ class CertRecord:
         )
 
 
+@dataclass(frozen=True, slots=True)
+class SecretRecord:
+    """A service's SCRAM verifier (RFC 5802 / RFC 7677): what the broker checks a secret against.
+
+    ``salt``, ``stored_key`` and ``server_key`` are base64 as on the SCRAM wire. Knowing them does
+    not give the secret (PBKDF2 with ``iterations`` >= 4096 stands between), but ``stored_key``
+    and ``server_key`` let a thief impersonate the *broker* to a SCRAM client: keep the registry
+    private as ever.
+    """
+
+    name: str
+    version: int
+    mechanism: str
+    salt: str
+    iterations: int
+    stored_key: str
+    server_key: str
+    status: Status
+    created_at: dt.datetime
+    revoked_at: dt.datetime | None = None
+
+    @property
+    def credential(self) -> str:
+        """What a session that used this secret names, so a rotation or revocation finds it."""
+        return f"{self.name}#{self.version}"
+
+    def to_json(self) -> dict[str, object]:
+        """The record without its key material (docs/JSON.md)."""
+        return {
+            "name": self.name,
+            "version": self.version,
+            "mechanism": self.mechanism,
+            "iterations": self.iterations,
+            "status": self.status,
+            "created_at": _ts(self.created_at),
+            "revoked_at": _ts(self.revoked_at) if self.revoked_at else None,
+        }
+
+    @classmethod
+    def _from_row(cls, row: sqlite3.Row | Mapping[str, Any]) -> SecretRecord:
+        return cls(
+            name=row["name"],
+            version=int(row["version"]),
+            mechanism=row["mechanism"],
+            salt=row["salt"],
+            iterations=int(row["iterations"]),
+            stored_key=row["stored_key"],
+            server_key=row["server_key"],
+            status=row["status"],
+            created_at=_req_ts(row["created_at"]),
+            revoked_at=_parse_ts(row["revoked_at"]),
+        )
+
+
 class RegistryBackend(Protocol):
     """What the PKI needs from a registry; SQLite (one station) or PostgreSQL (a factory)."""
 
@@ -168,6 +247,10 @@ class RegistryBackend(Protocol):
         self, name: str, *, reason: str, when: dt.datetime, kind: str | None = None
     ) -> list[CertRecord]: ...
     def publish_crl(self, issuer: str, pem: bytes, number: int) -> None: ...
+    def secret(self, name: str) -> SecretRecord | None: ...
+    def secret_states(self) -> dict[str, tuple[int, str]]: ...
+    def put_secret(self, record: SecretRecord) -> None: ...
+    def revoke_secret(self, name: str, when: dt.datetime) -> SecretRecord | None: ...
 
 
 class Registry:
@@ -328,7 +411,24 @@ class Registry:
                 kinds, active = out.get(name, (set(), False))
                 kinds.add(kind)
                 out[name] = (kinds, active or status == "active")
+            # A service with a secret and no certificate has its name too (never a device's).
+            rows = self._db.execute(
+                f"SELECT name FROM service_secrets WHERE name IN ({marks})",  # noqa: S608 - placeholders only
+                chunk,
+            ).fetchall()
+            for (name,) in rows:
+                kinds, active = out.get(name, (set(), False))
+                out[name] = (kinds | {"service"}, active)
         return out
+
+    def secret(self, name: str) -> SecretRecord | None:
+        row = self._db.execute("SELECT * FROM service_secrets WHERE name = ?", (name,)).fetchone()
+        return SecretRecord._from_row(row) if row else None
+
+    def secret_states(self) -> dict[str, tuple[int, str]]:
+        """name -> (version, status) of every secret: what the broker polls to kick old ones."""
+        rows = self._db.execute("SELECT name, version, status FROM service_secrets").fetchall()
+        return {r["name"]: (int(r["version"]), r["status"]) for r in rows}
 
     def get_meta(self, key: str) -> str | None:
         row = self._db.execute("SELECT value FROM meta WHERE key = ?", (key,)).fetchone()
@@ -395,6 +495,39 @@ class Registry:
     def insert_many(self, records: list[CertRecord]) -> None:
         for record in records:
             self.insert(record)
+
+    def put_secret(self, record: SecretRecord) -> None:
+        """Create or replace a service's verifier (the caller bumped the version)."""
+        self._require_tx()
+        self._db.execute(
+            "INSERT OR REPLACE INTO service_secrets (name, version, mechanism, salt, iterations,"
+            " stored_key, server_key, status, created_at, revoked_at)"
+            " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            (
+                record.name,
+                record.version,
+                record.mechanism,
+                record.salt,
+                record.iterations,
+                record.stored_key,
+                record.server_key,
+                record.status,
+                _ts(record.created_at),
+                _ts(record.revoked_at) if record.revoked_at else None,
+            ),
+        )
+
+    def revoke_secret(self, name: str, when: dt.datetime) -> SecretRecord | None:
+        """Mark an active secret revoked; return it as it was (None: no active secret)."""
+        self._require_tx()
+        record = self.secret(name)
+        if record is None or record.status != "active":
+            return None
+        self._db.execute(
+            "UPDATE service_secrets SET status = 'revoked', revoked_at = ? WHERE name = ?",
+            (_ts(when), name),
+        )
+        return record
 
     def mark_revoked(
         self, name: str, *, reason: str, when: dt.datetime, kind: str | None = None

@@ -40,7 +40,7 @@ from provisioning.ledger import (
     build_entries,
     verify_chain,
 )
-from provisioning.registry import CertRecord
+from provisioning.registry import CertRecord, SecretRecord
 
 if TYPE_CHECKING:
     import psycopg
@@ -126,6 +126,21 @@ MIGRATIONS: tuple[str, ...] = (
     CREATE TABLE applied_transactions (
         id text PRIMARY KEY,
         at timestamptz NOT NULL DEFAULT now()
+    );
+    """,
+    # 2: a service's shared secret, as its SCRAM-SHA-256 verifier only (provisioning/registry.py)
+    """
+    CREATE TABLE service_secrets (
+        name        text PRIMARY KEY,
+        version     integer NOT NULL CHECK (version >= 1),
+        mechanism   text NOT NULL,
+        salt        text NOT NULL,
+        iterations  integer NOT NULL CHECK (iterations >= 4096),
+        stored_key  text NOT NULL,
+        server_key  text NOT NULL,
+        status      text NOT NULL CHECK (status IN ('active', 'revoked')),
+        created_at  timestamptz NOT NULL,
+        revoked_at  timestamptz
     );
     """,
 )
@@ -426,7 +441,20 @@ class PostgresRegistry:
             " FROM certificates WHERE name = ANY(%s) GROUP BY name",
             (names,),
         )
-        return {r["name"]: (set(r["kinds"]), bool(r["active"])) for r in rows}
+        out = {r["name"]: (set(r["kinds"]), bool(r["active"])) for r in rows}
+        # A service with a secret and no certificate has its name too (never a device's).
+        for r in self._rows("SELECT name FROM service_secrets WHERE name = ANY(%s)", (names,)):
+            kinds, active = out.get(r["name"], (set(), False))
+            out[r["name"]] = (kinds | {"service"}, active)
+        return out
+
+    def secret(self, name: str) -> SecretRecord | None:
+        rows = self._rows("SELECT * FROM service_secrets WHERE name = %s", (name,))
+        return SecretRecord._from_row(rows[0]) if rows else None
+
+    def secret_states(self) -> dict[str, tuple[int, str]]:
+        rows = self._rows("SELECT name, version, status FROM service_secrets")
+        return {r["name"]: (int(r["version"]), r["status"]) for r in rows}
 
     def get_meta(self, key: str) -> str | None:
         rows = self._rows("SELECT value FROM meta WHERE key = %s", (key,))
@@ -557,6 +585,41 @@ class PostgresRegistry:
         )
         self._feed(rows)
         return rows
+
+    def put_secret(self, record: SecretRecord) -> None:
+        self._exec(
+            "INSERT INTO service_secrets (name, version, mechanism, salt, iterations, stored_key,"
+            " server_key, status, created_at, revoked_at)"
+            " VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s)"
+            " ON CONFLICT (name) DO UPDATE SET version = excluded.version,"
+            " mechanism = excluded.mechanism, salt = excluded.salt,"
+            " iterations = excluded.iterations, stored_key = excluded.stored_key,"
+            " server_key = excluded.server_key, status = excluded.status,"
+            " created_at = excluded.created_at, revoked_at = excluded.revoked_at",
+            (
+                record.name,
+                record.version,
+                record.mechanism,
+                record.salt,
+                record.iterations,
+                record.stored_key,
+                record.server_key,
+                record.status,
+                record.created_at,
+                record.revoked_at,
+            ),
+        )
+
+    def revoke_secret(self, name: str, when: dt.datetime) -> SecretRecord | None:
+        self._require_tx()
+        record = self.secret(name)
+        if record is None or record.status != "active":
+            return None
+        self._exec(
+            "UPDATE service_secrets SET status = 'revoked', revoked_at = %s WHERE name = %s",
+            (when, name),
+        )
+        return record
 
     def publish_crl(self, issuer: str, pem: bytes, number: int) -> None:
         """Make a station's newest CRL known to every broker."""

@@ -30,6 +30,7 @@ from broker.auth_jwt import DeviceTokenAuthenticator, ReplayCache
 from broker.errors import ConfigError
 from broker.server import BrokerThread
 from broker.settings import BrokerSettings, ListenerSpec
+from provisioning.identity import IdentityKind
 from provisioning.keyfiles import load_private_key
 from provisioning.pki import PKI
 from provisioning.tls import client_context
@@ -304,7 +305,7 @@ def test_a_certificate_on_a_jwt_only_listener_proves_nothing(
 def test_the_session_ends_when_the_token_expires(fleet: Fleet) -> None:
     issuer = x509.load_pem_x509_certificate((fleet.pki_dir / "issuing.crt").read_bytes())
     auth = DeviceTokenAuthenticator(
-        trust_domain="fleet.example", issuer=lambda: issuer, is_revoked=lambda _: False
+        trust_domain="fleet.example", issuers=lambda: [issuer], is_revoked=lambda _: False
     )
     token = _token(fleet, "dev-1", ttl=600)
     facts = ConnectionFacts("dev-1", "u", token, "127.0.0.1:1", None)
@@ -413,10 +414,71 @@ def test_device_token_errors_are_one_line(
 
 @pytest.mark.parametrize(
     ("listen", "words"),
-    [("8884:oidc", "not available in this version"), ("nonsense", "expected PORT:METHOD")],
+    [("8884:scram", "not available in this version"), ("nonsense", "expected PORT:METHOD")],
 )
 def test_broker_run_refuses_a_listener_it_cannot_serve(
     fleet: Fleet, run_cli: Callable[..., Result], listen: str, words: str
 ) -> None:
     result = run_cli("broker", "run", "--pki", str(fleet.pki_dir), "--listen", listen)
     assert_one_line_error(result, words)
+
+
+# -- a shared registry: devices of every station --------------------------------------------------
+
+
+@pytest.mark.slow
+def test_tokens_of_every_active_station_are_accepted_on_a_shared_registry(
+    tmp_path: Path, pg_url: str
+) -> None:
+    """One PostgreSQL registry, three issuing CAs: a broker run from station-1's directory takes
+    the tokens of station-3's and the root station's devices (every CA the watcher trusts), and
+    still refuses a token whose certificate comes from another fleet's CA, and the devices of a
+    revoked station."""
+    root = PKI.init(tmp_path / "root-ca", trust_domain="fleet.example", registry=pg_url)
+    stations = {"root": root}
+    for name in ("station-1", "station-3"):
+        root.add_station(name, out=tmp_path / name)
+        stations[name] = PKI.open(tmp_path / name)
+    foreign = PKI.init(tmp_path / "foreign", trust_domain="fleet.example")
+    creds: dict[str, Path] = {}
+    for station, device in (("station-3", "dev-s3"), ("root", "dev-r"), ("station-1", "dev-s1")):
+        creds[device] = tmp_path / "creds" / device
+        stations[station].issue(device, kind=IdentityKind.DEVICE, out=creds[device])
+    creds["dev-x"] = tmp_path / "creds" / "dev-x"
+    foreign.issue("dev-x", kind=IdentityKind.DEVICE, out=creds["dev-x"])
+    audit: list[dict[str, Any]] = []
+    thread = BrokerThread(
+        BrokerSettings(tmp_path / "station-1", listeners=(JWT,)),
+        audit_sink=lambda line: audit.append(json.loads(line)),
+    ).start()
+    made: list[Peer] = []
+
+    def connect(device: str) -> Peer:
+        cert = x509.load_pem_x509_certificate((creds[device] / "device.crt").read_bytes())
+        token = make_device_token(
+            key=load_private_key(creds[device] / "device.key"),
+            certificate=cert,
+            device_id=device,
+            audience="fleet.example",
+        )
+        peer = Peer(thread.port, None, device, context=client_context(trust=root.path / "root.crt"))
+        peer.client.username_pw_set("unused", token)
+        made.append(peer)
+        return peer.connect(expect_ok=False)
+
+    try:
+        for device in ("dev-s3", "dev-r", "dev-s1"):
+            assert connect(device).connected.is_set(), device
+        assert connect("dev-x").refused  # negative twin: a CA of another fleet
+        assert wait_until(
+            lambda: any(r.get("reason") == "token-untrusted-certificate" for r in audit)
+        )
+        root.revoke_station("station-3", reason="key-compromise")
+        assert wait_until(lambda: len(thread.broker.watcher.issuers) == 2)
+        assert connect("dev-s3").refused  # a revoked station's devices are refused
+    finally:
+        for peer in made:
+            peer.close()
+        thread.stop()
+        for ca in (*stations.values(), foreign):
+            ca.close()

@@ -155,3 +155,78 @@ def test_nothing_listens(fleet: Fleet, mqtt: Callable[..., Result]) -> None:
         "-t", "devices/dev-1/x", "-m", "x",
     )  # fmt: skip
     assert_one_line_error(result, f"cannot connect to 127.0.0.1:{port}")
+
+
+# -- a service's secret (password) and an identity provider's token (oidc) -----------------------
+
+
+def test_password_and_oidc_services_end_to_end(
+    fleet: Fleet, mqtt: Callable[..., Result], tmp_path: Path
+) -> None:
+    import os
+    import time
+
+    import jwt
+    from cryptography.hazmat.primitives.asymmetric import rsa
+
+    from broker.auth_oidc import OIDCSettings
+
+    secret, _, _ = fleet.pki.set_service_secret("dash")
+    fleet.pki.set_service_secret("grafana")
+    idp_key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    jwk = jwt.algorithms.RSAAlgorithm.to_jwk(idp_key.public_key(), as_dict=True)
+    (tmp_path / "jwks.json").write_text(json.dumps({"keys": [{**jwk, "kid": "k1"}]}))
+    now = int(time.time())
+    claims = {"iss": "https://idp.test", "aud": "mqtt", "sub": "grafana", "exp": now + 600}
+    token_file = tmp_path / "token"
+    token_file.write_text(jwt.encode(claims, idp_key, algorithm="RS256", headers={"kid": "k1"}))
+    specs = (ListenerSpec(0, frozenset({"mtls"})), ListenerSpec(0, frozenset({"password", "oidc"})))
+    oidc = OIDCSettings("https://idp.test", "mqtt", str(tmp_path / "jwks.json"))
+    thread = BrokerThread(
+        BrokerSettings(fleet.pki_dir, listeners=specs, oidc=oidc), audit_sink=lambda _: None
+    ).start()
+    mtls_port, port = thread.broker.ports.values()
+    broker, ca = f"127.0.0.1:{port}", str(fleet.pki_dir / "root.crt")
+    env = {**os.environ, "DASH_SECRET": secret, "WRONG": secret + "x"}
+    try:
+        retained = mqtt(
+            "pub", "--broker", f"127.0.0.1:{mtls_port}", "--creds", str(fleet.creds("dev-1")),
+            "-t", "devices/dev-1/state", "-m", "online", "-q", "1", "-r",
+        )  # fmt: skip
+        assert retained.returncode == 0, retained.stderr
+        received = mqtt(
+            "sub", "--broker", broker, "--cafile", ca, "--auth", "oidc", "--user", "grafana",
+            "--token-file", str(token_file), "-t", "devices/+/state", "-C", "1", "-W", "20",
+            "--json",
+        )  # fmt: skip
+        assert received.returncode == 0, received.stderr
+        assert json.loads(received.stdout.splitlines()[0])["payload"] == "online"
+        published = mqtt(
+            "pub", "--broker", broker, "--cafile", ca, "--auth", "password", "--user", "dash",
+            "--secret-env", "DASH_SECRET", "-t", "devices/dev-1/commands/x", "-m", "go",
+            "-q", "1", "--json",
+            env=env,
+        )  # fmt: skip
+        assert published.returncode == 0, published.stderr
+        assert json.loads(published.stdout)["method"] == "password"
+        wrong = mqtt(
+            "pub", "--broker", broker, "--cafile", ca, "--auth", "password", "--user", "dash",
+            "--secret-env", "WRONG", "-t", "devices/dev-1/commands/x", "-m", "go",
+            env=env,
+        )  # fmt: skip
+        assert_one_line_error(wrong, "CONNACK 4")
+        # A device cannot come in with a password, whatever the listener lists.
+        device = mqtt(
+            "pub", "--broker", broker, "--cafile", ca, "--auth", "password", "--user", "dev-1",
+            "--secret-env", "DASH_SECRET", "-t", "devices/dev-1/state", "-m", "x",
+            env=env,
+        )  # fmt: skip
+        assert_one_line_error(device, "CONNACK 4")
+        # Outside the service's grants: the broker ends the session (denied_publish).
+        denied = mqtt(
+            "pub", "--broker", broker, "--cafile", ca, "--auth", "oidc", "--user", "grafana",
+            "--token-file", str(token_file), "-t", "devices/dev-1/state", "-m", "x", "-q", "1",
+        )  # fmt: skip
+        assert_one_line_error(denied, "the broker closed the connection")
+    finally:
+        thread.stop()

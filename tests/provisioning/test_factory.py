@@ -25,7 +25,7 @@ from hardware import VirtualDevice
 from iotauth.pgcluster import TempPostgres
 from provisioning.errors import DeviceExistsError, LedgerCorruptError, PKIError, RegistryError
 from provisioning.pki import PKI
-from provisioning.registry import Registry
+from provisioning.registry import SQLITE_MIGRATIONS, Registry
 from provisioning.registry_pg import MIGRATIONS, PostgresRegistry
 from provisioning.station import StationSettings, provision_many
 from tests.conftest import (
@@ -122,7 +122,14 @@ def test_sqlite_registry_is_versioned_too(tmp_path: Path) -> None:
     import sqlite3
 
     db = sqlite3.connect(tmp_path / "pki" / "registry.sqlite3")
-    assert db.execute("PRAGMA user_version").fetchone()[0] == 1
+    assert db.execute("PRAGMA user_version").fetchone()[0] == len(SQLITE_MIGRATIONS)
+    # A registry of the first version (no service secrets) is migrated when opened.
+    db.execute("DROP TABLE service_secrets")
+    db.execute("PRAGMA user_version = 1")
+    db.commit()
+    Registry(tmp_path / "pki" / "registry.sqlite3").close()
+    assert db.execute("PRAGMA user_version").fetchone()[0] == 2
+    assert db.execute("SELECT count(*) FROM service_secrets").fetchone()[0] == 0
     db.execute("PRAGMA user_version = 7")
     db.commit()
     db.close()

@@ -117,3 +117,75 @@ def test_revocation_updates_the_crl_monotonically(pki: PKI) -> None:
     assert first.this_update <= second.this_update <= third.this_update
     assert third.revoked == 2
     assert third.next_update > third.this_update
+
+
+# -- service secrets: the SCRAM verifier only --------------------------------------------------
+
+
+def test_a_service_secret_is_stored_as_its_scram_verifier_only(pki: PKI) -> None:
+    import base64
+    import hashlib
+    import hmac
+
+    from provisioning.errors import RegistryError
+    from provisioning.service_secrets import check_secret
+
+    secret, record, replaced = pki.set_service_secret("dashboard")
+    assert replaced is None
+    assert record.version == 1
+    assert record.iterations >= 4096
+    stored = pki.service_secret("dashboard")
+    assert stored == record
+    assert secret not in repr(stored)
+    # RFC 5802 §3, checked independently of scramp: SaltedPassword = PBKDF2(secret, salt, i),
+    # StoredKey = H(HMAC(SaltedPassword, "Client Key")), ServerKey = HMAC(SaltedPassword,
+    # "Server Key").
+    salted = hashlib.pbkdf2_hmac(
+        "sha256", secret.encode(), base64.b64decode(record.salt), record.iterations
+    )
+    client_key = hmac.digest(salted, b"Client Key", "sha256")
+    assert base64.b64decode(record.stored_key) == hashlib.sha256(client_key).digest()
+    assert base64.b64decode(record.server_key) == hmac.digest(salted, b"Server Key", "sha256")
+    assert check_secret(record, secret)
+    assert not check_secret(record, secret[:-1] + ("A" if secret[-1] != "A" else "B"))
+    # Rotation: a new salt and verifier, the version bumped; the old secret no longer verifies.
+    secret2, record2, replaced2 = pki.set_service_secret("dashboard")
+    assert (replaced2, record2.version) == (1, 2)
+    assert record2.salt != record.salt
+    assert check_secret(record2, secret2)
+    assert not check_secret(record2, secret)
+    # The ledger records creation and rotation, never the secret.
+    entries = [e for _, e in pki.ledger.entries()]
+    events = [(e.event, e.data.get("version")) for e in entries if e.event.startswith("secret")]
+    assert events == [("secret-create", 1), ("secret-rotate", 2)]
+    text = "\n".join(str(e) for e in entries)
+    assert secret not in text
+    assert secret2 not in text
+    assert record2.stored_key not in text
+    pki.verify_ledger()
+    # Names stay unique across kinds: a device cannot take the service's name, nor the reverse.
+    with pytest.raises(RegistryError, match="device ids and service names must not collide"):
+        pki.issue("dashboard", kind=IdentityKind.DEVICE)
+    pki.issue("dev-1", kind=IdentityKind.DEVICE)
+    with pytest.raises(RegistryError, match="must not collide"):
+        pki.set_service_secret("dev-1")
+    # A service with a secret can also get a certificate (same name, same kind).
+    pki.issue("dashboard", kind=IdentityKind.SERVICE)
+
+
+def test_revoking_a_service_revokes_its_secret_with_or_without_a_certificate(pki: PKI) -> None:
+    pki.set_service_secret("telegraf")
+    assert pki.revoke("telegraf", kind=IdentityKind.SERVICE, reason="key-compromise") == []
+    record = pki.service_secret("telegraf")
+    assert record is not None
+    assert record.status == "revoked"
+    assert record.revoked_at is not None
+    assert pki.registry.secret_states() == {"telegraf": (1, "revoked")}
+    # Negative twin: a device name is not a service with a secret.
+    pki.issue("dev-2", kind=IdentityKind.DEVICE)
+    pki.revoke("dev-2", kind=IdentityKind.DEVICE)
+    with pytest.raises(UnknownDeviceError):
+        pki.revoke("nobody", kind=IdentityKind.SERVICE)
+    # A new secret after revocation is a fresh version (sessions named #1 stay kicked).
+    _, again, replaced = pki.set_service_secret("telegraf")
+    assert (again.version, again.status, replaced) == (2, "active", None)
