@@ -32,6 +32,7 @@ exchange that the table can name.
 
 from __future__ import annotations
 
+import dataclasses
 import enum
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Protocol
@@ -42,7 +43,7 @@ from broker.errors import BrokerError, Refused, TopicError
 from broker.topics import validate_topic
 
 if TYPE_CHECKING:
-    from broker.core import BrokerCore, Session
+    from broker.core import BrokerCore, Message, Session
 
 __all__ = [
     "TRANSITIONS",
@@ -128,16 +129,64 @@ Event = Authenticate
 
 @dataclass(slots=True)
 class Negotiated:
-    """What CONNECT settled for this connection (MQTT 5 adds its per-connection limits here)."""
+    """What CONNECT settled for this connection."""
 
     keepalive: int = 0
     keepalive_window: float = 0.0  # seconds without a packet before the connection is closed
+    # MQTT 5. The client's limits on what we send: Maximum Packet Size (3.1.2.11.4) and Topic
+    # Alias Maximum (3.1.2.11.5); ours on what it sends: Topic Alias Maximum, Receive Maximum.
+    max_packet_out: int = 268_435_460  # the largest packet MQTT can frame
+    alias_max_out: int = 0
+    alias_max_in: int = 0
+    receive_max_in: int = 0
+    # Request Problem Information (3.1.2.11.7): reason strings and user properties beyond
+    # CONNACK and DISCONNECT only when 1 (MQTT-3.1.2-29).
+    problem_info: bool = True
+
+
+# MQTT 5: the DISCONNECT reason code a server-side close sends, by its audit token. Absent: no
+# DISCONNECT (the peer cannot take it: a slow reader; or nothing MQTT happened yet).
+DISCONNECT_REASONS: dict[str, int] = {
+    "takeover": mqtt.Reason.SESSION_TAKEN_OVER,  # 0x8E, MQTT-3.1.4-3
+    "keepalive": mqtt.Reason.KEEP_ALIVE_TIMEOUT,  # 0x8D, MQTT-3.1.2-22
+    "packet-timeout": mqtt.Reason.KEEP_ALIVE_TIMEOUT,  # a packet stalled past its deadline
+    # The credential that authorized the session no longer does: a device should renew, so the
+    # code names authorization (0x87), not an operator's act (0x98, kept for `broker kick`).
+    "revoked": mqtt.Reason.NOT_AUTHORIZED,
+    "expired": mqtt.Reason.NOT_AUTHORIZED,
+    "operator": mqtt.Reason.ADMINISTRATIVE_ACTION,  # 0x98
+    "shutdown": mqtt.Reason.SERVER_SHUTTING_DOWN,  # 0x8B
+    "malformed": mqtt.Reason.MALFORMED_PACKET,  # 0x81
+    "protocol-error": mqtt.Reason.PROTOCOL_ERROR,  # 0x82
+    "bad-connect": mqtt.Reason.PROTOCOL_ERROR,
+    "invalid-publish-topic": mqtt.Reason.TOPIC_NAME_INVALID,  # 0x90
+    "packet-too-large": mqtt.Reason.PACKET_TOO_LARGE,  # 0x95
+    "quota": mqtt.Reason.QUOTA_EXCEEDED,  # 0x97
+    "receive-maximum": mqtt.Reason.RECEIVE_MAXIMUM_EXCEEDED,  # 0x93
+    "topic-alias-invalid": mqtt.Reason.TOPIC_ALIAS_INVALID,  # 0x94
+    "reauth-failed": mqtt.Reason.NOT_AUTHORIZED,
+}
+
+# MQTT 5 CONNACK code for a refusal: the 3.1.1 return code an authenticator gives
+# (``Refused.connack``) mapped to its 5.0 reason (table 3-1), and a few refusals by token.
+CONNACK_REASONS: dict[int, int] = {
+    mqtt.CONNACK_IDENTIFIER_REJECTED: mqtt.Reason.CLIENT_IDENTIFIER_NOT_VALID,  # 2 -> 0x85
+    mqtt.CONNACK_BAD_CREDENTIALS: mqtt.Reason.BAD_USER_NAME_OR_PASSWORD,  # 4 -> 0x86
+    mqtt.CONNACK_NOT_AUTHORIZED: mqtt.Reason.NOT_AUTHORIZED,  # 5 -> 0x87
+}
+REFUSAL_REASONS: dict[str, int] = {
+    "method-not-allowed": mqtt.Reason.BAD_AUTHENTICATION_METHOD,  # 0x8C
+    "bad-auth-method": mqtt.Reason.BAD_AUTHENTICATION_METHOD,
+}
 
 
 class ClientProtocol:
     """One client connection's MQTT protocol; also the core's ``Link`` to that client."""
 
     __slots__ = (
+        "_aliases_in",
+        "_aliases_out",
+        "_close_code",
         "_held",
         "_now",
         "_out",
@@ -158,6 +207,7 @@ class ClientProtocol:
         "session",
         "state",
         "tls_version",
+        "v5",
         "version",
     )
 
@@ -168,6 +218,10 @@ class ClientProtocol:
         self.state = _HANDSHAKE
         self.tls_version: str | None = None
         self.version = 0  # the CONNECT's protocol level once read
+        self.v5 = False  # level 5: every packet after CONNECT is read and written as MQTT 5.0
+        self._aliases_in: dict[int, str] = {}  # Topic Alias -> topic, set by the client
+        self._aliases_out: dict[str, int] = {}  # topic -> Topic Alias, set by us
+        self._close_code: int | None = None  # MQTT 5: the code of a violation being closed
         self.reader = mqtt.PacketReader(core.limits.max_packet_bytes)
         self.session: Session | None = None
         self.negotiated = Negotiated()
@@ -258,7 +312,19 @@ class ClientProtocol:
         self._go(_CLOSED)
         self._out.clear()
         self._out_bytes = 0
-        self._wire.end(flush=False)
+        code = self._close_code
+        if code is None and reason is not None:
+            code = DISCONNECT_REASONS.get(reason)
+        if code is not None and was_live and self.v5 and not self._wire.buffered():
+            # MQTT 5 says why (MQTT-3.14.2-1); only to a peer that reads, so a close is never
+            # held up by it.
+            if code not in mqtt.REASON_CODES[mqtt.DISCONNECT]:
+                code = mqtt.Reason.UNSPECIFIED_ERROR
+            props = self._reason_props(self.kick_reason or "", always=True)
+            self._out.append(mqtt.disconnect5(code, props))
+            self._wire.end(flush=True)
+        else:
+            self._wire.end(flush=False)
         session = self.session
         if was_live and session is not None:
             core = self.core
@@ -302,13 +368,13 @@ class ClientProtocol:
     def receive_data(self, data: bytes, now: float) -> Event | None:
         """Decrypted bytes from the peer; returns :class:`Authenticate` when they complete a
         valid CONNECT."""
-        self._now = now
+        self._now = self.core.now = now
         try:
             packets = self.reader.feed(data)
         except mqtt.ProtocolViolation as exc:
             # The packets before the broken one count: how TCP split the stream must not decide.
             event = self._handle(exc.packets)
-            self.violation(exc.reason, exc.detail)
+            self.violation(exc.reason, exc.detail, exc.code)
             return event
         if packets:
             self.last_packet = now
@@ -326,12 +392,15 @@ class ClientProtocol:
 
     def unhold(self, now: float) -> None:
         """Nothing holds this publisher any more: the packets that waited, then read again."""
-        self._now = now
+        self._now = self.core.now = now
         if self.state is not _LIVE or self.holds:
             return
         held, self._held = self._held, []
         for index, packet in enumerate(held):
-            self._dispatch(packet)
+            if self.v5:
+                self._dispatch5(packet)
+            else:
+                self._dispatch(packet)
             if self.state is not _LIVE:
                 return
             if self.holds:  # held again: keep the rest, in order
@@ -358,17 +427,32 @@ class ClientProtocol:
             elif self.partial_since and now - self.partial_since > self.core.limits.packet_timeout:
                 self.violation("packet-timeout", "packet stalled")
 
-    def violation(self, reason: str, detail: str) -> None:
+    def violation(self, reason: str, detail: str, code: int | None = None) -> None:
         """The peer broke the protocol or a limit: audited, closed, will published
-        (an abnormal end, MQTT-3.1.2-8)."""
+        (an abnormal end, MQTT-3.1.2-8). An MQTT 5 peer is told ``code`` (or the reason's):
+        in a DISCONNECT once live, in a CONNACK while its CONNECT is read (MQTT-3.2.2-7)."""
         if self.state is _CLOSED:
             return
         if self.state is _LIVE and self.session is not None:
             self.core.kick_record(self.session, reason, detail)
+            self._close_code = code
             self.close(will=True, reason=reason)
+        elif self.state is _WAIT_CONNECT and self.reader.level == 5:
+            connack = code if code is not None else DISCONNECT_REASONS.get(reason)
+            if connack not in mqtt.REASON_CODES[mqtt.CONNACK]:
+                connack = mqtt.Reason.UNSPECIFIED_ERROR
+            self.v5 = True
+            self._refuse(reason, detail, connack)
         else:
             self.core.refused(self.peer, reason, detail)
             self.close(will=False)
+
+    def _reason_props(self, reason: str, *, always: bool = False) -> mqtt.Properties:
+        """A Reason String, where Request Problem Information allows it (MQTT-3.1.2-29):
+        always on CONNACK and DISCONNECT, elsewhere only if the client asked (the default)."""
+        if always or self.negotiated.problem_info:
+            return mqtt.Properties(reason_string=reason)
+        return mqtt.NO_PROPERTIES
 
     # -- packets ---------------------------------------------------------------------------------
 
@@ -377,7 +461,10 @@ class ClientProtocol:
         for packet in packets:
             state = self.state
             if state is _LIVE and not self.holds:
-                self._dispatch(packet)
+                if self.v5:
+                    self._dispatch5(packet)
+                else:
+                    self._dispatch(packet)
             elif state is _LIVE or state is _AUTH:
                 # Held (backpressure) or not yet authenticated: kept in order, bounded by what
                 # one socket read delivered, since the transport stops reading meanwhile.
@@ -426,17 +513,191 @@ class ClientProtocol:
         elif type(packet) is mqtt.Unsubscribe:
             self.core.unsubscribe(session, packet)
 
+    # -- MQTT 5 packets ------------------------------------------------------------------------
+
+    def _dispatch5(self, packet: mqtt.Packet) -> None:
+        session = self.session
+        assert session is not None  # noqa: S101 - LIVE implies a session
+        kind = type(packet)
+        if kind is mqtt.Publish:
+            assert isinstance(packet, mqtt.Publish)  # noqa: S101 - for the type checker
+            self._publish5(session, packet)
+        elif kind is mqtt.Ack:
+            assert isinstance(packet, mqtt.Ack)  # noqa: S101
+            pid = packet.packet_id
+            if packet.kind == mqtt.PUBREL:
+                if pid in session.incoming_qos2:
+                    session.incoming_qos2.discard(pid)
+                    self.send(mqtt.ack5(mqtt.PUBCOMP, pid))
+                else:  # 3.7.2.1: a PUBREL for nothing we hold
+                    self.send(mqtt.ack5(mqtt.PUBCOMP, pid, mqtt.Reason.PACKET_IDENTIFIER_NOT_FOUND))
+            else:
+                self.core.acked(session, packet.kind, pid, packet.reason_code)
+        elif kind is tuple:
+            self.send(mqtt.pingresp())  # the only level-5 packet read as a tuple is PINGREQ
+        elif kind is mqtt.Subscribe:
+            assert isinstance(packet, mqtt.Subscribe)  # noqa: S101
+            self.core.subscribe(session, packet)
+        elif kind is mqtt.Unsubscribe:
+            assert isinstance(packet, mqtt.Unsubscribe)  # noqa: S101
+            self.core.unsubscribe(session, packet)
+        elif kind is mqtt.Disconnect:
+            assert isinstance(packet, mqtt.Disconnect)  # noqa: S101
+            self._disconnect5(session, packet)
+        elif kind is mqtt.Auth:
+            # Re-authentication (4.12.1) is not offered: no method runs an exchange yet.
+            self.violation(
+                "bad-auth-method",
+                "AUTH without an authentication exchange",
+                mqtt.Reason.PROTOCOL_ERROR,
+            )
+
+    def _publish5(self, session: Session, packet: mqtt.Publish) -> None:
+        topic = packet.topic
+        alias = packet.properties.topic_alias
+        if alias is not None:
+            resolved = self._topic_alias(topic, alias)
+            if resolved is None:
+                return
+            topic = resolved
+        qos, pid = packet.qos, packet.packet_id
+        if qos == 2:
+            if pid in session.incoming_qos2:
+                self.send(mqtt.ack5(mqtt.PUBREC, pid))  # a re-sent QoS 2 PUBLISH: routed once
+                return
+            if len(session.incoming_qos2) >= self.negotiated.receive_max_in:
+                # MQTT-3.3.4-7 is the client's duty; 3.3.4 says how we answer
+                self.violation(
+                    "receive-maximum",
+                    f"more than {self.negotiated.receive_max_in} QoS 2 messages unacknowledged",
+                    mqtt.Reason.RECEIVE_MAXIMUM_EXCEEDED,
+                )
+                return
+        routed = self.core.publish5(session, packet, topic, self._now)
+        if qos == 1:
+            if routed:
+                self.send(mqtt.ack5(mqtt.PUBACK, pid))
+            else:
+                self.send(
+                    mqtt.ack5(
+                        mqtt.PUBACK, pid, mqtt.Reason.NOT_AUTHORIZED, self._reason_props("denied")
+                    )
+                )
+        elif qos == 2:
+            if routed:
+                session.incoming_qos2.add(pid)  # MQTT-4.3.3-2: until PUBREL
+                self.send(mqtt.ack5(mqtt.PUBREC, pid))
+            else:
+                self.send(
+                    mqtt.ack5(
+                        mqtt.PUBREC, pid, mqtt.Reason.NOT_AUTHORIZED, self._reason_props("denied")
+                    )
+                )
+
+    def _topic_alias(self, topic: str, alias: int) -> str | None:
+        """The topic a client's Topic Alias stands for (3.3.2.3.4); None: the connection was
+        closed for it. The topic is then judged by the policy as if it had been sent."""
+        if alias == 0 or alias > self.negotiated.alias_max_in:
+            # MQTT-3.3.2-8, -9: 0 or above our Topic Alias Maximum
+            self.violation(
+                "topic-alias-invalid", f"topic alias {alias}", mqtt.Reason.TOPIC_ALIAS_INVALID
+            )
+            return None
+        if topic:
+            self._aliases_in[alias] = topic
+            return topic
+        known = self._aliases_in.get(alias)
+        if known is None:
+            # 3.3.4: an alias that no PUBLISH of this connection has set
+            self.violation(
+                "protocol-error", f"topic alias {alias} was never set", mqtt.Reason.PROTOCOL_ERROR
+            )
+        return known
+
+    def _disconnect5(self, session: Session, packet: mqtt.Disconnect) -> None:
+        expiry = packet.properties.session_expiry_interval
+        if expiry is not None:
+            if session.expiry == 0 and expiry != 0:
+                # 3.14.2.2.2: a session that was to end cannot be kept from DISCONNECT on
+                self.violation(
+                    "protocol-error",
+                    "Session Expiry Interval set at DISCONNECT after 0 at CONNECT",
+                    mqtt.Reason.PROTOCOL_ERROR,
+                )
+                return
+            session.expiry = self.core.session_expiry_for(expiry)
+            session.persistent = session.expiry != 0
+        code = packet.reason_code
+        # MQTT-3.14.4-3: 0x00 discards the will; 0x04 (and any error) publishes it (3.14.2.1).
+        self.clean_disconnect = code == mqtt.Reason.NORMAL_DISCONNECTION
+        self.close(will=not self.clean_disconnect)
+
+    def publish5(self, message: Message, qos: int, packet_id: int, dup: bool) -> bool:
+        """The core's delivery to this MQTT 5 client: the remaining Message Expiry Interval
+        (MQTT-3.3.2-6), its Subscription Identifiers, a Topic Alias within the client's maximum,
+        and never more than the client's Maximum Packet Size (MQTT-3.1.2-25: such a message is
+        discarded for this client)."""
+        if self.state is _CLOSED:
+            return True
+        wire = message.properties_wire
+        expires = message.expires_at
+        topic = message.topic_bytes
+        negotiated = self.negotiated
+        alias = 0
+        if negotiated.alias_max_out:
+            alias = self._aliases_out.get(message.topic, 0)
+            if alias:
+                topic = b""
+            elif len(self._aliases_out) < negotiated.alias_max_out:
+                alias = -(len(self._aliases_out) + 1)  # new: sent with its topic
+        if expires is not None or message.subscription_ids or alias:
+            props = message.properties
+            changes: dict[str, object] = {}
+            if expires is not None:
+                remaining = expires - self.core.now
+                if remaining <= 0 and not dup:
+                    self.core.expired += 1
+                    return False
+                changes["message_expiry_interval"] = max(0, -int(-remaining // 1))
+            if message.subscription_ids:
+                changes["subscription_identifiers"] = message.subscription_ids
+            if alias:
+                changes["topic_alias"] = abs(alias)
+            wire = mqtt.encode_properties(dataclasses.replace(props, **changes), mqtt.PUBLISH)  # type: ignore[arg-type]
+        data = mqtt.encode_publish5(
+            topic, message.payload, qos, message.retain, packet_id, dup, wire
+        )
+        if len(data) > negotiated.max_packet_out:
+            return False
+        if alias < 0:
+            self._aliases_out[message.topic] = -alias
+        self.send(data)
+        return True
+
     # -- CONNECT ---------------------------------------------------------------------------------
 
     def _on_connect(self, connect: mqtt.Connect) -> Event | None:
         self.version = connect.protocol_level
-        if connect.protocol_level not in (3, 4):
+        if connect.protocol_level not in (3, 4, 5):
             self._refuse(
                 "bad-connect",
-                f"protocol level {connect.protocol_level} (3.1.1 only)",
+                f"protocol level {connect.protocol_level} (3.1.1 and 5.0 only)",
                 mqtt.CONNACK_UNACCEPTABLE_PROTOCOL,
             )
             return None
+        if connect.protocol_level == 5:
+            self.v5 = True
+            props = connect.properties
+            self.negotiated.problem_info = props.request_problem_information != 0
+            method = props.authentication_method
+            if method is not None:
+                # 4.12: no listener method runs an AUTH exchange yet (SCRAM comes next).
+                self._refuse(
+                    "bad-auth-method",
+                    f"authentication method {method!r} is not offered",
+                    mqtt.Reason.BAD_AUTHENTICATION_METHOD,
+                )
+                return None
         if connect.will_topic is not None:
             try:
                 validate_topic(connect.will_topic)
@@ -453,12 +714,10 @@ class ClientProtocol:
         if self.state is not _AUTH:
             return  # the client went away meanwhile
         code = refusal.connack
-        if code not in (
-            mqtt.CONNACK_IDENTIFIER_REJECTED,
-            mqtt.CONNACK_BAD_CREDENTIALS,
-            mqtt.CONNACK_NOT_AUTHORIZED,
-        ):
+        if code not in CONNACK_REASONS:
             code = mqtt.CONNACK_NOT_AUTHORIZED
+        if self.v5:
+            code = REFUSAL_REASONS.get(refusal.reason, CONNACK_REASONS[code])
         self._refuse(refusal.reason, refusal.detail, code, refusal.identity, client_id)
 
     def _refuse(
@@ -470,7 +729,11 @@ class ClientProtocol:
         client_id: str | None = None,
     ) -> None:
         self.core.refused(self.peer, reason, detail, identity, client_id)
-        self.send(mqtt.connack(False, code))
+        if self.v5:
+            # The reason token, not the detail: a refused peer learns why, not our internals.
+            self.send(mqtt.connack5(False, code, self._reason_props(reason, always=True)))
+        else:
+            self.send(mqtt.connack(False, code))
         self._go(_CLOSED)
         self._wire.end(flush=True)  # the CONNACK goes out, then the socket closes
 
@@ -490,12 +753,17 @@ class ClientProtocol:
         limits = core.limits
         requested = connect.keepalive
         keepalive = min(requested, limits.max_keepalive) if requested > 0 else limits.max_keepalive
-        self.negotiated = Negotiated(keepalive, keepalive * limits.keepalive_factor)
+        negotiated = self.negotiated
+        negotiated.keepalive = keepalive
+        negotiated.keepalive_window = keepalive * limits.keepalive_factor
         self.last_packet = now
         session, present = core.attach(self, connect, authenticated)
         self.session = session
         self._go(_LIVE)
-        self.send(mqtt.connack(present, mqtt.CONNACK_ACCEPTED))
+        if self.v5:
+            self.send(mqtt.connack5(present, 0, self._connack_properties(connect, session)))
+        else:
+            self.send(mqtt.connack(present, mqtt.CONNACK_ACCEPTED))
         core.metrics.inc("iotauth_broker_connects_total")
         core.audit.emit(
             "connect",
@@ -511,3 +779,33 @@ class ClientProtocol:
         )
         core.resume(session)
         self.unhold(now)  # the packets that arrived behind CONNECT, then reading resumes
+
+    def _connack_properties(self, connect: mqtt.Connect, session: Session) -> mqtt.Properties:
+        """What this server allows (3.2.2.3), and where it changed what the client asked."""
+        limits = self.core.limits
+        props = connect.properties
+        negotiated = self.negotiated
+        negotiated.max_packet_out = props.maximum_packet_size or negotiated.max_packet_out
+        negotiated.alias_max_out = props.topic_alias_maximum or 0
+        negotiated.alias_max_in = limits.topic_alias_maximum
+        negotiated.receive_max_in = limits.receive_maximum
+        requested = props.session_expiry_interval or 0
+        granted = session.expiry
+        granted_wire = 0xFFFFFFFF if granted is None else int(granted)
+        return mqtt.Properties(
+            # 3.2.2.3.2: only when it is not what the client asked for
+            session_expiry_interval=None if granted_wire == requested else granted_wire,
+            # MQTT-3.2.2-21: a keep-alive other than the client's is announced
+            server_keep_alive=(
+                negotiated.keepalive if negotiated.keepalive != connect.keepalive else None
+            ),
+            receive_maximum=limits.receive_maximum,
+            # Maximum QoS is absent: 2 is the default, and sending 2 is a Protocol Error
+            # (3.2.2.3.4); the same for Retain Available's 1, sent for clarity as it may be.
+            retain_available=1,
+            maximum_packet_size=limits.max_packet_bytes,
+            topic_alias_maximum=limits.topic_alias_maximum or None,
+            wildcard_subscription_available=1,
+            subscription_identifier_available=1,
+            shared_subscription_available=0,
+        )

@@ -121,6 +121,10 @@ class Limits:
     backpressure_timeout: float = 2.0
     # QoS 1/2 messages kept for a disconnected persistent session; beyond, new ones are dropped.
     offline_queue_max: int = 1000
+    # MQTT 5: our Receive Maximum (QoS 2 PUBLISH from one client awaiting PUBREL; one more is
+    # DISCONNECT 0x93) and Topic Alias Maximum (aliases a client may set; 0: none).
+    receive_maximum: int = 100
+    topic_alias_maximum: int = 64
 
     def __post_init__(self) -> None:
         for name in (
@@ -136,6 +140,7 @@ class Limits:
             "outbound_max_bytes",
             "backpressure_timeout",
             "offline_queue_max",
+            "receive_maximum",
         ):
             if getattr(self, name) <= 0:
                 msg = f"limit {name} must be positive"
@@ -143,6 +148,10 @@ class Limits:
         if self.keepalive_factor < 1:
             msg = "keepalive_factor must be at least 1"
             raise ConfigError(msg)
+        for name in ("receive_maximum", "topic_alias_maximum"):
+            if not 0 <= getattr(self, name) <= 0xFFFF:
+                msg = f"limit {name} must be between 0 and 65535"
+                raise ConfigError(msg)
 
 
 @dataclass(frozen=True, slots=True)
@@ -162,7 +171,9 @@ class BrokerSettings:
     # MQTT-3.3.5-2: a refused PUBLISH is either acknowledged or the connection is closed.
     # "disconnect" gives a misbehaving device a signal; "drop" acknowledges and discards.
     denied_publish: Literal["disconnect", "drop"] = "disconnect"
-    # Disconnected persistent sessions are forgotten after this many seconds (None: never).
+    # Disconnected persistent sessions are forgotten after this many seconds (None: never); for
+    # MQTT 5 clients the longest Session Expiry Interval granted (a longer one is lowered and
+    # the CONNACK says so, 3.2.2.3.2).
     session_expiry: int | None = 24 * 3600
     # The certificate renewal service (broker/renewal.py) in this process; None: not started.
     renewal: RenewalSettings | None = None
