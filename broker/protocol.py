@@ -47,6 +47,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "TRANSITIONS",
+    "AuthContinue",
     "Authenticate",
     "ClientProtocol",
     "Event",
@@ -63,6 +64,7 @@ class State(enum.Enum):
     HANDSHAKE = "handshake"  # TCP accepted, TLS handshake running
     WAIT_CONNECT = "wait-connect"  # TLS up, no CONNECT yet (only CONNECT may come)
     AUTH = "auth"  # CONNECT read, the authenticator is deciding; later packets wait
+    CHALLENGE = "challenge"  # MQTT 5: AUTH 0x18 sent, the client's AUTH is awaited (4.12)
     LIVE = "live"  # CONNACK 0 sent, the session is attached to the core
     CLOSED = "closed"  # nothing comes in or goes out any more
 
@@ -70,7 +72,8 @@ class State(enum.Enum):
 TRANSITIONS: dict[State, frozenset[State]] = {
     State.HANDSHAKE: frozenset({State.WAIT_CONNECT, State.CLOSED}),
     State.WAIT_CONNECT: frozenset({State.AUTH, State.CLOSED}),
-    State.AUTH: frozenset({State.LIVE, State.CLOSED}),
+    State.AUTH: frozenset({State.LIVE, State.CHALLENGE, State.CLOSED}),
+    State.CHALLENGE: frozenset({State.AUTH, State.CLOSED}),
     State.LIVE: frozenset({State.CLOSED}),
     State.CLOSED: frozenset(),
 }
@@ -79,10 +82,11 @@ TRANSITIONS: dict[State, frozenset[State]] = {
 
 # Module-level names for the hot path: a global lookup costs a tenth of ``State.LIVE`` (an
 # attribute of the Enum class) on Python 3.11, and the state is checked several times per packet.
-_HANDSHAKE, _WAIT_CONNECT, _AUTH, _LIVE, _CLOSED = (
+_HANDSHAKE, _WAIT_CONNECT, _AUTH, _CHALLENGE, _LIVE, _CLOSED = (
     State.HANDSHAKE,
     State.WAIT_CONNECT,
     State.AUTH,
+    State.CHALLENGE,
     State.LIVE,
     State.CLOSED,
 )
@@ -123,8 +127,21 @@ class Authenticate:
     connect: mqtt.Connect
 
 
-Event = Authenticate
-"""What :meth:`ClientProtocol.receive_data` can return (MQTT 5 AUTH steps will join it)."""
+@dataclass(frozen=True, slots=True)
+class AuthContinue:
+    """Event (MQTT 5, 4.12): the client's next Authentication Data in an extended
+    authentication; ``reauth``: a LIVE client asked to re-authenticate (AUTH 0x19), so a new
+    exchange for ``method`` begins. Run the exchange's step, then answer
+    :meth:`ClientProtocol.challenge`, :meth:`ClientProtocol.authenticated` (or
+    :meth:`ClientProtocol.reauthenticated`) or :meth:`ClientProtocol.refused`."""
+
+    method: str
+    data: bytes | None
+    reauth: bool = False
+
+
+Event = Authenticate | AuthContinue
+"""What :meth:`ClientProtocol.receive_data` can return."""
 
 
 @dataclass(slots=True)
@@ -186,7 +203,9 @@ class ClientProtocol:
     __slots__ = (
         "_aliases_in",
         "_aliases_out",
+        "_auth_method",
         "_close_code",
+        "_event",
         "_held",
         "_now",
         "_out",
@@ -222,6 +241,8 @@ class ClientProtocol:
         self._aliases_in: dict[int, str] = {}  # Topic Alias -> topic, set by the client
         self._aliases_out: dict[str, int] = {}  # topic -> Topic Alias, set by us
         self._close_code: int | None = None  # MQTT 5: the code of a violation being closed
+        self._auth_method: str | None = None  # MQTT 5: the CONNECT's Authentication Method
+        self._event: Event | None = None  # an event a LIVE packet raised (re-authentication)
         self.reader = mqtt.PacketReader(core.limits.max_packet_bytes)
         self.session: Session | None = None
         self.negotiated = Negotiated()
@@ -414,7 +435,7 @@ class ClientProtocol:
         """Apply the deadlines (the listener calls this a few times a second)."""
         self._now = now
         state = self.state
-        if state is _WAIT_CONNECT or state is _AUTH:
+        if state is _WAIT_CONNECT or state is _AUTH or state is _CHALLENGE:
             if now >= self.deadline:
                 self.violation("connect-timeout", "no valid CONNECT in time")
         elif state is _LIVE:
@@ -437,7 +458,7 @@ class ClientProtocol:
             self.core.kick_record(self.session, reason, detail)
             self._close_code = code
             self.close(will=True, reason=reason)
-        elif self.state is _WAIT_CONNECT and self.reader.level == 5:
+        elif (self.state is _WAIT_CONNECT or self.state is _CHALLENGE) and self.reader.level == 5:
             connack = code if code is not None else DISCONNECT_REASONS.get(reason)
             if connack not in mqtt.REASON_CODES[mqtt.CONNACK]:
                 connack = mqtt.Reason.UNSPECIFIED_ERROR
@@ -471,9 +492,35 @@ class ClientProtocol:
                 self._held.append(packet)
             elif state is _WAIT_CONNECT and isinstance(packet, mqtt.Connect):
                 event = self._on_connect(packet)
+            elif state is _CHALLENGE:
+                event = self._on_auth(packet)
+            if self._event is not None:
+                event, self._event = self._event, None
             if self.state is _CLOSED:
                 break
         return event
+
+    def _on_auth(self, packet: mqtt.Packet) -> Event | None:
+        """The client's answer to our AUTH 0x18 (4.12): its AUTH 0x18 with the same method, or
+        DISCONNECT; anything else before CONNACK is a Protocol Error (MQTT-4.12.0-4)."""
+        if isinstance(packet, mqtt.Disconnect):
+            self.close(will=False)
+            return None
+        method = self._auth_method
+        if (
+            method is None
+            or not isinstance(packet, mqtt.Auth)
+            or packet.reason_code != mqtt.Reason.CONTINUE_AUTHENTICATION
+            or packet.properties.authentication_method != self._auth_method
+        ):
+            # MQTT-4.12.0-5: the method cannot change within an exchange
+            self.violation(
+                "protocol-error", "not an AUTH of this exchange", mqtt.Reason.PROTOCOL_ERROR
+            )
+            return None
+        self._go(_AUTH)
+        self._wire.pause_reading()
+        return AuthContinue(method, packet.properties.authentication_data)
 
     def _dispatch(self, packet: mqtt.Packet) -> None:
         session = self.session
@@ -545,12 +592,18 @@ class ClientProtocol:
             assert isinstance(packet, mqtt.Disconnect)  # noqa: S101
             self._disconnect5(session, packet)
         elif kind is mqtt.Auth:
-            # Re-authentication (4.12.1) is not offered: no method runs an exchange yet.
-            self.violation(
-                "bad-auth-method",
-                "AUTH without an authentication exchange",
-                mqtt.Reason.PROTOCOL_ERROR,
-            )
+            assert isinstance(packet, mqtt.Auth)  # noqa: S101
+            self._reauth(packet)
+
+    def _reauth(self, packet: mqtt.Auth) -> None:
+        method = packet.properties.authentication_method
+        if method is None or method != self._auth_method:
+            # MQTT-4.12.1-1: re-authentication uses the CONNECT's method, and only a connection
+            # that authenticated with one can use it
+            self.violation("protocol-error", "AUTH outside an exchange", mqtt.Reason.PROTOCOL_ERROR)
+            return
+        reauth = packet.reason_code == mqtt.Reason.RE_AUTHENTICATE  # else 0x18, a next round
+        self._event = AuthContinue(method, packet.properties.authentication_data, reauth)
 
     def _publish5(self, session: Session, packet: mqtt.Publish) -> None:
         topic = packet.topic
@@ -689,15 +742,9 @@ class ClientProtocol:
             self.v5 = True
             props = connect.properties
             self.negotiated.problem_info = props.request_problem_information != 0
-            method = props.authentication_method
-            if method is not None:
-                # 4.12: no listener method runs an AUTH exchange yet (SCRAM comes next).
-                self._refuse(
-                    "bad-auth-method",
-                    f"authentication method {method!r} is not offered",
-                    mqtt.Reason.BAD_AUTHENTICATION_METHOD,
-                )
-                return None
+            # 4.12: extended authentication; the transport asks the authenticator whether it
+            # offers this method (0x8C if not) and runs the exchange.
+            self._auth_method = props.authentication_method
         if connect.will_topic is not None:
             try:
                 validate_topic(connect.will_topic)
@@ -710,7 +757,12 @@ class ClientProtocol:
         return Authenticate(connect)
 
     def refused(self, refusal: Refused, client_id: str | None = None) -> None:
-        """The authenticator (or the client_id binding) refused the CONNECT."""
+        """The authenticator (or the client_id binding) refused the CONNECT, or a LIVE
+        client's re-authentication (then DISCONNECT, 4.12.1)."""
+        if self.state is _LIVE:
+            code = REFUSAL_REASONS.get(refusal.reason, mqtt.Reason.NOT_AUTHORIZED)
+            self.violation(refusal.reason, refusal.detail, code)
+            return
         if self.state is not _AUTH:
             return  # the client went away meanwhile
         code = refusal.connack
@@ -737,10 +789,46 @@ class ClientProtocol:
         self._go(_CLOSED)
         self._wire.end(flush=True)  # the CONNACK goes out, then the socket closes
 
+    def challenge(self, data: bytes | None, now: float) -> None:
+        """MQTT 5 extended authentication: the exchange needs another round. AUTH 0x18 with
+        ``data`` goes to the client, whose AUTH is then read (:class:`AuthContinue`)."""
+        self._now = now
+        method = self._auth_method
+        assert method is not None  # noqa: S101 - only an exchange challenges
+        props = mqtt.Properties(authentication_method=method, authentication_data=data)
+        if self.state is _AUTH:
+            self._go(_CHALLENGE)
+            self.send(mqtt.auth5(mqtt.Reason.CONTINUE_AUTHENTICATION, props))
+            self._wire.resume_reading()
+        elif self.state is _LIVE:  # re-authentication: the connection carries on meanwhile
+            self.send(mqtt.auth5(mqtt.Reason.CONTINUE_AUTHENTICATION, props))
+
+    def reauthenticated(self, authenticated: Authenticated, data: bytes | None) -> None:
+        """A LIVE client's re-authentication (4.12.1) succeeded: AUTH 0x00. It must prove the
+        same identity; another one is not a way to change who a session is (DISCONNECT 0x87)."""
+        session = self.session
+        if self.state is not _LIVE or session is None:
+            return
+        if authenticated.identity != session.authenticated.identity:
+            self.violation(
+                "reauth-failed",
+                f"re-authenticated as {authenticated.identity}",
+                mqtt.Reason.NOT_AUTHORIZED,
+            )
+            return
+        method = self._auth_method
+        props = mqtt.Properties(authentication_method=method, authentication_data=data)
+        self.send(mqtt.auth5(mqtt.Reason.SUCCESS, props))
+
     def authenticated(
-        self, connect: mqtt.Connect, authenticated: Authenticated, now: float
+        self,
+        connect: mqtt.Connect,
+        authenticated: Authenticated,
+        now: float,
+        data: bytes | None = None,
     ) -> None:
-        """The authenticator accepted: bind the client_id, attach the session, CONNACK."""
+        """The authenticator accepted: bind the client_id, attach the session, CONNACK (with an
+        extended authentication's method and final ``data``, 3.2.2.3.17-18)."""
         if self.state is not _AUTH:
             return  # the client went away while we checked it
         self._now = now
@@ -761,7 +849,12 @@ class ClientProtocol:
         self.session = session
         self._go(_LIVE)
         if self.v5:
-            self.send(mqtt.connack5(present, 0, self._connack_properties(connect, session)))
+            props = self._connack_properties(connect, session)
+            if self._auth_method is not None:
+                props = dataclasses.replace(
+                    props, authentication_method=self._auth_method, authentication_data=data
+                )
+            self.send(mqtt.connack5(present, 0, props))
         else:
             self.send(mqtt.connack(present, mqtt.CONNACK_ACCEPTED))
         core.metrics.inc("iotauth_broker_connects_total")

@@ -259,15 +259,6 @@ def test_client_id_other_than_the_identity_is_0x85() -> None:
     assert "dev-2" not in dev.core.sessions
 
 
-def test_an_authentication_method_nobody_offers_is_0x8c() -> None:
-    """4.12 / MQTT-4.12.0-1: an unknown Authentication Method is refused with 0x8C."""
-    dev = Client5(_core())
-    packet = mqtt.Connect(5, "dev-1", True, 60, properties=Properties(authentication_method="X"))
-    assert dev.feed(mqtt.encode_connect(packet)) is None
-    [answer] = dev.out()
-    assert answer.reason_code == Reason.BAD_AUTHENTICATION_METHOD
-
-
 def test_a_malformed_level5_connect_gets_connack_with_its_code() -> None:
     """MQTT-3.2.2-7 / 4.13: a CONNECT that breaks a property rule is answered by a CONNACK with
     the reason code (here a duplicate Receive Maximum: 0x82) and closed."""
