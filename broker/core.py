@@ -100,6 +100,20 @@ class Message:
     expires_at: float | None = None
     # The Subscription Identifiers of the receiver's matching subscriptions (per receiver).
     subscription_ids: tuple[int, ...] = ()
+    # Sent through this shared subscription ("$share/{group}/{filter}"; "" if not): a member
+    # that leaves hands it to another member.
+    share: str = ""
+
+
+@dataclass(slots=True, eq=False)
+class SharedGroup:
+    """The members of one shared subscription ``$share/{group}/{filter}`` (4.8.2): each message
+    goes to one of them, in turn."""
+
+    key: str  # "$share/{group}/{filter}"
+    topic_filter: str
+    members: list[Session] = field(default_factory=list)
+    turn: int = 0
 
 
 def _expired(message: Message, now: float) -> bool:
@@ -141,6 +155,7 @@ class Session:
     # (seconds, None: never) and Will Delay Interval.
     v5: bool = False
     options: dict[str, SubscriptionState] = field(default_factory=dict)
+    shared: dict[str, SubscriptionState] = field(default_factory=dict)  # by "$share/g/f"
     inflight_max: int = 100
     expiry: float | None = None
     will_delay: int = 0
@@ -198,6 +213,9 @@ class BrokerCore:
         self.retained: RetainedStore[Message] = RetainedStore()
         # MQTT 5 wills waiting for their Will Delay Interval: client_id -> (due, session).
         self.pending_wills: dict[str, tuple[float, Session]] = {}
+        # MQTT 5 shared subscriptions: by "$share/{group}/{filter}", and indexed by filter.
+        self.groups: dict[str, SharedGroup] = {}
+        self.shared_index: SubscriptionIndex[SharedGroup] = SubscriptionIndex()
         # The time of the input being handled (the protocol objects set it): message expiry
         # and delayed wills count on it, so the core reads no clock of its own for them.
         self.now = time.monotonic()
@@ -381,6 +399,8 @@ class BrokerCore:
         if self.live.get(session.client_id) is session:
             del self.live[session.client_id]
         self._release_waiters(session)
+        if session.shared:
+            self._hand_off(session)
         message = session.will
         session.will = None
         if will and message is not None:
@@ -419,9 +439,13 @@ class BrokerCore:
             if will and message is not None:
                 self.publish_will(session, message)
         for topic_filter in session.subscriptions:
-            self.index.remove(topic_filter, session)
+            if topic_filter in session.shared:
+                self._unshare(session, topic_filter)
+            else:
+                self.index.remove(topic_filter, session)
         session.subscriptions.clear()
         session.options.clear()
+        session.shared.clear()
         session.queue.clear()
         session.inflight.clear()
         if self.sessions.get(session.client_id) is session:
@@ -504,7 +528,7 @@ class BrokerCore:
         else:
             self.retained.delete(message.topic)  # MQTT-3.3.1-10: an empty retained PUBLISH clears
 
-    def route(self, message: Message, publisher: Session | None) -> None:
+    def route(self, message: Message, publisher: Session | None) -> None:  # noqa: PLR0912 - the hot path, one function
         """Deliver to every subscriber the policy lets receive it; ``publisher`` may be held."""
         topic = message.topic
         qos0: bytes | None = None  # one encoding shared by every QoS 0 receiver
@@ -537,6 +561,124 @@ class BrokerCore:
                 self.enqueue(session, message, qos, retain=False)
                 if publisher is not None and self._pressed(session, 2):
                     self._hold(session, publisher)
+        if self.groups:
+            for group, _ in self.shared_index.route(topic):
+                self._route_shared(group, message, publisher)
+
+    # -- shared subscriptions (MQTT 5, 4.8.2) -----------------------------------------------------
+
+    def _route_shared(
+        self,
+        group: SharedGroup,
+        message: Message,
+        publisher: Session | None,
+        leaving: Session | None = None,
+    ) -> bool:
+        """One member of ``group`` gets ``message``: the next connected one, in turn, that the
+        policy lets receive the topic (a shared subscription is no way around RECEIVE)."""
+        topic = message.topic
+        members = group.members
+        count = len(members)
+        for step in range(count):
+            session = members[(group.turn + step) % count]
+            if session is leaving or session.link is None:
+                continue
+            allowed = session.receive_ok.get(topic)
+            if allowed is None:
+                allowed = _decide(session.receive_ok, session.grants, Action.RECEIVE, topic)
+            if not allowed:
+                self.metrics.inc("iotauth_broker_acl_denials_total", action="receive")
+                continue
+            group.turn = (group.turn + step + 1) % count
+            self._deliver_shared(session, group.key, message, publisher)
+            return True
+        self.outbound_dropped += 1  # no member may take it now (QoS 0 or 1 alike)
+        return False
+
+    def _deliver_shared(
+        self, session: Session, key: str, message: Message, publisher: Session | None
+    ) -> None:
+        state = session.shared[key]
+        retain = state.options.retain_as_published and message.retain
+        ids = (state.identifier,) if state.identifier else ()
+        out = dataclasses.replace(message, retain=retain, subscription_ids=ids, share=key)
+        granted = session.subscriptions[key]
+        qos = message.qos if message.qos < granted else granted
+        if qos:
+            self.enqueue(session, out, qos, retain=retain)
+            if publisher is not None and self._pressed(session, 2):
+                self._hold(session, publisher)
+            return
+        link = session.link
+        if link is None or link.backlog() > self.limits.outbound_max_bytes:
+            self.outbound_dropped += 1
+            return
+        if not session.v5:
+            link.send(mqtt.encode_publish(out.topic_bytes, out.payload, 0, False))
+        elif not link.publish5(out, 0, 0, False):
+            self.outbound_dropped += 1
+            return
+        self.messages_out += 1
+
+    def _hand_off(self, session: Session) -> None:
+        """A member of shared subscriptions left: the messages it was sent through them and has
+        not acknowledged (or not yet received) go to another member (4.8.2)."""
+        for pid, (message, _qos, released) in list(session.inflight.items()):
+            group = self.groups.get(message.share) if message.share else None
+            if group is not None and not released:
+                del session.inflight[pid]
+                self._route_shared(group, message, None, leaving=session)
+        if any(message.share for message, _ in session.queue):
+            kept: collections.deque[tuple[Message, int]] = collections.deque()
+            for message, qos in session.queue:
+                group = self.groups.get(message.share) if message.share else None
+                if group is None:
+                    kept.append((message, qos))
+                else:
+                    session.queued_bytes -= len(message.payload)
+                    self._route_shared(group, message, None, leaving=session)
+            session.queue = kept
+
+    def _share(
+        self,
+        session: Session,
+        topic_filter: str,
+        qos: int,
+        options: mqtt.SubscriptionOptions,
+        identifier: int,
+    ) -> int:
+        """SUBSCRIBE to ``$share/{group}/{filter}``; returns the SUBACK code. The policy judges
+        ``{filter}`` alone: the share prefix neither widens nor narrows a grant."""
+        group_name, sep, inner = topic_filter[len("$share/") :].partition("/")
+        if not sep or not group_name or "+" in group_name or "#" in group_name:
+            return 0x8F  # MQTT-4.8.2-1, -2: a share name, without wildcards, then a filter
+        try:
+            validate_filter(inner)
+        except TopicError:
+            return 0x8F
+        if not session.grants.allows(Action.SUBSCRIBE, inner):
+            identity = str(session.authenticated.identity)
+            self.denied(identity, session.client_id, "subscribe", topic_filter)
+            return 0x87
+        group = self.groups.get(topic_filter)
+        if group is None:
+            group = self.groups[topic_filter] = SharedGroup(topic_filter, inner)
+            self.shared_index.add(inner, group, 0)
+        if session not in group.members:
+            group.members.append(session)
+        session.subscriptions[topic_filter] = qos
+        session.shared[topic_filter] = SubscriptionState(options, identifier)
+        return qos
+
+    def _unshare(self, session: Session, topic_filter: str) -> None:
+        session.shared.pop(topic_filter, None)
+        group = self.groups.get(topic_filter)
+        if group is None or session not in group.members:
+            return
+        group.members.remove(session)
+        if not group.members:
+            del self.groups[topic_filter]
+            self.shared_index.remove(group.topic_filter, group)
 
     def _route5(self, session: Session, message: Message, publisher: Session | None) -> None:
         """Deliver to an MQTT 5 subscriber: its subscriptions' options decide (3.8.3.1): No
@@ -721,7 +863,10 @@ class BrokerCore:
         identifier = ids[0] if ids else 0
         for index, (topic_filter, qos) in enumerate(packet.topics):
             if v5 and topic_filter.startswith("$share/"):
-                codes.append(0x9E)  # Shared Subscriptions not supported (CONNACK says so)
+                # No retained messages for a shared subscription (3.3.1.3)
+                codes.append(
+                    self._share(session, topic_filter, qos, packet.options[index], identifier)
+                )
                 continue
             try:
                 validate_filter(topic_filter)
@@ -795,7 +940,10 @@ class BrokerCore:
         for topic_filter in packet.topics:
             session.options.pop(topic_filter, None)
             if session.subscriptions.pop(topic_filter, None) is not None:
-                self.index.remove(topic_filter, session)
+                if topic_filter in session.shared:
+                    self._unshare(session, topic_filter)
+                else:
+                    self.index.remove(topic_filter, session)
                 codes.append(0x00)
             else:
                 codes.append(0x11)  # No subscription existed (table 3-9)

@@ -900,5 +900,5 @@ class ClientProtocol:
             topic_alias_maximum=limits.topic_alias_maximum or None,
             wildcard_subscription_available=1,
             subscription_identifier_available=1,
-            shared_subscription_available=0,
+            shared_subscription_available=1,
         )

@@ -110,7 +110,7 @@ def test_paho_v5_connects_and_reads_the_servers_limits(
         assert props.ReceiveMaximum == 100
         assert props.TopicAliasMaximum == 64
         assert props.MaximumPacketSize == 256 * 1024
-        assert props.SharedSubscriptionAvailable == 0
+        assert props.SharedSubscriptionAvailable == 1
         assert props.SubscriptionIdentifierAvailable == 1
     finally:
         dev.close()
@@ -359,3 +359,29 @@ def test_mosquitto_v5_pub_is_told_0x87_for_a_denied_publish(
     allowed = pub("devices/dev-1/telemetry/t")
     assert "received PUBACK (Mid: 1, RC:0)" in allowed
     assert "failed" not in allowed
+
+
+def test_paho_v5_shared_subscription_splits_the_messages(
+    make_broker: BrokerFactory, fleet: Fleet
+) -> None:
+    """4.8.2 with real clients: two paho services in `$share/g/...` get each message once
+    between them; a device cannot join a share of a filter outside its grants (SUBACK 0x87)."""
+    broker = make_broker()
+    fleet.creds("svc-a", service=True)
+    a = _peer(broker, fleet, "svc-a", service=True).connect()
+    b = _peer(broker, fleet, "sink", service=True).connect()
+    dev = _peer(broker, fleet, "dev-1").connect()
+    try:
+        assert a.subscribe("$share/g/devices/+/telemetry/#", 1) == [1]
+        assert b.subscribe("$share/g/devices/+/telemetry/#", 1) == [1]
+        assert dev.subscribe("$share/g/devices/+/telemetry/#", 1) == [0x87]
+        for i in range(6):
+            assert dev.publish("devices/dev-1/telemetry/t", str(i).encode(), 1) == 0
+        assert wait_until(lambda: len(a.messages) + len(b.messages) == 6)
+        payloads = sorted(m.payload for m in a.messages + b.messages)
+        assert payloads == [str(i).encode() for i in range(6)]
+        assert a.messages
+        assert b.messages
+    finally:
+        for peer in (a, b, dev):
+            peer.close()

@@ -135,7 +135,7 @@ def test_connack_announces_what_the_server_allows() -> None:
     assert props.maximum_qos is None
     assert (props.retain_available, props.wildcard_subscription_available) == (1, 1)
     assert props.subscription_identifier_available == 1
-    assert props.shared_subscription_available == 0
+    assert props.shared_subscription_available == 1
     assert dev.protocol.negotiated.keepalive_window == 120 * limits.keepalive_factor
 
 
@@ -790,3 +790,101 @@ def test_a_user_property_flood_is_0x97() -> None:
 def _events(core: Any, kind: str) -> list[dict[str, Any]]:
     events: list[dict[str, Any]] = core.audit.events(kind)
     return events
+
+
+# -- shared subscriptions (4.8.2) ------------------------------------------------------------------
+
+SHARE = "$share/g/devices/+/telemetry/#"
+
+
+def _services(core: Any, *names: str) -> list[Client5]:
+    out = []
+    for name in names:
+        client = Client5(core, name, service=True)
+        client.connect()
+        out.append(client)
+    return out
+
+
+def test_a_shared_subscription_gives_each_message_to_one_member_per_group() -> None:
+    """4.8.2: members of one group share the messages (in turn here); another group gets all."""
+    core = _core()
+    a, b, c = _services(core, "svc-a", "svc-b", "svc-c")
+    assert a.subscribe(SHARE, 1) == [1]
+    assert b.subscribe(SHARE, 1) == [1]
+    assert c.subscribe("$share/h/devices/+/telemetry/#", 1) == [1]
+    dev = Client5(core)
+    dev.connect()
+    for i in range(4):
+        dev.publish("devices/dev-1/telemetry/t", bytes([i]), 1, pid=i + 1)
+    got_a, got_b = [m.payload for m in a.out()], [m.payload for m in b.out()]
+    assert sorted(got_a + got_b) == [b"\x00", b"\x01", b"\x02", b"\x03"]
+    assert len(got_a) == len(got_b) == 2
+    assert len(c.out()) == 4
+
+
+def test_the_acl_judges_the_filter_inside_the_share() -> None:
+    """The share prefix neither widens nor narrows a grant: `$share/g/{filter}` is allowed
+    exactly when `{filter}` is (twins: a device's own subtree yes, another's no; `$share/g/#`
+    for a service no)."""
+    core = _core()
+    dev = Client5(core)
+    dev.connect()
+    assert dev.subscribe("$share/g/devices/dev-1/commands/#") == [0]
+    assert dev.subscribe("$share/g/devices/dev-2/commands/#") == [0x87]
+    [svc] = _services(core, "svc-a")
+    assert svc.subscribe("$share/g/#") == [0x87]
+    assert svc.subscribe("$share/g/devices/+/state") == [0]
+    assert svc.subscribe("$share/g+/devices/+/state") == [0x8F]  # MQTT-4.8.2-2
+
+
+def test_a_shared_subscription_is_no_way_around_receive() -> None:
+    """A member whose grants do not let it receive the topic is passed over; the message goes
+    to one that may (twin), and never to the one that may not."""
+    core = _core()
+    a, b = _services(core, "svc-a", "svc-b")
+    a.subscribe(SHARE)
+    b.subscribe(SHARE)
+    # svc-a's grants as they would be after a policy change resumed its session: dev-9 only
+    core.sessions["svc-a"].grants = core.policy.for_identity(Identity.device("dev-9", DOMAIN))
+    dev = Client5(core)
+    dev.connect()
+    for _ in range(3):
+        dev.publish("devices/dev-1/telemetry/t", b"x")
+    assert a.out() == []
+    assert len(b.out()) == 3
+
+
+def test_a_member_that_leaves_hands_its_inflight_messages_to_another() -> None:
+    """4.8.2: what a member was sent and did not acknowledge goes to another member."""
+    core = _core()
+    a, b = _services(core, "svc-a", "svc-b")
+    a.subscribe(SHARE, 1)
+    b.subscribe(SHARE, 1)
+    dev = Client5(core)
+    dev.connect()
+    dev.publish("devices/dev-1/telemetry/t", b"one", 1, pid=1)
+    dev.publish("devices/dev-1/telemetry/t", b"two", 1, pid=2)
+    [to_a] = a.out()
+    [to_b] = b.out()
+    a.protocol.connection_lost()  # never acknowledged
+    [handed] = b.out()
+    assert handed.payload == to_a.payload
+    assert to_b.payload != to_a.payload
+
+
+def test_leaving_a_shared_subscription_stops_its_messages() -> None:
+    core = _core()
+    a, b = _services(core, "svc-a", "svc-b")
+    a.subscribe(SHARE)
+    b.subscribe(SHARE)
+    a.feed(mqtt.encode_unsubscribe(mqtt.Unsubscribe(5, [SHARE]), 5))
+    assert a.out()[0].reason_codes == [0]
+    dev = Client5(core)
+    dev.connect()
+    dev.publish("devices/dev-1/telemetry/t", b"x")
+    dev.publish("devices/dev-1/telemetry/t", b"y")
+    assert a.out() == []
+    assert len(b.out()) == 2
+    b.protocol.connection_lost()
+    assert SHARE not in core.groups
