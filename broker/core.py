@@ -85,8 +85,12 @@ class Link(Protocol):
         False when it was not sent: expired, or larger than the client's Maximum Packet Size."""
 
 
-@dataclass(slots=True, frozen=True)
+@dataclass(slots=True, eq=False)
 class Message:
+    """One message as the broker keeps it. Never changed once made (``dataclasses.replace``
+    makes a receiver's copy); not frozen, because a frozen dataclass's ``__init__`` costs a
+    ``object.__setattr__`` per field on the hot path."""
+
     topic: str
     topic_bytes: bytes
     payload: bytes
@@ -156,6 +160,10 @@ class Session:
     v5: bool = False
     options: dict[str, SubscriptionState] = field(default_factory=dict)
     shared: dict[str, SubscriptionState] = field(default_factory=dict)  # by "$share/g/f"
+    # topic -> (options, QoS) of the matching subscriptions; cleared when they change
+    matching: dict[
+        str, tuple[int, bool, tuple[int, ...], list[tuple[SubscriptionState, int]] | None]
+    ] = field(default_factory=dict)
     inflight_max: int = 100
     expiry: float | None = None
     will_delay: int = 0
@@ -178,24 +186,34 @@ def _decide(cache: dict[str, bool], grants: Grants, action: Action, topic: str) 
 
 
 def _matching_options(
-    session: Session, message: Message, publisher: Session | None
-) -> tuple[int, bool, list[int]]:
-    """Over the MQTT 5 subscriptions of ``session`` that match: the highest QoS (-1: none that
-    wants it), the RETAIN flag to send, the Subscription Identifiers."""
-    topic = message.topic
-    granted, retain, ids = -1, False, []
-    for topic_filter, state in session.options.items():
-        if not matches(topic_filter, topic):
-            continue
-        options = state.options
-        if options.no_local and publisher is session:
-            continue
-        granted = max(granted, session.subscriptions[topic_filter])
-        if options.retain_as_published and message.retain:
-            retain = True
-        if state.identifier:
-            ids.append(state.identifier)
-    return granted, retain, ids
+    session: Session, topic: str, retain: bool, own: bool
+) -> tuple[int, bool, tuple[int, ...]]:
+    """Over the MQTT 5 subscriptions of ``session`` that match ``topic``: the highest QoS (-1:
+    none wants it), the RETAIN flag to send (Retain As Published), the Subscription Identifiers.
+    ``own``: the message is the session's own (No Local subscriptions do not take it)."""
+    summary = session.matching.get(topic)
+    if summary is None:
+        # Remembered per topic until the subscriptions change: topics repeat (telemetry).
+        if len(session.matching) >= _ACL_CACHE_MAX:
+            session.matching.clear()
+        states = [
+            (state, session.subscriptions[topic_filter])
+            for topic_filter, state in session.options.items()
+            if matches(topic_filter, topic)
+        ]
+        summary = session.matching[topic] = (
+            max((qos for _, qos in states), default=-1),
+            any(state.options.retain_as_published for state, _ in states),
+            tuple(state.identifier for state, _ in states if state.identifier),
+            states if any(state.options.no_local for state, _ in states) else None,
+        )
+    granted, as_published, ids, local = summary
+    if own and local is not None:  # some match is No Local (MQTT-3.8.3-3): without those
+        states = [(state, qos) for state, qos in local if not state.options.no_local]
+        granted = max((qos for _, qos in states), default=-1)
+        as_published = any(state.options.retain_as_published for state, _ in states)
+        ids = tuple(state.identifier for state, _ in states if state.identifier)
+    return granted, as_published and retain, ids
 
 
 class BrokerCore:
@@ -446,6 +464,7 @@ class BrokerCore:
         session.subscriptions.clear()
         session.options.clear()
         session.shared.clear()
+        session.matching.clear()
         session.queue.clear()
         session.inflight.clear()
         if self.sessions.get(session.client_id) is session:
@@ -513,7 +532,11 @@ class BrokerCore:
             return False
         self.messages_in += 1
         props = packet.properties
-        if props is mqtt.NO_PROPERTIES:
+        # A decoded property set holds only what was on the wire: a Topic Alias alone is the
+        # connection's, not the message's (the alias benchmark's common case).
+        if props is mqtt.NO_PROPERTIES or (
+            len(props.__dict__) == 1 and props.topic_alias is not None
+        ):
             message = Message(topic, topic.encode(), packet.payload, packet.qos, packet.retain)
         else:
             message = self.message(topic, packet.payload, packet.qos, packet.retain, props, now)
@@ -685,12 +708,14 @@ class BrokerCore:
         Local skips the publisher's own (MQTT-3.8.3-3), Retain As Published keeps the RETAIN
         flag (MQTT-3.3.1-12, -13), and every matching Subscription Identifier goes with it
         (MQTT-3.3.4-3)."""
-        granted, retain, ids = _matching_options(session, message, publisher)
+        granted, retain, ids = _matching_options(
+            session, message.topic, message.retain, publisher is session
+        )
         if granted < 0:
             return
         qos = message.qos if message.qos < granted else granted
         if retain != message.retain or ids:
-            message = dataclasses.replace(message, retain=retain, subscription_ids=tuple(ids))
+            message = dataclasses.replace(message, retain=retain, subscription_ids=ids)
         if qos:
             self.enqueue(session, message, qos, retain=retain)
             if publisher is not None and self._pressed(session, 2):
@@ -855,6 +880,7 @@ class BrokerCore:
     def subscribe(self, session: Session, packet: mqtt.Subscribe) -> None:
         link = session.link
         v5 = session.v5
+        session.matching.clear()
         # 3.1.1 has one failure code; MQTT 5 names why (table 3-8).
         invalid, denied = (0x8F, 0x87) if v5 else (mqtt.SUBACK_FAILURE, mqtt.SUBACK_FAILURE)
         codes: list[int] = []
@@ -936,6 +962,7 @@ class BrokerCore:
                 self.messages_out += 1
 
     def unsubscribe(self, session: Session, packet: mqtt.Unsubscribe) -> None:
+        session.matching.clear()
         codes: list[int] = []
         for topic_filter in packet.topics:
             session.options.pop(topic_filter, None)

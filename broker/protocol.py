@@ -565,12 +565,9 @@ class ClientProtocol:
     def _dispatch5(self, packet: mqtt.Packet) -> None:
         session = self.session
         assert session is not None  # noqa: S101 - LIVE implies a session
-        kind = type(packet)
-        if kind is mqtt.Publish:
-            assert isinstance(packet, mqtt.Publish)  # noqa: S101 - for the type checker
+        if type(packet) is mqtt.Publish:
             self._publish5(session, packet)
-        elif kind is mqtt.Ack:
-            assert isinstance(packet, mqtt.Ack)  # noqa: S101
+        elif type(packet) is mqtt.Ack:
             pid = packet.packet_id
             if packet.kind == mqtt.PUBREL:
                 if pid in session.incoming_qos2:
@@ -580,19 +577,15 @@ class ClientProtocol:
                     self.send(mqtt.ack5(mqtt.PUBCOMP, pid, mqtt.Reason.PACKET_IDENTIFIER_NOT_FOUND))
             else:
                 self.core.acked(session, packet.kind, pid, packet.reason_code)
-        elif kind is tuple:
+        elif type(packet) is tuple:
             self.send(mqtt.pingresp())  # the only level-5 packet read as a tuple is PINGREQ
-        elif kind is mqtt.Subscribe:
-            assert isinstance(packet, mqtt.Subscribe)  # noqa: S101
+        elif type(packet) is mqtt.Subscribe:
             self.core.subscribe(session, packet)
-        elif kind is mqtt.Unsubscribe:
-            assert isinstance(packet, mqtt.Unsubscribe)  # noqa: S101
+        elif type(packet) is mqtt.Unsubscribe:
             self.core.unsubscribe(session, packet)
-        elif kind is mqtt.Disconnect:
-            assert isinstance(packet, mqtt.Disconnect)  # noqa: S101
+        elif type(packet) is mqtt.Disconnect:
             self._disconnect5(session, packet)
-        elif kind is mqtt.Auth:
-            assert isinstance(packet, mqtt.Auth)  # noqa: S101
+        elif type(packet) is mqtt.Auth:
             self._reauth(packet)
 
     def _reauth(self, packet: mqtt.Auth) -> None:
@@ -692,6 +685,23 @@ class ClientProtocol:
         discarded for this client)."""
         if self.state is _CLOSED:
             return True
+        wire = message.properties_wire
+        expires = message.expires_at
+        topic = message.topic_bytes
+        negotiated = self.negotiated
+        if expires is None and not message.subscription_ids and not negotiated.alias_max_out:
+            # the common case: the publisher's properties as they are, encoded once
+            data = mqtt.encode_publish5(
+                topic, message.payload, qos, message.retain, packet_id, dup, wire
+            )
+            if len(data) > negotiated.max_packet_out:
+                return False
+            self.send(data)
+            return True
+        return self._publish5_own(message, qos, packet_id, dup)
+
+    def _publish5_own(self, message: Message, qos: int, packet_id: int, dup: bool) -> bool:
+        """:meth:`publish5` with what is this receiver's own: expiry left, identifiers, alias."""
         wire = message.properties_wire
         expires = message.expires_at
         topic = message.topic_bytes
