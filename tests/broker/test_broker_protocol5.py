@@ -888,3 +888,57 @@ def test_leaving_a_shared_subscription_stops_its_messages() -> None:
     assert len(b.out()) == 2
     b.protocol.connection_lost()
     assert SHARE not in core.groups
+
+
+# -- isolation on the MQTT 5 paths: more negative twins --------------------------------------------
+
+
+def test_our_topic_aliases_never_carry_a_message_outside_the_receivers_grants() -> None:
+    """A receiver that lets the broker use aliases gets them only on what its grants let it
+    receive: dev-2 (own subtree) never sees dev-1's telemetry; twin: its own commands arrive."""
+    core = _core()
+    dev2 = Client5(core, "dev-2")
+    dev2.connect(props=Properties(topic_alias_maximum=10))
+    assert dev2.subscribe("devices/dev-2/#") == [0]
+    dev = Client5(core)
+    dev.connect()
+    dev.publish("devices/dev-1/telemetry/t", b"x", props=Properties(topic_alias=1))
+    dev.publish("", b"y", props=Properties(topic_alias=1))
+    assert dev2.out() == []
+    [svc] = _services(core, "ops")
+    svc.publish("devices/dev-2/commands/a", b"c")
+    svc.publish("devices/dev-2/commands/a", b"d")
+    first, second = dev2.out()
+    assert (first.topic, first.properties.topic_alias) == ("devices/dev-2/commands/a", 1)
+    assert (second.topic, second.payload) == ("", b"d")
+
+
+def test_a_delayed_will_is_judged_by_the_grants_when_it_fires() -> None:
+    """A will that waited its delay goes out only if its topic is still within the publisher's
+    grants (here the session's grants as a policy change would leave them); twin: the first
+    test of the wills above, where they are."""
+    core = _core()
+    sink = Client5(core, "sink", service=True)
+    sink.connect()
+    sink.subscribe("devices/+/state")
+    dev = Client5(core)
+    dev.connect(props=Properties(session_expiry_interval=300), will=_will(5))
+    dev.protocol.connection_lost()
+    core.sessions["dev-1"].grants = core.policy.for_identity(Identity.device("dev-9", DOMAIN))
+    core.tick(10.0)
+    assert sink.out() == []
+    assert any(e.get("action") == "will" for e in _events(core, "deny"))
+
+
+def test_a_311_client_is_untouched_by_share_syntax() -> None:
+    """MQTT 3.1.1 has no shared subscriptions: `$share/...` is an ordinary filter there and the
+    policy judges it as written (denied by default), exactly as before MQTT 5."""
+    from tests.broker.recording_link import connect as connect311
+
+    core = _core()
+    session, link, _ = connect311(core, "sink", service=True)
+    link.take()
+    core.subscribe(session, mqtt.Subscribe(1, [("$share/g/devices/+/telemetry/#", 0)]))
+    [suback] = link.take()
+    assert suback.body[-1] == mqtt.SUBACK_FAILURE
+    assert not core.groups
