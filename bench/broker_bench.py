@@ -1,7 +1,8 @@
 """Our broker against plain amqtt and mosquitto, same clients, same machine, same run.
 
     .venv/bin/python bench/broker_bench.py [--rounds 2] [--brokers iotauth,amqtt,mosquitto]
-        [--phases connect,hold,qos0,qos1,idle] [--publishers 20,1] [--idle-clients 10000]
+        [--phases connect,connect5,hold,qos0,qos1,qos0v5,qos1v5,qos0alias,idle]
+        [--publishers 20,1] [--idle-clients 10000]
 
 Builds a throw-away PKI (trust domain ``bench.example``) with one credential directory per
 device (``device.crt`` = leaf + issuing CA, ``device.key``, ``ca.crt`` = root) and a service
@@ -42,6 +43,11 @@ of ``--phases`` in this order:
   qos1       the same with QoS 1 end to end: the sink subscribes with QoS 1 and PUBACKs every
              delivered PUBLISH (one write per read); each publisher keeps at most --qos1-window
              PUBLISHes unacknowledged and waits for the broker's PUBACKs
+  connect5, qos0v5, qos1v5, qos0alias
+             the same in MQTT 5.0 (CONNECT level 5, no properties; PUBLISH with an empty
+             property set), and QoS 0 where each publisher sets Topic Alias 1 with its first
+             PUBLISH and then sends an empty topic: the MQTT 5 rows beside the 3.1.1 ones.
+             Plain amqtt speaks no MQTT 5 and skips them
   idle       only with --idle-clients N: a fresh broker, then N devices connect with mTLS
              (--concurrency in flight) and stay connected, sending nothing: broker RSS before
              and with the N clients, the difference per client, and broker CPU while they idle.
