@@ -831,6 +831,12 @@ def _decode_publish5(
         raise _malformed("DUP set on QoS 0")  # MQTT-3.3.1-2
     if at < len(body) and not body[at]:
         props, at = NO_PROPERTIES, at + 1  # the common case: no properties, nothing to build
+    elif body[at : at + 2] == b"\x03\x23" and at + 4 <= len(body):
+        # A Topic Alias alone (the next most common case): one shared object per alias value,
+        # as _properties would build it (only the field on the wire in its __dict__).
+        alias = (body[at + 2] << 8) | body[at + 3]
+        props = _ALIAS_ONLY.get(alias) or _alias_only(alias)
+        at += 4
     else:
         props, at = _properties(body, at, PUBLISH, limits)
         values = props.__dict__
@@ -844,6 +850,16 @@ def _decode_publish5(
     if not topic and props.topic_alias is None:
         raise _protocol_error("PUBLISH without a topic name or a topic alias")  # 3.3.2.1
     return Publish(topic, body[at:], qos, (flags & 0x01) != 0, (flags & 0x08) != 0, pid, props)
+
+
+_ALIAS_ONLY: dict[int, Properties] = {}
+
+
+def _alias_only(alias: int) -> Properties:
+    props = object.__new__(Properties)
+    props.__dict__["topic_alias"] = alias
+    _ALIAS_ONLY[alias] = props
+    return props
 
 
 def _decode_ack5(kind: int, body: bytes, limits: tuple[int, int]) -> Ack:
