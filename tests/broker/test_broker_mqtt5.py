@@ -385,3 +385,38 @@ def test_paho_v5_shared_subscription_splits_the_messages(
     finally:
         for peer in (a, b, dev):
             peer.close()
+
+
+def test_a_malformed_v5_packet_closes_only_that_connection(
+    make_broker: BrokerFactory, fleet: Fleet
+) -> None:
+    """Bad input over real TLS: an unknown property identifier is DISCONNECT 0x81 for that
+    client; a paho v5 session beside it carries on (twin: it still gets its messages)."""
+    from broker import mqtt
+    from tests.broker.broker_helpers import tls_socket
+
+    broker = make_broker()
+    sink = _peer(broker, fleet, "sink", service=True).connect()
+    other = _peer(broker, fleet, "dev-2").connect()
+    sock = tls_socket(broker.port, fleet.creds("dev-1"), root=fleet.pki_dir / "root.crt")
+    try:
+        assert sink.subscribe("devices/+/telemetry/#") == [0]
+        sock.sendall(mqtt.encode_connect(mqtt.Connect(5, "dev-1", True, 30)))
+        reader = mqtt.ClientPacketReader(1 << 20, 5)
+        packets: list[Any] = []
+        while not packets:
+            packets += reader.feed(sock.recv(4096))
+        assert packets[0].reason_code == 0
+        sock.sendall(b"\x30\x07\x00\x01a\x02\x7f\x00x")  # property 0x7f does not exist
+        data = b""
+        while chunk := sock.recv(4096):
+            data += chunk
+        [disconnect] = reader.feed(data)
+        assert disconnect.reason_code == mqtt.Reason.MALFORMED_PACKET
+        assert other.publish("devices/dev-2/telemetry/t", b"still here", 1) == 0
+        assert wait_until(lambda: sink.messages)
+        assert sink.messages[0].payload == b"still here"
+    finally:
+        sock.close()
+        sink.close()
+        other.close()
