@@ -13,21 +13,26 @@ Inputs are method calls: :meth:`~ClientProtocol.handshake_done`,
 or :meth:`~ClientProtocol.refused` (the authenticator's answer), :meth:`~ClientProtocol.tick`
 (deadlines), :meth:`~ClientProtocol.connection_lost` (TCP closed or TLS close_notify). Outputs are
 bytes (:meth:`~ClientProtocol.data_to_send`), the events :meth:`~ClientProtocol.receive_data`
-returns (today :class:`Authenticate`), and a few requests through :class:`Wire`. Those are
-callbacks, not return values, because the core writes into *any* connection while it serves
-another one (a delivery, a takeover, a revocation kick): the wire must be told there is
-something to send or to close.
+returns (:class:`Authenticate`, :class:`AuthContinue`), and a few requests through
+:class:`Wire`. Those are callbacks, not return values, because the core writes into *any*
+connection while it serves another one (a delivery, a takeover, a revocation kick): the wire
+must be told there is something to send or to close.
 
 The same object is the :class:`broker.core.Link` the core writes to, so a session's deliveries,
 acknowledgements and kicks all pass through the one place that knows the connection's protocol.
 
-Ready for MQTT 5.0 (issue 12, step 2), without implementing it: the protocol level is kept per
-connection (:attr:`ClientProtocol.version`); what was negotiated at CONNECT lives in
-:class:`Negotiated` (Receive Maximum, Maximum Packet Size and Topic Alias Maximum go there); every
-server-initiated close passes one reason token through :meth:`ClientProtocol.close`, the place
-where 5.0 sends DISCONNECT with a reason code; the authentication is an event and an answer, so
-a multi-step AUTH exchange is more events of the same kind, and re-authentication a LIVE-state
-exchange that the table can name.
+MQTT 5.0 beside 3.1.1: the CONNECT's protocol level is kept per connection (``version``,
+``v5``) and a level-5 connection is served by its own dispatch (``_dispatch5``): reason codes
+on every acknowledgement (a PUBLISH or SUBSCRIBE outside the grants is answered with 0x87, not
+dropped or closed), Topic Aliases resolved before the policy is asked, our Receive Maximum,
+and ``publish5``, the core's delivery to a 5.0 client (remaining Message Expiry, Subscription
+Identifiers, our Topic Aliases, its Maximum Packet Size). What CONNECT settled lives in
+:class:`Negotiated`. Every server-side close passes one reason token through
+:meth:`ClientProtocol.close`, which sends a 5.0 client DISCONNECT with the code
+:data:`DISCONNECT_REASONS` names. Extended authentication (4.12) is more events of the same kind
+as the first: :class:`AuthContinue` after each client AUTH (``State.CHALLENGE`` while ours is
+outstanding), answered by :meth:`ClientProtocol.challenge`, :meth:`~ClientProtocol.authenticated`
+or :meth:`~ClientProtocol.reauthenticated`.
 """
 
 from __future__ import annotations
