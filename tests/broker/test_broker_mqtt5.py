@@ -420,3 +420,37 @@ def test_a_malformed_v5_packet_closes_only_that_connection(
         sock.close()
         sink.close()
         other.close()
+
+
+def test_paho_v5_revocation_kick_is_0x87_and_never_publishes_the_will(
+    make_broker: BrokerFactory, fleet: Fleet
+) -> None:
+    """A revoked device is told DISCONNECT 0x87 Not authorized (docs/BROKER.md: 0x87, not
+    0x98) and its will, delayed or not, is never published; twin: another device's will on a
+    dropped connection is."""
+    broker = make_broker()
+    sink = _peer(broker, fleet, "sink", service=True).connect()
+    will_props = Properties(PacketTypes.WILLMESSAGE)
+    will_props.WillDelayInterval = 1
+    session = Properties(PacketTypes.CONNECT)
+    session.SessionExpiryInterval = 60
+    dev = _peer(broker, fleet, "dev-1")
+    dev.client.will_set("devices/dev-1/state", b"gone", properties=will_props)
+    dev.connect(props=session)
+    other = _peer(broker, fleet, "dev-2")
+    other.client.will_set("devices/dev-2/state", b"dropped")
+    other.connect()
+    try:
+        assert sink.subscribe("devices/+/state") == [0]
+        fleet.pki.revoke("dev-1", reason="key-compromise")
+        assert broker.call(broker.broker.check_revocations())
+        assert wait_until(dev.disconnected.is_set)
+        assert dev.disconnect_rc.value == 0x87
+        other.client.socket().close()  # vanish without DISCONNECT: its will goes out
+        assert wait_until(lambda: sink.messages)
+        time.sleep(1.5)  # past dev-1's will delay
+        assert [m.payload for m in sink.messages] == [b"dropped"]
+    finally:
+        sink.close()
+        dev.close()
+        other.client.loop_stop()
