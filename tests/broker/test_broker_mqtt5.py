@@ -454,3 +454,37 @@ def test_paho_v5_revocation_kick_is_0x87_and_never_publishes_the_will(
         sink.close()
         dev.close()
         other.client.loop_stop()
+
+
+@needs_mosquitto_clients
+def test_mosquitto_v5_sub_is_told_0x87_for_a_denied_subscription(
+    make_broker: BrokerFactory, fleet: Fleet
+) -> None:
+    """mosquitto_sub -V mqttv5 reads SUBACK 0x87 and says every subscription was denied;
+    twin: its own subtree is granted (it then waits for messages until -W ends it)."""
+    assert MOSQUITTO_SUB is not None
+    broker = make_broker()
+
+    def sub(topic: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [
+                MOSQUITTO_SUB,
+                *_args(fleet.creds("dev-1"), broker.port, "dev-1"),
+                "-t",
+                topic,
+                "-d",
+                "-W",
+                "2",
+            ],
+            capture_output=True,
+            text=True,
+            timeout=20,
+            check=False,
+        )
+
+    denied = sub("devices/dev-2/#")
+    assert "received SUBACK" in denied.stdout
+    assert "All subscription requests were denied." in denied.stdout + denied.stderr
+    granted = sub("devices/dev-1/#")
+    assert "received SUBACK" in granted.stdout
+    assert "denied" not in granted.stdout + granted.stderr
