@@ -365,8 +365,12 @@ class BrokerCore:
                     self.now,
                 )
         self.live[client_id] = session
-        if self.store is not None and session.persistent:
-            self.store.session_saved(session)  # store: created or resumed
+        if self.store is not None:
+            if session.persistent:
+                self.store.session_saved(session)  # store: created or resumed
+            elif self.store.is_persistent(session):
+                # store: MQTT 5 resumed it with Session Expiry 0: it ends with this connection
+                self.store.session_forgotten(session)
         return session, present
 
     def session_expiry_for(self, requested: int) -> float | None:

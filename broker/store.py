@@ -258,7 +258,8 @@ class Store:
                 self.qos2_incoming(session, pid, waiting=True)
 
     def session_forgotten(self, session: Session) -> None:
-        """Called before the core clears the session's queue and in-flight messages."""
+        """Called before the core clears the session's queue and in-flight messages, or when an
+        MQTT 5 client resumes it with Session Expiry 0 (it is no longer kept)."""
         sid = self._sids.pop(session.client_id, None)
         if sid is None:
             return

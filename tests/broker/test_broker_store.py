@@ -349,9 +349,13 @@ def test_an_mqtt5_session_comes_back_with_its_options_properties_and_expiry(
 
 def test_an_mqtt5_session_expires_on_its_own_interval_across_a_restart(tmp_path: Path) -> None:
     """3.1.2.11.2: gone 120 s, an MQTT 5 session of 60 s expired on replay; a 3.1.1 session
-    (the broker's 3600 s) gone as long did not."""
+    (the broker's 3600 s) gone as long did not. A session resumed with Session Expiry 0 is no
+    longer kept (MQTT-3.1.2-23 does not apply), even while it is connected."""
     core = make_core(session_expiry=3600)
     opened = _open(tmp_path, core)
+    Client5(core, "dev-3").connect(props=Properties(session_expiry_interval=60))
+    Client5(core, "dev-3").connect(clean=False)  # takes it over, with no expiry
+    assert "dev-3" in core.sessions
     dev = Client5(core, "dev-1")
     dev.connect(props=Properties(session_expiry_interval=60))
     dev.protocol.connection_lost()
