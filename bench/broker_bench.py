@@ -1,7 +1,8 @@
 """Our broker against plain amqtt and mosquitto, same clients, same machine, same run.
 
     .venv/bin/python bench/broker_bench.py [--rounds 2] [--brokers iotauth,amqtt,mosquitto]
-        [--phases connect,hold,qos0,qos1,idle] [--publishers 20,1] [--idle-clients 10000]
+        [--phases connect,connect5,hold,qos0,qos1,qos0v5,qos1v5,qos0alias,idle]
+        [--publishers 20,1] [--idle-clients 10000]
 
 Builds a throw-away PKI (trust domain ``bench.example``) with one credential directory per
 device (``device.crt`` = leaf + issuing CA, ``device.key``, ``ca.crt`` = root) and a service
@@ -42,6 +43,11 @@ of ``--phases`` in this order:
   qos1       the same with QoS 1 end to end: the sink subscribes with QoS 1 and PUBACKs every
              delivered PUBLISH (one write per read); each publisher keeps at most --qos1-window
              PUBLISHes unacknowledged and waits for the broker's PUBACKs
+  connect5, qos0v5, qos1v5, qos0alias
+             the same in MQTT 5.0 (CONNECT level 5, no properties; PUBLISH with an empty
+             property set), and QoS 0 where each publisher sets Topic Alias 1 with its first
+             PUBLISH and then sends an empty topic: the MQTT 5 rows beside the 3.1.1 ones.
+             Plain amqtt speaks no MQTT 5 and skips them
   idle       only with --idle-clients N: a fresh broker, then N devices connect with mTLS
              (--concurrency in flight) and stay connected, sending nothing: broker RSS before
              and with the N clients, the difference per client, and broker CPU while they idle.
@@ -96,7 +102,9 @@ SINK = "sink"
 SINK_FILTER = "devices/+/telemetry/#"
 HERE = Path(__file__).resolve().parent
 BROKERS = ("iotauth", "amqtt", "mosquitto")
-PHASES = ("connect", "hold", "qos0", "qos1", "idle")
+PHASES = ("connect", "connect5", "hold", "qos0", "qos1", "qos0v5", "qos1v5", "qos0alias", "idle")
+# The MQTT 5 runs: (phase, QoS, topic alias); amqtt speaks no MQTT 5 and skips them.
+V5_RUNS = (("qos0v5", 0, False), ("qos1v5", 1, False), ("qos0alias", 0, True))
 
 MOSQUITTO_ACL = """\
 # every device may read and write below its own id only (username = certificate CN)
@@ -132,17 +140,34 @@ def _mqtt_str(text: str) -> bytes:
     return len(raw).to_bytes(2, "big") + raw
 
 
-def connect_packet(client_id: str, keepalive: int = 0, *, clean: bool = True) -> bytes:
-    """CONNECT, protocol level 4, clean session (unless ``clean`` is False: a persistent
-    session), no will, no username or password."""
-    flags = b"\x04\x02" if clean else b"\x04\x00"
-    body = _mqtt_str("MQTT") + flags + keepalive.to_bytes(2, "big") + _mqtt_str(client_id)
+def connect_packet(
+    client_id: str, keepalive: int = 0, level: int = 4, *, clean: bool = True
+) -> bytes:
+    """CONNECT, protocol level 4 (or 5, with no properties), clean session (unless ``clean`` is
+    False: a persistent session), no will, no username or password."""
+    props = b"\x00" if level == 5 else b""
+    body = (
+        _mqtt_str("MQTT")
+        + bytes((level, 2 if clean else 0))
+        + keepalive.to_bytes(2, "big")
+        + props
+        + _mqtt_str(client_id)
+    )
     return b"\x10" + _varlen(len(body)) + body
 
 
-def subscribe_packet(packet_id: int, topic_filter: str, qos: int) -> bytes:
-    body = packet_id.to_bytes(2, "big") + _mqtt_str(topic_filter) + bytes([qos])
+def subscribe_packet(packet_id: int, topic_filter: str, qos: int, level: int = 4) -> bytes:
+    props = b"\x00" if level == 5 else b""
+    body = packet_id.to_bytes(2, "big") + props + _mqtt_str(topic_filter) + bytes([qos])
     return b"\x82" + _varlen(len(body)) + body
+
+
+def v5_publish_parts(topic: str, alias: bool) -> tuple[str, bytes, bytes]:
+    """MQTT 5: (the topic of later PUBLISHes, the first one's properties, the later ones'):
+    with a Topic Alias the first sets alias 1 and the others send an empty topic."""
+    if not alias:
+        return topic, b"\x00", b"\x00"
+    return "", b"\x03\x23\x00\x01", b"\x03\x23\x00\x01"
 
 
 def publish_qos0_packet(topic: str, payload: bytes) -> bytes:
@@ -565,14 +590,24 @@ def describe(exc: BaseException) -> str:
 
 
 async def mqtt_connect(
-    port: int, ctx: ssl.SSLContext, client_id: str, timeout: float, *, clean: bool = True
+    port: int,
+    ctx: ssl.SSLContext,
+    client_id: str,
+    timeout: float,
+    level: int = 4,
+    *,
+    clean: bool = True,
 ) -> Conn:
     reader, writer = await asyncio.wait_for(
         asyncio.open_connection(HOST, port, ssl=ctx, ssl_handshake_timeout=timeout), timeout
     )
-    writer.write(connect_packet(client_id, clean=clean))
+    writer.write(connect_packet(client_id, level=level, clean=clean))
     try:
-        connack = await asyncio.wait_for(reader.readexactly(4), timeout)
+        if level == 5:  # a level-5 CONNACK carries properties: read the whole packet
+            first, body = await asyncio.wait_for(read_packet(reader), timeout)
+            connack = bytes((first, len(body))) + body[:2]
+        else:
+            connack = await asyncio.wait_for(reader.readexactly(4), timeout)
     except BaseException:
         writer.transport.abort()
         raise
@@ -598,6 +633,7 @@ async def connect_many(
     *,
     keep: bool,
     timeout: float,
+    level: int = 4,
 ) -> ConnectRun:
     """Every id connects once with its own certificate; ``concurrency`` at a time."""
     run = ConnectRun()
@@ -607,7 +643,7 @@ async def connect_many(
         async with gate:
             t0 = perf()
             try:
-                conn = await mqtt_connect(port, ctxs[client_id], client_id, timeout)
+                conn = await mqtt_connect(port, ctxs[client_id], client_id, timeout, level)
             except (OSError, TimeoutError, ssl.SSLError, asyncio.IncompleteReadError) as exc:
                 run.errors[describe(exc)] += 1
                 return
@@ -655,12 +691,19 @@ class Plan:
 
     def runs(self) -> list[PubSubRun]:
         """The pub/sub runs of this plan, in the order they are measured."""
-        return [
+        out = [
             PubSubRun(qos, pubs, self.messages // pubs)
             for qos in (0, 1)
             if f"qos{qos}" in self.phases
             for pubs in self.publishers
         ]
+        out += [
+            PubSubRun(qos, pubs, self.messages // pubs, 5, alias)
+            for phase, qos, alias in V5_RUNS
+            if phase in self.phases
+            for pubs in self.publishers
+        ]
+        return out
 
 
 @dataclass(frozen=True)
@@ -669,11 +712,14 @@ class PubSubRun:
     publishers: int
     per_publisher: int
     persistent_sink: bool = False  # the sink has a persistent session (bench/broker_persist.py)
+    level: int = 4  # MQTT 3.1.1; 5: MQTT 5.0 end to end
+    alias: bool = False  # MQTT 5: the publishers use a Topic Alias after their first PUBLISH
 
     @property
     def key(self) -> str:
-        """Prefix of this run's figures, e.g. ``q1_20p``."""
-        return f"q{self.qos}_{self.publishers}p"
+        """Prefix of this run's figures, e.g. ``q1_20p`` (``q0_20p_v5``, ``q0_20p_alias``)."""
+        tail = "_alias" if self.alias else "_v5" if self.level == 5 else ""
+        return f"q{self.qos}_{self.publishers}p{tail}"
 
     @property
     def expected(self) -> int:
@@ -681,7 +727,8 @@ class PubSubRun:
 
     @property
     def title(self) -> str:
-        return f"QoS {self.qos}, {self.publishers} pub → 1 sub"
+        what = ", MQTT 5 + topic alias" if self.alias else ", MQTT 5" if self.level == 5 else ""
+        return f"QoS {self.qos}, {self.publishers} pub → 1 sub{what}"
 
 
 @dataclass
@@ -695,12 +742,23 @@ def cpu_percent(seconds: float, wall: float) -> float | None:
 
 
 async def phase_connect(
-    broker: RunningBroker, mon: ProcTree, ctxs: dict[str, ssl.SSLContext], ids: list[str], p: Plan
+    broker: RunningBroker,
+    mon: ProcTree,
+    ctxs: dict[str, ssl.SSLContext],
+    ids: list[str],
+    p: Plan,
+    level: int = 4,
 ) -> Values:
     # warm-up, not timed: the first connections pay for lazy imports and cold caches
     warm = await asyncio.wait_for(
         connect_many(
-            broker.port, ctxs, ids[: p.concurrency], p.concurrency, keep=False, timeout=p.op_timeout
+            broker.port,
+            ctxs,
+            ids[: p.concurrency],
+            p.concurrency,
+            keep=False,
+            timeout=p.op_timeout,
+            level=level,
         ),
         p.deadline,
     )
@@ -708,7 +766,9 @@ async def phase_connect(
         raise PhaseError("warm-up", warm.errors, len(warm.latencies))
     window = Window(mon)
     run = await asyncio.wait_for(
-        connect_many(broker.port, ctxs, ids, p.concurrency, keep=False, timeout=p.op_timeout),
+        connect_many(
+            broker.port, ctxs, ids, p.concurrency, keep=False, timeout=p.op_timeout, level=level
+        ),
         p.deadline,
     )
     window.close()
@@ -717,14 +777,15 @@ async def phase_connect(
     if run.errors:
         raise PhaseError("connect", run.errors, ok)
     p50, p99 = percentile(run.latencies, 50), percentile(run.latencies, 99)
+    suffix = "_v5" if level == 5 else ""
     return {
-        "connects_per_s": ok / wall,
-        "connect_p50_ms": p50 * 1e3 if p50 is not None else None,
-        "connect_p99_ms": p99 * 1e3 if p99 is not None else None,
-        "cpu_ms_per_connect": cpu / ok * 1e3 if ok else None,
-        "cpu_busy_connect": cpu_percent(cpu, wall),
-        "other_connect": cpu_percent(window.other, wall),
-        "loadgen_connect": cpu_percent(window.own, wall),
+        f"connects_per_s{suffix}": ok / wall,
+        f"connect_p50_ms{suffix}": p50 * 1e3 if p50 is not None else None,
+        f"connect_p99_ms{suffix}": p99 * 1e3 if p99 is not None else None,
+        f"cpu_ms_per_connect{suffix}": cpu / ok * 1e3 if ok else None,
+        f"cpu_busy_connect{suffix}": cpu_percent(cpu, wall),
+        f"other_connect{suffix}": cpu_percent(window.other, wall),
+        f"loadgen_connect{suffix}": cpu_percent(window.own, wall),
     }
 
 
@@ -862,9 +923,16 @@ class SinkCounter:
         return None if self.done.is_set() else last_snap
 
 
-async def publish_burst(conn: Conn, topic: str, payload: bytes, count: int) -> None:
+async def publish_burst(
+    conn: Conn, topic: str, payload: bytes, count: int, level: int = 4, alias: bool = False
+) -> None:
     """QoS 0 as fast as the broker reads: write, and wait for the socket every 64 packets."""
     packet = publish_qos0_packet(topic, payload)
+    if level == 5:
+        later_topic, first_props, props = v5_publish_parts(topic, alias)
+        conn.writer.write(publish_qos0_packet(topic, first_props + payload))
+        count -= 1
+        packet = publish_qos0_packet(later_topic, props + payload)
     for k in range(count):
         conn.writer.write(packet)
         if k & 63 == 63:
@@ -921,10 +989,10 @@ async def publish_window(conn: Conn, topic: str, payload: bytes, count: int, win
         reader.cancel()
 
 
-async def subscribe_sink(conn: Conn, qos: int, timeout: float) -> None:
-    conn.writer.write(subscribe_packet(1, SINK_FILTER, qos))
+async def subscribe_sink(conn: Conn, qos: int, timeout: float, level: int = 4) -> None:
+    conn.writer.write(subscribe_packet(1, SINK_FILTER, qos, level))
     kind, body = await asyncio.wait_for(read_packet(conn.reader), timeout)
-    if kind >> 4 != 9 or body[2] != qos:
+    if kind >> 4 != 9 or body[-1] != qos:
         msg = f"SUBSCRIBE {SINK_FILTER} QoS {qos} answered {kind:#x} {body.hex()}"
         raise BenchError(msg)
 
@@ -940,14 +1008,15 @@ async def phase_pubsub(
 ) -> Values:
     payload = (b"0123456789abcdef" * (p.payload // 16 + 1))[: p.payload]
     await asyncio.sleep(0.5)  # the previous phase's disconnects are done
+    level = run.level
     sink = await mqtt_connect(
-        broker.port, sink_ctx, SINK, p.op_timeout, clean=not run.persistent_sink
+        broker.port, sink_ctx, SINK, p.op_timeout, level, clean=not run.persistent_sink
     )
     publishers: list[tuple[str, Conn]] = []
     try:
-        await subscribe_sink(sink, run.qos, p.op_timeout)
+        await subscribe_sink(sink, run.qos, p.op_timeout, level)
         for device in ids[: run.publishers]:
-            conn = await mqtt_connect(broker.port, ctxs[device], device, p.op_timeout)
+            conn = await mqtt_connect(broker.port, ctxs[device], device, p.op_timeout, level)
             publishers.append((device, conn))
         counter = SinkCounter(sink, run.expected, ack=run.qos == 1)
         reader_task = asyncio.ensure_future(counter.run())
@@ -956,13 +1025,22 @@ async def phase_pubsub(
         try:
             if run.qos == 0:
                 sends = [
-                    publish_burst(c, f"devices/{d}/telemetry/t", payload, run.per_publisher)
+                    publish_burst(
+                        c,
+                        f"devices/{d}/telemetry/t",
+                        payload,
+                        run.per_publisher,
+                        level,
+                        run.alias,
+                    )
                     for d, c in publishers
                 ]
             else:
+                # MQTT 5 without properties: the property length (0) leads the payload
+                body = b"\x00" + payload if level == 5 else payload
                 sends = [
                     publish_window(
-                        c, f"devices/{d}/telemetry/t", payload, run.per_publisher, p.qos1_window
+                        c, f"devices/{d}/telemetry/t", body, run.per_publisher, p.qos1_window
                     )
                     for d, c in publishers
                 ]
@@ -1081,9 +1159,19 @@ async def measure(broker: RunningBroker, fleet: Fleet, plan: Plan) -> Measured:
         phases.append(
             ("connect", lambda: phase_connect(broker, mon, ctxs, ids[: plan.clients], plan))
         )
+    v5 = broker.name != "amqtt"  # amqtt 0.12.1 speaks no MQTT 5
+    if "connect5" in plan.phases and v5:
+        phases.append(
+            (
+                "connect (MQTT 5)",
+                lambda: phase_connect(broker, mon, ctxs, ids[: plan.clients], plan, level=5),
+            )
+        )
     if "hold" in plan.phases:
         phases.append(("hold", lambda: phase_hold(broker, mon, ctxs, ids[: plan.clients], plan)))
     for run in plan.runs():
+        if run.level == 5 and not v5:
+            continue
         phases.append(
             (
                 run.title,
@@ -1130,6 +1218,15 @@ def metrics_for(p: Plan) -> list[Metric]:
             Metric("cpu_busy_connect", "broker CPU busy during connects (%)", "", 0, ratio=False),
             Metric("other_connect", "other processes' CPU during connects (%)", "", 0, ratio=False),
             Metric("loadgen_connect", "load generator CPU during connects (%)", "", 0, ratio=False),
+        ]
+    if "connect5" in p.phases:
+        out += [
+            Metric(
+                "connects_per_s_v5", f"MQTT 5: mTLS connects/s ({n}, {c} in flight)", "higher", 0
+            ),
+            Metric("connect_p50_ms_v5", "MQTT 5: connect latency p50 (ms)", "lower", 1),
+            Metric("connect_p99_ms_v5", "MQTT 5: connect latency p99 (ms)", "lower", 1),
+            Metric("cpu_ms_per_connect_v5", "MQTT 5: broker CPU per connect (ms)", "lower", 2),
         ]
     if p.main_phases:
         out.append(Metric("rss_idle_mb", "broker RSS idle, fresh (MB)", "lower", 1))

@@ -193,6 +193,7 @@ class TLSListener:
                 conn.drop()
         for conn in list(self._connections):
             conn.protocol.tick(now)
+        self._core.tick(now)  # the core's own timers (MQTT 5 delayed wills)
 
     def _refused(self, peer: str, reason: str, detail: str) -> None:
         self._metrics.inc("iotauth_broker_refusals_total", reason=reason)

@@ -27,9 +27,12 @@ from provisioning.identity import Identity, parse_spiffe_id
 
 __all__ = [
     "CERTIFICATE_METHODS",
+    "AuthExchange",
+    "AuthStep",
     "Authenticated",
     "Authenticator",
     "ConnectionFacts",
+    "ExchangeAuthenticator",
     "ListenerAuthenticator",
     "MutualTLSAuthenticator",
     "certificate_identity",
@@ -71,6 +74,36 @@ class Authenticated:
 class Authenticator(Protocol):
     async def authenticate(self, facts: ConnectionFacts) -> Authenticated:
         """Return who the client is, or raise Refused(reason)."""
+        ...
+
+
+@dataclass(frozen=True, slots=True)
+class AuthStep:
+    """One answer of an :class:`AuthExchange`: ``data`` for the client, and ``authenticated``
+    once the exchange has succeeded (then ``data``, if any, goes in the CONNACK, or in the AUTH
+    0x00 of a re-authentication; else in an AUTH 0x18 Continue authentication)."""
+
+    data: bytes | None = None
+    authenticated: Authenticated | None = None
+
+
+class AuthExchange(Protocol):
+    """One MQTT 5 extended authentication (4.12) in progress: challenge and response."""
+
+    async def step(self, data: bytes | None) -> AuthStep:
+        """The client's Authentication Data (the CONNECT's first, then each AUTH's) -> the next
+        step; raise Refused to end it (CONNACK 0x87 / 0x86; DISCONNECT if re-authenticating)."""
+        ...
+
+
+class ExchangeAuthenticator(Protocol):
+    """An authenticator that can also run MQTT 5 extended authentication: ``begin`` starts an
+    exchange for an Authentication Method it offers (SCRAM-SHA-256 will be the first). The
+    broker asks for it with ``getattr(authenticator, "begin", None)``: an authenticator without
+    it offers no method, and a CONNECT naming one is refused with 0x8C."""
+
+    def begin(self, method: str, facts: ConnectionFacts) -> AuthExchange:
+        """An exchange for ``method``, or raise Refused("bad-auth-method")."""
         ...
 
 
@@ -194,6 +227,18 @@ class ListenerAuthenticator:
         self._methods_by_kind = methods_by_kind
         self._metrics = metrics
 
+    def begin(self, method: str, facts: ConnectionFacts) -> AuthExchange:
+        """MQTT 5 extended authentication: the listener's authenticator that offers ``method``
+        (an :class:`ExchangeAuthenticator`), or Refused("bad-auth-method") (CONNACK 0x8C)."""
+        for name in sorted(self.methods):
+            begin = getattr(self._authenticators.get(name), "begin", None)
+            offered: frozenset[str] = getattr(
+                self._authenticators.get(name), "exchange_methods", frozenset()
+            )
+            if begin is not None and method in offered:
+                return _KindChecked(begin(method, facts), name, self._methods_by_kind)
+        raise Refused("bad-auth-method", f"authentication method {method!r} is not offered")
+
     async def authenticate(self, facts: ConnectionFacts) -> Authenticated:
         method = presented_method(facts)
         if method not in self.methods:
@@ -233,3 +278,27 @@ def presented_method(facts: ConnectionFacts) -> str:
     if facts.password is not None:
         return "password"
     return "mtls"  # nothing presented: mutual TLS's own refusal says what is missing
+
+
+class _KindChecked:
+    """An exchange whose success is held to ``methods_by_kind`` like any other method's."""
+
+    def __init__(
+        self, inner: AuthExchange, method: str, methods_by_kind: dict[str, frozenset[str]]
+    ) -> None:
+        self._inner = inner
+        self._method = method
+        self._methods_by_kind = methods_by_kind
+
+    async def step(self, data: bytes | None) -> AuthStep:
+        result = await self._inner.step(data)
+        done = result.authenticated
+        if done is not None:
+            kind = done.identity.kind.value
+            if self._method not in self._methods_by_kind.get(kind, frozenset()):
+                raise Refused(
+                    "method-not-allowed",
+                    f"a {kind} may not use {self._method}",
+                    identity=str(done.identity),
+                )
+        return result

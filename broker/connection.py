@@ -24,11 +24,11 @@ import ssl
 from typing import TYPE_CHECKING, Protocol
 
 from broker import mqtt
-from broker.auth import Authenticated, Authenticator, ConnectionFacts
+from broker.auth import Authenticated, Authenticator, AuthExchange, AuthStep, ConnectionFacts
 from broker.errors import Refused
-from broker.protocol import Authenticate, ClientProtocol, State
+from broker.protocol import AuthContinue, Authenticate, ClientProtocol, Event, State
 
-_HANDSHAKE, _AUTH, _CLOSED = State.HANDSHAKE, State.AUTH, State.CLOSED  # hot path: see protocol.py
+_HANDSHAKE, _CLOSED = State.HANDSHAKE, State.CLOSED  # hot path: see protocol.py
 
 if TYPE_CHECKING:
     from broker.core import BrokerCore
@@ -56,6 +56,8 @@ class MQTTConnection(asyncio.Protocol):
     __slots__ = (
         "_auth_task",
         "_authenticator",
+        "_connect",
+        "_exchange",
         "_in",
         "_listener",
         "_loop",
@@ -83,6 +85,8 @@ class MQTTConnection(asyncio.Protocol):
         self._scheduled = False
         self._auth_task: asyncio.Task[None] | None = None
         self._authenticator = authenticator
+        self._connect: mqtt.Connect | None = None  # the CONNECT being authenticated
+        self._exchange: AuthExchange | None = None  # MQTT 5 extended authentication
 
     @property
     def peer(self) -> str:
@@ -119,7 +123,7 @@ class MQTTConnection(asyncio.Protocol):
                 protocol.connection_lost()
                 return
             event = protocol.receive_data(chunk, now)
-            if event is not None and protocol.state is _AUTH:
+            if event is not None:
                 self._start_authentication(event)
             if protocol.closed:
                 return
@@ -251,12 +255,11 @@ class MQTTConnection(asyncio.Protocol):
 
     # -- authentication ------------------------------------------------------------------------
 
-    def _start_authentication(self, event: Authenticate) -> None:
-        self._auth_task = self._loop.create_task(self._authenticate(event.connect))
+    def _start_authentication(self, event: Event) -> None:
+        self._auth_task = self._loop.create_task(self._authenticate(event))
 
-    async def _authenticate(self, connect: mqtt.Connect) -> None:
-        protocol = self.protocol
-        facts = ConnectionFacts(
+    def _facts(self, connect: mqtt.Connect) -> ConnectionFacts:
+        return ConnectionFacts(
             client_id=connect.client_id,
             username=connect.username,
             password=(
@@ -264,11 +267,18 @@ class MQTTConnection(asyncio.Protocol):
                 if connect.password is not None
                 else None
             ),
-            peer=protocol.peer,
+            peer=self.protocol.peer,
             tls=self.tls,
         )
+
+    async def _authenticate(self, event: Event) -> None:
+        protocol = self.protocol
+        connect = event.connect if isinstance(event, Authenticate) else self._connect
+        if connect is None:
+            return  # an AUTH with no CONNECT behind it: the protocol object rules it out
+        self._connect = connect
         try:
-            authenticated: Authenticated = await self._authenticator.authenticate(facts)
+            step = await self._run(event, connect)
         except Refused as refusal:
             protocol.refused(refusal, connect.client_id)
             return
@@ -278,4 +288,35 @@ class MQTTConnection(asyncio.Protocol):
             return
         finally:
             self._auth_task = None
-        protocol.authenticated(connect, authenticated, self._loop.time())
+        now = self._loop.time()
+        done = step.authenticated
+        if done is None:
+            protocol.challenge(step.data, now)
+        elif isinstance(event, AuthContinue) and protocol.session is not None:
+            protocol.reauthenticated(done, step.data)
+        else:
+            protocol.authenticated(connect, done, now, step.data)
+        self._flush()
+
+    async def _run(self, event: Event, connect: mqtt.Connect) -> AuthStep:
+        """The authenticator's answer: one call for a plain CONNECT, one step of an exchange for
+        MQTT 5 extended authentication (4.12)."""
+        method = connect.properties.authentication_method
+        if method is None:
+            authenticated: Authenticated = await self._authenticator.authenticate(
+                self._facts(connect)
+            )
+            return AuthStep(authenticated=authenticated)
+        data = (
+            connect.properties.authentication_data
+            if isinstance(event, Authenticate)
+            else event.data
+        )
+        if isinstance(event, Authenticate) or event.reauth:
+            begin = getattr(self._authenticator, "begin", None)
+            if begin is None:
+                raise Refused("bad-auth-method", f"authentication method {method!r} is not offered")
+            self._exchange = begin(method, self._facts(connect))
+        exchange = self._exchange
+        assert exchange is not None  # noqa: S101 - begun above or by the CONNECT
+        return await exchange.step(data)

@@ -31,6 +31,7 @@ The rules it enforces (each was a gap in amqtt 0.12.1, research/amqtt.md):
 from __future__ import annotations
 
 import collections
+import dataclasses
 import logging
 import time
 from dataclasses import dataclass, field
@@ -44,7 +45,8 @@ from broker.metrics import Metrics
 from broker.policy import Action, Grants, Policy
 from broker.router import RetainedStore, SubscriptionIndex
 from broker.settings import BrokerSettings
-from broker.topics import validate_filter, validate_topic
+from broker.store import subscription_fields
+from broker.topics import matches, validate_filter, validate_topic
 from provisioning.errors import InvalidIdentityError
 from provisioning.identity import validate_name
 
@@ -83,14 +85,56 @@ class Link(Protocol):
         """Abort the connection and :meth:`BrokerCore.detach` its session (with the will if
         ``will``); ``reason`` is audited as the disconnect reason."""
 
+    def publish5(self, message: Message, qos: int, packet_id: int, dup: bool) -> bool:
+        """Send ``message`` as a level-5 PUBLISH (only called for sessions of MQTT 5 clients);
+        False when it was not sent: expired, or larger than the client's Maximum Packet Size."""
 
-@dataclass(slots=True, frozen=True)
+
+@dataclass(slots=True, eq=False)
 class Message:
+    """One message as the broker keeps it. Never changed once made (``dataclasses.replace``
+    makes a receiver's copy); not frozen, because a frozen dataclass's ``__init__`` costs a
+    ``object.__setattr__`` per field on the hot path."""
+
     topic: str
     topic_bytes: bytes
     payload: bytes
     qos: int
     retain: bool
+    # MQTT 5: what the publisher sent (no Topic Alias, no Subscription Identifier: those belong
+    # to one connection), encoded once for every receiver; b"\x00" is "none" (3.1.1 too).
+    properties: mqtt.Properties = mqtt.NO_PROPERTIES
+    properties_wire: bytes = b"\x00"
+    # Message Expiry Interval as a deadline on the broker's clock (None: never expires).
+    expires_at: float | None = None
+    # The Subscription Identifiers of the receiver's matching subscriptions (per receiver).
+    subscription_ids: tuple[int, ...] = ()
+    # Sent through this shared subscription ("$share/{group}/{filter}"; "" if not): a member
+    # that leaves hands it to another member.
+    share: str = ""
+
+
+@dataclass(slots=True, eq=False)
+class SharedGroup:
+    """The members of one shared subscription ``$share/{group}/{filter}`` (4.8.2): each message
+    goes to one of them, in turn."""
+
+    key: str  # "$share/{group}/{filter}"
+    topic_filter: str
+    members: list[Session] = field(default_factory=list)
+    turn: int = 0
+
+
+def _expired(message: Message, now: float) -> bool:
+    return message.expires_at is not None and message.expires_at <= now
+
+
+@dataclass(slots=True)
+class SubscriptionState:
+    """An MQTT 5 subscription's options and identifier (3.8.3.1, 3.8.2.1.2)."""
+
+    options: mqtt.SubscriptionOptions
+    identifier: int = 0
 
 
 @dataclass(slots=True, eq=False)
@@ -115,6 +159,19 @@ class Session:
     # Publishers' links held until this session's backlog shrinks; ``stuck``: it did not in time.
     waiters: set[Link] = field(default_factory=set)
     stuck: bool = False
+    # MQTT 5. ``v5``: the connected client speaks 5.0; the options of its subscriptions;
+    # its Receive Maximum (our in-flight window to it, MQTT-3.3.4-9); Session Expiry Interval
+    # (seconds, None: never) and Will Delay Interval.
+    v5: bool = False
+    options: dict[str, SubscriptionState] = field(default_factory=dict)
+    shared: dict[str, SubscriptionState] = field(default_factory=dict)  # by "$share/g/f"
+    # topic -> (options, QoS) of the matching subscriptions; cleared when they change
+    matching: dict[
+        str, tuple[int, bool, tuple[int, ...], list[tuple[SubscriptionState, int]] | None]
+    ] = field(default_factory=dict)
+    inflight_max: int = 100
+    expiry: float | None = None
+    will_delay: int = 0
 
     def packet_id(self) -> int:
         pid = self.next_id
@@ -131,6 +188,37 @@ def _decide(cache: dict[str, bool], grants: Grants, action: Action, topic: str) 
         cache.clear()
     allowed = cache[topic] = grants.allows(action, topic)
     return allowed
+
+
+def _matching_options(
+    session: Session, topic: str, retain: bool, own: bool
+) -> tuple[int, bool, tuple[int, ...]]:
+    """Over the MQTT 5 subscriptions of ``session`` that match ``topic``: the highest QoS (-1:
+    none wants it), the RETAIN flag to send (Retain As Published), the Subscription Identifiers.
+    ``own``: the message is the session's own (No Local subscriptions do not take it)."""
+    summary = session.matching.get(topic)
+    if summary is None:
+        # Remembered per topic until the subscriptions change: topics repeat (telemetry).
+        if len(session.matching) >= _ACL_CACHE_MAX:
+            session.matching.clear()
+        states = [
+            (state, session.subscriptions[topic_filter])
+            for topic_filter, state in session.options.items()
+            if matches(topic_filter, topic)
+        ]
+        summary = session.matching[topic] = (
+            max((qos for _, qos in states), default=-1),
+            any(state.options.retain_as_published for state, _ in states),
+            tuple(state.identifier for state, _ in states if state.identifier),
+            states if any(state.options.no_local for state, _ in states) else None,
+        )
+    granted, as_published, ids, local = summary
+    if own and local is not None:  # some match is No Local (MQTT-3.8.3-3): without those
+        states = [(state, qos) for state, qos in local if not state.options.no_local]
+        granted = max((qos for _, qos in states), default=-1)
+        as_published = any(state.options.retain_as_published for state, _ in states)
+        ids = tuple(state.identifier for state, _ in states if state.identifier)
+    return granted, as_published and retain, ids
 
 
 class BrokerCore:
@@ -151,6 +239,14 @@ class BrokerCore:
         self.store: Store | None = None
         # Drops not yet audited, per client_id: (time of the last audit line, count since).
         self._drop_audit: dict[str, tuple[float, int]] = {}
+        # MQTT 5 wills waiting for their Will Delay Interval: client_id -> (due, session).
+        self.pending_wills: dict[str, tuple[float, Session]] = {}
+        # MQTT 5 shared subscriptions: by "$share/{group}/{filter}", and indexed by filter.
+        self.groups: dict[str, SharedGroup] = {}
+        self.shared_index: SubscriptionIndex[SharedGroup] = SubscriptionIndex()
+        # The time of the input being handled (the protocol objects set it): message expiry
+        # and delayed wills count on it, so the core reads no clock of its own for them.
+        self.now = time.monotonic()
         # Hot counters are plain ints read at scrape time: Metrics.inc costs a dict build per call.
         self.messages_in = 0
         self.messages_out = 0
@@ -158,6 +254,7 @@ class BrokerCore:
         self.offline_dropped = 0
         self.holds = 0
         self.stuck = 0
+        self.expired = 0
         metrics.gauge("iotauth_broker_connections", lambda: len(self.live))
         metrics.gauge("iotauth_broker_messages_in_total", lambda: self.messages_in)
         metrics.gauge("iotauth_broker_messages_out_total", lambda: self.messages_out)
@@ -165,6 +262,7 @@ class BrokerCore:
         metrics.gauge("iotauth_broker_offline_dropped_total", lambda: self.offline_dropped)
         metrics.gauge("iotauth_broker_backpressure_holds_total", lambda: self.holds)
         metrics.gauge("iotauth_broker_backpressure_stuck_total", lambda: self.stuck)
+        metrics.gauge("iotauth_broker_expired_messages_total", lambda: self.expired)
 
     # -- CONNECT -------------------------------------------------------------------------------
 
@@ -223,19 +321,98 @@ class BrokerCore:
             session = Session(client_id, authenticated, grants)
             self.sessions[client_id] = session
         session.authenticated = authenticated
-        session.persistent = not connect.clean_session
         session.link = link
         session.disconnected_at = None
         session.will = None
+        v5 = session.v5 = connect.protocol_level == 5
+        # A resumed session's delayed will is not published (MQTT-3.1.3-9); a new one has none.
+        self.pending_wills.pop(client_id, None)
+        limits = self.limits
+        if v5:
+            props = connect.properties
+            session.expiry = self.session_expiry_for(props.session_expiry_interval or 0)
+            session.persistent = session.expiry != 0
+            receive_max = props.receive_maximum
+            session.inflight_max = (
+                min(receive_max, limits.max_inflight) if receive_max else limits.max_inflight
+            )
+        else:
+            session.persistent = not connect.clean_session
+            session.expiry = self.settings.session_expiry
+            session.inflight_max = limits.max_inflight
+        session.will_delay = 0
         if connect.will_topic is not None:
             topic = connect.will_topic
-            session.will = Message(
-                topic, topic.encode(), connect.will_payload, connect.will_qos, connect.will_retain
-            )
+            will_props = connect.will_properties
+            if will_props is mqtt.NO_PROPERTIES:
+                session.will = Message(
+                    topic,
+                    topic.encode(),
+                    connect.will_payload,
+                    connect.will_qos,
+                    connect.will_retain,
+                )
+            else:
+                session.will_delay = will_props.will_delay_interval or 0
+                # Will Delay is the will's own; the rest are the PUBLISH's (3.1.3.2).
+                props = dataclasses.replace(will_props, will_delay_interval=None)
+                session.will = self.message(
+                    topic,
+                    connect.will_payload,
+                    connect.will_qos,
+                    connect.will_retain,
+                    props,
+                    self.now,
+                )
         self.live[client_id] = session
-        if self.store is not None and session.persistent:
-            self.store.session_saved(session)  # store: created or resumed
+        if self.store is not None:
+            if session.persistent:
+                self.store.session_saved(session)  # store: created or resumed
+            elif self.store.is_persistent(session):
+                # store: MQTT 5 resumed it with Session Expiry 0: it ends with this connection
+                self.store.session_forgotten(session)
         return session, present
+
+    def session_expiry_for(self, requested: int) -> float | None:
+        """A client's Session Expiry Interval within the broker's maximum (``session_expiry``);
+        0xFFFFFFFF is "never" (3.1.2.11.2). Returns seconds, or None for never."""
+        cap = self.settings.session_expiry
+        if requested == 0xFFFFFFFF:
+            return cap
+        return float(requested) if cap is None else float(min(requested, cap))
+
+    def set_expiry(self, session: Session, requested: int) -> None:
+        """MQTT 5 DISCONNECT changed the Session Expiry Interval (3.14.2.2.2)."""
+        session.expiry = self.session_expiry_for(requested)
+        session.persistent = session.expiry != 0
+        if self.store is not None and session.persistent:
+            self.store.session_saved(session)  # store: the new interval counts on replay
+
+    def message(
+        self,
+        topic: str,
+        payload: bytes,
+        qos: int,
+        retain: bool,
+        props: mqtt.Properties,
+        now: float,
+    ) -> Message:
+        """A message with MQTT 5 properties, as every receiver will see them: the Topic Alias
+        and Subscription Identifiers are the connection's, not the message's (3.3.2.3.4,
+        MQTT-3.3.4-6), so they are not kept."""
+        if props.topic_alias is not None or props.subscription_identifiers:
+            props = dataclasses.replace(props, topic_alias=None, subscription_identifiers=())
+        interval = props.message_expiry_interval
+        return Message(
+            topic,
+            topic.encode(),
+            payload,
+            qos,
+            retain,
+            props,
+            mqtt.encode_properties(props, mqtt.PUBLISH),
+            None if interval is None else now + interval,
+        )
 
     def resume(self, session: Session) -> None:
         """After CONNACK: re-send what was in flight (DUP), then what was queued."""
@@ -245,6 +422,8 @@ class BrokerCore:
         for pid, (message, qos, released) in list(session.inflight.items()):
             if released:
                 link.send(mqtt.pubrel(pid))
+            elif session.v5:
+                link.publish5(message, qos, pid, True)
             else:
                 link.send(
                     mqtt.encode_publish(
@@ -261,12 +440,19 @@ class BrokerCore:
         if self.live.get(session.client_id) is session:
             del self.live[session.client_id]
         self._release_waiters(session)
+        if session.shared:
+            self._hand_off(session)
         message = session.will
         session.will = None
         if will and message is not None:
-            if message.retain:
-                self.retain(message)
-            self.route(message, None)
+            if session.will_delay and session.persistent:
+                # MQTT-3.1.3-9: published after the delay unless the session resumes first,
+                # or when the session ends, whichever comes first (3.1.2.11.2).
+                session.will = message
+                due = self.now + session.will_delay
+                self.pending_wills[session.client_id] = (due, session)
+            else:
+                self.publish_will(session, message)
         if not session.persistent:
             self.forget(session)
         else:
@@ -274,26 +460,63 @@ class BrokerCore:
             if self.store is not None:
                 self.store.session_detached(session, time.time())  # store: expiry counts
 
-    def forget(self, session: Session) -> None:
-        """Drop a session and everything it holds (subscriptions, queued messages)."""
+    def publish_will(self, session: Session, message: Message) -> None:
+        """A will goes out as its owner's PUBLISH would: the grants are asked again (a delayed
+        will is published long after CONNECT checked it)."""
+        if not session.grants.allows(Action.PUBLISH, message.topic):
+            identity = str(session.authenticated.identity)
+            self.denied(identity, session.client_id, "will", message.topic)
+            return
+        if message.retain:
+            self.retain(message)
+        self.route(message, None)
+
+    def forget(self, session: Session, *, will: bool = True) -> None:
+        """Drop a session and everything it holds (subscriptions, queued messages); a will
+        still waiting for its delay is published now (the session ends), unless ``will`` is
+        False (a revocation: a revoked identity speaks no more)."""
+        pending = self.pending_wills.get(session.client_id)
+        if pending is not None and pending[1] is session:
+            del self.pending_wills[session.client_id]
+            message, session.will = session.will, None
+            if will and message is not None:
+                self.publish_will(session, message)
         if self.store is not None:
             self.store.session_forgotten(session)  # store: before its queue is cleared
         for topic_filter in session.subscriptions:
-            self.index.remove(topic_filter, session)
+            if topic_filter in session.shared:
+                self._unshare(session, topic_filter)
+            else:
+                self.index.remove(topic_filter, session)
         session.subscriptions.clear()
+        session.options.clear()
+        session.shared.clear()
+        session.matching.clear()
         session.queue.clear()
         session.inflight.clear()
         if self.sessions.get(session.client_id) is session:
             del self.sessions[session.client_id]
 
     def expire_sessions(self, now: float) -> None:
-        ttl = self.settings.session_expiry
-        if ttl is None:
-            return
+        """Forget disconnected sessions past their Session Expiry Interval (3.1.1 persistent
+        sessions: ``settings.session_expiry``)."""
         for session in list(self.sessions.values()):
             gone = session.disconnected_at
-            if session.link is None and gone is not None and now - gone >= ttl:
+            ttl = session.expiry
+            if ttl is not None and session.link is None and gone is not None and now - gone >= ttl:
                 self.forget(session)
+
+    def tick(self, now: float) -> None:
+        """Timers of the core (the listener calls this a few times a second): delayed wills."""
+        self.now = now
+        if not self.pending_wills:
+            return
+        for client_id, (due, session) in list(self.pending_wills.items()):
+            if due <= now:
+                del self.pending_wills[client_id]
+                message, session.will = session.will, None
+                if message is not None:
+                    self.publish_will(session, message)
 
     # -- PUBLISH in ----------------------------------------------------------------------------
 
@@ -311,16 +534,7 @@ class BrokerCore:
             if self.settings.denied_publish == "disconnect":
                 return "publish-denied"
             return None
-        store = self.store
-        if (
-            store is not None
-            and store.failed is not None
-            and packet.qos
-            and (packet.retain or any(store.is_persistent(s) for s, _ in self.index.route(topic)))
-        ):
-            # store: it cannot be made durable, so it must not be acknowledged (issue 15).
-            # TODO(mqtt5): a 5.0 publisher gets PUBACK/PUBREC 0x97 instead of the close.
-            self._dropped(session, "storage-failed")
+        if self.store is not None and self._unstorable(session, packet, topic):
             return "storage-failed"
         self.messages_in += 1
         message = Message(topic, topic.encode(), packet.payload, packet.qos, packet.retain)
@@ -328,6 +542,54 @@ class BrokerCore:
             self.retain(message)
         self.route(message, session)
         return None
+
+    def _unstorable(self, session: Session, packet: mqtt.Publish, topic: str) -> bool:
+        """store: a QoS 1/2 PUBLISH that would have to be stored while the disk refuses cannot
+        be made durable, so it must not be acknowledged (issue 15); counted and audited."""
+        store = self.store
+        if (
+            store is not None
+            and store.failed is not None
+            and packet.qos
+            and (packet.retain or any(store.is_persistent(s) for s, _ in self.index.route(topic)))
+        ):
+            self._dropped(session, "storage-failed")
+            return True
+        return False
+
+    def publish5(self, session: Session, packet: mqtt.Publish, topic: str, now: float) -> int:
+        """Route an MQTT 5 client's PUBLISH (``topic``: its name, or what its Topic Alias stands
+        for). Returns the reason code for its PUBACK/PUBREC: 0 routed; 0x87 the policy refuses
+        it (audited); 0x97 it cannot be stored now (issue 15). A 5.0 publisher is answered
+        with the code instead of having its connection closed (QoS 0: dropped)."""
+        if topic.startswith("$"):
+            allowed = False
+        else:
+            allowed_or_none = session.publish_ok.get(topic)
+            allowed = (
+                _decide(session.publish_ok, session.grants, Action.PUBLISH, topic)
+                if allowed_or_none is None
+                else allowed_or_none
+            )
+        if not allowed:
+            self.denied(str(session.authenticated.identity), session.client_id, "publish", topic)
+            return mqtt.Reason.NOT_AUTHORIZED
+        if self.store is not None and self._unstorable(session, packet, topic):
+            return mqtt.Reason.QUOTA_EXCEEDED
+        self.messages_in += 1
+        props = packet.properties
+        # A decoded property set holds only what was on the wire: a Topic Alias alone is the
+        # connection's, not the message's (the alias benchmark's common case).
+        if props is mqtt.NO_PROPERTIES or (
+            len(props.__dict__) == 1 and props.topic_alias is not None
+        ):
+            message = Message(topic, topic.encode(), packet.payload, packet.qos, packet.retain)
+        else:
+            message = self.message(topic, packet.payload, packet.qos, packet.retain, props, now)
+        if packet.retain:
+            self.retain(message)
+        self.route(message, session)
+        return 0
 
     def retain(self, message: Message) -> None:
         if message.payload:
@@ -339,7 +601,7 @@ class BrokerCore:
             if self.store is not None:
                 self.store.retained_cleared(message.topic)  # store
 
-    def route(self, message: Message, publisher: Session | None) -> None:
+    def route(self, message: Message, publisher: Session | None) -> None:  # noqa: PLR0912 - the hot path, one function
         """Deliver to every subscriber the policy lets receive it; ``publisher`` may be held."""
         topic = message.topic
         qos0: bytes | None = None  # one encoding shared by every QoS 0 receiver
@@ -352,6 +614,9 @@ class BrokerCore:
                 allowed = _decide(session.receive_ok, session.grants, Action.RECEIVE, topic)
             if not allowed:
                 self.metrics.inc("iotauth_broker_acl_denials_total", action="receive")
+                continue
+            if session.v5:
+                self._route5(session, message, publisher)
                 continue
             qos = message.qos if message.qos < granted else granted
             if qos == 0:
@@ -373,6 +638,162 @@ class BrokerCore:
                 self.enqueue(session, message, qos, retain=False)
                 if publisher is not None and self._pressed(session, 2):
                     self._hold(session, publisher)
+        if self.groups:
+            for group, _ in self.shared_index.route(topic):
+                self._route_shared(group, message, publisher)
+
+    # -- shared subscriptions (MQTT 5, 4.8.2) -----------------------------------------------------
+
+    def _route_shared(
+        self,
+        group: SharedGroup,
+        message: Message,
+        publisher: Session | None,
+        leaving: Session | None = None,
+    ) -> bool:
+        """One member of ``group`` gets ``message``: the next connected one, in turn, that the
+        policy lets receive the topic (a shared subscription is no way around RECEIVE)."""
+        topic = message.topic
+        members = group.members
+        count = len(members)
+        for step in range(count):
+            session = members[(group.turn + step) % count]
+            if session is leaving or session.link is None:
+                continue
+            allowed = session.receive_ok.get(topic)
+            if allowed is None:
+                allowed = _decide(session.receive_ok, session.grants, Action.RECEIVE, topic)
+            if not allowed:
+                self.metrics.inc("iotauth_broker_acl_denials_total", action="receive")
+                continue
+            group.turn = (group.turn + step + 1) % count
+            self._deliver_shared(session, group.key, message, publisher)
+            return True
+        self.outbound_dropped += 1  # no member may take it now (QoS 0 or 1 alike)
+        return False
+
+    def _deliver_shared(
+        self, session: Session, key: str, message: Message, publisher: Session | None
+    ) -> None:
+        state = session.shared[key]
+        retain = state.options.retain_as_published and message.retain
+        ids = (state.identifier,) if state.identifier else ()
+        out = dataclasses.replace(message, retain=retain, subscription_ids=ids, share=key)
+        granted = session.subscriptions[key]
+        qos = message.qos if message.qos < granted else granted
+        if qos:
+            self.enqueue(session, out, qos, retain=retain)
+            if publisher is not None and self._pressed(session, 2):
+                self._hold(session, publisher)
+            return
+        link = session.link
+        if link is None or link.backlog() > self.limits.outbound_max_bytes:
+            self.outbound_dropped += 1
+            return
+        if not session.v5:
+            link.send(mqtt.encode_publish(out.topic_bytes, out.payload, 0, False))
+        elif not link.publish5(out, 0, 0, False):
+            self.outbound_dropped += 1
+            return
+        self.messages_out += 1
+
+    def _hand_off(self, session: Session) -> None:
+        """A member of shared subscriptions left: the messages it was sent through them and has
+        not acknowledged (or not yet received) go to another member (4.8.2)."""
+        for pid, (message, _qos, released) in list(session.inflight.items()):
+            group = self.groups.get(message.share) if message.share else None
+            if group is not None and not released:
+                del session.inflight[pid]
+                if self.store is not None:
+                    self.store.completed(session, pid, message)  # store: another member has it
+                self._route_shared(group, message, None, leaving=session)
+        if any(message.share for message, _ in session.queue):
+            kept: collections.deque[tuple[Message, int]] = collections.deque()
+            for message, qos in session.queue:
+                group = self.groups.get(message.share) if message.share else None
+                if group is None:
+                    kept.append((message, qos))
+                else:
+                    session.queued_bytes -= len(message.payload)
+                    if self.store is not None:
+                        self.store.unqueued(session, message)  # store: another member has it
+                    self._route_shared(group, message, None, leaving=session)
+            session.queue = kept
+
+    def _share(
+        self,
+        session: Session,
+        topic_filter: str,
+        qos: int,
+        options: mqtt.SubscriptionOptions,
+        identifier: int,
+    ) -> int:
+        """SUBSCRIBE to ``$share/{group}/{filter}``; returns the SUBACK code. The policy judges
+        ``{filter}`` alone: the share prefix neither widens nor narrows a grant."""
+        group_name, sep, inner = topic_filter[len("$share/") :].partition("/")
+        if not sep or not group_name or "+" in group_name or "#" in group_name:
+            return 0x8F  # MQTT-4.8.2-1, -2: a share name, without wildcards, then a filter
+        try:
+            validate_filter(inner)
+        except TopicError:
+            return 0x8F
+        if not session.grants.allows(Action.SUBSCRIBE, inner):
+            identity = str(session.authenticated.identity)
+            self.denied(identity, session.client_id, "subscribe", topic_filter)
+            return 0x87
+        group = self.groups.get(topic_filter)
+        if group is None:
+            group = self.groups[topic_filter] = SharedGroup(topic_filter, inner)
+            self.shared_index.add(inner, group, 0)
+        if session not in group.members:
+            group.members.append(session)
+        session.subscriptions[topic_filter] = qos
+        state = session.shared[topic_filter] = SubscriptionState(options, identifier)
+        if self.store is not None:
+            self.store.subscribed(session, topic_filter, subscription_fields(qos, state))  # store
+        return qos
+
+    def _unshare(self, session: Session, topic_filter: str) -> None:
+        session.shared.pop(topic_filter, None)
+        group = self.groups.get(topic_filter)
+        if group is None or session not in group.members:
+            return
+        group.members.remove(session)
+        if not group.members:
+            del self.groups[topic_filter]
+            self.shared_index.remove(group.topic_filter, group)
+
+    def _route5(self, session: Session, message: Message, publisher: Session | None) -> None:
+        """Deliver to an MQTT 5 subscriber: its subscriptions' options decide (3.8.3.1): No
+        Local skips the publisher's own (MQTT-3.8.3-3), Retain As Published keeps the RETAIN
+        flag (MQTT-3.3.1-12, -13), and every matching Subscription Identifier goes with it
+        (MQTT-3.3.4-3)."""
+        granted, retain, ids = _matching_options(
+            session, message.topic, message.retain, publisher is session
+        )
+        if granted < 0:
+            return
+        qos = message.qos if message.qos < granted else granted
+        if retain != message.retain or ids:
+            message = dataclasses.replace(message, retain=retain, subscription_ids=ids)
+        if qos:
+            self.enqueue(session, message, qos, retain=retain)
+            if publisher is not None and self._pressed(session, 2):
+                self._hold(session, publisher)
+            return
+        link = session.link
+        if link is None:
+            return
+        backlog = link.backlog()
+        if backlog > self.limits.outbound_max_bytes:
+            self.outbound_dropped += 1
+            return
+        if link.publish5(message, 0, 0, False):
+            self.messages_out += 1
+        else:
+            self.outbound_dropped += 1
+        if backlog > self._hold_bytes and publisher is not None:
+            self._hold(session, publisher)
 
     def enqueue(self, session: Session, message: Message, qos: int, *, retain: bool) -> None:
         """A QoS 1/2 message for ``session``: sent now if the window allows, else queued."""
@@ -384,7 +805,7 @@ class BrokerCore:
         if (
             link is not None
             and not session.queue
-            and len(session.inflight) < self.limits.max_inflight
+            and len(session.inflight) < session.inflight_max
             and link.backlog() <= self.limits.outbound_max_bytes
         ):
             self._send(session, link, message, qos)
@@ -420,9 +841,19 @@ class BrokerCore:
         session.inflight[pid] = (message, qos, False)
         if self.store is not None:
             self.store.sent(session, pid, message, qos, queued=queued)  # store
-        link.send(
-            mqtt.encode_publish(message.topic_bytes, message.payload, qos, message.retain, pid)
-        )
+        if session.v5:
+            if not link.publish5(message, qos, pid, False):
+                # Expired, or more than the client's Maximum Packet Size: discarded as if
+                # sent (MQTT-3.1.2-25).
+                del session.inflight[pid]
+                if self.store is not None:
+                    self.store.completed(session, pid, message)  # store: never to be sent
+                self.outbound_dropped += 1
+                return
+        else:
+            link.send(
+                mqtt.encode_publish(message.topic_bytes, message.payload, qos, message.retain, pid)
+            )
         self.messages_out += 1
 
     def _drain(self, session: Session) -> None:
@@ -431,11 +862,16 @@ class BrokerCore:
         while (
             link is not None
             and queue
-            and len(session.inflight) < self.limits.max_inflight
+            and len(session.inflight) < session.inflight_max
             and link.backlog() <= self.limits.outbound_max_bytes
         ):
             message, qos = queue.popleft()
             session.queued_bytes -= len(message.payload)
+            if message.expires_at is not None and message.expires_at <= self.now:
+                self.expired += 1  # Message Expiry Interval passed while it waited (3.3.2.3.3)
+                if self.store is not None:
+                    self.store.unqueued(session, message)  # store
+                continue
             # The receiver's grants are re-checked: it may be a resumed session.
             if session.grants.allows(Action.RECEIVE, message.topic):
                 self._send(session, link, message, qos, queued=True)
@@ -499,14 +935,22 @@ class BrokerCore:
 
     # -- acknowledgements ----------------------------------------------------------------------
 
-    def acked(self, session: Session, kind: int, pid: int) -> None:
-        """PUBACK, PUBREC or PUBCOMP from the client for a message we sent."""
+    def acked(self, session: Session, kind: int, pid: int, code: int = 0) -> None:
+        """PUBACK, PUBREC or PUBCOMP from the client for a message we sent (``code``: its MQTT 5
+        reason code)."""
         entry = session.inflight.get(pid)
         if entry is None:
             return  # unknown or duplicate: nothing to do (MQTT allows late duplicates)
         message, qos, released = entry
         if kind == mqtt.PUBREC:
             if qos != 2:
+                return
+            if code >= 0x80:
+                # 4.3.3: a PUBREC with a failure ends the exchange; no PUBREL follows.
+                del session.inflight[pid]
+                if self.store is not None:
+                    self.store.completed(session, pid, message)  # store
+                self.drained(session)
                 return
             session.inflight[pid] = (message, qos, True)
             if self.store is not None:
@@ -524,13 +968,25 @@ class BrokerCore:
 
     def subscribe(self, session: Session, packet: mqtt.Subscribe) -> None:
         link = session.link
+        v5 = session.v5
+        session.matching.clear()
+        # 3.1.1 has one failure code; MQTT 5 names why (table 3-8).
+        invalid, denied = (0x8F, 0x87) if v5 else (mqtt.SUBACK_FAILURE, mqtt.SUBACK_FAILURE)
         codes: list[int] = []
-        accepted: list[tuple[str, int]] = []
-        for topic_filter, qos in packet.topics:
+        accepted: list[tuple[str, int, int, bool, int]] = []
+        ids = packet.properties.subscription_identifiers
+        identifier = ids[0] if ids else 0
+        for index, (topic_filter, qos) in enumerate(packet.topics):
+            if v5 and topic_filter.startswith("$share/"):
+                # No retained messages for a shared subscription (3.3.1.3)
+                codes.append(
+                    self._share(session, topic_filter, qos, packet.options[index], identifier)
+                )
+                continue
             try:
                 validate_filter(topic_filter)
             except TopicError:
-                codes.append(mqtt.SUBACK_FAILURE)
+                codes.append(invalid)
                 continue
             if not session.grants.allows(Action.SUBSCRIBE, topic_filter):
                 self.denied(
@@ -539,42 +995,85 @@ class BrokerCore:
                     "subscribe",
                     topic_filter,
                 )
-                codes.append(mqtt.SUBACK_FAILURE)
+                codes.append(denied)
                 continue
+            existed = topic_filter in session.subscriptions
             session.subscriptions[topic_filter] = qos
             self.index.add(topic_filter, session, qos)
+            handling = 0
+            state = None
+            if v5:
+                options = packet.options[index]
+                state = session.options[topic_filter] = SubscriptionState(options, identifier)
+                handling = options.retain_handling
             if self.store is not None:
-                self.store.subscribed(session, topic_filter, {"qos": qos})  # store
-            accepted.append((topic_filter, qos))
+                self.store.subscribed(session, topic_filter, subscription_fields(qos, state))
+            accepted.append((topic_filter, qos, handling, existed, identifier))
             codes.append(qos)
         if link is not None:
-            link.send(mqtt.suback(packet.packet_id, codes))
-        # Retained messages for this subscription only, after the SUBACK, within the grants.
-        for topic_filter, granted in accepted:
-            for topic, message in self.retained.matching(topic_filter):
+            if v5:
+                link.send(mqtt.suback5(packet.packet_id, codes))
+            else:
+                link.send(mqtt.suback(packet.packet_id, codes))
+        self._send_retained(session, accepted)
+
+    def _send_retained(
+        self, session: Session, accepted: list[tuple[str, int, int, bool, int]]
+    ) -> None:
+        """Retained messages for these subscriptions only, after the SUBACK, within the grants;
+        MQTT 5: Retain Handling 1 only for a new subscription, 2 never (MQTT-3.3.1-9, -10)."""
+        link = session.link
+        v5 = session.v5
+        now = self.now
+        for topic_filter, granted, handling, existed, ident in accepted:
+            if handling == 2 or (handling == 1 and existed):
+                continue
+            for topic, message in list(self.retained.matching(topic_filter)):
+                if _expired(message, now):
+                    self.retained.delete(topic)  # 3.3.2.3.3: an expired retained message goes
+                    continue
                 if not session.grants.allows(Action.RECEIVE, topic):
                     continue
                 qos = min(message.qos, granted)
-                if qos == 0:
-                    if link is None:
-                        continue
-                    if link.backlog() > self.limits.outbound_max_bytes:
-                        self.outbound_dropped += 1
-                        self._dropped(session, "slow-subscriber-qos0")
-                        continue
+                out = message
+                if v5 and ident:
+                    out = dataclasses.replace(message, subscription_ids=(ident,))
+                if qos:
+                    self.enqueue(session, out, qos, retain=True)
+                    continue
+                if link is None:
+                    continue
+                if link.backlog() > self.limits.outbound_max_bytes:
+                    self.outbound_dropped += 1
+                    self._dropped(session, "slow-subscriber-qos0")
+                    continue
+                if not v5:
                     link.send(mqtt.encode_publish(message.topic_bytes, message.payload, 0, True))
-                    self.messages_out += 1
-                else:
-                    self.enqueue(session, message, qos, retain=True)
+                elif not link.publish5(dataclasses.replace(out, retain=True), 0, 0, False):
+                    self.outbound_dropped += 1
+                    continue
+                self.messages_out += 1
 
     def unsubscribe(self, session: Session, packet: mqtt.Unsubscribe) -> None:
+        session.matching.clear()
+        codes: list[int] = []
         for topic_filter in packet.topics:
+            session.options.pop(topic_filter, None)
             if session.subscriptions.pop(topic_filter, None) is not None:
-                self.index.remove(topic_filter, session)
+                if topic_filter in session.shared:
+                    self._unshare(session, topic_filter)
+                else:
+                    self.index.remove(topic_filter, session)
                 if self.store is not None:
                     self.store.unsubscribed(session, topic_filter)  # store
+                codes.append(0x00)
+            else:
+                codes.append(0x11)  # No subscription existed (table 3-9)
         if session.link is not None:
-            session.link.send(mqtt.unsuback(packet.packet_id))
+            if session.v5:
+                session.link.send(mqtt.unsuback5(packet.packet_id, codes))
+            else:
+                session.link.send(mqtt.unsuback(packet.packet_id))
 
     # -- closing sessions ----------------------------------------------------------------------
 
@@ -625,7 +1124,7 @@ class BrokerCore:
             if session.link is not None:
                 self.kick_session(session, "revoked")
                 kicked += 1
-            self.forget(session)
+            self.forget(session, will=False)
         return kicked
 
     def kick_expired(self, now_ts: float) -> None:

@@ -73,6 +73,7 @@ __all__ = [
     "auth5",
     "connack",
     "connack5",
+    "decode_properties",
     "disconnect5",
     "encode_connect",
     "encode_properties",
@@ -831,6 +832,12 @@ def _decode_publish5(
         raise _malformed("DUP set on QoS 0")  # MQTT-3.3.1-2
     if at < len(body) and not body[at]:
         props, at = NO_PROPERTIES, at + 1  # the common case: no properties, nothing to build
+    elif body[at : at + 2] == b"\x03\x23" and at + 4 <= len(body):
+        # A Topic Alias alone (the next most common case): one shared object per alias value,
+        # as _properties would build it (only the field on the wire in its __dict__).
+        alias = (body[at + 2] << 8) | body[at + 3]
+        props = _ALIAS_ONLY.get(alias) or _alias_only(alias)
+        at += 4
     else:
         props, at = _properties(body, at, PUBLISH, limits)
         values = props.__dict__
@@ -844,6 +851,16 @@ def _decode_publish5(
     if not topic and props.topic_alias is None:
         raise _protocol_error("PUBLISH without a topic name or a topic alias")  # 3.3.2.1
     return Publish(topic, body[at:], qos, (flags & 0x01) != 0, (flags & 0x08) != 0, pid, props)
+
+
+_ALIAS_ONLY: dict[int, Properties] = {}
+
+
+def _alias_only(alias: int) -> Properties:
+    props = object.__new__(Properties)
+    props.__dict__["topic_alias"] = alias
+    _ALIAS_ONLY[alias] = props
+    return props
 
 
 def _decode_ack5(kind: int, body: bytes, limits: tuple[int, int]) -> Ack:
@@ -1288,6 +1305,15 @@ def _utf8(text: str) -> bytes:
     if len(data) > 0xFFFF:
         raise ValueError(f"a string of {len(data)} bytes does not fit a UTF-8 string field")
     return len(data).to_bytes(2, "big") + data
+
+
+def decode_properties(data: bytes, packet: int) -> Properties:
+    """The inverse of :func:`encode_properties` (property length, then properties): how the
+    broker's store reads back the properties it kept (broker/store.py)."""
+    props, at = _properties(data, 0, packet)
+    if at != len(data):
+        raise _malformed(f"{len(data) - at} bytes after the properties")
+    return props
 
 
 def encode_properties(props: Properties, packet: int) -> bytes:  # noqa: PLR0912 - one per type

@@ -125,6 +125,10 @@ class Limits:
     # Sized for a disk-backed store: Mosquitto's max_queued_messages is 1000.
     offline_queue_max: int = 10_000
     offline_queue_max_bytes: int = 16 * MiB
+    # MQTT 5: our Receive Maximum (QoS 2 PUBLISH from one client awaiting PUBREL; one more is
+    # DISCONNECT 0x93) and Topic Alias Maximum (aliases a client may set; 0: none).
+    receive_maximum: int = 100
+    topic_alias_maximum: int = 64
 
     def __post_init__(self) -> None:
         for name in (
@@ -141,6 +145,7 @@ class Limits:
             "backpressure_timeout",
             "offline_queue_max",
             "offline_queue_max_bytes",
+            "receive_maximum",
         ):
             if getattr(self, name) <= 0:
                 msg = f"limit {name} must be positive"
@@ -148,6 +153,10 @@ class Limits:
         if self.keepalive_factor < 1:
             msg = "keepalive_factor must be at least 1"
             raise ConfigError(msg)
+        for name in ("receive_maximum", "topic_alias_maximum"):
+            if not 0 <= getattr(self, name) <= 0xFFFF:
+                msg = f"limit {name} must be between 0 and 65535"
+                raise ConfigError(msg)
 
 
 @dataclass(frozen=True, slots=True)
@@ -167,7 +176,9 @@ class BrokerSettings:
     # MQTT-3.3.5-2: a refused PUBLISH is either acknowledged or the connection is closed.
     # "disconnect" gives a misbehaving device a signal; "drop" acknowledges and discards.
     denied_publish: Literal["disconnect", "drop"] = "disconnect"
-    # Disconnected persistent sessions are forgotten after this many seconds (None: never).
+    # Disconnected persistent sessions are forgotten after this many seconds (None: never); for
+    # MQTT 5 clients the longest Session Expiry Interval granted (a longer one is lowered and
+    # the CONNACK says so, 3.2.2.3.2).
     session_expiry: int | None = 24 * 3600
     # The certificate renewal service (broker/renewal.py) in this process; None: not started.
     renewal: RenewalSettings | None = None

@@ -31,13 +31,14 @@ How (docs/BROKER.md, "Persistence", has the measurement behind the choice):
   acknowledgements waiting for that batch are never sent (their publishers are closed and will
   send again). Everything else keeps working.
 
-Records carry fields generically where MQTT 5 will add some: a session is a JSON object, a
-subscription a JSON object of options, a message has a JSON ``extra`` (properties, expiry). The
-schema is versioned in the file header (:data:`SCHEMA`). For the MQTT 5 work, the places to
-extend: ``_session_fields`` / ``_Replay._session`` (session expiry interval), the options dict
-of ``_subscription_options`` / ``_SUB`` replay (no-local, retain-as-published, retain handling,
-shared group), ``_encode_message``'s ``extra`` / ``_MSG`` replay (properties, message expiry as
-an absolute wall-clock time), and the marked will-delay TODO below.
+Records carry fields generically, which is how MQTT 5 fits in schema 1 unchanged: a session is
+a JSON object (``v5``, and its Session Expiry Interval ``expiry``, used on replay instead of the
+broker-wide one), a subscription a JSON object of options (:func:`subscription_fields`: QoS,
+no-local, retain-as-published, retain handling, identifier; a ``$share/...`` filter joins its
+group again), a message has a JSON ``extra`` when it carries anything MQTT 5 (its encoded
+properties, its expiry as an absolute wall-clock time, subscription identifiers, the shared
+subscription it went through); a 3.1.1 message's ``extra`` stays empty. Not kept yet: an MQTT 5
+will waiting for its Will Delay Interval (the marked TODO below).
 """
 
 from __future__ import annotations
@@ -60,13 +61,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from broker import mqtt
 from broker.auth import Authenticated
 from broker.errors import BrokerError, ConfigError
 from provisioning.errors import ProvisioningError
 from provisioning.identity import parse_spiffe_id
 
 if TYPE_CHECKING:
-    from broker.core import BrokerCore, Link, Message, Session
+    from broker.core import BrokerCore, Link, Message, Session, SubscriptionState
 
 __all__ = ["SCHEMA", "Committer", "LoadReport", "LogFile", "Store", "StoreError", "open_store"]
 
@@ -256,7 +258,8 @@ class Store:
                 self.qos2_incoming(session, pid, waiting=True)
 
     def session_forgotten(self, session: Session) -> None:
-        """Called before the core clears the session's queue and in-flight messages."""
+        """Called before the core clears the session's queue and in-flight messages, or when an
+        MQTT 5 client resumes it with Session Expiry 0 (it is no longer kept)."""
         sid = self._sids.pop(session.client_id, None)
         if sid is None:
             return
@@ -387,10 +390,25 @@ class Store:
         return self.take()
 
 
+def subscription_fields(qos: int, state: SubscriptionState | None) -> dict[str, Any]:
+    """A subscription's record fields: its QoS, and MQTT 5's options and identifier."""
+    if state is None:
+        return {"qos": qos}
+    options = state.options
+    return {
+        "qos": qos,
+        "nl": options.no_local,
+        "rap": options.retain_as_published,
+        "rh": options.retain_handling,
+        "id": state.identifier,
+    }
+
+
 def _subscription_options(session: Session) -> Iterator[tuple[str, dict[str, Any]]]:
-    # MQTT 5 keeps more options per subscription; they belong in this dict (no schema change).
+    options, shared = session.options, session.shared
     for topic_filter, qos in session.subscriptions.items():
-        yield topic_filter, {"qos": qos}
+        state = options.get(topic_filter) or shared.get(topic_filter)
+        yield topic_filter, subscription_fields(qos, state)
 
 
 def _session_fields(session: Session) -> dict[str, Any]:
@@ -402,6 +420,8 @@ def _session_fields(session: Session) -> dict[str, Any]:
         "credential": auth.credential,
         "not_after": auth.not_after.timestamp() if auth.not_after is not None else None,
         "next_id": session.next_id,
+        "v5": session.v5,
+        "expiry": session.expiry,  # MQTT 5: seconds (None: never); 3.1.1: the broker's at the time
     }
 
 
@@ -412,11 +432,24 @@ def _json_record(kind: int, sid: int, fields: dict[str, Any]) -> bytes:
 
 def _encode_message(mid: int, message: Message) -> bytes:
     topic = message.topic_bytes
-    extra = b""  # MQTT 5: properties and expiry, as JSON, go here
+    extra = b""  # 3.1.1, and MQTT 5 without properties: nothing more
+    if message.properties_wire != b"\x00" or message.expires_at is not None or message.share:
+        extra = _message_extra(message)
     payload = message.payload
     size = 16 + len(topic) + len(extra) + len(payload)
     head = _MSG_S.pack(_MSG, size, mid, message.qos, message.retain, len(topic), len(extra))
     return b"".join((head, topic, extra, payload))
+
+
+def _message_extra(message: Message) -> bytes:
+    fields: dict[str, Any] = {"p": message.properties_wire.hex()}
+    if message.expires_at is not None:  # the core's clock is monotonic: kept as wall-clock time
+        fields["x"] = message.expires_at - time.monotonic() + time.time()
+    if message.subscription_ids:
+        fields["i"] = list(message.subscription_ids)
+    if message.share:
+        fields["s"] = message.share
+    return json.dumps(fields, separators=(",", ":")).encode()
 
 
 # -- reading -------------------------------------------------------------------------------------
@@ -449,10 +482,11 @@ class _Replay:
     """Applies records to a core's tables (sessions, index, retained)."""
 
     def __init__(self, core: BrokerCore) -> None:
-        from broker.core import Message, Session
+        from broker.core import Message, Session, SubscriptionState
 
         self._message_type = Message
         self._session_type = Session
+        self._state_type = SubscriptionState
         self.core = core
         self.sessions: dict[int, Session] = {}
         self.messages: dict[int, Message] = {}
@@ -476,9 +510,11 @@ class _Replay:
                 p = start + 16
                 topic = bytes(view[p : p + tlen])
                 payload = bytes(view[p + tlen + xlen : offset])
-                messages[mid] = self._message_type(
+                message = messages[mid] = self._message_type(
                     topic.decode(), topic, payload, qos, bool(retain)
                 )
+                if xlen:
+                    _apply_extra(message, json.loads(bytes(view[p + tlen : p + tlen + xlen])))
                 continue
             if kind == _RETAIN:
                 (mid,) = struct.unpack_from(">Q", body, start)
@@ -523,15 +559,12 @@ class _Replay:
                 else:
                     session.incoming_qos2.discard(pid)
             elif kind == _SUB:
-                options = json.loads(bytes(view[start + 4 : offset]))
-                topic_filter = options.pop("filter")
-                qos = int(options.get("qos", 0))
-                session.subscriptions[topic_filter] = qos
-                self.core.index.add(topic_filter, session, qos)
+                self._subscribe(session, json.loads(bytes(view[start + 4 : offset])))
             elif kind == _UNSUB:
                 topic_filter = bytes(view[start + 4 : offset]).decode()
+                session.options.pop(topic_filter, None)
                 if session.subscriptions.pop(topic_filter, None) is not None:
-                    self.core.index.remove(topic_filter, session)
+                    self._unindex(session, topic_filter)
             elif kind == _DETACH:
                 (_, wall) = struct.unpack_from(">Id", body, start)
                 self.detached[sid] = wall
@@ -541,11 +574,36 @@ class _Replay:
                 msg = f"unknown record kind {kind}"
                 raise ValueError(msg)
 
+    def _subscribe(self, session: Session, options: dict[str, Any]) -> None:
+        topic_filter = options["filter"]
+        qos = int(options.get("qos", 0))
+        if "rh" not in options:  # 3.1.1
+            session.subscriptions[topic_filter] = qos
+            self.core.index.add(topic_filter, session, qos)
+            return
+        state = self._state_type(
+            mqtt.SubscriptionOptions(bool(options["nl"]), bool(options["rap"]), int(options["rh"])),
+            int(options.get("id", 0)),
+        )
+        if topic_filter.startswith("$share/"):
+            # The group is joined again through the core (the policy judges it again).
+            self.core._share(session, topic_filter, qos, state.options, state.identifier)
+            return
+        session.subscriptions[topic_filter] = qos
+        session.options[topic_filter] = state
+        self.core.index.add(topic_filter, session, qos)
+
+    def _unindex(self, session: Session, topic_filter: str) -> None:
+        if topic_filter in session.shared:
+            self.core._unshare(session, topic_filter)
+        else:
+            self.core.index.remove(topic_filter, session)
+
     def _drop(self, sid: int) -> None:
         session = self.sessions.pop(sid)
         self.detached.pop(sid, None)
         for topic_filter in session.subscriptions:
-            self.core.index.remove(topic_filter, session)
+            self._unindex(session, topic_filter)
         if self.core.sessions.get(session.client_id) is session:
             del self.core.sessions[session.client_id]
 
@@ -571,6 +629,26 @@ class _Replay:
             session.authenticated = authenticated
         self.detached.pop(sid, None)  # connected again (its detach record follows if it left)
         session.next_id = int(fields.get("next_id", 1))
+        session.v5 = bool(fields.get("v5", False))
+        if session.v5:  # its own Session Expiry Interval, within today's maximum
+            expiry = fields.get("expiry")
+            session.expiry = self.core.session_expiry_for(
+                0xFFFFFFFF if expiry is None else int(expiry)
+            )
+        else:
+            session.expiry = self.core.settings.session_expiry
+
+
+def _apply_extra(message: Message, fields: dict[str, Any]) -> None:
+    """A kept message's MQTT 5 part (see :func:`_message_extra`)."""
+    wire = bytes.fromhex(fields["p"])
+    message.properties_wire = wire
+    message.properties = mqtt.decode_properties(wire, mqtt.PUBLISH)
+    wall = fields.get("x")
+    if wall is not None:
+        message.expires_at = wall - time.time() + time.monotonic()
+    message.subscription_ids = tuple(fields.get("i", ()))
+    message.share = fields.get("s", "")
 
 
 def _take_from_queue(session: Session, message: Message) -> None:
@@ -808,10 +886,10 @@ def _finish_replay(
         stopped = log_file.path.stat().st_mtime
     except OSError:
         stopped = wall_now
-    ttl = core.settings.session_expiry
     for sid, session in list(replay.sessions.items()):
         gone = replay.detached.get(sid, stopped)
         session.disconnected_at = mono_now - max(0.0, wall_now - gone)
+        ttl = session.expiry  # MQTT 5: the session's own interval; 3.1.1: the broker's
         if ttl is not None and wall_now - gone >= ttl:
             replay._drop(sid)
             report.expired += 1

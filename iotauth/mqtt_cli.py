@@ -272,14 +272,20 @@ class Session:
         self.connected = threading.Event()
         self.closed = threading.Event()
         self.close_reason: ReasonCode | None = None
+        # MQTT 5: the PUBACK / PUBREC reason code per message id (a refusal is 0x87, not a close)
+        self.acks: dict[int, ReasonCode] = {}
         self.client.on_connect = self._on_connect
         self.client.on_disconnect = self._on_disconnect
+        self.client.on_publish = self._on_publish
 
     def _on_connect(
         self, _c: object, _u: object, _f: object, reason: ReasonCode, _p: object
     ) -> None:
         self.connack = reason
         self.connected.set()
+
+    def _on_publish(self, _c: object, _u: object, mid: int, reason: ReasonCode, _p: object) -> None:
+        self.acks[mid] = reason
 
     def _on_disconnect(
         self, _c: object, _u: object, _f: object, reason: ReasonCode, _p: object
@@ -420,6 +426,11 @@ def pub(
                     msg = f"{session.where} did not acknowledge the message"
                     raise ClientError(msg)
                 time.sleep(0.005)
+            ack = session.acks.get(info.mid)
+            if qos and spec.version == 5 and ack is not None and ack.is_failure:
+                # an MQTT 5 broker refuses a publish with a reason code and keeps the connection
+                msg = f"refused by the broker: {describe(ack, 5)}"
+                raise ClientError(msg)
             if qos == 0:
                 # QoS 0 has no acknowledgement: a refused publish ends the connection instead.
                 session.closed.wait(0.2)
@@ -502,9 +513,17 @@ def sub(
                     msg = f"no SUBACK from {session.where}"
                     raise ClientError(msg)
                 time.sleep(0.01)
-            refused = [t for t, code in zip(topics, granted[mid], strict=False) if code >= 0x80]
+            refused = [
+                (t, code) for t, code in zip(topics, granted[mid], strict=False) if code >= 0x80
+            ]
             if refused:
-                msg = f"subscription refused by the broker (0x80 not authorized): {refused[0]}"
+                from broker.mqtt import Reason
+
+                topic, code = refused[0]
+                # 3.1.1 has one failure code (0x80); MQTT 5 says why (0x87 not authorized ...)
+                why = "not authorized" if code == 0x80 else Reason(code).name.lower()
+                why = why.replace("_", " ")
+                msg = f"subscription refused by the broker (0x{code:02x} {why}): {topic}"
                 raise ClientError(msg)
             end = time.monotonic() + wait if wait is not None else None
             while count is None or received < count:

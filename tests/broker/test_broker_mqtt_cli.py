@@ -230,3 +230,26 @@ def test_password_and_oidc_services_end_to_end(
         assert_one_line_error(denied, "the broker closed the connection")
     finally:
         thread.stop()
+
+
+def test_mqtt5_refusals_are_one_line_with_their_reason_code(
+    fleet: Fleet, ports: dict[str, int], mqtt: Callable[..., Result]
+) -> None:
+    """With -V 5 the broker answers a denied QoS 1 publish with PUBACK 0x87 and keeps the
+    connection: the command must not report it as published (twin: an allowed one exits 0)."""
+    where = f"127.0.0.1:{ports['mtls']}"
+    creds = str(fleet.creds("dev-1"))
+    result = mqtt(
+        "pub", "-V", "5", "--broker", where, "--creds", creds,
+        "-t", "devices/dev-2/commands/x", "-m", "no", "-q", "1",
+    )  # fmt: skip
+    assert_one_line_error(result, "refused by the broker: 0x87 not authorized")
+    ok = mqtt(
+        "pub", "-V", "5", "--broker", where, "--creds", creds,
+        "-t", "devices/dev-1/telemetry/x", "-m", "yes", "-q", "1",
+    )  # fmt: skip
+    assert ok.returncode == 0, ok.stderr
+    sub = mqtt(
+        "sub", "-V", "5", "--broker", where, "--creds", creds, "-t", "devices/dev-2/#", "-W", "5",
+    )  # fmt: skip
+    assert_one_line_error(sub, "subscription refused by the broker (0x87 not authorized)")

@@ -155,12 +155,10 @@ def test_a_client_id_that_is_not_the_identity_gets_connack_2() -> None:
 
 
 def test_an_unsupported_protocol_level_gets_connack_1() -> None:
-    """MQTT-3.1.2-2: level 5 is answered with return code 1 (3.1.1 only, for now)."""
+    """MQTT-3.1.2-2: a level the broker does not speak (6) is answered with return code 1."""
     c = Client()
     packet = bytearray(connect_packet("dev-1"))
-    packet[8] = 5  # the protocol level byte, after the fixed header and "MQTT"
-    packet[12:12] = b"\x00"  # a level-5 CONNECT has properties (none) after the keep-alive
-    packet[1] += 1  # the remaining length (one byte for this short packet)
+    packet[8] = 6  # the protocol level byte, after the fixed header and "MQTT"
     assert c.feed(bytes(packet)) is None
     assert [(p.kind, p.body) for p in c.out()] == [(2, b"\x00\x01")]
     assert c.wire.ended is True

@@ -19,9 +19,12 @@ import pytest
 from broker import mqtt
 from broker.core import BrokerCore
 from broker.errors import ConfigError
+from broker.mqtt import Properties, SubscriptionOptions
+from broker.protocol import State
 from broker.settings import Limits
 from broker.store import Opened, open_store
 from tests.broker.recording_link import DOMAIN, connect, make_core, publish
+from tests.broker.test_broker_protocol5 import Client5
 from tests.conftest import fill_disk
 
 CMD = "devices/dev-1/commands/x"
@@ -300,3 +303,125 @@ def test_a_full_disk_at_start_is_one_clear_error(
     with pytest.raises(ConfigError, match="No space left on device") as info:
         open_store(disk / "state", pki_dir=tmp_path, trust_domain=DOMAIN, core=make_core())
     assert "\n" not in str(info.value)
+
+
+# -- MQTT 5 sessions and messages on disk ---------------------------------------------------------
+
+
+def test_an_mqtt5_session_comes_back_with_its_options_properties_and_expiry(
+    tmp_path: Path,
+) -> None:
+    """An MQTT 5 session with a Session Expiry Interval is stored like a 3.1.1 clean-session-0
+    one (MQTT-3.1.2-23), with its subscription options and identifier (3.8.3.1), its shared
+    subscription (4.8.2), and its queued message's properties and remaining Message Expiry
+    (MQTT-3.3.2-6)."""
+    core = make_core(session_expiry=3600)
+    opened = _open(tmp_path, core)
+    dev = Client5(core, "dev-1")
+    dev.connect(props=Properties(session_expiry_interval=60), now=time.monotonic())
+    options = SubscriptionOptions(no_local=True, retain_as_published=True, retain_handling=1)
+    dev.subscribe("devices/dev-1/commands/#", 1, options, identifier=9)
+    dev.subscribe("$share/g/devices/dev-1/state/#", 1, pid=2)
+    dev.protocol.connection_lost()
+    ops = Client5(core, "ops", service=True)
+    ops.connect()
+    props = Properties(content_type="text/plain", message_expiry_interval=600)
+    ops.publish(CMD, b"go", 1, pid=1, props=props, now=time.monotonic())
+
+    core2, opened2 = _restart(tmp_path, opened, session_expiry=3600)
+    session = core2.sessions["dev-1"]
+    assert (session.v5, session.expiry) == (True, 60.0)
+    state = session.options["devices/dev-1/commands/#"]
+    assert (state.options, state.identifier) == (options, 9)
+    assert session.subscriptions == {
+        "devices/dev-1/commands/#": 1,
+        "$share/g/devices/dev-1/state/#": 1,
+    }
+    assert core2.groups["$share/g/devices/dev-1/state/#"].members == [session]
+    [(message, qos)] = session.queue
+    assert (message.topic, message.payload, qos) == (CMD, b"go", 1)
+    assert message.properties.content_type == "text/plain"
+    assert message.expires_at is not None
+    assert 590 < message.expires_at - time.monotonic() <= 600
+    assert "ops" not in core2.sessions  # Session Expiry Interval 0: never stored
+    opened2.close()
+
+
+def test_an_mqtt5_session_expires_on_its_own_interval_across_a_restart(tmp_path: Path) -> None:
+    """3.1.2.11.2: gone 120 s, an MQTT 5 session of 60 s expired on replay; a 3.1.1 session
+    (the broker's 3600 s) gone as long did not. A session resumed with Session Expiry 0 is no
+    longer kept (MQTT-3.1.2-23 does not apply), even while it is connected."""
+    core = make_core(session_expiry=3600)
+    opened = _open(tmp_path, core)
+    Client5(core, "dev-3").connect(props=Properties(session_expiry_interval=60))
+    Client5(core, "dev-3").connect(clean=False)  # takes it over, with no expiry
+    assert "dev-3" in core.sessions
+    dev = Client5(core, "dev-1")
+    dev.connect(props=Properties(session_expiry_interval=60))
+    dev.protocol.connection_lost()
+    _, link, _ = connect(core, "dev-2", clean=False)
+    link.close(will=False)
+    for name in ("dev-1", "dev-2"):
+        opened.store.session_detached(core.sessions[name], time.time() - 120)
+    core2, opened2 = _restart(tmp_path, opened, session_expiry=3600)
+    assert set(core2.sessions) == {"dev-2"}
+    assert opened2.report.expired == 1
+    opened2.close()
+
+
+def _persistent_dev_and_ops(
+    tmp_path: Path, *, ops_expiry: int
+) -> tuple[BrokerCore, Opened, Client5, Client5]:
+    """dev-1 (MQTT 5, a persistent session subscribed to its commands at QoS 2) and ops, the
+    publisher (MQTT 5, with ``ops_expiry``: > 0 stores its QoS 2 ids), all on disk."""
+    core = make_core()
+    opened = _open(tmp_path, core)
+    dev = Client5(core, "dev-1")
+    dev.connect(props=Properties(session_expiry_interval=300))
+    dev.subscribe("devices/dev-1/commands/#", 2)
+    ops = Client5(core, "ops", service=True)
+    ops.connect(props=Properties(session_expiry_interval=ops_expiry))
+    _commit(opened)
+    return core, opened, dev, ops
+
+
+def test_mqtt5_acknowledgements_wait_until_durable(tmp_path: Path) -> None:
+    """PUBACK, PUBREC and PUBCOMP with reason codes keep the 3.1.1 promise: sent only once what
+    they acknowledge is on disk (issue 15), in order (MQTT-4.6.0-2, -3)."""
+    _, opened, _, ops = _persistent_dev_and_ops(tmp_path, ops_expiry=300)
+    ops.publish(CMD, b"one", 1, pid=1)
+    ops.publish(CMD, b"two", 2, pid=2)
+    assert ops.out() == []  # not yet on disk
+    _commit(opened)
+    assert [(a.kind, a.packet_id, a.reason_code) for a in ops.out()] == [
+        (mqtt.PUBACK, 1, 0),
+        (mqtt.PUBREC, 2, 0),
+    ]
+    ops.feed(mqtt.ack5(mqtt.PUBREL, 2))
+    assert ops.out() == []  # the QoS 2 id's release is a record too
+    _commit(opened)
+    assert [(a.kind, a.packet_id) for a in ops.out()] == [(mqtt.PUBCOMP, 2)]
+    # Twin: a message no persistent session matches writes nothing and is answered at once.
+    ops.publish("devices/dev-9/commands/x", b"three", 1, pid=3)
+    assert [(a.kind, a.packet_id, a.reason_code) for a in ops.out()] == [(mqtt.PUBACK, 3, 0)]
+    opened.close()
+
+
+def test_a_publish_the_store_cannot_take_is_0x97_for_mqtt5(tmp_path: Path) -> None:
+    """The disk refuses: an MQTT 5 publisher gets PUBACK/PUBREC 0x97 Quota exceeded
+    (3.4.2.1) and keeps its connection, where 3.1.1's is closed; nothing is routed and no QoS
+    2 id waits for PUBREL. Twin: a message no persistent session needs is still served."""
+    core, opened, dev, ops = _persistent_dev_and_ops(tmp_path, ops_expiry=0)
+    opened.store.failed = "no space left on device"
+    ops.publish(CMD, b"one", 1, pid=1)
+    ops.publish(CMD, b"two", 2, pid=2)
+    assert [(a.kind, a.packet_id, a.reason_code) for a in ops.out()] == [
+        (mqtt.PUBACK, 1, 0x97),
+        (mqtt.PUBREC, 2, 0x97),
+    ]
+    assert ops.protocol.state is State.LIVE
+    assert 2 not in core.sessions["ops"].incoming_qos2
+    assert dev.out() == []
+    ops.publish("devices/dev-9/commands/x", b"three", 1, pid=3)
+    assert [(a.kind, a.reason_code) for a in ops.out()] == [(mqtt.PUBACK, 0)]
+    opened.close()

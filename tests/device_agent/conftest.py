@@ -41,11 +41,6 @@ def start_broker(pki: PKI) -> Iterator[Callable[..., BrokerThread]]:
     started: list[BrokerThread] = []
 
     def start(*, port: int = 0, renewal: bool = True, **kw: Any) -> BrokerThread:
-        # Our engine speaks 3.1.1 on this branch (MQTT 5 is issue 12, step 2): the service's
-        # 'auto' would try 5 first and leave a refused CONNECT in the audit that tests asserting
-        # "nothing reached the broker" would see. Its MQTT 5 path is tested beside Mosquitto
-        # (tests/broker/test_broker_export_agent.py). Drop this once the engine speaks 5.
-        kw.setdefault("mqtt_version", "311")
         settings = BrokerSettings(
             pki.path, port=port, renewal=RenewalSettings(**kw) if renewal else None
         )

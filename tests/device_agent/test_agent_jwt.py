@@ -233,9 +233,7 @@ def test_a_jwt_agent_renews_its_certificate_make_before_break(
 
     audit: list[dict[str, Any]] = []
     thread = BrokerThread(
-        BrokerSettings(
-            pki.path, listeners=(MTLS, JWT), renewal=RenewalSettings(mqtt_version="311")
-        ),
+        BrokerSettings(pki.path, listeners=(MTLS, JWT), renewal=RenewalSettings()),
         audit_sink=lambda line: audit.append(json.loads(line)),
     ).start()
     try:
