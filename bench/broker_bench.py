@@ -698,7 +698,7 @@ class Plan:
             for pubs in self.publishers
         ]
         out += [
-            PubSubRun(qos, pubs, self.messages // pubs, 5, alias)
+            PubSubRun(qos, pubs, self.messages // pubs, level=5, alias=alias)
             for phase, qos, alias in V5_RUNS
             if phase in self.phases
             for pubs in self.publishers
