@@ -11,6 +11,7 @@ import datetime as dt
 import hashlib
 import ipaddress
 from collections.abc import Iterable, Sequence
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 from cryptography import x509
@@ -19,7 +20,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-from provisioning.errors import CSRRejectedError
+from provisioning.errors import CSRRejectedError, PKIError
 from provisioning.identity import Identity
 
 if TYPE_CHECKING:
@@ -38,6 +39,7 @@ __all__ = [
     "check_public_key",
     "fingerprint",
     "generate_key",
+    "load_certificate",
     "load_csr",
     "public_key_sha256",
 ]
@@ -300,3 +302,15 @@ def public_key_sha256(key: PublicKey) -> str:
         serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
     )
     return hashlib.sha256(spki).hexdigest()
+
+
+def load_certificate(path: Path, *, what: str = "") -> x509.Certificate:
+    """A PEM certificate file, or one PKIError line naming it (``what`` prefixes the path)."""
+    try:
+        return x509.load_pem_x509_certificate(path.read_bytes())
+    except FileNotFoundError:
+        msg = f"{what}{path} is missing"
+        raise PKIError(msg) from None
+    except ValueError:
+        msg = f"{path} is not a PEM certificate"
+        raise PKIError(msg) from None

@@ -50,6 +50,7 @@ from provisioning.certificates import (
     build_server_cert,
     fingerprint,
     generate_key,
+    load_certificate,
     load_csr,
     public_key_sha256,
 )
@@ -454,14 +455,7 @@ class PKI:
         self.close()
 
     def _load_cert(self, name: str) -> x509.Certificate:
-        try:
-            return x509.load_pem_x509_certificate((self.path / name).read_bytes())
-        except FileNotFoundError:
-            msg = f"{self.path / name} is missing"
-            raise PKIError(msg) from None
-        except ValueError as exc:
-            msg = f"{self.path / name} is not a PEM certificate"
-            raise PKIError(msg) from exc
+        return load_certificate(self.path / name)
 
     @property
     def trust_domain(self) -> str:
@@ -1496,14 +1490,7 @@ def open_root(
 
     The key must be the certificate's; the caller closes the signer.
     """
-    try:
-        cert = x509.load_pem_x509_certificate(root_cert.read_bytes())
-    except FileNotFoundError:
-        msg = f"root certificate {root_cert} is missing"
-        raise PKIError(msg) from None
-    except ValueError:
-        msg = f"{root_cert} is not a PEM certificate"
-        raise PKIError(msg) from None
+    cert = load_certificate(root_cert, what="root certificate ")
     public = cert.public_key()
     if root_key.lower().startswith("pkcs11:"):
         if not isinstance(public, ec.EllipticCurvePublicKey):

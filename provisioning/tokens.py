@@ -91,18 +91,22 @@ def make_device_token(
 ) -> str:
     """Sign a device token with the device's own key. ``ttl`` in seconds, 1 to MAX_TTL."""
     import jwt
-    from cryptography.hazmat.primitives.serialization import Encoding
 
     _check_ttl(ttl)
     alg = algorithm_for(certificate.public_key())
-    if algorithm_for(key.public_key()) != alg or _spki(key.public_key()) != _spki(
-        certificate.public_key()
-    ):
+    if _spki(key.public_key()) != _spki(certificate.public_key()):
         msg = "the key does not belong to the certificate"
         raise TokenError(msg)
     claims = _claims(device_id, audience, ttl, now)
+    return jwt.encode(claims, key, algorithm=alg, headers=_header(certificate))
+
+
+def _header(certificate: x509.Certificate) -> dict[str, Any]:
+    """The JOSE header fields besides ``alg``: the certificate is how the broker finds the key."""
+    from cryptography.hazmat.primitives.serialization import Encoding
+
     x5c = base64.b64encode(certificate.public_bytes(Encoding.DER)).decode()
-    return jwt.encode(claims, key, algorithm=alg, headers={"typ": "JWT", "x5c": [x5c]})
+    return {"typ": "JWT", "x5c": [x5c]}
 
 
 def _check_ttl(ttl: int) -> None:
@@ -143,7 +147,6 @@ def make_device_token_tpm(
 
     import jwt
     from cryptography.hazmat.primitives.asymmetric import ec
-    from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
     from jwt.utils import base64url_encode, der_to_raw_signature
 
     _check_ttl(ttl)
@@ -151,12 +154,10 @@ def make_device_token_tpm(
     if not isinstance(public, ec.EllipticCurvePublicKey) or algorithm_for(public) != "ES256":
         msg = "a TPM key signs device tokens with ES256 (P-256) only"
         raise TokenError(msg)
-    spki = public.public_bytes(Encoding.DER, PublicFormat.SubjectPublicKeyInfo)
-    if tpm.public_key(blob) != spki:
+    if tpm.public_key(blob) != _spki(public):
         msg = "the TPM key does not belong to the certificate"
         raise TokenError(msg)
-    x5c = base64.b64encode(certificate.public_bytes(Encoding.DER)).decode()
-    header = {"alg": "ES256", "typ": "JWT", "x5c": [x5c]}
+    header = {"alg": "ES256", **_header(certificate)}
     claims = _claims(device_id, audience, ttl, now)
 
     def segment(doc: dict[str, Any]) -> bytes:
@@ -190,9 +191,9 @@ def token_for_credentials(
     the same device: the agent signs with a renewed certificate's pair before installing it.
     """
     import jwt
-    from cryptography import x509
 
     from hardware.keygen import keystore_of
+    from provisioning.certificates import load_certificate
     from provisioning.identity import parse_spiffe_id
     from provisioning.keyfiles import load_private_key
 
@@ -210,14 +211,7 @@ def token_for_credentials(
         raise TokenError(msg)
     cert_path = cert_file or cred_dir / "device.crt"
     key_path = key_file or cred_dir / "device.key"
-    try:
-        certificate = x509.load_pem_x509_certificate(cert_path.read_bytes())
-    except FileNotFoundError:
-        msg = f"{cert_path} is missing"
-        raise TokenError(msg) from None
-    except ValueError:
-        msg = f"{cert_path} is not a PEM certificate"
-        raise TokenError(msg) from None
+    certificate = load_certificate(cert_path)
     try:
         keystore = keystore_of(doc)
     except ValueError as exc:
