@@ -543,6 +543,16 @@ def export_command(
         str | None,
         typer.Option("--emqx-dir", help="EMQX: where the files will live on each node."),
     ] = None,
+    listen: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--listen",
+            metavar="PORT:METHODS",
+            help="The listeners as given to 'broker run' (replaces --port): the mtls one is "
+            "exported; every other method gets a warning per identity (not enforceable there).",
+        ),
+    ] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Machine-readable output.")] = False,
 ) -> None:
     """Write Mosquitto or EMQX configuration from this PKI, its registry and a policy."""
     from broker.export import FORMATS, export, load_inventory
@@ -564,9 +574,26 @@ def export_command(
             "admin_socket": admin_socket,
             "emqx_dir": emqx_dir,
         }
-        result = export(rules, inventory, out, fmt=fmt, strict=strict, options=options)
+        specs = [ListenerSpec.parse(text) for text in listen or ()]
+        result = export(
+            rules, inventory, out, fmt=fmt, strict=strict, options=options, listeners=specs
+        )
         for note in result.notes:
             print(note, file=sys.stderr)
+        if as_json:
+            doc = {
+                "format": fmt,
+                "out": str(result.out),
+                "files": result.files,
+                "policy": str(rules.source),
+                "devices": len(inventory.devices),
+                "services": len(inventory.services),
+                "narrowed": result.narrowed,
+                "notes": [n.to_json() for n in result.notes],
+                "warnings": [str(n) for n in result.notes if n.level == "warning"],
+            }
+            print(json.dumps(doc, indent=2, sort_keys=True))
+            return
         print(
             f"{fmt} configuration written to {result.out} ({len(inventory.devices)} devices, "
             f"{len(inventory.services)} services active; policy {rules.source})"

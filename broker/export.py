@@ -13,6 +13,12 @@ find the CRL file, the broker's pid file and the kick channel, so it is a small 
 
 The rule every translation obeys: an exported broker may grant **less** than our policy, never
 more. Whatever is lost is reported as a :class:`Note` (a warning names the rule and the filter).
+
+Methods: both targets get the mutual-TLS listener only. The listeners asked for (``--listen``, as
+given to ``broker run``) say which other methods the user wants; each target names why it cannot
+enforce them exactly (``UNSUPPORTED_METHODS`` in its module), and :func:`method_notes` turns that
+into one warning per identity and method. Nothing else is written for them, so an identity whose
+only credential is a secret or a token cannot connect to the exported broker at all.
 """
 
 from __future__ import annotations
@@ -26,6 +32,7 @@ from pathlib import Path
 
 from broker.errors import BrokerError
 from broker.policy import Policy, Rule
+from broker.settings import METHODS, ListenerSpec
 from provisioning.certificates import fingerprint
 from provisioning.identity import IdentityKind
 from provisioning.keyfiles import (
@@ -49,6 +56,7 @@ __all__ = [
     "active_identities",
     "export",
     "load_inventory",
+    "method_notes",
     "overlaps",
     "render_filter",
     "write_export",
@@ -69,10 +77,22 @@ class Note:
     level: str  # "warning" | "info"
     message: str
     rule: str | None = None
+    # The identity and method a note about authentication methods is for (method_notes).
+    identity: str | None = None
+    method: str | None = None
 
     def __str__(self) -> str:
         where = f"rule {self.rule!r}: " if self.rule else ""
         return f"{self.level}: {where}{self.message}"
+
+    def to_json(self) -> dict[str, str | None]:
+        return {
+            "level": self.level,
+            "message": self.message,
+            "rule": self.rule,
+            "identity": self.identity,
+            "method": self.method,
+        }
 
 
 @dataclass(frozen=True, slots=True)
@@ -95,8 +115,9 @@ class Inventory:
     crl_pem: bytes
     crl_number: int
     devices: tuple[str, ...]  # active device ids
-    services: tuple[str, ...]  # active service names
+    services: tuple[str, ...]  # active service names (with an active certificate)
     notes: tuple[Note, ...] = ()
+    secrets: tuple[str, ...] = ()  # services with an active secret, certificate or not
 
     def names(self, kind: str) -> tuple[str, ...]:
         return self.devices if kind == IdentityKind.DEVICE.value else self.services
@@ -119,6 +140,8 @@ def load_inventory(pki_dir: Path, *, passphrase: bytes | None = None) -> Invento
     with PKI.open(pki_dir, passphrase=passphrase) as pki:
         info = pki.crl_info()
         devices, services, notes = active_identities(pki.registry.all())
+        states = pki.registry.secret_states()
+        secrets = tuple(sorted(n for n, (_, status) in states.items() if status == "active"))
         key_path = pki_dir / "private" / "server.key"
         key_pem = key_path.read_bytes()
         if b"ENCRYPTED" in key_pem.split(b"\n", 1)[0]:
@@ -143,6 +166,7 @@ def load_inventory(pki_dir: Path, *, passphrase: bytes | None = None) -> Invento
             devices=devices,
             services=services,
             notes=tuple(notes),
+            secrets=secrets,
         )
 
 
@@ -219,18 +243,45 @@ def export(
     fmt: str,
     strict: bool = False,
     options: Mapping[str, object] | None = None,
+    listeners: Iterable[ListenerSpec] = (),
 ) -> ExportResult:
-    """Translate and write. ``strict`` refuses instead of narrowing."""
+    """Translate and write. ``strict`` refuses instead of narrowing.
+
+    ``listeners`` (as ``broker run --listen`` takes them; none: one mTLS listener) says which
+    methods the exported broker should serve; the mTLS one gives the listener's port, and every
+    other method is reported per identity (:func:`method_notes`).
+    """
     if fmt == "mosquitto":
+        from broker.export_mosquitto import UNSUPPORTED_METHODS as UNSUPPORTED
         from broker.export_mosquitto import build_mosquitto as build
     elif fmt == "emqx":
+        from broker.export_emqx import UNSUPPORTED_METHODS as UNSUPPORTED
         from broker.export_emqx import build_emqx as build
     else:
         msg = f"unknown format {fmt!r}; use one of {', '.join(FORMATS)}"
         raise ExportError(msg)
+    opts = dict(options or {})
+    listeners = tuple(listeners)
+    if listeners:
+        mtls = [spec for spec in listeners if "mtls" in spec.methods]
+        if len(mtls) != 1:
+            msg = (
+                f"the {fmt} export writes one mutual-TLS listener (the one method it enforces "
+                f"exactly): list mtls on exactly one --listen (got {len(mtls)})"
+            )
+            raise ExportError(msg)
+        opts["port"] = mtls[0].port
     out = out.resolve()
-    files, manifest, notes = build(policy, inventory, out, dict(options or {}))
-    notes = [*inventory.notes, *notes]
+    files, manifest, notes = build(policy, inventory, out, opts)
+    methods = method_notes(inventory, listeners, fmt, UNSUPPORTED)
+    notes = [*inventory.notes, *notes, *methods]
+    if methods and "README.md" in files:
+        lines = "".join(f"- {n}\n" for n in methods)
+        section = (
+            "\n## Authentication methods not exported\n\n"
+            f"This broker takes client certificates (mtls) only.\n\n{lines}"
+        )
+        files["README.md"] = ExportFile(files["README.md"].data + section.encode())
     result = ExportResult(fmt, out, notes)
     if strict and result.narrowed:
         first = next(n for n in notes if n.level == "warning")
@@ -250,6 +301,65 @@ def export(
     result.files = sorted(files)
     write_export(out, files, fmt=fmt)
     return result
+
+
+def method_notes(
+    inventory: Inventory,
+    listeners: Iterable[ListenerSpec],
+    fmt: str,
+    unsupported: Mapping[str, str],
+) -> list[Note]:
+    """One warning per identity and method that the listeners ask for and ``fmt`` cannot enforce.
+
+    ``unsupported`` maps each such method to the target's reason. What an identity is left with
+    is said too: its certificate, or nothing (a secret-only service cannot connect at all; the
+    export never lets anyone in without a check it can make).
+    """
+    asked = {m for spec in listeners for m in spec.methods} or {"mtls"}
+    certified = set(inventory.services)
+    holders = {
+        "jwt": [("device", d) for d in inventory.devices],
+        "password": [("service", s) for s in inventory.secrets],
+        "scram": [("service", s) for s in inventory.secrets],
+        "oidc": [("service", s) for s in sorted(certified | set(inventory.secrets))],
+    }
+    notes: list[Note] = []
+    for method in METHODS:
+        if method not in asked or method not in unsupported:
+            continue
+        who = holders.get(method, [])
+        if not who:
+            notes.append(
+                Note("info", f"{method} is not exported to {fmt} ({unsupported[method]})", None)
+            )
+        for kind, name in who:
+            left = (
+                "it can connect with its certificate only"
+                if kind == "device" or name in certified
+                else "it has no certificate, so it cannot connect to the exported broker at all"
+            )
+            notes.append(
+                Note(
+                    "warning",
+                    f"{kind} {name!r}: {method} is not exported to {fmt}: "
+                    f"{unsupported[method]}; {left}",
+                    identity=name,
+                    method=method,
+                )
+            )
+    secret_only = sorted(set(inventory.secrets) - certified)
+    if not asked & {"password", "scram", "oidc"}:
+        notes += [
+            Note(
+                "info",
+                f"service {name!r} has a secret but no certificate: not exported, and it cannot "
+                "connect to the exported broker (no --listen lists password, scram or oidc, as "
+                "with 'broker run' by default)",
+                identity=name,
+            )
+            for name in secret_only
+        ]
+    return notes
 
 
 def write_export(

@@ -26,9 +26,36 @@ from pathlib import Path
 from broker.export import ExportFile, Inventory, Note, render_filter
 from broker.policy import Policy, Rule
 
-__all__ = ["CN_PLACEHOLDER", "build_emqx", "erlang_string", "translate_acl"]
+__all__ = [
+    "CN_PLACEHOLDER",
+    "UNSUPPORTED_METHODS",
+    "build_emqx",
+    "erlang_string",
+    "translate_acl",
+]
 
 CN_PLACEHOLDER = "${cert_common_name}"
+# What EMQX 5's authenticators could do with our other methods, from its documentation and source
+# (emqx_authn_jwt, emqx_authn_scram_mnesia, emqx_authn_mnesia); docs/EXPORT.md says more.
+UNSUPPORTED_METHODS = {
+    "jwt": (
+        "EMQX's JWT authenticator checks every token against one key or one JWKS and does not "
+        "bind the key that verified it to the sub claim, so any device's key would sign for any "
+        "other; it also neither caps the lifetime nor remembers jti"
+    ),
+    "oidc": (
+        "EMQX's JWT authenticator would take a provider token whose claim names any user, not "
+        "only a registered service, and never learns of 'service revoke'"
+    ),
+    "scram": (
+        "EMQX's scram authenticator makes its users' keys from the plaintext password (REST API) "
+        "and refuses imports, and the registry holds only our verifier, never the secret"
+    ),
+    "password": (
+        "EMQX's password_based built-in database compares its own hash of the password (plain, "
+        "sha*, bcrypt or pbkdf2), and a SCRAM verifier is none of those"
+    ),
+}
 _MARK = "\x00"
 
 

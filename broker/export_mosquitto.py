@@ -41,6 +41,7 @@ from broker.policy import Policy, Rule
 __all__ = [
     "ADMIN_USER",
     "DYNSEC_PLUGIN_PATHS",
+    "UNSUPPORTED_METHODS",
     "MosquittoACL",
     "build_mosquitto",
     "find_dynsec_plugin",
@@ -56,6 +57,18 @@ DYNSEC_PLUGIN_PATHS = (
     "/usr/local/lib/mosquitto_dynamic_security.so",
     "/usr/lib/mosquitto/mosquitto_dynamic_security.so",
 )
+# Mosquitto 2.0 without an auth plugin knows client certificates and its own password file
+# (PBKDF2-SHA512 of the password, "$7$"): nothing else of ours can be checked there.
+UNSUPPORTED_METHODS = {
+    "jwt": "Mosquitto 2.0 checks tokens only through an auth plugin, and none is exported",
+    "oidc": "Mosquitto 2.0 checks tokens only through an auth plugin, and none is exported",
+    "password": (
+        "Mosquitto's password_file holds its own PBKDF2-SHA512 hash of each password, and the "
+        "registry holds only the SCRAM-SHA-256 verifier (never the secret), which cannot be "
+        "turned into one"
+    ),
+    "scram": "Mosquitto 2.0 has no SCRAM (MQTT 5 enhanced authentication needs a plugin)",
+}
 _SUN_PATH_MAX = 107  # AF_UNIX sun_path is 108 bytes including the terminating NUL
 _PLACEHOLDER = "\x00"  # never in a valid filter, so it marks where the name goes
 

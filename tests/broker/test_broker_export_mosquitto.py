@@ -272,3 +272,22 @@ def test_a_device_can_never_take_a_service_name(
         fleet.pki.issue("sink", kind=IdentityKind.DEVICE)
     m = mosquitto()
     assert "user sink" not in (m.out / "acl").read_text()
+
+
+def test_a_secret_only_service_cannot_log_in_to_the_exported_mosquitto(
+    mosquitto: Callable[..., Mosquitto], peers: Callable[..., Peer], fleet: Fleet
+) -> None:
+    """The export never widens: a service whose only credential is a secret (warned about, not
+    exported) gets no way in, with its user name and the right secret; a certificate still works."""
+    import ssl
+
+    secret, _, _ = fleet.pki.set_service_secret("grafana")
+    m = mosquitto()
+    assert not peers(m, "sink", service=True).refused  # the twin
+    server_only = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    server_only.load_verify_locations(fleet.pki_dir / "root.crt")
+    attempt = Peer(m.port, None, "grafana", context=server_only)
+    attempt.client.username_pw_set("grafana", secret)
+    attempt.connect(expect_ok=False)
+    assert attempt.refused
+    attempt.close()
