@@ -24,7 +24,7 @@ from rich.table import Table
 from provisioning.errors import LedgerCorruptError, ProvisioningError
 from provisioning.identity import Identity, IdentityKind, validate_name, validate_trust_domain
 from provisioning.pki import PKI, REVOCATION_REASONS, Issued, open_root, passphrase_from_env
-from provisioning.registry import CertRecord
+from provisioning.registry import CertRecord, SecretRecord
 
 __all__ = [
     "ca_app",
@@ -563,23 +563,146 @@ def _list(kind: IdentityKind, pki: Path, as_json: bool, show_all: bool) -> None:
     with user_errors(), _open(pki) as ca:
         rows = ca.registry.all() if show_all else ca.registry.latest(kind.value)
         rows = [r for r in rows if r.kind == kind.value]
+        secrets = _service_secrets(ca) if kind is IdentityKind.SERVICE else {}
+    if kind is IdentityKind.SERVICE:
+        _list_services(rows, secrets, pki, as_json)
+        return
     if as_json:
         print_json([r.to_json() for r in rows])
         return
     table = Table(title=f"{plural(len(rows), kind.value)} in {pki}", title_justify="left")
     for col in ("name", "state", "serial", "not after", "hardware", "key", "issued by"):
         table.add_column(col)
-    styles = {"active": "green", "revoked": "red", "expired": "yellow"}
     for r in rows:
-        state = r.state()
         table.add_row(
             r.name,
-            f"[{styles[state]}]{state}[/]",
+            _styled(r.state()),
             r.serial[:12],
             r.not_after.strftime("%Y-%m-%d"),
             r.hardware_serial or "-",
             r.key_origin,
             r.issued_by,
+        )
+    out.print(table)
+
+
+_STATE_STYLES = {"active": "green", "revoked": "red", "expired": "yellow"}
+# The certificate-record keys (docs/JSON.md), null for a service that has only a secret.
+_NO_CERTIFICATE: dict[str, object] = dict.fromkeys(
+    [
+        "serial",
+        "fingerprint",
+        "public_key_sha256",
+        "key_origin",
+        "not_before",
+        "not_after",
+        "state",
+        "issued_at",
+        "issued_by",
+        "hardware_serial",
+        "revoked_at",
+        "revocation_reason",
+    ]
+)
+
+
+def _styled(state: str) -> str:
+    return f"[{_STATE_STYLES[state]}]{state}[/]"
+
+
+def _service_secrets(ca: PKI) -> dict[str, SecretRecord]:
+    """Every service's secret verifier (active or revoked), by name: what list and show report
+    about it, never its key material."""
+    found = (ca.registry.secret(name) for name in sorted(ca.registry.secret_states()))
+    return {record.name: record for record in found if record is not None}
+
+
+def _secret_json(record: SecretRecord | None) -> dict[str, object] | None:
+    """The secret without its verifier keys: ``created_at`` is when this version was made (the
+    creation for version 1, else the last rotation)."""
+    if record is None:
+        return None
+    doc = record.to_json()
+    doc["state"] = doc.pop("status")
+    doc["rotated"] = record.version > 1
+    return doc
+
+
+def _service_methods(certified: bool, secret: SecretRecord | None) -> list[str]:
+    """The methods a service holds a credential for, in the order of ``--listen`` METHODS (the
+    broker's listeners decide which of them it may use): a certificate for mtls, a secret for
+    scram and password, and either for oidc (the token's subject must be a registered, unrevoked
+    service)."""
+    secret_active = secret is not None and secret.status == "active"
+    methods = ["mtls"] if certified else []
+    if certified or secret_active:
+        methods.append("oidc")
+    if secret_active:
+        methods += ["scram", "password"]
+    return methods
+
+
+def _secret_text(record: SecretRecord | None) -> str:
+    if record is None:
+        return "-"
+    made = "rotated" if record.version > 1 else "created"
+    text = f"v{record.version} {made} {record.created_at:%Y-%m-%d %H:%M}, {record.iterations} it."
+    return text if record.status == "active" else f"{text}, revoked"
+
+
+def _list_services(
+    rows: list[CertRecord], secrets: dict[str, SecretRecord], pki: Path, as_json: bool
+) -> None:
+    """Services with their newest certificate (``--all``: every one), and the services that have
+    only a secret; each with its methods and its secret (version, time, iterations)."""
+    certified = {r.name for r in rows if r.state() == "active"}
+    secret_only = sorted(set(secrets) - {r.name for r in rows})
+    if as_json:
+        docs = [
+            {
+                **r.to_json(),
+                "methods": _service_methods(r.name in certified, secrets.get(r.name)),
+                "secret": _secret_json(secrets.get(r.name)),
+            }
+            for r in rows
+        ]
+        docs += [
+            {
+                "kind": IdentityKind.SERVICE.value,
+                "name": name,
+                **_NO_CERTIFICATE,
+                "methods": _service_methods(False, secrets[name]),
+                "secret": _secret_json(secrets[name]),
+            }
+            for name in secret_only
+        ]
+        print_json(docs)
+        return
+    count = len({r.name for r in rows}) + len(secret_only)
+    table = Table(title=f"{plural(count, 'service')} in {pki}", title_justify="left")
+    for col in ("name", "state", "methods", "serial", "not after", "secret", "issued by"):
+        table.add_column(col)
+    for r in rows:
+        secret = secrets.get(r.name)
+        table.add_row(
+            r.name,
+            _styled(r.state()),
+            ", ".join(_service_methods(r.name in certified, secret)) or "-",
+            r.serial[:12],
+            r.not_after.strftime("%Y-%m-%d"),
+            _secret_text(secret),
+            r.issued_by,
+        )
+    for name in secret_only:
+        secret = secrets[name]
+        table.add_row(
+            name,
+            "no certificate",
+            ", ".join(_service_methods(False, secret)) or "-",
+            "-",
+            "-",
+            _secret_text(secret),
+            "-",
         )
     out.print(table)
 
@@ -597,28 +720,54 @@ def device_list(pki: PkiOpt, as_json: JsonOpt = False, show_all: AllOpt = False)
 
 @service_app.command("list")
 def service_list(pki: PkiOpt, as_json: JsonOpt = False, show_all: AllOpt = False) -> None:
-    """Every service identity with its newest certificate."""
+    """Every service: its newest certificate (or none: a secret only), methods and secret."""
     _list(IdentityKind.SERVICE, pki, as_json, show_all)
 
 
 def _show(kind: IdentityKind, name: str, pki: Path, as_json: bool) -> None:
+    service = kind is IdentityKind.SERVICE
     with user_errors():
-        validate_name(name, what="device id" if kind is IdentityKind.DEVICE else "service name")
+        validate_name(name, what="service name" if service else "device id")
         with _open(pki) as ca:
             everything = ca.registry.history(name)
             spiffe = Identity(kind, name, ca.trust_domain).spiffe_id
+            secret = ca.service_secret(name)
         history = [r for r in everything if r.kind == kind.value]
-        if not history:
+        if not history and (secret is None or not service):
             other = everything[0].kind if everything else None
+            if other is None and secret is not None:
+                other = IdentityKind.SERVICE.value  # a service with only a secret
             where = f"not a {kind.value} but a {other}: use 'iotauth {other} show {name}'"
             msg = f"{kind.value} {name!r} is {where if other else 'not in the registry'}"
             raise ProvisioningError(msg)
+    certified = any(r.state() == "active" for r in history)
     if as_json:
-        key = "device_id" if kind is IdentityKind.DEVICE else "service"
-        print_json({key: name, "spiffe_id": spiffe, "certificates": [r.to_json() for r in history]})
+        key = "service" if service else "device_id"
+        doc: dict[str, object] = {
+            key: name,
+            "spiffe_id": spiffe,
+            "certificates": [r.to_json() for r in history],
+        }
+        if service:
+            doc["methods"] = _service_methods(certified, secret)
+            doc["secret"] = _secret_json(secret)
+        print_json(doc)
         return
-    current = history[-1]
-    out.print(f"[bold]{name}[/bold]  {spiffe}  ({current.state()})", markup=True)
+    state = history[-1].state() if history else "no certificate"
+    out.print(f"[bold]{name}[/bold]  {spiffe}  ({state})", markup=True)
+    if service:
+        methods = ", ".join(_service_methods(certified, secret)) or "none"
+        out.print(f"  methods     {methods} (as the broker's listeners allow)")
+        if secret is not None:
+            made = "rotated" if secret.version > 1 else "created"
+            out.print(
+                f"  secret      version {secret.version}, {secret.mechanism}, "
+                f"{secret.iterations} iterations, {made} {_when(secret.created_at)}"
+            )
+            if secret.revoked_at is not None:
+                out.print(f"              revoked {_when(secret.revoked_at)}")
+        else:
+            out.print("  secret      none (iotauth service secret NAME makes one)")
     for r in history:
         _print_record(r)
 
@@ -639,7 +788,7 @@ def service_show(
     pki: PkiOpt,
     as_json: JsonOpt = False,
 ) -> None:
-    """One service identity: every certificate it has had, newest last."""
+    """One service: its methods, its secret (never the secret itself), every certificate."""
     _show(IdentityKind.SERVICE, name, pki, as_json)
 
 
