@@ -2,17 +2,23 @@
 
     .venv/bin/python bench/auth_connect.py [--devices 300] [--rounds 3] [--concurrency 20]
 
-One ``iotauth broker run`` process with two listeners (``--listen P1:mtls --listen P2:jwt``).
-Each round, every device connects once over mutual TLS (its certificate in the handshake) and
-once with a device token (server-authenticated TLS, the token as the MQTT password; each token is
-signed beforehand and used once, since the broker refuses a replayed ``jti``). Each connect is a
-full TLS handshake (no resumption), CONNECT, CONNACK, DISCONNECT. The broker's CPU is read from
-/proc before and after each batch; the figure is the median over rounds of CPU ms per connect.
+One ``iotauth broker run`` process with one listener per method (``--listen P1:mtls --listen
+P2:jwt --listen P3:password --listen P4:oidc``). Each round, every device connects once over mutual
+TLS (its certificate in the handshake) and once with a device token (server-authenticated TLS,
+the token as the MQTT password; each token is signed beforehand and used once, since the broker
+refuses a replayed ``jti``), and as many services connect once with their secret as the MQTT
+password and once with an identity provider's access token (RS256, from a JWKS file; one fresh
+token per connect). Each connect is a full TLS handshake (no resumption), CONNECT, CONNACK,
+DISCONNECT. The broker's CPU is read from /proc before and after each batch; the figure is the
+median over rounds of CPU ms per connect.
 
 What dominates is measured in this process, on the same machine: the server's side of a TLS
-handshake with and without a client certificate (memory BIOs, no sockets) and the broker's token
+handshake with and without a client certificate (memory BIOs, no sockets), the broker's token
 check alone (``DeviceTokenAuthenticator.authenticate``: the x5c certificate's issuer signature and
-the token's signature, two ECDSA P-256 verifications).
+the token's signature, two ECDSA P-256 verifications), the password check alone
+(``check_secret``: PBKDF2-HMAC-SHA-256 over the verifier's iteration count, as the password method
+must derive the key from what the client sent) and the access-token check alone
+(``OIDCAuthenticator.authenticate``: one RS256 verification, the JWKS already cached).
 """
 
 from __future__ import annotations
@@ -20,8 +26,10 @@ from __future__ import annotations
 import argparse
 import asyncio
 import datetime as dt
+import json
 import os
 import re
+import secrets
 import signal
 import ssl
 import statistics
@@ -32,18 +40,25 @@ import tempfile
 import time
 from pathlib import Path
 
+import jwt as pyjwt
 from cryptography import x509
+from cryptography.hazmat.primitives.asymmetric import rsa
 
 from broker.auth import ConnectionFacts
 from broker.auth_jwt import DeviceTokenAuthenticator
+from broker.auth_oidc import OIDCAuthenticator, OIDCSettings
 from provisioning.identity import IdentityKind
 from provisioning.keyfiles import load_private_key
 from provisioning.pki import PKI
+from provisioning.service_secrets import check_secret
 from provisioning.tls import client_context, server_context_for_pki
 from provisioning.tokens import make_device_token
 
 HOST = "127.0.0.1"
 CLK_TCK = os.sysconf("SC_CLK_TCK")
+# One listener each, measured in this order every round; password and oidc are services' methods.
+METHODS = ("mtls", "jwt", "password", "oidc")
+ISSUER, AUDIENCE = "https://idp.bench.example", "mqtt-bench"
 
 
 def _utf8(text: str) -> bytes:
@@ -64,8 +79,8 @@ def connect_packet(client_id: str, password: str | None) -> bytes:
     flags = 0x02  # clean session
     payload = _utf8(client_id)
     if password is not None:
-        flags |= 0xC0  # user name + password (the user name is not looked at)
-        payload += _utf8("device") + _utf8(password)
+        flags |= 0xC0  # user name (the service name for password; jwt and oidc ignore it)
+        payload += _utf8(client_id) + _utf8(password)
     body = _utf8("MQTT") + bytes([4, flags]) + struct.pack("!H", 30) + payload
     return bytes([0x10]) + _varlen(len(body)) + body
 
@@ -130,7 +145,8 @@ def handshake_server_ms(pki_dir: Path, client: ssl.SSLContext, mode: str, n: int
 
 
 class Devices:
-    """A scratch PKI with ``count`` devices: their TLS contexts, keys and certificates."""
+    """A scratch PKI with ``count`` devices (their TLS contexts, keys and certificates) and as
+    many services with a secret each, and an identity provider's RS256 key in a JWKS file."""
 
     def __init__(self, root: Path, count: int) -> None:
         self.pki = PKI.init(root / "pki", trust_domain="bench.example")
@@ -155,6 +171,19 @@ class Devices:
             n: x509.load_pem_x509_certificate((creds[n] / "device.crt").read_bytes())
             for n in self.names
         }
+        self.services = {n: f"svc-{i}" for i, n in enumerate(self.names)}
+        self.secrets = {s: self.pki.set_service_secret(s)[0] for s in self.services.values()}
+        self.idp_key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+        jwk = pyjwt.algorithms.RSAAlgorithm.to_jwk(self.idp_key.public_key(), as_dict=True)
+        self.jwks = root / "jwks.json"
+        self.jwks.write_text(json.dumps({"keys": [{**jwk, "kid": "k1", "alg": "RS256"}]}))
+        self.oidc = OIDCSettings(issuer=ISSUER, audience=AUDIENCE, jwks=str(self.jwks))
+
+    def access_token(self, service: str) -> str:
+        now = int(time.time())
+        claims = {"iss": ISSUER, "aud": AUDIENCE, "sub": service, "iat": now, "exp": now + 600,
+                  "jti": secrets.token_hex(8)}  # fmt: skip
+        return pyjwt.encode(claims, self.idp_key, algorithm="RS256", headers={"kid": "k1"})
 
     def tokens(self, names: list[str] | None = None) -> list[tuple[str, str]]:
         """A fresh token per device (the broker refuses a replayed jti)."""
@@ -168,15 +197,22 @@ class Devices:
     def jobs(self, method: str, names: list[str]) -> list[tuple[ssl.SSLContext, str, str | None]]:
         if method == "mtls":
             return [(self.mtls[n], n, None) for n in names]
+        services = [self.services[n] for n in names]
+        if method == "password":
+            return [(self.server_only, s, self.secrets[s]) for s in services]
+        if method == "oidc":
+            return [(self.server_only, s, self.access_token(s)) for s in services]
         return [(self.server_only, n, token) for n, token in self.tokens(names)]
 
 
 def measure(devices: Devices, rounds: int, concurrency: int) -> dict[str, list[float]]:
     """Broker CPU ms per connect, per method, per round, from one broker process."""
     exe = Path(sys.executable).with_name("iotauth")
-    listen = ["--listen", "0:mtls", "--listen", "0:jwt", "--max-connections", "1000"]
+    listen = [arg for method in METHODS for arg in ("--listen", f"0:{method}")]
+    listen += ["--max-connections", "1000", "--no-persist"]
+    oidc = ["--oidc-issuer", ISSUER, "--oidc-audience", AUDIENCE, "--oidc-jwks", str(devices.jwks)]
     proc = subprocess.Popen(
-        [str(exe), "broker", "run", "--pki", str(devices.pki.path), "--no-renewal", *listen],
+        [str(exe), "broker", "run", "--pki", str(devices.pki.path), "--no-renewal", *listen, *oidc],
         stdout=subprocess.DEVNULL,
         stderr=subprocess.PIPE,
         text=True,
@@ -185,15 +221,15 @@ def measure(devices: Devices, rounds: int, concurrency: int) -> dict[str, list[f
         assert proc.stderr is not None
         banner = proc.stderr.readline()
         found = {m: int(p) for p, m in re.findall(r":(\d+) \((\w+)\)", banner)}
-        if set(found) != {"mtls", "jwt"}:
+        if set(found) != set(METHODS):
             msg = f"the broker did not start: {banner.strip()}"
             raise RuntimeError(msg)
         warm = devices.names[:concurrency]  # lazy imports and cold caches, not timed
-        for method in ("mtls", "jwt"):
+        for method in METHODS:
             asyncio.run(batch(found[method], devices.jobs(method, warm), 10))
-        per: dict[str, list[float]] = {"mtls": [], "jwt": []}
+        per: dict[str, list[float]] = {method: [] for method in METHODS}
         for r in range(rounds):
-            for method in ("mtls", "jwt"):
+            for method in METHODS:
                 jobs = devices.jobs(method, devices.names)
                 before = cpu_seconds(proc.pid)
                 asyncio.run(batch(found[method], jobs, concurrency))
@@ -223,6 +259,36 @@ def token_check_ms(devices: Devices) -> tuple[float, float]:
     return first, asyncio.run(run(devices.tokens()))
 
 
+def password_check_ms(devices: Devices, n: int = 50) -> float:
+    """The password method's check alone: PBKDF2 of the password, then one comparison."""
+    pairs = list(devices.secrets.items())[:n]
+    records = [devices.pki.service_secret(name) for name, _ in pairs]
+    t0 = time.process_time()
+    for record, (_, secret) in zip(records, pairs, strict=True):
+        assert record is not None
+        assert check_secret(record, secret)
+    return (time.process_time() - t0) / len(pairs) * 1e3
+
+
+def access_token_check_ms(devices: Devices) -> float:
+    """The oidc method's check alone (JWKS cached): one RS256 verification and the claims."""
+
+    async def active(_name: str) -> bool:
+        return True
+
+    auth = OIDCAuthenticator(devices.oidc, trust_domain="bench.example", service_active=active)
+    signed = [(s, devices.access_token(s)) for s in devices.services.values()]
+
+    async def run() -> float:
+        await auth.authenticate(ConnectionFacts(signed[0][0], None, signed[0][1], "bench", None))
+        t0 = time.process_time()
+        for name, token in signed:
+            await auth.authenticate(ConnectionFacts(name, None, token, "bench", None))
+        return (time.process_time() - t0) / len(signed) * 1e3
+
+    return asyncio.run(run())
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--devices", type=int, default=300)
@@ -240,15 +306,23 @@ def main() -> int:
         mutual = handshake_server_ms(devices.pki.path, devices.mtls[first], "required")
         server_auth = handshake_server_ms(devices.pki.path, devices.server_only, "none")
         first_ms, again_ms = token_check_ms(devices)
+        password_ms, oidc_ms = password_check_ms(devices), access_token_check_ms(devices)
         devices.pki.close()
-    mtls, jwt = statistics.median(per["mtls"]), statistics.median(per["jwt"])
+    median = {method: statistics.median(values) for method, values in per.items()}
+    mtls = median["mtls"]
     print(f"{args.devices} devices, {args.rounds} rounds, {args.concurrency} connects at a time;")
     print(f"{dt.date.today()}, Python {sys.version.split()[0]}, {ssl.OPENSSL_VERSION}.")
     print()
     print("| method | broker CPU per connect (median of rounds) | vs mutual TLS |")
     print("|---|---:|---:|")
-    print(f"| mutual TLS (`mtls`) | {mtls:.2f} ms | 1.00x |")
-    print(f"| device token (`jwt`) | {jwt:.2f} ms | {jwt / mtls:.2f}x |")
+    labels = {
+        "mtls": "mutual TLS (`mtls`)",
+        "jwt": "device token (`jwt`)",
+        "password": "service secret as password (`password`)",
+        "oidc": "identity-provider token (`oidc`)",
+    }
+    for method, ms in median.items():
+        print(f"| {labels.get(method, method)} | {ms:.2f} ms | {ms / mtls:.2f}x |")
     print()
     print("Where it goes (server side, measured in this process):")
     print()
@@ -258,6 +332,8 @@ def main() -> int:
     print(f"| TLS handshake, server-authenticated only | {server_auth:.2f} ms |")
     print(f"| token check, a certificate's first token (x5c chain too) | {first_ms:.2f} ms |")
     print(f"| token check, later tokens (x5c chain cached per certificate) | {again_ms:.2f} ms |")
+    print(f"| password check (PBKDF2-HMAC-SHA-256, 4096 iterations) | {password_ms:.2f} ms |")
+    print(f"| access-token check (one RS256 verification, JWKS cached) | {oidc_ms:.2f} ms |")
     return 0
 
 
