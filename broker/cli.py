@@ -23,6 +23,7 @@ import typer
 from broker.auth_oidc import OIDCSettings
 from broker.errors import BrokerError
 from broker.policy import Action, load_policy
+from broker.runconfig import RunConfig, load_run_config
 from broker.settings import DEFAULT_METHODS_BY_KIND, Limits, ListenerSpec
 from provisioning.config import PKIConfig
 from provisioning.errors import ProvisioningError
@@ -210,6 +211,14 @@ def run(
             "--oidc-cafile", help="oidc: CA of the JWKS server's certificate (default: system)."
         ),
     ] = None,
+    config: Annotated[
+        Path | None,
+        typer.Option(
+            "--config",
+            help="A TOML file with listen, [methods] per kind and [oidc] (docs/BROKER.md); "
+            "--listen and --oidc-* given here win.",
+        ),
+    ] = None,
 ) -> None:
     """Run the broker until interrupted. Audit lines (JSON) go to stdout, logs to stderr.
 
@@ -231,6 +240,7 @@ def run(
         if not (pki / "pki.toml").is_file():
             raise _fail(f"{pki} is not a PKI directory (no pki.toml); run 'iotauth ca init' first")
         _raise_file_limit(max_connections)
+        from_file = load_run_config(config) if config is not None else RunConfig()
         settings = BrokerSettings(
             pki_dir=pki,
             host=host,
@@ -246,10 +256,14 @@ def run(
             )
             if renewal
             else None,
-            listeners=tuple(ListenerSpec.parse(text) for text in listen or ()),
+            listeners=tuple(ListenerSpec.parse(text) for text in listen)
+            if listen
+            else from_file.listeners,
+            methods_by_kind=from_file.methods_by_kind or dict(DEFAULT_METHODS_BY_KIND),
             token_max_ttl=token_max_ttl,
             data_dir=(data_dir or pki / "broker-state") if persist else None,
-            oidc=_oidc_settings(oidc_issuer, oidc_audience, oidc_jwks, oidc_claim, oidc_cafile),
+            oidc=_oidc_settings(oidc_issuer, oidc_audience, oidc_jwks, oidc_claim, oidc_cafile)
+            or from_file.oidc,
         )
         if data_dir is not None and not persist:
             raise _fail("--data-dir and --no-persist contradict each other: give one")
@@ -424,6 +438,14 @@ def explain(
             "say which methods this identity may use on each.",
         ),
     ] = None,
+    config_file: Annotated[
+        Path | None,
+        typer.Option(
+            "--config",
+            help="The file given to 'broker run --config': its listeners "
+            "and methods per kind (--listen wins).",
+        ),
+    ] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Machine-readable output.")] = False,
 ) -> None:
     """Print whether the policy allows a SUBSCRIBE or PUBLISH, and the rule that decided.
@@ -447,15 +469,17 @@ def explain(
         else:
             assert publish is not None  # noqa: S101 - exactly one was given
             decision = rules.decide(who, Action.PUBLISH, publish)
-        specs = [ListenerSpec.parse(text) for text in listen or ("8883:mtls",)]
+        from_file = load_run_config(config_file) if config_file else RunConfig()
+        if listen:
+            specs = [ListenerSpec.parse(text) for text in listen]
+        else:
+            specs = list(from_file.listeners) or [ListenerSpec.parse("8883:mtls")]
+        by_kind = from_file.methods_by_kind or DEFAULT_METHODS_BY_KIND
         with PKI.open(pki) as ca:  # the registry only: no key is loaded
             secret = ca.service_secret(identity)
             has_secret = secret is not None and secret.status == "active" and service
             note = _refused_before_acl(who, ca.registry.history(identity), has_secret=has_secret)
-        methods = {
-            str(spec.port): sorted(spec.methods & DEFAULT_METHODS_BY_KIND[kind.value])
-            for spec in specs
-        }
+        methods = {str(spec.port): sorted(spec.methods & by_kind[kind.value]) for spec in specs}
         if as_json:
             doc = {
                 "identity": who.spiffe_id,
