@@ -29,6 +29,7 @@ from provisioning.config import PKIConfig
 from provisioning.errors import ProvisioningError
 from provisioning.identity import Identity, IdentityKind
 from provisioning.registry import CertRecord
+from provisioning.service_secrets import service_methods
 
 __all__ = ["broker_app"]
 
@@ -476,10 +477,20 @@ def explain(
             specs = list(from_file.listeners) or [ListenerSpec.parse("8883:mtls")]
         by_kind = from_file.methods_by_kind or DEFAULT_METHODS_BY_KIND
         with PKI.open(pki) as ca:  # the registry only: no key is loaded
-            secret = ca.service_secret(identity)
-            has_secret = secret is not None and secret.status == "active" and service
-            note = _refused_before_acl(who, ca.registry.history(identity), has_secret=has_secret)
-        methods = {str(spec.port): sorted(spec.methods & by_kind[kind.value]) for spec in specs}
+            secret = ca.service_secret(identity) if service else None
+            has_secret = secret is not None and secret.status == "active"
+            history = ca.registry.history(identity)
+            note = _refused_before_acl(who, history, has_secret=has_secret)
+        # What the listener takes, what the kind may use, and what the identity holds.
+        certified = any(r.kind == kind.value and r.state() == "active" for r in history)
+        held = (
+            set(service_methods(certified=certified, secret=secret))
+            if service
+            else ({"mtls", "jwt"} if certified else set())
+        )
+        methods = {
+            str(spec.port): sorted(spec.methods & by_kind[kind.value] & held) for spec in specs
+        }
         if as_json:
             doc = {
                 "identity": who.spiffe_id,
@@ -498,7 +509,7 @@ def explain(
             print(decision.describe())
             print(f"  policy: {rules.source}")
             for port, names in methods.items():
-                print(f"  methods on {port}: {', '.join(names) or 'none for a ' + kind.value}")
+                print(f"  methods on {port}: {', '.join(names) or 'none'}")
             if note:
                 print(f"  note: {note}")
         if not decision.allowed:

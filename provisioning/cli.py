@@ -25,6 +25,7 @@ from provisioning.errors import LedgerCorruptError, ProvisioningError
 from provisioning.identity import Identity, IdentityKind, validate_name, validate_trust_domain
 from provisioning.pki import PKI, REVOCATION_REASONS, Issued, open_root, passphrase_from_env
 from provisioning.registry import CertRecord, SecretRecord
+from provisioning.service_secrets import service_methods
 
 __all__ = [
     "ca_app",
@@ -628,20 +629,6 @@ def _secret_json(record: SecretRecord | None) -> dict[str, object] | None:
     return doc
 
 
-def _service_methods(certified: bool, secret: SecretRecord | None) -> list[str]:
-    """The methods a service holds a credential for, in the order of ``--listen`` METHODS (the
-    broker's listeners decide which of them it may use): a certificate for mtls, a secret for
-    scram and password, and either for oidc (the token's subject must be a registered, unrevoked
-    service)."""
-    secret_active = secret is not None and secret.status == "active"
-    methods = ["mtls"] if certified else []
-    if certified or secret_active:
-        methods.append("oidc")
-    if secret_active:
-        methods += ["scram", "password"]
-    return methods
-
-
 def _secret_text(record: SecretRecord | None) -> str:
     if record is None:
         return "-"
@@ -661,7 +648,9 @@ def _list_services(
         docs = [
             {
                 **r.to_json(),
-                "methods": _service_methods(r.name in certified, secrets.get(r.name)),
+                "methods": service_methods(
+                    certified=r.name in certified, secret=secrets.get(r.name)
+                ),
                 "secret": _secret_json(secrets.get(r.name)),
             }
             for r in rows
@@ -671,7 +660,7 @@ def _list_services(
                 "kind": IdentityKind.SERVICE.value,
                 "name": name,
                 **_NO_CERTIFICATE,
-                "methods": _service_methods(False, secrets[name]),
+                "methods": service_methods(certified=False, secret=secrets[name]),
                 "secret": _secret_json(secrets[name]),
             }
             for name in secret_only
@@ -687,7 +676,7 @@ def _list_services(
         table.add_row(
             r.name,
             _styled(r.state()),
-            ", ".join(_service_methods(r.name in certified, secret)) or "-",
+            ", ".join(service_methods(certified=r.name in certified, secret=secret)) or "-",
             r.serial[:12],
             r.not_after.strftime("%Y-%m-%d"),
             _secret_text(secret),
@@ -698,7 +687,7 @@ def _list_services(
         table.add_row(
             name,
             "no certificate",
-            ", ".join(_service_methods(False, secret)) or "-",
+            ", ".join(service_methods(certified=False, secret=secret)) or "-",
             "-",
             "-",
             _secret_text(secret),
@@ -749,14 +738,14 @@ def _show(kind: IdentityKind, name: str, pki: Path, as_json: bool) -> None:
             "certificates": [r.to_json() for r in history],
         }
         if service:
-            doc["methods"] = _service_methods(certified, secret)
+            doc["methods"] = service_methods(certified=certified, secret=secret)
             doc["secret"] = _secret_json(secret)
         print_json(doc)
         return
     state = history[-1].state() if history else "no certificate"
     out.print(f"[bold]{name}[/bold]  {spiffe}  ({state})", markup=True)
     if service:
-        methods = ", ".join(_service_methods(certified, secret)) or "none"
+        methods = ", ".join(service_methods(certified=certified, secret=secret)) or "none"
         out.print(f"  methods     {methods} (as the broker's listeners allow)")
         if secret is not None:
             made = "rotated" if secret.version > 1 else "created"

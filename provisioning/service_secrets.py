@@ -20,7 +20,14 @@ from scramp import ScramMechanism
 
 from provisioning.registry import SecretRecord
 
-__all__ = ["ITERATIONS", "MECHANISM", "check_secret", "make_secret", "make_verifier"]
+__all__ = [
+    "ITERATIONS",
+    "MECHANISM",
+    "check_secret",
+    "make_secret",
+    "make_verifier",
+    "service_methods",
+]
 
 MECHANISM = "SCRAM-SHA-256"
 # RFC 7677 §4: at least 4096. The cost falls on whoever checks a password (the broker, for the
@@ -70,3 +77,17 @@ def check_secret(record: SecretRecord, secret: str) -> bool:
 
 def _b64(data: bytes) -> str:
     return base64.b64encode(data).decode()
+
+
+def service_methods(*, certified: bool, secret: SecretRecord | None) -> list[str]:
+    """The methods a service holds a credential for, in ``--listen`` METHODS order (a broker's
+    listeners and its methods per kind decide which it may use): an active certificate for mtls,
+    an active secret for scram and password, either for oidc (the token's subject must be a
+    registered, unrevoked service)."""
+    secret_active = secret is not None and secret.status == "active"
+    methods = ["mtls"] if certified else []
+    if certified or secret_active:
+        methods.append("oidc")
+    if secret_active:
+        methods += ["scram", "password"]
+    return methods

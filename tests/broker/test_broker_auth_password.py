@@ -276,8 +276,16 @@ def test_broker_explain_says_which_methods_an_identity_may_use_on_each_listener(
     svc = cli("broker", "explain", "--pki", pki, "--identity", "dash", "--service",
               "--subscribe", "devices/+/telemetry/#", *listen, "--json", check=True)  # fmt: skip
     doc = json.loads(svc.stdout)
-    assert doc["methods"] == {"8883": ["mtls"], "8884": ["oidc", "password"]}
+    # dash holds a secret and no certificate: no mtls, even on the mtls listener.
+    assert doc["methods"] == {"8883": [], "8884": ["oidc", "password"]}
     assert "comes in with its secret" in doc["warnings"][0]
+    # The twin: sink holds a certificate and no secret, so mtls and oidc but no password.
+    sink = cli("broker", "explain", "--pki", pki, "--identity", "sink", "--service",
+               "--subscribe", "devices/+/telemetry/#", *listen, "--json", check=True)  # fmt: skip
+    assert json.loads(sink.stdout)["methods"] == {"8883": ["mtls"], "8884": ["oidc"]}
+    nobody = cli("broker", "explain", "--pki", pki, "--identity", "dev-9",
+                 "--subscribe", "devices/dev-9/#", *listen)  # fmt: skip
+    assert "methods on 8884: none" in nobody.stdout  # no certificate: no token either
     dev = cli("broker", "explain", "--pki", pki, "--identity", "dev-1",
               "--subscribe", "devices/dev-1/#", *listen, check=True)  # fmt: skip
     assert "methods on 8883: mtls" in dev.stdout
