@@ -174,6 +174,14 @@ def run(
             "--token-max-ttl", min=1, max=86400, help="Longest device-token lifetime accepted (s)."
         ),
     ] = 3600,
+    token_audience: Annotated[
+        str | None,
+        typer.Option(
+            "--token-audience",
+            help="The aud device tokens must name (default: the trust domain); "
+            "'iotauth device token --audience' makes such tokens.",
+        ),
+    ] = None,
     data_dir: Annotated[
         Path | None,
         typer.Option(
@@ -262,6 +270,7 @@ def run(
             else from_file.listeners,
             methods_by_kind=from_file.methods_by_kind or dict(DEFAULT_METHODS_BY_KIND),
             token_max_ttl=token_max_ttl,
+            token_audience=token_audience,
             data_dir=(data_dir or pki / "broker-state") if persist else None,
             oidc=_oidc_settings(oidc_issuer, oidc_audience, oidc_jwks, oidc_claim, oidc_cafile)
             or from_file.oidc,

@@ -35,7 +35,7 @@ from provisioning.keyfiles import load_private_key
 from provisioning.pki import PKI
 from provisioning.tls import client_context
 from provisioning.tokens import make_device_token
-from tests.broker.broker_helpers import Fleet, Peer, wait_until
+from tests.broker.broker_helpers import Fleet, Peer, stderr_line, wait_until
 from tests.conftest import CLI, Result, assert_one_line_error
 
 LISTEN_BOTH = ("--listen", "0:mtls", "--listen", "0:jwt")
@@ -482,3 +482,32 @@ def test_tokens_of_every_active_station_are_accepted_on_a_shared_registry(
         thread.stop()
         for ca in (*stations.values(), foreign):
             ca.close()
+
+
+def test_broker_run_token_audience_takes_that_audience_only(
+    fleet: Fleet, token_peer: Callable[..., Peer], tmp_path: Path
+) -> None:
+    """``broker run --token-audience A``: a token for A (``device token --audience A``) is in; the
+    twin, a token for the trust domain (the default audience), is refused (wrong aud)."""
+    proc = subprocess.Popen(
+        [*CLI, "broker", "run", "--pki", str(fleet.pki_dir), "--listen", "0:jwt",
+         "--token-audience", "mqtt.fleet.example", "--no-renewal", "--no-persist"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, cwd=tmp_path,
+    )  # fmt: skip
+    try:
+        banner = stderr_line(proc, "listening on")
+        port = int(re.findall(r":(\d+) \(jwt\)", banner)[0])
+        creds = fleet.creds("dev-1")
+        token = make_device_token(
+            key=load_private_key(creds / "device.key"),
+            certificate=x509.load_pem_x509_certificate((creds / "device.crt").read_bytes()),
+            device_id="dev-1",
+            audience="mqtt.fleet.example",
+        )
+        ok = token_peer(port, token, "dev-1")
+        assert not ok.connect().refused
+        default = token_peer(port, _token(fleet, "dev-2"), "dev-2").connect(expect_ok=False)
+        assert default.refused
+    finally:
+        proc.send_signal(signal.SIGINT)
+        proc.wait(timeout=15)
