@@ -624,7 +624,6 @@ def _secret_json(record: SecretRecord | None) -> dict[str, object] | None:
     if record is None:
         return None
     doc = record.to_json()
-    doc["state"] = doc.pop("status")
     doc["rotated"] = record.version > 1
     return doc
 

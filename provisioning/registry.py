@@ -193,13 +193,13 @@ class SecretRecord:
         return f"{self.name}#{self.version}"
 
     def to_json(self) -> dict[str, object]:
-        """The record without its key material (docs/JSON.md)."""
+        """The record without its key material (docs/JSON.md): ``state`` is active or revoked."""
         return {
             "name": self.name,
             "version": self.version,
             "mechanism": self.mechanism,
             "iterations": self.iterations,
-            "status": self.status,
+            "state": self.status,
             "created_at": _ts(self.created_at),
             "revoked_at": _ts(self.revoked_at) if self.revoked_at else None,
         }
