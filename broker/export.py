@@ -270,6 +270,9 @@ def export(
                 f"exactly): list mtls on exactly one --listen (got {len(mtls)})"
             )
             raise ExportError(msg)
+        if mtls[0].port == 0:
+            msg = f"--listen {mtls[0]}: an exported broker needs a fixed port, not 0 (any free one)"
+            raise ExportError(msg)
         opts["port"] = mtls[0].port
     out = out.resolve()
     files, manifest, notes = build(policy, inventory, out, opts)

@@ -87,16 +87,20 @@ def test_the_default_listener_warns_nothing_and_strict_agrees(
 
 
 @pytest.mark.parametrize(
-    "listen",
+    ("listen", "words"),
     [
-        [ListenerSpec.parse("8884:jwt,password")],
-        [ListenerSpec.parse("8883:mtls"), ListenerSpec.parse("8885:mtls,jwt")],
+        ([ListenerSpec.parse("8884:jwt,password")], "list mtls on exactly one --listen"),
+        (
+            [ListenerSpec.parse("8883:mtls"), ListenerSpec.parse("8885:mtls,jwt")],
+            "list mtls on exactly one --listen",
+        ),
+        ([ListenerSpec.parse("0:mtls")], "needs a fixed port"),
     ],
 )
 def test_one_mtls_listener_is_required(
-    fleet: Fleet, tmp_path: Path, listen: list[ListenerSpec]
+    fleet: Fleet, tmp_path: Path, listen: list[ListenerSpec], words: str
 ) -> None:
-    with pytest.raises(ExportError, match="list mtls on exactly one --listen"):
+    with pytest.raises(ExportError, match=words):
         export(default_policy(), load_inventory(fleet.pki_dir), tmp_path / "x", fmt="mosquitto",
                listeners=listen)  # fmt: skip
     assert not (tmp_path / "x").exists()  # nothing half-written
