@@ -169,11 +169,14 @@ def run(
         ),
     ] = None,
     token_max_ttl: Annotated[
-        int,
+        int | None,
         typer.Option(
-            "--token-max-ttl", min=1, max=86400, help="Longest device-token lifetime accepted (s)."
+            "--token-max-ttl",
+            min=1,
+            max=86400,
+            help="Longest device-token lifetime accepted (s; default 3600).",
         ),
-    ] = 3600,
+    ] = None,
     token_audience: Annotated[
         str | None,
         typer.Option(
@@ -269,8 +272,8 @@ def run(
             if listen
             else from_file.listeners,
             methods_by_kind=from_file.methods_by_kind or dict(DEFAULT_METHODS_BY_KIND),
-            token_max_ttl=token_max_ttl,
-            token_audience=token_audience,
+            token_max_ttl=token_max_ttl or from_file.token_max_ttl or 3600,
+            token_audience=token_audience or from_file.token_audience,
             data_dir=(data_dir or pki / "broker-state") if persist else None,
             oidc=_oidc_settings(oidc_issuer, oidc_audience, oidc_jwks, oidc_claim, oidc_cafile)
             or from_file.oidc,

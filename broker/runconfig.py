@@ -8,6 +8,10 @@ identity provider, in one TOML file instead of on the command line.
     device = ["mtls", "jwt"]
     service = ["mtls", "oidc", "password"]
 
+    [tokens]                     # device tokens (jwt), as --token-audience, --token-max-ttl
+    audience = "mqtt.fleet.example"
+    max_ttl = 3600
+
     [oidc]                       # as --oidc-*; needed when a listener lists oidc
     issuer = "https://idp.example.com/"
     audience = "mqtt"
@@ -15,11 +19,12 @@ identity provider, in one TOML file instead of on the command line.
     claim = "sub"
     cafile = "idp-ca.pem"        # a relative path is relative to this file
 
-Every key is optional. The command line wins: ``--listen`` replaces ``listen``, and any
-``--oidc-*`` option replaces the ``[oidc]`` table. ``[methods]`` may only narrow the defaults
-(``DEFAULT_METHODS_BY_KIND``): a device has no secret and no identity provider names it, a service
-signs no device token, so a wider list could never work and is refused rather than ignored. An
-unknown key is refused too: a typo must not leave a listener with other methods than intended.
+Every key is optional. The command line wins: ``--listen`` replaces ``listen``, any
+``--oidc-*`` option replaces the ``[oidc]`` table, ``--token-*`` the key of ``[tokens]``.
+``[methods]`` may only narrow the defaults (``DEFAULT_METHODS_BY_KIND``): a device has no secret
+and no identity provider names it, a service signs no device token, so a wider list could never
+work and is refused rather than ignored. An unknown key is refused too: a typo must not leave a
+listener with other methods than intended.
 """
 
 from __future__ import annotations
@@ -47,6 +52,8 @@ class RunConfig:
     listeners: tuple[ListenerSpec, ...] = ()
     methods_by_kind: dict[str, frozenset[str]] | None = None
     oidc: OIDCSettings | None = None
+    token_audience: str | None = None
+    token_max_ttl: int | None = None
 
 
 def load_run_config(path: Path) -> RunConfig:
@@ -59,7 +66,7 @@ def load_run_config(path: Path) -> RunConfig:
     def fail(what: str) -> ConfigError:
         return ConfigError(f"{path}: {what}")
 
-    _only(doc, ("version", "listen", "methods", "oidc"), "", fail)
+    _only(doc, ("version", "listen", "methods", "tokens", "oidc"), "", fail)
     if doc.get("version", 1) != 1:
         raise fail(f"version {doc['version']!r} is not supported (use version = 1)")
     listen = doc.get("listen", [])
@@ -69,10 +76,23 @@ def load_run_config(path: Path) -> RunConfig:
         listeners = tuple(ListenerSpec.parse(text) for text in listen)
     except ConfigError as exc:
         raise fail(str(exc)) from None
+    tokens = doc.get("tokens", {})
+    if not isinstance(tokens, dict):
+        raise fail("[tokens] must be a table: audience, max_ttl")
+    _only(tokens, ("audience", "max_ttl"), "in [tokens] ", fail)
+    audience, max_ttl = tokens.get("audience"), tokens.get("max_ttl")
+    if audience is not None and (not isinstance(audience, str) or not audience):
+        raise fail("[tokens] audience must be a non-empty string")
+    if max_ttl is not None and (
+        not isinstance(max_ttl, int) or isinstance(max_ttl, bool) or not 0 < max_ttl <= 86400
+    ):
+        raise fail("[tokens] max_ttl must be a number of seconds from 1 to 86400")
     return RunConfig(
         listeners=listeners,
         methods_by_kind=_methods(doc.get("methods"), fail),
         oidc=_oidc(doc.get("oidc"), path.parent, fail),
+        token_audience=audience,
+        token_max_ttl=max_ttl,
     )
 
 

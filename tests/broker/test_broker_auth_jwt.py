@@ -484,14 +484,23 @@ def test_tokens_of_every_active_station_are_accepted_on_a_shared_registry(
             ca.close()
 
 
+@pytest.mark.parametrize("where", ["option", "config"])
 def test_broker_run_token_audience_takes_that_audience_only(
-    fleet: Fleet, token_peer: Callable[..., Peer], tmp_path: Path
+    fleet: Fleet, token_peer: Callable[..., Peer], tmp_path: Path, where: str
 ) -> None:
-    """``broker run --token-audience A``: a token for A (``device token --audience A``) is in; the
-    twin, a token for the trust domain (the default audience), is refused (wrong aud)."""
+    """``broker run --token-audience A`` (or ``[tokens] audience`` in ``--config``): a token for
+    A (``device token --audience A``) is in; the twin, a token for the trust domain (the default
+    audience), is refused (wrong aud)."""
+    config = tmp_path / "broker.toml"
+    config.write_text('[tokens]\naudience = "mqtt.fleet.example"\n')
+    audience = (
+        ["--token-audience", "mqtt.fleet.example"]
+        if where == "option"
+        else ["--config", str(config)]
+    )
     proc = subprocess.Popen(
-        [*CLI, "broker", "run", "--pki", str(fleet.pki_dir), "--listen", "0:jwt",
-         "--token-audience", "mqtt.fleet.example", "--no-renewal", "--no-persist"],
+        [*CLI, "broker", "run", "--pki", str(fleet.pki_dir), "--listen", "0:jwt", *audience,
+         "--no-renewal", "--no-persist"],
         stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, cwd=tmp_path,
     )  # fmt: skip
     try:

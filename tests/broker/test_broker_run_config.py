@@ -28,6 +28,10 @@ listen = ["0:mtls", "0:password,oidc"]
 [methods]
 service = ["mtls", "oidc"]
 
+[tokens]
+audience = "mqtt.fleet.example"
+max_ttl = 600
+
 [oidc]
 issuer = "https://idp.example"
 audience = "mqtt"
@@ -53,6 +57,7 @@ def test_a_config_file_gives_listeners_methods_and_the_provider(tmp_path: Path) 
     assert config.oidc.jwks == str(tmp_path / "jwks.json")  # relative to the file
     assert config.oidc.cafile == tmp_path / "idp-ca.pem"
     assert config.oidc.claim == "sub"
+    assert (config.token_audience, config.token_max_ttl) == ("mqtt.fleet.example", 600)
     empty = load_run_config(_write(tmp_path, "version = 1\n", "empty.toml"))
     assert (empty.listeners, empty.methods_by_kind, empty.oidc) == ((), None, None)
 
@@ -70,6 +75,9 @@ def test_a_config_file_gives_listeners_methods_and_the_provider(tmp_path: Path) 
         ('[oidc]\nissuer = "https://idp"\njwks = "j.json"', "needs --oidc-audience"),
         ('[oidc]\nissuer = "i"\naudience = "a"\njwks = "http://idp/j"', "must come over https"),
         ("version = 2", "version 2 is not supported"),
+        ("[tokens]\nmax_ttl = 90000", "max_ttl must be a number of seconds from 1 to 86400"),
+        ('[tokens]\naudience = ""', "audience must be a non-empty string"),
+        ("[tokens]\nleeway = 5", "unknown key in [tokens] 'leeway'"),
         ("listen = [", "not valid TOML"),
     ],
 )
