@@ -521,7 +521,7 @@ class Agent:
             return
         self._token_making = True
         store, device_id = self.config.store, self.device_id
-        ttl = self.config.token_ttl
+        ttl, audience = self.config.token_ttl, self.config.token_audience
         tcti = getattr(creds.keystore, "tcti", None)
         pair = (creds.cert_file, creds.key_file)
         self._token_cert = creds.cert_file
@@ -529,7 +529,7 @@ class Agent:
         def work() -> None:
             try:
                 token: DeviceToken | None = make_token(
-                    store, device_id, ttl=ttl, tcti=tcti, pair=pair
+                    store, device_id, ttl=ttl, tcti=tcti, pair=pair, audience=audience
                 )
                 error: Exception | None = None
             except TokenSigningError as exc:

@@ -88,7 +88,7 @@ def run(ctx: typer.Context) -> None:
 
     Options: --store DIR (required), --broker HOST:PORT, --config FILE, --telemetry-interval S,
     --mqtt-version 5|311|auto, --session-expiry S, --auth mtls|jwt, --token-ttl S,
-    -v/--verbose. The same command as `iotauth-agent run`.
+    --token-audience AUD, -v/--verbose. The same command as `iotauth-agent run`.
     """
     code = agent_main(["run", *ctx.args], prog="iotauth agent")
     if code:

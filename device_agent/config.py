@@ -33,6 +33,8 @@ silently falls back to a default. The file mirrors the dataclass in sections::
     method = "mtls"                    # or "jwt": a token signed by the device key as password
     token_ttl = 3600                   # seconds a token lives (jwt)
     token_renew_at = 0.8               # reconnect with a fresh token at this fraction of its life
+    token_audience = "mqtt.example"    # the aud claim (default: the trust domain), as the
+                                       # broker's --token-audience
 """
 
 from __future__ import annotations
@@ -74,7 +76,12 @@ _SECTIONS: dict[str, dict[str, str]] = {
     },
     "renewal": {"at": "renew_at", "timeout": "renewal_timeout", "retry": "renewal_retry"},
     "mqtt": {"version": "mqtt_version", "session_expiry": "session_expiry"},
-    "auth": {"method": "auth", "token_ttl": "token_ttl", "token_renew_at": "token_renew_at"},
+    "auth": {
+        "method": "auth",
+        "token_ttl": "token_ttl",
+        "token_renew_at": "token_renew_at",
+        "token_audience": "token_audience",
+    },
 }
 
 MQTT_VERSIONS = ("5", "311", "auto")
@@ -147,6 +154,8 @@ class AgentConfig:
     auth: str = "mtls"
     token_ttl: int = 3600
     token_renew_at: float = 0.8
+    # The aud claim of the device tokens; None: the trust domain (the broker's default).
+    token_audience: str | None = None
 
     def __post_init__(self) -> None:
         positive = (
@@ -189,6 +198,9 @@ class AgentConfig:
             raise AgentConfigError(msg)
         if not 0 < self.token_renew_at < 1:
             msg = "token_renew_at is a fraction of the token's lifetime, between 0 and 1"
+            raise AgentConfigError(msg)
+        if self.token_audience is not None and not self.token_audience.strip():
+            msg = "token_audience must not be empty (leave it out for the trust domain)"
             raise AgentConfigError(msg)
 
     @property

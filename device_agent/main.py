@@ -88,6 +88,12 @@ def build_parser(prog: str = "iotauth-agent") -> argparse.ArgumentParser:
         metavar="SECONDS",
         help="Lifetime of each device token with --auth jwt (default: config, else 3600).",
     )
+    run.add_argument(
+        "--token-audience",
+        metavar="AUD",
+        help="The aud claim of each device token, as the broker's --token-audience "
+        "(default: config, else the trust domain).",
+    )
     run.add_argument("-v", "--verbose", action="store_true", help="Log at debug level.")
     return parser
 
@@ -133,6 +139,7 @@ def run_agent(
     session_expiry: int | None = None,
     auth: str | None = None,
     token_ttl: int | None = None,
+    token_audience: str | None = None,
 ) -> int:
     """Run the agent on this thread until SIGTERM or SIGINT; the exit code (0, or 1 + one line)."""
     logging.basicConfig(
@@ -151,6 +158,7 @@ def run_agent(
             session_expiry=session_expiry,
             auth=auth,
             token_ttl=token_ttl,
+            token_audience=token_audience,
         )
         agent = Agent(cfg)
 
@@ -182,6 +190,7 @@ def main(argv: Sequence[str] | None = None, *, prog: str = "iotauth-agent") -> i
         session_expiry=args.session_expiry,
         auth=args.auth,
         token_ttl=args.token_ttl,
+        token_audience=args.token_audience,
     )
 
 

@@ -5,7 +5,8 @@ compact JWS, the contract is ``provisioning.tokens``) with its own key and sends
 password over server-authenticated TLS. Signing needs PyJWT and ``cryptography`` (about 11 MB of
 RSS that would stay until the process ends), so, as ``device_agent.keygen`` does for renewal keys,
 :func:`make_token` runs ``provisioning.tokens.token_for_credentials`` in a short-lived child
-(:func:`main`: ``CRED_DIR DEVICE_ID --ttl S [--tpm TCTI]``) that prints the token on stdout.
+(:func:`main`: ``CRED_DIR DEVICE_ID --ttl S [--tpm TCTI] [--audience A]``) that prints the token
+on stdout.
 The private key never leaves the child (or the TPM, for a ``keystore: tpm`` directory, where the
 TPM signs the digest); only the token, which is what the agent sends anyway, crosses the pipe.
 Where ``cryptography`` is loaded already (the fleet simulator) the same function runs in-process.
@@ -62,12 +63,19 @@ def _sign(
     ttl: int,
     tcti: str | None,
     pair: tuple[Path, Path] | None = None,
+    audience: str | None = None,
 ) -> str:
     from provisioning.tokens import token_for_credentials
 
     cert_file, key_file = pair if pair is not None else (None, None)
     token, _claims = token_for_credentials(
-        cred_dir, device_id, ttl=ttl, tcti=tcti, cert_file=cert_file, key_file=key_file
+        cred_dir,
+        device_id,
+        ttl=ttl,
+        tcti=tcti,
+        cert_file=cert_file,
+        key_file=key_file,
+        audience=audience,
     )
     return token
 
@@ -80,14 +88,16 @@ def make_token(
     tcti: str | None = None,
     timeout: float = TOKEN_TIMEOUT,
     pair: tuple[Path, Path] | None = None,
+    audience: str | None = None,
 ) -> DeviceToken:
     """A fresh token for the device of ``cred_dir``; TokenSigningError with the reason.
 
     ``pair`` (certificate file, key file): sign with that pair instead of the directory's own
-    (a renewal candidate, tried before it is installed)."""
+    (a renewal candidate, tried before it is installed). ``audience``: the ``aud`` claim (None:
+    the trust domain), for a broker run with ``--token-audience``."""
     if "cryptography" in sys.modules or not sys.executable:
         try:
-            return DeviceToken.parse(_sign(cred_dir, device_id, ttl, tcti, pair))
+            return DeviceToken.parse(_sign(cred_dir, device_id, ttl, tcti, pair, audience))
         except (OSError, ValueError, ProvisioningError) as exc:  # TokenError among them
             raise TokenSigningError(f"cannot sign a device token: {exc}") from None
     argv = [sys.executable, "-c", _CHILD, str(cred_dir), device_id, f"--ttl={ttl}"]
@@ -95,6 +105,8 @@ def make_token(
         argv.append(f"--tpm={tcti}")
     if pair is not None:
         argv += [f"--cert={pair[0]}", f"--key={pair[1]}"]
+    if audience is not None:
+        argv.append(f"--audience={audience}")
     try:
         proc = subprocess.run(
             argv,
@@ -126,10 +138,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--tpm", dest="tcti", default=None, help="TSS2 TCTI of the TPM")
     parser.add_argument("--cert", type=Path, default=None, help="another certificate file")
     parser.add_argument("--key", type=Path, default=None, help="its key file")
+    parser.add_argument("--audience", default=None, help="the aud claim (default: trust domain)")
     args = parser.parse_args(argv)
     pair = (args.cert, args.key) if args.cert is not None and args.key is not None else None
     try:
-        token = _sign(args.cred_dir, args.device_id, args.ttl, args.tcti, pair)
+        token = _sign(args.cred_dir, args.device_id, args.ttl, args.tcti, pair, args.audience)
     except Exception as exc:  # noqa: BLE001 - whatever failed, the parent reads one line
         reason = " ".join(str(exc).split()) or type(exc).__name__
         print(f"error: {reason}", file=sys.stderr)

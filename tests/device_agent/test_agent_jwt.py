@@ -260,3 +260,34 @@ def test_a_jwt_agent_renews_its_certificate_make_before_break(
     assert connects[:2] == [(old, "jwt"), (new, "jwt")], connects
     recorded = [e for e in audit if e["event"] == "renewal-recorded"]
     assert [(e["credential"], e["via"]) for e in recorded] == [(new, "broker-connect")]
+
+
+def test_an_agent_with_the_brokers_token_audience_connects_and_one_without_is_refused(
+    pki: PKI, creds: Creds, agents: Callable[..., Agent], tmp_path: Path
+) -> None:
+    """``broker run --token-audience A`` takes tokens for A only: an agent with ``[auth]
+    token_audience = A`` (or ``--token-audience A``) connects; the twin, an agent signing for the
+    trust domain (the default), is refused and says why."""
+    from device_agent.config import load_config
+
+    config = tmp_path / "agent.toml"
+    config.write_text('[auth]\nmethod = "jwt"\ntoken_audience = "mqtt.fleet.example"\n')
+    loaded = load_config(config, store=creds("dev-1"))
+    assert (loaded.auth, loaded.token_audience) == ("jwt", "mqtt.fleet.example")
+    audit: list[dict[str, Any]] = []
+    thread = BrokerThread(
+        BrokerSettings(
+            pki.path, listeners=(JWT,), renewal=None, token_audience="mqtt.fleet.example"
+        ),
+        audit_sink=lambda line: audit.append(json.loads(line)),
+    ).start()
+    try:
+        (port,) = thread.broker.ports.values()
+        good = agents(creds("dev-1"), port, auth="jwt", token_audience="mqtt.fleet.example")
+        assert connected(good, 20), good.stats.last_failure
+        default = agents(creds("dev-2"), port, auth="jwt")
+        assert wait_until(lambda: default.stats.last_failure is not None, 20)
+        assert not default.connected
+        assert any(e.get("reason") == "token-audience" for e in audit), audit
+    finally:
+        thread.stop()
