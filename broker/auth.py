@@ -245,14 +245,20 @@ class ListenerAuthenticator:
             raise Refused(
                 "method-not-allowed",
                 f"{method} is not accepted on this listener ({', '.join(sorted(self.methods))})",
+                method=method,
             )
-        result = await self._authenticators[method].authenticate(facts)
+        try:
+            result = await self._authenticators[method].authenticate(facts)
+        except Refused as refusal:
+            refusal.method = refusal.method or method  # the audit line names the method
+            raise
         allowed = self._methods_by_kind.get(result.identity.kind.value, frozenset())
         if method not in allowed:
             raise Refused(
                 "method-not-allowed",
                 f"a {result.identity.kind.value} may not use {method}",
                 identity=str(result.identity),
+                method=method,
             )
         if self._metrics is not None:
             self._metrics.inc("iotauth_broker_authentications_total", method=method)
@@ -291,7 +297,11 @@ class _KindChecked:
         self._methods_by_kind = methods_by_kind
 
     async def step(self, data: bytes | None) -> AuthStep:
-        result = await self._inner.step(data)
+        try:
+            result = await self._inner.step(data)
+        except Refused as refusal:
+            refusal.method = refusal.method or self._method
+            raise
         done = result.authenticated
         if done is not None:
             kind = done.identity.kind.value
@@ -300,5 +310,6 @@ class _KindChecked:
                     "method-not-allowed",
                     f"a {kind} may not use {self._method}",
                     identity=str(done.identity),
+                    method=self._method,
                 )
         return result

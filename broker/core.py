@@ -1201,6 +1201,7 @@ class BrokerCore:
         detail: str,
         identity: str | None = None,
         client_id: str | None = None,
+        method: str | None = None,
     ) -> None:
         self.metrics.inc("iotauth_broker_refusals_total", reason=reason)
         self.audit.emit(
@@ -1210,5 +1211,6 @@ class BrokerCore:
             detail=detail,
             identity=identity,
             client_id=client_id,
+            method=method,
             stage="mqtt",
         )

@@ -51,13 +51,22 @@ class Refused(BrokerError):  # noqa: N818 - reads as the outcome: `raise Refused
     ``reason`` is a short stable token for audit lines and metrics (``no-certificate``,
     ``revoked``, ``client-id-mismatch`` ...); ``connack`` is the MQTT 3.1.1 return code sent when
     the refusal happens after CONNECT was read (2 = identifier rejected, 5 = not authorized).
+    ``method`` is the authentication method the client presented, when one did (the listener's
+    authenticator fills it in), so the audit line of a refusal names it as a connect's does.
     """
 
     def __init__(
-        self, reason: str, detail: str = "", *, connack: int = 5, identity: str | None = None
+        self,
+        reason: str,
+        detail: str = "",
+        *,
+        connack: int = 5,
+        identity: str | None = None,
+        method: str | None = None,
     ) -> None:
         self.reason = reason
         self.detail = detail
         self.connack = connack
         self.identity = identity
+        self.method = method
         super().__init__(f"{reason}: {detail}" if detail else reason)

@@ -789,7 +789,9 @@ class ClientProtocol:
             code = mqtt.CONNACK_NOT_AUTHORIZED
         if self.v5:
             code = REFUSAL_REASONS.get(refusal.reason, CONNACK_REASONS[code])
-        self._refuse(refusal.reason, refusal.detail, code, refusal.identity, client_id)
+        self._refuse(
+            refusal.reason, refusal.detail, code, refusal.identity, client_id, refusal.method
+        )
 
     def _refuse(
         self,
@@ -798,8 +800,9 @@ class ClientProtocol:
         code: int,
         identity: str | None = None,
         client_id: str | None = None,
+        method: str | None = None,
     ) -> None:
-        self.core.refused(self.peer, reason, detail, identity, client_id)
+        self.core.refused(self.peer, reason, detail, identity, client_id, method)
         if self.v5:
             # The reason token, not the detail: a refused peer learns why, not our internals.
             self.send(mqtt.connack5(False, code, self._reason_props(reason, always=True)))
@@ -855,6 +858,7 @@ class ClientProtocol:
         try:
             core.check_connect(connect, authenticated)
         except Refused as refusal:
+            refusal.method = refusal.method or authenticated.method
             self.refused(refusal, connect.client_id)
             return
         limits = core.limits

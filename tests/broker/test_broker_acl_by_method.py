@@ -154,3 +154,46 @@ def test_a_will_outside_the_grants_refuses_the_connect(
     topic = "devices/dev-1/state" if name == "dev-1" else "devices/dev-1/commands/x"
     ok: Any = broker.peer(method, name, will=(topic, b"x", False))
     assert not ok.connect().refused
+
+
+def test_every_refusal_is_audited_with_the_method_presented(broker: Broker) -> None:
+    """Audit lines of refusals name the method, as connect lines do: a wrong secret, a provider
+    token for another audience, a device token under another client id (refused at binding,
+    after the method proved who it is), a certificate under another client id, and a password on
+    the jwt listener (method-not-allowed)."""
+    wrong = broker.peer("password", "dash")
+    wrong.client.username_pw_set("dash", "not-the-secret")
+    now = int(time.time())
+    foreign = jwt.encode(
+        {"iss": ISSUER, "aud": "elsewhere", "sub": "sink", "iat": now, "exp": now + 60},
+        broker.idp, algorithm="ES256", headers={"kid": "k1"},
+    )  # fmt: skip
+    other_aud = broker.peer("oidc", "sink")
+    other_aud.client.username_pw_set("sink", foreign)
+    token = broker.peer("jwt", "dev-1")
+    token_b = Peer(broker.ports["jwt"], None, "dev-2",
+                   context=client_context(trust=broker.fleet.pki_dir / "root.crt"))  # fmt: skip
+    token_b.client.username_pw_set("dev-2", broker._password("jwt", "dev-1"))
+    broker.made.append(token_b)
+    cert_b = Peer(broker.ports["mtls"], broker.fleet.creds("dev-1"), "dev-2")
+    broker.made.append(cert_b)
+    downgrade = Peer(broker.ports["jwt"], None, "dash",
+                     context=client_context(trust=broker.fleet.pki_dir / "root.crt"))  # fmt: skip
+    downgrade.client.username_pw_set("dash", broker.secrets["dash"])
+    broker.made.append(downgrade)
+    expected = {
+        ("password-wrong", "password"),
+        ("oidc-audience", "oidc"),
+        ("client-id-mismatch", "jwt"),
+        ("client-id-mismatch", "mtls"),
+        ("method-not-allowed", "password"),
+    }
+    for peer in (wrong, other_aud, token_b, cert_b, downgrade):
+        assert peer.connect(expect_ok=False).refused
+    audit = broker.thread.broker.audit
+
+    def seen() -> set[tuple[str, str]]:
+        return {(r["reason"], r.get("method", "")) for r in audit.events("refuse")}
+
+    assert wait_until(lambda: expected <= seen()), seen()
+    assert not token.connect().refused  # the twin: the same token, its own client id
