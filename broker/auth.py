@@ -236,7 +236,9 @@ class ListenerAuthenticator:
                 self._authenticators.get(name), "exchange_methods", frozenset()
             )
             if begin is not None and method in offered:
-                return _KindChecked(begin(method, facts), name, self._methods_by_kind)
+                return _KindChecked(
+                    begin(method, facts), name, self._methods_by_kind, self._metrics
+                )
         raise Refused("bad-auth-method", f"authentication method {method!r} is not offered")
 
     async def authenticate(self, facts: ConnectionFacts) -> Authenticated:
@@ -284,11 +286,16 @@ class _KindChecked:
     """An exchange whose success is held to ``methods_by_kind`` like any other method's."""
 
     def __init__(
-        self, inner: AuthExchange, method: str, methods_by_kind: dict[str, frozenset[str]]
+        self,
+        inner: AuthExchange,
+        method: str,
+        methods_by_kind: dict[str, frozenset[str]],
+        metrics: Metrics | None = None,
     ) -> None:
         self._inner = inner
         self._method = method
         self._methods_by_kind = methods_by_kind
+        self._metrics = metrics
 
     async def step(self, data: bytes | None) -> AuthStep:
         result = await self._inner.step(data)
@@ -301,4 +308,6 @@ class _KindChecked:
                     f"a {kind} may not use {self._method}",
                     identity=str(done.identity),
                 )
+            if self._metrics is not None:
+                self._metrics.inc("iotauth_broker_authentications_total", method=self._method)
         return result
