@@ -604,3 +604,32 @@ def test_password_guesses_back_off_scram_too(
     with pytest.raises(ClientError) as info:
         scram(broker.ports[1], "dash", secret).connect()
     assert "auth-backoff" in str(info.value)
+
+
+def test_reauthentication_runs_scram_again_on_the_live_connection(
+    broker: Broker, fleet: Fleet, cli: Callable[..., Result], raw: Callable[[int], Raw]
+) -> None:
+    """MQTT-4.12.1-1: AUTH 0x19 with the CONNECT's method starts SCRAM again; the broker's
+    server-final comes in AUTH 0x00. Twin: re-authenticating with a wrong secret is DISCONNECT
+    0x87 (MQTT-4.12.1-2)."""
+    secret = _secret(cli, fleet, "dash")
+    conn = raw(broker.ports[1])
+
+    def run(first_code: int, password: str, *, connect: bool) -> Any:
+        client = ScramClient([METHOD], "dash", password)
+        client_first = client.get_client_first().encode()
+        step = conn.connect(client_first) if connect else conn.auth(client_first, code=first_code)
+        assert isinstance(step, mqtt.Auth), step
+        client.set_server_first(step.properties.authentication_data.decode())
+        done = conn.auth(client.get_client_final().encode())
+        if isinstance(done, mqtt.Connack | mqtt.Auth) and not done.reason_code:
+            client.set_server_final(done.properties.authentication_data.decode())
+        return done
+
+    assert run(0, secret, connect=True).reason_code == 0  # CONNACK
+    again = run(Reason.RE_AUTHENTICATE, secret, connect=False)
+    assert isinstance(again, mqtt.Auth)
+    assert again.reason_code == Reason.SUCCESS
+    wrong = run(Reason.RE_AUTHENTICATE, secret + "x", connect=False)
+    assert isinstance(wrong, mqtt.Disconnect)
+    assert wrong.reason_code == Reason.NOT_AUTHORIZED
