@@ -633,3 +633,21 @@ def test_reauthentication_runs_scram_again_on_the_live_connection(
     wrong = run(Reason.RE_AUTHENTICATE, secret + "x", connect=False)
     assert isinstance(wrong, mqtt.Disconnect)
     assert wrong.reason_code == Reason.NOT_AUTHORIZED
+
+
+def test_broker_explain_lists_scram_for_services_only(
+    fleet: Fleet, cli: Callable[..., Result]
+) -> None:
+    _secret(cli, fleet, "dash")
+    fleet.creds("dev-1")
+    pki = str(fleet.pki_dir)
+    listen = ("--listen", "8883:mtls", "--listen", "8884:scram,password", "--listen", "8885:jwt")
+    svc = cli("broker", "explain", "--pki", pki, "--identity", "dash", "--service",
+              "--subscribe", "devices/+/telemetry/#", *listen, "--json", check=True)  # fmt: skip
+    doc = json.loads(svc.stdout)
+    assert doc["methods"] == {"8883": ["mtls"], "8884": ["password", "scram"], "8885": []}
+    assert "(scram, password)" in doc["warnings"][0]
+    dev = cli("broker", "explain", "--pki", pki, "--identity", "dev-1",
+              "--subscribe", "devices/dev-1/#", *listen, check=True)  # fmt: skip
+    assert "methods on 8884: none for a device" in dev.stdout
+    assert "scram" not in dev.stdout  # a device never uses a shared secret
