@@ -244,10 +244,13 @@ class ListenerAuthenticator:
     async def authenticate(self, facts: ConnectionFacts) -> Authenticated:
         method = presented_method(facts)
         if method not in self.methods:
-            raise Refused(
-                "method-not-allowed",
-                f"{method} is not accepted on this listener ({', '.join(sorted(self.methods))})",
+            detail = (
+                f"{method} is not accepted on this listener ({', '.join(sorted(self.methods))})"
             )
+            if "scram" in self.methods:
+                # e.g. an MQTT 3.1.1 client, which has no AUTH packet to run SCRAM in
+                detail += "; scram needs MQTT 5 with Authentication Method SCRAM-SHA-256"
+            raise Refused("method-not-allowed", detail)
         result = await self._authenticators[method].authenticate(facts)
         allowed = self._methods_by_kind.get(result.identity.kind.value, frozenset())
         if method not in allowed:

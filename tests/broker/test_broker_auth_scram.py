@@ -29,6 +29,7 @@ from broker.settings import DEFAULT_METHODS_BY_KIND, BrokerSettings, ListenerSpe
 from iotauth.scram_client import ClientError, ScramMQTTClient
 from provisioning.tls import client_context, server_context_for_pki
 from tests.broker.broker_helpers import Fleet, Peer, tls_socket, wait_until
+from tests.broker.test_broker_auth_password import FakeClock, _secret
 from tests.conftest import Result
 
 MTLS = ListenerSpec(0, frozenset({"mtls"}))
@@ -74,11 +75,6 @@ def scram(fleet: Fleet) -> Iterator[Callable[..., ScramMQTTClient]]:
     yield make
     for client in made:
         client.close()
-
-
-def _secret(cli: Callable[..., Result], fleet: Fleet, name: str) -> str:
-    result = cli("service", "secret", name, "--pki", str(fleet.pki_dir), "--json", check=True)
-    return str(json.loads(result.stdout)["secret"])
 
 
 class Raw:
@@ -239,9 +235,13 @@ def test_a_wrong_secret_and_an_unknown_name_fail_alike_and_are_audited_apart(
     scram(port, "dash", secret).connect()
 
 
-def _fake_broker(fleet: Fleet, answer: Callable[[ScramMechanism, str, str], bytes]) -> Any:
-    """A TLS server with the real broker certificate that speaks SCRAM without the verifier:
-    it makes up a salt, takes any proof, and says ``answer(...)`` in the CONNACK."""
+_AuthInfo = tuple[bytes, bytes, bytes, int]
+
+
+def _fake_broker(fleet: Fleet, info: _AuthInfo, answer: Callable[[Any, str], bytes]) -> Any:
+    """A TLS server with the real broker certificate that runs SCRAM with the verifier ``info``
+    (scramp's ScramServer) and puts ``answer(server, client_final)`` in its CONNACK; records what
+    the client sends after the CONNACK."""
     ctx = server_context_for_pki(fleet.pki_dir, client_certificates="none")
     listener = socket.create_server(("127.0.0.1", 0))
     seen: dict[str, Any] = {"after_connack": None}
@@ -261,16 +261,12 @@ def _fake_broker(fleet: Fleet, answer: Callable[[ScramMechanism, str, str], byte
                     packets.extend(reader.feed(data))
                 return packets.pop(0)
 
-            connect = read()
-            mech = ScramMechanism(METHOD)
-            salt, stored, server_key, count = mech.make_auth_info("not the secret")
-            server = mech.make_server(lambda _u: (salt, stored, server_key, count))
-            server.set_client_first(connect.properties.authentication_data.decode())
-            first = server.get_server_first()
-            props = Properties(authentication_method=METHOD, authentication_data=first.encode())
+            server = ScramMechanism(METHOD).make_server(lambda _u: info)
+            server.set_client_first(read().properties.authentication_data.decode())
+            first = server.get_server_first().encode()
+            props = Properties(authentication_method=METHOD, authentication_data=first)
             tls.sendall(mqtt.auth5(Reason.CONTINUE_AUTHENTICATION, props))
-            final = read()
-            data = answer(mech, first, final.properties.authentication_data.decode())
+            data = answer(server, read().properties.authentication_data.decode())
             props = Properties(authentication_method=METHOD, authentication_data=data or None)
             tls.sendall(mqtt.connack5(False, 0, props))
             try:
@@ -298,14 +294,17 @@ def test_a_broker_that_does_not_know_the_verifier_is_detected_and_gets_nothing_m
     words: str,
 ) -> None:
     """RFC 5802 section 9: the client checks ServerSignature; a broker with a valid TLS
-    certificate but no verifier cannot make it. The client aborts (ClientError) and sends no
-    DISCONNECT, SUBSCRIBE or PUBLISH after the CONNACK: the socket just closes."""
+    certificate but not the verifier (it made one up) cannot make it. The client aborts
+    (ClientError) and sends no DISCONNECT, SUBSCRIBE or PUBLISH after the CONNACK: the socket
+    just closes."""
     secret = _secret(cli, fleet, "dash")
 
-    def answer(_mech: ScramMechanism, _first: str, _final: str) -> bytes:
+    def answer(_server: Any, _final: str) -> bytes:
+        # It cannot check the proof either; it says yes with a signature of its own.
         return b"v=" + b"A" * 43 + b"=" if case == "forged-signature" else b""
 
-    listener, thread, seen = _fake_broker(fleet, answer)
+    made_up = ScramMechanism(METHOD).make_auth_info("not the secret")
+    listener, thread, seen = _fake_broker(fleet, made_up, answer)
     try:
         client = scram(listener.getsockname()[1], "dash", secret)
         with pytest.raises(ClientError) as info:
@@ -334,35 +333,18 @@ def test_the_fake_broker_twin_with_the_real_verifier_is_trusted(
         base64.b64decode(record.server_key),
         record.iterations,
     )
-    ctx = server_context_for_pki(fleet.pki_dir, client_certificates="none")
-    listener = socket.create_server(("127.0.0.1", 0))
 
-    def serve() -> None:
-        conn, _ = listener.accept()
-        with ctx.wrap_socket(conn, server_side=True) as tls:
-            reader = mqtt.PacketReader(1 << 20)
-            connect = reader.feed(tls.recv(65536))[0]
-            server = ScramMechanism(METHOD).make_server(lambda _u: info)
-            server.set_client_first(connect.properties.authentication_data.decode())
-            props = Properties(
-                authentication_method=METHOD, authentication_data=server.get_server_first().encode()
-            )
-            tls.sendall(mqtt.auth5(Reason.CONTINUE_AUTHENTICATION, props))
-            final = reader.feed(tls.recv(65536))[0]
-            server.set_client_final(final.properties.authentication_data.decode())
-            props = Properties(
-                authentication_method=METHOD, authentication_data=server.get_server_final().encode()
-            )
-            tls.sendall(mqtt.connack5(False, 0, props))
-            tls.recv(65536)  # the client's DISCONNECT
+    def answer(server: Any, final: str) -> bytes:
+        server.set_client_final(final)
+        return str(server.get_server_final()).encode()
 
-    thread = threading.Thread(target=serve, daemon=True)
-    thread.start()
+    listener, thread, seen = _fake_broker(fleet, info, answer)
     try:
         client = scram(listener.getsockname()[1], "dash", secret)
         client.connect()
         client.close()
         thread.join(10)
+        assert seen["after_connack"] == b"\xe0\x00"  # our DISCONNECT, after trusting it
     finally:
         listener.close()
 
@@ -403,7 +385,7 @@ def test_plain_connects_on_the_scram_listener_are_refused_by_method(
             sock.close()
     refusals = [r for r in broker.refusals() if r["reason"] == "method-not-allowed"]
     assert len(refusals) == 2
-    assert "(scram)" in refusals[0]["detail"]
+    assert "(scram); scram needs MQTT 5" in refusals[0]["detail"]
 
 
 def test_a_device_identity_cannot_use_scram(broker: Broker, raw: Callable[[int], Raw]) -> None:
@@ -536,14 +518,6 @@ def test_rotation_and_revocation_kick_live_scram_sessions_within_one_second(
     assert "scram-failed" in str(refused.value)
     assert any("is revoked" in r["detail"] for r in broker.refusals())
     other.ping()  # the twin that nobody rotated stays connected
-
-
-class FakeClock:
-    def __init__(self) -> None:
-        self.now = 1000.0
-
-    def __call__(self) -> float:
-        return self.now
 
 
 def test_repeated_failures_are_backed_off_unchecked_then_the_secret_works(
