@@ -416,31 +416,38 @@ def pub(
         )
         if spec.method == "scram":
             _scram_pub(spec, topic, payload, qos=qos, retain=retain)
-        else:
-            session = Session(spec)
-            try:
-                session.open()
-                info = session.client.publish(topic, payload, qos=qos, retain=retain)
-                deadline = time.monotonic() + _CONNECT_TIMEOUT
-                while not _published(info):
-                    if session.closed.is_set():
-                        raise session.lost()
-                    if time.monotonic() > deadline:
-                        msg = f"{session.where} did not acknowledge the message"
-                        raise ClientError(msg)
-                    time.sleep(0.005)
-                ack = session.acks.get(info.mid)
-                if qos and spec.version == 5 and ack is not None and ack.is_failure:
-                    # an MQTT 5 broker refuses a publish with a reason code and keeps the connection
-                    msg = f"refused by the broker: {describe(ack, 5)}"
+            _report_published(spec, topic, payload, qos=qos, retain=retain, as_json=as_json)
+            return
+        session = Session(spec)
+        try:
+            session.open()
+            info = session.client.publish(topic, payload, qos=qos, retain=retain)
+            deadline = time.monotonic() + _CONNECT_TIMEOUT
+            while not _published(info):
+                if session.closed.is_set():
+                    raise session.lost()
+                if time.monotonic() > deadline:
+                    msg = f"{session.where} did not acknowledge the message"
                     raise ClientError(msg)
-                if qos == 0:
-                    # QoS 0 has no acknowledgement: a refused publish ends the connection instead.
-                    session.closed.wait(0.2)
-                    if session.closed.is_set():
-                        raise session.lost()
-            finally:
-                session.close()
+                time.sleep(0.005)
+            ack = session.acks.get(info.mid)
+            if qos and spec.version == 5 and ack is not None and ack.is_failure:
+                # an MQTT 5 broker refuses a publish with a reason code and keeps the connection
+                msg = f"refused by the broker: {describe(ack, 5)}"
+                raise ClientError(msg)
+            if qos == 0:
+                # QoS 0 has no acknowledgement: a refused publish ends the connection instead.
+                session.closed.wait(0.2)
+                if session.closed.is_set():
+                    raise session.lost()
+        finally:
+            session.close()
+    _report_published(spec, topic, payload, qos=qos, retain=retain, as_json=as_json)
+
+
+def _report_published(
+    spec: Login, topic: str, payload: bytes, *, qos: int, retain: bool, as_json: bool
+) -> None:
     if as_json:
         doc = {"topic": topic, "qos": qos, "retain": retain, "bytes": len(payload)}
         print(json.dumps({"published": doc, "method": spec.method, "client_id": spec.client_id}))
