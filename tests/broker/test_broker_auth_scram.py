@@ -168,11 +168,11 @@ def test_a_scram_service_proves_itself_and_gets_exactly_the_service_grants(
     assert not wait_until(lambda: any(m[0].endswith("fake") for m in dev.messages), 0.3)
 
 
-def test_the_secret_is_never_sent_and_the_broker_does_no_pbkdf2(
+def test_the_secret_is_never_sent(
     fleet: Fleet, cli: Callable[..., Result], raw: Callable[[int], Raw], broker: Broker
 ) -> None:
-    """What crosses the wire is the client-first, the client-final (nonce and proof) and
-    nothing else of the secret; the broker answers from the stored verifier."""
+    """What crosses the wire is the client-first and the client-final (nonce and proof):
+    nothing of the secret."""
     secret = _secret(cli, fleet, "dash")
     client = ScramClient([METHOD], "dash", secret)
     conn = raw(broker.ports[1])
@@ -191,6 +191,42 @@ def test_the_secret_is_never_sent_and_the_broker_does_no_pbkdf2(
     assert connack.properties.authentication_method == METHOD  # MQTT-4.12.0-5
     client.set_server_final(connack.properties.authentication_data.decode())  # raises if forged
     assert all(secret.encode() not in data for data in sent)
+
+
+def test_the_broker_side_runs_no_pbkdf2(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The PBKDF2 of the secret is the client's work: with hashlib's PBKDF2 made to fail, the
+    broker's two steps still succeed (stored keys only). Twin: the same patch does stop the
+    password method's check, which must derive the key from the password."""
+    import asyncio
+    import datetime as dt
+    import hashlib
+
+    from broker.auth import ConnectionFacts
+    from provisioning.service_secrets import check_secret, make_verifier
+
+    record = make_verifier("dash", "s3cret", version=1, now=dt.datetime.now(dt.UTC))
+
+    async def lookup(_name: str) -> Any:
+        return record
+
+    auth = ScramAuthenticator(trust_domain="fleet.example", secret=lookup)
+    client = ScramClient([METHOD], "dash", "s3cret")
+    client_first = client.get_client_first().encode()
+    exchange = auth.begin(METHOD, ConnectionFacts("dash", None, None, "127.0.0.1:1", None))
+
+    def no_pbkdf2(*_args: object) -> bytes:
+        raise AssertionError("PBKDF2 in the broker")
+
+    with monkeypatch.context() as patch:  # the broker's first step
+        patch.setattr(hashlib, "pbkdf2_hmac", no_pbkdf2)
+        first = asyncio.run(exchange.step(client_first))
+    client.set_server_first(bytes(first.data or b"").decode())
+    client_final = client.get_client_final().encode()  # the client's PBKDF2, unpatched
+    monkeypatch.setattr(hashlib, "pbkdf2_hmac", no_pbkdf2)  # the broker's second step
+    done = asyncio.run(exchange.step(client_final))
+    assert done.authenticated is not None
+    client.set_server_final(bytes(done.data or b"").decode())
+    assert not check_secret(record, "s3cret")  # the twin: the patch bites where PBKDF2 runs
 
 
 # -- negative twins --------------------------------------------------------------------------------
