@@ -63,6 +63,8 @@ _MAX_MESSAGE = 1024  # a SCRAM message is ~100 bytes; a larger one is not a SCRA
 
 # (salt, StoredKey, ServerKey, iteration count), as scramp's auth_fn returns them
 _AuthInfo = tuple[bytes, bytes, bytes, int]
+# What the first reading of a client-first is given: it only learns the name, never answers.
+_PROBE: _AuthInfo = (bytes(32), bytes(32), bytes(32), ITERATIONS)
 
 
 class ScramAuthenticator:
@@ -121,7 +123,6 @@ class ScramExchange:
 
     def __init__(self, auth: ScramAuthenticator, facts: ConnectionFacts) -> None:
         self._auth = auth
-        self._facts = facts
         self._round = 0
         self._server: Any = None  # scramp's ScramServer (scramp has no type hints)
         self._identity: Identity | None = None
@@ -146,7 +147,7 @@ class ScramExchange:
 
         def capture(user: str) -> _AuthInfo:
             names.append(user)
-            return auth.decoy(user)
+            return _PROBE
 
         probe = auth.mechanism.make_server(capture)
         try:
