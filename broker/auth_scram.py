@@ -21,6 +21,8 @@ What a caller cannot learn:
   by an HMAC under a key this process drew at start (the same name always gets the same salt,
   as a real one would), and fails at the end exactly as a wrong proof does: same code (0x87), same
   reason string (``scram-failed``), the same registry read before it. The audit detail says which.
+  (The key lives in memory only: across a restart an unknown name's salt changes, a real one's
+  does not. docs/BROKER.md records this.)
 - anything by guessing faster than the backoff allows: the password method's :class:`Backoff`
   (per source address and per service name) is consulted before the server-first is sent.
 
