@@ -2,15 +2,15 @@
 
     .venv/bin/python bench/auth_connect.py [--devices 300] [--rounds 3] [--concurrency 20]
 
-One ``iotauth broker run`` process with one listener per method (``--listen P1:mtls --listen
-P2:jwt --listen P3:password --listen P4:oidc``). Each round, every device connects once over mutual
-TLS (its certificate in the handshake) and once with a device token (server-authenticated TLS,
-the token as the MQTT password; each token is signed beforehand and used once, since the broker
-refuses a replayed ``jti``), and as many services connect once with their secret as the MQTT
-password and once with an identity provider's access token (RS256, from a JWKS file; one fresh
-token per connect). Each connect is a full TLS handshake (no resumption), CONNECT, CONNACK,
-DISCONNECT. The broker's CPU is read from /proc before and after each batch; the figure is the
-median over rounds of CPU ms per connect.
+One ``iotauth broker run`` process with one listener per method (``--listen P1:mtls --listen P2:jwt
+--listen P3:password --listen P4:oidc --listen P5:scram``). Each round, every device connects once
+over mutual TLS (its certificate in the handshake) and once with a device token
+(server-authenticated TLS, the token as the MQTT password; each token is signed beforehand and used
+once, since the broker refuses a replayed ``jti``), and as many services connect once with their
+secret as the MQTT password and once with an identity provider's access token (RS256, from a JWKS
+file; one fresh token per connect). Each connect is a full TLS handshake (no resumption), CONNECT,
+CONNACK, DISCONNECT. The broker's CPU is read from /proc before and after each batch; the figure is
+the median over rounds of CPU ms per connect.
 
 What dominates is measured in this process, on the same machine: the server's side of a TLS
 handshake with and without a client certificate (memory BIOs, no sockets), the broker's token
@@ -19,6 +19,11 @@ the token's signature, two ECDSA P-256 verifications), the password check alone
 (``check_secret``: PBKDF2-HMAC-SHA-256 over the verifier's iteration count, as the password method
 must derive the key from what the client sent) and the access-token check alone
 (``OIDCAuthenticator.authenticate``: one RS256 verification, the JWKS already cached).
+
+``scram``: services connect over server-authenticated TLS with SCRAM-SHA-256 in MQTT 5 enhanced
+authentication (CONNECT, AUTH, AUTH, CONNACK) with the same secrets as ``password``. The client's
+PBKDF2 (4096 iterations) runs in this process, never in the broker; the broker's side of the
+exchange alone is measured here too (``ScramAuthenticator``: two steps over the stored keys).
 """
 
 from __future__ import annotations
@@ -38,26 +43,31 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 import jwt as pyjwt
 from cryptography import x509
 from cryptography.hazmat.primitives.asymmetric import rsa
+from scramp import ScramClient
 
+from broker import mqtt
 from broker.auth import ConnectionFacts
 from broker.auth_jwt import DeviceTokenAuthenticator
 from broker.auth_oidc import OIDCAuthenticator, OIDCSettings
+from broker.auth_scram import MECHANISM, ScramAuthenticator
 from provisioning.identity import IdentityKind
 from provisioning.keyfiles import load_private_key
 from provisioning.pki import PKI
+from provisioning.registry import SecretRecord
 from provisioning.service_secrets import check_secret
 from provisioning.tls import client_context, server_context_for_pki
 from provisioning.tokens import make_device_token
 
 HOST = "127.0.0.1"
 CLK_TCK = os.sysconf("SC_CLK_TCK")
-# One listener each, measured in this order every round; password and oidc are services' methods.
-METHODS = ("mtls", "jwt", "password", "oidc")
+# One listener each, measured in this order every round; password, oidc and scram are for services.
+METHODS = ("mtls", "jwt", "password", "oidc", "scram")
 ISSUER, AUDIENCE = "https://idp.bench.example", "mqtt-bench"
 
 
@@ -103,14 +113,51 @@ async def one_connect(port: int, ctx: ssl.SSLContext, client_id: str, password: 
     await writer.wait_closed()
 
 
+async def scram_connect(port: int, ctx: ssl.SSLContext, name: str, secret: str | None) -> None:
+    """CONNECT (client-first), AUTH (server-first), AUTH (client-final), CONNACK (server-final,
+    checked), DISCONNECT: MQTT 5 enhanced authentication with SCRAM-SHA-256."""
+    reader, writer = await asyncio.open_connection(HOST, port, ssl=ctx)
+    client = ScramClient([MECHANISM], name, secret or "")
+    packets = mqtt.ClientPacketReader(1 << 16, 5)
+
+    async def read() -> mqtt.Packet:
+        while True:
+            got = packets.feed(await asyncio.wait_for(reader.read(4096), 10))
+            if got:
+                return got[0]
+
+    def data(text: str) -> mqtt.Properties:
+        return mqtt.Properties(authentication_method=MECHANISM, authentication_data=text.encode())
+
+    connect = mqtt.Connect(5, name, True, 30, properties=data(client.get_client_first()))
+    writer.write(mqtt.encode_connect(connect))
+    first = await read()
+    assert isinstance(first, mqtt.Auth), first
+    client.set_server_first(bytes(first.properties.authentication_data or b"").decode())
+    final = data(client.get_client_final())
+    writer.write(mqtt.auth5(mqtt.Reason.CONTINUE_AUTHENTICATION, final, from_client=True))
+    connack = await read()
+    if not isinstance(connack, mqtt.Connack) or connack.reason_code:
+        msg = f"{name}: {connack}"
+        raise RuntimeError(msg)
+    client.set_server_final(bytes(connack.properties.authentication_data or b"").decode())
+    writer.write(mqtt.disconnect5(from_client=True))
+    await writer.drain()
+    writer.close()
+    await writer.wait_closed()
+
+
 async def batch(
-    port: int, jobs: list[tuple[ssl.SSLContext, str, str | None]], concurrency: int
+    port: int,
+    jobs: list[tuple[ssl.SSLContext, str, str | None]],
+    concurrency: int,
+    connect: Callable[[int, ssl.SSLContext, str, str | None], Awaitable[None]] = one_connect,
 ) -> None:
     gate = asyncio.Semaphore(concurrency)
 
     async def run(job: tuple[ssl.SSLContext, str, str | None]) -> None:
         async with gate:
-            await one_connect(port, *job)
+            await connect(port, *job)
 
     await asyncio.gather(*(run(job) for job in jobs))
 
@@ -198,7 +245,7 @@ class Devices:
         if method == "mtls":
             return [(self.mtls[n], n, None) for n in names]
         services = [self.services[n] for n in names]
-        if method == "password":
+        if method in ("password", "scram"):
             return [(self.server_only, s, self.secrets[s]) for s in services]
         if method == "oidc":
             return [(self.server_only, s, self.access_token(s)) for s in services]
@@ -225,14 +272,17 @@ def measure(devices: Devices, rounds: int, concurrency: int) -> dict[str, list[f
             msg = f"the broker did not start: {banner.strip()}"
             raise RuntimeError(msg)
         warm = devices.names[:concurrency]  # lazy imports and cold caches, not timed
+        connects = {"scram": scram_connect}
         for method in METHODS:
-            asyncio.run(batch(found[method], devices.jobs(method, warm), 10))
+            connect = connects.get(method, one_connect)
+            asyncio.run(batch(found[method], devices.jobs(method, warm), 10, connect))
         per: dict[str, list[float]] = {method: [] for method in METHODS}
         for r in range(rounds):
             for method in METHODS:
                 jobs = devices.jobs(method, devices.names)
+                connect = connects.get(method, one_connect)
                 before = cpu_seconds(proc.pid)
-                asyncio.run(batch(found[method], jobs, concurrency))
+                asyncio.run(batch(found[method], jobs, concurrency, connect))
                 per[method].append((cpu_seconds(proc.pid) - before) / len(jobs) * 1e3)
                 print(f"round {r + 1} {method}: {per[method][-1]:.2f} ms", file=sys.stderr)
         return per
@@ -289,6 +339,39 @@ def access_token_check_ms(devices: Devices) -> float:
     return asyncio.run(run())
 
 
+def scram_server_ms(devices: Devices, n: int = 300) -> tuple[float, float]:
+    """The broker's side of a SCRAM exchange alone (both steps, stored keys only), and the
+    client's side (its PBKDF2 of the secret) for comparison."""
+    name, secret = next(iter(devices.secrets.items()))
+    record = devices.pki.service_secret(name)
+
+    async def lookup(_name: str) -> SecretRecord | None:
+        return record
+
+    auth = ScramAuthenticator(trust_domain="bench.example", secret=lookup)
+    facts = ConnectionFacts(name, None, None, "127.0.0.1:1", None)
+
+    async def run() -> tuple[float, float]:
+        server = client = 0.0
+        for _ in range(n):
+            scram = ScramClient([MECHANISM], name, secret)
+            t0 = time.process_time()
+            exchange = auth.begin(MECHANISM, facts)
+            first = await exchange.step(scram.get_client_first().encode())
+            t1 = time.process_time()
+            scram.set_server_first(bytes(first.data or b"").decode())
+            final = scram.get_client_final().encode()
+            t2 = time.process_time()
+            done = await exchange.step(final)
+            t3 = time.process_time()
+            assert done.authenticated is not None
+            server += (t1 - t0) + (t3 - t2)
+            client += t2 - t1
+        return server / n * 1e3, client / n * 1e3
+
+    return asyncio.run(run())
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--devices", type=int, default=300)
@@ -307,6 +390,7 @@ def main() -> int:
         server_auth = handshake_server_ms(devices.pki.path, devices.server_only, "none")
         first_ms, again_ms = token_check_ms(devices)
         password_ms, oidc_ms = password_check_ms(devices), access_token_check_ms(devices)
+        scram_ms, scram_client_ms = scram_server_ms(devices)
         devices.pki.close()
     median = {method: statistics.median(values) for method, values in per.items()}
     mtls = median["mtls"]
@@ -320,6 +404,7 @@ def main() -> int:
         "jwt": "device token (`jwt`)",
         "password": "service secret as password (`password`)",
         "oidc": "identity-provider token (`oidc`)",
+        "scram": "SCRAM-SHA-256 (`scram`, MQTT 5 AUTH)",
     }
     for method, ms in median.items():
         print(f"| {labels.get(method, method)} | {ms:.2f} ms | {ms / mtls:.2f}x |")
@@ -334,6 +419,8 @@ def main() -> int:
     print(f"| token check, later tokens (x5c chain cached per certificate) | {again_ms:.2f} ms |")
     print(f"| password check (PBKDF2-HMAC-SHA-256, 4096 iterations) | {password_ms:.2f} ms |")
     print(f"| access-token check (one RS256 verification, JWKS cached) | {oidc_ms:.2f} ms |")
+    print(f"| SCRAM exchange, broker side (two steps, stored keys) | {scram_ms:.3f} ms |")
+    print(f"| SCRAM proof, client side (PBKDF2, 4096 iterations) | {scram_client_ms:.2f} ms |")
     return 0
 
 

@@ -236,17 +236,21 @@ class ListenerAuthenticator:
                 self._authenticators.get(name), "exchange_methods", frozenset()
             )
             if begin is not None and method in offered:
-                return _KindChecked(begin(method, facts), name, self._methods_by_kind)
+                return _KindChecked(
+                    begin(method, facts), name, self._methods_by_kind, self._metrics
+                )
         raise Refused("bad-auth-method", f"authentication method {method!r} is not offered")
 
     async def authenticate(self, facts: ConnectionFacts) -> Authenticated:
         method = presented_method(facts)
         if method not in self.methods:
-            raise Refused(
-                "method-not-allowed",
-                f"{method} is not accepted on this listener ({', '.join(sorted(self.methods))})",
-                method=method,
+            detail = (
+                f"{method} is not accepted on this listener ({', '.join(sorted(self.methods))})"
             )
+            if "scram" in self.methods:
+                # e.g. an MQTT 3.1.1 client, which has no AUTH packet to run SCRAM in
+                detail += "; scram needs MQTT 5 with Authentication Method SCRAM-SHA-256"
+            raise Refused("method-not-allowed", detail, method=method)
         try:
             result = await self._authenticators[method].authenticate(facts)
         except Refused as refusal:
@@ -290,11 +294,16 @@ class _KindChecked:
     """An exchange whose success is held to ``methods_by_kind`` like any other method's."""
 
     def __init__(
-        self, inner: AuthExchange, method: str, methods_by_kind: dict[str, frozenset[str]]
+        self,
+        inner: AuthExchange,
+        method: str,
+        methods_by_kind: dict[str, frozenset[str]],
+        metrics: Metrics | None = None,
     ) -> None:
         self._inner = inner
         self._method = method
         self._methods_by_kind = methods_by_kind
+        self._metrics = metrics
 
     async def step(self, data: bytes | None) -> AuthStep:
         try:
@@ -312,4 +321,6 @@ class _KindChecked:
                     identity=str(done.identity),
                     method=self._method,
                 )
+            if self._metrics is not None:
+                self._metrics.inc("iotauth_broker_authentications_total", method=self._method)
         return result

@@ -94,6 +94,19 @@ class Backoff:
     def success(self, key: str) -> None:
         self._keys.pop(key, None)
 
+    def check(self, keys: list[str], who: str | None) -> None:
+        """Refuse (``auth-backoff``, unchecked) while any of ``keys`` is backed off."""
+        waits = {key: self.wait(key) for key in keys}
+        if any(waits.values()):
+            key, left = max(waits.items(), key=lambda kv: kv[1])
+            raise Refused(
+                "auth-backoff",
+                f"too many failed attempts ({key.split(':', 1)[0]}); refused unchecked for "
+                f"{left:.1f} s more",
+                connack=mqtt.CONNACK_NOT_AUTHORIZED,
+                identity=who,
+            )
+
 
 class SecretSource:
     """The registry's services and their verifiers, read on one worker thread (a SQLite
@@ -195,16 +208,7 @@ class PasswordAuthenticator:
         who = str(identity) if identity else None
         address = "addr:" + facts.peer.rsplit(":", 1)[0]
         keys = [address] + ([f"service:{name}"] if identity else [])
-        waits = {key: self.backoff.wait(key) for key in keys}
-        if any(waits.values()):
-            key, left = max(waits.items(), key=lambda kv: kv[1])
-            raise Refused(
-                "auth-backoff",
-                f"too many failed attempts ({key.split(':', 1)[0]}); refused unchecked for "
-                f"{left:.1f} s more",
-                connack=mqtt.CONNACK_NOT_AUTHORIZED,
-                identity=who,
-            )
+        self.backoff.check(keys, who)
         record = await self._secret(name) if identity else None
         usable = record is not None and record.status == "active"
         candidate = record if usable and record is not None else _decoy()

@@ -164,7 +164,7 @@ def run(
             metavar="PORT:METHODS",
             help=(
                 "A listener and the methods it accepts, e.g. 8883:mtls or 8884:jwt "
-                "(repeatable; replaces --port). Methods: mtls, jwt, password, oidc."
+                "(repeatable; replaces --port). Methods: mtls, jwt, password, oidc, scram."
             ),
         ),
     ] = None,
@@ -537,7 +537,7 @@ def _refused_before_acl(
     if has_secret and not any(r.state() == "active" for r in history):
         return (
             f"service {who.name} has no active certificate: it comes in with its secret "
-            "(password) or an identity-provider token (oidc), not with mtls"
+            "(scram, password) or an identity-provider token (oidc), not with mtls"
         )
     if not history:
         return f"{kind} {who.name} is not in the registry: no certificate of this PKI, {before}"

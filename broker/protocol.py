@@ -175,6 +175,7 @@ DISCONNECT_REASONS: dict[str, int] = {
     # The credential that authorized the session no longer does: a device should renew, so the
     # code names authorization (0x87), not an operator's act (0x98, kept for `broker kick`).
     "revoked": mqtt.Reason.NOT_AUTHORIZED,
+    "secret-revoked": mqtt.Reason.NOT_AUTHORIZED,  # a service secret rotated or revoked
     "expired": mqtt.Reason.NOT_AUTHORIZED,
     "operator": mqtt.Reason.ADMINISTRATIVE_ACTION,  # 0x98
     "shutdown": mqtt.Reason.SERVER_SHUTTING_DOWN,  # 0x8B

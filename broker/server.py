@@ -23,6 +23,7 @@ from broker.auth import Authenticator, ListenerAuthenticator, MutualTLSAuthentic
 from broker.auth_jwt import DeviceTokenAuthenticator
 from broker.auth_oidc import OIDCAuthenticator
 from broker.auth_password import PasswordAuthenticator, SecretSource
+from broker.auth_scram import ScramAuthenticator
 from broker.core import BrokerCore
 from broker.errors import BrokerError, ConfigError
 from broker.metrics import Metrics, serve_metrics
@@ -239,7 +240,7 @@ def _start_committer(
 
 
 def _secret_source(settings: BrokerSettings) -> SecretSource | None:
-    if any(spec.methods & {"password", "oidc"} for spec in settings.listener_specs):
+    if any(spec.methods & {"password", "oidc", "scram"} for spec in settings.listener_specs):
         return SecretSource(settings.pki_dir)
     return None
 
@@ -290,8 +291,11 @@ def _listeners(
             leeway=settings.token_leeway,
         )
     if secrets is not None:
-        by_method["password"] = PasswordAuthenticator(
-            trust_domain=watcher.trust_domain, secret=secrets.secret
+        password = PasswordAuthenticator(trust_domain=watcher.trust_domain, secret=secrets.secret)
+        by_method["password"] = password
+        # One backoff for both ways a secret is checked: a guess costs the same by either.
+        by_method["scram"] = ScramAuthenticator(
+            trust_domain=watcher.trust_domain, secret=secrets.secret, backoff=password.backoff
         )
     if secrets is not None and any("oidc" in spec.methods for spec in specs):
         if settings.oidc is None:
@@ -390,7 +394,8 @@ async def _watch_secrets(
     while True:
         await asyncio.sleep(interval)
         live = list(core.live.values())
-        password = [s for s in live if s.authenticated.method == "password"]
+        # scram sessions name the same verifier version as password sessions
+        password = [s for s in live if s.authenticated.method in ("password", "scram")]
         oidc = [s for s in live if s.authenticated.method == "oidc"]
         if not (password or oidc):
             continue

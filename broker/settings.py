@@ -25,7 +25,7 @@ __all__ = [
 # Every way in that the broker knows (docs/BROKER.md, "Authentication methods").
 METHODS = ("mtls", "jwt", "oidc", "scram", "password")
 # The methods this version implements; a listener that names another is refused at start.
-AVAILABLE_METHODS = frozenset({"mtls", "jwt", "password", "oidc"})
+AVAILABLE_METHODS = frozenset({"mtls", "jwt", "password", "oidc", "scram"})
 # Which methods each kind of identity may use, wherever a listener accepts them: a device proves
 # itself with its own key (certificate or signed token); services may also use the company's
 # identity provider or a shared secret.

@@ -2,11 +2,13 @@
 
 Like ``mosquitto_pub``/``mosquitto_sub``, but it knows the project's credentials: ``--creds DIR``
 (mutual TLS, or ``--auth jwt`` to sign a device token with that directory's key), ``--auth password
---user NAME --secret-env VAR`` and ``--auth oidc --token-file F``. The broker is always verified
+--user NAME --secret-env VAR``, ``--auth scram --user NAME --secret-env VAR -V 5`` and ``--auth oidc
+--token-file F``. The broker is always verified
 against ``--cafile`` (default: the credential directory's ``ca.crt``). A refusal is one line with
 the broker's reason code; nothing here prints a traceback.
 
-Built on paho-mqtt, the client library devices use, so what works here works in a device's code.
+Built on paho-mqtt, the client library devices use, so what works here works in a device's code;
+except ``scram``: paho has no AUTH packet, so that method runs on ``iotauth.scram_client``.
 """
 
 from __future__ import annotations
@@ -26,9 +28,13 @@ from typing import TYPE_CHECKING, Annotated
 
 import typer
 
+from iotauth.scram_client import ClientError, ScramMQTTClient
+
 if TYPE_CHECKING:
     from paho.mqtt.client import MQTTMessage, MQTTMessageInfo
     from paho.mqtt.reasoncodes import ReasonCode
+
+    from broker.mqtt import Publish
 
 __all__ = ["mqtt_app"]
 
@@ -38,14 +44,8 @@ mqtt_app = typer.Typer(
     no_args_is_help=True,
 )
 
-# Methods a client can speak today; scram needs MQTT 5 enhanced authentication (AUTH packets),
-# which this client does not have yet.
-_METHODS = ("mtls", "jwt", "password", "oidc")
+_METHODS = ("mtls", "jwt", "password", "oidc", "scram")
 _CONNECT_TIMEOUT = 15.0
-
-
-class ClientError(Exception):
-    """One line for the user: what went wrong and, where there is one, the fix."""
 
 
 @mqtt_app.callback()
@@ -69,11 +69,11 @@ AuthOpt = Annotated[
     typer.Option(
         "--auth",
         metavar="METHOD",
-        help="mtls (default with --creds), jwt, password or oidc.",
+        help="mtls (default with --creds), jwt, password, scram (with -V 5) or oidc.",
     ),
 ]
 UserOpt = Annotated[
-    str | None, typer.Option("--user", metavar="NAME", help="Service name (password).")
+    str | None, typer.Option("--user", metavar="NAME", help="Service name (password, scram).")
 ]
 SecretEnvOpt = Annotated[
     str | None,
@@ -133,10 +133,7 @@ def login(
     """Check every option and read every credential before a socket is opened."""
     method = auth or ("mtls" if creds is not None else None)
     if method is None:
-        msg = "say how to authenticate: --creds DIR, or --auth password|oidc"
-        raise ClientError(msg)
-    if method == "scram":
-        msg = "--auth scram needs MQTT 5 enhanced authentication, not in this client yet"
+        msg = "say how to authenticate: --creds DIR, or --auth password|scram|oidc"
         raise ClientError(msg)
     if method not in _METHODS:
         msg = f"unknown --auth {method!r} (one of {', '.join(_METHODS)})"
@@ -147,10 +144,13 @@ def login(
     if version not in ("5", "311"):
         msg = f"-V {version!r}: use 5 or 311"
         raise ClientError(msg)
+    if method == "scram" and version != "5":
+        msg = "--auth scram needs -V 5: SCRAM runs in MQTT 5's AUTH exchange (3.1.1 has none)"
+        raise ClientError(msg)
     identity = _identity(creds) if creds is not None else {}
     name = str(identity.get("device_id") or identity.get("service_name") or user or "")
     username, password = _secret(method, creds, name, user, secret_env, token_file, ttl)
-    if method == "password":
+    if method in ("password", "scram"):
         name = user or name
     host, port = _address(broker or str(identity.get("broker") or ""))
     trust = cafile or (creds / "ca.crt" if creds is not None else None)
@@ -193,9 +193,9 @@ def _secret(
         except ProvisioningError as exc:
             raise ClientError(str(exc)) from None
         return None, token
-    if method == "password":
+    if method in ("password", "scram"):
         if not user or not secret_env:
-            msg = "--auth password needs --user NAME and --secret-env VAR"
+            msg = f"--auth {method} needs --user NAME and --secret-env VAR"
             raise ClientError(msg)
         secret = os.environ.get(secret_env)
         if not secret:
@@ -414,6 +414,10 @@ def pub(
             client_id=client_id,
             ttl=ttl,
         )
+        if spec.method == "scram":
+            _scram_pub(spec, topic, payload, qos=qos, retain=retain)
+            _report_published(spec, topic, payload, qos=qos, retain=retain, as_json=as_json)
+            return
         session = Session(spec)
         try:
             session.open()
@@ -438,6 +442,12 @@ def pub(
                     raise session.lost()
         finally:
             session.close()
+    _report_published(spec, topic, payload, qos=qos, retain=retain, as_json=as_json)
+
+
+def _report_published(
+    spec: Login, topic: str, payload: bytes, *, qos: int, retain: bool, as_json: bool
+) -> None:
     if as_json:
         doc = {"topic": topic, "qos": qos, "retain": retain, "bytes": len(payload)}
         print(json.dumps({"published": doc, "method": spec.method, "client_id": spec.client_id}))
@@ -486,6 +496,9 @@ def sub(
             client_id=client_id,
             ttl=ttl,
         )
+        if spec.method == "scram":
+            _scram_sub(spec, topics, qos, count, wait, verbose=verbose, as_json=as_json)
+            return
         session = Session(spec)
         received = 0
         granted: dict[int, list[int]] = {}
@@ -513,18 +526,7 @@ def sub(
                     msg = f"no SUBACK from {session.where}"
                     raise ClientError(msg)
                 time.sleep(0.01)
-            refused = [
-                (t, code) for t, code in zip(topics, granted[mid], strict=False) if code >= 0x80
-            ]
-            if refused:
-                from broker.mqtt import Reason
-
-                topic, code = refused[0]
-                # 3.1.1 has one failure code (0x80); MQTT 5 says why (0x87 not authorized ...)
-                why = "not authorized" if code == 0x80 else Reason(code).name.lower()
-                why = why.replace("_", " ")
-                msg = f"subscription refused by the broker (0x{code:02x} {why}): {topic}"
-                raise ClientError(msg)
+            _check_granted(topics, granted[mid])
             end = time.monotonic() + wait if wait is not None else None
             while count is None or received < count:
                 if session.closed.is_set():
@@ -539,6 +541,86 @@ def sub(
             session.close()
 
 
+def _check_granted(topics: list[str], codes: list[int]) -> None:
+    refused = [(t, code) for t, code in zip(topics, codes, strict=False) if code >= 0x80]
+    if refused:
+        from broker.mqtt import Reason
+
+        topic, code = refused[0]
+        # 3.1.1 has one failure code (0x80); MQTT 5 says why (0x87 not authorized ...)
+        why = "not authorized" if code == 0x80 else Reason(code).name.lower()
+        why = why.replace("_", " ")
+        msg = f"subscription refused by the broker (0x{code:02x} {why}): {topic}"
+        raise ClientError(msg)
+
+
+# -- scram: paho has no AUTH packet, so these run on iotauth.scram_client ------------------------
+
+
+def _scram_client(spec: Login, qos: int) -> ScramMQTTClient:
+    if qos == 2:
+        msg = "--auth scram speaks QoS 0 and 1 (use -q 0 or -q 1)"
+        raise ClientError(msg)
+    assert spec.username is not None and spec.password is not None  # noqa: S101, PT018 - login()
+    client = ScramMQTTClient(
+        spec.host,
+        spec.port,
+        context=spec.context,
+        user=spec.username,
+        secret=spec.password,
+        client_id=spec.client_id,
+        timeout=_CONNECT_TIMEOUT,
+    )
+    client.connect()
+    return client
+
+
+def _scram_pub(spec: Login, topic: str, payload: bytes, *, qos: int, retain: bool) -> None:
+    from iotauth.scram_client import describe_code
+
+    client = _scram_client(spec, qos)
+    try:
+        code = client.publish(topic, payload, qos, retain)
+        if code >= 0x80:
+            msg = f"refused by the broker: {describe_code(code)}"
+            raise ClientError(msg)
+        if qos == 0:
+            # No acknowledgement at QoS 0: the PINGRESP says the broker read the PUBLISH and kept
+            # the connection (a refusal that closes it comes first).
+            client.ping()
+    finally:
+        client.close()
+
+
+def _scram_sub(
+    spec: Login,
+    topics: list[str],
+    qos: int,
+    count: int | None,
+    wait: float | None,
+    *,
+    verbose: bool,
+    as_json: bool,
+) -> None:
+    client = _scram_client(spec, qos)
+    try:
+        _check_granted(topics, client.subscribe([(t, qos) for t in topics]))
+        received = 0
+        end = time.monotonic() + wait if wait is not None else None
+        while count is None or received < count:
+            left = None if end is None else max(0.0, end - time.monotonic())
+            message = client.receive(left)
+            if message is None:
+                if count is not None:
+                    msg = f"received {received} of {count} messages in {wait:g} s"
+                    raise ClientError(msg)
+                break
+            received += 1
+            _print_message(message, verbose=verbose, as_json=as_json)
+    finally:
+        client.close()
+
+
 def _published(info: MQTTMessageInfo) -> bool:
     """paho raises instead of answering False when the connection went away before the message
     left (the broker closed it first, e.g. after a denied publish): that is "not published"."""
@@ -548,7 +630,7 @@ def _published(info: MQTTMessageInfo) -> bool:
         return False
 
 
-def _print_message(msg: MQTTMessage, *, verbose: bool, as_json: bool) -> None:
+def _print_message(msg: MQTTMessage | Publish, *, verbose: bool, as_json: bool) -> None:
     payload = bytes(msg.payload)
     if as_json:
         try:

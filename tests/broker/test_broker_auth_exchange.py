@@ -1,7 +1,7 @@
 """MQTT 5 extended authentication (section 4.12): the AUTH packet, CONNECT's Authentication
 Method / Data, as a multi-step exchange in the sans-IO protocol object and through the real
-transport, with a toy two-step authenticator defined here (no shipped method uses the exchange
-yet; SCRAM-SHA-256 will).
+transport, with a toy two-step authenticator defined here (the shipped method, SCRAM-SHA-256, is
+tested in test_broker_auth_scram.py).
 
 The toy: the client sends "hello", the broker challenges with a nonce, the client answers
 "<nonce>:signed", the broker accepts with "welcome" in the CONNACK. The identity is the client
@@ -170,8 +170,8 @@ def test_auth_from_a_client_that_used_no_method_is_a_protocol_error() -> None:
     assert disconnect.reason_code == Reason.PROTOCOL_ERROR
 
 
-def test_listener_authenticator_offers_no_method_today() -> None:
-    """The shipped methods run no exchange yet: every Authentication Method is 0x8C."""
+def test_a_listener_without_scram_offers_no_method() -> None:
+    """Only a listener that lists scram runs an exchange: elsewhere every method is 0x8C."""
     listener = ListenerAuthenticator(frozenset({"mtls"}), {}, {})
     facts = ConnectionFacts("dev-1", None, None, "p", None)
     with pytest.raises(Refused) as refused:

@@ -414,7 +414,7 @@ def test_device_token_errors_are_one_line(
 
 @pytest.mark.parametrize(
     ("listen", "words"),
-    [("8884:scram", "not available in this version"), ("nonsense", "expected PORT:METHOD")],
+    [("8884:kerberos", "unknown method kerberos"), ("nonsense", "expected PORT:METHOD")],
 )
 def test_broker_run_refuses_a_listener_it_cannot_serve(
     fleet: Fleet, run_cli: Callable[..., Result], listen: str, words: str

@@ -253,3 +253,74 @@ def test_mqtt5_refusals_are_one_line_with_their_reason_code(
         "sub", "-V", "5", "--broker", where, "--creds", creds, "-t", "devices/dev-2/#", "-W", "5",
     )  # fmt: skip
     assert_one_line_error(sub, "subscription refused by the broker (0x87 not authorized)")
+
+
+def test_scram_service_publishes_and_subscribes_with_the_cli(
+    fleet: Fleet, mqtt: Callable[..., Result]
+) -> None:
+    """--auth scram -V 5: SCRAM over MQTT 5 enhanced authentication (iotauth.scram_client),
+    sub --json and pub QoS 1; twins: a wrong secret, -V 311, QoS 2, a publish outside grants."""
+    import os
+
+    secret, _, _ = fleet.pki.set_service_secret("dash")
+    specs = (ListenerSpec(0, frozenset({"mtls"})), ListenerSpec(0, frozenset({"scram"})))
+    thread = BrokerThread(
+        BrokerSettings(fleet.pki_dir, listeners=specs), audit_sink=lambda _: None
+    ).start()
+    mtls_port, port = thread.broker.ports.values()
+    broker, ca = f"127.0.0.1:{port}", str(fleet.pki_dir / "root.crt")
+    env = {**os.environ, "DASH_SECRET": secret, "WRONG": secret + "x"}
+    scram = ("--broker", broker, "--cafile", ca, "--auth", "scram", "--user", "dash")
+    try:
+        retained = mqtt(
+            "pub", "--broker", f"127.0.0.1:{mtls_port}", "--creds", str(fleet.creds("dev-1")),
+            "-t", "devices/dev-1/telemetry/t", "-m", "21", "-q", "1", "-r",
+        )  # fmt: skip
+        assert retained.returncode == 0, retained.stderr
+        received = mqtt(
+            "sub", *scram, "--secret-env", "DASH_SECRET", "-V", "5",
+            "-t", "devices/+/telemetry/#", "-q", "1", "-C", "1", "-W", "20", "--json",
+            env=env,
+        )  # fmt: skip
+        assert received.returncode == 0, received.stderr
+        doc = json.loads(received.stdout.splitlines()[0])
+        assert (doc["topic"], doc["payload"], doc["retain"]) == (
+            "devices/dev-1/telemetry/t",
+            "21",
+            True,
+        )
+        for qos in ("0", "1"):
+            published = mqtt(
+                "pub", *scram, "--secret-env", "DASH_SECRET", "-V", "5",
+                "-t", "devices/dev-1/commands/x", "-m", "go", "-q", qos, "--json",
+                env=env,
+            )  # fmt: skip
+            assert published.returncode == 0, published.stderr
+            assert json.loads(published.stdout)["method"] == "scram"
+        wrong = mqtt(
+            "pub", *scram, "--secret-env", "WRONG", "-V", "5", "-t", "devices/dev-1/commands/x",
+            "-m", "go", env=env,
+        )  # fmt: skip
+        assert_one_line_error(wrong, "0x87 not authorized (scram-failed)")
+        old = mqtt(
+            "pub", *scram, "--secret-env", "DASH_SECRET", "-V", "311",
+            "-t", "devices/dev-1/commands/x", "-m", "go", env=env,
+        )  # fmt: skip
+        assert_one_line_error(old, "--auth scram needs -V 5")
+        qos2 = mqtt(
+            "pub", *scram, "--secret-env", "DASH_SECRET", "-V", "5",
+            "-t", "devices/dev-1/commands/x", "-m", "go", "-q", "2", env=env,
+        )  # fmt: skip
+        assert_one_line_error(qos2, "QoS 0 and 1")
+        denied = mqtt(
+            "pub", *scram, "--secret-env", "DASH_SECRET", "-V", "5",
+            "-t", "devices/dev-1/telemetry/t", "-m", "forged", "-q", "1", env=env,
+        )  # fmt: skip
+        assert_one_line_error(denied, "refused by the broker: 0x87 not authorized")
+        refused_sub = mqtt(
+            "sub", *scram, "--secret-env", "DASH_SECRET", "-V", "5", "-t", "#", "-W", "5",
+            env=env,
+        )  # fmt: skip
+        assert_one_line_error(refused_sub, "subscription refused by the broker (0x87")
+    finally:
+        thread.stop()
