@@ -326,7 +326,9 @@ class BrokerCore:
         session.will = None
         v5 = session.v5 = connect.protocol_level == 5
         # A resumed session's delayed will is not published (MQTT-3.1.3-9); a new one has none.
-        self.pending_wills.pop(client_id, None)
+        pending = self.pending_wills.pop(client_id, None)
+        if pending is not None and self.store is not None:
+            self.store.will_done(pending[1])  # store: resumed before the delay ran out
         limits = self.limits
         if v5:
             props = connect.properties
@@ -447,10 +449,12 @@ class BrokerCore:
         if will and message is not None:
             if session.will_delay and session.persistent:
                 # MQTT-3.1.3-9: published after the delay unless the session resumes first,
-                # or when the session ends, whichever comes first (3.1.2.11.2).
+                # or when the session ends, whichever comes first (3.1.3.2.2): due then.
                 session.will = message
-                due = self.now + session.will_delay
-                self.pending_wills[session.client_id] = (due, session)
+                delay = float(session.will_delay)
+                if session.expiry is not None and session.expiry < delay:
+                    delay = session.expiry
+                self.pending_wills[session.client_id] = (self.now + delay, session)
             else:
                 self.publish_will(session, message)
         if not session.persistent:
@@ -458,7 +462,12 @@ class BrokerCore:
         else:
             session.disconnected_at = time.monotonic()
             if self.store is not None:
-                self.store.session_detached(session, time.time())  # store: expiry counts
+                wall = time.time()
+                self.store.session_detached(session, wall)  # store: expiry counts
+                pending = self.pending_wills.get(session.client_id)
+                if pending is not None and session.will is not None:
+                    # store: the will waits on disk too, due at a wall-clock time
+                    self.store.will_pending(session, session.will, wall + pending[0] - self.now)
 
     def publish_will(self, session: Session, message: Message) -> None:
         """A will goes out as its owner's PUBLISH would: the grants are asked again (a delayed
@@ -467,6 +476,11 @@ class BrokerCore:
             identity = str(session.authenticated.identity)
             self.denied(identity, session.client_id, "will", message.topic)
             return
+        interval = message.properties.message_expiry_interval
+        if interval is not None:
+            # 3.1.3.2.4: the will's Message Expiry Interval counts from its publication, not
+            # from the CONNECT that carried it.
+            message = dataclasses.replace(message, expires_at=self.now + interval)
         if message.retain:
             self.retain(message)
         self.route(message, None)
@@ -481,6 +495,8 @@ class BrokerCore:
             message, session.will = session.will, None
             if will and message is not None:
                 self.publish_will(session, message)
+            if self.store is not None:
+                self.store.will_done(session)  # store
         if self.store is not None:
             self.store.session_forgotten(session)  # store: before its queue is cleared
         for topic_filter in session.subscriptions:
@@ -517,6 +533,8 @@ class BrokerCore:
                 message, session.will = session.will, None
                 if message is not None:
                     self.publish_will(session, message)
+                if self.store is not None:
+                    self.store.will_done(session)  # store: in the batch of its deliveries
 
     # -- PUBLISH in ----------------------------------------------------------------------------
 

@@ -37,8 +37,9 @@ broker-wide one), a subscription a JSON object of options (:func:`subscription_f
 no-local, retain-as-published, retain handling, identifier; a ``$share/...`` filter joins its
 group again), a message has a JSON ``extra`` when it carries anything MQTT 5 (its encoded
 properties, its expiry as an absolute wall-clock time, subscription identifiers, the shared
-subscription it went through); a 3.1.1 message's ``extra`` stays empty. Not kept yet: an MQTT 5
-will waiting for its Will Delay Interval (the marked TODO below).
+subscription it went through); a 3.1.1 message's ``extra`` stays empty. An MQTT 5 will waiting
+for its Will Delay Interval is a ``_WILL`` record (its due time as wall-clock time, and the
+message as a ``_MSG`` record inside); ``_WILL_DONE`` ends it (published, or the session resumed).
 """
 
 from __future__ import annotations
@@ -100,6 +101,8 @@ _DONE = 11  # sid, pid: PUBACK or PUBCOMP came, the message is delivered
 _RETAIN = 12  # mid: the retained message of its topic
 _UNRETAIN = 13  # topic (UTF-8): retained message cleared
 _QOS2_IN = 14  # sid, pid, on (u8): a QoS 2 packet id from the client, waiting for PUBREL
+_WILL = 15  # sid, due (wall-clock f64), then the will as a _MSG record (mid 0)
+_WILL_DONE = 16  # sid: the pending will was published or cancelled
 
 _H = struct.Struct(">BI")
 _SID = struct.Struct(">BII")
@@ -111,6 +114,7 @@ _UNQUEUE_S = struct.Struct(">BIIQ")
 _PID_S = struct.Struct(">BIIH")
 _RETAIN_S = struct.Struct(">BIQ")
 _QOS2_S = struct.Struct(">BIIHB")
+_WILL_S = struct.Struct(">BIId")
 
 
 class StoreError(BrokerError):
@@ -363,8 +367,18 @@ class Store:
         body = topic.encode()
         self._put(_H.pack(_UNRETAIN, len(body)) + body)
 
-    # TODO(mqtt5): will_pending(session, message, delay) / will_done(session) for wills with a
-    # Will Delay Interval: a record of the same shape as _SESSION (JSON fields) keyed by sid.
+    def will_pending(self, session: Session, message: Message, due: float) -> None:
+        """An MQTT 5 will waits for its Will Delay Interval until ``due`` (wall-clock time)."""
+        sid = self._sids.get(session.client_id)
+        if sid is not None:
+            inner = _encode_message(0, message)
+            self._put(_WILL_S.pack(_WILL, 12 + len(inner), sid, due) + inner)
+
+    def will_done(self, session: Session) -> None:
+        """The pending will was published, or the session resumed before it was due."""
+        sid = self._sids.get(session.client_id)
+        if sid is not None:
+            self._put(_SID.pack(_WILL_DONE, 4, sid))
 
     # -- snapshot --------------------------------------------------------------------------------
 
@@ -385,6 +399,9 @@ class Store:
             self.session_saved(session)
             if session.link is None and session.disconnected_at is not None:
                 self.session_detached(session, wall - (mono - session.disconnected_at))
+            pending = core.pending_wills.get(session.client_id)
+            if pending is not None and pending[1] is session and session.will is not None:
+                self.will_pending(session, session.will, wall + pending[0] - core.now)
         for _topic, message in core.retained.matching("#"):
             self.retained_set(message)
         return self.take()
@@ -491,6 +508,18 @@ class _Replay:
         self.sessions: dict[int, Session] = {}
         self.messages: dict[int, Message] = {}
         self.detached: dict[int, float] = {}
+        self.wills: dict[int, tuple[float, Message]] = {}  # sid -> (due, wall-clock; the will)
+
+    def _message(self, body: bytes, view: memoryview, start: int, end: int) -> tuple[int, Message]:
+        """A _MSG record's body (``start``: after its header; ``end``: where it ends)."""
+        mid, qos, retain, tlen, xlen = struct.unpack_from(">QBBHI", body, start)
+        p = start + 16
+        topic = bytes(view[p : p + tlen])
+        payload = bytes(view[p + tlen + xlen : end])
+        message = self._message_type(topic.decode(), topic, payload, qos, bool(retain))
+        if xlen:
+            _apply_extra(message, json.loads(bytes(view[p + tlen : p + tlen + xlen])))
+        return mid, message
 
     def apply(self, body: bytes) -> None:  # noqa: PLR0912, PLR0915 - one branch per kind
         view = memoryview(body)
@@ -506,15 +535,8 @@ class _Replay:
                 msg = "record runs past its frame"
                 raise ValueError(msg)
             if kind == _MSG:
-                mid, qos, retain, tlen, xlen = struct.unpack_from(">QBBHI", body, start)
-                p = start + 16
-                topic = bytes(view[p : p + tlen])
-                payload = bytes(view[p + tlen + xlen : offset])
-                message = messages[mid] = self._message_type(
-                    topic.decode(), topic, payload, qos, bool(retain)
-                )
-                if xlen:
-                    _apply_extra(message, json.loads(bytes(view[p + tlen : p + tlen + xlen])))
+                mid, message = self._message(body, view, start, offset)
+                messages[mid] = message
                 continue
             if kind == _RETAIN:
                 (mid,) = struct.unpack_from(">Q", body, start)
@@ -568,6 +590,13 @@ class _Replay:
             elif kind == _DETACH:
                 (_, wall) = struct.unpack_from(">Id", body, start)
                 self.detached[sid] = wall
+            elif kind == _WILL:
+                (_, due) = struct.unpack_from(">Id", body, start)
+                inner = start + 12 + _H.size
+                _, will = self._message(body, view, inner, offset)
+                self.wills[sid] = (due, will)
+            elif kind == _WILL_DONE:
+                self.wills.pop(sid, None)
             elif kind == _FORGET:
                 self._drop(sid)
             else:
@@ -602,6 +631,7 @@ class _Replay:
     def _drop(self, sid: int) -> None:
         session = self.sessions.pop(sid)
         self.detached.pop(sid, None)
+        self.wills.pop(sid, None)
         for topic_filter in session.subscriptions:
             self._unindex(session, topic_filter)
         if self.core.sessions.get(session.client_id) is session:
@@ -886,18 +916,32 @@ def _finish_replay(
         stopped = log_file.path.stat().st_mtime
     except OSError:
         stopped = wall_now
+    kept_for_will = 0
     for sid, session in list(replay.sessions.items()):
         gone = replay.detached.get(sid, stopped)
         session.disconnected_at = mono_now - max(0.0, wall_now - gone)
+        will = replay.wills.get(sid)
+        if will is not None:
+            # Due on the core's clock; a will due while the broker was down is due now. The
+            # core publishes it at its first tick, after the CRL has dropped revoked sessions
+            # (a revoked identity's will is never published).
+            due, message = will
+            session.will = message
+            core.pending_wills[session.client_id] = (mono_now + (due - wall_now), session)
         ttl = session.expiry  # MQTT 5: the session's own interval; 3.1.1: the broker's
         if ttl is not None and wall_now - gone >= ttl:
-            replay._drop(sid)
             report.expired += 1
+            if will is None:
+                replay._drop(sid)
+                continue
+            # Expired while down, with its will due (at the latest when the session ended):
+            # kept until the core's first tick publishes the will and expire_sessions ends it.
+            kept_for_will += 1
             continue
         # Packet ids in use stay in use: the next one starts past the largest in flight.
         report.queued += len(session.queue)
         report.inflight += len(session.inflight)
-    report.sessions = len(replay.sessions)
+    report.sessions = len(replay.sessions) - kept_for_will
     report.retained = sum(1 for _ in core.retained.matching("#"))
 
 
