@@ -478,6 +478,23 @@ def test_a_delayed_will_is_published_after_the_delay() -> None:
     assert will.payload == b"gone"
 
 
+def test_a_wills_message_expiry_counts_from_its_publication() -> None:
+    """3.1.3.2.4: the Will's Message Expiry Interval is sent as the PUBLISH's when the will is
+    published: a device connected for longer than the interval still has its will delivered,
+    with the whole interval (counted from the CONNECT, it would have expired unsent)."""
+    core = _core()
+    sink = Client5(core, "sink", service=True)
+    sink.connect()
+    sink.subscribe("devices/+/state", 1)
+    dev = Client5(core)
+    dev.connect(will=("devices/dev-1/state", b"gone", Properties(message_expiry_interval=30)))
+    dev.feed(b"\xc0\x00", 50.0)  # PINGREQ: connected for 49 s, more than 30
+    dev.protocol.connection_lost()
+    [will] = sink.out()
+    assert (will.payload, will.properties.message_expiry_interval) == (b"gone", 30)
+    assert core.expired == 0
+
+
 def test_a_delayed_will_is_not_published_when_the_session_resumes() -> None:
     """MQTT-3.1.3-9 (the session resumes before the delay passes)."""
     core = _core()
