@@ -255,6 +255,8 @@ class BrokerCore:
         self.holds = 0
         self.stuck = 0
         self.expired = 0
+        self.queued = 0  # QoS 1/2 messages put in a session's queue (a taker, for publish5)
+        self.quota_refused = 0  # MQTT 5 publishes answered 0x97: no matching receiver took them
         metrics.gauge("iotauth_broker_connections", lambda: len(self.live))
         metrics.gauge("iotauth_broker_messages_in_total", lambda: self.messages_in)
         metrics.gauge("iotauth_broker_messages_out_total", lambda: self.messages_out)
@@ -263,6 +265,7 @@ class BrokerCore:
         metrics.gauge("iotauth_broker_backpressure_holds_total", lambda: self.holds)
         metrics.gauge("iotauth_broker_backpressure_stuck_total", lambda: self.stuck)
         metrics.gauge("iotauth_broker_expired_messages_total", lambda: self.expired)
+        metrics.gauge("iotauth_broker_quota_exceeded_total", lambda: self.quota_refused)
 
     # -- CONNECT -------------------------------------------------------------------------------
 
@@ -578,8 +581,10 @@ class BrokerCore:
     def publish5(self, session: Session, packet: mqtt.Publish, topic: str, now: float) -> int:
         """Route an MQTT 5 client's PUBLISH (``topic``: its name, or what its Topic Alias stands
         for). Returns the reason code for its PUBACK/PUBREC: 0 routed; 0x87 the policy refuses
-        it (audited); 0x97 it cannot be stored now (issue 15). A 5.0 publisher is answered
-        with the code instead of having its connection closed (QoS 0: dropped)."""
+        it (audited); 0x97 it cannot be stored now, or it matched receivers and every one of
+        them dropped it (full queues; each drop is counted and audited per receiver: issue
+        15). A 5.0 publisher is answered with the code instead of having its connection closed
+        (QoS 0: dropped)."""
         if topic.startswith("$"):
             allowed = False
         else:
@@ -605,7 +610,20 @@ class BrokerCore:
         else:
             message = self.message(topic, packet.payload, packet.qos, packet.retain, props, now)
         if packet.retain:
-            self.retain(message)
+            self.retain(message)  # kept as the topic's retained message: taken, whatever follows
+        elif packet.qos:
+            # Full queues are never silent (issue 15): matched, and none took it -> 0x97. No
+            # 0x10 when nothing matched: whether others subscribe is not the publisher's to know.
+            dropped = self.outbound_dropped + self.offline_dropped
+            taken = self.messages_out + self.queued
+            self.route(message, session)
+            if (
+                self.messages_out + self.queued == taken
+                and self.outbound_dropped + self.offline_dropped != dropped
+            ):
+                self.quota_refused += 1
+                return mqtt.Reason.QUOTA_EXCEEDED
+            return 0
         self.route(message, session)
         return 0
 
@@ -623,9 +641,8 @@ class BrokerCore:
         """Deliver to every subscriber the policy lets receive it; ``publisher`` may be held."""
         topic = message.topic
         qos0: bytes | None = None  # one encoding shared by every QoS 0 receiver
-        # TODO(mqtt5): count the subscribers that took it; none (all queues full) -> the
-        # publisher's PUBACK carries 0x97 (issue 15). 3.1.1 has no code for it: the drop is
-        # counted and audited per receiver (_dropped).
+        # Every drop below is counted and audited per receiver (_dropped); an MQTT 5 publisher
+        # whose message no receiver took is told 0x97 (publish5). 3.1.1 has no code for it.
         for session, granted in self.index.route(topic):
             allowed = session.receive_ok.get(topic)
             if allowed is None:
@@ -688,6 +705,7 @@ class BrokerCore:
             self._deliver_shared(session, group.key, message, publisher)
             return True
         self.outbound_dropped += 1  # no member may take it now (QoS 0 or 1 alike)
+        self._drop_line(group.key, "shared-no-member")
         return False
 
     def _deliver_shared(
@@ -707,11 +725,11 @@ class BrokerCore:
         link = session.link
         if link is None or link.backlog() > self.limits.outbound_max_bytes:
             self.outbound_dropped += 1
+            self._dropped(session, "slow-subscriber-qos0")
             return
         if not session.v5:
             link.send(mqtt.encode_publish(out.topic_bytes, out.payload, 0, False))
-        elif not link.publish5(out, 0, 0, False):
-            self.outbound_dropped += 1
+        elif not self._publish5(session, link, out, 0, 0):
             return
         self.messages_out += 1
 
@@ -805,11 +823,10 @@ class BrokerCore:
         backlog = link.backlog()
         if backlog > self.limits.outbound_max_bytes:
             self.outbound_dropped += 1
+            self._dropped(session, "slow-subscriber-qos0")
             return
-        if link.publish5(message, 0, 0, False):
+        if self._publish5(session, link, message, 0, 0):
             self.messages_out += 1
-        else:
-            self.outbound_dropped += 1
         if backlog > self._hold_bytes and publisher is not None:
             self._hold(session, publisher)
 
@@ -849,6 +866,7 @@ class BrokerCore:
             return
         session.queue.append((message, qos))
         session.queued_bytes += len(message.payload)
+        self.queued += 1
         if self.store is not None:
             self.store.queued(session, message, qos)  # store
 
@@ -860,19 +878,28 @@ class BrokerCore:
         if self.store is not None:
             self.store.sent(session, pid, message, qos, queued=queued)  # store
         if session.v5:
-            if not link.publish5(message, qos, pid, False):
+            if not self._publish5(session, link, message, qos, pid):
                 # Expired, or more than the client's Maximum Packet Size: discarded as if
                 # sent (MQTT-3.1.2-25).
                 del session.inflight[pid]
                 if self.store is not None:
                     self.store.completed(session, pid, message)  # store: never to be sent
-                self.outbound_dropped += 1
                 return
         else:
             link.send(
                 mqtt.encode_publish(message.topic_bytes, message.payload, qos, message.retain, pid)
             )
         self.messages_out += 1
+
+    def _publish5(self, session: Session, link: Link, message: Message, qos: int, pid: int) -> bool:
+        """``link.publish5``; a message it does not send is a drop with its reason: expired on
+        the way (3.3.2.3.3), or larger than the client's Maximum Packet Size (MQTT-3.1.2-25)."""
+        expired = self.expired
+        if link.publish5(message, qos, pid, False):
+            return True
+        self.outbound_dropped += 1
+        self._dropped(session, "expired" if self.expired != expired else "too-large-for-client")
+        return False
 
     def _drain(self, session: Session) -> None:
         link = session.link
@@ -1067,8 +1094,7 @@ class BrokerCore:
                     continue
                 if not v5:
                     link.send(mqtt.encode_publish(message.topic_bytes, message.payload, 0, True))
-                elif not link.publish5(dataclasses.replace(out, retain=True), 0, 0, False):
-                    self.outbound_dropped += 1
+                elif not self._publish5(session, link, dataclasses.replace(out, retain=True), 0, 0):
                     continue
                 self.messages_out += 1
 
@@ -1190,23 +1216,25 @@ class BrokerCore:
     def _dropped(self, session: Session, reason: str) -> None:
         """A message ``session`` should have had is dropped: a metric per reason, and an audit
         line per session at most every _DROP_AUDIT_EVERY seconds with the count since."""
+        self._drop_line(session.client_id, reason, str(session.authenticated.identity))
+
+    def _drop_line(self, key: str, reason: str, identity: str | None = None) -> None:
+        """The metric and the rate-limited audit line of a drop for ``key``: a client_id, or a
+        shared subscription no member could take a message for (``$share/...``)."""
         self.metrics.inc("iotauth_broker_dropped_total", reason=reason)
         now = time.monotonic()
-        last, count = self._drop_audit.get(session.client_id, (0.0, 0))
+        last, count = self._drop_audit.get(key, (0.0, 0))
         count += 1
         if now - last < _DROP_AUDIT_EVERY:
-            self._drop_audit[session.client_id] = (last, count)
+            self._drop_audit[key] = (last, count)
             return
         if len(self._drop_audit) > 10_000:
             self._drop_audit.clear()
-        self._drop_audit[session.client_id] = (now, 0)
-        self.audit.emit(
-            "drop",
-            identity=str(session.authenticated.identity),
-            client_id=session.client_id,
-            reason=reason,
-            count=count,
-        )
+        self._drop_audit[key] = (now, 0)
+        if identity is None:
+            self.audit.emit("drop", subscription=key, reason=reason, count=count)
+        else:
+            self.audit.emit("drop", identity=identity, client_id=key, reason=reason, count=count)
 
     def denied(self, identity: str, client_id: str, action: str, topic: str) -> None:
         self.metrics.inc("iotauth_broker_acl_denials_total", action=action)

@@ -19,7 +19,7 @@ from broker.mqtt import Properties, Reason, SubscriptionOptions
 from broker.protocol import Authenticate, ClientProtocol, State
 from broker.settings import Limits
 from provisioning.identity import Identity
-from tests.broker.recording_link import DOMAIN, make_core
+from tests.broker.recording_link import DOMAIN, connect, make_core
 from tests.broker.test_broker_protocol import FakeWire
 
 _DEFAULT_OPTIONS = SubscriptionOptions()
@@ -959,3 +959,82 @@ def test_a_311_client_is_untouched_by_share_syntax() -> None:
     [suback] = link.take()
     assert suback.body[-1] == mqtt.SUBACK_FAILURE
     assert not core.groups
+
+
+# -- full queues are never silent (issue 15) -------------------------------------------------------
+
+
+def _full_sink(core: Any, name: str = "sink") -> Client5:
+    """A persistent MQTT 5 subscriber to devices/+/telemetry/# (QoS 1) that went offline."""
+    sink = Client5(core, name, service=True)
+    sink.connect(props=Properties(session_expiry_interval=300))
+    sink.subscribe("devices/+/telemetry/#", 1)
+    sink.protocol.connection_lost()
+    return sink
+
+
+def test_a_publish_no_matching_receiver_could_take_is_0x97() -> None:
+    """3.4.2.1 / 3.5.2.1: PUBACK and PUBREC 0x97 Quota exceeded when the message matched and
+    every matching queue was full (each drop counted and audited per receiver); a QoS 2 one
+    then waits for no PUBREL (4.3.3). The connection stays. Twins: while there is room, 0x00;
+    a message nobody subscribes to is 0x00 too (never 0x10: who subscribes is not the
+    publisher's to know); a retained one is kept, so 0x00."""
+    core = _core(Limits(offline_queue_max=2))
+    _full_sink(core)
+    dev = Client5(core)
+    dev.connect()
+    for pid in (1, 2, 3):
+        dev.publish("devices/dev-1/telemetry/t", b"%d" % pid, 1, pid=pid)
+    dev.publish("devices/dev-1/telemetry/t", b"4", 2, pid=4)
+    dev.publish("devices/dev-1/other", b"5", 1, pid=5)  # no subscriber
+    dev.publish("devices/dev-1/telemetry/t", b"6", 1, pid=6, retain=True)
+    assert [(a.kind, a.packet_id, a.reason_code) for a in dev.out()] == [
+        (mqtt.PUBACK, 1, 0),
+        (mqtt.PUBACK, 2, 0),
+        (mqtt.PUBACK, 3, Reason.QUOTA_EXCEEDED),
+        (mqtt.PUBREC, 4, Reason.QUOTA_EXCEEDED),
+        (mqtt.PUBACK, 5, 0),
+        (mqtt.PUBACK, 6, 0),
+    ]
+    assert dev.protocol.state is State.LIVE
+    assert 4 not in core.sessions["dev-1"].incoming_qos2
+    assert core.metrics.value("iotauth_broker_dropped_total", reason="offline-queue-full") == 3
+    assert core.metrics.value("iotauth_broker_quota_exceeded_total") == 2
+    [line] = core.audit.events("drop", client_id="sink")
+    assert (line["reason"], line["count"]) == ("offline-queue-full", 1)
+
+
+def test_a_message_one_receiver_took_is_not_0x97() -> None:
+    """0x97 only when *no* matching receiver took it: one full queue among others is a drop
+    for that receiver (counted, audited), and the publisher gets 0x00."""
+    core = _core(Limits(offline_queue_max=1))
+    _full_sink(core)
+    live = Client5(core, "ops", service=True)
+    live.connect()
+    live.subscribe("devices/+/telemetry/#", 1)
+    dev = Client5(core)
+    dev.connect()
+    for pid in (1, 2):
+        dev.publish("devices/dev-1/telemetry/t", b"%d" % pid, 1, pid=pid)
+    assert [a.reason_code for a in dev.out()] == [0, 0]
+    assert len(live.out()) == 2
+    assert core.metrics.value("iotauth_broker_dropped_total", reason="offline-queue-full") == 1
+
+
+def test_a_311_publisher_is_acknowledged_when_queues_are_full() -> None:
+    """3.1.1 has no negative PUBACK. A full queue is the receiver's limit, not a fault of the
+    publisher (as the full disk is): the PUBACK goes, the connection stays, and the drop is
+    counted and audited for the receiver (docs/BROKER.md, "Full queues"). Twin: the MQTT 5
+    publisher of the same message is told 0x97."""
+    core = _core(Limits(offline_queue_max=1))
+    _full_sink(core)
+    old, link, _ = connect(core, "dev-2")
+    for pid in (7, 8):  # the first fills the queue
+        packet = mqtt.Publish("devices/dev-2/telemetry/t", b"x", 1, False, False, pid)
+        assert core.publish(old, packet) is None  # None: no reason to close the connection
+    assert not link.closed
+    assert core.metrics.value("iotauth_broker_dropped_total", reason="offline-queue-full") == 1
+    dev = Client5(core)
+    dev.connect()
+    dev.publish("devices/dev-1/telemetry/t", b"y", 1, pid=1)
+    assert [a.reason_code for a in dev.out()] == [Reason.QUOTA_EXCEEDED]
