@@ -159,8 +159,12 @@ class Store:
         # Acknowledgements waiting for durability: (seq they need, link, bytes), in order made.
         self._acks: collections.deque[tuple[int, Link, bytes]] = collections.deque()
         self._waiting: dict[Link, int] = {}  # links with answers in _acks, and how many
-        # The Committer's wake-up, called when the first record of a batch waits.
+        # The Committer's wake-ups: ``on_dirty`` at the first record of a batch that must go to
+        # disk now, ``on_lazy`` at the first record of a batch that may wait for company (see
+        # :meth:`completed`). ``urgent``: the waiting batch holds a record of the first kind.
         self.on_dirty: Callable[[], None] | None = None
+        self.on_lazy: Callable[[], None] | None = None
+        self.urgent = False
 
     # -- acknowledgements ------------------------------------------------------------------------
 
@@ -174,6 +178,8 @@ class Store:
         else:
             self._acks.append((seq, link, data))
             self._waiting[link] = self._waiting.get(link, 0) + 1
+            if not self.urgent and self._buf:
+                self._urge()  # someone waits: the batch goes now, lazy records or not
 
     def release_acks(self) -> None:
         acks = self._acks
@@ -195,9 +201,22 @@ class Store:
 
     # -- writing ---------------------------------------------------------------------------------
 
-    def _put(self, record: bytes) -> None:
-        if not self._buf and self.on_dirty is not None:
+    def _urge(self) -> None:
+        self.urgent = True
+        if self.on_dirty is not None:
             self.on_dirty()
+
+    def _put(self, record: bytes) -> None:
+        if not self.urgent:
+            self._urge()
+        self._buf.append(record)
+        self.seq += 1
+
+    def _put_lazy(self, record: bytes) -> None:
+        """A record whose loss in a crash costs a re-send MQTT allows and nothing else: it
+        waits for the next batch that must go to disk anyway (or the Committer's DEFER)."""
+        if not self._buf and self.on_lazy is not None:
+            self.on_lazy()
         self._buf.append(record)
         self.seq += 1
 
@@ -205,12 +224,14 @@ class Store:
         """The waiting records as one frame body, and the seq they bring the log to."""
         body = b"".join(self._buf)
         self._buf.clear()
+        self.urgent = False
         return body, self.seq
 
     def give_back(self, body: bytes) -> None:
         """A batch that could not be written goes back in front, to be retried."""
         if body:
             self._buf.insert(0, body)
+            self.urgent = True
 
     @property
     def dirty(self) -> bool:
@@ -300,8 +321,8 @@ class Store:
         if sid is None:
             return
         buf = self._buf
-        if not buf and self.on_dirty is not None:
-            self.on_dirty()
+        if not self.urgent:
+            self._urge()
         key = id(message)
         entry = self._mids.get(key)
         if entry is None:
@@ -329,15 +350,22 @@ class Store:
     def pubrec(self, session: Session, pid: int) -> None:
         sid = self._sids.get(session.client_id)
         if sid is not None:
-            self._put(_PID_S.pack(_PUBREC, 6, sid, pid))
+            # Lazy: lost in a crash, the PUBLISH is sent again with DUP and the same packet id,
+            # which the receiver answers with PUBREC again without delivering it twice (4.3.3).
+            self._put_lazy(_PID_S.pack(_PUBREC, 6, sid, pid))
 
     def completed(self, session: Session, pid: int, message: Message) -> None:
+        """The receiver's PUBACK / PUBCOMP (or a PUBREC with an error) ended an exchange. The
+        record is lazy (:meth:`_put_lazy`): nobody's acknowledgement waits for it, and if a
+        crash loses it the message is sent again with DUP (QoS 1 is at least once) or the
+        PUBREL again (answered by PUBCOMP, MQTT-4.3.3). Committing it at once would put an
+        fsync nobody waits for in front of the next one somebody does."""
         sid = self._sids.get(session.client_id)
         if sid is None:
             return
         buf = self._buf
-        if not buf and self.on_dirty is not None:
-            self.on_dirty()
+        if not buf and self.on_lazy is not None:
+            self.on_lazy()
         buf.append(_PID_S.pack(_DONE, 6, sid, pid))
         self.seq += 1
         key = id(message)
@@ -952,6 +980,7 @@ class Committer:
     """Group commit on an event loop: one write + fsync per batch, in a worker thread."""
 
     RETRY = 0.5  # seconds between attempts while the disk refuses
+    DEFER = 0.05  # seconds a batch of lazy records (Store._put_lazy) may wait for company
 
     def __init__(self, core: BrokerCore, opened: Opened) -> None:
         self.core = core
@@ -963,12 +992,22 @@ class Committer:
         self.commits = 0
         self.failures = 0
         self._resnapshot = False  # a failed compaction dropped the batch: rebuild from memory
+        self._deferred: asyncio.TimerHandle | None = None
         self.store.on_dirty = self._wake
+        self.store.on_lazy = self._later
 
     def _wake(self) -> None:
+        if self._deferred is not None:
+            self._deferred.cancel()
+            self._deferred = None
         if not self._running and self._retry is None:
             self._running = True
             self._loop.call_soon(self._start)
+
+    def _later(self) -> None:
+        """Only lazy records wait: commit them within DEFER unless something urgent comes."""
+        if self._deferred is None and not self._running and self._retry is None:
+            self._deferred = self._loop.call_later(self.DEFER, self._wake)
 
     def _start(self) -> None:
         self._retry = None
@@ -998,8 +1037,10 @@ class Committer:
             store.durable = seq
             store.release_acks()
             self._running = False
-            if store.dirty:
+            if store.urgent:
                 self._wake()
+            elif store.dirty:
+                self._later()
             return
         self.failures += 1
         reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)

@@ -8,6 +8,7 @@ test_broker_persistence.py.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import time
@@ -552,3 +553,52 @@ def test_a_revoked_identity_s_pending_will_is_dropped_across_a_restart(tmp_path:
     assert core3.pending_wills == {}
     assert "dev-1" not in core3.sessions
     opened3.close()
+
+
+# -- the Committer: when a batch goes to disk ------------------------------------------------------
+
+
+def test_a_batch_nobody_waits_for_waits_for_company(tmp_path: Path) -> None:
+    """A subscriber's PUBACK (the DONE record) is lazy: no fsync of its own at once (it would
+    delay the next fsync somebody waits for), but on disk within Committer.DEFER. A record an
+    acknowledgement waits for goes at once, and takes the lazy ones with it (twin)."""
+    from broker.store import Committer
+
+    async def scenario() -> tuple[int, int, int, int]:
+        core = make_core()
+        opened = _open(tmp_path, core)
+        committer = Committer(core, opened)
+        svc, svc_link, _ = connect(core, "ops", service=True)
+        dev, _, _ = connect(core, "dev-1", clean=False)
+        core.subscribe(dev, mqtt.Subscribe(1, [("devices/dev-1/commands/#", 1)]))
+        publish(core, svc, CMD, b"one", qos=1)
+        core.ack(svc_link, mqtt.puback(1))
+        for _ in range(200):  # an fsync in a worker thread: wait for it
+            await asyncio.sleep(0.005)
+            if opened.store.durable == opened.store.seq:
+                break
+        base = committer.commits
+        core.acked(dev, mqtt.PUBACK, next(iter(dev.inflight)))  # lazy: DONE
+        await asyncio.sleep(0.01)
+        lazy_waiting = committer.commits - base  # 0: it waits for company
+        publish(core, svc, CMD, b"two", qos=1)
+        core.ack(svc_link, mqtt.puback(2))  # urgent: goes now, DONE with it
+        for _ in range(200):
+            await asyncio.sleep(0.005)
+            if opened.store.durable == opened.store.seq:
+                break
+        together = committer.commits - base
+        core.acked(dev, mqtt.PUBACK, next(iter(dev.inflight)))
+        await asyncio.sleep(Committer.DEFER * 4)
+        alone = committer.commits - base
+        dirty = int(opened.store.dirty)
+        await committer.close()
+        opened.close()
+        return lazy_waiting, together, alone, dirty
+
+    lazy_waiting, together, alone, dirty = asyncio.run(scenario())
+    assert (lazy_waiting, together, alone, dirty) == (0, 1, 2, 0)
+    core2 = make_core()
+    opened2 = _open(tmp_path, core2)
+    assert core2.sessions["dev-1"].inflight == {}  # both DONE records reached the disk
+    opened2.close()
