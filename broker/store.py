@@ -429,7 +429,7 @@ class Store:
                 self.session_detached(session, wall - (mono - session.disconnected_at))
             pending = core.pending_wills.get(session.client_id)
             if pending is not None and pending[1] is session and session.will is not None:
-                self.will_pending(session, session.will, wall + pending[0] - core.now)
+                self.will_pending(session, session.will, wall + pending[0] - mono)
         for _topic, message in core.retained.matching("#"):
             self.retained_set(message)
         return self.take()
