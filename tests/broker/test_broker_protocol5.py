@@ -1038,3 +1038,37 @@ def test_a_311_publisher_is_acknowledged_when_queues_are_full() -> None:
     dev.connect()
     dev.publish("devices/dev-1/telemetry/t", b"y", 1, pid=1)
     assert [a.reason_code for a in dev.out()] == [Reason.QUOTA_EXCEEDED]
+
+
+def test_every_mqtt5_drop_has_a_reason_and_an_audit_line() -> None:
+    """Issue 15: a message larger than the receiver's Maximum Packet Size (MQTT-3.1.2-25) and
+    a message for a shared subscription with no member connected are drops like the others:
+    counted by reason, audited (rate-limited) per session or subscription; the publisher of a
+    message nobody took is told 0x97. Twin: the small message is delivered, PUBACK 0x00."""
+    core = _core()
+    sink = Client5(core, "sink", service=True)
+    sink.connect(props=Properties(maximum_packet_size=64))
+    sink.subscribe("devices/+/telemetry/#", 1)
+    dev = Client5(core)
+    dev.connect()
+    dev.publish("devices/dev-1/telemetry/t", b"x" * 100, 1, pid=1)
+    dev.publish("devices/dev-1/telemetry/t", b"small", 1, pid=2)
+    assert [a.reason_code for a in dev.out()] == [Reason.QUOTA_EXCEEDED, 0]
+    assert [m.payload for m in sink.out()] == [b"small"]
+    value = core.metrics.value
+    assert value("iotauth_broker_dropped_total", reason="too-large-for-client") == 1
+    [line] = core.audit.events("drop", client_id="sink")
+    assert line["reason"] == "too-large-for-client"
+    member = Client5(core, "ops", service=True)
+    member.connect()
+    member.subscribe("$share/g/devices/+/state", 1)
+    member.protocol.connection_lost()  # a clean session: it leaves the group
+    worker = Client5(core, "svc", service=True)
+    worker.connect(props=Properties(session_expiry_interval=300))
+    worker.subscribe("$share/w/devices/+/state", 1)
+    worker.protocol.connection_lost()  # persistent: still a member, not connected
+    dev.publish("devices/dev-1/state", b"up", 1, pid=3)
+    assert [a.reason_code for a in dev.out()] == [Reason.QUOTA_EXCEEDED]
+    assert value("iotauth_broker_dropped_total", reason="shared-no-member") == 1
+    [line] = core.audit.events("drop", subscription="$share/w/devices/+/state")
+    assert (line["reason"], line["count"]) == ("shared-no-member", 1)
