@@ -1147,13 +1147,16 @@ class BrokerCore:
         )
 
     def kick(self, client_id: str, reason: str, *, forget_session: bool = False) -> bool:
+        """Close ``client_id``'s connection (without its will). ``forget_session``: its
+        credential was revoked (a service secret, an identity provider's service): its stored
+        session goes too, and a will waiting for its delay is dropped, never published."""
         session = self.live.get(client_id)
         if session is not None:
             self.kick_session(session, reason)
         if forget_session:
             stored = self.sessions.get(client_id)
             if stored is not None:
-                self.forget(stored)
+                self.forget(stored, will=False)
         return session is not None
 
     def kick_revoked(self, revoked: frozenset[int]) -> int:

@@ -8,6 +8,7 @@ against paho-mqtt's tables. End-to-end twins with paho-mqtt (MQTTv5) and mosquit
 
 from __future__ import annotations
 
+import time
 from typing import Any
 
 import pytest
@@ -1072,3 +1073,24 @@ def test_every_mqtt5_drop_has_a_reason_and_an_audit_line() -> None:
     assert value("iotauth_broker_dropped_total", reason="shared-no-member") == 1
     [line] = core.audit.events("drop", subscription="$share/w/devices/+/state")
     assert (line["reason"], line["count"]) == ("shared-no-member", 1)
+
+
+def test_a_revoked_secret_s_session_never_publishes_its_delayed_will() -> None:
+    """kick(forget_session=True) is how a revoked service secret or identity-provider service
+    is ended: like a revoked certificate, its pending will is dropped. Twin: a session that
+    simply expires publishes it (the session ended, 3.1.3.2.2)."""
+    core = _core()
+    base = time.monotonic()  # the core's clock for session expiry
+    sink = Client5(core, "sink", service=True)
+    sink.connect(now=base)
+    sink.subscribe("devices/+/state")
+    for name in ("dev-1", "dev-2"):
+        dev = Client5(core, name)
+        will = (f"devices/{name}/state", b"gone", Properties(will_delay_interval=1000))
+        dev.connect(props=Properties(session_expiry_interval=300), will=will, now=base)
+        dev.protocol.connection_lost()
+    core.kick("dev-1", "secret-revoked", forget_session=True)
+    core.expire_sessions(base + 301)
+    core.tick(base + 2000)
+    assert [m.topic for m in sink.out()] == ["devices/dev-2/state"]
+    assert core.pending_wills == {}
