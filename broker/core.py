@@ -426,6 +426,8 @@ class BrokerCore:
             return
         for pid, (message, qos, released) in list(session.inflight.items()):
             if released:
+                # In order with the PUBLISHes (MQTT-4.6.0-1); its PUBREC came on an earlier
+                # connection, so it is on disk already but for the last batch's few ms.
                 link.send(mqtt.pubrel(pid))
             elif session.v5:
                 link.publish5(message, qos, pid, True)
@@ -1001,7 +1003,10 @@ class BrokerCore:
             if self.store is not None:
                 self.store.pubrec(session, pid)  # store: we owe PUBREL now
             if session.link is not None:
-                session.link.send(mqtt.pubrel(pid))
+                # Through ack: with a store, PUBREL leaves once the PUBREC is on disk. Sent
+                # before, a crash could bring the PUBLISH back (DUP) after the receiver had
+                # released its packet id on our PUBREL: a second delivery of a QoS 2 message.
+                self.ack(session.link, mqtt.pubrel(pid))
             return
         if (kind == mqtt.PUBACK and qos == 1) or (kind == mqtt.PUBCOMP and released):
             del session.inflight[pid]

@@ -350,16 +350,16 @@ class Store:
     def pubrec(self, session: Session, pid: int) -> None:
         sid = self._sids.get(session.client_id)
         if sid is not None:
-            # Lazy: lost in a crash, the PUBLISH is sent again with DUP and the same packet id,
-            # which the receiver answers with PUBREC again without delivering it twice (4.3.3).
-            self._put_lazy(_PID_S.pack(_PUBREC, 6, sid, pid))
+            # Not lazy: the PUBREL waits for it (BrokerCore.acked).
+            self._put(_PID_S.pack(_PUBREC, 6, sid, pid))
 
     def completed(self, session: Session, pid: int, message: Message) -> None:
         """The receiver's PUBACK / PUBCOMP (or a PUBREC with an error) ended an exchange. The
         record is lazy (:meth:`_put_lazy`): nobody's acknowledgement waits for it, and if a
-        crash loses it the message is sent again with DUP (QoS 1 is at least once) or the
-        PUBREL again (answered by PUBCOMP, MQTT-4.3.3). Committing it at once would put an
-        fsync nobody waits for in front of the next one somebody does."""
+        crash loses it the message is sent again with DUP (QoS 1 is at least once; a PUBREC
+        with an error is given again) or the PUBREL again (answered by PUBCOMP, 4.3.3: the
+        message is not delivered again). Committing it at once would put an fsync nobody
+        waits for in front of the next one somebody does."""
         sid = self._sids.get(session.client_id)
         if sid is None:
             return

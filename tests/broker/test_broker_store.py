@@ -67,7 +67,9 @@ def test_sessions_queues_inflight_and_retained_messages_survive_a_restart(tmp_pa
     sent = link.publishes()
     assert [p[3] for p in sent] == [b"m0", b"m1", b"m2"]  # 3 in flight, 2 queued
     core.acked(dev, mqtt.PUBREC, sent[1][2])  # m1: PUBREC came, we owe PUBREL
-    link.take()
+    assert link.take() == []  # only once the PUBREC is on disk (a crash must not undo it)
+    _commit(opened)
+    assert [p.kind for p in link.take()] == [mqtt.PUBREL]
     core.qos2_waiting(dev, 77, waiting=True)  # dev's own QoS 2 PUBLISH 77 waits for PUBREL
     for topic, payload in [("state", b"on"), ("x", b"on"), ("x", b"")]:  # x: set, cleared
         assert (
