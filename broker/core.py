@@ -255,6 +255,8 @@ class BrokerCore:
         self.holds = 0
         self.stuck = 0
         self.expired = 0
+        self.queued = 0  # QoS 1/2 messages put in a session's queue (a taker, for publish5)
+        self.quota_refused = 0  # MQTT 5 publishes answered 0x97: no matching receiver took them
         metrics.gauge("iotauth_broker_connections", lambda: len(self.live))
         metrics.gauge("iotauth_broker_messages_in_total", lambda: self.messages_in)
         metrics.gauge("iotauth_broker_messages_out_total", lambda: self.messages_out)
@@ -263,6 +265,7 @@ class BrokerCore:
         metrics.gauge("iotauth_broker_backpressure_holds_total", lambda: self.holds)
         metrics.gauge("iotauth_broker_backpressure_stuck_total", lambda: self.stuck)
         metrics.gauge("iotauth_broker_expired_messages_total", lambda: self.expired)
+        metrics.gauge("iotauth_broker_quota_exceeded_total", lambda: self.quota_refused)
 
     # -- CONNECT -------------------------------------------------------------------------------
 
@@ -326,7 +329,9 @@ class BrokerCore:
         session.will = None
         v5 = session.v5 = connect.protocol_level == 5
         # A resumed session's delayed will is not published (MQTT-3.1.3-9); a new one has none.
-        self.pending_wills.pop(client_id, None)
+        pending = self.pending_wills.pop(client_id, None)
+        if pending is not None and self.store is not None:
+            self.store.will_done(pending[1])  # store: resumed before the delay ran out
         limits = self.limits
         if v5:
             props = connect.properties
@@ -421,6 +426,8 @@ class BrokerCore:
             return
         for pid, (message, qos, released) in list(session.inflight.items()):
             if released:
+                # In order with the PUBLISHes (MQTT-4.6.0-1); its PUBREC came on an earlier
+                # connection, so it is on disk already but for the last batch's few ms.
                 link.send(mqtt.pubrel(pid))
             elif session.v5:
                 link.publish5(message, qos, pid, True)
@@ -447,10 +454,12 @@ class BrokerCore:
         if will and message is not None:
             if session.will_delay and session.persistent:
                 # MQTT-3.1.3-9: published after the delay unless the session resumes first,
-                # or when the session ends, whichever comes first (3.1.2.11.2).
+                # or when the session ends, whichever comes first (3.1.3.2.2): due then.
                 session.will = message
-                due = self.now + session.will_delay
-                self.pending_wills[session.client_id] = (due, session)
+                delay = float(session.will_delay)
+                if session.expiry is not None and session.expiry < delay:
+                    delay = session.expiry
+                self.pending_wills[session.client_id] = (self.now + delay, session)
             else:
                 self.publish_will(session, message)
         if not session.persistent:
@@ -458,7 +467,12 @@ class BrokerCore:
         else:
             session.disconnected_at = time.monotonic()
             if self.store is not None:
-                self.store.session_detached(session, time.time())  # store: expiry counts
+                wall = time.time()
+                self.store.session_detached(session, wall)  # store: expiry counts
+                pending = self.pending_wills.get(session.client_id)
+                if pending is not None and session.will is not None:
+                    # store: the will waits on disk too, due at a wall-clock time
+                    self.store.will_pending(session, session.will, wall + pending[0] - self.now)
 
     def publish_will(self, session: Session, message: Message) -> None:
         """A will goes out as its owner's PUBLISH would: the grants are asked again (a delayed
@@ -467,6 +481,11 @@ class BrokerCore:
             identity = str(session.authenticated.identity)
             self.denied(identity, session.client_id, "will", message.topic)
             return
+        interval = message.properties.message_expiry_interval
+        if interval is not None:
+            # 3.1.3.2.4: the will's Message Expiry Interval counts from its publication, not
+            # from the CONNECT that carried it.
+            message = dataclasses.replace(message, expires_at=self.now + interval)
         if message.retain:
             self.retain(message)
         self.route(message, None)
@@ -481,6 +500,8 @@ class BrokerCore:
             message, session.will = session.will, None
             if will and message is not None:
                 self.publish_will(session, message)
+            if self.store is not None:
+                self.store.will_done(session)  # store
         if self.store is not None:
             self.store.session_forgotten(session)  # store: before its queue is cleared
         for topic_filter in session.subscriptions:
@@ -517,6 +538,8 @@ class BrokerCore:
                 message, session.will = session.will, None
                 if message is not None:
                     self.publish_will(session, message)
+                if self.store is not None:
+                    self.store.will_done(session)  # store: in the batch of its deliveries
 
     # -- PUBLISH in ----------------------------------------------------------------------------
 
@@ -560,8 +583,10 @@ class BrokerCore:
     def publish5(self, session: Session, packet: mqtt.Publish, topic: str, now: float) -> int:
         """Route an MQTT 5 client's PUBLISH (``topic``: its name, or what its Topic Alias stands
         for). Returns the reason code for its PUBACK/PUBREC: 0 routed; 0x87 the policy refuses
-        it (audited); 0x97 it cannot be stored now (issue 15). A 5.0 publisher is answered
-        with the code instead of having its connection closed (QoS 0: dropped)."""
+        it (audited); 0x97 it cannot be stored now, or it matched receivers and every one of
+        them dropped it (full queues; each drop is counted and audited per receiver: issue
+        15). A 5.0 publisher is answered with the code instead of having its connection closed
+        (QoS 0: dropped)."""
         if topic.startswith("$"):
             allowed = False
         else:
@@ -587,7 +612,20 @@ class BrokerCore:
         else:
             message = self.message(topic, packet.payload, packet.qos, packet.retain, props, now)
         if packet.retain:
-            self.retain(message)
+            self.retain(message)  # kept as the topic's retained message: taken, whatever follows
+        elif packet.qos:
+            # Full queues are never silent (issue 15): matched, and none took it -> 0x97. No
+            # 0x10 when nothing matched: whether others subscribe is not the publisher's to know.
+            dropped = self.outbound_dropped + self.offline_dropped
+            taken = self.messages_out + self.queued
+            self.route(message, session)
+            if (
+                self.messages_out + self.queued == taken
+                and self.outbound_dropped + self.offline_dropped != dropped
+            ):
+                self.quota_refused += 1
+                return mqtt.Reason.QUOTA_EXCEEDED
+            return 0
         self.route(message, session)
         return 0
 
@@ -605,9 +643,8 @@ class BrokerCore:
         """Deliver to every subscriber the policy lets receive it; ``publisher`` may be held."""
         topic = message.topic
         qos0: bytes | None = None  # one encoding shared by every QoS 0 receiver
-        # TODO(mqtt5): count the subscribers that took it; none (all queues full) -> the
-        # publisher's PUBACK carries 0x97 (issue 15). 3.1.1 has no code for it: the drop is
-        # counted and audited per receiver (_dropped).
+        # Every drop below is counted and audited per receiver (_dropped); an MQTT 5 publisher
+        # whose message no receiver took is told 0x97 (publish5). 3.1.1 has no code for it.
         for session, granted in self.index.route(topic):
             allowed = session.receive_ok.get(topic)
             if allowed is None:
@@ -670,6 +707,7 @@ class BrokerCore:
             self._deliver_shared(session, group.key, message, publisher)
             return True
         self.outbound_dropped += 1  # no member may take it now (QoS 0 or 1 alike)
+        self._drop_line(group.key, "shared-no-member")
         return False
 
     def _deliver_shared(
@@ -689,11 +727,11 @@ class BrokerCore:
         link = session.link
         if link is None or link.backlog() > self.limits.outbound_max_bytes:
             self.outbound_dropped += 1
+            self._dropped(session, "slow-subscriber-qos0")
             return
         if not session.v5:
             link.send(mqtt.encode_publish(out.topic_bytes, out.payload, 0, False))
-        elif not link.publish5(out, 0, 0, False):
-            self.outbound_dropped += 1
+        elif not self._publish5(session, link, out, 0, 0):
             return
         self.messages_out += 1
 
@@ -787,11 +825,10 @@ class BrokerCore:
         backlog = link.backlog()
         if backlog > self.limits.outbound_max_bytes:
             self.outbound_dropped += 1
+            self._dropped(session, "slow-subscriber-qos0")
             return
-        if link.publish5(message, 0, 0, False):
+        if self._publish5(session, link, message, 0, 0):
             self.messages_out += 1
-        else:
-            self.outbound_dropped += 1
         if backlog > self._hold_bytes and publisher is not None:
             self._hold(session, publisher)
 
@@ -831,6 +868,7 @@ class BrokerCore:
             return
         session.queue.append((message, qos))
         session.queued_bytes += len(message.payload)
+        self.queued += 1
         if self.store is not None:
             self.store.queued(session, message, qos)  # store
 
@@ -842,19 +880,28 @@ class BrokerCore:
         if self.store is not None:
             self.store.sent(session, pid, message, qos, queued=queued)  # store
         if session.v5:
-            if not link.publish5(message, qos, pid, False):
+            if not self._publish5(session, link, message, qos, pid):
                 # Expired, or more than the client's Maximum Packet Size: discarded as if
                 # sent (MQTT-3.1.2-25).
                 del session.inflight[pid]
                 if self.store is not None:
                     self.store.completed(session, pid, message)  # store: never to be sent
-                self.outbound_dropped += 1
                 return
         else:
             link.send(
                 mqtt.encode_publish(message.topic_bytes, message.payload, qos, message.retain, pid)
             )
         self.messages_out += 1
+
+    def _publish5(self, session: Session, link: Link, message: Message, qos: int, pid: int) -> bool:
+        """``link.publish5``; a message it does not send is a drop with its reason: expired on
+        the way (3.3.2.3.3), or larger than the client's Maximum Packet Size (MQTT-3.1.2-25)."""
+        expired = self.expired
+        if link.publish5(message, qos, pid, False):
+            return True
+        self.outbound_dropped += 1
+        self._dropped(session, "expired" if self.expired != expired else "too-large-for-client")
+        return False
 
     def _drain(self, session: Session) -> None:
         link = session.link
@@ -956,7 +1003,10 @@ class BrokerCore:
             if self.store is not None:
                 self.store.pubrec(session, pid)  # store: we owe PUBREL now
             if session.link is not None:
-                session.link.send(mqtt.pubrel(pid))
+                # Through ack: with a store, PUBREL leaves once the PUBREC is on disk. Sent
+                # before, a crash could bring the PUBLISH back (DUP) after the receiver had
+                # released its packet id on our PUBREL: a second delivery of a QoS 2 message.
+                self.ack(session.link, mqtt.pubrel(pid))
             return
         if (kind == mqtt.PUBACK and qos == 1) or (kind == mqtt.PUBCOMP and released):
             del session.inflight[pid]
@@ -1049,8 +1099,7 @@ class BrokerCore:
                     continue
                 if not v5:
                     link.send(mqtt.encode_publish(message.topic_bytes, message.payload, 0, True))
-                elif not link.publish5(dataclasses.replace(out, retain=True), 0, 0, False):
-                    self.outbound_dropped += 1
+                elif not self._publish5(session, link, dataclasses.replace(out, retain=True), 0, 0):
                     continue
                 self.messages_out += 1
 
@@ -1103,13 +1152,16 @@ class BrokerCore:
         )
 
     def kick(self, client_id: str, reason: str, *, forget_session: bool = False) -> bool:
+        """Close ``client_id``'s connection (without its will). ``forget_session``: its
+        credential was revoked (a service secret, an identity provider's service): its stored
+        session goes too, and a will waiting for its delay is dropped, never published."""
         session = self.live.get(client_id)
         if session is not None:
             self.kick_session(session, reason)
         if forget_session:
             stored = self.sessions.get(client_id)
             if stored is not None:
-                self.forget(stored)
+                self.forget(stored, will=False)
         return session is not None
 
     def kick_revoked(self, revoked: frozenset[int]) -> int:
@@ -1172,23 +1224,25 @@ class BrokerCore:
     def _dropped(self, session: Session, reason: str) -> None:
         """A message ``session`` should have had is dropped: a metric per reason, and an audit
         line per session at most every _DROP_AUDIT_EVERY seconds with the count since."""
+        self._drop_line(session.client_id, reason, str(session.authenticated.identity))
+
+    def _drop_line(self, key: str, reason: str, identity: str | None = None) -> None:
+        """The metric and the rate-limited audit line of a drop for ``key``: a client_id, or a
+        shared subscription no member could take a message for (``$share/...``)."""
         self.metrics.inc("iotauth_broker_dropped_total", reason=reason)
         now = time.monotonic()
-        last, count = self._drop_audit.get(session.client_id, (0.0, 0))
+        last, count = self._drop_audit.get(key, (0.0, 0))
         count += 1
         if now - last < _DROP_AUDIT_EVERY:
-            self._drop_audit[session.client_id] = (last, count)
+            self._drop_audit[key] = (last, count)
             return
         if len(self._drop_audit) > 10_000:
             self._drop_audit.clear()
-        self._drop_audit[session.client_id] = (now, 0)
-        self.audit.emit(
-            "drop",
-            identity=str(session.authenticated.identity),
-            client_id=session.client_id,
-            reason=reason,
-            count=count,
-        )
+        self._drop_audit[key] = (now, 0)
+        if identity is None:
+            self.audit.emit("drop", subscription=key, reason=reason, count=count)
+        else:
+            self.audit.emit("drop", identity=identity, client_id=key, reason=reason, count=count)
 
     def denied(self, identity: str, client_id: str, action: str, topic: str) -> None:
         self.metrics.inc("iotauth_broker_acl_denials_total", action=action)

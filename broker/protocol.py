@@ -647,8 +647,14 @@ class ClientProtocol:
             if qos == 2:
                 core.qos2_waiting(session, pid, waiting=True)  # MQTT-4.3.3-2: until PUBREL
             core.ack(self, mqtt.ack5(kind, pid), mark)
-        else:  # 0x87: denied; 0x97: it cannot be stored now (the disk refuses)
-            why = "denied" if code == mqtt.Reason.NOT_AUTHORIZED else "storage-failed"
+        else:  # 0x87: denied; 0x97: it cannot be stored now (the disk refuses), or queues full
+            why = (
+                "denied"
+                if code == mqtt.Reason.NOT_AUTHORIZED
+                else "storage-failed"
+                if core.store is not None and core.store.failed is not None
+                else "queues-full"
+            )
             core.ack(self, mqtt.ack5(kind, pid, code, self._reason_props(why)), mark)
 
     def _topic_alias(self, topic: str, alias: int) -> str | None:

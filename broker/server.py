@@ -236,6 +236,11 @@ def _start_committer(
         body, seq = opened.store.snapshot(core)
         opened.log.replace(body)
         opened.store.durable = seq
+    # Then the delayed wills that fell due while the broker was down go out, and the sessions
+    # that expired meanwhile (kept only for their wills) end: before anyone can connect.
+    now = asyncio.get_running_loop().time()
+    core.tick(now)
+    core.expire_sessions(now)
     return committer
 
 

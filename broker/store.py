@@ -37,8 +37,9 @@ broker-wide one), a subscription a JSON object of options (:func:`subscription_f
 no-local, retain-as-published, retain handling, identifier; a ``$share/...`` filter joins its
 group again), a message has a JSON ``extra`` when it carries anything MQTT 5 (its encoded
 properties, its expiry as an absolute wall-clock time, subscription identifiers, the shared
-subscription it went through); a 3.1.1 message's ``extra`` stays empty. Not kept yet: an MQTT 5
-will waiting for its Will Delay Interval (the marked TODO below).
+subscription it went through); a 3.1.1 message's ``extra`` stays empty. An MQTT 5 will waiting
+for its Will Delay Interval is a ``_WILL`` record (its due time as wall-clock time, and the
+message as a ``_MSG`` record inside); ``_WILL_DONE`` ends it (published, or the session resumed).
 """
 
 from __future__ import annotations
@@ -100,6 +101,8 @@ _DONE = 11  # sid, pid: PUBACK or PUBCOMP came, the message is delivered
 _RETAIN = 12  # mid: the retained message of its topic
 _UNRETAIN = 13  # topic (UTF-8): retained message cleared
 _QOS2_IN = 14  # sid, pid, on (u8): a QoS 2 packet id from the client, waiting for PUBREL
+_WILL = 15  # sid, due (wall-clock f64), then the will as a _MSG record (mid 0)
+_WILL_DONE = 16  # sid: the pending will was published or cancelled
 
 _H = struct.Struct(">BI")
 _SID = struct.Struct(">BII")
@@ -111,6 +114,7 @@ _UNQUEUE_S = struct.Struct(">BIIQ")
 _PID_S = struct.Struct(">BIIH")
 _RETAIN_S = struct.Struct(">BIQ")
 _QOS2_S = struct.Struct(">BIIHB")
+_WILL_S = struct.Struct(">BIId")
 
 
 class StoreError(BrokerError):
@@ -155,8 +159,12 @@ class Store:
         # Acknowledgements waiting for durability: (seq they need, link, bytes), in order made.
         self._acks: collections.deque[tuple[int, Link, bytes]] = collections.deque()
         self._waiting: dict[Link, int] = {}  # links with answers in _acks, and how many
-        # The Committer's wake-up, called when the first record of a batch waits.
+        # The Committer's wake-ups: ``on_dirty`` at the first record of a batch that must go to
+        # disk now, ``on_lazy`` at the first record of a batch that may wait for company (see
+        # :meth:`completed`). ``urgent``: the waiting batch holds a record of the first kind.
         self.on_dirty: Callable[[], None] | None = None
+        self.on_lazy: Callable[[], None] | None = None
+        self.urgent = False
 
     # -- acknowledgements ------------------------------------------------------------------------
 
@@ -170,6 +178,8 @@ class Store:
         else:
             self._acks.append((seq, link, data))
             self._waiting[link] = self._waiting.get(link, 0) + 1
+            if not self.urgent and self._buf:
+                self._urge()  # someone waits: the batch goes now, lazy records or not
 
     def release_acks(self) -> None:
         acks = self._acks
@@ -191,9 +201,22 @@ class Store:
 
     # -- writing ---------------------------------------------------------------------------------
 
-    def _put(self, record: bytes) -> None:
-        if not self._buf and self.on_dirty is not None:
+    def _urge(self) -> None:
+        self.urgent = True
+        if self.on_dirty is not None:
             self.on_dirty()
+
+    def _put(self, record: bytes) -> None:
+        if not self.urgent:
+            self._urge()
+        self._buf.append(record)
+        self.seq += 1
+
+    def _put_lazy(self, record: bytes) -> None:
+        """A record whose loss in a crash costs a re-send MQTT allows and nothing else: it
+        waits for the next batch that must go to disk anyway (or the Committer's DEFER)."""
+        if not self._buf and self.on_lazy is not None:
+            self.on_lazy()
         self._buf.append(record)
         self.seq += 1
 
@@ -201,12 +224,14 @@ class Store:
         """The waiting records as one frame body, and the seq they bring the log to."""
         body = b"".join(self._buf)
         self._buf.clear()
+        self.urgent = False
         return body, self.seq
 
     def give_back(self, body: bytes) -> None:
         """A batch that could not be written goes back in front, to be retried."""
         if body:
             self._buf.insert(0, body)
+            self.urgent = True
 
     @property
     def dirty(self) -> bool:
@@ -296,8 +321,8 @@ class Store:
         if sid is None:
             return
         buf = self._buf
-        if not buf and self.on_dirty is not None:
-            self.on_dirty()
+        if not self.urgent:
+            self._urge()
         key = id(message)
         entry = self._mids.get(key)
         if entry is None:
@@ -325,15 +350,22 @@ class Store:
     def pubrec(self, session: Session, pid: int) -> None:
         sid = self._sids.get(session.client_id)
         if sid is not None:
+            # Not lazy: the PUBREL waits for it (BrokerCore.acked).
             self._put(_PID_S.pack(_PUBREC, 6, sid, pid))
 
     def completed(self, session: Session, pid: int, message: Message) -> None:
+        """The receiver's PUBACK / PUBCOMP (or a PUBREC with an error) ended an exchange. The
+        record is lazy (:meth:`_put_lazy`): nobody's acknowledgement waits for it, and if a
+        crash loses it the message is sent again with DUP (QoS 1 is at least once; a PUBREC
+        with an error is given again) or the PUBREL again (answered by PUBCOMP, 4.3.3: the
+        message is not delivered again). Committing it at once would put an fsync nobody
+        waits for in front of the next one somebody does."""
         sid = self._sids.get(session.client_id)
         if sid is None:
             return
         buf = self._buf
-        if not buf and self.on_dirty is not None:
-            self.on_dirty()
+        if not buf and self.on_lazy is not None:
+            self.on_lazy()
         buf.append(_PID_S.pack(_DONE, 6, sid, pid))
         self.seq += 1
         key = id(message)
@@ -363,8 +395,18 @@ class Store:
         body = topic.encode()
         self._put(_H.pack(_UNRETAIN, len(body)) + body)
 
-    # TODO(mqtt5): will_pending(session, message, delay) / will_done(session) for wills with a
-    # Will Delay Interval: a record of the same shape as _SESSION (JSON fields) keyed by sid.
+    def will_pending(self, session: Session, message: Message, due: float) -> None:
+        """An MQTT 5 will waits for its Will Delay Interval until ``due`` (wall-clock time)."""
+        sid = self._sids.get(session.client_id)
+        if sid is not None:
+            inner = _encode_message(0, message)
+            self._put(_WILL_S.pack(_WILL, 12 + len(inner), sid, due) + inner)
+
+    def will_done(self, session: Session) -> None:
+        """The pending will was published, or the session resumed before it was due."""
+        sid = self._sids.get(session.client_id)
+        if sid is not None:
+            self._put(_SID.pack(_WILL_DONE, 4, sid))
 
     # -- snapshot --------------------------------------------------------------------------------
 
@@ -385,6 +427,9 @@ class Store:
             self.session_saved(session)
             if session.link is None and session.disconnected_at is not None:
                 self.session_detached(session, wall - (mono - session.disconnected_at))
+            pending = core.pending_wills.get(session.client_id)
+            if pending is not None and pending[1] is session and session.will is not None:
+                self.will_pending(session, session.will, wall + pending[0] - mono)
         for _topic, message in core.retained.matching("#"):
             self.retained_set(message)
         return self.take()
@@ -491,6 +536,18 @@ class _Replay:
         self.sessions: dict[int, Session] = {}
         self.messages: dict[int, Message] = {}
         self.detached: dict[int, float] = {}
+        self.wills: dict[int, tuple[float, Message]] = {}  # sid -> (due, wall-clock; the will)
+
+    def _message(self, body: bytes, view: memoryview, start: int, end: int) -> tuple[int, Message]:
+        """A _MSG record's body (``start``: after its header; ``end``: where it ends)."""
+        mid, qos, retain, tlen, xlen = struct.unpack_from(">QBBHI", body, start)
+        p = start + 16
+        topic = bytes(view[p : p + tlen])
+        payload = bytes(view[p + tlen + xlen : end])
+        message = self._message_type(topic.decode(), topic, payload, qos, bool(retain))
+        if xlen:
+            _apply_extra(message, json.loads(bytes(view[p + tlen : p + tlen + xlen])))
+        return mid, message
 
     def apply(self, body: bytes) -> None:  # noqa: PLR0912, PLR0915 - one branch per kind
         view = memoryview(body)
@@ -506,15 +563,8 @@ class _Replay:
                 msg = "record runs past its frame"
                 raise ValueError(msg)
             if kind == _MSG:
-                mid, qos, retain, tlen, xlen = struct.unpack_from(">QBBHI", body, start)
-                p = start + 16
-                topic = bytes(view[p : p + tlen])
-                payload = bytes(view[p + tlen + xlen : offset])
-                message = messages[mid] = self._message_type(
-                    topic.decode(), topic, payload, qos, bool(retain)
-                )
-                if xlen:
-                    _apply_extra(message, json.loads(bytes(view[p + tlen : p + tlen + xlen])))
+                mid, message = self._message(body, view, start, offset)
+                messages[mid] = message
                 continue
             if kind == _RETAIN:
                 (mid,) = struct.unpack_from(">Q", body, start)
@@ -568,6 +618,13 @@ class _Replay:
             elif kind == _DETACH:
                 (_, wall) = struct.unpack_from(">Id", body, start)
                 self.detached[sid] = wall
+            elif kind == _WILL:
+                (_, due) = struct.unpack_from(">Id", body, start)
+                inner = start + 12 + _H.size
+                _, will = self._message(body, view, inner, offset)
+                self.wills[sid] = (due, will)
+            elif kind == _WILL_DONE:
+                self.wills.pop(sid, None)
             elif kind == _FORGET:
                 self._drop(sid)
             else:
@@ -602,6 +659,7 @@ class _Replay:
     def _drop(self, sid: int) -> None:
         session = self.sessions.pop(sid)
         self.detached.pop(sid, None)
+        self.wills.pop(sid, None)
         for topic_filter in session.subscriptions:
             self._unindex(session, topic_filter)
         if self.core.sessions.get(session.client_id) is session:
@@ -886,18 +944,32 @@ def _finish_replay(
         stopped = log_file.path.stat().st_mtime
     except OSError:
         stopped = wall_now
+    kept_for_will = 0
     for sid, session in list(replay.sessions.items()):
         gone = replay.detached.get(sid, stopped)
         session.disconnected_at = mono_now - max(0.0, wall_now - gone)
+        will = replay.wills.get(sid)
+        if will is not None:
+            # Due on the core's clock; a will due while the broker was down is due now. The
+            # core publishes it at its first tick, after the CRL has dropped revoked sessions
+            # (a revoked identity's will is never published).
+            due, message = will
+            session.will = message
+            core.pending_wills[session.client_id] = (mono_now + (due - wall_now), session)
         ttl = session.expiry  # MQTT 5: the session's own interval; 3.1.1: the broker's
         if ttl is not None and wall_now - gone >= ttl:
-            replay._drop(sid)
             report.expired += 1
+            if will is None:
+                replay._drop(sid)
+                continue
+            # Expired while down, with its will due (at the latest when the session ended):
+            # kept until the core's first tick publishes the will and expire_sessions ends it.
+            kept_for_will += 1
             continue
         # Packet ids in use stay in use: the next one starts past the largest in flight.
         report.queued += len(session.queue)
         report.inflight += len(session.inflight)
-    report.sessions = len(replay.sessions)
+    report.sessions = len(replay.sessions) - kept_for_will
     report.retained = sum(1 for _ in core.retained.matching("#"))
 
 
@@ -908,6 +980,7 @@ class Committer:
     """Group commit on an event loop: one write + fsync per batch, in a worker thread."""
 
     RETRY = 0.5  # seconds between attempts while the disk refuses
+    DEFER = 0.05  # seconds a batch of lazy records (Store._put_lazy) may wait for company
 
     def __init__(self, core: BrokerCore, opened: Opened) -> None:
         self.core = core
@@ -919,12 +992,22 @@ class Committer:
         self.commits = 0
         self.failures = 0
         self._resnapshot = False  # a failed compaction dropped the batch: rebuild from memory
+        self._deferred: asyncio.TimerHandle | None = None
         self.store.on_dirty = self._wake
+        self.store.on_lazy = self._later
 
     def _wake(self) -> None:
+        if self._deferred is not None:
+            self._deferred.cancel()
+            self._deferred = None
         if not self._running and self._retry is None:
             self._running = True
             self._loop.call_soon(self._start)
+
+    def _later(self) -> None:
+        """Only lazy records wait: commit them within DEFER unless something urgent comes."""
+        if self._deferred is None and not self._running and self._retry is None:
+            self._deferred = self._loop.call_later(self.DEFER, self._wake)
 
     def _start(self) -> None:
         self._retry = None
@@ -954,8 +1037,10 @@ class Committer:
             store.durable = seq
             store.release_acks()
             self._running = False
-            if store.dirty:
+            if store.urgent:
                 self._wake()
+            elif store.dirty:
+                self._later()
             return
         self.failures += 1
         reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)

@@ -19,6 +19,7 @@ from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
 from broker.server import BrokerThread
+from broker.settings import Limits
 from provisioning.tls import client_context_for_credentials
 from tests.broker.broker_helpers import BrokerFactory, Fleet, Peer, wait_until
 from tests.conftest import MOSQUITTO_PUB, MOSQUITTO_SUB, needs_mosquitto_clients
@@ -489,3 +490,71 @@ def test_mosquitto_v5_sub_is_told_0x87_for_a_denied_subscription(
     granted = sub("devices/dev-1/#")
     assert "received SUBACK" in granted.stdout
     assert "denied" not in granted.stdout + granted.stderr
+
+
+def _offline_telemetry_sink(broker: BrokerThread, fleet: Fleet) -> None:
+    """A persistent MQTT 5 subscriber to every device's telemetry (QoS 1) that went away."""
+    sink = _peer(broker, fleet, "sink", service=True)
+    session = Properties(PacketTypes.CONNECT)
+    session.SessionExpiryInterval = 300
+    sink.connect(props=session)
+    assert sink.subscribe("devices/+/telemetry/#", 1) == [1]
+    sink.close()
+
+
+def test_paho_v5_is_told_0x97_when_every_matching_queue_is_full(
+    make_broker: BrokerFactory, fleet: Fleet
+) -> None:
+    """Issue 15, full queues are never silent: the only subscriber's offline queue holds 2;
+    paho's on_publish reads PUBACK 0x00 twice, then 0x97 Quota exceeded (3.4.2.1), and the
+    connection stays (the next publish is answered too). Twin: a topic nobody subscribes to
+    is 0x00."""
+    broker = make_broker(limits=Limits(offline_queue_max=2))
+    _offline_telemetry_sink(broker, fleet)
+    dev = _peer(broker, fleet, "dev-1").connect()
+    try:
+        codes = [dev.publish("devices/dev-1/telemetry/t", b"%d" % n, 1) for n in range(4)]
+        assert codes == [0, 0, 0x97, 0x97]
+        assert dev.publish("devices/dev-1/state", b"up", 1) == 0
+        assert not dev.disconnected.is_set()
+    finally:
+        dev.close()
+
+
+@needs_mosquitto_clients
+def test_mosquitto_v5_pub_reads_0x97_when_every_matching_queue_is_full(
+    make_broker: BrokerFactory, fleet: Fleet
+) -> None:
+    """mosquitto_pub -V mqttv5 -q 1 -d prints the PUBACK's reason code: 0 while the queue has
+    room (twin), 151 (0x97) once it is full, with "Publish 1 failed: Quota exceeded" and our
+    Reason String."""
+    assert MOSQUITTO_PUB is not None
+    broker = make_broker(limits=Limits(offline_queue_max=1))
+    _offline_telemetry_sink(broker, fleet)
+
+    def pub() -> str:
+        result = subprocess.run(
+            [
+                MOSQUITTO_PUB,
+                *_args(fleet.creds("dev-1"), broker.port, "dev-1"),
+                "-t",
+                "devices/dev-1/telemetry/t",
+                "-m",
+                "x",
+                "-q",
+                "1",
+                "-d",
+            ],
+            capture_output=True,
+            text=True,
+            timeout=30,
+            check=False,
+        )
+        return result.stdout + result.stderr
+
+    first = pub()
+    assert "received PUBACK (Mid: 1, RC:0)" in first, first
+    second = pub()
+    assert "received PUBACK (Mid: 1, RC:151)" in second, second
+    assert "Publish 1 failed: Quota exceeded" in second, second
+    assert "queues-full" in second, second

@@ -385,3 +385,92 @@ def test_broker_run_starts_on_a_damaged_state_file_and_says_what_it_dropped(
         proc.send_signal(signal.SIGINT)
         proc.wait(timeout=10)
     assert list(data.glob("state.log.damaged-*"))
+
+
+# -- delayed wills (MQTT 5) across a kill -9 ------------------------------------------------------
+
+WILL_DELAY = 10  # seconds
+KILL_GAP = 3  # seconds between dev-1's connection ending and the SIGKILL
+
+
+def _v5_session(port: int, creds: Path, name: str, *, delay: int | None = None) -> Any:
+    """A paho MQTTv5 client with Session Expiry 300 s and, with ``delay``, a will on
+    devices/{name}/state delayed by ``delay`` s."""
+    from paho.mqtt.packettypes import PacketTypes
+    from paho.mqtt.properties import Properties
+
+    from tests.broker.test_broker_mqtt5 import Peer5
+
+    peer = Peer5(port, creds, name)
+    if delay is not None:
+        will_props = Properties(PacketTypes.WILLMESSAGE)
+        will_props.WillDelayInterval = delay
+        peer.client.will_set(f"devices/{name}/state", f"{name} gone".encode(), 1, False, will_props)
+    session = Properties(PacketTypes.CONNECT)
+    session.SessionExpiryInterval = 300
+    peer.connect(clean=False, props=session)
+    assert peer.connected.is_set(), peer.connack
+    return peer
+
+
+def _vanish(peer: Any) -> None:
+    """The connection ends without DISCONNECT (the will is due after its delay)."""
+    peer.client.socket().close()
+    peer.client.loop_stop()
+
+
+def test_a_delayed_will_pending_at_a_kill_9_is_published_when_due_after_restart(
+    fleet: Fleet, tmp_path: Path, procs: list[Proc]
+) -> None:
+    """MQTT-3.1.3-9 across a SIGKILL: dev-1's will (Will Delay 10 s) was pending when the
+    broker died; after the restart it reaches a real paho v5 subscriber once, not before 10 s
+    after dev-1's connection ended and without the delay starting again (it counts across the
+    downtime). Twins: dev-2 resumed its session before the kill (its will is never sent,
+    MQTT-3.1.3-9); dev-3 was revoked while the broker was down (its will is dropped)."""
+    data = tmp_path / "state"
+    broker = _iotauth(fleet, data, procs)
+    port = broker.port
+    sink = _v5_session(port, fleet.creds("sink", service=True), "sink")
+    assert sink.subscribe("devices/+/state", 1) == [1]
+    sink.close()  # offline: its persistent session collects what is published meanwhile
+    peers = {
+        name: _v5_session(port, fleet.creds(name), name, delay=WILL_DELAY)
+        for name in ("dev-1", "dev-2", "dev-3")
+    }
+    _vanish(peers["dev-2"])
+    _vanish(peers["dev-3"])
+    gone = time.time()
+    _vanish(peers["dev-1"])
+    again = _v5_session(port, fleet.creds("dev-2"), "dev-2")  # resumed: no will of dev-2
+    again.close()
+    log = data / "state.log"
+    assert wait_until(lambda: log.read_bytes().count(b" gone") == 3, 5)  # the wills are on disk
+    time.sleep(max(0.0, gone + KILL_GAP - time.time()))
+    killed = time.time()
+    broker.kill9()
+    fleet.pki.revoke("dev-3")  # while the broker is down
+    broker = _iotauth(fleet, data, procs)
+    up = time.time()  # listening (a loaded machine may take long to start it)
+    sink = _v5_session(broker.port, fleet.creds("sink", service=True), "sink")
+    try:
+        assert wait_until(lambda: sink.messages, WILL_DELAY + 20), "the will never came"
+        arrived = time.time()
+        time.sleep(1.0)  # anything else that would come
+        assert [m.payload for m in sink.messages] == [b"dev-1 gone"]
+        assert arrived >= gone + WILL_DELAY  # not before its delay ran out
+        # The delay was not started again at the restart (that would be >= killed + 10 s, and
+        # at least 10 s after the state was loaded): it came when due, or at once at start if
+        # the start came later than that.
+        due = max(gone + WILL_DELAY, up)
+        assert arrived < due + KILL_GAP - 0.5, (arrived - gone, killed - gone, up - gone)
+    finally:
+        sink.close()
+    broker.stop()
+    broker = _iotauth(fleet, data, procs)  # published once: a clean restart does not repeat it
+    sink = _v5_session(broker.port, fleet.creds("sink", service=True), "sink")
+    try:
+        time.sleep(1.5)
+        assert sink.messages == []
+    finally:
+        sink.close()
+    broker.stop()

@@ -8,6 +8,7 @@ against paho-mqtt's tables. End-to-end twins with paho-mqtt (MQTTv5) and mosquit
 
 from __future__ import annotations
 
+import time
 from typing import Any
 
 import pytest
@@ -19,7 +20,7 @@ from broker.mqtt import Properties, Reason, SubscriptionOptions
 from broker.protocol import Authenticate, ClientProtocol, State
 from broker.settings import Limits
 from provisioning.identity import Identity
-from tests.broker.recording_link import DOMAIN, make_core
+from tests.broker.recording_link import DOMAIN, connect, make_core
 from tests.broker.test_broker_protocol import FakeWire
 
 _DEFAULT_OPTIONS = SubscriptionOptions()
@@ -476,6 +477,23 @@ def test_a_delayed_will_is_published_after_the_delay() -> None:
     core.tick(11.5)
     [will] = sink.out()
     assert will.payload == b"gone"
+
+
+def test_a_wills_message_expiry_counts_from_its_publication() -> None:
+    """3.1.3.2.4: the Will's Message Expiry Interval is sent as the PUBLISH's when the will is
+    published: a device connected for longer than the interval still has its will delivered,
+    with the whole interval (counted from the CONNECT, it would have expired unsent)."""
+    core = _core()
+    sink = Client5(core, "sink", service=True)
+    sink.connect()
+    sink.subscribe("devices/+/state", 1)
+    dev = Client5(core)
+    dev.connect(will=("devices/dev-1/state", b"gone", Properties(message_expiry_interval=30)))
+    dev.feed(b"\xc0\x00", 50.0)  # PINGREQ: connected for 49 s, more than 30
+    dev.protocol.connection_lost()
+    [will] = sink.out()
+    assert (will.payload, will.properties.message_expiry_interval) == (b"gone", 30)
+    assert core.expired == 0
 
 
 def test_a_delayed_will_is_not_published_when_the_session_resumes() -> None:
@@ -942,3 +960,137 @@ def test_a_311_client_is_untouched_by_share_syntax() -> None:
     [suback] = link.take()
     assert suback.body[-1] == mqtt.SUBACK_FAILURE
     assert not core.groups
+
+
+# -- full queues are never silent (issue 15) -------------------------------------------------------
+
+
+def _full_sink(core: Any, name: str = "sink") -> Client5:
+    """A persistent MQTT 5 subscriber to devices/+/telemetry/# (QoS 1) that went offline."""
+    sink = Client5(core, name, service=True)
+    sink.connect(props=Properties(session_expiry_interval=300))
+    sink.subscribe("devices/+/telemetry/#", 1)
+    sink.protocol.connection_lost()
+    return sink
+
+
+def test_a_publish_no_matching_receiver_could_take_is_0x97() -> None:
+    """3.4.2.1 / 3.5.2.1: PUBACK and PUBREC 0x97 Quota exceeded when the message matched and
+    every matching queue was full (each drop counted and audited per receiver); a QoS 2 one
+    then waits for no PUBREL (4.3.3). The connection stays. Twins: while there is room, 0x00;
+    a message nobody subscribes to is 0x00 too (never 0x10: who subscribes is not the
+    publisher's to know); a retained one is kept, so 0x00."""
+    core = _core(Limits(offline_queue_max=2))
+    _full_sink(core)
+    dev = Client5(core)
+    dev.connect()
+    for pid in (1, 2, 3):
+        dev.publish("devices/dev-1/telemetry/t", b"%d" % pid, 1, pid=pid)
+    dev.publish("devices/dev-1/telemetry/t", b"4", 2, pid=4)
+    dev.publish("devices/dev-1/other", b"5", 1, pid=5)  # no subscriber
+    dev.publish("devices/dev-1/telemetry/t", b"6", 1, pid=6, retain=True)
+    assert [(a.kind, a.packet_id, a.reason_code) for a in dev.out()] == [
+        (mqtt.PUBACK, 1, 0),
+        (mqtt.PUBACK, 2, 0),
+        (mqtt.PUBACK, 3, Reason.QUOTA_EXCEEDED),
+        (mqtt.PUBREC, 4, Reason.QUOTA_EXCEEDED),
+        (mqtt.PUBACK, 5, 0),
+        (mqtt.PUBACK, 6, 0),
+    ]
+    assert dev.protocol.state is State.LIVE
+    assert 4 not in core.sessions["dev-1"].incoming_qos2
+    assert core.metrics.value("iotauth_broker_dropped_total", reason="offline-queue-full") == 3
+    assert core.metrics.value("iotauth_broker_quota_exceeded_total") == 2
+    [line] = core.audit.events("drop", client_id="sink")
+    assert (line["reason"], line["count"]) == ("offline-queue-full", 1)
+
+
+def test_a_message_one_receiver_took_is_not_0x97() -> None:
+    """0x97 only when *no* matching receiver took it: one full queue among others is a drop
+    for that receiver (counted, audited), and the publisher gets 0x00."""
+    core = _core(Limits(offline_queue_max=1))
+    _full_sink(core)
+    live = Client5(core, "ops", service=True)
+    live.connect()
+    live.subscribe("devices/+/telemetry/#", 1)
+    dev = Client5(core)
+    dev.connect()
+    for pid in (1, 2):
+        dev.publish("devices/dev-1/telemetry/t", b"%d" % pid, 1, pid=pid)
+    assert [a.reason_code for a in dev.out()] == [0, 0]
+    assert len(live.out()) == 2
+    assert core.metrics.value("iotauth_broker_dropped_total", reason="offline-queue-full") == 1
+
+
+def test_a_311_publisher_is_acknowledged_when_queues_are_full() -> None:
+    """3.1.1 has no negative PUBACK. A full queue is the receiver's limit, not a fault of the
+    publisher (as the full disk is): the PUBACK goes, the connection stays, and the drop is
+    counted and audited for the receiver (docs/BROKER.md, "Full queues"). Twin: the MQTT 5
+    publisher of the same message is told 0x97."""
+    core = _core(Limits(offline_queue_max=1))
+    _full_sink(core)
+    old, link, _ = connect(core, "dev-2")
+    for pid in (7, 8):  # the first fills the queue
+        packet = mqtt.Publish("devices/dev-2/telemetry/t", b"x", 1, False, False, pid)
+        assert core.publish(old, packet) is None  # None: no reason to close the connection
+    assert not link.closed
+    assert core.metrics.value("iotauth_broker_dropped_total", reason="offline-queue-full") == 1
+    dev = Client5(core)
+    dev.connect()
+    dev.publish("devices/dev-1/telemetry/t", b"y", 1, pid=1)
+    assert [a.reason_code for a in dev.out()] == [Reason.QUOTA_EXCEEDED]
+
+
+def test_every_mqtt5_drop_has_a_reason_and_an_audit_line() -> None:
+    """Issue 15: a message larger than the receiver's Maximum Packet Size (MQTT-3.1.2-25) and
+    a message for a shared subscription with no member connected are drops like the others:
+    counted by reason, audited (rate-limited) per session or subscription; the publisher of a
+    message nobody took is told 0x97. Twin: the small message is delivered, PUBACK 0x00."""
+    core = _core()
+    sink = Client5(core, "sink", service=True)
+    sink.connect(props=Properties(maximum_packet_size=64))
+    sink.subscribe("devices/+/telemetry/#", 1)
+    dev = Client5(core)
+    dev.connect()
+    dev.publish("devices/dev-1/telemetry/t", b"x" * 100, 1, pid=1)
+    dev.publish("devices/dev-1/telemetry/t", b"small", 1, pid=2)
+    assert [a.reason_code for a in dev.out()] == [Reason.QUOTA_EXCEEDED, 0]
+    assert [m.payload for m in sink.out()] == [b"small"]
+    value = core.metrics.value
+    assert value("iotauth_broker_dropped_total", reason="too-large-for-client") == 1
+    [line] = core.audit.events("drop", client_id="sink")
+    assert line["reason"] == "too-large-for-client"
+    member = Client5(core, "ops", service=True)
+    member.connect()
+    member.subscribe("$share/g/devices/+/state", 1)
+    member.protocol.connection_lost()  # a clean session: it leaves the group
+    worker = Client5(core, "svc", service=True)
+    worker.connect(props=Properties(session_expiry_interval=300))
+    worker.subscribe("$share/w/devices/+/state", 1)
+    worker.protocol.connection_lost()  # persistent: still a member, not connected
+    dev.publish("devices/dev-1/state", b"up", 1, pid=3)
+    assert [a.reason_code for a in dev.out()] == [Reason.QUOTA_EXCEEDED]
+    assert value("iotauth_broker_dropped_total", reason="shared-no-member") == 1
+    [line] = core.audit.events("drop", subscription="$share/w/devices/+/state")
+    assert (line["reason"], line["count"]) == ("shared-no-member", 1)
+
+
+def test_a_revoked_secret_s_session_never_publishes_its_delayed_will() -> None:
+    """kick(forget_session=True) is how a revoked service secret or identity-provider service
+    is ended: like a revoked certificate, its pending will is dropped. Twin: a session that
+    simply expires publishes it (the session ended, 3.1.3.2.2)."""
+    core = _core()
+    base = time.monotonic()  # the core's clock for session expiry
+    sink = Client5(core, "sink", service=True)
+    sink.connect(now=base)
+    sink.subscribe("devices/+/state")
+    for name in ("dev-1", "dev-2"):
+        dev = Client5(core, name)
+        will = (f"devices/{name}/state", b"gone", Properties(will_delay_interval=1000))
+        dev.connect(props=Properties(session_expiry_interval=300), will=will, now=base)
+        dev.protocol.connection_lost()
+    core.kick("dev-1", "secret-revoked", forget_session=True)
+    core.expire_sessions(base + 301)
+    core.tick(base + 2000)
+    assert [m.topic for m in sink.out()] == ["devices/dev-2/state"]
+    assert core.pending_wills == {}

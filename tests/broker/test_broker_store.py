@@ -8,6 +8,7 @@ test_broker_persistence.py.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import time
@@ -66,7 +67,9 @@ def test_sessions_queues_inflight_and_retained_messages_survive_a_restart(tmp_pa
     sent = link.publishes()
     assert [p[3] for p in sent] == [b"m0", b"m1", b"m2"]  # 3 in flight, 2 queued
     core.acked(dev, mqtt.PUBREC, sent[1][2])  # m1: PUBREC came, we owe PUBREL
-    link.take()
+    assert link.take() == []  # only once the PUBREC is on disk (a crash must not undo it)
+    _commit(opened)
+    assert [p.kind for p in link.take()] == [mqtt.PUBREL]
     core.qos2_waiting(dev, 77, waiting=True)  # dev's own QoS 2 PUBLISH 77 waits for PUBREL
     for topic, payload in [("state", b"on"), ("x", b"on"), ("x", b"")]:  # x: set, cleared
         assert (
@@ -425,3 +428,179 @@ def test_a_publish_the_store_cannot_take_is_0x97_for_mqtt5(tmp_path: Path) -> No
     ops.publish("devices/dev-9/commands/x", b"three", 1, pid=3)
     assert [(a.kind, a.reason_code) for a in ops.out()] == [(mqtt.PUBACK, 0)]
     opened.close()
+
+
+# -- delayed wills (MQTT 5, 3.1.3.2.2) ------------------------------------------------------------
+
+WILL_TOPIC = "devices/dev-1/state"
+
+
+def _gone_with_will(core: BrokerCore, *, delay: int, expiry: int = 300) -> Client5:
+    """dev-1 (MQTT 5, Session Expiry ``expiry``) connected with a will delayed by ``delay`` s,
+    and lost its connection: the will is pending."""
+    dev = Client5(core, "dev-1")
+    will = (WILL_TOPIC, b"gone", Properties(will_delay_interval=delay))
+    dev.connect(props=Properties(session_expiry_interval=expiry), will=will, now=time.monotonic())
+    dev.protocol.connection_lost()
+    assert "dev-1" in core.pending_wills
+    return dev
+
+
+def _sink(core: BrokerCore) -> Client5:
+    sink = Client5(core, "sink", service=True)
+    sink.connect(now=time.monotonic())
+    sink.subscribe("devices/+/state", 1)
+    return sink
+
+
+def test_a_pending_will_survives_a_restart_and_is_published_when_due(tmp_path: Path) -> None:
+    """MQTT-3.1.3-9 across a restart: the delay keeps counting from when the connection ended;
+    not before it (twin), once after it, and a third start does not publish it again."""
+    core = make_core()
+    opened = _open(tmp_path, core)
+    _gone_with_will(core, delay=30)
+    core2, opened2 = _restart(tmp_path, opened)
+    sink = _sink(core2)
+    now = time.monotonic()
+    core2.tick(now + 20)
+    assert sink.out() == []  # twin: the delay has not run out
+    core2.tick(now + 31)
+    [will] = sink.out()
+    assert (will.topic, will.payload) == (WILL_TOPIC, b"gone")
+    assert "dev-1" in core2.sessions  # the session stays until it expires
+    core3, opened3 = _restart(tmp_path, opened2)
+    assert core3.pending_wills == {}
+    sink3 = _sink(core3)
+    core3.tick(time.monotonic() + 60)
+    assert sink3.out() == []
+    opened3.close()
+
+
+def test_a_will_due_while_the_broker_was_down_is_published_at_start(tmp_path: Path) -> None:
+    """The Will Delay Interval counts across the downtime, as session expiry does."""
+    core = make_core()
+    opened = _open(tmp_path, core)
+    _gone_with_will(core, delay=30)
+    session = core.sessions["dev-1"]
+    assert session.will is not None
+    # The connection ended 40 s ago (as if the broker had been down that long).
+    opened.store.session_detached(session, time.time() - 40)
+    opened.store.will_pending(session, session.will, time.time() - 10)
+    core2, opened2 = _restart(tmp_path, opened)
+    sink = _sink(core2)
+    core2.tick(time.monotonic())
+    assert [m.payload for m in sink.out()] == [b"gone"]
+    opened2.close()
+
+
+def test_a_session_resumed_before_the_restart_has_no_will_after_it(tmp_path: Path) -> None:
+    """MQTT-3.1.3-9: a new connection to the session cancels the will, on disk too."""
+    core = make_core()
+    opened = _open(tmp_path, core)
+    _gone_with_will(core, delay=30)
+    Client5(core, "dev-1").connect(
+        clean=False, props=Properties(session_expiry_interval=300), now=time.monotonic()
+    )
+    core2, opened2 = _restart(tmp_path, opened)
+    assert core2.pending_wills == {}
+    sink = _sink(core2)
+    core2.tick(time.monotonic() + 60)
+    assert sink.out() == []
+    opened2.close()
+
+
+def test_a_session_that_expired_while_down_publishes_its_will_then_ends(tmp_path: Path) -> None:
+    """3.1.3.2.2: the will goes at the earlier of its delay and the end of the session. A
+    session of 60 s with a will of 600 s, gone 120 s: at start the will is published and the
+    session is gone (twin: the same session without a will is simply gone)."""
+    core = make_core()
+    opened = _open(tmp_path, core)
+    _gone_with_will(core, delay=600, expiry=60)
+    due, _ = core.pending_wills["dev-1"]
+    assert due - core.now == 60  # due when the session ends, not after 600 s
+    session = core.sessions["dev-1"]
+    assert session.will is not None
+    opened.store.session_detached(session, time.time() - 120)
+    opened.store.will_pending(session, session.will, time.time() - 60)
+    core2, opened2 = _restart(tmp_path, opened)
+    assert (opened2.report.expired, opened2.report.sessions) == (1, 0)
+    sink = _sink(core2)
+    now = time.monotonic()
+    core2.tick(now)
+    core2.expire_sessions(now)
+    assert [m.payload for m in sink.out()] == [b"gone"]
+    assert "dev-1" not in core2.sessions
+    core3, opened3 = _restart(tmp_path, opened2)
+    assert "dev-1" not in core3.sessions
+    assert core3.pending_wills == {}
+    opened3.close()
+
+
+def test_a_revoked_identity_s_pending_will_is_dropped_across_a_restart(tmp_path: Path) -> None:
+    """A revoked identity speaks no more: the CRL at start (kick_revoked before the first tick)
+    drops its session and its pending will, and a later start does not bring it back. Twin: a
+    revocation of another certificate leaves the will to be published."""
+    core = make_core()
+    opened = _open(tmp_path, core)
+    _gone_with_will(core, delay=30)
+    core2, opened2 = _restart(tmp_path, opened)
+    serial = int(core2.sessions["dev-1"].authenticated.credential, 16)
+    core2.kick_revoked(frozenset({serial + 1}))  # twin: someone else's certificate
+    assert "dev-1" in core2.pending_wills
+    core2.kick_revoked(frozenset({serial}))
+    sink = _sink(core2)
+    core2.tick(time.monotonic() + 60)
+    assert sink.out() == []
+    core3, opened3 = _restart(tmp_path, opened2)
+    assert core3.pending_wills == {}
+    assert "dev-1" not in core3.sessions
+    opened3.close()
+
+
+# -- the Committer: when a batch goes to disk ------------------------------------------------------
+
+
+def test_a_batch_nobody_waits_for_waits_for_company(tmp_path: Path) -> None:
+    """A subscriber's PUBACK (the DONE record) is lazy: no fsync of its own at once (it would
+    delay the next fsync somebody waits for), but on disk within Committer.DEFER. A record an
+    acknowledgement waits for goes at once, and takes the lazy ones with it (twin)."""
+    from broker.store import Committer
+
+    async def scenario() -> tuple[int, int, int, int]:
+        core = make_core()
+        opened = _open(tmp_path, core)
+        committer = Committer(core, opened)
+        svc, svc_link, _ = connect(core, "ops", service=True)
+        dev, _, _ = connect(core, "dev-1", clean=False)
+        core.subscribe(dev, mqtt.Subscribe(1, [("devices/dev-1/commands/#", 1)]))
+        publish(core, svc, CMD, b"one", qos=1)
+        core.ack(svc_link, mqtt.puback(1))
+        for _ in range(200):  # an fsync in a worker thread: wait for it
+            await asyncio.sleep(0.005)
+            if opened.store.durable == opened.store.seq:
+                break
+        base = committer.commits
+        core.acked(dev, mqtt.PUBACK, next(iter(dev.inflight)))  # lazy: DONE
+        await asyncio.sleep(0.01)
+        lazy_waiting = committer.commits - base  # 0: it waits for company
+        publish(core, svc, CMD, b"two", qos=1)
+        core.ack(svc_link, mqtt.puback(2))  # urgent: goes now, DONE with it
+        for _ in range(200):
+            await asyncio.sleep(0.005)
+            if opened.store.durable == opened.store.seq:
+                break
+        together = committer.commits - base
+        core.acked(dev, mqtt.PUBACK, next(iter(dev.inflight)))
+        await asyncio.sleep(Committer.DEFER * 4)
+        alone = committer.commits - base
+        dirty = int(opened.store.dirty)
+        await committer.close()
+        opened.close()
+        return lazy_waiting, together, alone, dirty
+
+    lazy_waiting, together, alone, dirty = asyncio.run(scenario())
+    assert (lazy_waiting, together, alone, dirty) == (0, 1, 2, 0)
+    core2 = make_core()
+    opened2 = _open(tmp_path, core2)
+    assert core2.sessions["dev-1"].inflight == {}  # both DONE records reached the disk
+    opened2.close()
