@@ -6,8 +6,9 @@ Rows, for each registry:
   1 station     PKI.issue_many() in batches of 500 from one process
   4 stations    the same from 4 processes at once: on SQLite 4 processes share one PKI directory
                 (the single-machine way); on PostgreSQL each is its own station with its own
-                issuing CA. The rate is all devices over the wall time from the first start to
-                the last finish.
+                issuing CA. Every process starts its interpreter and opens its PKI first;
+                then all start together (a line on stdin). The rate is all devices over the
+                wall time from the first start to the last finish.
   revocation    a device connected to two brokers is revoked (PKI.revoke in this process); the
                 time until both brokers have closed its connection, p50 and p99 over --kicks
                 devices. SQLite brokers poll crl.pem (0.2 s); PostgreSQL brokers LISTEN.
@@ -40,6 +41,10 @@ BATCH = 500
 
 def _worker(pki_dir: str, prefix: str, count: int) -> None:
     with PKI.open(Path(pki_dir)) as ca:
+        # Ready (interpreter started, PKI open), then wait for the common start: the stations
+        # issue at the same time instead of one finishing while another still imports.
+        print("ready", flush=True)
+        sys.stdin.readline()
         t0 = time.time()
         for start in range(0, count, BATCH):
             ca.issue_many([f"{prefix}-{n}" for n in range(start, min(count, start + BATCH))])
@@ -51,14 +56,26 @@ def _in_processes(dirs: list[Path], count_each: int, tag: str) -> float:
     procs = [
         subprocess.Popen(
             [sys.executable, __file__, "--worker", str(d), f"{tag}{n}", str(count_each)],
+            stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
             text=True,
         )
         for n, d in enumerate(dirs)
     ]
+    for proc in procs:
+        assert proc.stdout is not None
+        if proc.stdout.readline().strip() != "ready":
+            msg = f"worker failed to start ({proc.wait()})"
+            raise RuntimeError(msg)
+    for proc in procs:
+        assert proc.stdin is not None
+        proc.stdin.write("go\n")
+        proc.stdin.close()
     spans = []
     for proc in procs:
-        out, _ = proc.communicate(timeout=1200)
+        assert proc.stdout is not None
+        out = proc.stdout.read()
+        proc.wait(timeout=1200)
         if proc.returncode != 0:
             msg = f"worker failed ({proc.returncode})"
             raise RuntimeError(msg)

@@ -753,7 +753,8 @@ class PKI:
             out=item.staged.final if item.staged else None,
         )
 
-    def _record_for(self, p: Prepared, now: dt.datetime) -> CertRecord:
+    def _record_for(self, p: Prepared, now: dt.datetime, station: str | None = None) -> CertRecord:
+        """The registry row of ``p``; ``station`` (``station_id()``) once per batch, not per row."""
         cert = p.certificate
         return CertRecord(
             kind=p.identity.kind.value,
@@ -766,7 +767,7 @@ class PKI:
             not_after=cert.not_valid_after_utc,
             status="active",
             issued_at=now,
-            issued_by=station_id(),
+            issued_by=station or station_id(),
             hardware_serial=p.hardware_serial,
             issuer=self.issuer_fingerprint if self.registry.shared else None,
         )
@@ -779,9 +780,15 @@ class PKI:
         now: dt.datetime,
         details: dict[str, Any] | None = None,
     ) -> list[Issued]:
+        # The rows (fingerprints, hashes) are computed before the lock: under it, a batch only
+        # checks, inserts and chains, so other stations wait as little as possible.
+        station = station_id()
+        ready = [self._record_for(p.prepared, now, station) for p in pending]
         records = self._write(
             now,
-            lambda change: self._issue_in(change, pending, rotate=rotate, now=now, details=details),
+            lambda change: self._issue_in(
+                change, pending, rotate=rotate, now=now, details=details, records=ready
+            ),
         )
         return [self._issued(p, r) for p, r in zip(pending, records, strict=True)]
 
@@ -793,9 +800,14 @@ class PKI:
         rotate: bool,
         now: dt.datetime,
         details: dict[str, Any] | None = None,
+        records: list[CertRecord] | None = None,
     ) -> list[CertRecord]:
-        """Record ``pending`` as issued within ``change`` (the caller holds the lock)."""
-        records = [self._record_for(p.prepared, now) for p in pending]
+        """Record ``pending`` as issued within ``change`` (the caller holds the lock).
+
+        ``records``: their rows, if already made (outside the lock)."""
+        if records is None:
+            station = station_id()
+            records = [self._record_for(p.prepared, now, station) for p in pending]
         # Re-checked under the lock: another station or process may have issued since prepare.
         states = self.registry.name_states([p.identity.name for p in pending])  # one query
         for item, record in zip(pending, records, strict=True):
