@@ -1211,13 +1211,14 @@ class PKI:
         raise PKIError(msg)
 
     def _check_station_active(self) -> None:
-        for st in self.stations():
-            if st.fingerprint == self.issuer_fingerprint and st.status == "revoked":
-                msg = (
-                    f"station {st.name!r} (this directory's issuing CA) was revoked; it can no "
-                    "longer issue, revoke or sign"
-                )
-                raise PKIError(msg)
+        # One small row under the lock, not every station's certificate and CRL.
+        if self._shared("a station").station_status(self.issuer_fingerprint) == "revoked":
+            name = self.config.station or self.issuer_fingerprint
+            msg = (
+                f"station {name!r} (this directory's issuing CA) was revoked; it can no "
+                "longer issue, revoke or sign"
+            )
+            raise PKIError(msg)
 
     def add_station(
         self,
@@ -1436,13 +1437,15 @@ class PKI:
                 if self.registry.shared:
                     self._check_station_active()
                 yield
-                self.registry.mark_applied(txid)
-                if change.events:
-                    entries, appended_at = self.ledger.append(
-                        change.events, signer=self.issuing_key(), now=now
-                    )
-                    _record_head(self.registry, entries)
-                if change.crl_dirty or self._crl_behind():
+                behind = self._crl_behind()
+                with self.registry.pipeline():  # PostgreSQL: one round trip for all of it
+                    self.registry.mark_applied(txid)
+                    if change.events:
+                        entries, appended_at = self.ledger.append(
+                            change.events, signer=self.issuing_key(), now=now
+                        )
+                        _record_head(self.registry, entries)
+                if change.crl_dirty or behind:
                     old_crl = crl_path.read_bytes() if crl_path.exists() else None
                     crl = _make_crl(
                         self.registry,
@@ -1467,9 +1470,7 @@ class PKI:
         """Shared registry: another station revoked one of ours since our CRL was signed."""
         if not self.registry.shared:
             return False
-        recorded = self.registry.get_meta(f"crl_revoked:{self.issuer_fingerprint}")
-        count = self._shared("a station CRL").revoked_count(self.issuer_fingerprint)
-        return str(count) != (recorded or "0")
+        return self._shared("a station CRL").crl_behind(self.issuer_fingerprint)
 
 
 def _open_shared(url: str, issuer_fingerprint: str) -> tuple[PostgresRegistry, PgLedger]:

@@ -143,6 +143,11 @@ MIGRATIONS: tuple[str, ...] = (
         revoked_at  timestamptz
     );
     """,
+    # 3: every write asks how many of its station's certificates are revoked (is its CRL
+    # behind?): an index on the revoked rows only keeps that from scanning the whole fleet
+    """
+    CREATE INDEX revoked_by_issuer ON certificates (issuer) WHERE status = 'revoked';
+    """,
 )
 
 _PASSWORD_IN_URL = re.compile(r"^[a-z]+://[^/@]*:[^/@]*@")
@@ -290,7 +295,13 @@ _CERT_COLUMNS = (
 # COPY, not INSERT per row: a batch of 500 rows is one statement for the server to plan and one
 # stream for the client to encode (the bulk of a station's time under the lock, profiled).
 _COPY_CERTS = f"COPY certificates ({_CERT_COLUMNS}) FROM STDIN".encode()
-_COPY_LEDGER = b"COPY ledger (seq, time, event, data, prev, hash, sig) FROM STDIN"
+# The ledger's lines go in with the other bookkeeping of a change in one pipeline (one round trip),
+# where COPY cannot be: one INSERT of arrays instead.
+_INSERT_LEDGER = (
+    b"INSERT INTO ledger (seq, time, event, data, prev, hash, sig)"
+    b" SELECT * FROM unnest(%s::bigint[], %s::text[], %s::text[], %s::text[], %s::text[],"
+    b" %s::text[], %s::text[])"
+)
 
 
 class PostgresRegistry:
@@ -306,6 +317,7 @@ class PostgresRegistry:
         self._conn = connect(url)
         migrate(self._conn, url)
         self._in_tx = False
+        self._head: LedgerHead | None = None  # the chain head, as locked by transaction()
 
     def close(self) -> None:
         self._conn.close()
@@ -340,22 +352,46 @@ class PostgresRegistry:
 
         try:
             with self._conn.transaction():
-                self._conn.execute("SELECT seq FROM chain_head WHERE id = 1 FOR UPDATE")
+                row = self._conn.execute(
+                    "SELECT seq, hash FROM chain_head WHERE id = 1 FOR UPDATE"
+                ).fetchone()
+                self._head = LedgerHead(int(row["seq"]), str(row["hash"])) if row else None
                 self._in_tx = True
                 try:
                     yield
                 finally:
                     self._in_tx = False
+                    self._head = None
         except psycopg.OperationalError as exc:
             raise self._op_error(exc) from None
         except psycopg.Error as exc:
             msg = f"registry {self.where}: {' '.join(str(exc).split())}"
             raise RegistryError(msg) from None
 
+    @contextlib.contextmanager
+    def pipeline(self) -> Iterator[None]:
+        """Send the statements inside without waiting for each answer: one round trip.
+
+        A write transaction's bookkeeping (transaction id, ledger lines, chain head, meta) goes
+        this way: every round trip under the lock is time that every other station waits,
+        longer still when the stations share CPUs with each other and the server.
+        """
+        import psycopg
+
+        try:
+            with self._conn.pipeline():
+                yield
+        except psycopg.OperationalError as exc:
+            raise self._op_error(exc) from None
+
     def _require_tx(self) -> None:
         if not self._in_tx:
             msg = "registry writes must happen inside PostgresRegistry.transaction()"
             raise RuntimeError(msg)
+
+    def locked_head(self) -> LedgerHead | None:
+        """The chain head read with the lock by the current transaction (None outside one)."""
+        return self._head if self._in_tx else None
 
     def _rows(self, query: str, params: Sequence[object] = ()) -> list[dict[str, Any]]:
         """Run a read. Outside a transaction a lost connection is reopened and the read repeated
@@ -426,6 +462,21 @@ class PostgresRegistry:
             return self._records("WHERE status = 'revoked'")
         return self._records("WHERE status = 'revoked' AND issuer = %s", (issuer,))
 
+    def station_status(self, fingerprint: str) -> str | None:
+        """'active' or 'revoked' for a station's issuing CA; None if the registry lacks it."""
+        rows = self._rows("SELECT status FROM stations WHERE fingerprint = %s", (fingerprint,))
+        return str(rows[0]["status"]) if rows else None
+
+    def crl_behind(self, issuer: str) -> bool:
+        """Whether the CRL ``issuer`` last signed lists fewer revocations than the registry
+        holds (another station revoked one of its certificates since): one query."""
+        rows = self._rows(
+            "SELECT (SELECT count(*) FROM certificates WHERE status = 'revoked' AND issuer = %s)"
+            " AS n, (SELECT value FROM meta WHERE key = %s) AS recorded",
+            (issuer, f"crl_revoked:{issuer}"),
+        )
+        return str(rows[0]["n"]) != (rows[0]["recorded"] or "0")
+
     def revoked_count(self, issuer: str) -> int:
         rows = self._rows(
             "SELECT count(*) AS n FROM certificates WHERE status = 'revoked' AND issuer = %s",
@@ -435,17 +486,17 @@ class PostgresRegistry:
 
     def name_states(self, names: list[str]) -> dict[str, tuple[set[str], bool]]:
         """For each name that has rows: (every kind it had, whether one is active)."""
+        # One query (one round trip under the lock): a service with a secret and no
+        # certificate has its name too (never a device's).
         rows = self._rows(
-            "SELECT name, array_agg(DISTINCT kind) AS kinds, bool_or(status = 'active') AS active"
-            " FROM certificates WHERE name = ANY(%s) GROUP BY name",
-            (names,),
+            "SELECT name, array_agg(DISTINCT kind) AS kinds, bool_or(active) AS active FROM ("
+            " SELECT name, kind, status = 'active' AS active FROM certificates"
+            " WHERE name = ANY(%s)"
+            " UNION ALL SELECT name, 'service', false FROM service_secrets WHERE name = ANY(%s)"
+            ") AS n GROUP BY name",
+            (names, names),
         )
-        out = {r["name"]: (set(r["kinds"]), bool(r["active"])) for r in rows}
-        # A service with a secret and no certificate has its name too (never a device's).
-        for r in self._rows("SELECT name FROM service_secrets WHERE name = ANY(%s)", (names,)):
-            kinds, active = out.get(r["name"], (set(), False))
-            out[r["name"]] = (kinds | {"service"}, active)
-        return out
+        return {r["name"]: (set(r["kinds"]), bool(r["active"])) for r in rows}
 
     def secret(self, name: str) -> SecretRecord | None:
         rows = self._rows("SELECT * FROM service_secrets WHERE name = %s", (name,))
@@ -674,6 +725,9 @@ class PgLedger:
         self.signer_id = signer_id
 
     def head(self) -> LedgerHead:
+        locked = self._registry.locked_head()
+        if locked is not None:  # read with the lock: no second round trip
+            return locked
         rows = self._registry._rows("SELECT seq, hash FROM chain_head WHERE id = 1")
         return (
             LedgerHead(int(rows[0]["seq"]), str(rows[0]["hash"]))
@@ -693,23 +747,26 @@ class PgLedger:
         signed = [(event, {**data, "signed_by": self.signer_id}) for event, data in events]
         entries = build_entries(self.head(), signed, signer=signer, now=now)
         conn = self._registry.connection
-        with conn.cursor() as cur, cur.copy(_COPY_LEDGER) as copy:
-            for e in entries:
-                copy.write_row(
-                    (
-                        e.seq,
-                        e.time,
-                        e.event,
-                        json.dumps(e.data, sort_keys=True),
-                        e.prev,
-                        e.hash,
-                        e.sig,
-                    )
-                )
+        columns: tuple[list[Any], ...] = ([], [], [], [], [], [], [])
+        for e in entries:
+            row = (
+                e.seq,
+                e.time,
+                e.event,
+                json.dumps(e.data, sort_keys=True),
+                e.prev,
+                e.hash,
+                e.sig,
+            )
+            for column, value in zip(columns, row, strict=True):
+                column.append(value)
+        conn.execute(_INSERT_LEDGER, columns)
         last = entries[-1]
         conn.execute(
             "UPDATE chain_head SET seq = %s, hash = %s WHERE id = 1", (last.seq, last.hash)
         )
+        # What the next read of the head in this transaction sees.
+        self._registry._head = LedgerHead(last.seq, last.hash)
         return entries, 0
 
     def truncate(self, size: int) -> None:
