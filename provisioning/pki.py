@@ -1089,6 +1089,17 @@ class PKI:
         self._write(_now(now), body)
         return self.crl_info()
 
+    def catch_up_crl(self, *, now: dt.datetime | None = None) -> CRLInfo | None:
+        """Shared registry: re-sign this station's CRL if another station revoked one of its
+        certificates since it was signed (a broker running from this directory calls it when the
+        revocation feed moves); None if it was current. Every write does the same check."""
+        if not self.registry.shared or not self._crl_behind():
+            return None
+        # An empty change: under the lock, _change sees the CRL behind and re-signs it (once,
+        # however many brokers of this station race for it).
+        self._write(_now(now), lambda change: None)
+        return self.crl_info()
+
     def crl_info(self) -> CRLInfo:
         try:
             crl = x509.load_pem_x509_crl((self.path / "crl.pem").read_bytes())
