@@ -8,6 +8,7 @@ are all refused; a broker that loses the database keeps serving and catches up.
 
 from __future__ import annotations
 
+import functools
 import json
 import ssl
 from collections.abc import Callable, Iterator
@@ -293,7 +294,7 @@ def test_the_owning_stations_crl_follows_a_revocation_by_another_station(
     crl_file = factory.tmp / "station-3" / "crl.pem"
     assert openssl("crl", "-in", crl_file, "-noout", "-text").stdout.count("Serial Number") == 1
     for x in (a, b):
-        assert wait_until(lambda x=x: _handshake_refused(factory, x, "s3-dev"), 5.0)
+        assert wait_until(functools.partial(_handshake_refused, factory, x, "s3-dev"), 5.0)
         assert not _handshake_refused(factory, x, "s3-other")
     factory.root.verify_ledger()
 
