@@ -245,7 +245,8 @@ def test_cli_add_station_then_issue_and_revoke_from_another_station(
                     "-untrusted", tmp_path / "root-ca" / "issuing.crt",
                     tmp_path / "creds" / "device.crt")  # fmt: skip
     assert wrong.returncode != 0
-    cli("device", "revoke", "dev-0042", "--pki", "root-ca", check=True)
+    revoked = cli("device", "revoke", "dev-0042", "--pki", "root-ca", check=True)
+    assert "Issued by station line1-bench3: brokers refuse it now" in revoked.stdout
     listed = cli("device", "list", "--pki", "station-3", "--json", check=True)
     assert [r["state"] for r in json.loads(listed.stdout)] == ["revoked"]
     stations = json.loads(cli("ca", "stations", "--pki", "root-ca", "--json", check=True).stdout)
