@@ -332,6 +332,8 @@ class RegistryRevocationWatcher(RevocationWatcher):
         self._snapshot_warned = False
         self._station_pki: PKI | None = None  # this directory's PKI, to re-sign its CRL
         self._resign_failed = False
+        self._resign_task: asyncio.Task[None] | None = None
+        self._resign_again = False
         try:
             self._root = x509.load_pem_x509_certificate((pki_dir / "root.crt").read_bytes())
         except (OSError, ValueError) as exc:
@@ -449,7 +451,8 @@ class RegistryRevocationWatcher(RevocationWatcher):
 
     def close(self) -> None:
         shutil.rmtree(self._crl_dir, ignore_errors=True)
-        if self._station_pki is not None:
+        busy = self._resign_task is not None and not self._resign_task.done()
+        if self._station_pki is not None and not busy:  # a running re-sign closes nothing twice
             with contextlib.suppress(Exception):
                 self._station_pki.close()
 
@@ -580,9 +583,7 @@ class RegistryRevocationWatcher(RevocationWatcher):
             snapshot = await asyncio.to_thread(self._delta, conn)
             changed = self._apply(snapshot)
             self._synced_at = time.time()
-            if changed:
-                await asyncio.to_thread(self._save_snapshot, self._snapshot_bytes())
-                await asyncio.to_thread(self._resign_own_crl)
+            saved = self._snapshot_bytes() if changed else None
         if changed:
             log.info(
                 "registry: %d revoked serial(s), %d station(s); revocation feed at #%d",
@@ -590,9 +591,19 @@ class RegistryRevocationWatcher(RevocationWatcher):
                 len(self._stations),
                 self._last_id,
             )
-            if self.on_change is not None:
+            if self.on_change is not None:  # the kick first: nothing below may delay it
                 await self.on_change(self.state)
+            await asyncio.to_thread(self._save_snapshot, saved)
+            self._schedule_resign()
         return changed
+
+    def _schedule_resign(self) -> None:
+        """Re-sign this station's CRL in the background: a slow or failing write (the database
+        going away again) must never hold up the watcher's next catch-up or kick."""
+        if self._resign_task is None or self._resign_task.done():
+            self._resign_task = asyncio.create_task(asyncio.to_thread(self._resign_own_crl))
+        else:
+            self._resign_again = True  # the running one goes round once more
 
     def _resign_own_crl(self) -> None:
         """Another station revoked a certificate of this directory's station: re-sign its CRL
@@ -603,19 +614,19 @@ class RegistryRevocationWatcher(RevocationWatcher):
             or self._stations.get(self.issuer_fingerprint, (0, ""))[1] != "active"
         ):
             return
+        import psycopg
+
+        from provisioning.errors import PKIError
         from provisioning.pki import PKI, passphrase_from_env
 
         try:
             if self._station_pki is None:
                 self._station_pki = PKI.open(self.pki_dir, passphrase=passphrase_from_env())
             info = self._station_pki.catch_up_crl()
-        except RegistryUnavailableError:
-            if self._station_pki is not None:
-                with contextlib.suppress(Exception):
-                    self._station_pki.close()
-            self._station_pki = None  # the next sync opens it again
-            return
-        except ProvisioningError as exc:
+            while self._resign_again:
+                self._resign_again = False
+                info = self._station_pki.catch_up_crl() or info
+        except PKIError as exc:
             self._resign_failed = True  # e.g. the issuing key is elsewhere: say it once
             log.warning(
                 "cannot re-sign the CRL of this directory's station (%s): revocations by other "
@@ -623,6 +634,13 @@ class RegistryRevocationWatcher(RevocationWatcher):
                 "CONNECT meanwhile",
                 exc,
             )
+            return
+        except (ProvisioningError, OSError, psycopg.Error) as exc:  # the next change retries
+            log.warning("could not re-sign this station's CRL now: %s", exc)
+            if self._station_pki is not None:
+                with contextlib.suppress(Exception):
+                    self._station_pki.close()
+            self._station_pki = None
             return
         if info is not None:
             log.info(

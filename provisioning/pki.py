@@ -1093,7 +1093,7 @@ class PKI:
         """Shared registry: re-sign this station's CRL if another station revoked one of its
         certificates since it was signed (a broker running from this directory calls it when the
         revocation feed moves); None if it was current. Every write does the same check."""
-        if not self.registry.shared or not self._crl_behind():
+        if not self.registry.shared or not self._crl_behind()():
             return None
         # An empty change: under the lock, _change sees the CRL behind and re-signs it (once,
         # however many brokers of this station race for it).
@@ -1448,15 +1448,15 @@ class PKI:
                 if self.registry.shared:
                     self._check_station_active()
                 yield
-                behind = self._crl_behind()
                 with self.registry.pipeline():  # PostgreSQL: one round trip for all of it
+                    behind = self._crl_behind()
                     self.registry.mark_applied(txid)
                     if change.events:
                         entries, appended_at = self.ledger.append(
                             change.events, signer=self.issuing_key(), now=now
                         )
                         _record_head(self.registry, entries)
-                if change.crl_dirty or behind:
+                if change.crl_dirty or behind():
                     old_crl = crl_path.read_bytes() if crl_path.exists() else None
                     crl = _make_crl(
                         self.registry,
@@ -1477,10 +1477,12 @@ class PKI:
                 atomic_write(crl_path, old_crl)
             raise
 
-    def _crl_behind(self) -> bool:
-        """Shared registry: another station revoked one of ours since our CRL was signed."""
+    def _crl_behind(self) -> Callable[[], bool]:
+        """Shared registry: another station revoked one of ours since our CRL was signed.
+
+        Asked now, answered when called (so the question rides in the write's pipeline)."""
         if not self.registry.shared:
-            return False
+            return lambda: False
         return self._shared("a station CRL").crl_behind(self.issuer_fingerprint)
 
 
@@ -1488,6 +1490,7 @@ def _open_shared(url: str, issuer_fingerprint: str) -> tuple[PostgresRegistry, P
     from provisioning.registry_pg import PgLedger, PostgresRegistry
 
     registry = PostgresRegistry(url)
+    registry.station_fingerprint = issuer_fingerprint
     return registry, PgLedger(registry, signer_id=issuer_fingerprint)
 
 

@@ -22,7 +22,7 @@ import json
 import logging
 import re
 import time
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -292,9 +292,17 @@ _CERT_COLUMNS = (
 )
 
 
-# COPY, not INSERT per row: a batch of 500 rows is one statement for the server to plan and one
-# stream for the client to encode (the bulk of a station's time under the lock, profiled).
-_COPY_CERTS = f"COPY certificates ({_CERT_COLUMNS}) FROM STDIN".encode()
+# One INSERT of arrays, not one INSERT per row: a batch of 500 rows is one statement for the
+# server to plan and one round trip under the lock (COPY would be two).
+_CERT_TYPES = (
+    "text", "text", "text", "text", "text", "text", "text", "timestamptz", "timestamptz", "text",
+    "timestamptz", "text", "timestamptz", "text", "text",
+)  # fmt: skip
+_INSERT_CERTS = (
+    f"INSERT INTO certificates ({_CERT_COLUMNS}) SELECT * FROM unnest("  # noqa: S608 - constants
+    + ", ".join(f"%s::{t}[]" for t in _CERT_TYPES)
+    + ")"
+).encode()
 # The ledger's lines go in with the other bookkeeping of a change in one pipeline (one round trip),
 # where COPY cannot be: one INSERT of arrays instead.
 _INSERT_LEDGER = (
@@ -318,6 +326,10 @@ class PostgresRegistry:
         migrate(self._conn, url)
         self._in_tx = False
         self._head: LedgerHead | None = None  # the chain head, as locked by transaction()
+        # The issuing CA of the station writing through this connection (set by the PKI): its
+        # status is read with the lock, in the same round trip.
+        self.station_fingerprint: str | None = None
+        self._station_status: str | None = None
 
     def close(self) -> None:
         self._conn.close()
@@ -353,9 +365,12 @@ class PostgresRegistry:
         try:
             with self._conn.transaction():
                 row = self._conn.execute(
-                    "SELECT seq, hash FROM chain_head WHERE id = 1 FOR UPDATE"
+                    "SELECT seq, hash, (SELECT status FROM stations WHERE fingerprint = %s)"
+                    " AS station FROM chain_head WHERE id = 1 FOR UPDATE",
+                    (self.station_fingerprint,),
                 ).fetchone()
                 self._head = LedgerHead(int(row["seq"]), str(row["hash"])) if row else None
+                self._station_status = row["station"] if row else None
                 self._in_tx = True
                 try:
                     yield
@@ -464,18 +479,31 @@ class PostgresRegistry:
 
     def station_status(self, fingerprint: str) -> str | None:
         """'active' or 'revoked' for a station's issuing CA; None if the registry lacks it."""
+        if self._in_tx and fingerprint == self.station_fingerprint:
+            return self._station_status  # read with the lock
         rows = self._rows("SELECT status FROM stations WHERE fingerprint = %s", (fingerprint,))
         return str(rows[0]["status"]) if rows else None
 
-    def crl_behind(self, issuer: str) -> bool:
+    def crl_behind(self, issuer: str) -> Callable[[], bool]:
         """Whether the CRL ``issuer`` last signed lists fewer revocations than the registry
-        holds (another station revoked one of its certificates since): one query."""
-        rows = self._rows(
-            "SELECT (SELECT count(*) FROM certificates WHERE status = 'revoked' AND issuer = %s)"
-            " AS n, (SELECT value FROM meta WHERE key = %s) AS recorded",
-            (issuer, f"crl_revoked:{issuer}"),
-        )
-        return str(rows[0]["n"]) != (rows[0]["recorded"] or "0")
+        holds (another station revoked one of its certificates since).
+
+        Sent now, read when the returned function is called: inside :meth:`pipeline`, the
+        question travels with the other statements and its answer is read after the sync.
+        """
+        with self._guard():
+            cursor = self._conn.execute(
+                b"SELECT (SELECT count(*) FROM certificates WHERE status = 'revoked'"
+                b" AND issuer = %s) AS n, (SELECT value FROM meta WHERE key = %s) AS recorded",
+                (issuer, f"crl_revoked:{issuer}"),
+            )
+
+        def answer() -> bool:
+            with self._guard():
+                row = cursor.fetchone()
+            return row is not None and str(row["n"]) != (row["recorded"] or "0")
+
+        return answer
 
     def revoked_count(self, issuer: str) -> int:
         rows = self._rows(
@@ -560,7 +588,7 @@ class PostgresRegistry:
         self.insert_many([record])
 
     def insert_many(self, records: list[CertRecord]) -> None:
-        """Insert in one COPY (a batch of 500 is one statement and one round trip)."""
+        """Insert in one statement (a batch of 500 is one round trip)."""
         import psycopg
 
         self._require_tx()
@@ -591,9 +619,9 @@ class PostgresRegistry:
         ]
         try:
             # No savepoint: a refused row aborts the whole change, which the caller rolls back.
-            with self._conn.cursor() as cur, cur.copy(_COPY_CERTS) as copy:
-                for row in values:
-                    copy.write_row(row)
+            self._conn.execute(
+                _INSERT_CERTS, [list(column) for column in zip(*values, strict=True)]
+            )
         except psycopg.errors.UniqueViolation as exc:
             constraint = exc.diag.constraint_name or ""
             detail = exc.diag.message_detail or ""
