@@ -97,7 +97,7 @@ class Run:
         return (os.cpu_count() or 1) * 1e6 / self.cpu_us
 
     def cell(self) -> str:
-        return f"{self.rate:,.0f} ({self.low:,.0f}–{self.high:,.0f})"
+        return f"{self.rate:,.0f} ({self.low:,.0f} to {self.high:,.0f})"
 
 
 def _in_processes(
@@ -286,15 +286,18 @@ def run_factory(*, devices: int, reps: int, kicks: int, base: Path | None) -> in
     print("|---|---:|---:|---:|---:|---:|---:|")
     for label, r in (("SQLite (one directory, crl.pem)", lite), ("PostgreSQL (LISTEN/NOTIFY)", pg)):
         lat, one, four = r["lat"], r["one"], r["four"]
-        assert isinstance(lat, list) and isinstance(one, Run) and isinstance(four, Run)
+        assert isinstance(lat, list)
+        assert isinstance(one, Run)
+        assert isinstance(four, Run)
         print(
             f"| {label} | {one.cell()} | {four.cell()} | {four.cpu_us:,.0f} µs "
-            f"| {four.ceiling():,.0f}/s | {_pct(lat, 50) * 1000:.0f} ms | {_pct(lat, 99) * 1000:.0f} ms |"
+            f"| {four.ceiling():,.0f}/s | {_pct(lat, 50) * 1000:.0f} ms "
+            f"| {_pct(lat, 99) * 1000:.0f} ms |"
         )
     print()
     print(
-        f"Rates: median (slowest–fastest) of {reps} runs. CPU per device: user + system time of the"
-        " station processes (and, on PostgreSQL, of the server's processes) over the devices;"
+        f"Rates: median (slowest to fastest) of {reps} runs. CPU per device: user + system time of"
+        " the station processes (and, on PostgreSQL, of the server's processes) over the devices;"
         f" the ceiling is {os.cpu_count()} CPUs' worth of it."
     )
     print(
