@@ -173,7 +173,7 @@ def test_the_hash_built_at_append_is_the_one_the_verifier_recomputes(pki: PKI) -
     from provisioning.ledger import GENESIS, LedgerHead, build_entries, verify_chain
 
     odd = {
-        "quote\"key": 'va"lue\\ \n\t',
+        'quote"key': 'va"lue\\ \n\t',
         "unicode": "Zürich ✓ \u2028",
         "nested": {"b": [1, 2.5, None, True], "a": {"z": "", "y": "\x00"}},
         "number": -7,
