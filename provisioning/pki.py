@@ -1447,8 +1447,11 @@ class PKI:
             with self.registry.transaction():
                 if self.registry.shared:
                     self._check_station_active()
-                yield
-                with self.registry.pipeline():  # PostgreSQL: one round trip for all of it
+                # PostgreSQL: the change's writes are queued, not awaited one by one (a read
+                # syncs); the server applies them while the ledger lines are chained and signed
+                # here, and the rest of the bookkeeping goes with them in one round trip.
+                with self.registry.pipeline():
+                    yield
                     behind = self._crl_behind()
                     self.registry.mark_applied(txid)
                     if change.events:

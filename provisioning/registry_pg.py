@@ -333,6 +333,7 @@ class PostgresRegistry:
         migrate(self._conn, url)
         self._in_tx = False
         self._head: LedgerHead | None = None  # the chain head, as locked by transaction()
+        self._inserted: list[CertRecord] = []  # this transaction's rows (to name a refusal)
         # The issuing CA of the station writing through this connection (set by the PKI): its
         # status is read with the lock, in the same round trip.
         self.station_fingerprint: str | None = None
@@ -384,6 +385,7 @@ class PostgresRegistry:
                 finally:
                     self._in_tx = False
                     self._head = None
+                    self._inserted = []
         except psycopg.OperationalError as exc:
             raise self._op_error(exc) from None
         except psycopg.Error as exc:
@@ -405,6 +407,8 @@ class PostgresRegistry:
                 yield
         except psycopg.OperationalError as exc:
             raise self._op_error(exc) from None
+        except psycopg.errors.UniqueViolation as exc:  # a queued insert_many, refused
+            raise self._refused(exc) from None
 
     def _require_tx(self) -> None:
         if not self._in_tx:
@@ -624,28 +628,36 @@ class PostgresRegistry:
             )
             for r in records
         ]
+        rows = [
+            {c: _json_value(v) for c, v in zip(_CERT_NAMES, row, strict=True)} for row in values
+        ]
+        # No savepoint: a refused row aborts the whole change, which the caller rolls back. In a
+        # pipeline (a PKI write) the statement is only queued: the server inserts while this
+        # process chains and signs the ledger lines, and a refusal surfaces at the pipeline's
+        # sync, where pipeline() names it as here.
+        self._inserted.extend(records)
         try:
-            # No savepoint: a refused row aborts the whole change, which the caller rolls back.
-            rows = [
-                {c: _json_value(v) for c, v in zip(_CERT_NAMES, row, strict=True)} for row in values
-            ]
             self._conn.execute(_INSERT_CERTS, (json.dumps(rows),))
         except psycopg.errors.UniqueViolation as exc:
-            constraint = exc.diag.constraint_name or ""
-            detail = exc.diag.message_detail or ""
-            found = re.search(r"\)=\((.*)\) already exists", detail)
-            value = found.group(1) if found else "?"
-            if constraint == "one_active_hardware":
-                msg = f"hardware serial {value!r} already belongs to an active device"
-                raise RegistryError(msg) from None
-            if constraint == "one_active_name":
-                kind = next((r.kind for r in records if r.name == value), "device")
-                raise DeviceExistsError(value, kind=kind) from None
-            msg = f"registry refused {value!r}: {exc.diag.message_primary}"
-            raise RegistryError(msg) from None
+            raise self._refused(exc) from None
         revoked = [r for r in records if r.status == "revoked"]
         if revoked:
             self._feed(revoked)
+
+    def _refused(self, exc: psycopg.errors.UniqueViolation) -> RegistryError:
+        """The one line for a certificate row the unique indexes refused."""
+        constraint = exc.diag.constraint_name or ""
+        detail = exc.diag.message_detail or ""
+        found = re.search(r"\)=\((.*)\) already exists", detail)
+        value = found.group(1) if found else "?"
+        if constraint == "one_active_hardware":
+            msg = f"hardware serial {value!r} already belongs to an active device"
+            return RegistryError(msg)
+        if constraint == "one_active_name":
+            kind = next((r.kind for r in self._inserted if r.name == value), "device")
+            return DeviceExistsError(value, kind=kind)
+        msg = f"registry refused {value!r}: {exc.diag.message_primary}"
+        return RegistryError(msg)
 
     def _feed(self, records: Sequence[CertRecord]) -> None:
         for r in records:
