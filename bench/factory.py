@@ -54,7 +54,8 @@ def _worker(pki_dir: str, prefix: str, count: int) -> None:
         for start in range(0, count, BATCH):
             ca.issue_many([f"{prefix}-{n}" for n in range(start, min(count, start + BATCH))])
         t1, c1 = time.time(), time.process_time()
-    print(t0, t1, c1 - c0)
+        held = getattr(ca.registry, "lock_seconds", [])  # PostgreSQL: the write lock per batch
+    print(t0, t1, c1 - c0, statistics.median(held[-(count // BATCH) :]) if held else 0.0)
 
 
 def _cpu_of_tree(pid: int) -> float:
@@ -83,6 +84,7 @@ def _cpu_of_tree(pid: int) -> float:
 class Run:
     rate: float  # devices/s over the wall time (the median of the runs)
     cpu_us: float  # CPU per device, µs: the stations' processes plus the database server's
+    lock_ms: float = 0.0  # PostgreSQL: how long a batch held the write lock (median)
     low: float = 0.0  # the slowest and fastest run: the spread on a shared machine
     high: float = 0.0
 
@@ -90,7 +92,8 @@ class Run:
     def median(runs: list[Run]) -> Run:
         rates = [r.rate for r in runs]
         cpu = statistics.median(r.cpu_us for r in runs)
-        return Run(statistics.median(rates), cpu, min(rates), max(rates))
+        lock = statistics.median(r.lock_ms for r in runs)
+        return Run(statistics.median(rates), cpu, lock, min(rates), max(rates))
 
     def ceiling(self) -> float:
         """devices/s if every CPU of the machine did nothing else (CPU-bound ceiling)."""
@@ -122,7 +125,7 @@ def _in_processes(
         assert proc.stdin is not None
         proc.stdin.write("go\n")
         proc.stdin.close()
-    spans = []
+    spans, locks = [], []
     for proc in procs:
         assert proc.stdout is not None
         out = proc.stdout.read()
@@ -130,12 +133,14 @@ def _in_processes(
         if proc.returncode != 0:
             msg = f"worker failed ({proc.returncode})"
             raise RuntimeError(msg)
-        a, b, cpu = map(float, out.split())
+        a, b, cpu, lock = map(float, out.split())
         spans.append((a, b, cpu))
+        locks.append(lock)
     server = server_cpu() - server0 if server_cpu else 0.0
     wall = max(b for _, b, _ in spans) - min(a for a, _, _ in spans)
     devices = count_each * len(dirs)
-    return Run(devices / wall, (sum(c for _, _, c in spans) + server) / devices * 1e6)
+    cpu_us = (sum(c for _, _, c in spans) + server) / devices * 1e6
+    return Run(devices / wall, cpu_us, statistics.median(locks) * 1000)
 
 
 def _connect(port: int, creds: Path, name: str) -> ssl.SSLSocket:
@@ -303,6 +308,14 @@ def run_factory(*, devices: int, reps: int, kicks: int, base: Path | None) -> in
     print(
         f"Crypto floor in the same run (key + leaf + no disk, one process): {floor:,.0f} "
         f"devices/s; load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs."
+    )
+    one_pg, four_pg = pg["one"], pg["four"]
+    assert isinstance(one_pg, Run)
+    assert isinstance(four_pg, Run)
+    print(
+        f"PostgreSQL write lock held per batch of {BATCH} (median, COMMIT included): "
+        f"{one_pg.lock_ms:.0f} ms with 1 station, {four_pg.lock_ms:.0f} ms with 4 at once "
+        "(every other station waits that long)."
     )
     print(f"PostgreSQL ledger verified afterwards: {pg['entries']} entries, one chain.")
     lat = pg["lat"]

@@ -334,6 +334,9 @@ class PostgresRegistry:
         self._in_tx = False
         self._head: LedgerHead | None = None  # the chain head, as locked by transaction()
         self._inserted: list[CertRecord] = []  # this transaction's rows (to name a refusal)
+        # How long each transaction of this connection held the lock, COMMIT included: what
+        # every other station waited (bench/factory.py reports it).
+        self.lock_seconds: list[float] = []
         # The issuing CA of the station writing through this connection (set by the PKI): its
         # status is read with the lock, in the same round trip.
         self.station_fingerprint: str | None = None
@@ -370,6 +373,7 @@ class PostgresRegistry:
         """Hold the registry-wide write lock (the chain head row); commit or roll back."""
         import psycopg
 
+        locked_at: float | None = None
         try:
             with self._conn.transaction():
                 row = self._conn.execute(
@@ -377,6 +381,7 @@ class PostgresRegistry:
                     " AS station FROM chain_head WHERE id = 1 FOR UPDATE",
                     (self.station_fingerprint,),
                 ).fetchone()
+                locked_at = time.perf_counter()
                 self._head = LedgerHead(int(row["seq"]), str(row["hash"])) if row else None
                 self._station_status = row["station"] if row else None
                 self._in_tx = True
@@ -391,6 +396,9 @@ class PostgresRegistry:
         except psycopg.Error as exc:
             msg = f"registry {self.where}: {' '.join(str(exc).split())}"
             raise RegistryError(msg) from None
+        finally:
+            if locked_at is not None:
+                self.lock_seconds.append(time.perf_counter() - locked_at)
 
     @contextlib.contextmanager
     def pipeline(self) -> Iterator[None]:
