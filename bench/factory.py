@@ -6,12 +6,16 @@ Rows, for each registry:
   1 station     PKI.issue_many() in batches of 500 from one process
   4 stations    the same from 4 processes at once: on SQLite 4 processes share one PKI directory
                 (the single-machine way); on PostgreSQL each is its own station with its own
-                issuing CA. The rate is all devices over the wall time from the first start to
-                the last finish.
+                issuing CA. Every process starts its interpreter and opens its PKI first;
+                then all start together (a line on stdin). The rate is all devices over the
+                wall time from the first start to the last finish.
   revocation    a device connected to two brokers is revoked (PKI.revoke in this process); the
                 time until both brokers have closed its connection, p50 and p99 over --kicks
                 devices. SQLite brokers poll crl.pem (0.2 s); PostgreSQL brokers LISTEN.
-PostgreSQL is a throwaway cluster (iotauth.pgcluster) on this machine, fsync on.
+PostgreSQL is a throwaway cluster (iotauth.pgcluster) on this machine, fsync on. Each rate is the
+median of --reps runs with the slowest and fastest beside it, and the CPU per device (stations
+and database server together) gives the CPU-bound ceiling: what the machine's CPUs could do
+with nothing else running.
 """
 
 from __future__ import annotations
@@ -27,6 +31,8 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 from broker.server import BrokerThread
@@ -40,32 +46,101 @@ BATCH = 500
 
 def _worker(pki_dir: str, prefix: str, count: int) -> None:
     with PKI.open(Path(pki_dir)) as ca:
-        t0 = time.time()
+        # Ready (interpreter started, PKI open), then wait for the common start: the stations
+        # issue at the same time instead of one finishing while another still imports.
+        print("ready", flush=True)
+        sys.stdin.readline()
+        t0, c0 = time.time(), time.process_time()
         for start in range(0, count, BATCH):
             ca.issue_many([f"{prefix}-{n}" for n in range(start, min(count, start + BATCH))])
-        t1 = time.time()
-    print(t0, t1)
+        t1, c1 = time.time(), time.process_time()
+        held = getattr(ca.registry, "lock_seconds", [])  # PostgreSQL: the write lock per batch
+    print(t0, t1, c1 - c0, statistics.median(held[-(count // BATCH) :]) if held else 0.0)
 
 
-def _in_processes(dirs: list[Path], count_each: int, tag: str) -> float:
+def _cpu_of_tree(pid: int) -> float:
+    """CPU seconds of a process, its live children and its waited-for children (PostgreSQL:
+    the postmaster, its auxiliary processes and every backend that has exited)."""
+    tick = os.sysconf("SC_CLK_TCK")
+
+    def fields(p: str) -> list[str]:
+        text = Path(f"/proc/{p}/stat").read_text()
+        return text[text.rindex(")") + 2 :].split()
+
+    own = fields(str(pid))
+    total = sum(int(v) for v in own[11:15])  # utime stime cutime cstime
+    for entry in os.listdir("/proc"):
+        if entry.isdigit() and entry != str(pid):
+            try:
+                f = fields(entry)
+            except (OSError, ValueError):
+                continue
+            if f[1] == str(pid):
+                total += int(f[11]) + int(f[12])
+    return total / tick
+
+
+@dataclass(frozen=True)
+class Run:
+    rate: float  # devices/s over the wall time (the median of the runs)
+    cpu_us: float  # CPU per device, µs: the stations' processes plus the database server's
+    lock_ms: float = 0.0  # PostgreSQL: how long a batch held the write lock (median)
+    low: float = 0.0  # the slowest and fastest run: the spread on a shared machine
+    high: float = 0.0
+
+    @staticmethod
+    def median(runs: list[Run]) -> Run:
+        rates = [r.rate for r in runs]
+        cpu = statistics.median(r.cpu_us for r in runs)
+        lock = statistics.median(r.lock_ms for r in runs)
+        return Run(statistics.median(rates), cpu, lock, min(rates), max(rates))
+
+    def ceiling(self) -> float:
+        """devices/s if every CPU of the machine did nothing else (CPU-bound ceiling)."""
+        return (os.cpu_count() or 1) * 1e6 / self.cpu_us
+
+    def cell(self) -> str:
+        return f"{self.rate:,.0f} ({self.low:,.0f} to {self.high:,.0f})"
+
+
+def _in_processes(
+    dirs: list[Path], count_each: int, tag: str, server_cpu: Callable[[], float] | None = None
+) -> Run:
     procs = [
         subprocess.Popen(
             [sys.executable, __file__, "--worker", str(d), f"{tag}{n}", str(count_each)],
+            stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
             text=True,
         )
         for n, d in enumerate(dirs)
     ]
-    spans = []
     for proc in procs:
-        out, _ = proc.communicate(timeout=1200)
+        assert proc.stdout is not None
+        if proc.stdout.readline().strip() != "ready":
+            msg = f"worker failed to start ({proc.wait()})"
+            raise RuntimeError(msg)
+    server0 = server_cpu() if server_cpu else 0.0
+    for proc in procs:
+        assert proc.stdin is not None
+        proc.stdin.write("go\n")
+        proc.stdin.close()
+    spans, locks = [], []
+    for proc in procs:
+        assert proc.stdout is not None
+        out = proc.stdout.read()
+        proc.wait(timeout=1200)
         if proc.returncode != 0:
             msg = f"worker failed ({proc.returncode})"
             raise RuntimeError(msg)
-        a, b = map(float, out.split())
-        spans.append((a, b))
-    wall = max(b for _, b in spans) - min(a for a, _ in spans)
-    return count_each * len(dirs) / wall
+        a, b, cpu, lock = map(float, out.split())
+        spans.append((a, b, cpu))
+        locks.append(lock)
+    server = server_cpu() - server0 if server_cpu else 0.0
+    wall = max(b for _, b, _ in spans) - min(a for a, _, _ in spans)
+    devices = count_each * len(dirs)
+    cpu_us = (sum(c for _, _, c in spans) + server) / devices * 1e6
+    return Run(devices / wall, cpu_us, statistics.median(locks) * 1000)
 
 
 def _connect(port: int, creds: Path, name: str) -> ssl.SSLSocket:
@@ -149,9 +224,9 @@ def _pct(values: list[float], p: float) -> float:
 def _sqlite(work: Path, devices: int, reps: int, kicks: int) -> dict[str, object]:
     ca = PKI.init(work / "sqlite-pki", trust_domain="bench.example")
     try:
-        one = statistics.median(_in_processes([ca.path], devices, f"s1r{r}") for r in range(reps))
-        four = statistics.median(
-            _in_processes([ca.path] * 4, devices // 4, f"s4r{r}p") for r in range(reps)
+        one = Run.median([_in_processes([ca.path], devices, f"s1r{r}") for r in range(reps)])
+        four = Run.median(
+            [_in_processes([ca.path] * 4, devices // 4, f"s4r{r}p") for r in range(reps)]
         )
         lat = _kick_latency([ca], [ca.path, ca.path], work / "sqlite", kicks)
     finally:
@@ -168,11 +243,19 @@ def _postgres(work: Path, devices: int, reps: int, kicks: int) -> dict[str, obje
         dirs = [root.add_station(f"st{n}", out=work / f"pg-st{n}") for n in range(4)]
         stations = [PKI.open(d) for d in dirs]
         try:
-            one = statistics.median(
-                _in_processes([dirs[0]], devices, f"p1r{r}") for r in range(reps)
+            assert pg.pid is not None
+            pid = pg.pid
+            one = Run.median(
+                [
+                    _in_processes([dirs[0]], devices, f"p1r{r}", lambda: _cpu_of_tree(pid))
+                    for r in range(reps)
+                ]
             )
-            four = statistics.median(
-                _in_processes(dirs, devices // 4, f"p4r{r}p") for r in range(reps)
+            four = Run.median(
+                [
+                    _in_processes(dirs, devices // 4, f"p4r{r}p", lambda: _cpu_of_tree(pid))
+                    for r in range(reps)
+                ]
             )
             lat = _kick_latency(stations[:2], dirs[:2], work / "pg", kicks)
             report = root.verify_ledger()  # the figures describe a valid, unforked ledger
@@ -203,28 +286,47 @@ def run_factory(*, devices: int, reps: int, kicks: int, base: Path | None) -> in
     )
     print()
     print("| registry | 1 station devices/s | 4 stations at once devices/s "
+          "| CPU per device, 4 stations | CPU-bound ceiling, 4 stations "
           "| revocation to kick on 2 brokers p50 | p99 |")  # fmt: skip
-    print("|---|---:|---:|---:|---:|")
+    print("|---|---:|---:|---:|---:|---:|---:|")
     for label, r in (("SQLite (one directory, crl.pem)", lite), ("PostgreSQL (LISTEN/NOTIFY)", pg)):
-        lat = r["lat"]
+        lat, one, four = r["lat"], r["one"], r["four"]
         assert isinstance(lat, list)
+        assert isinstance(one, Run)
+        assert isinstance(four, Run)
         print(
-            f"| {label} | {r['one']:,.0f} | {r['four']:,.0f} | "
-            f"{_pct(lat, 50) * 1000:.0f} ms | {_pct(lat, 99) * 1000:.0f} ms |"
+            f"| {label} | {one.cell()} | {four.cell()} | {four.cpu_us:,.0f} µs "
+            f"| {four.ceiling():,.0f}/s | {_pct(lat, 50) * 1000:.0f} ms "
+            f"| {_pct(lat, 99) * 1000:.0f} ms |"
         )
     print()
+    print(
+        f"Rates: median (slowest to fastest) of {reps} runs. CPU per device: user + system time of"
+        " the station processes (and, on PostgreSQL, of the server's processes) over the devices;"
+        f" the ceiling is {os.cpu_count()} CPUs' worth of it."
+    )
     print(
         f"Crypto floor in the same run (key + leaf + no disk, one process): {floor:,.0f} "
         f"devices/s; load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs."
     )
+    one_pg, four_pg = pg["one"], pg["four"]
+    assert isinstance(one_pg, Run)
+    assert isinstance(four_pg, Run)
+    print(
+        f"PostgreSQL write lock held per batch of {BATCH} (median, COMMIT included): "
+        f"{one_pg.lock_ms:.0f} ms with 1 station, {four_pg.lock_ms:.0f} ms with 4 at once "
+        "(every other station waits that long)."
+    )
     print(f"PostgreSQL ledger verified afterwards: {pg['entries']} entries, one chain.")
     lat = pg["lat"]
     assert isinstance(lat, list)
-    rate_ok, p99 = float(pg["four"]) >= 2000, _pct(lat, 99)
+    four = pg["four"]
+    assert isinstance(four, Run)
+    rate_ok, p99 = four.rate >= 2000, _pct(lat, 99)
     print()
     print(
         f"Verdict: 4 stations together ≥ 2,000 devices/s: {'**met**' if rate_ok else '**not met**'}"
-        f" ({float(pg['four']):,.0f}/s on PostgreSQL); p99 revocation to kick on every broker under"
+        f" ({four.rate:,.0f}/s on PostgreSQL); p99 revocation to kick on every broker under"
         f" 1 s: {'**met**' if p99 < 1 else '**not met**'} ({p99 * 1000:.0f} ms)."
     )
     return 0

@@ -23,11 +23,13 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import datetime as dt
+import json
 import logging
 import os
 import shutil
 import ssl
 import tempfile
+import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -38,7 +40,7 @@ from cryptography.exceptions import InvalidSignature
 
 from broker.errors import ConfigError
 from provisioning.config import PKIConfig
-from provisioning.errors import ProvisioningError
+from provisioning.errors import ProvisioningError, RegistryUnavailableError
 from provisioning.keyfiles import atomic_write
 from provisioning.registry_pg import NOTIFY_CHANNEL, async_connect, display_url
 from provisioning.registry_pg import connect as registry_connect
@@ -47,9 +49,12 @@ from provisioning.tls import ClientCertificates, server_context, server_context_
 if TYPE_CHECKING:
     import psycopg
 
+    from provisioning.pki import PKI
+
     _Conn = psycopg.Connection[dict[str, Any]]
 
 __all__ = [
+    "SNAPSHOT_NAME",
     "CRLState",
     "RegistryRevocationWatcher",
     "RevocationWatcher",
@@ -58,6 +63,12 @@ __all__ = [
 ]
 
 log = logging.getLogger("iotauth.broker.revocation")
+
+# The broker's last view of a shared registry, in its PKI directory: what it serves from when it
+# starts while the database is down. Rewritten (atomically) on every sync that changed something.
+SNAPSHOT_NAME = "registry-snapshot.json"
+_SNAPSHOT_FORMAT = 1
+_STATION_KEYS = ("name", "fingerprint", "certificate", "crl", "crl_number", "status")
 
 
 @dataclass(frozen=True, slots=True)
@@ -266,7 +277,12 @@ class RegistryRevocationWatcher(RevocationWatcher):
     """Revocation from the shared registry (PostgreSQL): every station's CRL, every broker.
 
     At start it reads, synchronously, every station's issuing CA and CRL and every revoked
-    serial (a broker does not start without the registry). Then it LISTENs on the registry's
+    serial, and saves that view as ``registry-snapshot.json`` in the PKI directory (again after
+    every sync that changed it). If the database cannot be reached at start, the broker serves
+    from that snapshot (said once in the log, ``iotauth_broker_registry_up 0``) and catches up
+    when the database answers; without a snapshot it does not start (fail closed: it would not
+    know which stations to trust nor what they revoked). A wrong password or a missing database
+    is not "down": it stops the start with its one line. Then it LISTENs on the registry's
     notification channel: a revocation committed by any station wakes it within milliseconds; it
     reads the revocation feed past the last id it saw (ids commit in order: every write holds
     the chain head lock), adds the serials, rebuilds the TLS context when a station's CRL or
@@ -282,7 +298,10 @@ class RegistryRevocationWatcher(RevocationWatcher):
     station; a revoked station's CRL is left out, so OpenSSL refuses each of its devices at the
     handshake ("unable to get certificate CRL"), and its serials are in the revoked set for the
     live sessions. A device revoked by another station than its own is refused at CONNECT (the
-    revoked set) until its own station re-signs its CRL on its next write.
+    revoked set) at once; its own station's CRL, which only that station's key can sign, is
+    re-signed by whichever broker runs from that station's directory (this class, when the
+    revocation feed moves and the directory's station CRL is behind), and published through the
+    registry to every broker; otherwise on that station's next write.
     """
 
     def __init__(
@@ -307,6 +326,14 @@ class RegistryRevocationWatcher(RevocationWatcher):
         self._crl_dir = Path(tempfile.mkdtemp(prefix="iotauth-broker-crls-"))
         self._lock = asyncio.Lock()
         self._crl_file = self._crl_dir / "stations-crl.pem"
+        self._station_rows: list[dict[str, Any]] = []
+        self._synced_at = time.time()  # when the view last matched the registry
+        self._down_since: float | None = None  # monotonic; None while the registry answers
+        self._snapshot_warned = False
+        self._station_pki: PKI | None = None  # this directory's PKI, to re-sign its CRL
+        self._resign_failed = False
+        self._resign_task: asyncio.Task[None] | None = None
+        self._resign_again = False
         try:
             self._root = x509.load_pem_x509_certificate((pki_dir / "root.crt").read_bytes())
         except (OSError, ValueError) as exc:
@@ -315,6 +342,12 @@ class RegistryRevocationWatcher(RevocationWatcher):
         super().__init__(pki_dir, password=password, interval=interval, on_change=on_change)
         try:
             conn = registry_connect(registry_url)
+        except RegistryUnavailableError as exc:
+            if exc.permanent:  # a wrong password or a missing database is not an outage
+                msg = f"the broker needs its registry at start: {exc}"
+                raise ConfigError(msg) from None
+            self._start_from_snapshot(exc)
+            return
         except ProvisioningError as exc:
             msg = f"the broker needs its registry at start: {exc}"
             raise ConfigError(msg) from None
@@ -323,6 +356,81 @@ class RegistryRevocationWatcher(RevocationWatcher):
         finally:
             conn.close()
         self.registry_up = True
+        self._save_snapshot()
+
+    # -- the snapshot: serving while the database is down -----------------------------------------
+
+    @property
+    def snapshot_path(self) -> Path:
+        return self.pki_dir / SNAPSHOT_NAME
+
+    def _start_from_snapshot(self, exc: RegistryUnavailableError) -> None:
+        """The database is down at start: serve from the last view saved, or refuse to start."""
+        path = self.snapshot_path
+        try:
+            data = json.loads(path.read_bytes())
+            if data.get("format") != _SNAPSHOT_FORMAT:
+                raise ValueError("unknown format")
+            snapshot = _Snapshot(
+                stations=[{k: row[k] for k in _STATION_KEYS} for row in data["stations"]],
+                serials={int(s, 16) for s in data["revoked"]},
+                last_id=int(data["last_id"]),
+            )
+            saved_at = float(data["saved_at"])
+        except FileNotFoundError:
+            msg = (
+                f"the broker needs its registry at start: {exc}; and it has no snapshot of it "
+                f"({path}, saved on every sync), so it cannot know which devices to trust: "
+                "start it once the database answers"
+            )
+            raise ConfigError(msg) from None
+        except (OSError, ValueError, KeyError, TypeError) as err:
+            msg = (
+                f"the broker needs its registry at start: {exc}; and its snapshot {path} is "
+                f"unusable ({err}): start it once the database answers"
+            )
+            raise ConfigError(msg) from None
+        self._apply(snapshot, force_context=True)
+        self.registry_up = False
+        self._synced_at = saved_at
+        self._down_since = time.monotonic()
+        when = dt.datetime.fromtimestamp(saved_at, dt.UTC).isoformat(timespec="seconds")
+        log.warning(
+            "registry %s unreachable at start: serving from its snapshot of %s (%d revoked "
+            "serial(s), %d station(s)); reconnecting every %.0f s",
+            display_url(self._url),
+            when,
+            len(self._revoked),
+            len(self._stations),
+            self.reconnect_interval,
+        )
+
+    def _snapshot_bytes(self) -> bytes:
+        return json.dumps(
+            {
+                "format": _SNAPSHOT_FORMAT,
+                "registry": display_url(self._url),
+                "saved_at": self._synced_at,
+                "last_id": self._last_id,
+                "stations": [{k: row[k] for k in _STATION_KEYS} for row in self._station_rows],
+                "revoked": sorted(format(s, "x") for s in self._revoked),
+            },
+            indent=1,
+        ).encode()
+
+    def _save_snapshot(self, data: bytes | None = None) -> None:
+        """Write the view just synced; a directory the broker cannot write is said once."""
+        try:
+            atomic_write(self.snapshot_path, data if data is not None else self._snapshot_bytes())
+        except OSError as exc:
+            if not self._snapshot_warned:
+                self._snapshot_warned = True
+                log.warning(
+                    "cannot save the registry snapshot %s (%s): this broker will not be able to "
+                    "start while the database is down",
+                    self.snapshot_path,
+                    exc.strerror or exc,
+                )
 
     @property
     def issuers(self) -> tuple[x509.Certificate, ...]:
@@ -335,10 +443,18 @@ class RegistryRevocationWatcher(RevocationWatcher):
         return {
             "iotauth_broker_registry_up": lambda: 1.0 if self.registry_up else 0.0,
             "iotauth_broker_revoked_serials": lambda: float(len(self._revoked)),
+            # How old the view served from is: 0 while the registry answers.
+            "iotauth_broker_registry_view_age_seconds": lambda: (
+                0.0 if self.registry_up else max(0.0, time.time() - self._synced_at)
+            ),
         }
 
     def close(self) -> None:
         shutil.rmtree(self._crl_dir, ignore_errors=True)
+        busy = self._resign_task is not None and not self._resign_task.done()
+        if self._station_pki is not None and not busy:  # a running re-sign closes nothing twice
+            with contextlib.suppress(Exception):
+                self._station_pki.close()
 
     def _build_context(self, client_certificates: ClientCertificates) -> ssl.SSLContext:
         """Trust the root, check leaves against every active station's CRL.
@@ -434,6 +550,7 @@ class RegistryRevocationWatcher(RevocationWatcher):
             self._contexts = {mode: self._build_context(mode) for mode in self._contexts}
         self._revoked |= snapshot.serials
         self._stations = stations
+        self._station_rows = list(snapshot.stations)
         self._issuers = tuple(issuers)
         self._last_id = max(self._last_id, snapshot.last_id)
         self.state = CRLState(
@@ -465,6 +582,8 @@ class RegistryRevocationWatcher(RevocationWatcher):
         async with self._lock:
             snapshot = await asyncio.to_thread(self._delta, conn)
             changed = self._apply(snapshot)
+            self._synced_at = time.time()
+            saved = self._snapshot_bytes() if changed else None
         if changed:
             log.info(
                 "registry: %d revoked serial(s), %d station(s); revocation feed at #%d",
@@ -472,9 +591,70 @@ class RegistryRevocationWatcher(RevocationWatcher):
                 len(self._stations),
                 self._last_id,
             )
-            if self.on_change is not None:
+            if self.on_change is not None:  # the kick first: nothing below may delay it
                 await self.on_change(self.state)
+            await asyncio.to_thread(self._save_snapshot, saved)
+            self._schedule_resign()
         return changed
+
+    def _schedule_resign(self) -> None:
+        """Re-sign this station's CRL in the background: a slow or failing write (the database
+        going away again) must never hold up the watcher's next catch-up or kick."""
+        if self._resign_task is None or self._resign_task.done():
+            self._resign_task = asyncio.create_task(asyncio.to_thread(self._resign_own_crl))
+        else:
+            self._resign_again = True  # the running one goes round once more
+
+    def _resign_own_crl(self) -> None:
+        """Another station revoked a certificate of this directory's station: re-sign its CRL
+        (only this station's key can) and publish it, so every broker's handshakes (and every
+        exported Mosquitto or EMQX) refuse it too, not only CONNECT here. In a thread."""
+        if (
+            self._resign_failed
+            or self._stations.get(self.issuer_fingerprint, (0, ""))[1] != "active"
+        ):
+            return
+        import psycopg
+
+        from provisioning.errors import PKIError
+        from provisioning.pki import PKI, passphrase_from_env
+
+        try:
+            if self._station_pki is None:
+                self._station_pki = PKI.open(self.pki_dir, passphrase=passphrase_from_env())
+            info = self._station_pki.catch_up_crl()
+            while self._resign_again:
+                self._resign_again = False
+                info = self._station_pki.catch_up_crl() or info
+        except PKIError as exc:
+            self._resign_failed = True  # e.g. the issuing key is elsewhere: say it once
+            log.warning(
+                "cannot re-sign the CRL of this directory's station (%s): revocations by other "
+                "stations reach its CRL on the station's next write; this broker refuses them at "
+                "CONNECT meanwhile",
+                exc,
+            )
+            return
+        except (ProvisioningError, OSError, psycopg.Error) as exc:  # the next change retries
+            log.warning("could not re-sign this station's CRL now: %s", exc)
+            if self._station_pki is not None:
+                with contextlib.suppress(Exception):
+                    self._station_pki.close()
+            self._station_pki = None
+            return
+        if info is not None:
+            log.info(
+                "re-signed this station's CRL #%d: %d revoked certificate(s), published to every "
+                "broker",
+                info.number,
+                info.revoked,
+            )
+
+    @property
+    def issuer_fingerprint(self) -> str:
+        from provisioning.certificates import fingerprint
+
+        return fingerprint(self._issuer)
 
     async def check(self) -> bool:
         """Catch up now (a fresh connection) instead of waiting for a notification."""
@@ -493,7 +673,6 @@ class RegistryRevocationWatcher(RevocationWatcher):
         import psycopg
 
         self.warn_if_stale()
-        lost_at = 0.0
         while True:
             listen: psycopg.AsyncConnection[Any] | None = None
             query: _Conn | None = None
@@ -503,7 +682,7 @@ class RegistryRevocationWatcher(RevocationWatcher):
                 query = await asyncio.to_thread(registry_connect, self._url)
                 await self._catch_up(query)  # everything committed while we were away
                 if not self.registry_up:
-                    down = asyncio.get_running_loop().time() - lost_at
+                    down = time.monotonic() - (self._down_since or time.monotonic())
                     log.warning(
                         "registry %s is back after %.1f s; caught up to revocation #%d",
                         display_url(self._url),
@@ -511,6 +690,7 @@ class RegistryRevocationWatcher(RevocationWatcher):
                         self._last_id,
                     )
                 self.registry_up = True
+                self._down_since = None
                 while True:
                     # A notification, or the safety poll's timeout, ends this wait.
                     async for _ in listen.notifies(timeout=self.safety_poll, stop_after=1):
@@ -519,7 +699,7 @@ class RegistryRevocationWatcher(RevocationWatcher):
                     self.warn_if_stale()
             except (psycopg.Error, ProvisioningError, OSError) as exc:
                 if self.registry_up:
-                    lost_at = asyncio.get_running_loop().time()
+                    self._down_since = time.monotonic()
                     log.error(
                         "registry %s lost (%s): keeping %d revoked serial(s) and the CRLs of %d "
                         "station(s); reconnecting every %.0f s",

@@ -849,6 +849,17 @@ def _revoke(
             if had_secret:
                 say(f"Revoked the secret of service {name} ({reason})")
             say(f"CRL #{info.number} written to {pki / 'crl.pem'}")
+            # Another station's certificate: only its key signs its CRL (brokers refuse it now).
+            foreign = sorted(
+                {st.name for r in rows for st in ca.stations() if st.fingerprint == r.issuer}
+                - {ca.config.station}
+            )
+            for station in foreign:
+                say(
+                    f"Issued by station {station}: brokers refuse it now; {station}'s CRL lists "
+                    f"it once {station} re-signs it (a broker running from its directory does at "
+                    "once; else its next write, or 'iotauth ca crl --pki' on it)"
+                )
             doc: dict[str, object] = {
                 "kind": kind.value,
                 "name": name,
@@ -856,6 +867,7 @@ def _revoke(
                 "revoked": [r.serial for r in rows],
                 "secret_revoked": bool(had_secret),
                 "crl": {"number": info.number, "path": str(pki / "crl.pem")},
+                "issued_by_other_stations": foreign,
                 "export": None,
                 "warnings": [],
             }

@@ -86,6 +86,10 @@ class LedgerEntry:
         return _canonical(body) + b"\n"
 
 
+def _canonical_value(value: str) -> bytes:
+    return json.dumps(value, ensure_ascii=True).encode()
+
+
 def _entry_hash(seq: int, time: str, event: str, data: Mapping[str, Any], prev: str) -> str:
     body = {"seq": seq, "time": time, "event": event, "data": data, "prev": prev}
     return hashlib.sha256(_canonical(body)).hexdigest()
@@ -105,10 +109,22 @@ def build_entries(
     when = (now or dt.datetime.now(dt.UTC)).astimezone(dt.UTC).isoformat(timespec="microseconds")
     entries: list[LedgerEntry] = []
     prev, seq = head.hash, head.seq
+    when_json = _canonical_value(when)
     for event, data in events:
         seq += 1
-        payload = json.loads(_canonical(data))  # JSON-safe copy; fails early on odd types
-        digest = _entry_hash(seq, when, event, payload, prev)
+        canonical_data = _canonical(data)
+        payload = json.loads(canonical_data)  # JSON-safe copy; fails early on odd types
+        # _entry_hash's canonical body, assembled around the data already encoded (keys in
+        # sorted order: data, event, prev, seq, time): a batch of 500 is chained under the write
+        # lock, so it is made once, not three times. The verifier recomputes it the long way.
+        body = b'{"data":%s,"event":%s,"prev":%s,"seq":%d,"time":%s}' % (
+            canonical_data,
+            _canonical_value(event),
+            _canonical_value(prev),
+            seq,
+            when_json,
+        )
+        digest = hashlib.sha256(body).hexdigest()
         sig = signer.sign(bytes.fromhex(digest))  # ECDSA P-256 with SHA-256, in a file or token
         entries.append(
             LedgerEntry(seq, when, event, payload, prev, digest, base64.b64encode(sig).decode())

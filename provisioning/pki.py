@@ -753,7 +753,8 @@ class PKI:
             out=item.staged.final if item.staged else None,
         )
 
-    def _record_for(self, p: Prepared, now: dt.datetime) -> CertRecord:
+    def _record_for(self, p: Prepared, now: dt.datetime, station: str | None = None) -> CertRecord:
+        """The registry row of ``p``; ``station`` (``station_id()``) once per batch, not per row."""
         cert = p.certificate
         return CertRecord(
             kind=p.identity.kind.value,
@@ -766,7 +767,7 @@ class PKI:
             not_after=cert.not_valid_after_utc,
             status="active",
             issued_at=now,
-            issued_by=station_id(),
+            issued_by=station or station_id(),
             hardware_serial=p.hardware_serial,
             issuer=self.issuer_fingerprint if self.registry.shared else None,
         )
@@ -779,9 +780,15 @@ class PKI:
         now: dt.datetime,
         details: dict[str, Any] | None = None,
     ) -> list[Issued]:
+        # The rows (fingerprints, hashes) are computed before the lock: under it, a batch only
+        # checks, inserts and chains, so other stations wait as little as possible.
+        station = station_id()
+        ready = [self._record_for(p.prepared, now, station) for p in pending]
         records = self._write(
             now,
-            lambda change: self._issue_in(change, pending, rotate=rotate, now=now, details=details),
+            lambda change: self._issue_in(
+                change, pending, rotate=rotate, now=now, details=details, records=ready
+            ),
         )
         return [self._issued(p, r) for p, r in zip(pending, records, strict=True)]
 
@@ -793,9 +800,14 @@ class PKI:
         rotate: bool,
         now: dt.datetime,
         details: dict[str, Any] | None = None,
+        records: list[CertRecord] | None = None,
     ) -> list[CertRecord]:
-        """Record ``pending`` as issued within ``change`` (the caller holds the lock)."""
-        records = [self._record_for(p.prepared, now) for p in pending]
+        """Record ``pending`` as issued within ``change`` (the caller holds the lock).
+
+        ``records``: their rows, if already made (outside the lock)."""
+        if records is None:
+            station = station_id()
+            records = [self._record_for(p.prepared, now, station) for p in pending]
         # Re-checked under the lock: another station or process may have issued since prepare.
         states = self.registry.name_states([p.identity.name for p in pending])  # one query
         for item, record in zip(pending, records, strict=True):
@@ -1077,6 +1089,17 @@ class PKI:
         self._write(_now(now), body)
         return self.crl_info()
 
+    def catch_up_crl(self, *, now: dt.datetime | None = None) -> CRLInfo | None:
+        """Shared registry: re-sign this station's CRL if another station revoked one of its
+        certificates since it was signed (a broker running from this directory calls it when the
+        revocation feed moves); None if it was current. Every write does the same check."""
+        if not self.registry.shared or not self._crl_behind()():
+            return None
+        # An empty change: under the lock, _change sees the CRL behind and re-signs it (once,
+        # however many brokers of this station race for it).
+        self._write(_now(now), lambda change: None)
+        return self.crl_info()
+
     def crl_info(self) -> CRLInfo:
         try:
             crl = x509.load_pem_x509_crl((self.path / "crl.pem").read_bytes())
@@ -1199,13 +1222,14 @@ class PKI:
         raise PKIError(msg)
 
     def _check_station_active(self) -> None:
-        for st in self.stations():
-            if st.fingerprint == self.issuer_fingerprint and st.status == "revoked":
-                msg = (
-                    f"station {st.name!r} (this directory's issuing CA) was revoked; it can no "
-                    "longer issue, revoke or sign"
-                )
-                raise PKIError(msg)
+        # One small row under the lock, not every station's certificate and CRL.
+        if self._shared("a station").station_status(self.issuer_fingerprint) == "revoked":
+            name = self.config.station or self.issuer_fingerprint
+            msg = (
+                f"station {name!r} (this directory's issuing CA) was revoked; it can no "
+                "longer issue, revoke or sign"
+            )
+            raise PKIError(msg)
 
     def add_station(
         self,
@@ -1423,14 +1447,19 @@ class PKI:
             with self.registry.transaction():
                 if self.registry.shared:
                     self._check_station_active()
-                yield
-                self.registry.mark_applied(txid)
-                if change.events:
-                    entries, appended_at = self.ledger.append(
-                        change.events, signer=self.issuing_key(), now=now
-                    )
-                    _record_head(self.registry, entries)
-                if change.crl_dirty or self._crl_behind():
+                # PostgreSQL: the change's writes are queued, not awaited one by one (a read
+                # syncs); the server applies them while the ledger lines are chained and signed
+                # here, and the rest of the bookkeeping goes with them in one round trip.
+                with self.registry.pipeline():
+                    yield
+                    behind = self._crl_behind()
+                    self.registry.mark_applied(txid)
+                    if change.events:
+                        entries, appended_at = self.ledger.append(
+                            change.events, signer=self.issuing_key(), now=now
+                        )
+                        _record_head(self.registry, entries)
+                if change.crl_dirty or behind():
                     old_crl = crl_path.read_bytes() if crl_path.exists() else None
                     crl = _make_crl(
                         self.registry,
@@ -1451,19 +1480,20 @@ class PKI:
                 atomic_write(crl_path, old_crl)
             raise
 
-    def _crl_behind(self) -> bool:
-        """Shared registry: another station revoked one of ours since our CRL was signed."""
+    def _crl_behind(self) -> Callable[[], bool]:
+        """Shared registry: another station revoked one of ours since our CRL was signed.
+
+        Asked now, answered when called (so the question rides in the write's pipeline)."""
         if not self.registry.shared:
-            return False
-        recorded = self.registry.get_meta(f"crl_revoked:{self.issuer_fingerprint}")
-        count = self._shared("a station CRL").revoked_count(self.issuer_fingerprint)
-        return str(count) != (recorded or "0")
+            return lambda: False
+        return self._shared("a station CRL").crl_behind(self.issuer_fingerprint)
 
 
 def _open_shared(url: str, issuer_fingerprint: str) -> tuple[PostgresRegistry, PgLedger]:
     from provisioning.registry_pg import PgLedger, PostgresRegistry
 
     registry = PostgresRegistry(url)
+    registry.station_fingerprint = issuer_fingerprint
     return registry, PgLedger(registry, signer_id=issuer_fingerprint)
 
 

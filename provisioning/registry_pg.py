@@ -22,7 +22,7 @@ import json
 import logging
 import re
 import time
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -142,6 +142,11 @@ MIGRATIONS: tuple[str, ...] = (
         created_at  timestamptz NOT NULL,
         revoked_at  timestamptz
     );
+    """,
+    # 3: every write asks how many of its station's certificates are revoked (is its CRL
+    # behind?): an index on the revoked rows only keeps that from scanning the whole fleet
+    """
+    CREATE INDEX revoked_by_issuer ON certificates (issuer) WHERE status = 'revoked';
     """,
 )
 
@@ -287,11 +292,31 @@ _CERT_COLUMNS = (
 )
 
 
-_INSERT_CERT = (
-    f"INSERT INTO certificates ({_CERT_COLUMNS}) VALUES ("  # noqa: S608 - constant column list
-    + ", ".join(["%s"] * 15)
+# A batch goes in as one statement whose one parameter is the rows as JSON: one round trip, one
+# plan, and cheap on both sides (the client's json encoder is C; psycopg's array dumper, tried
+# first, cost more client time than the round trips it saved). Unlike COPY it can travel in a
+# pipeline with the rest of a change's bookkeeping.
+_CERT_NAMES = tuple(c.strip() for c in _CERT_COLUMNS.split(","))
+_CERT_TYPES = (
+    "text", "text", "text", "text", "text", "text", "text", "timestamptz", "timestamptz", "text",
+    "timestamptz", "text", "timestamptz", "text", "text",
+)  # fmt: skip
+_INSERT_CERTS = (
+    f"INSERT INTO certificates ({_CERT_COLUMNS}) SELECT {_CERT_COLUMNS}"  # noqa: S608 - constants
+    " FROM json_to_recordset(%s::json) AS r("
+    + ", ".join(f"{c} {t}" for c, t in zip(_CERT_NAMES, _CERT_TYPES, strict=True))
     + ")"
 ).encode()
+_INSERT_LEDGER = (
+    b"INSERT INTO ledger (seq, time, event, data, prev, hash, sig)"
+    b" SELECT seq, time, event, data::text, prev, hash, sig"
+    b" FROM json_to_recordset(%s::json) AS r(seq bigint, time text, event text, data json,"
+    b" prev text, hash text, sig text)"
+)
+
+
+def _json_value(value: object) -> object:
+    return value.isoformat() if isinstance(value, dt.datetime) else value
 
 
 class PostgresRegistry:
@@ -307,6 +332,15 @@ class PostgresRegistry:
         self._conn = connect(url)
         migrate(self._conn, url)
         self._in_tx = False
+        self._head: LedgerHead | None = None  # the chain head, as locked by transaction()
+        self._inserted: list[CertRecord] = []  # this transaction's rows (to name a refusal)
+        # How long each transaction of this connection held the lock, COMMIT included: what
+        # every other station waited (bench/factory.py reports it).
+        self.lock_seconds: list[float] = []
+        # The issuing CA of the station writing through this connection (set by the PKI): its
+        # status is read with the lock, in the same round trip.
+        self.station_fingerprint: str | None = None
+        self._station_status: str | None = None
 
     def close(self) -> None:
         self._conn.close()
@@ -339,24 +373,59 @@ class PostgresRegistry:
         """Hold the registry-wide write lock (the chain head row); commit or roll back."""
         import psycopg
 
+        locked_at: float | None = None
         try:
             with self._conn.transaction():
-                self._conn.execute("SELECT seq FROM chain_head WHERE id = 1 FOR UPDATE")
+                row = self._conn.execute(
+                    "SELECT seq, hash, (SELECT status FROM stations WHERE fingerprint = %s)"
+                    " AS station FROM chain_head WHERE id = 1 FOR UPDATE",
+                    (self.station_fingerprint,),
+                ).fetchone()
+                locked_at = time.perf_counter()
+                self._head = LedgerHead(int(row["seq"]), str(row["hash"])) if row else None
+                self._station_status = row["station"] if row else None
                 self._in_tx = True
                 try:
                     yield
                 finally:
                     self._in_tx = False
+                    self._head = None
+                    self._inserted = []
         except psycopg.OperationalError as exc:
             raise self._op_error(exc) from None
         except psycopg.Error as exc:
             msg = f"registry {self.where}: {' '.join(str(exc).split())}"
             raise RegistryError(msg) from None
+        finally:
+            if locked_at is not None:
+                self.lock_seconds.append(time.perf_counter() - locked_at)
+
+    @contextlib.contextmanager
+    def pipeline(self) -> Iterator[None]:
+        """Send the statements inside without waiting for each answer: one round trip.
+
+        A write transaction's bookkeeping (transaction id, ledger lines, chain head, meta) goes
+        this way: every round trip under the lock is time that every other station waits,
+        longer still when the stations share CPUs with each other and the server.
+        """
+        import psycopg
+
+        try:
+            with self._conn.pipeline():
+                yield
+        except psycopg.OperationalError as exc:
+            raise self._op_error(exc) from None
+        except psycopg.errors.UniqueViolation as exc:  # a queued insert_many, refused
+            raise self._refused(exc) from None
 
     def _require_tx(self) -> None:
         if not self._in_tx:
             msg = "registry writes must happen inside PostgresRegistry.transaction()"
             raise RuntimeError(msg)
+
+    def locked_head(self) -> LedgerHead | None:
+        """The chain head read with the lock by the current transaction (None outside one)."""
+        return self._head if self._in_tx else None
 
     def _rows(self, query: str, params: Sequence[object] = ()) -> list[dict[str, Any]]:
         """Run a read. Outside a transaction a lost connection is reopened and the read repeated
@@ -427,6 +496,34 @@ class PostgresRegistry:
             return self._records("WHERE status = 'revoked'")
         return self._records("WHERE status = 'revoked' AND issuer = %s", (issuer,))
 
+    def station_status(self, fingerprint: str) -> str | None:
+        """'active' or 'revoked' for a station's issuing CA; None if the registry lacks it."""
+        if self._in_tx and fingerprint == self.station_fingerprint:
+            return self._station_status  # read with the lock
+        rows = self._rows("SELECT status FROM stations WHERE fingerprint = %s", (fingerprint,))
+        return str(rows[0]["status"]) if rows else None
+
+    def crl_behind(self, issuer: str) -> Callable[[], bool]:
+        """Whether the CRL ``issuer`` last signed lists fewer revocations than the registry
+        holds (another station revoked one of its certificates since).
+
+        Sent now, read when the returned function is called: inside :meth:`pipeline`, the
+        question travels with the other statements and its answer is read after the sync.
+        """
+        with self._guard():
+            cursor = self._conn.execute(
+                b"SELECT (SELECT count(*) FROM certificates WHERE status = 'revoked'"
+                b" AND issuer = %s) AS n, (SELECT value FROM meta WHERE key = %s) AS recorded",
+                (issuer, f"crl_revoked:{issuer}"),
+            )
+
+        def answer() -> bool:
+            with self._guard():
+                row = cursor.fetchone()
+            return row is not None and str(row["n"]) != (row["recorded"] or "0")
+
+        return answer
+
     def revoked_count(self, issuer: str) -> int:
         rows = self._rows(
             "SELECT count(*) AS n FROM certificates WHERE status = 'revoked' AND issuer = %s",
@@ -436,17 +533,17 @@ class PostgresRegistry:
 
     def name_states(self, names: list[str]) -> dict[str, tuple[set[str], bool]]:
         """For each name that has rows: (every kind it had, whether one is active)."""
+        # One query (one round trip under the lock): a service with a secret and no
+        # certificate has its name too (never a device's).
         rows = self._rows(
-            "SELECT name, array_agg(DISTINCT kind) AS kinds, bool_or(status = 'active') AS active"
-            " FROM certificates WHERE name = ANY(%s) GROUP BY name",
-            (names,),
+            "SELECT name, array_agg(DISTINCT kind) AS kinds, bool_or(active) AS active FROM ("
+            " SELECT name, kind, status = 'active' AS active FROM certificates"
+            " WHERE name = ANY(%s)"
+            " UNION ALL SELECT name, 'service', false FROM service_secrets WHERE name = ANY(%s)"
+            ") AS n GROUP BY name",
+            (names, names),
         )
-        out = {r["name"]: (set(r["kinds"]), bool(r["active"])) for r in rows}
-        # A service with a secret and no certificate has its name too (never a device's).
-        for r in self._rows("SELECT name FROM service_secrets WHERE name = ANY(%s)", (names,)):
-            kinds, active = out.get(r["name"], (set(), False))
-            out[r["name"]] = (kinds | {"service"}, active)
-        return out
+        return {r["name"]: (set(r["kinds"]), bool(r["active"])) for r in rows}
 
     def secret(self, name: str) -> SecretRecord | None:
         rows = self._rows("SELECT * FROM service_secrets WHERE name = %s", (name,))
@@ -510,7 +607,7 @@ class PostgresRegistry:
         self.insert_many([record])
 
     def insert_many(self, records: list[CertRecord]) -> None:
-        """Insert in one pipelined round of statements (a batch of 500 is one round trip)."""
+        """Insert in one statement (a batch of 500 is one round trip)."""
         import psycopg
 
         self._require_tx()
@@ -539,26 +636,36 @@ class PostgresRegistry:
             )
             for r in records
         ]
+        rows = [
+            {c: _json_value(v) for c, v in zip(_CERT_NAMES, row, strict=True)} for row in values
+        ]
+        # No savepoint: a refused row aborts the whole change, which the caller rolls back. In a
+        # pipeline (a PKI write) the statement is only queued: the server inserts while this
+        # process chains and signs the ledger lines, and a refusal surfaces at the pipeline's
+        # sync, where pipeline() names it as here.
+        self._inserted.extend(records)
         try:
-            # No savepoint: a refused row aborts the whole change, which the caller rolls back.
-            with self._conn.cursor() as cur:
-                cur.executemany(_INSERT_CERT, values)
+            self._conn.execute(_INSERT_CERTS, (json.dumps(rows),))
         except psycopg.errors.UniqueViolation as exc:
-            constraint = exc.diag.constraint_name or ""
-            detail = exc.diag.message_detail or ""
-            found = re.search(r"\)=\((.*)\) already exists", detail)
-            value = found.group(1) if found else "?"
-            if constraint == "one_active_hardware":
-                msg = f"hardware serial {value!r} already belongs to an active device"
-                raise RegistryError(msg) from None
-            if constraint == "one_active_name":
-                kind = next((r.kind for r in records if r.name == value), "device")
-                raise DeviceExistsError(value, kind=kind) from None
-            msg = f"registry refused {value!r}: {exc.diag.message_primary}"
-            raise RegistryError(msg) from None
+            raise self._refused(exc) from None
         revoked = [r for r in records if r.status == "revoked"]
         if revoked:
             self._feed(revoked)
+
+    def _refused(self, exc: psycopg.errors.UniqueViolation) -> RegistryError:
+        """The one line for a certificate row the unique indexes refused."""
+        constraint = exc.diag.constraint_name or ""
+        detail = exc.diag.message_detail or ""
+        found = re.search(r"\)=\((.*)\) already exists", detail)
+        value = found.group(1) if found else "?"
+        if constraint == "one_active_hardware":
+            msg = f"hardware serial {value!r} already belongs to an active device"
+            return RegistryError(msg)
+        if constraint == "one_active_name":
+            kind = next((r.kind for r in self._inserted if r.name == value), "device")
+            return DeviceExistsError(value, kind=kind)
+        msg = f"registry refused {value!r}: {exc.diag.message_primary}"
+        return RegistryError(msg)
 
     def _feed(self, records: Sequence[CertRecord]) -> None:
         for r in records:
@@ -674,6 +781,9 @@ class PgLedger:
         self.signer_id = signer_id
 
     def head(self) -> LedgerHead:
+        locked = self._registry.locked_head()
+        if locked is not None:  # read with the lock: no second round trip
+            return locked
         rows = self._registry._rows("SELECT seq, hash FROM chain_head WHERE id = 1")
         return (
             LedgerHead(int(rows[0]["seq"]), str(rows[0]["hash"]))
@@ -693,27 +803,25 @@ class PgLedger:
         signed = [(event, {**data, "signed_by": self.signer_id}) for event, data in events]
         entries = build_entries(self.head(), signed, signer=signer, now=now)
         conn = self._registry.connection
-        with conn.cursor() as cur:
-            cur.executemany(
-                "INSERT INTO ledger (seq, time, event, data, prev, hash, sig)"
-                " VALUES (%s, %s, %s, %s, %s, %s, %s)",
-                [
-                    (
-                        e.seq,
-                        e.time,
-                        e.event,
-                        json.dumps(e.data, sort_keys=True),
-                        e.prev,
-                        e.hash,
-                        e.sig,
-                    )
-                    for e in entries
-                ],
-            )
+        rows = [
+            {
+                "seq": e.seq,
+                "time": e.time,
+                "event": e.event,
+                "data": e.data,  # stays JSON inside the JSON: encoded once, below
+                "prev": e.prev,
+                "hash": e.hash,
+                "sig": e.sig,
+            }
+            for e in entries
+        ]
+        conn.execute(_INSERT_LEDGER, (json.dumps(rows, sort_keys=True),))
         last = entries[-1]
         conn.execute(
             "UPDATE chain_head SET seq = %s, hash = %s WHERE id = 1", (last.seq, last.hash)
         )
+        # What the next read of the head in this transaction sees.
+        self._registry._head = LedgerHead(last.seq, last.hash)
         return entries, 0
 
     def truncate(self, size: int) -> None:

@@ -8,6 +8,8 @@ are all refused; a broker that loses the database keeps serving and catches up.
 
 from __future__ import annotations
 
+import functools
+import json
 import ssl
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -15,8 +17,9 @@ from pathlib import Path
 
 import psycopg
 import pytest
+from cryptography import x509
 
-from broker.revocation import RegistryRevocationWatcher
+from broker.revocation import SNAPSHOT_NAME, RegistryRevocationWatcher
 from broker.server import BrokerThread
 from broker.settings import BrokerSettings
 from iotauth.pgcluster import TempPostgres
@@ -29,7 +32,7 @@ from tests.broker.broker_helpers import (
     tls_socket,
     wait_until,
 )
-from tests.conftest import Result, assert_one_line_error
+from tests.conftest import Result, assert_one_line_error, openssl
 
 pytestmark = pytest.mark.slow
 
@@ -171,3 +174,132 @@ def test_a_broker_that_loses_the_database_keeps_serving_and_catches_up(
     assert closed_by_peer(live, 3.0)
     assert wait_until(lambda: factory.refused(b, "dev-a"), 5.0)
     assert "is back" in caplog.text
+
+
+def _up(x: BrokerThread) -> float:
+    return x.broker.metrics.value("iotauth_broker_registry_up")
+
+
+def test_a_broker_starts_from_its_snapshot_while_the_database_is_down_and_catches_up(
+    factory: Factory, postgres: TempPostgres, caplog: pytest.LogCaptureFixture
+) -> None:
+    _, b = factory.brokers  # b runs from station-1's directory
+    factory.creds("station-1", "dev-keep")
+    factory.creds("station-3", "dev-old")
+    factory.creds("station-3", "dev-late")
+    factory.stations["station-3"].revoke("dev-old")
+    assert wait_until(lambda: factory.refused(b, "dev-old"), 2.0)
+    snapshot = factory.tmp / "station-1" / SNAPSHOT_NAME
+    assert wait_until(lambda: _serial_in(snapshot, factory, "dev-old"), 2.0)
+    b.stop()
+    # Revoked while broker b is away: its snapshot cannot know.
+    factory.stations["station-1"].revoke("dev-late")
+    postgres.stop()
+    try:
+        c = BrokerThread(BrokerSettings(factory.tmp / "station-1")).start()
+        factory.brokers[1] = c  # the fixture stops it
+        assert _up(c) == 0.0
+        assert c.broker.metrics.value("iotauth_broker_registry_view_age_seconds") > 0
+        start_lines = [
+            r.getMessage() for r in caplog.records if "unreachable at start" in r.message
+        ]
+        assert len(start_lines) == 1, start_lines
+        assert "snapshot" in start_lines[0]
+        assert postgres.password not in caplog.text
+        # What it knew: a good device in, the revoked one out.
+        factory.connect(c, "dev-keep").close()
+        assert factory.refused(c, "dev-old")
+        late = factory.connect(c, "dev-late")  # revoked after the snapshot: not known yet
+    finally:
+        postgres.resume()
+    # The database answers again: the broker reconnects (every second), reads the feed it
+    # missed and kicks the device revoked while it was away.
+    assert closed_by_peer(late, 10.0)
+    assert factory.refused(c, "dev-late")
+    assert wait_until(lambda: _up(c) == 1.0, 5.0)
+    assert c.broker.metrics.value("iotauth_broker_registry_view_age_seconds") == 0.0
+    assert "is back" in caplog.text
+
+
+def _serial_in(snapshot: Path, factory: Factory, name: str) -> bool:
+    record = factory.root.registry.active(name) or factory.root.registry.history(name)[-1]
+    return record.serial in json.loads(snapshot.read_text())["revoked"]
+
+
+def test_without_database_or_snapshot_a_broker_does_not_start_and_says_why(
+    factory: Factory, postgres: TempPostgres, pg_url: str, cli: Callable[..., Result]
+) -> None:
+    station = factory.tmp / "station-1"
+    (station / SNAPSHOT_NAME).unlink()
+    postgres.stop()
+    try:
+        result = cli("broker", "run", "--pki", "station-1", "--port", "0", "--no-renewal")
+    finally:
+        postgres.resume()
+    assert_one_line_error(result, pg_url, "cannot reach the database server", "no snapshot")
+    assert postgres.password not in result.stderr
+    # A corrupt snapshot is no better than none: the same refusal, naming the file.
+    (station / SNAPSHOT_NAME).write_text("{not json")
+    postgres.stop()
+    try:
+        result = cli("broker", "run", "--pki", "station-1", "--port", "0", "--no-renewal")
+    finally:
+        postgres.resume()
+    assert_one_line_error(result, pg_url, SNAPSHOT_NAME, "unusable")
+
+
+def _handshake_refused(factory: Factory, broker: BrokerThread, name: str) -> bool:
+    """Refused by TLS itself (the station's CRL): the server's alert arrives before any MQTT."""
+    sock = tls_socket(
+        broker.port, factory.tmp / "creds" / name, root=factory.root.path / "root.crt"
+    )
+    sock.settimeout(0.5)
+    try:
+        sock.recv(1)
+    except ssl.SSLError as exc:
+        return "revoked" in str(exc)
+    except TimeoutError:
+        return False  # the server waits for CONNECT: the handshake passed
+    finally:
+        sock.close()
+    return False
+
+
+def test_the_owning_stations_crl_follows_a_revocation_by_another_station(
+    factory: Factory, cli: Callable[..., Result]
+) -> None:
+    a, b = factory.brokers  # a runs from station-3's directory, so it holds station-3's key
+    factory.creds("station-3", "s3-dev")
+    factory.creds("station-3", "s3-other")
+    for x in (a, b):  # the negative twin first: before the revocation, TLS lets it through
+        assert not _handshake_refused(factory, x, "s3-dev")
+    before = _station_crl(factory.root, "station-3")
+    cli("device", "revoke", "s3-dev", "--pki", "station-1", check=True)
+    serial = int(factory.root.registry.history("s3-dev")[-1].serial, 16)
+    # Station-3's broker re-signs station-3's CRL and publishes it; every broker's handshake
+    # then refuses the device (not only CONNECT), as an exported Mosquitto would.
+    assert wait_until(
+        lambda: (
+            _station_crl(factory.root, "station-3").get_revoked_certificate_by_serial_number(serial)
+            is not None
+        ),
+        5.0,
+    )
+    after = _station_crl(factory.root, "station-3")
+    number = x509.CRLNumber
+    assert (
+        after.extensions.get_extension_for_class(number).value.crl_number
+        > before.extensions.get_extension_for_class(number).value.crl_number
+    )
+    crl_file = factory.tmp / "station-3" / "crl.pem"
+    assert openssl("crl", "-in", crl_file, "-noout", "-text").stdout.count("Serial Number") == 1
+    for x in (a, b):
+        assert wait_until(functools.partial(_handshake_refused, factory, x, "s3-dev"), 5.0)
+        assert not _handshake_refused(factory, x, "s3-other")
+    factory.root.verify_ledger()
+
+
+def _station_crl(root: PKI, name: str) -> x509.CertificateRevocationList:
+    [st] = [s for s in root.stations() if s.name == name]
+    assert st.crl_pem is not None
+    return x509.load_pem_x509_crl(st.crl_pem)

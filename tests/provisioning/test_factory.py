@@ -14,6 +14,7 @@ import sys
 import threading
 import time
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import psycopg
@@ -245,7 +246,8 @@ def test_cli_add_station_then_issue_and_revoke_from_another_station(
                     "-untrusted", tmp_path / "root-ca" / "issuing.crt",
                     tmp_path / "creds" / "device.crt")  # fmt: skip
     assert wrong.returncode != 0
-    cli("device", "revoke", "dev-0042", "--pki", "root-ca", check=True)
+    revoked = cli("device", "revoke", "dev-0042", "--pki", "root-ca", check=True)
+    assert "Issued by station line1-bench3: brokers refuse it now" in revoked.stdout
     listed = cli("device", "list", "--pki", "station-3", "--json", check=True)
     assert [r["state"] for r in json.loads(listed.stdout)] == ["revoked"]
     stations = json.loads(cli("ca", "stations", "--pki", "root-ca", "--json", check=True).stdout)
@@ -327,6 +329,62 @@ def test_two_stations_racing_for_the_same_ids_one_wins_each(root: PKI, tmp_path:
     root.verify_ledger()
     with pytest.raises(DeviceExistsError, match="'same-0' already has an active certificate"):
         PKI.open(a).issue("same-0")
+
+
+def test_two_stations_racing_on_the_command_line_one_wins_the_other_gets_one_line(
+    root: PKI, tmp_path: Path, cli: Callable[..., Result]
+) -> None:
+    for name in ("st-a", "st-b"):
+        root.add_station(name, out=tmp_path / name)
+    for n in range(2):
+        device = f"race-{n}"
+        with ThreadPoolExecutor(max_workers=2) as pool:
+            runs = list(
+                pool.map(
+                    lambda st, d=device: cli(
+                        "device", "issue", d, "--pki", st, "--out", f"{st}-{d}"
+                    ),
+                    ("st-a", "st-b"),
+                )
+            )
+        won = [r for r in runs if r.returncode == 0]
+        lost = [r for r in runs if r.returncode != 0]
+        assert len(won) == 1, [r.stderr for r in runs]
+        assert len(lost) == 1
+        assert_one_line_error(lost[0], f"'{device}' already has an active certificate", "--rotate")
+        assert len(root.registry.history(device)) == 1
+        # The loser wrote no credential directory.
+        loser = "st-b" if runs[0].returncode == 0 else "st-a"
+        assert not (tmp_path / f"{loser}-{device}").exists()
+    root.verify_ledger()
+
+
+def test_a_station_and_a_broker_with_a_bad_database_say_one_line(
+    root: PKI, postgres: TempPostgres, pg_url: str, tmp_path: Path, cli: Callable[..., Result]
+) -> None:
+    station = root.add_station("st-1", out=tmp_path / "st-1")
+    wrong = {"PGPASSWORD": "not-the-password"}
+    issued = cli("device", "issue", "d1", "--pki", "st-1", "--out", "c1", env=wrong)
+    assert_one_line_error(issued, pg_url, "password authentication failed")
+    broker = cli("broker", "run", "--pki", "st-1", "--port", "0", "--no-renewal", env=wrong)
+    assert_one_line_error(broker, pg_url, "password authentication failed")
+    for result in (issued, broker):
+        assert "not-the-password" not in result.stdout + result.stderr
+    # The same station directory pointed at a missing database, then at a closed port.
+    toml = station / "pki.toml"
+    text = toml.read_text()
+    missing = postgres.url("no_such_db")
+    toml.write_text(text.replace(pg_url, missing))
+    gone = cli("device", "issue", "d1", "--pki", "st-1", "--out", "c1")
+    assert_one_line_error(gone, missing, "does not exist")
+    closed = f"postgresql://iotauth@127.0.0.1:{_closed_port()}/x"
+    toml.write_text(text.replace(pg_url, closed))
+    down = cli("device", "issue", "d1", "--pki", "st-1", "--out", "c1")
+    assert_one_line_error(down, closed, "cannot reach the database server")
+    assert not (tmp_path / "c1").exists()
+    # The positive twin: the right URL and password issue.
+    toml.write_text(text)
+    cli("device", "issue", "d1", "--pki", "st-1", "--out", "c1", check=True)
 
 
 # -- faults: the database restarts in the middle of a gang run ----------------------------------

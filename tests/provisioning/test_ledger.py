@@ -165,3 +165,24 @@ def test_a_failed_change_takes_its_ledger_lines_back(pki: PKI, pki_dir: Path) ->
     assert (pki_dir / "ledger.jsonl").stat().st_size == size  # ...and taken back
     pki.issue("dev-2")
     assert pki.verify_ledger().entries == 3
+
+
+def test_the_hash_built_at_append_is_the_one_the_verifier_recomputes(pki: PKI) -> None:
+    """build_entries assembles the canonical line around the data it already encoded; every
+    awkward character must come out as json.dumps(sort_keys=True) would make it."""
+    from provisioning.ledger import GENESIS, LedgerHead, build_entries, verify_chain
+
+    odd = {
+        'quote"key': 'va"lue\\ \n\t',
+        "unicode": "Zürich ✓ \u2028",
+        "nested": {"b": [1, 2.5, None, True], "a": {"z": "", "y": "\x00"}},
+        "number": -7,
+    }
+    entries = build_entries(
+        LedgerHead(0, GENESIS),
+        [("issue", odd), ('ev"ent ü', {}), ("x", {"k": ["é"]})],
+        signer=pki.issuing_key(),
+    )
+    public = pki.issuing.public_key()
+    assert isinstance(public, ec.EllipticCurvePublicKey)
+    assert verify_chain(((e.seq, e) for e in entries), key_for=lambda _: public) == entries

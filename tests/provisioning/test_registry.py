@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from provisioning.errors import UnknownDeviceError
+from provisioning.errors import RegistryError, UnknownDeviceError
 from provisioning.identity import IdentityKind
 from provisioning.pki import PKI
 
@@ -189,3 +189,20 @@ def test_revoking_a_service_revokes_its_secret_with_or_without_a_certificate(pki
     # A new secret after revocation is a fresh version (sessions named #1 stay kicked).
     _, again, replaced = pki.set_service_secret("telegraf")
     assert (again.version, again.status, replaced) == (2, "active", None)
+
+
+def test_a_hardware_serial_in_use_is_refused_and_the_batch_records_nothing(pki: PKI) -> None:
+    """Only the registry's unique index knows: on PostgreSQL the refusal comes back from the
+    pipelined insert, and must still be the one line, with nothing of the batch kept."""
+    pki.issue("dev-a", hardware_serial="HW-1")
+    count, entries = pki.registry.count(), pki.verify_ledger().entries
+    with pytest.raises(RegistryError, match="hardware serial 'HW-1' already belongs to an active"):
+        pki.issue("dev-b", hardware_serial="HW-1")
+    with pytest.raises(RegistryError, match="hardware serial 'HW-1' already belongs to an active"):
+        pki.issue_many(["dev-c", "dev-d"], hardware_serials=["HW-2", "HW-1"])
+    assert pki.registry.count() == count
+    assert pki.verify_ledger().entries == entries
+    assert pki.registry.active("dev-c") is None
+    # The positive twin: a free hardware serial is recorded.
+    pki.issue("dev-c", hardware_serial="HW-2")
+    assert pki.registry.active_by_hardware_serial("HW-2") is not None
