@@ -220,7 +220,9 @@ async def _connect(
     return client
 
 
-async def run_one(kind: str, messages: int, *, store: bool, profile: cProfile.Profile | None) -> float:
+async def run_one(
+    kind: str, messages: int, *, store: bool, profile: cProfile.Profile | None
+) -> float:
     """CPU microseconds the broker spends per delivered message."""
     from broker import connection
     from broker.audit import AuditLog
@@ -262,9 +264,7 @@ async def run_one(kind: str, messages: int, *, store: bool, profile: cProfile.Pr
     def make_conn(transport: Transport) -> Any:
         return connection.MQTTConnection(Listener(), core, auth, server_ctx)  # type: ignore[arg-type]
 
-    sink = await _connect(
-        make_conn, client_ctx, next(ports), connect_packet("sink", level=level)
-    )
+    sink = await _connect(make_conn, client_ctx, next(ports), connect_packet("sink", level=level))
     sink.conn.data_received(sink.encrypt(subscribe_packet(1, "devices/+/telemetry/#", qos, level)))
     await asyncio.sleep(0)
     sink.pump()
@@ -282,9 +282,7 @@ async def run_one(kind: str, messages: int, *, store: bool, profile: cProfile.Pr
         if qos:
             head = publish_qos1_head(topic, len(payload) + len(props))
             batches.append(
-                b"".join(
-                    head + (k + 1).to_bytes(2, "big") + props + payload for k in range(BATCH)
-                )
+                b"".join(head + (k + 1).to_bytes(2, "big") + props + payload for k in range(BATCH))
             )
         else:
             body = publish_qos0_packet(topic, props + payload)
@@ -337,7 +335,13 @@ def child(args: argparse.Namespace) -> int:
 
 def _spawn(tree: Path, args: argparse.Namespace, runs: list[str]) -> dict[str, float]:
     env = dict(os.environ, PYTHONPATH=str(tree))
-    cmd = [sys.executable, str(HERE / "broker_path.py"), "--child", "--messages", str(args.messages)]
+    cmd = [
+        sys.executable,
+        str(HERE / "broker_path.py"),
+        "--child",
+        "--messages",
+        str(args.messages),
+    ]
     cmd += ["--runs", ",".join(runs)]
     if args.store:
         cmd.append("--store")
@@ -349,7 +353,9 @@ def _spawn(tree: Path, args: argparse.Namespace, runs: list[str]) -> dict[str, f
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--messages", type=int, default=100_000)
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--runs", default="qos0,qos1", help=f"of {','.join(RUNS)}")
@@ -373,7 +379,9 @@ def main() -> int:
         v5 = [r for r in args.runs if r.endswith("v5")]
         if v5:
             print(f"note: {', '.join(v5)} only on this tree", file=sys.stderr)
-    results: dict[str, dict[str, list[float]]] = {name: {r: [] for r in args.runs} for name, _ in trees}
+    results: dict[str, dict[str, list[float]]] = {
+        name: {r: [] for r in args.runs} for name, _ in trees
+    }
     started = time.monotonic()
     for round_no in range(args.rounds):
         order = trees if round_no % 2 == 0 else trees[::-1]
@@ -381,7 +389,10 @@ def main() -> int:
             runs = args.runs if tree == here else [r for r in args.runs if not r.endswith("v5")]
             for run, us in _spawn(tree, args, runs).items():
                 results[name][run].append(us)
-        print(f"round {round_no + 1}/{args.rounds} done ({time.monotonic() - started:.0f} s)", file=sys.stderr)
+        print(
+            f"round {round_no + 1}/{args.rounds} done ({time.monotonic() - started:.0f} s)",
+            file=sys.stderr,
+        )
     print(
         f"broker CPU per delivered message (us), {args.messages} messages per run, "
         f"{args.rounds} rounds, median (min-max){', store attached' if args.store else ''}"
@@ -393,8 +404,15 @@ def main() -> int:
             if values:
                 line += f"  {name}: {statistics.median(values):5.2f} ({min(values):.2f}-{max(values):.2f})"
         if len(trees) == 2 and results[trees[1][0]][run]:
-            ratios = [a / b for a, b in zip(results[trees[0][0]][run], results[trees[1][0]][run], strict=True)]
-            line += f"  ratio {statistics.median(ratios):.2f}x (" + ", ".join(f"{r:.2f}" for r in ratios) + ")"
+            ratios = [
+                a / b
+                for a, b in zip(results[trees[0][0]][run], results[trees[1][0]][run], strict=True)
+            ]
+            line += (
+                f"  ratio {statistics.median(ratios):.2f}x ("
+                + ", ".join(f"{r:.2f}" for r in ratios)
+                + ")"
+            )
         print(line)
     return 0
 

@@ -534,7 +534,12 @@ class BrokerCore:
             if self.settings.denied_publish == "disconnect":
                 return "publish-denied"
             return None
-        if self.store is not None and self._unstorable(session, packet, topic):
+        store = self.store
+        if (
+            store is not None
+            and store.failed is not None
+            and self._unstorable(session, packet, topic)
+        ):
             return "storage-failed"
         self.messages_in += 1
         message = Message(topic, topic.encode(), packet.payload, packet.qos, packet.retain)
@@ -574,7 +579,12 @@ class BrokerCore:
         if not allowed:
             self.denied(str(session.authenticated.identity), session.client_id, "publish", topic)
             return mqtt.Reason.NOT_AUTHORIZED
-        if self.store is not None and self._unstorable(session, packet, topic):
+        store = self.store
+        if (
+            store is not None
+            and store.failed is not None
+            and self._unstorable(session, packet, topic)
+        ):
             return mqtt.Reason.QUOTA_EXCEEDED
         self.messages_in += 1
         props = packet.properties
@@ -768,9 +778,16 @@ class BrokerCore:
         Local skips the publisher's own (MQTT-3.8.3-3), Retain As Published keeps the RETAIN
         flag (MQTT-3.3.1-12, -13), and every matching Subscription Identifier goes with it
         (MQTT-3.3.4-3)."""
-        granted, retain, ids = _matching_options(
-            session, message.topic, message.retain, publisher is session
-        )
+        summary = session.matching.get(message.topic)
+        if summary is not None and (summary[3] is None or publisher is not session):
+            # remembered, and no No Local subscription to leave out: _matching_options' answer
+            # without its call (this runs per delivery)
+            granted, as_published, ids, _ = summary
+            retain = as_published and message.retain
+        else:
+            granted, retain, ids = _matching_options(
+                session, message.topic, message.retain, publisher is session
+            )
         if granted < 0:
             return
         qos = message.qos if message.qos < granted else granted

@@ -39,6 +39,7 @@ from __future__ import annotations
 
 import dataclasses
 import enum
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Protocol
 
@@ -209,6 +210,7 @@ class ClientProtocol:
         "_aliases_in",
         "_aliases_out",
         "_auth_method",
+        "_buffered",
         "_close_code",
         "_event",
         "_held",
@@ -238,6 +240,9 @@ class ClientProtocol:
     def __init__(self, core: BrokerCore, wire: Wire, peer: str, now: float) -> None:
         self.core = core
         self._wire = wire
+        # Wire.buffered, or the transport's own function once the wire hands it over
+        # (buffer_size_from): asked per delivery, so one Python call less counts.
+        self._buffered: Callable[[], int] = wire.buffered
         self.peer = peer
         self.state = _HANDSHAKE
         self.tls_version: str | None = None
@@ -270,6 +275,11 @@ class ClientProtocol:
             raise LifecycleError(msg)
         self.state = state
 
+    def buffer_size_from(self, size: Callable[[], int]) -> None:
+        """Ask ``size`` instead of :meth:`Wire.buffered` from now on (the same answer, e.g. the
+        transport's ``get_write_buffer_size``, without the wire's call in between)."""
+        self._buffered = size
+
     # -- output ----------------------------------------------------------------------------------
 
     @property
@@ -294,7 +304,7 @@ class ClientProtocol:
 
     def sent(self) -> None:
         """The transport took ``data_to_send()``; its own buffer may have grown."""
-        if self._wire.buffered() > 2 * self.core.limits.outbound_max_bytes:
+        if self._buffered() > 2 * self.core.limits.outbound_max_bytes:
             # Deliveries stop at outbound_max_bytes; only our answers to the peer's own packets
             # (PUBACK, PINGRESP ...) grow it further: a peer that sends and never reads.
             self.violation("slow-reader", "the client does not read what the broker sends")
@@ -311,7 +321,7 @@ class ClientProtocol:
             self._wire.wake()
 
     def backlog(self) -> int:
-        return self._out_bytes + self._wire.buffered()
+        return self._out_bytes + self._buffered()
 
     def hold(self, receiver: Session) -> None:
         if not self.holds:
@@ -341,7 +351,7 @@ class ClientProtocol:
         code = self._close_code
         if code is None and reason is not None:
             code = DISCONNECT_REASONS.get(reason)
-        if code is not None and was_live and self.v5 and not self._wire.buffered():
+        if code is not None and was_live and self.v5 and not self._buffered():
             # MQTT 5 says why (MQTT-3.14.2-1); only to a peer that reads, so a close is never
             # held up by it.
             if code not in mqtt.REASON_CODES[mqtt.DISCONNECT]:
@@ -487,10 +497,12 @@ class ClientProtocol:
         for packet in packets:
             state = self.state
             if state is _LIVE and not self.holds:
-                if self.v5:
-                    self._dispatch5(packet)
-                else:
+                if not self.v5:
                     self._dispatch(packet)
+                elif type(packet) is mqtt.Publish and self.session is not None:
+                    self._publish5(self.session, packet)  # level 5's hot path, not via _dispatch5
+                else:
+                    self._dispatch5(packet)
             elif state is _LIVE or state is _AUTH:
                 # Held (backpressure) or not yet authenticated: kept in order, bounded by what
                 # one socket read delivered, since the transport stops reading meanwhile.
@@ -536,7 +548,7 @@ class ClientProtocol:
             if qos == 2 and pid in session.incoming_qos2:
                 core.ack(self, mqtt.pubrec(pid))  # a re-sent QoS 2 PUBLISH is routed only once
                 return
-            mark = core.mark()
+            mark = core.mark() if qos else 0  # QoS 0 is not acknowledged: nothing to wait for
             reason = core.publish(session, packet)
             if reason is not None:
                 detail = (
@@ -635,7 +647,7 @@ class ClientProtocol:
                     mqtt.Reason.RECEIVE_MAXIMUM_EXCEEDED,
                 )
                 return
-        mark = core.mark()
+        mark = core.mark() if qos else 0  # QoS 0 is not acknowledged: nothing to wait for
         code = core.publish5(session, packet, topic, self._now)
         if not qos:
             return
