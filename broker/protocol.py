@@ -715,9 +715,15 @@ class ClientProtocol:
             data = mqtt.encode_publish5(
                 topic, message.payload, qos, message.retain, packet_id, dup, wire
             )
-            if len(data) > negotiated.max_packet_out:
+            size = len(data)
+            if size > negotiated.max_packet_out:
                 return False
-            self.send(data)
+            # send(), written out: this runs per delivery, and the state was checked above
+            self._out.append(data)
+            self._out_bytes += size
+            if not self._woken:
+                self._woken = True
+                self._wire.wake()
             return True
         return self._publish5_own(message, qos, packet_id, dup)
 
