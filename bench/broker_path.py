@@ -30,6 +30,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import cProfile
+import ctypes
 import datetime as dt
 import json
 import os
@@ -136,30 +137,40 @@ class Listener:
 
 
 class Clock:
-    """CPU seconds spent inside the broker's calls (and cProfile, if on, around only those)."""
+    """CPU seconds spent inside the broker's calls (and cProfile, if on, around only those;
+    under callgrind, its instruction count too: see --instructions)."""
 
-    def __init__(self, profile: cProfile.Profile | None) -> None:
+    def __init__(self, profile: cProfile.Profile | None, toggle: Callable[[], None] | None) -> None:
         self.spent = 0.0
         self.profile = profile
+        self.toggle = toggle
 
-    def call(self, fn: Callable[..., object], *args: object) -> None:
+    def _on(self) -> None:
         if self.profile is not None:
             self.profile.enable()
+        if self.toggle is not None:
+            self.toggle()
+
+    def _off(self) -> None:
+        if self.toggle is not None:
+            self.toggle()
+        if self.profile is not None:
+            self.profile.disable()
+
+    def call(self, fn: Callable[..., object], *args: object) -> None:
+        self._on()
         t0 = time.process_time()
         fn(*args)
         self.spent += time.process_time() - t0
-        if self.profile is not None:
-            self.profile.disable()
+        self._off()
 
     async def loop_turn(self) -> None:
         """Let the broker's scheduled flushes run (nothing else is on this loop)."""
-        if self.profile is not None:
-            self.profile.enable()
+        self._on()
         t0 = time.process_time()
         await asyncio.sleep(0)
         self.spent += time.process_time() - t0
-        if self.profile is not None:
-            self.profile.disable()
+        self._off()
 
 
 class Client:
@@ -218,6 +229,15 @@ async def _connect(
         raise RuntimeError(f"CONNECT refused: {bytes(client.received)!r}")
     client.received.clear()
     return client
+
+
+def _callgrind_toggle() -> Callable[[], None] | None:
+    """CALLGRIND_TOGGLE_COLLECT from the helper library --instructions builds, if loaded."""
+    lib = os.environ.get("BROKER_PATH_CALLGRIND_LIB")
+    if not lib:
+        return None
+    fn: Callable[[], None] = ctypes.CDLL(lib).cg_toggle
+    return fn
 
 
 async def run_one(
@@ -287,7 +307,7 @@ async def run_one(
         else:
             body = publish_qos0_packet(topic, props + payload)
             batches.append(body * BATCH)
-    clock = Clock(profile)
+    clock = Clock(profile, _callgrind_toggle())
     cycles = max(1, messages // (PUBLISHERS * BATCH))
     delivered = 0
     for _ in range(cycles):
@@ -322,10 +342,12 @@ async def run_one(
 def child(args: argparse.Namespace) -> int:
     sys.path.insert(0, str(HERE))
     profile = cProfile.Profile() if args.profile else None
+    counting = bool(os.environ.get("BROKER_PATH_CALLGRIND_LIB"))
     out: dict[str, float] = {}
     for kind in args.runs:
-        # a short untimed run first: imports, first-call caches, the allocator's arenas
-        asyncio.run(run_one(kind, 2000, store=args.store, profile=None))
+        if not counting:
+            # a short untimed run first: imports, first-call caches, the allocator's arenas
+            asyncio.run(run_one(kind, 2000, store=args.store, profile=None))
         out[kind] = asyncio.run(run_one(kind, args.messages, store=args.store, profile=profile))
     if profile is not None:
         profile.dump_stats(args.profile)
@@ -333,8 +355,13 @@ def child(args: argparse.Namespace) -> int:
     return 0
 
 
-def _spawn(tree: Path, args: argparse.Namespace, runs: list[str]) -> dict[str, float]:
-    env = dict(os.environ, PYTHONPATH=str(tree))
+def delivered_count(messages: int) -> int:
+    """What ``run_one`` delivers for ``messages``: whole cycles of every publisher's batch."""
+    per_cycle = PUBLISHERS * BATCH
+    return max(1, messages // per_cycle) * per_cycle
+
+
+def _child_cmd(args: argparse.Namespace, run: str, store: bool) -> list[str]:
     cmd = [
         sys.executable,
         str(HERE / "broker_path.py"),
@@ -342,17 +369,77 @@ def _spawn(tree: Path, args: argparse.Namespace, runs: list[str]) -> dict[str, f
         "--messages",
         str(args.messages),
     ]
-    cmd += ["--runs", ",".join(runs)]
-    if args.store:
-        cmd.append("--store")
-    done = subprocess.run(cmd, env=env, capture_output=True, text=True, check=False)  # noqa: S603
+    cmd += ["--runs", run]
+    return [*cmd, "--store"] if store else cmd
+
+
+def _spawn(tree: Path, args: argparse.Namespace, run: str, store: bool) -> float:
+    env = dict(os.environ, PYTHONPATH=str(tree))
+    done = subprocess.run(  # noqa: S603 - our own script
+        _child_cmd(args, run, store), env=env, capture_output=True, text=True, check=False
+    )
     if done.returncode != 0:
         raise SystemExit(f"broker_path.py: the run on {tree} failed: {done.stderr.strip()[-800:]}")
     result: dict[str, float] = json.loads(done.stdout.strip().splitlines()[-1])
-    return result
+    return result[run]
 
 
-def main() -> int:
+_TOGGLE_C = "#include <valgrind/callgrind.h>\nvoid cg_toggle(void) { CALLGRIND_TOGGLE_COLLECT; }\n"
+
+
+def _count_instructions(
+    jobs: list[tuple[str, Path, str, bool]], args: argparse.Namespace, tmp: Path
+) -> dict[tuple[str, str], float]:
+    """Instructions the broker's calls execute per delivered message, from callgrind (only
+    between the toggles around them): exact and repeatable, whatever else the machine runs."""
+    source = tmp / "toggle.c"
+    source.write_text(_TOGGLE_C)
+    lib = tmp / "libtoggle.so"
+    cc = subprocess.run(  # noqa: S603
+        ["cc", "-O2", "-shared", "-fPIC", "-o", str(lib), str(source)],  # noqa: S607
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    if cc.returncode != 0:
+        raise SystemExit(
+            f"broker_path.py: --instructions needs cc and valgrind's headers: {cc.stderr.strip()[-400:]}"
+        )
+    out: dict[tuple[str, str], float] = {}
+    running: list[tuple[tuple[str, str], subprocess.Popen[str], Path]] = []
+    todo = list(jobs)
+    while todo or running:
+        while todo and len(running) < (os.cpu_count() or 1):
+            name, tree, run, store = todo.pop(0)
+            result = tmp / f"callgrind.{len(out) + len(running) + len(todo)}.{run}.out"
+            env = dict(
+                os.environ,
+                PYTHONPATH=str(tree),
+                PYTHONHASHSEED="0",
+                BROKER_PATH_CALLGRIND_LIB=str(lib),
+            )
+            cmd = [
+                "valgrind",
+                "--tool=callgrind",
+                "--collect-atstart=no",
+                f"--callgrind-out-file={result}",
+                *_child_cmd(args, run, store),
+            ]
+            proc = subprocess.Popen(
+                cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+            )  # noqa: S603
+            running.append(((name, run), proc, result))
+        key, proc, result = running.pop(0)
+        _, err = proc.communicate()
+        if proc.returncode != 0 or not result.exists():
+            raise SystemExit(f"broker_path.py: callgrind run {key} failed: {err.strip()[-800:]}")
+        totals = [line for line in result.read_text().splitlines() if line.startswith("totals:")]
+        out[key] = int(totals[0].split()[1]) / delivered_count(args.messages)
+        print(f"{key[0]} {key[1]}: {out[key]:,.0f} instructions per message", file=sys.stderr)
+    return out
+
+
+def main() -> int:  # noqa: PLR0912 - options
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
@@ -362,6 +449,11 @@ def main() -> int:
     parser.add_argument("--against", type=Path, help="another checkout to compare with")
     parser.add_argument("--store", action="store_true", help="attach a persistence store")
     parser.add_argument("--profile", help="write a cProfile of the broker's calls here")
+    parser.add_argument(
+        "--instructions",
+        action="store_true",
+        help="count instructions under callgrind instead of timing (one round; slow)",
+    )
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     args.runs = [r for r in args.runs.split(",") if r]
@@ -376,43 +468,57 @@ def main() -> int:
         if not (args.against / "broker" / "connection.py").is_file():
             parser.error(f"--against {args.against}: not a checkout of this repository")
         trees.append((f"{args.against}", args.against.resolve()))
-        v5 = [r for r in args.runs if r.endswith("v5")]
-        if v5:
-            print(f"note: {', '.join(v5)} only on this tree", file=sys.stderr)
+
+    def jobs_of(name: str, tree: Path) -> list[tuple[str, Path, str, bool]]:
+        # A tree from before MQTT 5 runs the 3.1.1 runs only; one from before persistence
+        # runs without a store (which is what it shipped).
+        level5 = (tree / "broker" / "protocol.py").is_file()
+        store = args.store and (tree / "broker" / "store.py").is_file()
+        return [(name, tree, r, store) for r in args.runs if level5 or not r.endswith("v5")]
+
     results: dict[str, dict[str, list[float]]] = {
         name: {r: [] for r in args.runs} for name, _ in trees
     }
     started = time.monotonic()
-    for round_no in range(args.rounds):
-        order = trees if round_no % 2 == 0 else trees[::-1]
-        for name, tree in order:
-            runs = args.runs if tree == here else [r for r in args.runs if not r.endswith("v5")]
-            for run, us in _spawn(tree, args, runs).items():
-                results[name][run].append(us)
-        print(
-            f"round {round_no + 1}/{args.rounds} done ({time.monotonic() - started:.0f} s)",
-            file=sys.stderr,
-        )
+    if args.instructions:
+        with tempfile.TemporaryDirectory() as tmp:
+            jobs = [job for name, tree in trees for job in jobs_of(name, tree)]
+            for (name, run), count in _count_instructions(jobs, args, Path(tmp)).items():
+                results[name][run].append(count)
+        unit = "instructions"
+    else:
+        for round_no in range(args.rounds):
+            order = trees if round_no % 2 == 0 else trees[::-1]
+            for name, tree in order:
+                for _, _, run, store in jobs_of(name, tree):
+                    results[name][run].append(_spawn(tree, args, run, store))
+            print(
+                f"round {round_no + 1}/{args.rounds} done ({time.monotonic() - started:.0f} s)",
+                file=sys.stderr,
+            )
+        unit = "CPU us"
+    rounds = "callgrind" if args.instructions else f"{args.rounds} rounds, median (min-max)"
     print(
-        f"broker CPU per delivered message (us), {args.messages} messages per run, "
-        f"{args.rounds} rounds, median (min-max){', store attached' if args.store else ''}"
+        f"broker {unit} per delivered message, {delivered_count(args.messages)} messages per "
+        f"run, {rounds}{', store attached' if args.store else ''}"
     )
     for run in args.runs:
         line = f"  {run:7s}"
         for name, _ in trees:
             values = results[name][run]
             if values:
-                line += f"  {name}: {statistics.median(values):5.2f} ({min(values):.2f}-{max(values):.2f})"
+                median = statistics.median(values)
+                line += f"  {name}: {median:,.2f}"
+                if len(values) > 1:
+                    line += f" ({min(values):.2f}-{max(values):.2f})"
         if len(trees) == 2 and results[trees[1][0]][run]:
             ratios = [
                 a / b
                 for a, b in zip(results[trees[0][0]][run], results[trees[1][0]][run], strict=True)
             ]
-            line += (
-                f"  ratio {statistics.median(ratios):.2f}x ("
-                + ", ".join(f"{r:.2f}" for r in ratios)
-                + ")"
-            )
+            line += f"  ratio {statistics.median(ratios):.3f}x"
+            if len(ratios) > 1:
+                line += " (" + ", ".join(f"{r:.2f}" for r in ratios) + ")"
         print(line)
     return 0
 
