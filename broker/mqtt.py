@@ -1238,6 +1238,8 @@ def _decode_suback5(kind: int, body: bytes, limits: tuple[int, int]) -> Suback |
 def _length(n: int) -> bytes:
     if n < 128:
         return bytes((n,))
+    if n < 16384:  # two bytes: a 100-byte payload with its topic lands here (every PUBLISH)
+        return bytes(((n & 0x7F) | 0x80, n >> 7))
     out = bytearray()
     while True:
         byte, n = n & 0x7F, n >> 7

@@ -98,6 +98,11 @@ _HANDSHAKE, _WAIT_CONNECT, _AUTH, _CHALLENGE, _LIVE, _CLOSED = (
 )
 
 
+# Hot-path names (module globals, not attribute lookups per packet).
+_Publish = mqtt.Publish
+_encode_publish5 = mqtt.encode_publish5
+
+
 class LifecycleError(BrokerError):
     """A state change the lifecycle table does not allow: a bug in the broker, never input."""
 
@@ -499,8 +504,8 @@ class ClientProtocol:
             if state is _LIVE and not self.holds:
                 if not self.v5:
                     self._dispatch(packet)
-                elif type(packet) is mqtt.Publish and self.session is not None:
-                    self._publish5(self.session, packet)  # level 5's hot path, not via _dispatch5
+                elif type(packet) is _Publish:
+                    self._publish5(packet)  # level 5's hot path, not through _dispatch5
                 else:
                     self._dispatch5(packet)
             elif state is _LIVE or state is _AUTH:
@@ -590,7 +595,7 @@ class ClientProtocol:
         session = self.session
         assert session is not None  # noqa: S101 - LIVE implies a session
         if type(packet) is mqtt.Publish:
-            self._publish5(session, packet)
+            self._publish5(packet)
         elif type(packet) is mqtt.Ack:
             pid = packet.packet_id
             if packet.kind == mqtt.PUBREL:
@@ -625,7 +630,9 @@ class ClientProtocol:
         reauth = packet.reason_code == mqtt.Reason.RE_AUTHENTICATE  # else 0x18, a next round
         self._event = AuthContinue(method, packet.properties.authentication_data, reauth)
 
-    def _publish5(self, session: Session, packet: mqtt.Publish) -> None:
+    def _publish5(self, packet: mqtt.Publish) -> None:
+        session = self.session
+        assert session is not None  # noqa: S101 - LIVE implies a session
         topic = packet.topic
         alias = packet.properties.topic_alias
         if alias is not None:
@@ -706,14 +713,21 @@ class ClientProtocol:
         discarded for this client)."""
         if self.state is _CLOSED:
             return True
-        wire = message.properties_wire
-        expires = message.expires_at
-        topic = message.topic_bytes
         negotiated = self.negotiated
-        if expires is None and not message.subscription_ids and not negotiated.alias_max_out:
+        if (
+            message.expires_at is None
+            and not message.subscription_ids
+            and not negotiated.alias_max_out
+        ):
             # the common case: the publisher's properties as they are, encoded once
-            data = mqtt.encode_publish5(
-                topic, message.payload, qos, message.retain, packet_id, dup, wire
+            data = _encode_publish5(
+                message.topic_bytes,
+                message.payload,
+                qos,
+                message.retain,
+                packet_id,
+                dup,
+                message.properties_wire,
             )
             size = len(data)
             if size > negotiated.max_packet_out:
