@@ -884,6 +884,15 @@ class ClientProtocol:
             return  # the client went away while we checked it
         self._now = now
         core = self.core
+        assigned: str | None = None
+        if self.v5 and not connect.client_id:
+            # MQTT-3.1.3-6, -7: a zero-length client id is given one, named in CONNACK
+            # (3.2.2.3.7). Ours is the identity's name: the one client id this identity may use
+            # (core.check_connect), so every rule keyed on client ids holds unchanged, and it
+            # is unique because one client id has one live connection (a second takes over).
+            # 3.1.1 keeps refusing it (0x02, MQTT-3.1.3-9 of 3.1.1).
+            assigned = authenticated.identity.name
+            connect = dataclasses.replace(connect, client_id=assigned)
         try:
             core.check_connect(connect, authenticated)
         except Refused as refusal:
@@ -901,6 +910,8 @@ class ClientProtocol:
         self._go(_LIVE)
         if self.v5:
             props = self._connack_properties(connect, session)
+            if assigned is not None:
+                props = dataclasses.replace(props, assigned_client_identifier=assigned)
             if self._auth_method is not None:
                 props = dataclasses.replace(
                     props, authentication_method=self._auth_method, authentication_data=data
