@@ -614,7 +614,7 @@ class BrokerCore:
     def route(self, message: Message, publisher: Session | None) -> None:  # noqa: PLR0912 - the hot path, one function
         """Deliver to every subscriber the policy lets receive it; ``publisher`` may be held."""
         topic = message.topic
-        qos0: bytes | None = None  # one encoding shared by every QoS 0 receiver
+        qos0: bytes | None = None  # one encoding shared by every QoS 0 receiver of 3.1.1
         # TODO(mqtt5): count the subscribers that took it; none (all queues full) -> the
         # publisher's PUBACK carries 0x97 (issue 15). 3.1.1 has no code for it: the drop is
         # counted and audited per receiver (_dropped).
@@ -625,9 +625,24 @@ class BrokerCore:
             if not allowed:
                 self.metrics.inc("iotauth_broker_acl_denials_total", action="receive")
                 continue
-            if session.v5:
-                self._route5(session, message, publisher)
-                continue
+            v5 = session.v5
+            if v5:
+                # The subscriptions' options decide (3.8.3.1), ``granted`` included. They are
+                # remembered per topic; when none changes the message (no identifiers, not
+                # retained, no No Local to leave out), this receiver gets it as it is.
+                summary = session.matching.get(topic)
+                if (
+                    summary is not None
+                    and not summary[2]
+                    and not message.retain
+                    and (summary[3] is None or publisher is not session)
+                ):
+                    granted = summary[0]  # noqa: PLW2901
+                    out = message
+                else:
+                    granted, out = self._options5(session, message, publisher)  # noqa: PLW2901
+                if granted < 0:
+                    continue  # No Local: none of its subscriptions takes its own message
             qos = message.qos if message.qos < granted else granted
             if qos == 0:
                 link = session.link
@@ -638,14 +653,24 @@ class BrokerCore:
                     self.outbound_dropped += 1
                     self._dropped(session, "slow-subscriber-qos0")
                     continue
-                if qos0 is None:
-                    qos0 = mqtt.encode_publish(message.topic_bytes, message.payload, 0, False)
-                link.send(qos0)
-                self.messages_out += 1
+                if not v5:
+                    if qos0 is None:
+                        qos0 = mqtt.encode_publish(message.topic_bytes, message.payload, 0, False)
+                    link.send(qos0)
+                    self.messages_out += 1
+                elif link.publish5(out, 0, 0, False):
+                    self.messages_out += 1
+                else:
+                    # Expired, or more than the client's Maximum Packet Size: discarded for
+                    # this client (MQTT-3.1.2-25).
+                    self.outbound_dropped += 1
                 if backlog > self._hold_bytes and publisher is not None:
                     self._hold(session, publisher)
             else:
-                self.enqueue(session, message, qos, retain=False)
+                if v5:
+                    self.enqueue(session, out, qos, retain=out.retain)
+                else:  # a live delivery to 3.1.1 never has RETAIN set (MQTT-3.3.1-9)
+                    self.enqueue(session, message, qos, retain=False)
                 if publisher is not None and self._pressed(session, 2):
                     self._hold(session, publisher)
         if self.groups:
@@ -773,44 +798,20 @@ class BrokerCore:
             del self.groups[topic_filter]
             self.shared_index.remove(group.topic_filter, group)
 
-    def _route5(self, session: Session, message: Message, publisher: Session | None) -> None:
-        """Deliver to an MQTT 5 subscriber: its subscriptions' options decide (3.8.3.1): No
-        Local skips the publisher's own (MQTT-3.8.3-3), Retain As Published keeps the RETAIN
-        flag (MQTT-3.3.1-12, -13), and every matching Subscription Identifier goes with it
+    def _options5(
+        self, session: Session, message: Message, publisher: Session | None
+    ) -> tuple[int, Message]:
+        """What an MQTT 5 subscriber's subscription options make of ``message`` (3.8.3.1): the
+        QoS granted (-1: no subscription takes it, as No Local skips the publisher's own,
+        MQTT-3.8.3-3), and the message as it gets it: the RETAIN flag kept by Retain As
+        Published (MQTT-3.3.1-12, -13) and every matching Subscription Identifier
         (MQTT-3.3.4-3)."""
-        summary = session.matching.get(message.topic)
-        if summary is not None and (summary[3] is None or publisher is not session):
-            # remembered, and no No Local subscription to leave out: _matching_options' answer
-            # without its call (this runs per delivery)
-            granted, as_published, ids, _ = summary
-            retain = as_published and message.retain
-        else:
-            granted, retain, ids = _matching_options(
-                session, message.topic, message.retain, publisher is session
-            )
-        if granted < 0:
-            return
-        qos = message.qos if message.qos < granted else granted
-        if retain != message.retain or ids:
+        granted, retain, ids = _matching_options(
+            session, message.topic, message.retain, publisher is session
+        )
+        if granted >= 0 and (retain != message.retain or ids):
             message = dataclasses.replace(message, retain=retain, subscription_ids=ids)
-        if qos:
-            self.enqueue(session, message, qos, retain=retain)
-            if publisher is not None and self._pressed(session, 2):
-                self._hold(session, publisher)
-            return
-        link = session.link
-        if link is None:
-            return
-        backlog = link.backlog()
-        if backlog > self.limits.outbound_max_bytes:
-            self.outbound_dropped += 1
-            return
-        if link.publish5(message, 0, 0, False):
-            self.messages_out += 1
-        else:
-            self.outbound_dropped += 1
-        if backlog > self._hold_bytes and publisher is not None:
-            self._hold(session, publisher)
+        return granted, message
 
     def enqueue(self, session: Session, message: Message, qos: int, *, retain: bool) -> None:
         """A QoS 1/2 message for ``session``: sent now if the window allows, else queued."""
