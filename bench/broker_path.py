@@ -44,7 +44,11 @@ import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:  # imported in the run itself, from the tree under test (--against)
+    from broker.auth import ConnectionFacts
+    from broker.connection import MQTTConnection
 
 HERE = Path(__file__).resolve().parent
 RUNS = ("qos0", "qos1", "qos0v5", "qos1v5", "qos0alias")
@@ -64,7 +68,7 @@ def _make_tls(tmp: Path) -> tuple[ssl.SSLContext, ssl.SSLContext]:
 
     key = ec.generate_private_key(ec.SECP256R1())
     name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "broker.bench.example")])
-    now = dt.datetime.now(dt.timezone.utc)
+    now = dt.datetime.now(dt.UTC)
     cert = (
         x509.CertificateBuilder()
         .subject_name(name)
@@ -100,13 +104,13 @@ class Transport(asyncio.Transport):
         self.written = bytearray()
         self.port = port
 
-    def write(self, data: bytes) -> None:
+    def write(self, data: bytes | bytearray | memoryview) -> None:
         self.written += data
 
     def get_write_buffer_size(self) -> int:
         return 0  # the client reads everything at once
 
-    def get_extra_info(self, name: str, default: Any = None) -> Any:
+    def get_extra_info(self, name: str, default: object = None) -> object:
         return ("127.0.0.1", self.port) if name == "peername" else default
 
     def pause_reading(self) -> None:
@@ -179,7 +183,7 @@ class Clock:
 class Client:
     """One MQTT client's TLS end, in memory, wired to one broker connection."""
 
-    def __init__(self, conn: Any, transport: Transport, context: ssl.SSLContext) -> None:
+    def __init__(self, conn: MQTTConnection, transport: Transport, context: ssl.SSLContext) -> None:
         self.conn = conn
         self.transport = transport
         self._in, self._out = ssl.MemoryBIO(), ssl.MemoryBIO()
@@ -206,7 +210,10 @@ class Client:
 
 
 async def _connect(
-    make_conn: Callable[[Transport], Any], context: ssl.SSLContext, port: int, connect: bytes
+    make_conn: Callable[[Transport], MQTTConnection],
+    context: ssl.SSLContext,
+    port: int,
+    connect: bytes,
 ) -> Client:
     transport = Transport(port)
     conn = make_conn(transport)
@@ -243,16 +250,10 @@ def _callgrind_toggle() -> Callable[[], None] | None:
     return fn
 
 
-async def run_one(
+async def run_one(  # noqa: PLR0912, PLR0915 - one scenario, set up and driven in order
     kind: str, messages: int, *, store: bool, profile: cProfile.Profile | None
 ) -> float:
     """CPU microseconds the broker spends per delivered message."""
-    from broker import connection
-    from broker.audit import AuditLog
-    from broker.auth import Authenticated
-    from broker.core import BrokerCore
-    from broker.metrics import Metrics
-    from broker.settings import BrokerSettings
     from broker_bench import (
         connect_packet,
         count_packets,
@@ -260,6 +261,13 @@ async def run_one(
         publish_qos1_head,
         subscribe_packet,
     )
+
+    from broker import connection
+    from broker.audit import AuditLog
+    from broker.auth import Authenticated
+    from broker.core import BrokerCore
+    from broker.metrics import Metrics
+    from broker.settings import BrokerSettings
     from provisioning.identity import Identity
 
     level = 5 if kind.endswith(("v5", "alias")) else 4
@@ -279,14 +287,14 @@ async def run_one(
     identities["sink"] = Identity.service("sink", DOMAIN)
 
     class Auth:
-        async def authenticate(self, facts: Any) -> Authenticated:
+        async def authenticate(self, facts: ConnectionFacts) -> Authenticated:
             return Authenticated(identities[facts.client_id], "mtls", "1")
 
     auth = Auth()
     ports = iter(range(40000, 50000))
 
-    def make_conn(transport: Transport) -> Any:
-        return connection.MQTTConnection(Listener(), core, auth, server_ctx)  # type: ignore[arg-type]
+    def make_conn(transport: Transport) -> MQTTConnection:
+        return connection.MQTTConnection(Listener(), core, auth, server_ctx)
 
     sink = await _connect(make_conn, client_ctx, next(ports), connect_packet("sink", level=level))
     sink.conn.data_received(sink.encrypt(subscribe_packet(1, "devices/+/telemetry/#", qos, level)))
@@ -391,7 +399,7 @@ def _child_cmd(args: argparse.Namespace, run: str, store: bool) -> list[str]:
 
 def _spawn(tree: Path, args: argparse.Namespace, run: str, store: bool) -> float:
     env = dict(os.environ, PYTHONPATH=str(tree))
-    done = subprocess.run(  # noqa: S603 - our own script
+    done = subprocess.run(
         _child_cmd(args, run, store), env=env, capture_output=True, text=True, check=False
     )
     if done.returncode != 0:
@@ -411,15 +419,16 @@ def _count_instructions(
     source = tmp / "toggle.c"
     source.write_text(_TOGGLE_C)
     lib = tmp / "libtoggle.so"
-    cc = subprocess.run(  # noqa: S603
-        ["cc", "-O2", "-shared", "-fPIC", "-o", str(lib), str(source)],  # noqa: S607
+    cc = subprocess.run(
+        ["cc", "-O2", "-shared", "-fPIC", "-o", str(lib), str(source)],
         capture_output=True,
         text=True,
         check=False,
     )
     if cc.returncode != 0:
         raise SystemExit(
-            f"broker_path.py: --instructions needs cc and valgrind's headers: {cc.stderr.strip()[-400:]}"
+            "broker_path.py: --instructions needs cc and valgrind's headers: "
+            + cc.stderr.strip()[-400:]
         )
     out: dict[tuple[str, str], float] = {}
     running: list[tuple[tuple[str, str], subprocess.Popen[str], Path]] = []
@@ -443,7 +452,7 @@ def _count_instructions(
             ]
             proc = subprocess.Popen(
                 cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
-            )  # noqa: S603
+            )
             running.append(((name, run), proc, result))
         key, proc, result = running.pop(0)
         _, err = proc.communicate()
@@ -455,7 +464,7 @@ def _count_instructions(
     return out
 
 
-def main() -> int:  # noqa: PLR0912 - options
+def main() -> int:  # noqa: PLR0912, PLR0915 - options
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
