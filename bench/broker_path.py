@@ -436,7 +436,7 @@ def _count_instructions(
     while todo or running:
         while todo and len(running) < (os.cpu_count() or 1):
             name, tree, run, store = todo.pop(0)
-            result = tmp / f"callgrind.{len(out) + len(running) + len(todo)}.{run}.out"
+            result = tmp / f"callgrind.{len(jobs) - len(todo)}.{run}.out"  # one per job
             env = dict(
                 os.environ,
                 PYTHONPATH=str(tree),
