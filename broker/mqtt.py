@@ -830,9 +830,10 @@ def _decode_publish5(
         at += 2
     elif flags & 0x08:
         raise _malformed("DUP set on QoS 0")  # MQTT-3.3.1-2
-    if at < len(body) and not body[at]:
+    size = len(body)
+    if at < size and not body[at]:
         props, at = NO_PROPERTIES, at + 1  # the common case: no properties, nothing to build
-    elif body[at : at + 2] == b"\x03\x23" and at + 4 <= len(body):
+    elif at + 4 <= size and body[at] == 3 and body[at + 1] == 0x23:
         # A Topic Alias alone (the next most common case): one shared object per alias value,
         # as _properties would build it (only the field on the wire in its __dict__).
         alias = (body[at + 2] << 8) | body[at + 3]

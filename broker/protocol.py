@@ -636,10 +636,15 @@ class ClientProtocol:
         topic = packet.topic
         alias = packet.properties.topic_alias
         if alias is not None:
-            resolved = self._topic_alias(topic, alias)
-            if resolved is None:
-                return
-            topic = resolved
+            # An alias this connection has set, sent alone: its topic (the common case of a
+            # client using aliases, looked up here without the call); anything else, including
+            # every violation, is _topic_alias's.
+            known = None if topic else self._aliases_in.get(alias)
+            if known is None:
+                known = self._topic_alias(topic, alias)
+                if known is None:
+                    return
+            topic = known
         qos, pid = packet.qos, packet.packet_id
         core = self.core
         if qos == 2:
