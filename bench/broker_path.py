@@ -52,8 +52,9 @@ if TYPE_CHECKING:  # imported in the run itself, from the tree under test (--aga
 
 HERE = Path(__file__).resolve().parent
 RUNS = ("qos0", "qos1", "qos0v5", "qos1v5", "qos0alias")
-PUBLISHERS = 20
-BATCH = 10  # PUBLISHes per client write
+PUBLISHERS = 20  # --publishers; 1 sends BATCH_ONE per write instead of BATCH
+BATCH = 10  # PUBLISHes per client write (and the QoS 1 window)
+BATCH_ONE = 100  # a lone publisher's, as broker_bench.py's window of 100
 ALIAS_1 = b"\x03\x23\x00\x01"  # a property set of Topic Alias 1 alone
 DOMAIN = "bench.example"
 
@@ -283,7 +284,9 @@ async def run_one(  # noqa: PLR0912, PLR0915 - one scenario, set up and driven i
 
         core.store = Store()
 
-    identities = {f"dev-{n:03d}": Identity.device(f"dev-{n:03d}", DOMAIN) for n in range(20)}
+    identities = {
+        f"dev-{n:03d}": Identity.device(f"dev-{n:03d}", DOMAIN) for n in range(PUBLISHERS)
+    }
     identities["sink"] = Identity.service("sink", DOMAIN)
 
     class Auth:
@@ -393,7 +396,7 @@ def _child_cmd(args: argparse.Namespace, run: str, store: bool) -> list[str]:
         "--messages",
         str(args.messages),
     ]
-    cmd += ["--runs", run]
+    cmd += ["--runs", run, "--publishers", str(PUBLISHERS)]
     return [*cmd, "--store"] if store else cmd
 
 
@@ -479,8 +482,14 @@ def main() -> int:  # noqa: PLR0912, PLR0915 - options
         action="store_true",
         help="count instructions under callgrind instead of timing (one round; slow)",
     )
+    parser.add_argument(
+        "--publishers", type=int, choices=(1, 20), default=20, help="20 (10 per write) or 1 (100)"
+    )
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    global PUBLISHERS, BATCH
+    if args.publishers == 1:
+        PUBLISHERS, BATCH = 1, BATCH_ONE
     args.runs = [r for r in args.runs.split(",") if r]
     unknown = [r for r in args.runs if r not in RUNS]
     if unknown:

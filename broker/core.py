@@ -166,8 +166,10 @@ class Session:
     options: dict[str, SubscriptionState] = field(default_factory=dict)
     shared: dict[str, SubscriptionState] = field(default_factory=dict)  # by "$share/g/f"
     # topic -> (options, QoS) of the matching subscriptions; cleared when they change
+    # (the last: no identifiers and no No Local, so a message goes as it is unless retained)
     matching: dict[
-        str, tuple[int, bool, tuple[int, ...], list[tuple[SubscriptionState, int]] | None]
+        str,
+        tuple[int, bool, tuple[int, ...], list[tuple[SubscriptionState, int]] | None, bool],
     ] = field(default_factory=dict)
     inflight_max: int = 100
     expiry: float | None = None
@@ -206,13 +208,16 @@ def _matching_options(
             for topic_filter, state in session.options.items()
             if matches(topic_filter, topic)
         ]
+        ids = tuple(state.identifier for state, _ in states if state.identifier)
+        local = states if any(state.options.no_local for state, _ in states) else None
         summary = session.matching[topic] = (
             max((qos for _, qos in states), default=-1),
             any(state.options.retain_as_published for state, _ in states),
-            tuple(state.identifier for state, _ in states if state.identifier),
-            states if any(state.options.no_local for state, _ in states) else None,
+            ids,
+            local,
+            not ids and local is None,
         )
-    granted, as_published, ids, local = summary
+    granted, as_published, ids, local, _ = summary
     if own and local is not None:  # some match is No Local (MQTT-3.8.3-3): without those
         states = [(state, qos) for state, qos in local if not state.options.no_local]
         granted = max((qos for _, qos in states), default=-1)
@@ -633,9 +638,8 @@ class BrokerCore:
                 summary = session.matching.get(topic)
                 if (
                     summary is not None
-                    and not summary[2]
                     and not message.retain
-                    and (summary[3] is None or publisher is not session)
+                    and (summary[4] or (not summary[2] and publisher is not session))
                 ):
                     granted = summary[0]  # noqa: PLW2901
                     out = message
