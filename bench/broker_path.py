@@ -1,7 +1,7 @@
 """CPU per message on the broker's whole connection path, in one process, with no sockets.
 
     .venv/bin/python bench/broker_path.py [--messages 100000] [--rounds 5] [--runs qos0,qos1]
-        [--against DIR] [--store] [--profile FILE]
+        [--publishers 20|1] [--against DIR] [--store] [--instructions] [--profile FILE]
 
 ``bench/broker_bench.py`` measures the broker as a process, next to Mosquitto, through real
 sockets; on a shared machine its per-message CPU moves by 20-40 % between runs, more than the
@@ -24,6 +24,9 @@ add /tmp/before <commit>``), alternated with this one round by round in child pr
 the ratio within each round: how a change moved the cost, with the machine's drift cancelled.
 ``--store``: with a persistence store attached to the core (no disk: the sessions here are
 clean, so it records nothing, and what is measured is what its hooks cost).
+``--instructions``: instead of CPU time, the instructions executed inside the broker's calls,
+counted by callgrind (needs valgrind and cc; one round, ~1 minute per run and tree): exact and
+repeatable on a busy machine. ``--publishers 1``: one publisher sending 100 PUBLISHes per write.
 ``--profile FILE``: cProfile of the broker's calls only, written to FILE (pstats).
 """
 
