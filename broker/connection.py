@@ -97,6 +97,7 @@ class MQTTConnection(asyncio.Protocol):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         assert isinstance(transport, asyncio.Transport)  # noqa: S101 - a stream socket
         self.transport = transport
+        self.protocol.buffer_size_from(transport.get_write_buffer_size)
         peer = transport.get_extra_info("peername")
         self.protocol.peer = f"{peer[0]}:{peer[1]}" if isinstance(peer, tuple) else str(peer)
         self._listener.opened(self)

@@ -166,8 +166,10 @@ class Session:
     options: dict[str, SubscriptionState] = field(default_factory=dict)
     shared: dict[str, SubscriptionState] = field(default_factory=dict)  # by "$share/g/f"
     # topic -> (options, QoS) of the matching subscriptions; cleared when they change
+    # (the last: no identifiers and no No Local, so a message goes as it is unless retained)
     matching: dict[
-        str, tuple[int, bool, tuple[int, ...], list[tuple[SubscriptionState, int]] | None]
+        str,
+        tuple[int, bool, tuple[int, ...], list[tuple[SubscriptionState, int]] | None, bool],
     ] = field(default_factory=dict)
     inflight_max: int = 100
     expiry: float | None = None
@@ -206,13 +208,16 @@ def _matching_options(
             for topic_filter, state in session.options.items()
             if matches(topic_filter, topic)
         ]
+        ids = tuple(state.identifier for state, _ in states if state.identifier)
+        local = states if any(state.options.no_local for state, _ in states) else None
         summary = session.matching[topic] = (
             max((qos for _, qos in states), default=-1),
             any(state.options.retain_as_published for state, _ in states),
-            tuple(state.identifier for state, _ in states if state.identifier),
-            states if any(state.options.no_local for state, _ in states) else None,
+            ids,
+            local,
+            not ids and local is None,
         )
-    granted, as_published, ids, local = summary
+    granted, as_published, ids, local, _ = summary
     if own and local is not None:  # some match is No Local (MQTT-3.8.3-3): without those
         states = [(state, qos) for state, qos in local if not state.options.no_local]
         granted = max((qos for _, qos in states), default=-1)
@@ -557,7 +562,12 @@ class BrokerCore:
             if self.settings.denied_publish == "disconnect":
                 return "publish-denied"
             return None
-        if self.store is not None and self._unstorable(session, packet, topic):
+        store = self.store
+        if (
+            store is not None
+            and store.failed is not None
+            and self._unstorable(session, packet, topic)
+        ):
             return "storage-failed"
         self.messages_in += 1
         message = Message(topic, topic.encode(), packet.payload, packet.qos, packet.retain)
@@ -599,7 +609,12 @@ class BrokerCore:
         if not allowed:
             self.denied(str(session.authenticated.identity), session.client_id, "publish", topic)
             return mqtt.Reason.NOT_AUTHORIZED
-        if self.store is not None and self._unstorable(session, packet, topic):
+        store = self.store
+        if (
+            store is not None
+            and store.failed is not None
+            and self._unstorable(session, packet, topic)
+        ):
             return mqtt.Reason.QUOTA_EXCEEDED
         self.messages_in += 1
         props = packet.properties
@@ -639,7 +654,7 @@ class BrokerCore:
             if self.store is not None:
                 self.store.retained_cleared(message.topic)  # store
 
-    def route(self, message: Message, publisher: Session | None) -> None:  # noqa: PLR0912 - the hot path, one function
+    def route(self, message: Message, publisher: Session | None) -> None:  # noqa: PLR0912, PLR0915 - the hot path, one function
         """Deliver to every subscriber the policy lets receive it; ``publisher`` may be held."""
         topic = message.topic
         qos0: bytes | None = None  # one encoding shared by every QoS 0 receiver
@@ -652,9 +667,23 @@ class BrokerCore:
             if not allowed:
                 self.metrics.inc("iotauth_broker_acl_denials_total", action="receive")
                 continue
-            if session.v5:
-                self._route5(session, message, publisher)
-                continue
+            v5 = session.v5
+            if v5:
+                # The subscriptions' options decide (3.8.3.1), ``granted`` included. They are
+                # remembered per topic; when none changes the message (no identifiers, not
+                # retained, no No Local to leave out), this receiver gets it as it is.
+                summary = session.matching.get(topic)
+                if (
+                    summary is not None
+                    and not message.retain
+                    and (summary[4] or (not summary[2] and publisher is not session))
+                ):
+                    granted = summary[0]  # noqa: PLW2901
+                    out = message
+                else:
+                    granted, out = self._options5(session, message, publisher)  # noqa: PLW2901
+                if granted < 0:
+                    continue  # No Local: none of its subscriptions takes its own message
             qos = message.qos if message.qos < granted else granted
             if qos == 0:
                 link = session.link
@@ -665,14 +694,24 @@ class BrokerCore:
                     self.outbound_dropped += 1
                     self._dropped(session, "slow-subscriber-qos0")
                     continue
-                if qos0 is None:
-                    qos0 = mqtt.encode_publish(message.topic_bytes, message.payload, 0, False)
-                link.send(qos0)
-                self.messages_out += 1
+                if not v5:
+                    if qos0 is None:
+                        qos0 = mqtt.encode_publish(message.topic_bytes, message.payload, 0, False)
+                    link.send(qos0)
+                    self.messages_out += 1
+                else:
+                    expired = self.expired  # _publish5 written out: this is the hot path
+                    if link.publish5(out, 0, 0, False):
+                        self.messages_out += 1
+                    else:
+                        self._not_published5(session, expired)
                 if backlog > self._hold_bytes and publisher is not None:
                     self._hold(session, publisher)
             else:
-                self.enqueue(session, message, qos, retain=False)
+                if v5:
+                    self.enqueue(session, out, qos, retain=out.retain)
+                else:  # a live delivery to 3.1.1 never has RETAIN set (MQTT-3.3.1-9)
+                    self.enqueue(session, message, qos, retain=False)
                 if publisher is not None and self._pressed(session, 2):
                     self._hold(session, publisher)
         if self.groups:
@@ -801,36 +840,20 @@ class BrokerCore:
             del self.groups[topic_filter]
             self.shared_index.remove(group.topic_filter, group)
 
-    def _route5(self, session: Session, message: Message, publisher: Session | None) -> None:
-        """Deliver to an MQTT 5 subscriber: its subscriptions' options decide (3.8.3.1): No
-        Local skips the publisher's own (MQTT-3.8.3-3), Retain As Published keeps the RETAIN
-        flag (MQTT-3.3.1-12, -13), and every matching Subscription Identifier goes with it
+    def _options5(
+        self, session: Session, message: Message, publisher: Session | None
+    ) -> tuple[int, Message]:
+        """What an MQTT 5 subscriber's subscription options make of ``message`` (3.8.3.1): the
+        QoS granted (-1: no subscription takes it, as No Local skips the publisher's own,
+        MQTT-3.8.3-3), and the message as it gets it: the RETAIN flag kept by Retain As
+        Published (MQTT-3.3.1-12, -13) and every matching Subscription Identifier
         (MQTT-3.3.4-3)."""
         granted, retain, ids = _matching_options(
             session, message.topic, message.retain, publisher is session
         )
-        if granted < 0:
-            return
-        qos = message.qos if message.qos < granted else granted
-        if retain != message.retain or ids:
+        if granted >= 0 and (retain != message.retain or ids):
             message = dataclasses.replace(message, retain=retain, subscription_ids=ids)
-        if qos:
-            self.enqueue(session, message, qos, retain=retain)
-            if publisher is not None and self._pressed(session, 2):
-                self._hold(session, publisher)
-            return
-        link = session.link
-        if link is None:
-            return
-        backlog = link.backlog()
-        if backlog > self.limits.outbound_max_bytes:
-            self.outbound_dropped += 1
-            self._dropped(session, "slow-subscriber-qos0")
-            return
-        if self._publish5(session, link, message, 0, 0):
-            self.messages_out += 1
-        if backlog > self._hold_bytes and publisher is not None:
-            self._hold(session, publisher)
+        return granted, message
 
     def enqueue(self, session: Session, message: Message, qos: int, *, retain: bool) -> None:
         """A QoS 1/2 message for ``session``: sent now if the window allows, else queued."""
@@ -899,9 +922,13 @@ class BrokerCore:
         expired = self.expired
         if link.publish5(message, qos, pid, False):
             return True
+        self._not_published5(session, expired)
+        return False
+
+    def _not_published5(self, session: Session, expired: int) -> None:
+        """A drop ``link.publish5`` refused, with its reason (``expired``: the count before)."""
         self.outbound_dropped += 1
         self._dropped(session, "expired" if self.expired != expired else "too-large-for-client")
-        return False
 
     def _drain(self, session: Session) -> None:
         link = session.link

@@ -830,14 +830,16 @@ def _decode_publish5(
         at += 2
     elif flags & 0x08:
         raise _malformed("DUP set on QoS 0")  # MQTT-3.3.1-2
-    if at < len(body) and not body[at]:
+    size = len(body)
+    if at < size and not body[at]:
         props, at = NO_PROPERTIES, at + 1  # the common case: no properties, nothing to build
-    elif body[at : at + 2] == b"\x03\x23" and at + 4 <= len(body):
-        # A Topic Alias alone (the next most common case): one shared object per alias value,
-        # as _properties would build it (only the field on the wire in its __dict__).
-        alias = (body[at + 2] << 8) | body[at + 3]
-        props = _ALIAS_ONLY.get(alias) or _alias_only(alias)
-        at += 4
+    elif (alias_only := _ALIAS_BLOCKS.get(block := body[at : at + 4])) is not None:
+        # A Topic Alias alone (the next most common case), as these four bytes were before:
+        # one shared object per alias value, as _properties would build it (only the field on
+        # the wire in its __dict__).
+        props, at = alias_only, at + 4
+    elif len(block) == 4 and block[0] == 3 and block[1] == 0x23:
+        props, at = _alias_only(block), at + 4  # the first time for this alias value
     else:
         props, at = _properties(body, at, PUBLISH, limits)
         values = props.__dict__
@@ -853,13 +855,14 @@ def _decode_publish5(
     return Publish(topic, body[at:], qos, (flags & 0x01) != 0, (flags & 0x08) != 0, pid, props)
 
 
-_ALIAS_ONLY: dict[int, Properties] = {}
+# The property block of a Topic Alias alone (03 23 hi lo) -> its Properties: at most 65,536.
+_ALIAS_BLOCKS: dict[bytes, Properties] = {}
 
 
-def _alias_only(alias: int) -> Properties:
+def _alias_only(block: bytes) -> Properties:
     props = object.__new__(Properties)
-    props.__dict__["topic_alias"] = alias
-    _ALIAS_ONLY[alias] = props
+    props.__dict__["topic_alias"] = (block[2] << 8) | block[3]
+    _ALIAS_BLOCKS[block] = props
     return props
 
 
@@ -1238,6 +1241,8 @@ def _decode_suback5(kind: int, body: bytes, limits: tuple[int, int]) -> Suback |
 def _length(n: int) -> bytes:
     if n < 128:
         return bytes((n,))
+    if n < 16384:  # two bytes: a 100-byte payload with its topic lands here (every PUBLISH)
+        return bytes(((n & 0x7F) | 0x80, n >> 7))
     out = bytearray()
     while True:
         byte, n = n & 0x7F, n >> 7

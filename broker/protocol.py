@@ -39,6 +39,7 @@ from __future__ import annotations
 
 import dataclasses
 import enum
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Protocol
 
@@ -95,6 +96,11 @@ _HANDSHAKE, _WAIT_CONNECT, _AUTH, _CHALLENGE, _LIVE, _CLOSED = (
     State.LIVE,
     State.CLOSED,
 )
+
+
+# Hot-path names (module globals, not attribute lookups per packet).
+_Publish = mqtt.Publish
+_encode_publish5 = mqtt.encode_publish5
 
 
 class LifecycleError(BrokerError):
@@ -210,6 +216,7 @@ class ClientProtocol:
         "_aliases_in",
         "_aliases_out",
         "_auth_method",
+        "_buffered",
         "_close_code",
         "_event",
         "_held",
@@ -239,6 +246,9 @@ class ClientProtocol:
     def __init__(self, core: BrokerCore, wire: Wire, peer: str, now: float) -> None:
         self.core = core
         self._wire = wire
+        # Wire.buffered, or the transport's own function once the wire hands it over
+        # (buffer_size_from): asked per delivery, so one Python call less counts.
+        self._buffered: Callable[[], int] = wire.buffered
         self.peer = peer
         self.state = _HANDSHAKE
         self.tls_version: str | None = None
@@ -271,6 +281,11 @@ class ClientProtocol:
             raise LifecycleError(msg)
         self.state = state
 
+    def buffer_size_from(self, size: Callable[[], int]) -> None:
+        """Ask ``size`` instead of :meth:`Wire.buffered` from now on (the same answer, e.g. the
+        transport's ``get_write_buffer_size``, without the wire's call in between)."""
+        self._buffered = size
+
     # -- output ----------------------------------------------------------------------------------
 
     @property
@@ -295,7 +310,7 @@ class ClientProtocol:
 
     def sent(self) -> None:
         """The transport took ``data_to_send()``; its own buffer may have grown."""
-        if self._wire.buffered() > 2 * self.core.limits.outbound_max_bytes:
+        if self._buffered() > 2 * self.core.limits.outbound_max_bytes:
             # Deliveries stop at outbound_max_bytes; only our answers to the peer's own packets
             # (PUBACK, PINGRESP ...) grow it further: a peer that sends and never reads.
             self.violation("slow-reader", "the client does not read what the broker sends")
@@ -312,7 +327,7 @@ class ClientProtocol:
             self._wire.wake()
 
     def backlog(self) -> int:
-        return self._out_bytes + self._wire.buffered()
+        return self._out_bytes + self._buffered()
 
     def hold(self, receiver: Session) -> None:
         if not self.holds:
@@ -342,7 +357,7 @@ class ClientProtocol:
         code = self._close_code
         if code is None and reason is not None:
             code = DISCONNECT_REASONS.get(reason)
-        if code is not None and was_live and self.v5 and not self._wire.buffered():
+        if code is not None and was_live and self.v5 and not self._buffered():
             # MQTT 5 says why (MQTT-3.14.2-1); only to a peer that reads, so a close is never
             # held up by it.
             if code not in mqtt.REASON_CODES[mqtt.DISCONNECT]:
@@ -488,10 +503,12 @@ class ClientProtocol:
         for packet in packets:
             state = self.state
             if state is _LIVE and not self.holds:
-                if self.v5:
-                    self._dispatch5(packet)
-                else:
+                if not self.v5:
                     self._dispatch(packet)
+                elif type(packet) is _Publish:
+                    self._publish5(packet)  # level 5's hot path, not through _dispatch5
+                else:
+                    self._dispatch5(packet)
             elif state is _LIVE or state is _AUTH:
                 # Held (backpressure) or not yet authenticated: kept in order, bounded by what
                 # one socket read delivered, since the transport stops reading meanwhile.
@@ -537,7 +554,7 @@ class ClientProtocol:
             if qos == 2 and pid in session.incoming_qos2:
                 core.ack(self, mqtt.pubrec(pid))  # a re-sent QoS 2 PUBLISH is routed only once
                 return
-            mark = core.mark()
+            mark = core.mark() if qos else 0  # QoS 0 is not acknowledged: nothing to wait for
             reason = core.publish(session, packet)
             if reason is not None:
                 detail = (
@@ -579,7 +596,7 @@ class ClientProtocol:
         session = self.session
         assert session is not None  # noqa: S101 - LIVE implies a session
         if type(packet) is mqtt.Publish:
-            self._publish5(session, packet)
+            self._publish5(packet)
         elif type(packet) is mqtt.Ack:
             pid = packet.packet_id
             if packet.kind == mqtt.PUBREL:
@@ -614,14 +631,21 @@ class ClientProtocol:
         reauth = packet.reason_code == mqtt.Reason.RE_AUTHENTICATE  # else 0x18, a next round
         self._event = AuthContinue(method, packet.properties.authentication_data, reauth)
 
-    def _publish5(self, session: Session, packet: mqtt.Publish) -> None:
+    def _publish5(self, packet: mqtt.Publish) -> None:
+        session = self.session
+        assert session is not None  # noqa: S101 - LIVE implies a session
         topic = packet.topic
         alias = packet.properties.topic_alias
         if alias is not None:
-            resolved = self._topic_alias(topic, alias)
-            if resolved is None:
-                return
-            topic = resolved
+            # An alias this connection has set, sent alone: its topic (the common case of a
+            # client using aliases, looked up here without the call); anything else, including
+            # every violation, is _topic_alias's.
+            known = None if topic else self._aliases_in.get(alias)
+            if known is None:
+                known = self._topic_alias(topic, alias)
+                if known is None:
+                    return
+            topic = known
         qos, pid = packet.qos, packet.packet_id
         core = self.core
         if qos == 2:
@@ -636,7 +660,7 @@ class ClientProtocol:
                     mqtt.Reason.RECEIVE_MAXIMUM_EXCEEDED,
                 )
                 return
-        mark = core.mark()
+        mark = core.mark() if qos else 0  # QoS 0 is not acknowledged: nothing to wait for
         code = core.publish5(session, packet, topic, self._now)
         if not qos:
             return
@@ -701,18 +725,31 @@ class ClientProtocol:
         discarded for this client)."""
         if self.state is _CLOSED:
             return True
-        wire = message.properties_wire
-        expires = message.expires_at
-        topic = message.topic_bytes
         negotiated = self.negotiated
-        if expires is None and not message.subscription_ids and not negotiated.alias_max_out:
+        if (
+            message.expires_at is None
+            and not message.subscription_ids
+            and not negotiated.alias_max_out
+        ):
             # the common case: the publisher's properties as they are, encoded once
-            data = mqtt.encode_publish5(
-                topic, message.payload, qos, message.retain, packet_id, dup, wire
+            data = _encode_publish5(
+                message.topic_bytes,
+                message.payload,
+                qos,
+                message.retain,
+                packet_id,
+                dup,
+                message.properties_wire,
             )
-            if len(data) > negotiated.max_packet_out:
+            size = len(data)
+            if size > negotiated.max_packet_out:
                 return False
-            self.send(data)
+            # send(), written out: this runs per delivery, and the state was checked above
+            self._out.append(data)
+            self._out_bytes += size
+            if not self._woken:
+                self._woken = True
+                self._wire.wake()
             return True
         return self._publish5_own(message, qos, packet_id, dup)
 
@@ -862,6 +899,15 @@ class ClientProtocol:
             return  # the client went away while we checked it
         self._now = now
         core = self.core
+        assigned: str | None = None
+        if self.v5 and not connect.client_id:
+            # MQTT-3.1.3-6, -7: a zero-length client id is given one, named in CONNACK
+            # (3.2.2.3.7). Ours is the identity's name: the one client id this identity may use
+            # (core.check_connect), so every rule keyed on client ids holds unchanged, and it
+            # is unique because one client id has one live connection (a second takes over).
+            # 3.1.1 keeps refusing it (0x02, MQTT-3.1.3-9 of 3.1.1).
+            assigned = authenticated.identity.name
+            connect = dataclasses.replace(connect, client_id=assigned)
         try:
             core.check_connect(connect, authenticated)
         except Refused as refusal:
@@ -880,6 +926,8 @@ class ClientProtocol:
         self._go(_LIVE)
         if self.v5:
             props = self._connack_properties(connect, session)
+            if assigned is not None:
+                props = dataclasses.replace(props, assigned_client_identifier=assigned)
             if self._auth_method is not None:
                 props = dataclasses.replace(
                     props, authentication_method=self._auth_method, authentication_data=data

@@ -117,6 +117,41 @@ def test_paho_v5_connects_and_reads_the_servers_limits(
         dev.close()
 
 
+def test_paho_v5_empty_client_id_is_assigned(make_broker: BrokerFactory, fleet: Fleet) -> None:
+    """MQTT-3.1.3-6, -7, 3.2.2.3.7: paho in MQTTv5 with a zero-length client id is accepted and
+    told its id (the identity's name) in Assigned Client Identifier; it then publishes within
+    its grants (PUBACK 0) and not outside them (0x87). Twin: paho in MQTT 3.1.1 with a
+    zero-length client id is refused with 0x02, as before MQTT 5."""
+    broker = make_broker()
+    dev = Peer5(broker.port, fleet.creds("dev-1"), "").connect()
+    try:
+        assert dev.connected.is_set(), dev.connack
+        assert dev.connack_props.AssignedClientIdentifier == "dev-1"
+        assert dev.publish("devices/dev-1/telemetry/t", b"x", 1) == 0
+        assert dev.publish("devices/dev-2/telemetry/t", b"x", 1) == 0x87
+    finally:
+        dev.close()
+    named = _peer(broker, fleet, "dev-1").connect()
+    try:
+        assert not hasattr(named.connack_props, "AssignedClientIdentifier")
+    finally:
+        named.close()
+    refused: list[Any] = []
+    old = paho.Client(
+        CallbackAPIVersion.VERSION2, client_id="", protocol=paho.MQTTv311, clean_session=True
+    )
+    old.tls_set_context(client_context_for_credentials(fleet.creds("dev-1")))
+    old.on_connect = lambda c, u, flags, rc, props: refused.append(rc)
+    old.connect("127.0.0.1", broker.port, 60)
+    old.loop_start()
+    try:
+        assert wait_until(lambda: bool(refused))
+        # 3.1.1 CONNACK 0x02 (identifier rejected); paho 2 names it by its 5.0 code, 0x85
+        assert refused[0].value == 0x85
+    finally:
+        old.loop_stop()
+
+
 def test_paho_v5_request_response_and_a_311_subscriber(
     make_broker: BrokerFactory, fleet: Fleet
 ) -> None:

@@ -260,6 +260,79 @@ def test_client_id_other_than_the_identity_is_0x85() -> None:
     assert "dev-2" not in dev.core.sessions
 
 
+def _connect_as(
+    core: Any, client_id: str, identity: Identity, *, level: int = 5, **fields: Any
+) -> tuple[Client5, mqtt.Connack]:
+    """A CONNECT with ``client_id`` from a client the authenticator proved to be ``identity``."""
+    client = Client5(core, client_id)
+    if level != 5:
+        client.reader = mqtt.ClientPacketReader(1 << 28, level)
+    event = client.feed(mqtt.encode_connect(mqtt.Connect(level, client_id, True, 60, **fields)))
+    assert isinstance(event, Authenticate)
+    client.protocol.authenticated(event.connect, Authenticated(identity, "mtls", "1"), 1.0)
+    connack, *client._pending = client.out()
+    assert isinstance(connack, mqtt.Connack)
+    return client, connack
+
+
+def test_an_empty_client_id_is_assigned_the_identity() -> None:
+    """MQTT-3.1.3-6, MQTT-3.1.3-7, 3.2.2.3.7: a zero-length client id is accepted and the one
+    assigned (the identity's name, the only id it may use) is in CONNACK's Assigned Client
+    Identifier; the session lives under it, with the identity's grants."""
+    core = _core()
+    dev, connack = _connect_as(core, "", Identity.device("dev-1", DOMAIN))
+    assert connack.reason_code == 0
+    assert connack.properties.assigned_client_identifier == "dev-1"
+    assert core.live["dev-1"].link is dev.protocol
+    assert "" not in core.sessions
+    sink = Client5(core, "sink", service=True)
+    sink.connect()
+    assert sink.subscribe("devices/+/telemetry/#") == [0]
+    dev.publish("devices/dev-1/telemetry/t", b"x")
+    [message] = sink.out()
+    assert message.topic == "devices/dev-1/telemetry/t"
+    assert dev.subscribe("devices/dev-2/#") == [Reason.NOT_AUTHORIZED]  # grants of dev-1 only
+
+
+def test_a_named_client_is_not_told_an_assigned_identifier() -> None:
+    """Twin: MQTT-3.2.2-16 allows the property only for a zero-length client id."""
+    _, connack = _connect_as(_core(), "dev-1", Identity.device("dev-1", DOMAIN))
+    assert connack.reason_code == 0
+    assert connack.properties.assigned_client_identifier is None
+
+
+def test_an_empty_client_id_at_311_is_still_refused() -> None:
+    """Twin: MQTT 3.1.1 is unchanged: a zero-length client id is refused with return code 0x02
+    (3.1.1's MQTT-3.1.3-9), and no session is made."""
+    core = _core()
+    _, connack = _connect_as(core, "", Identity.device("dev-1", DOMAIN), level=4)
+    assert connack.reason_code == mqtt.CONNACK_IDENTIFIER_REJECTED
+    assert not core.sessions
+
+
+def test_an_assigned_client_id_keeps_the_will_check() -> None:
+    """Twin: the will topic is judged for the identity as with a named client id (0x87 and no
+    session when it is outside the grants)."""
+    core = _core()
+    will = {"will_topic": "devices/dev-2/status", "will_payload": b"gone"}
+    _, connack = _connect_as(core, "", Identity.device("dev-1", DOMAIN), **will)
+    assert connack.reason_code == Reason.NOT_AUTHORIZED
+    assert not core.sessions
+
+
+def test_a_second_empty_client_id_of_one_identity_takes_over() -> None:
+    """The assigned id is unique among live connections: one client id, one connection
+    (MQTT-3.1.4-3): the earlier connection gets DISCONNECT 0x8E."""
+    core = _core()
+    first, _ = _connect_as(core, "", Identity.device("dev-1", DOMAIN))
+    second, connack = _connect_as(core, "", Identity.device("dev-1", DOMAIN))
+    assert connack.properties.assigned_client_identifier == "dev-1"
+    [disconnect] = first.out()
+    assert isinstance(disconnect, mqtt.Disconnect)
+    assert disconnect.reason_code == Reason.SESSION_TAKEN_OVER
+    assert core.live["dev-1"].link is second.protocol
+
+
 def test_a_malformed_level5_connect_gets_connack_with_its_code() -> None:
     """MQTT-3.2.2-7 / 4.13: a CONNECT that breaks a property rule is answered by a CONNACK with
     the reason code (here a duplicate Receive Maximum: 0x82) and closed."""
