@@ -144,6 +144,11 @@ def main() -> int:
     parser.add_argument("--out", type=Path, default=ROOT / "docs" / "BENCHMARKS.md")
     parser.add_argument("--only", action="append", help="run only these benchmarks (by name)")
     args = parser.parse_args()
+    known = [name for name, _, _ in BENCHES]
+    unknown = [name for name in args.only or () if name not in known]
+    if unknown:
+        # before anything runs or is written: a typo must not record an empty re-run
+        parser.error(f"unknown benchmark {', '.join(unknown)}; choose from {', '.join(known)}")
     now = dt.datetime.now(dt.UTC).strftime("%Y-%m-%d %H:%M UTC")
     header = [
         "# Benchmarks",
