@@ -151,12 +151,18 @@ class SecretSource:
         if cert is not None:
             return cert.kind == "service"
         secret = registry.secret(name)
-        return secret is not None and secret.status == "active"
+        if secret is not None and secret.status == "active":
+            return True
+        registration = registry.registration(name)
+        return registration is not None and registration.status == "active"
+
+    def _read_registrations(self) -> dict[str, str]:
+        return self._open().registration_states()
 
     async def service_active(self, name: str) -> bool:
         """Whether ``name`` is a registered service that is not revoked (an active certificate
-        of kind service, or an active secret): what the oidc method requires of a token's
-        subject."""
+        of kind service, an active secret, or an active registration by name): what the oidc
+        method requires of a token's subject."""
         loop = asyncio.get_running_loop()
         return await loop.run_in_executor(self._executor, self._read_service_active, name)
 
@@ -168,6 +174,11 @@ class SecretSource:
         """name -> (version, status) of every service secret."""
         loop = asyncio.get_running_loop()
         return await loop.run_in_executor(self._executor, self._read_states)
+
+    async def registrations(self) -> dict[str, str]:
+        """name -> status of every service registered by name (``service register``)."""
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self._executor, self._read_registrations)
 
     def close(self) -> None:
         def close_registry() -> None:

@@ -490,13 +490,15 @@ def explain(
         by_kind = from_file.methods_by_kind or DEFAULT_METHODS_BY_KIND
         with PKI.open(pki) as ca:  # the registry only: no key is loaded
             secret = ca.service_secret(identity) if service else None
+            registration = ca.service_registration(identity) if service else None
+            registered = registration is not None and registration.status == "active"
             has_secret = secret is not None and secret.status == "active"
             history = ca.registry.history(identity)
-            note = _refused_before_acl(who, history, has_secret=has_secret)
+            note = _refused_before_acl(who, history, has_secret=has_secret, registered=registered)
         # What the listener takes, what the kind may use, and what the identity holds.
         certified = any(r.kind == kind.value and r.state() == "active" for r in history)
         held = (
-            set(service_methods(certified=certified, secret=secret))
+            set(service_methods(certified=certified, secret=secret, registered=registered))
             if service
             else ({"mtls", "jwt"} if certified else set())
         )
@@ -529,7 +531,11 @@ def explain(
 
 
 def _refused_before_acl(
-    who: Identity, history: list[CertRecord], *, has_secret: bool = False
+    who: Identity,
+    history: list[CertRecord],
+    *,
+    has_secret: bool = False,
+    registered: bool = False,
 ) -> str | None:
     """Why the broker would refuse this identity at the TLS handshake, or None if it would not."""
     kind = who.kind.value
@@ -538,6 +544,11 @@ def _refused_before_acl(
         return (
             f"service {who.name} has no active certificate: it comes in with its secret "
             "(scram, password) or an identity-provider token (oidc), not with mtls"
+        )
+    if registered and not any(r.state() == "active" for r in history):
+        return (
+            f"service {who.name} is registered by name only: it comes in with an "
+            "identity-provider token (oidc), not with mtls"
         )
     if not history:
         return f"{kind} {who.name} is not in the registry: no certificate of this PKI, {before}"

@@ -395,7 +395,7 @@ async def _secret_loop(
 async def _watch_secrets(
     core: BrokerCore, secrets: SecretSource, interval: float, crl_number: Callable[[], int]
 ) -> None:
-    seen: tuple[dict[str, tuple[int, str]], int] | None = None
+    seen: tuple[dict[str, tuple[int, str]], dict[str, str], int] | None = None
     while True:
         await asyncio.sleep(interval)
         live = list(core.live.values())
@@ -410,10 +410,10 @@ async def _watch_secrets(
                 name, _, version = session.authenticated.credential.rpartition("#")
                 if states.get(name) != (int(version), "active"):
                     core.kick(session.client_id, "secret-revoked", forget_session=True)
-            # An identity-provider session names no credential of ours: when a secret or the
-            # CRL changed (``service revoke`` changes one of them), ask whether its service is
-            # still registered and not revoked.
-            now = (states, crl_number())
+            # An identity-provider session names no credential of ours: when a secret, a
+            # registration or the CRL changed (``service revoke`` changes one of them), ask
+            # whether its service is still registered and not revoked.
+            now = (states, await secrets.registrations() if oidc else {}, crl_number())
             if oidc and now != seen:
                 for name in {s.authenticated.identity.name for s in oidc}:
                     if not await secrets.service_active(name):

@@ -24,7 +24,7 @@ from rich.table import Table
 from provisioning.errors import LedgerCorruptError, ProvisioningError
 from provisioning.identity import Identity, IdentityKind, validate_name, validate_trust_domain
 from provisioning.pki import PKI, REVOCATION_REASONS, Issued, open_root, passphrase_from_env
-from provisioning.registry import CertRecord, SecretRecord
+from provisioning.registry import CertRecord, RegistrationRecord, SecretRecord
 from provisioning.service_secrets import service_methods
 
 __all__ = [
@@ -560,13 +560,35 @@ def service_secret(
     print(secret)
 
 
+@service_app.command("register")
+def service_register(
+    name: Annotated[str, typer.Argument(help="Service name: 1-64 of a-z, 0-9, '-'.")],
+    pki: PkiOpt,
+    as_json: JsonOpt = False,
+) -> None:
+    """Register a service by name alone, with no certificate and no secret (the oidc method:
+    its identity provider's token names it). 'iotauth service revoke NAME' undoes it."""
+    with user_errors():
+        validate_name(name, what="service name")
+        with _open(pki) as ca:
+            record = ca.register_service(name)
+    if as_json:
+        print_json({**record.to_json(), "methods": ["oidc"]})
+        return
+    err.print(
+        f"Registered service {name} (methods: oidc, with a token from the broker's identity "
+        "provider; no certificate, no secret)"
+    )
+
+
 def _list(kind: IdentityKind, pki: Path, as_json: bool, show_all: bool) -> None:
     with user_errors(), _open(pki) as ca:
         rows = ca.registry.all() if show_all else ca.registry.latest(kind.value)
         rows = [r for r in rows if r.kind == kind.value]
         secrets = _service_secrets(ca) if kind is IdentityKind.SERVICE else {}
+        registered = _service_registrations(ca) if kind is IdentityKind.SERVICE else {}
     if kind is IdentityKind.SERVICE:
-        _list_services(rows, secrets, pki, as_json)
+        _list_services(rows, secrets, registered, pki, as_json)
         return
     if as_json:
         print_json([r.to_json() for r in rows])
@@ -618,6 +640,20 @@ def _service_secrets(ca: PKI) -> dict[str, SecretRecord]:
     return {record.name: record for record in found if record is not None}
 
 
+def _service_registrations(ca: PKI) -> dict[str, RegistrationRecord]:
+    """Every service registered by name (``service register``), active or revoked."""
+    found = (ca.registry.registration(n) for n in sorted(ca.registry.registration_states()))
+    return {record.name: record for record in found if record is not None}
+
+
+def _registered(record: RegistrationRecord | None) -> bool:
+    return record is not None and record.status == "active"
+
+
+def _registration_json(record: RegistrationRecord | None) -> dict[str, object] | None:
+    return None if record is None else record.to_json()
+
+
 def _secret_json(record: SecretRecord | None) -> dict[str, object] | None:
     """The secret without its verifier keys: ``created_at`` is when this version was made (the
     creation for version 1, else the last rotation)."""
@@ -637,20 +673,32 @@ def _secret_text(record: SecretRecord | None) -> str:
 
 
 def _list_services(
-    rows: list[CertRecord], secrets: dict[str, SecretRecord], pki: Path, as_json: bool
+    rows: list[CertRecord],
+    secrets: dict[str, SecretRecord],
+    registered: dict[str, RegistrationRecord],
+    pki: Path,
+    as_json: bool,
 ) -> None:
     """Services with their newest certificate (``--all``: every one), and the services that have
-    only a secret; each with its methods and its secret (version, time, iterations)."""
+    no certificate (a secret, a registration by name, or both); each with its methods, its
+    secret (version, time, iterations) and its registration."""
     certified = {r.name for r in rows if r.state() == "active"}
-    secret_only = sorted(set(secrets) - {r.name for r in rows})
+    secret_only = sorted((set(secrets) | set(registered)) - {r.name for r in rows})
+
+    def methods(name: str) -> list[str]:
+        return service_methods(
+            certified=name in certified,
+            secret=secrets.get(name),
+            registered=_registered(registered.get(name)),
+        )
+
     if as_json:
         docs = [
             {
                 **r.to_json(),
-                "methods": service_methods(
-                    certified=r.name in certified, secret=secrets.get(r.name)
-                ),
+                "methods": methods(r.name),
                 "secret": _secret_json(secrets.get(r.name)),
+                "registration": _registration_json(registered.get(r.name)),
             }
             for r in rows
         ]
@@ -659,8 +707,9 @@ def _list_services(
                 "kind": IdentityKind.SERVICE.value,
                 "name": name,
                 **_NO_CERTIFICATE,
-                "methods": service_methods(certified=False, secret=secrets[name]),
-                "secret": _secret_json(secrets[name]),
+                "methods": methods(name),
+                "secret": _secret_json(secrets.get(name)),
+                "registration": _registration_json(registered.get(name)),
             }
             for name in secret_only
         ]
@@ -675,21 +724,21 @@ def _list_services(
         table.add_row(
             r.name,
             _styled(r.state()),
-            ", ".join(service_methods(certified=r.name in certified, secret=secret)) or "-",
+            ", ".join(methods(r.name)) or "-",
             r.serial[:12],
             r.not_after.strftime("%Y-%m-%d"),
             _secret_text(secret),
             r.issued_by,
         )
     for name in secret_only:
-        secret = secrets[name]
+        registration = registered.get(name)
         table.add_row(
             name,
-            "no certificate",
-            ", ".join(service_methods(certified=False, secret=secret)) or "-",
+            "registered" if _registered(registration) else "no certificate",
+            ", ".join(methods(name)) or "-",
             "-",
             "-",
-            _secret_text(secret),
+            _secret_text(secrets.get(name)),
             "-",
         )
     out.print(table)
@@ -720,15 +769,17 @@ def _show(kind: IdentityKind, name: str, pki: Path, as_json: bool) -> None:
             everything = ca.registry.history(name)
             spiffe = Identity(kind, name, ca.trust_domain).spiffe_id
             secret = ca.service_secret(name)
+            registration = ca.service_registration(name)
         history = [r for r in everything if r.kind == kind.value]
-        if not history and (secret is None or not service):
+        if not history and ((secret is None and registration is None) or not service):
             other = everything[0].kind if everything else None
-            if other is None and secret is not None:
-                other = IdentityKind.SERVICE.value  # a service with only a secret
+            if other is None and (secret is not None or registration is not None):
+                other = IdentityKind.SERVICE.value  # a service with no certificate
             where = f"not a {kind.value} but a {other}: use 'iotauth {other} show {name}'"
             msg = f"{kind.value} {name!r} is {where if other else 'not in the registry'}"
             raise ProvisioningError(msg)
     certified = any(r.state() == "active" for r in history)
+    registered = _registered(registration)
     if as_json:
         key = "service" if service else "device_id"
         doc: dict[str, object] = {
@@ -737,15 +788,24 @@ def _show(kind: IdentityKind, name: str, pki: Path, as_json: bool) -> None:
             "certificates": [r.to_json() for r in history],
         }
         if service:
-            doc["methods"] = service_methods(certified=certified, secret=secret)
+            doc["methods"] = service_methods(
+                certified=certified, secret=secret, registered=registered
+            )
             doc["secret"] = _secret_json(secret)
+            doc["registration"] = _registration_json(registration)
         print_json(doc)
         return
     state = history[-1].state() if history else "no certificate"
     out.print(f"[bold]{name}[/bold]  {spiffe}  ({state})", markup=True)
     if service:
-        methods = ", ".join(service_methods(certified=certified, secret=secret)) or "none"
+        held = service_methods(certified=certified, secret=secret, registered=registered)
+        methods = ", ".join(held) or "none"
         out.print(f"  methods     {methods} (as the broker's listeners allow)")
+        if registration is not None:
+            line = f"  registered  {_when(registration.registered_at)} (by name, for oidc)"
+            out.print(line)
+            if registration.revoked_at is not None:
+                out.print(f"              revoked {_when(registration.revoked_at)}")
         if secret is not None:
             made = "rotated" if secret.version > 1 else "created"
             out.print(

@@ -76,7 +76,13 @@ from provisioning.keyfiles import (
 )
 from provisioning.ledger import Ledger, LedgerEntry, LedgerHead, export_jsonl
 from provisioning.offers import OFFERS_FILE, Offer, OfferBook, OfferEvent, OfferState, next_state
-from provisioning.registry import CertRecord, Registry, RegistryBackend, SecretRecord
+from provisioning.registry import (
+    CertRecord,
+    RegistrationRecord,
+    Registry,
+    RegistryBackend,
+    SecretRecord,
+)
 from provisioning.signing import FileSigner, Signer
 
 if TYPE_CHECKING:
@@ -854,18 +860,23 @@ class PKI:
         by = station_id()
 
         def body(change: _Change) -> list[CertRecord]:
-            secret = None
+            secret = registration = None
             if kind in (None, IdentityKind.SERVICE):
                 secret = self.registry.revoke_secret(name, when)
+                registration = self.registry.revoke_registration(name, when)
             if secret is not None:
                 event = {"kind": "service", "name": name, "version": secret.version}
                 change.events.append(("secret-revoke", {**event, "reason": reason, "station": by}))
+            if registration is not None:
+                event = {"kind": "service", "name": name, "reason": reason, "station": by}
+                change.events.append(("service-unregister", event))
             try:
                 rows = self.registry.mark_revoked(
                     name, reason=reason, when=when, kind=kind.value if kind else None
                 )
             except UnknownDeviceError:
-                if secret is None:  # a service with a secret and no certificate is revoked
+                # A service with a secret or a registration and no certificate is revoked.
+                if secret is None and registration is None:
                     raise
                 return []
             change.events.extend(("revoke", _revoke_event(r, reason, by)) for r in rows)
@@ -926,6 +937,51 @@ class PKI:
 
         record, replaced = self._write(when, body)
         return secret, record, replaced
+
+    def register_service(self, name: str, *, now: dt.datetime | None = None) -> RegistrationRecord:
+        """Register service ``name`` with no credential of ours (the oidc method: its
+        identity provider's token names it); the ledger records ``service-register``.
+
+        Refused (DeviceExistsError) while the service is active in any way: an active
+        registration, certificate or secret; a name that is or was a device's is refused too.
+        A revoked service may be registered again."""
+        ident = Identity(IdentityKind.SERVICE, name, self.trust_domain)  # validates the name
+        when = _now(now)
+
+        def body(change: _Change) -> RegistrationRecord:
+            state = self.registry.name_states([name]).get(name)
+            if state is not None:
+                self._check_name_free(ident, rotate=True, state=state)  # the kind only
+            secret = self.registry.secret(name)
+            registration = self.registry.registration(name)
+            secret_active = secret is not None and secret.status == "active"
+            registered = registration is not None and registration.status == "active"
+            held = [
+                what
+                for what, active in (
+                    ("a certificate", state is not None and state[1]),
+                    ("a secret", secret_active),
+                    ("a registration", registered),
+                )
+                if active
+            ]
+            if held:
+                msg = (
+                    f"service {name!r} is already registered (it has {held[0]}); "
+                    f"'iotauth service revoke {name}' first to register it anew"
+                )
+                raise RegistryError(msg)
+            record = RegistrationRecord(name=name, status="active", registered_at=when)
+            self.registry.put_registration(record)
+            event = {"kind": "service", "name": name, "station": station_id()}
+            change.events.append(("service-register", event))
+            return record
+
+        return self._write(when, body)
+
+    def service_registration(self, name: str) -> RegistrationRecord | None:
+        """A service's registration by name (active or revoked), or None."""
+        return self.registry.registration(name)
 
     def service_secret(self, name: str) -> SecretRecord | None:
         """The verifier of a service's secret (active or revoked), or None."""

@@ -26,6 +26,7 @@ from provisioning.errors import DeviceExistsError, RegistryError, UnknownDeviceE
 __all__ = [
     "SQLITE_MIGRATIONS",
     "CertRecord",
+    "RegistrationRecord",
     "Registry",
     "RegistryBackend",
     "SecretRecord",
@@ -77,6 +78,16 @@ SQLITE_MIGRATIONS: tuple[str, ...] = (
         status      TEXT NOT NULL CHECK (status IN ('active', 'revoked')),
         created_at  TEXT NOT NULL,
         revoked_at  TEXT
+    )
+    """,
+    # 3: a service registered without any credential of ours (``iotauth service register``), for
+    # the oidc method: the identity provider holds its credential, the registry only its name.
+    """
+    CREATE TABLE IF NOT EXISTS service_registrations (
+        name          TEXT PRIMARY KEY,
+        status        TEXT NOT NULL CHECK (status IN ('active', 'revoked')),
+        registered_at TEXT NOT NULL,
+        revoked_at    TEXT
     )
     """,
 )
@@ -220,6 +231,35 @@ class SecretRecord:
         )
 
 
+@dataclass(frozen=True, slots=True)
+class RegistrationRecord:
+    """A service registered by name alone (``iotauth service register``): no certificate, no
+    secret; an identity-provider token naming it (the oidc method) is what it connects with."""
+
+    name: str
+    status: Status
+    registered_at: dt.datetime
+    revoked_at: dt.datetime | None = None
+
+    def to_json(self) -> dict[str, object]:
+        """docs/JSON.md: ``state`` is active or revoked."""
+        return {
+            "name": self.name,
+            "state": self.status,
+            "registered_at": _ts(self.registered_at),
+            "revoked_at": _ts(self.revoked_at) if self.revoked_at else None,
+        }
+
+    @classmethod
+    def _from_row(cls, row: sqlite3.Row | Mapping[str, Any]) -> RegistrationRecord:
+        return cls(
+            name=row["name"],
+            status=row["status"],
+            registered_at=_req_ts(row["registered_at"]),
+            revoked_at=_parse_ts(row["revoked_at"]),
+        )
+
+
 class RegistryBackend(Protocol):
     """What the PKI needs from a registry; SQLite (one station) or PostgreSQL (a factory)."""
 
@@ -252,6 +292,10 @@ class RegistryBackend(Protocol):
     def secret_states(self) -> dict[str, tuple[int, str]]: ...
     def put_secret(self, record: SecretRecord) -> None: ...
     def revoke_secret(self, name: str, when: dt.datetime) -> SecretRecord | None: ...
+    def registration(self, name: str) -> RegistrationRecord | None: ...
+    def registration_states(self) -> dict[str, str]: ...
+    def put_registration(self, record: RegistrationRecord) -> None: ...
+    def revoke_registration(self, name: str, when: dt.datetime) -> RegistrationRecord | None: ...
 
 
 class Registry:
@@ -416,10 +460,12 @@ class Registry:
                 kinds, active = out.get(name, (set(), False))
                 kinds.add(kind)
                 out[name] = (kinds, active or status == "active")
-            # A service with a secret and no certificate has its name too (never a device's).
+            # A service with a secret or a registration and no certificate has its name too
+            # (never a device's).
             rows = self._db.execute(
-                f"SELECT name FROM service_secrets WHERE name IN ({marks})",  # noqa: S608 - placeholders only
-                chunk,
+                f"SELECT name FROM service_secrets WHERE name IN ({marks})"  # noqa: S608 - placeholders only
+                f" UNION SELECT name FROM service_registrations WHERE name IN ({marks})",
+                chunk + chunk,
             ).fetchall()
             for (name,) in rows:
                 kinds, active = out.get(name, (set(), False))
@@ -434,6 +480,17 @@ class Registry:
         """name -> (version, status) of every secret: what the broker polls to kick old ones."""
         rows = self._db.execute("SELECT name, version, status FROM service_secrets").fetchall()
         return {r["name"]: (int(r["version"]), r["status"]) for r in rows}
+
+    def registration(self, name: str) -> RegistrationRecord | None:
+        row = self._db.execute(
+            "SELECT * FROM service_registrations WHERE name = ?", (name,)
+        ).fetchone()
+        return RegistrationRecord._from_row(row) if row else None
+
+    def registration_states(self) -> dict[str, str]:
+        """name -> status of every registration: what the broker polls to end oidc sessions."""
+        rows = self._db.execute("SELECT name, status FROM service_registrations").fetchall()
+        return {r["name"]: r["status"] for r in rows}
 
     def get_meta(self, key: str) -> str | None:
         row = self._db.execute("SELECT value FROM meta WHERE key = ?", (key,)).fetchone()
@@ -530,6 +587,32 @@ class Registry:
             return None
         self._db.execute(
             "UPDATE service_secrets SET status = 'revoked', revoked_at = ? WHERE name = ?",
+            (_ts(when), name),
+        )
+        return record
+
+    def put_registration(self, record: RegistrationRecord) -> None:
+        """Register a service by name (a revoked registration is registered again)."""
+        self._require_tx()
+        self._db.execute(
+            "INSERT OR REPLACE INTO service_registrations (name, status, registered_at,"
+            " revoked_at) VALUES (?, ?, ?, ?)",
+            (
+                record.name,
+                record.status,
+                _ts(record.registered_at),
+                _ts(record.revoked_at) if record.revoked_at else None,
+            ),
+        )
+
+    def revoke_registration(self, name: str, when: dt.datetime) -> RegistrationRecord | None:
+        """Mark an active registration revoked; return it as it was (None: none active)."""
+        self._require_tx()
+        record = self.registration(name)
+        if record is None or record.status != "active":
+            return None
+        self._db.execute(
+            "UPDATE service_registrations SET status = 'revoked', revoked_at = ? WHERE name = ?",
             (_ts(when), name),
         )
         return record

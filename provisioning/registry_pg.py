@@ -40,7 +40,7 @@ from provisioning.ledger import (
     build_entries,
     verify_chain,
 )
-from provisioning.registry import CertRecord, SecretRecord
+from provisioning.registry import CertRecord, RegistrationRecord, SecretRecord
 
 if TYPE_CHECKING:
     import psycopg
@@ -147,6 +147,15 @@ MIGRATIONS: tuple[str, ...] = (
     # behind?): an index on the revoked rows only keeps that from scanning the whole fleet
     """
     CREATE INDEX revoked_by_issuer ON certificates (issuer) WHERE status = 'revoked';
+    """,
+    # 4: a service registered by name alone, for the oidc method (provisioning/registry.py)
+    """
+    CREATE TABLE service_registrations (
+        name          text PRIMARY KEY,
+        status        text NOT NULL CHECK (status IN ('active', 'revoked')),
+        registered_at timestamptz NOT NULL,
+        revoked_at    timestamptz
+    );
     """,
 )
 
@@ -533,15 +542,17 @@ class PostgresRegistry:
 
     def name_states(self, names: list[str]) -> dict[str, tuple[set[str], bool]]:
         """For each name that has rows: (every kind it had, whether one is active)."""
-        # One query (one round trip under the lock): a service with a secret and no
-        # certificate has its name too (never a device's).
+        # One query (one round trip under the lock): a service with a secret or a
+        # registration and no certificate has its name too (never a device's).
         rows = self._rows(
             "SELECT name, array_agg(DISTINCT kind) AS kinds, bool_or(active) AS active FROM ("
             " SELECT name, kind, status = 'active' AS active FROM certificates"
             " WHERE name = ANY(%s)"
             " UNION ALL SELECT name, 'service', false FROM service_secrets WHERE name = ANY(%s)"
+            " UNION ALL SELECT name, 'service', false FROM service_registrations"
+            " WHERE name = ANY(%s)"
             ") AS n GROUP BY name",
-            (names, names),
+            (names, names, names),
         )
         return {r["name"]: (set(r["kinds"]), bool(r["active"])) for r in rows}
 
@@ -552,6 +563,14 @@ class PostgresRegistry:
     def secret_states(self) -> dict[str, tuple[int, str]]:
         rows = self._rows("SELECT name, version, status FROM service_secrets")
         return {r["name"]: (int(r["version"]), r["status"]) for r in rows}
+
+    def registration(self, name: str) -> RegistrationRecord | None:
+        rows = self._rows("SELECT * FROM service_registrations WHERE name = %s", (name,))
+        return RegistrationRecord._from_row(rows[0]) if rows else None
+
+    def registration_states(self) -> dict[str, str]:
+        rows = self._rows("SELECT name, status FROM service_registrations")
+        return {r["name"]: r["status"] for r in rows}
 
     def get_meta(self, key: str) -> str | None:
         rows = self._rows("SELECT value FROM meta WHERE key = %s", (key,))
@@ -724,6 +743,25 @@ class PostgresRegistry:
             return None
         self._exec(
             "UPDATE service_secrets SET status = 'revoked', revoked_at = %s WHERE name = %s",
+            (when, name),
+        )
+        return record
+
+    def put_registration(self, record: RegistrationRecord) -> None:
+        self._exec(
+            "INSERT INTO service_registrations (name, status, registered_at, revoked_at)"
+            " VALUES (%s, %s, %s, %s) ON CONFLICT (name) DO UPDATE SET status = excluded.status,"
+            " registered_at = excluded.registered_at, revoked_at = excluded.revoked_at",
+            (record.name, record.status, record.registered_at, record.revoked_at),
+        )
+
+    def revoke_registration(self, name: str, when: dt.datetime) -> RegistrationRecord | None:
+        self._require_tx()
+        record = self.registration(name)
+        if record is None or record.status != "active":
+            return None
+        self._exec(
+            "UPDATE service_registrations SET status = 'revoked', revoked_at = %s WHERE name = %s",
             (when, name),
         )
         return record

@@ -79,14 +79,17 @@ def _b64(data: bytes) -> str:
     return base64.b64encode(data).decode()
 
 
-def service_methods(*, certified: bool, secret: SecretRecord | None) -> list[str]:
+def service_methods(
+    *, certified: bool, secret: SecretRecord | None, registered: bool = False
+) -> list[str]:
     """The methods a service holds a credential for, in ``--listen`` METHODS order (a broker's
     listeners and its methods per kind decide which it may use): an active certificate for mtls,
-    an active secret for scram and password, either for oidc (the token's subject must be a
-    registered, unrevoked service)."""
+    an active secret for scram and password, any of them or an active registration
+    (``iotauth service register``) for oidc (the token's subject must be a registered,
+    unrevoked service)."""
     secret_active = secret is not None and secret.status == "active"
     methods = ["mtls"] if certified else []
-    if certified or secret_active:
+    if certified or secret_active or registered:
         methods.append("oidc")
     if secret_active:
         methods += ["scram", "password"]
