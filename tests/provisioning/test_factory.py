@@ -124,13 +124,17 @@ def test_sqlite_registry_is_versioned_too(tmp_path: Path) -> None:
 
     db = sqlite3.connect(tmp_path / "pki" / "registry.sqlite3")
     assert db.execute("PRAGMA user_version").fetchone()[0] == len(SQLITE_MIGRATIONS)
-    # A registry of the first version (no service secrets) is migrated when opened.
+    # A registry of the first version (no service secrets, no registrations by name) is
+    # migrated when opened, and opening it again changes nothing.
     db.execute("DROP TABLE service_secrets")
+    db.execute("DROP TABLE service_registrations")
     db.execute("PRAGMA user_version = 1")
     db.commit()
-    Registry(tmp_path / "pki" / "registry.sqlite3").close()
-    assert db.execute("PRAGMA user_version").fetchone()[0] == 2
-    assert db.execute("SELECT count(*) FROM service_secrets").fetchone()[0] == 0
+    for _ in range(2):
+        Registry(tmp_path / "pki" / "registry.sqlite3").close()
+        assert db.execute("PRAGMA user_version").fetchone()[0] == len(SQLITE_MIGRATIONS) == 3
+        assert db.execute("SELECT count(*) FROM service_secrets").fetchone()[0] == 0
+        assert db.execute("SELECT count(*) FROM service_registrations").fetchone()[0] == 0
     db.execute("PRAGMA user_version = 7")
     db.commit()
     db.close()

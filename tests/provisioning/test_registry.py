@@ -206,3 +206,56 @@ def test_a_hardware_serial_in_use_is_refused_and_the_batch_records_nothing(pki: 
     # The positive twin: a free hardware serial is recorded.
     pki.issue("dev-c", hardware_serial="HW-2")
     assert pki.registry.active_by_hardware_serial("HW-2") is not None
+
+
+# -- services registered by name alone (the oidc method) ----------------------------------------
+
+
+def test_a_service_registered_by_name_holds_no_credential_and_revoke_undoes_it(pki: PKI) -> None:
+    record = pki.register_service("node-red")
+    assert (record.name, record.status, record.revoked_at) == ("node-red", "active", None)
+    assert pki.service_registration("node-red") == record
+    assert pki.registry.registration_states() == {"node-red": "active"}
+    # No certificate and no secret: it holds no credential of ours.
+    assert pki.registry.history("node-red") == []
+    assert pki.service_secret("node-red") is None
+    # Its name is a service's: a device cannot take it, and it cannot be registered twice.
+    with pytest.raises(RegistryError, match="device ids and service names must not collide"):
+        pki.issue("node-red", kind=IdentityKind.DEVICE)
+    with pytest.raises(RegistryError, match="already registered .* 'iotauth service revoke"):
+        pki.register_service("node-red")
+    # Revoke undoes it (no certificate, no CRL row), and it can be registered again.
+    assert pki.revoke("node-red", kind=IdentityKind.SERVICE) == []
+    revoked = pki.service_registration("node-red")
+    assert revoked is not None
+    assert revoked.status == "revoked"
+    assert revoked.revoked_at is not None
+    assert pki.registry.registration_states() == {"node-red": "revoked"}
+    assert pki.register_service("node-red").status == "active"
+    # The ledger records each step, with nothing else in it.
+    events = [(e.event, e.data.get("name")) for _, e in pki.ledger.entries()]
+    assert events[-3:] == [
+        ("service-register", "node-red"),
+        ("service-unregister", "node-red"),
+        ("service-register", "node-red"),
+    ]
+    pki.verify_ledger()
+
+
+def test_register_refuses_a_service_or_device_that_already_exists(pki: PKI) -> None:
+    pki.issue("grafana", kind=IdentityKind.SERVICE)
+    pki.set_service_secret("dash")
+    pki.issue("dev-1", kind=IdentityKind.DEVICE)
+    count, entries = pki.registry.count(), len(list(pki.ledger.entries()))
+    with pytest.raises(RegistryError, match="'grafana' is already registered .*a certificate"):
+        pki.register_service("grafana")
+    with pytest.raises(RegistryError, match="'dash' is already registered .*a secret"):
+        pki.register_service("dash")
+    with pytest.raises(RegistryError, match="must not collide"):
+        pki.register_service("dev-1")
+    # Nothing was written by the refusals.
+    assert pki.registry.registration_states() == {}
+    assert (pki.registry.count(), len(list(pki.ledger.entries()))) == (count, entries)
+    # The twin: a revoked service (its secret revoked) may be registered by name.
+    pki.revoke("dash", kind=IdentityKind.SERVICE)
+    assert pki.register_service("dash").status == "active"
