@@ -35,10 +35,13 @@ from broker.server import BrokerThread
 from broker.settings import BrokerSettings, ListenerSpec
 from provisioning.identity import IdentityKind
 from provisioning.tls import client_context
+from iotauth.scram_client import ClientError, ScramMQTTClient
 from tests.broker.broker_helpers import Fleet, Peer, wait_until
+from tests.conftest import Result, assert_one_line_error
 
 MTLS = ListenerSpec(0, frozenset({"mtls"}))
 OIDC = ListenerSpec(0, frozenset({"oidc"}))
+SCRAM_PASSWORD = ListenerSpec(0, frozenset({"scram", "password"}))
 ISSUER, AUDIENCE = "https://idp.example.test/realms/factory", "iotauth-broker"
 BAD_CREDENTIALS, NOT_AUTHORIZED = 0x86, 0x87  # paho's names for 3.1.1 CONNACK 4 and 5
 
@@ -155,13 +158,14 @@ def idp(tmp_path: Path) -> Iterator[IdentityProvider]:
 
 
 class Broker:
-    def __init__(self, fleet: Fleet, oidc: OIDCSettings) -> None:
+    def __init__(self, fleet: Fleet, oidc: OIDCSettings, *more: ListenerSpec) -> None:
         self.audit: list[dict[str, Any]] = []
         self.thread = BrokerThread(
-            BrokerSettings(fleet.pki_dir, listeners=(MTLS, OIDC), oidc=oidc),
+            BrokerSettings(fleet.pki_dir, listeners=(MTLS, OIDC, *more), oidc=oidc),
             audit_sink=lambda line: self.audit.append(json.loads(line)),
         ).start()
-        self.mtls_port, self.oidc_port = self.thread.broker.ports.values()
+        self.ports = list(self.thread.broker.ports.values())
+        self.mtls_port, self.oidc_port = self.ports[:2]
 
     def refusals(self) -> list[str]:
         return [str(r.get("reason")) for r in self.audit if r["event"] == "refuse"]
@@ -377,3 +381,63 @@ def test_a_jwks_file_and_configuration_errors(
                 oidc=OIDCSettings(issuer=ISSUER, audience=AUDIENCE, jwks=str(jwks)),
             )
         ).start()
+
+
+# -- a service registered by name alone (iotauth service register) ------------------------------
+
+
+def test_a_service_registered_by_name_alone_comes_in_with_a_token_only(
+    fleet: Fleet,
+    idp: IdentityProvider,
+    cli: Callable[..., Result],
+    token_peer: Callable[..., Peer],
+    peers: Callable[..., Peer],
+) -> None:
+    """``service register`` gives a service its name and the service ACL, and no credential of
+    ours: an access token naming it gets exactly the service grants; the secret methods have
+    nothing to check it against; ``service revoke`` ends its live session within a second."""
+    pki = str(fleet.pki_dir)
+    cli("service", "register", "node-red", "--pki", pki, check=True)
+    again = cli("service", "register", "node-red", "--pki", pki)
+    assert again.returncode != 0
+    assert_one_line_error(again, "already registered")
+    fleet.creds("dev-1")
+    broker = Broker(fleet, _settings(idp), SCRAM_PASSWORD)
+    try:
+        mtls_port, oidc_port, secret_port = broker.ports
+        dev = peers(mtls_port, "dev-1").connect()
+        svc = token_peer(oidc_port, idp.token("node-red"), "node-red").connect()
+        assert svc.subscribe("devices/+/telemetry/#", qos=1) == [1]
+        assert svc.subscribe("devices/dev-1/certs/csr", qos=1) == [0x80]  # MQTT-3.9.3-2: deny
+        assert svc.subscribe("#", qos=1) == [0x80]
+        assert dev.subscribe("devices/dev-1/commands/#", qos=1) == [1]
+        svc.publish("devices/dev-1/commands/x", b"go", qos=1)
+        assert wait_until(lambda: ("devices/dev-1/commands/x", b"go", False) in dev.messages)
+        # Negative twins: a name nobody registered is refused; so are the secret methods, which
+        # have no verifier for a service registered by name (it has no secret to present).
+        nobody = token_peer(oidc_port, idp.token("node-blue"), "node-blue")
+        assert nobody.connect(expect_ok=False).refused
+        assert wait_until(lambda: "oidc-unknown-service" in broker.refusals())
+        guess = token_peer(secret_port, "a-guessed-secret", "node-red")
+        assert guess.connect(expect_ok=False).refused
+        assert wait_until(lambda: "password-unknown" in broker.refusals()), broker.refusals()
+        ctx = client_context(trust=fleet.pki_dir / "root.crt")
+        scram = ScramMQTTClient(
+            "127.0.0.1", secret_port, context=ctx, user="node-red", secret="a-guessed-secret"
+        )
+        try:
+            with pytest.raises(ClientError, match="scram-failed"):
+                scram.connect()
+        finally:
+            scram.close()
+        # Revocation ends the live token session within a second; a new token is refused.
+        cli("service", "revoke", "node-red", "--pki", pki, check=True)
+        assert wait_until(svc.disconnected.is_set, 1.0)
+        kicks = [r for r in broker.audit if r["event"] == "kick" and r["reason"] == "revoked"]
+        assert [r["client_id"] for r in kicks] == ["node-red"]
+        late = token_peer(oidc_port, idp.token("node-red"), "node-red")
+        assert late.connect(expect_ok=False).refused
+        assert int(late.connack.value) == NOT_AUTHORIZED
+        assert dev.connected.is_set()  # the device's session was not touched
+    finally:
+        broker.thread.stop()
