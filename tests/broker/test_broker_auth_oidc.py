@@ -33,9 +33,9 @@ from broker.auth_oidc import OIDCSettings
 from broker.errors import ConfigError
 from broker.server import BrokerThread
 from broker.settings import BrokerSettings, ListenerSpec
+from iotauth.scram_client import ClientError, ScramMQTTClient
 from provisioning.identity import IdentityKind
 from provisioning.tls import client_context
-from iotauth.scram_client import ClientError, ScramMQTTClient
 from tests.broker.broker_helpers import Fleet, Peer, wait_until
 from tests.conftest import Result, assert_one_line_error
 
@@ -441,3 +441,22 @@ def test_a_service_registered_by_name_alone_comes_in_with_a_token_only(
         assert dev.connected.is_set()  # the device's session was not touched
     finally:
         broker.thread.stop()
+
+
+def test_broker_explain_lists_oidc_for_a_service_registered_by_name(
+    fleet: Fleet, cli: Callable[..., Result]
+) -> None:
+    pki = str(fleet.pki_dir)
+    listen = ("--listen", "8883:mtls", "--listen", "8884:oidc,scram,password")
+    ask = ("broker", "explain", "--pki", pki, "--service", "--subscribe", "devices/+/telemetry/#",
+           *listen, "--json")  # fmt: skip
+    cli("service", "register", "node-red", "--pki", pki, check=True)
+    doc = json.loads(cli(*ask, "--identity", "node-red", check=True).stdout)
+    assert doc["methods"] == {"8883": [], "8884": ["oidc"]}  # no certificate, no secret
+    assert "registered by name only" in doc["warnings"][0]
+    # The twins: an unregistered name holds nothing; a revoked registration holds nothing.
+    nobody = json.loads(cli(*ask, "--identity", "node-blue", check=True).stdout)
+    assert nobody["methods"] == {"8883": [], "8884": []}
+    cli("service", "revoke", "node-red", "--pki", pki, check=True)
+    revoked = json.loads(cli(*ask, "--identity", "node-red", check=True).stdout)
+    assert revoked["methods"] == {"8883": [], "8884": []}

@@ -222,7 +222,7 @@ def test_a_service_registered_by_name_holds_no_credential_and_revoke_undoes_it(p
     # Its name is a service's: a device cannot take it, and it cannot be registered twice.
     with pytest.raises(RegistryError, match="device ids and service names must not collide"):
         pki.issue("node-red", kind=IdentityKind.DEVICE)
-    with pytest.raises(RegistryError, match="already registered .* 'iotauth service revoke"):
+    with pytest.raises(RegistryError, match=r"already registered .* 'iotauth service revoke"):
         pki.register_service("node-red")
     # Revoke undoes it (no certificate, no CRL row), and it can be registered again.
     assert pki.revoke("node-red", kind=IdentityKind.SERVICE) == []
@@ -247,9 +247,9 @@ def test_register_refuses_a_service_or_device_that_already_exists(pki: PKI) -> N
     pki.set_service_secret("dash")
     pki.issue("dev-1", kind=IdentityKind.DEVICE)
     count, entries = pki.registry.count(), len(list(pki.ledger.entries()))
-    with pytest.raises(RegistryError, match="'grafana' is already registered .*a certificate"):
+    with pytest.raises(RegistryError, match=r"'grafana' is already registered .*a certificate"):
         pki.register_service("grafana")
-    with pytest.raises(RegistryError, match="'dash' is already registered .*a secret"):
+    with pytest.raises(RegistryError, match=r"'dash' is already registered .*a secret"):
         pki.register_service("dash")
     with pytest.raises(RegistryError, match="must not collide"):
         pki.register_service("dev-1")

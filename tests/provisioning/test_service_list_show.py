@@ -108,3 +108,50 @@ def test_show_names_the_other_kind_and_unknown_names(pki: str, cli: Callable[...
     )
     assert_one_line_error(cli("service", "show", "nobody", "--pki", pki), "not in the registry")
     assert_one_line_error(cli("service", "show", "dev-1", "--pki", pki), "not a service")
+
+
+def test_a_service_registered_by_name_is_listed_and_shown_with_oidc_only(
+    pki: str, cli: Callable[..., Result]
+) -> None:
+    doc = json.loads(cli("service", "register", "node-red", "--pki", pki, "--json",
+                         check=True).stdout)  # fmt: skip
+    assert (doc["name"], doc["state"], doc["methods"]) == ("node-red", "active", ["oidc"])
+    assert doc["revoked_at"] is None
+    rows = {r["name"]: r for r in json.loads(
+        cli("service", "list", "--pki", pki, "--json", check=True).stdout)}  # fmt: skip
+    node = rows["node-red"]
+    assert node["methods"] == ["oidc"]  # no certificate, no secret
+    assert (node["serial"], node["state"], node["secret"]) == (None, None, None)
+    assert node["registration"]["state"] == "active"
+    assert rows["sink"]["registration"] is None  # the twin: registered by its certificate
+    text = cli("service", "list", "--pki", pki, check=True).stdout
+    assert "registered" in text
+    shown = cli("service", "show", "node-red", "--pki", pki, check=True).stdout
+    assert "methods     oidc (as" in shown
+    assert "registered  " in shown
+    # Registered and then given a secret: the secret's methods join oidc.
+    _secret(cli, pki, "node-red")
+    shown_doc = json.loads(
+        cli("service", "show", "node-red", "--pki", pki, "--json", check=True).stdout
+    )
+    assert shown_doc["methods"] == ["oidc", "scram", "password"]
+    # Revoked: no methods; the device command names the other kind.
+    cli("service", "revoke", "node-red", "--pki", pki, check=True)
+    shown_doc = json.loads(
+        cli("service", "show", "node-red", "--pki", pki, "--json", check=True).stdout
+    )
+    assert shown_doc["methods"] == []
+    assert shown_doc["registration"]["state"] == "revoked"
+    assert_one_line_error(
+        cli("device", "show", "node-red", "--pki", pki), "not a device but a service"
+    )
+
+
+def test_register_refuses_bad_and_taken_names_in_one_line(
+    pki: str, cli: Callable[..., Result]
+) -> None:
+    assert_one_line_error(cli("service", "register", "Bad_Name", "--pki", pki), "service name")
+    assert_one_line_error(cli("service", "register", "sink", "--pki", pki), "already registered")
+    assert_one_line_error(cli("service", "register", "dev-1", "--pki", pki), "must not collide")
+    rows = json.loads(cli("service", "list", "--pki", pki, "--json", check=True).stdout)
+    assert [r["registration"] for r in rows] == [None, None]  # the refusals registered nothing
