@@ -902,12 +902,17 @@ def _revoke(
 
         with _open(pki) as ca:
             had_secret = kind is IdentityKind.SERVICE and _active_secret(ca, name)
+            was_registered = kind is IdentityKind.SERVICE and _registered(
+                ca.service_registration(name)
+            )
             rows = ca.revoke(name, reason=reason, kind=kind)
             info = ca.crl_info()
             for r in rows:
                 say(f"Revoked {kind.value} {name} serial {r.serial} ({reason})")
             if had_secret:
                 say(f"Revoked the secret of service {name} ({reason})")
+            if was_registered:
+                say(f"Revoked the registration of service {name} ({reason})")
             say(f"CRL #{info.number} written to {pki / 'crl.pem'}")
             # Another station's certificate: only its key signs its CRL (brokers refuse it now).
             foreign = sorted(
@@ -926,6 +931,7 @@ def _revoke(
                 "reason": reason,
                 "revoked": [r.serial for r in rows],
                 "secret_revoked": bool(had_secret),
+                "registration_revoked": bool(was_registered),
                 "crl": {"number": info.number, "path": str(pki / "crl.pem")},
                 "issued_by_other_stations": foreign,
                 "export": None,

@@ -136,7 +136,10 @@ def test_a_service_registered_by_name_is_listed_and_shown_with_oidc_only(
     )
     assert shown_doc["methods"] == ["oidc", "scram", "password"]
     # Revoked: no methods; the device command names the other kind.
-    cli("service", "revoke", "node-red", "--pki", pki, check=True)
+    revoked = json.loads(
+        cli("service", "revoke", "node-red", "--pki", pki, "--json", check=True).stdout
+    )
+    assert (revoked["registration_revoked"], revoked["secret_revoked"]) == (True, True)
     shown_doc = json.loads(
         cli("service", "show", "node-red", "--pki", pki, "--json", check=True).stdout
     )
