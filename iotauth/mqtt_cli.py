@@ -100,7 +100,29 @@ ClientIdOpt = Annotated[
 TtlOpt = Annotated[
     int, typer.Option("--ttl", min=1, max=86400, help="Device token lifetime, seconds (jwt).")
 ]
+AudienceOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--audience",
+        metavar="AUD",
+        help="Device token aud claim (jwt; default: the trust domain), as the broker's "
+        "--token-audience.",
+    ),
+]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Machine-readable output.")]
+
+
+@dataclass(frozen=True, slots=True)
+class Credentials:
+    """How the client proves who it is: the authentication options of pub and sub, as given."""
+
+    creds: Path | None = None  # a credential directory (mtls, jwt)
+    auth: str | None = None  # the method; mtls when only creds is given
+    user: str | None = None  # service name (password, scram)
+    secret_env: str | None = None  # the variable that holds the secret (password, scram)
+    token_file: Path | None = None  # the access token (oidc)
+    ttl: int = 3600  # device token lifetime (jwt)
+    audience: str | None = None  # device token aud (jwt); None: the trust domain
 
 
 @dataclass(frozen=True, slots=True)
@@ -120,18 +142,14 @@ class Login:
 def login(
     *,
     broker: str | None,
-    creds: Path | None,
-    auth: str | None,
-    user: str | None,
-    secret_env: str | None,
-    token_file: Path | None,
+    credentials: Credentials,
     cafile: Path | None,
     version: str,
     client_id: str | None,
-    ttl: int,
 ) -> Login:
     """Check every option and read every credential before a socket is opened."""
-    method = auth or ("mtls" if creds is not None else None)
+    creds, user = credentials.creds, credentials.user
+    method = credentials.auth or ("mtls" if creds is not None else None)
     if method is None:
         msg = "say how to authenticate: --creds DIR, or --auth password|scram|oidc"
         raise ClientError(msg)
@@ -147,9 +165,12 @@ def login(
     if method == "scram" and version != "5":
         msg = "--auth scram needs -V 5: SCRAM runs in MQTT 5's AUTH exchange (3.1.1 has none)"
         raise ClientError(msg)
+    if credentials.audience is not None and method != "jwt":
+        msg = f"--audience is the device token's aud (--auth jwt), not for --auth {method}"
+        raise ClientError(msg)
     identity = _identity(creds) if creds is not None else {}
     name = str(identity.get("device_id") or identity.get("service_name") or user or "")
-    username, password = _secret(method, creds, name, user, secret_env, token_file, ttl)
+    username, password = _secret(method, name, credentials)
     if method in ("password", "scram"):
         name = user or name
     host, port = _address(broker or str(identity.get("broker") or ""))
@@ -173,23 +194,19 @@ def login(
     )
 
 
-def _secret(
-    method: str,
-    creds: Path | None,
-    name: str,
-    user: str | None,
-    secret_env: str | None,
-    token_file: Path | None,
-    ttl: int,
-) -> tuple[str | None, str | None]:
+def _secret(method: str, name: str, credentials: Credentials) -> tuple[str | None, str | None]:
     """The MQTT username and password a method sends (none for mutual TLS)."""
+    creds, user, secret_env = credentials.creds, credentials.user, credentials.secret_env
+    token_file = credentials.token_file
     if method == "jwt":
         from provisioning.errors import ProvisioningError
         from provisioning.tokens import token_for_credentials
 
         assert creds is not None  # noqa: S101 - checked by login()
         try:
-            token, _ = token_for_credentials(creds, name, ttl=ttl)
+            token, _ = token_for_credentials(
+                creds, name, ttl=credentials.ttl, audience=credentials.audience
+            )
         except ProvisioningError as exc:
             raise ClientError(str(exc)) from None
         return None, token
@@ -390,6 +407,7 @@ def pub(
     version: VersionOpt = "311",
     client_id: ClientIdOpt = None,
     ttl: TtlOpt = 3600,
+    audience: AudienceOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
     """Publish one message; with QoS 1/2, wait until the broker has it."""
@@ -404,15 +422,18 @@ def pub(
             raise ClientError(msg) from None
         spec = login(
             broker=broker,
-            creds=creds,
-            auth=auth,
-            user=user,
-            secret_env=secret_env,
-            token_file=token_file,
+            credentials=Credentials(
+                creds=creds,
+                auth=auth,
+                user=user,
+                secret_env=secret_env,
+                token_file=token_file,
+                ttl=ttl,
+                audience=audience,
+            ),
             cafile=cafile,
             version=version,
             client_id=client_id,
-            ttl=ttl,
         )
         if spec.method == "scram":
             _scram_pub(spec, topic, payload, qos=qos, retain=retain)
@@ -480,21 +501,25 @@ def sub(
     version: VersionOpt = "311",
     client_id: ClientIdOpt = None,
     ttl: TtlOpt = 3600,
+    audience: AudienceOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
     """Subscribe and print what arrives (one JSON object per message with --json)."""
     with _errors():
         spec = login(
             broker=broker,
-            creds=creds,
-            auth=auth,
-            user=user,
-            secret_env=secret_env,
-            token_file=token_file,
+            credentials=Credentials(
+                creds=creds,
+                auth=auth,
+                user=user,
+                secret_env=secret_env,
+                token_file=token_file,
+                ttl=ttl,
+                audience=audience,
+            ),
             cafile=cafile,
             version=version,
             client_id=client_id,
-            ttl=ttl,
         )
         if spec.method == "scram":
             _scram_sub(spec, topics, qos, count, wait, verbose=verbose, as_json=as_json)

@@ -136,6 +136,10 @@ def test_a_broker_signed_by_another_root_is_refused_by_the_client(
             "NOPE is not set",
         ),
         (["-t", "a", "-m", "x", "--creds", "/nonexistent"], "does not exist"),
+        (
+            ["-t", "a", "-m", "x", "--auth", "oidc", "--token-file", "t", "--audience", "a"],
+            "--audience is the device token's aud (--auth jwt)",
+        ),
     ],
 )
 def test_usage_errors_are_one_line(
@@ -322,5 +326,40 @@ def test_scram_service_publishes_and_subscribes_with_the_cli(
             env=env,
         )  # fmt: skip
         assert_one_line_error(refused_sub, "subscription refused by the broker (0x87")
+    finally:
+        thread.stop()
+
+
+def test_jwt_audience_matches_a_broker_run_with_token_audience(
+    fleet: Fleet, mqtt: Callable[..., Result]
+) -> None:
+    """A broker run with ``--token-audience`` takes device tokens signed for that audience:
+    ``mqtt pub|sub --auth jwt --audience AUD`` signs for it; the twin, the default audience (the
+    trust domain), is refused with the broker's reason code."""
+    specs = (ListenerSpec(0, frozenset({"jwt"})),)
+    thread = BrokerThread(
+        BrokerSettings(fleet.pki_dir, listeners=specs, token_audience="mqtt.fleet.example"),
+        audit_sink=lambda _: None,
+    ).start()
+    try:
+        where = f"127.0.0.1:{next(iter(thread.broker.ports.values()))}"
+        dev = str(fleet.creds("dev-1"))
+        base = ("--broker", where, "--creds", dev, "--auth", "jwt", "--json")
+        published = mqtt(
+            "pub", *base, "--audience", "mqtt.fleet.example",
+            "-t", "devices/dev-1/state", "-m", "online", "-q", "1", "-r",
+        )  # fmt: skip
+        assert published.returncode == 0, published.stderr
+        assert json.loads(published.stdout)["method"] == "jwt"
+        received = mqtt(
+            "sub", *base, "--audience", "mqtt.fleet.example",
+            "-t", "devices/dev-1/state", "-C", "1", "-W", "20",
+        )  # fmt: skip
+        assert received.returncode == 0, received.stderr
+        assert json.loads(received.stdout.splitlines()[0])["payload"] == "online"
+        default = mqtt("pub", *base, "-t", "devices/dev-1/state", "-m", "x")
+        assert_one_line_error(default, "refused by the broker: CONNACK 4")
+        other = mqtt("sub", *base, "--audience", "another-api", "-t", "devices/dev-1/#", "-W", "5")
+        assert_one_line_error(other, "refused by the broker: CONNACK 4")
     finally:
         thread.stop()
