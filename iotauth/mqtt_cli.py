@@ -1,7 +1,8 @@
 """``iotauth mqtt pub|sub``: an MQTT client for people and scripts, in every method of the broker.
 
 Like ``mosquitto_pub``/``mosquitto_sub``, but it knows the project's credentials: ``--creds DIR``
-(mutual TLS, or ``--auth jwt`` to sign a device token with that directory's key), ``--auth password
+(mutual TLS, or ``--auth jwt [--audience AUD]`` to sign a device token with that directory's
+key, for the trust domain or a broker's ``--token-audience``), ``--auth password
 --user NAME --secret-env VAR``, ``--auth scram --user NAME --secret-env VAR -V 5`` and ``--auth oidc
 --token-file F``. The broker is always verified
 against ``--cafile`` (default: the credential directory's ``ca.crt``). A refusal is one line with
