@@ -118,6 +118,7 @@ class Inventory:
     services: tuple[str, ...]  # active service names (with an active certificate)
     notes: tuple[Note, ...] = ()
     secrets: tuple[str, ...] = ()  # services with an active secret, certificate or not
+    registered: tuple[str, ...] = ()  # services registered by name alone (oidc only)
 
     def names(self, kind: str) -> tuple[str, ...]:
         return self.devices if kind == IdentityKind.DEVICE.value else self.services
@@ -142,6 +143,9 @@ def load_inventory(pki_dir: Path, *, passphrase: bytes | None = None) -> Invento
         devices, services, notes = active_identities(pki.registry.all())
         states = pki.registry.secret_states()
         secrets = tuple(sorted(n for n, (_, status) in states.items() if status == "active"))
+        registered = tuple(
+            sorted(n for n, s in pki.registry.registration_states().items() if s == "active")
+        )
         key_path = pki_dir / "private" / "server.key"
         key_pem = key_path.read_bytes()
         if b"ENCRYPTED" in key_pem.split(b"\n", 1)[0]:
@@ -167,6 +171,7 @@ def load_inventory(pki_dir: Path, *, passphrase: bytes | None = None) -> Invento
             services=services,
             notes=tuple(notes),
             secrets=secrets,
+            registered=registered,
         )
 
 
@@ -324,7 +329,10 @@ def method_notes(
         "jwt": [("device", d) for d in inventory.devices],
         "password": [("service", s) for s in inventory.secrets],
         "scram": [("service", s) for s in inventory.secrets],
-        "oidc": [("service", s) for s in sorted(certified | set(inventory.secrets))],
+        "oidc": [
+            ("service", s)
+            for s in sorted(certified | set(inventory.secrets) | set(inventory.registered))
+        ],
     }
     notes: list[Note] = []
     for method in METHODS:
@@ -351,16 +359,19 @@ def method_notes(
                 )
             )
     secret_only = sorted(set(inventory.secrets) - certified)
+    registered_only = sorted(set(inventory.registered) - certified - set(inventory.secrets))
     if not asked & {"password", "scram", "oidc"}:
+        no_cert = [(name, "a secret") for name in secret_only]
+        no_cert += [(name, "a registration by name") for name in registered_only]
         notes += [
             Note(
                 "info",
-                f"service {name!r} has a secret but no certificate: not exported, and it cannot "
+                f"service {name!r} has {held} but no certificate: not exported, and it cannot "
                 "connect to the exported broker (no --listen lists password, scram or oidc, as "
                 "with 'broker run' by default)",
                 identity=name,
             )
-            for name in secret_only
+            for name, held in sorted(no_cert)
         ]
     return notes
 

@@ -30,6 +30,7 @@ def secret_only(fleet: Fleet) -> str:
     """A service that holds a secret and no certificate (``service secret`` registers it)."""
     fleet.pki.set_service_secret("grafana")
     fleet.pki.set_service_secret("sink")  # sink has both
+    fleet.pki.register_service("node-red")  # registered by name alone: oidc only
     return "grafana"
 
 
@@ -53,12 +54,14 @@ def test_every_other_method_is_one_warning_per_identity(
         ("sink", "password"),
         ("grafana", "oidc"),
         ("sink", "oidc"),
+        ("node-red", "oidc"),
     }
     assert all(n.level == "warning" for n in methods.values())
     assert result.narrowed
     assert "cannot connect to the exported broker at all" in str(methods["grafana", "password"])
     assert "certificate only" in str(methods["sink", "password"])
     assert "certificate only" in str(methods["dev-1", "jwt"])
+    assert "cannot connect to the exported broker at all" in str(methods["node-red", "oidc"])
     # Said in the export's README too, and the listener is the mtls one of --listen.
     readme = (tmp_path / fmt / "README.md").read_text()
     assert "## Authentication methods not exported" in readme
@@ -78,6 +81,9 @@ def test_the_default_listener_warns_nothing_and_strict_agrees(
         assert not any(n.method for n in result.notes)
         infos = [n for n in result.notes if n.identity == secret_only]
         assert [n.level for n in infos] == ["info"]
+        registered = [n for n in result.notes if n.identity == "node-red"]
+        assert [n.level for n in registered] == ["info"]
+        assert "registration by name but no certificate" in registered[0].message
         assert "cannot connect" in infos[0].message
     with pytest.raises(ExportError, match="--strict"):
         export(
