@@ -449,8 +449,9 @@ class Registry:
     def name_states(self, names: list[str]) -> dict[str, tuple[set[str], bool]]:
         """For each name that has rows: (every kind it had, whether one is active)."""
         out: dict[str, tuple[set[str], bool]] = {}
-        for start in range(0, len(names), 500):  # SQLite's bound-parameter limit
-            chunk = names[start : start + 500]
+        # SQLite's bound-parameter limit (999 before 3.32): the second query binds each name twice
+        for start in range(0, len(names), 400):
+            chunk = names[start : start + 400]
             marks = ", ".join("?" * len(chunk))
             rows = self._db.execute(
                 f"SELECT name, kind, status FROM certificates WHERE name IN ({marks})",  # noqa: S608 - placeholders only
