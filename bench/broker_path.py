@@ -297,9 +297,9 @@ async def run_one(  # noqa: PLR0912, PLR0915 - one scenario, set up and driven i
     if store or persistent:
         from broker.store import LogFile, Store
 
-        core.store = Store()
+        the_store = core.store = Store()
     if persistent:
-        the_store, loop = core.store, asyncio.get_running_loop()
+        loop = asyncio.get_running_loop()
         logfile = LogFile(Path(state.name))
         logfile.path.write_bytes(b"")
         logfile.open_append()
@@ -405,7 +405,8 @@ async def run_one(  # noqa: PLR0912, PLR0915 - one scenario, set up and driven i
                     raise RuntimeError(f"{acked} PUBACKs for {BATCH} PUBLISHes")
     if core.messages_out - start_out != delivered:
         raise RuntimeError(f"the core counted {core.messages_out}, the sink {delivered}")
-    if persistent and qos and not (core.store.is_persistent(core.sessions["sink"]) and logfile.size):
+    kept = core.store is not None and core.store.is_persistent(core.sessions["sink"])
+    if persistent and qos and not (kept and logfile.size):
         raise RuntimeError("the sink's session is not persistent, or nothing was written")
     state.cleanup()
     return clock.spent / delivered * 1e6
