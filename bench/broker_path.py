@@ -1,7 +1,8 @@
 """CPU per message on the broker's whole connection path, in one process, with no sockets.
 
     .venv/bin/python bench/broker_path.py [--messages 100000] [--rounds 5] [--runs qos0,qos1]
-        [--publishers 20|1] [--against DIR] [--store] [--instructions] [--profile FILE]
+        [--publishers 20|1] [--against DIR] [--store | --persistent] [--instructions]
+        [--profile FILE]
 
 ``bench/broker_bench.py`` measures the broker as a process, next to Mosquitto, through real
 sockets; on a shared machine its per-message CPU moves by 20-40 % between runs, more than the
@@ -24,6 +25,11 @@ add /tmp/before <commit>``), alternated with this one round by round in child pr
 the ratio within each round: how a change moved the cost, with the machine's drift cancelled.
 ``--store``: with a persistence store attached to the core (no disk: the sessions here are
 clean, so it records nothing, and what is measured is what its hooks cost).
+``--persistent``: the store attached and the sink's session persistent (clean session 0), so
+every QoS 1 delivery makes its records (message, in flight, done); they are committed on the
+broker's loop as the real group commit does (``Store.take``, one ``LogFile.append`` of the
+batch into a temporary file, ``durable``, ``release_acks``), but in the loop's thread rather
+than a worker, so the commit's CPU is counted (the fsync's wait is not CPU).
 ``--instructions``: instead of CPU time, the instructions executed inside the broker's calls,
 counted by callgrind (needs valgrind and cc; one round, ~1 minute per run and tree): exact and
 repeatable on a busy machine. ``--publishers 1``: one publisher sending 100 PUBLISHes per write.
@@ -255,7 +261,12 @@ def _callgrind_toggle() -> Callable[[], None] | None:
 
 
 async def run_one(  # noqa: PLR0912, PLR0915 - one scenario, set up and driven in order
-    kind: str, messages: int, *, store: bool, profile: cProfile.Profile | None
+    kind: str,
+    messages: int,
+    *,
+    store: bool,
+    profile: cProfile.Profile | None,
+    persistent: bool = False,
 ) -> float:
     """CPU microseconds the broker spends per delivered message."""
     from broker_bench import (
@@ -282,10 +293,34 @@ async def run_one(  # noqa: PLR0912, PLR0915 - one scenario, set up and driven i
     core = BrokerCore(
         BrokerSettings(Path("/nonexistent")), audit=AuditLog(lambda _: None), metrics=Metrics()
     )
-    if store:
-        from broker.store import Store
+    state = tempfile.TemporaryDirectory()
+    if store or persistent:
+        from broker.store import LogFile, Store
 
-        core.store = Store()
+        the_store = core.store = Store()
+    if persistent:
+        loop = asyncio.get_running_loop()
+        logfile = LogFile(Path(state.name))
+        logfile.path.write_bytes(b"")
+        logfile.open_append()
+        committing = False
+
+        def commit() -> None:  # Committer._start and _done, in this thread
+            nonlocal committing
+            committing = False
+            body, seq = the_store.take()
+            logfile.append(body)
+            the_store.durable = seq
+            the_store.release_acks()
+
+        def wake() -> None:
+            nonlocal committing
+            if not committing:
+                committing = True
+                loop.call_soon(commit)
+
+        # Lazy records (the sink's PUBACKs) ride with the next urgent batch, as in steady state.
+        the_store.on_dirty = wake
 
     identities = {
         f"dev-{n:03d}": Identity.device(f"dev-{n:03d}", DOMAIN) for n in range(PUBLISHERS)
@@ -302,7 +337,8 @@ async def run_one(  # noqa: PLR0912, PLR0915 - one scenario, set up and driven i
     def make_conn(transport: Transport) -> MQTTConnection:
         return connection.MQTTConnection(Listener(), core, auth, server_ctx)
 
-    sink = await _connect(make_conn, client_ctx, next(ports), connect_packet("sink", level=level))
+    sink_connect = connect_packet("sink", level=level, clean=not persistent)
+    sink = await _connect(make_conn, client_ctx, next(ports), sink_connect)
     sink.conn.data_received(sink.encrypt(subscribe_packet(1, "devices/+/telemetry/#", qos, level)))
     await asyncio.sleep(0)
     sink.pump()
@@ -357,6 +393,9 @@ async def run_one(  # noqa: PLR0912, PLR0915 - one scenario, set up and driven i
                 await clock.loop_turn()
             elif not count:
                 await clock.loop_turn()
+        if persistent:  # the last commit's PUBACKs
+            await clock.loop_turn()
+            await clock.loop_turn()
         for pub in pubs:
             pub.pump()
             if qos:
@@ -366,6 +405,10 @@ async def run_one(  # noqa: PLR0912, PLR0915 - one scenario, set up and driven i
                     raise RuntimeError(f"{acked} PUBACKs for {BATCH} PUBLISHes")
     if core.messages_out - start_out != delivered:
         raise RuntimeError(f"the core counted {core.messages_out}, the sink {delivered}")
+    kept = core.store is not None and core.store.is_persistent(core.sessions["sink"])
+    if persistent and qos and not (kept and logfile.size):
+        raise RuntimeError("the sink's session is not persistent, or nothing was written")
+    state.cleanup()
     return clock.spent / delivered * 1e6
 
 
@@ -377,8 +420,14 @@ def child(args: argparse.Namespace) -> int:
     for kind in args.runs:
         if not counting:
             # a short untimed run first: imports, first-call caches, the allocator's arenas
-            asyncio.run(run_one(kind, 2000, store=args.store, profile=None))
-        out[kind] = asyncio.run(run_one(kind, args.messages, store=args.store, profile=profile))
+            asyncio.run(
+                run_one(kind, 2000, store=args.store, profile=None, persistent=args.persistent)
+            )
+        out[kind] = asyncio.run(
+            run_one(
+                kind, args.messages, store=args.store, profile=profile, persistent=args.persistent
+            )
+        )
     if profile is not None:
         profile.dump_stats(args.profile)
     print(json.dumps(out))
@@ -400,6 +449,8 @@ def _child_cmd(args: argparse.Namespace, run: str, store: bool) -> list[str]:
         str(args.messages),
     ]
     cmd += ["--runs", run, "--publishers", str(PUBLISHERS)]
+    if store and args.persistent:
+        return [*cmd, "--persistent"]
     return [*cmd, "--store"] if store else cmd
 
 
@@ -479,6 +530,11 @@ def main() -> int:  # noqa: PLR0912, PLR0915 - options
     parser.add_argument("--runs", default="qos0,qos1", help=f"of {','.join(RUNS)}")
     parser.add_argument("--against", type=Path, help="another checkout to compare with")
     parser.add_argument("--store", action="store_true", help="attach a persistence store")
+    parser.add_argument(
+        "--persistent",
+        action="store_true",
+        help="attach a store and make the sink's session persistent (its records are made)",
+    )
     parser.add_argument("--profile", help="write a cProfile of the broker's calls here")
     parser.add_argument(
         "--instructions",
@@ -510,7 +566,7 @@ def main() -> int:  # noqa: PLR0912, PLR0915 - options
         # A tree from before MQTT 5 runs the 3.1.1 runs only; one from before persistence
         # runs without a store (which is what it shipped).
         level5 = (tree / "broker" / "protocol.py").is_file()
-        store = args.store and (tree / "broker" / "store.py").is_file()
+        store = (args.store or args.persistent) and (tree / "broker" / "store.py").is_file()
         return [
             (name, tree, r, store) for r in args.runs if level5 or not r.endswith(("v5", "alias"))
         ]
@@ -540,6 +596,7 @@ def main() -> int:  # noqa: PLR0912, PLR0915 - options
     print(
         f"broker {unit} per delivered message, {delivered_count(args.messages)} messages per "
         f"run, {rounds}{', store attached' if args.store else ''}"
+        f"{', persistent sink' if args.persistent else ''}"
     )
     for run in args.runs:
         line = f"  {run:7s}"

@@ -174,6 +174,9 @@ class Session:
     inflight_max: int = 100
     expiry: float | None = None
     will_delay: int = 0
+    # store: the persistence store keeps this session (set and cleared by the store). The
+    # per-message hooks are called only then: a session it does not keep costs them nothing.
+    stored: bool = False
 
     def packet_id(self) -> int:
         pid = self.next_id
@@ -892,7 +895,7 @@ class BrokerCore:
         session.queue.append((message, qos))
         session.queued_bytes += len(message.payload)
         self.queued += 1
-        if self.store is not None:
+        if session.stored and self.store is not None:
             self.store.queued(session, message, qos)  # store
 
     def _send(
@@ -900,7 +903,7 @@ class BrokerCore:
     ) -> None:
         pid = session.packet_id()
         session.inflight[pid] = (message, qos, False)
-        if self.store is not None:
+        if session.stored and self.store is not None:
             self.store.sent(session, pid, message, qos, queued=queued)  # store
         if session.v5:
             if not self._publish5(session, link, message, qos, pid):
@@ -949,7 +952,7 @@ class BrokerCore:
             # The receiver's grants are re-checked: it may be a resumed session.
             if session.grants.allows(Action.RECEIVE, message.topic):
                 self._send(session, link, message, qos, queued=True)
-            elif self.store is not None:
+            elif session.stored and self.store is not None:
                 self.store.unqueued(session, message)  # store
 
     def drained(self, session: Session) -> None:
@@ -1037,7 +1040,7 @@ class BrokerCore:
             return
         if (kind == mqtt.PUBACK and qos == 1) or (kind == mqtt.PUBCOMP and released):
             del session.inflight[pid]
-            if self.store is not None:
+            if session.stored and self.store is not None:
                 self.store.completed(session, pid, message)  # store
             self.drained(session)
 

@@ -185,6 +185,15 @@ class Store:
         acks = self._acks
         durable = self.durable
         waiting = self._waiting
+        if acks and acks[-1][0] <= durable:
+            # The common case (a commit covers everything asked before it): all of them go,
+            # in order, without the per-link counting.
+            ready = list(acks)
+            acks.clear()
+            waiting.clear()
+            for _, link, data in ready:
+                link.send(data)
+            return
         while acks and acks[0][0] <= durable:
             _, link, data = acks.popleft()
             left = waiting.pop(link, 1) - 1
@@ -269,6 +278,7 @@ class Store:
         if sid is None:
             sid = self._sids[session.client_id] = self._next_sid
             self._next_sid += 1
+        session.stored = True  # the core calls the per-message hooks for it from now on
         self._put(_json_record(_SESSION, sid, _session_fields(session)))
         if new:  # a session that becomes persistent brings what it already holds
             for topic_filter, options in _subscription_options(session):
@@ -286,6 +296,7 @@ class Store:
         """Called before the core clears the session's queue and in-flight messages, or when an
         MQTT 5 client resumes it with Session Expiry 0 (it is no longer kept)."""
         sid = self._sids.pop(session.client_id, None)
+        session.stored = False
         if sid is None:
             return
         for message, _qos in session.queue:
@@ -311,9 +322,26 @@ class Store:
             self._put(_SID.pack(_UNSUB, 4 + len(body), sid) + body)
 
     def queued(self, session: Session, message: Message, qos: int) -> None:
+        # A hot path (a QoS 1/2 message that waits for the window): _mid and _put written out.
         sid = self._sids.get(session.client_id)
-        if sid is not None:
-            self._put(_QUEUE_S.pack(_QUEUE, 13, sid, self._mid(message), qos))
+        if sid is None:
+            return
+        buf = self._buf
+        if not self.urgent:
+            self._urge()
+        key = id(message)
+        entry = self._mids.get(key)
+        if entry is None:
+            mid = self._next_mid
+            self._next_mid = mid + 1
+            self._mids[key] = [mid, message, 1]
+            buf.extend(_message_parts(mid, message))  # the record's parts: joined in take()
+            self.seq += 1
+        else:
+            mid = entry[0]
+            entry[2] += 1
+        buf.append(_QUEUE_S.pack(_QUEUE, 13, sid, mid, qos))
+        self.seq += 1
 
     def sent(self, session: Session, pid: int, message: Message, qos: int, *, queued: bool) -> None:
         # The hot path (one per QoS 1/2 delivery): _mid and _put written out.
@@ -329,7 +357,7 @@ class Store:
             mid = self._next_mid
             self._next_mid = mid + 1
             self._mids[key] = [mid, message, 1]
-            buf.append(_encode_message(mid, message))
+            buf.extend(_message_parts(mid, message))
             self.seq += 1
         else:
             mid = entry[0]
@@ -476,14 +504,26 @@ def _json_record(kind: int, sid: int, fields: dict[str, Any]) -> bytes:
 
 
 def _encode_message(mid: int, message: Message) -> bytes:
+    return b"".join(_message_parts(mid, message))
+
+
+def _message_parts(mid: int, message: Message) -> tuple[bytes, ...]:
+    """A ``_MSG`` record in pieces (head, topic, [extra,] payload), so that the hot hooks add
+    them to the batch as they are, without a copy of the payload per record."""
     topic = message.topic_bytes
-    extra = b""  # 3.1.1, and MQTT 5 without properties: nothing more
-    if message.properties_wire != b"\x00" or message.expires_at is not None or message.share:
-        extra = _message_extra(message)
     payload = message.payload
+    if message.properties_wire == b"\x00" and message.expires_at is None and not message.share:
+        # 3.1.1, and MQTT 5 without properties: no extra
+        size = 16 + len(topic) + len(payload)
+        return (
+            _MSG_S.pack(_MSG, size, mid, message.qos, message.retain, len(topic), 0),
+            topic,
+            payload,
+        )
+    extra = _message_extra(message)
     size = 16 + len(topic) + len(extra) + len(payload)
     head = _MSG_S.pack(_MSG, size, mid, message.qos, message.retain, len(topic), len(extra))
-    return b"".join((head, topic, extra, payload))
+    return head, topic, extra, payload
 
 
 def _message_extra(message: Message) -> bytes:

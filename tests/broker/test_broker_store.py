@@ -138,6 +138,38 @@ def test_without_a_persistent_subscriber_nothing_is_written(tmp_path: Path) -> N
     opened.close()
 
 
+def test_records_follow_the_session_as_it_becomes_persistent_and_stops_being_so(
+    tmp_path: Path,
+) -> None:
+    """The core calls the per-message hooks only for sessions the store keeps (Session.stored):
+    a persistent session's deliveries are recorded, the same client's clean session's are
+    not, and once it is persistent again they are (and survive a restart)."""
+    core = make_core()
+    opened = _open(tmp_path, core)
+    svc, _, _ = connect(core, "ops", service=True)
+
+    def delivery_writes(clean: bool, payload: bytes) -> bool:
+        dev, link, _ = connect(core, "dev-1", clean=clean)
+        core.subscribe(dev, mqtt.Subscribe(1, [("devices/dev-1/commands/#", 1)]))
+        _commit(opened)
+        link.take()  # SUBACK; a resumed session's earlier message again (DUP)
+        mark = core.mark()
+        publish(core, svc, CMD, payload, qos=1)
+        assert [p[3] for p in link.publishes()] == [payload]
+        wrote = core.mark() != mark
+        link.close(will=False)
+        _commit(opened)
+        return wrote
+
+    assert delivery_writes(clean=False, payload=b"kept")
+    assert not delivery_writes(clean=True, payload=b"not kept")
+    assert delivery_writes(clean=False, payload=b"kept again")
+    core, opened = _restart(tmp_path, opened)
+    assert _queued(core) == []  # nothing was acknowledged by dev-1: in flight, not queued
+    assert [m.payload for m, _, _ in core.sessions["dev-1"].inflight.values()] == [b"kept again"]
+    opened.close()
+
+
 def _state_with_three_batches(tmp_path: Path) -> tuple[Path, list[int]]:
     """A log of a snapshot and three batches of one queued message each; the batch offsets."""
     core = make_core()
