@@ -112,6 +112,12 @@ class Message:
     # Sent through this shared subscription ("$share/{group}/{filter}"; "" if not): a member
     # that leaves hands it to another member.
     share: str = ""
+    # broker.store's bookkeeping (0: not in the store): the message's record number in the log
+    # and how many of the store's records refer to it. On the message rather than in a dict
+    # keyed by ``id()`` because every persistent delivery looks it up; ``init=False`` so that
+    # ``dataclasses.replace`` (a receiver's copy, a different record) starts with none.
+    store_mid: int = field(default=0, init=False, repr=False)
+    store_refs: int = field(default=0, init=False, repr=False)
 
 
 @dataclass(slots=True, eq=False)

@@ -152,8 +152,7 @@ class Store:
         self.failed: str | None = None  # why the last write failed (disk full ...), until it works
         self._sids: dict[str, int] = {}
         self._next_sid = 1
-        # id(message) -> [mid, message, references]; the message is held, so ids are not reused.
-        self._mids: dict[int, list[Any]] = {}
+        # A message's record number and references are on it (Message.store_mid, store_refs).
         self._next_mid = 1
         self._retained: dict[str, Message] = {}
         # Acknowledgements waiting for durability: (seq they need, link, bytes), in order made.
@@ -253,21 +252,19 @@ class Store:
         return self._sids.get(session.client_id)
 
     def _mid(self, message: Message) -> int:
-        entry = self._mids.get(id(message))
-        if entry is None:
-            mid = self._next_mid
+        mid = message.store_mid
+        if not mid:
+            mid = message.store_mid = self._next_mid
             self._next_mid += 1
-            entry = self._mids[id(message)] = [mid, message, 0]
             self._put(_encode_message(mid, message))
-        entry[2] += 1
-        return int(entry[0])
+        message.store_refs += 1
+        return mid
 
     def _unref(self, message: Message) -> None:
-        entry = self._mids.get(id(message))
-        if entry is not None:
-            entry[2] -= 1
-            if entry[2] <= 0:
-                del self._mids[id(message)]
+        if message.store_mid:
+            message.store_refs -= 1
+            if message.store_refs <= 0:
+                message.store_mid = message.store_refs = 0
 
     # -- hooks the core calls ------------------------------------------------------------------
 
@@ -329,17 +326,15 @@ class Store:
         buf = self._buf
         if not self.urgent:
             self._urge()
-        key = id(message)
-        entry = self._mids.get(key)
-        if entry is None:
-            mid = self._next_mid
+        mid = message.store_mid
+        if not mid:
+            mid = message.store_mid = self._next_mid
             self._next_mid = mid + 1
-            self._mids[key] = [mid, message, 1]
+            message.store_refs = 1
             buf.extend(_message_parts(mid, message))  # the record's parts: joined in take()
             self.seq += 1
         else:
-            mid = entry[0]
-            entry[2] += 1
+            message.store_refs += 1
         buf.append(_QUEUE_S.pack(_QUEUE, 13, sid, mid, qos))
         self.seq += 1
 
@@ -351,18 +346,15 @@ class Store:
         buf = self._buf
         if not self.urgent:
             self._urge()
-        key = id(message)
-        entry = self._mids.get(key)
-        if entry is None:
-            mid = self._next_mid
+        mid = message.store_mid
+        if not mid:
+            mid = message.store_mid = self._next_mid
             self._next_mid = mid + 1
-            self._mids[key] = [mid, message, 1]
+            message.store_refs = 1
             buf.extend(_message_parts(mid, message))
             self.seq += 1
-        else:
-            mid = entry[0]
-            if not queued:  # from the queue it moves; otherwise one more reference
-                entry[2] += 1
+        elif not queued:  # from the queue it moves; otherwise one more reference
+            message.store_refs += 1
         buf.append(_SENT_S.pack(_SENT, 15, sid, pid, mid, qos))
         self.seq += 1
 
@@ -370,9 +362,8 @@ class Store:
         sid = self._sids.get(session.client_id)
         if sid is None:
             return
-        entry = self._mids.get(id(message))
-        if entry is not None:
-            self._put(_UNQUEUE_S.pack(_UNQUEUE, 12, sid, entry[0]))
+        if message.store_mid:
+            self._put(_UNQUEUE_S.pack(_UNQUEUE, 12, sid, message.store_mid))
             self._unref(message)
 
     def pubrec(self, session: Session, pid: int) -> None:
@@ -396,13 +387,12 @@ class Store:
             self.on_lazy()
         buf.append(_PID_S.pack(_DONE, 6, sid, pid))
         self.seq += 1
-        key = id(message)
-        entry = self._mids.get(key)
-        if entry is not None:
-            if entry[2] <= 1:
-                del self._mids[key]
+        if message.store_mid:
+            refs = message.store_refs
+            if refs <= 1:
+                message.store_mid = message.store_refs = 0
             else:
-                entry[2] -= 1
+                message.store_refs = refs - 1
 
     def qos2_incoming(self, session: Session, pid: int, *, waiting: bool) -> None:
         sid = self._sids.get(session.client_id)
@@ -442,7 +432,14 @@ class Store:
         """The live state as one frame body (replaces the log), and the seq it covers. The
         waiting records are dropped: their effect is in the state written here."""
         self._buf.clear()
-        self._mids.clear()
+        # The record numbers start again: forget the old ones wherever a message may hold one.
+        for session in core.sessions.values():
+            for message, _qos in session.queue:
+                message.store_mid = message.store_refs = 0
+            for message, _qos, _released in session.inflight.values():
+                message.store_mid = message.store_refs = 0
+        for message in self._retained.values():
+            message.store_mid = message.store_refs = 0
         self._sids.clear()
         self._next_sid = 1
         self._next_mid = 1
