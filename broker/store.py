@@ -331,7 +331,7 @@ class Store:
             mid = message.store_mid = self._next_mid
             self._next_mid = mid + 1
             message.store_refs = 1
-            buf.extend(_message_parts(mid, message))  # the record's parts: joined in take()
+            _append_message(buf, mid, message)  # the record's parts: joined in take()
             self.seq += 1
         else:
             message.store_refs += 1
@@ -351,7 +351,7 @@ class Store:
             mid = message.store_mid = self._next_mid
             self._next_mid = mid + 1
             message.store_refs = 1
-            buf.extend(_message_parts(mid, message))
+            _append_message(buf, mid, message)
             self.seq += 1
         elif not queued:  # from the queue it moves; otherwise one more reference
             message.store_refs += 1
@@ -521,6 +521,20 @@ def _message_parts(mid: int, message: Message) -> tuple[bytes, ...]:
     size = 16 + len(topic) + len(extra) + len(payload)
     head = _MSG_S.pack(_MSG, size, mid, message.qos, message.retain, len(topic), len(extra))
     return head, topic, extra, payload
+
+
+def _append_message(buf: list[bytes], mid: int, message: Message) -> None:
+    """:func:`_message_parts` onto the batch, for the hot hooks: the common case (no extra)
+    without building a tuple to extend ``buf`` with."""
+    topic = message.topic_bytes
+    payload = message.payload
+    if message.properties_wire == b"\x00" and message.expires_at is None and not message.share:
+        size = 16 + len(topic) + len(payload)
+        buf.append(_MSG_S.pack(_MSG, size, mid, message.qos, message.retain, len(topic), 0))
+        buf.append(topic)
+        buf.append(payload)
+    else:
+        buf.extend(_message_parts(mid, message))
 
 
 def _message_extra(message: Message) -> bytes:
