@@ -51,8 +51,10 @@ import datetime as dt
 import errno
 import fcntl
 import hashlib
+import itertools
 import json
 import logging
+import operator
 import os
 import struct
 import time
@@ -108,6 +110,7 @@ _H = struct.Struct(">BI")
 _SID = struct.Struct(">BII")
 _DETACH_S = struct.Struct(">BIId")
 _MSG_S = struct.Struct(">BIQBBHI")
+_LINK = operator.itemgetter(1)  # an entry of Store._acks: (seq, link, data)
 _QUEUE_S = struct.Struct(">BIIQB")
 _SENT_S = struct.Struct(">BIIHQB")
 _UNQUEUE_S = struct.Struct(">BIIQ")
@@ -186,12 +189,13 @@ class Store:
         waiting = self._waiting
         if acks and acks[-1][0] <= durable:
             # The common case (a commit covers everything asked before it): all of them go,
-            # in order, without the per-link counting.
+            # in order, without the per-link counting; the consecutive ones to one link (a
+            # publisher's PUBLISHes read together) in one send.
             ready = list(acks)
             acks.clear()
             waiting.clear()
-            for _, link, data in ready:
-                link.send(data)
+            for link, group in itertools.groupby(ready, _LINK):
+                link.send(b"".join([data for _, _, data in group]))
             return
         while acks and acks[0][0] <= durable:
             _, link, data = acks.popleft()
