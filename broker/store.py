@@ -160,7 +160,7 @@ class Store:
         self._retained: dict[str, Message] = {}
         # Acknowledgements waiting for durability: (seq they need, link, bytes), in order made.
         self._acks: collections.deque[tuple[int, Link, bytes]] = collections.deque()
-        self._waiting: dict[Link, int] = {}  # links with answers in _acks, and how many
+        self._waiting: dict[Link, int] = {}  # links with answers in _acks: the last one's seq
         # The Committer's wake-ups: ``on_dirty`` at the first record of a batch that must go to
         # disk now, ``on_lazy`` at the first record of a batch that may wait for company (see
         # :meth:`completed`). ``urgent``: the waiting batch holds a record of the first kind.
@@ -175,11 +175,12 @@ class Store:
         if the packet it answers wrote nothing (``since`` is still :attr:`seq`) and no earlier
         answer to this link waits (their order is kept)."""
         seq = self.seq
-        if self.durable >= seq or (since == seq and link not in self._waiting):
+        waiting = self._waiting
+        if self.durable >= seq or (since == seq and link not in waiting):
             link.send(data)
         else:
             self._acks.append((seq, link, data))
-            self._waiting[link] = self._waiting.get(link, 0) + 1
+            waiting[link] = seq  # its last answer that waits
             if not self.urgent and self._buf:
                 self._urge()  # someone waits: the batch goes now, lazy records or not
 
@@ -199,9 +200,9 @@ class Store:
             return
         while acks and acks[0][0] <= durable:
             _, link, data = acks.popleft()
-            left = waiting.pop(link, 1) - 1
-            if left:
-                waiting[link] = left
+            last = waiting.get(link)
+            if last is not None and last <= durable:
+                del waiting[link]  # that was its last one waiting
             link.send(data)
 
     def refuse_acks(self) -> list[Link]:
