@@ -1412,12 +1412,10 @@ def users(count: int, size: int = 1) -> bytes:
 
 
 def _vbi(n: int) -> bytes:
-    out = bytearray()
-    while True:
-        byte, n = n % 128, n // 128
-        out.append(byte | (0x80 if n else 0))
-        if not n:
-            return bytes(out)
+    """A Variable Byte Integer (section 1.5.5): the Remaining Length encoder of broker_helpers."""
+    from tests.broker.broker_helpers import _remaining
+
+    return _remaining(n)
 
 
 def test_user_properties_up_to_the_limit_are_kept_in_order() -> None:
