@@ -524,7 +524,6 @@ class Agent:
         ttl, audience = self.config.token_ttl, self.config.token_audience
         tcti = getattr(creds.keystore, "tcti", None)
         pair = (creds.cert_file, creds.key_file)
-        self._token_cert = creds.cert_file
 
         def work() -> None:
             try:
@@ -536,17 +535,20 @@ class Agent:
                 token, error = None, exc
             except Exception as exc:  # noqa: BLE001 - the loop must hear back, whatever failed
                 token, error = None, TokenSigningError(f"{type(exc).__name__}: {exc}")
-            self.reactor.call_soon_threadsafe(lambda: self._token_made(token, error))
+            self.reactor.call_soon_threadsafe(lambda: self._token_made(token, pair[0], error))
 
         threading.Thread(target=work, name=f"{device_id}-token", daemon=True).start()
 
-    def _token_made(self, token: DeviceToken | None, error: Exception | None) -> None:
+    def _token_made(
+        self, token: DeviceToken | None, cert_file: Path, error: Exception | None
+    ) -> None:
         self._token_making = False
         if token is None:
             self.stats.attempts += 1
             self._failed(Failure("token", str(error), True))
             return
-        self._token = token
+        # Set together: until the new token lands, _token_fresh still judges the old one.
+        self._token, self._token_cert = token, cert_file
         if self._client is None:
             self._timer("connect", 0, self._attempt)
         elif self._conn.state is Conn.CONNECTED:
