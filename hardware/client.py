@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol, Self, TypeAlias, TypeVar
 
 from hardware.codec import (
+    BITS_PER_BYTE,
     BODY_OVERHEAD,
     MAX_ENCODED_FRAME,
     MAX_PAYLOAD,
@@ -80,8 +81,6 @@ ProgressCallback: TypeAlias = Callable[[int, int], None]
 _PUT_DATA_HEADER = 5  # kind u8 | offset u32
 _MIN_CHUNK = 32  # below this, frame overhead dominates and a line that bad will not recover
 _GROW_AFTER = 8
-# A UART sends a start bit, 8 data bits and a stop bit for every byte.
-BITS_PER_BYTE = 10
 _T = TypeVar("_T")
 
 

@@ -27,6 +27,7 @@ import binascii
 from hardware._compat import IntEnum, Struct, dataclass, field, member_name
 
 __all__ = [
+    "BITS_PER_BYTE",
     "BODY_OVERHEAD",
     "MAX_ENCODED_FRAME",
     "MAX_PAYLOAD",
@@ -54,6 +55,9 @@ RESPONSE_FLAG = 0x80
 # 1 KiB keeps one frame under ~90 ms at 115200 8N1, so a retransmit costs little; a device may
 # advertise less in HELLO and the station then uses the smaller value.
 MAX_PAYLOAD = 1024
+# A UART (8N1) sends a start bit, 8 data bits and a stop bit for every byte: the wire time of a
+# frame, for the station's timeouts and the emulator's simulated cable alike.
+BITS_PER_BYTE = 10
 
 _HEADER = Struct("<BBBBH")
 _CRC = Struct("<I")

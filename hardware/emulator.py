@@ -14,7 +14,7 @@ import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Self
 
-from hardware.codec import MAX_PAYLOAD
+from hardware.codec import BITS_PER_BYTE, MAX_PAYLOAD
 from hardware.keygen import CryptographyBackend, KeyBackend, NoKeygenBackend
 from hardware.responder import Responder
 from hardware.store import CredentialStore
@@ -80,9 +80,9 @@ class VirtualDevice:
             msg = "baudrate must be positive"
             raise ValueError(msg)
         self.store_dir = str(store_dir)
-        # With a baud rate, every byte costs the time it would take on a UART (8N1: 10 bits),
+        # With a baud rate, every byte costs the time it would take on a UART (8N1),
         # so benchmarks over a pty or socket see the wire time of a real cable.
-        self.byte_time = 10.0 / baudrate if baudrate else 0.0
+        self.byte_time = BITS_PER_BYTE / baudrate if baudrate else 0.0
         self.bytes_in = 0
         self.bytes_out = 0
         self.hardware_serial = hardware_serial or default_serial(store_dir)
