@@ -6,6 +6,8 @@ import contextlib
 import json
 import select
 import socket
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Callable
@@ -16,6 +18,34 @@ import paho.mqtt.client as mqtt
 from paho.mqtt.enums import CallbackAPIVersion
 
 from provisioning.tls import client_context_for_credentials
+
+
+def start_agent(
+    store: Path,
+    port: int,
+    *extra: str,
+    stdout: int = subprocess.PIPE,
+    env: dict[str, str] | None = None,
+) -> subprocess.Popen[str]:
+    """``python -m device_agent run`` for ``store`` against 127.0.0.1:``port``, as its own
+    process (stderr piped, for the caller's assertions)."""
+    return subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "device_agent",
+            "run",
+            "--store",
+            str(store),
+            "--broker",
+            f"127.0.0.1:{port}",
+            *extra,
+        ],
+        stdout=stdout,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env,
+    )
 
 
 class RenewalPeer:

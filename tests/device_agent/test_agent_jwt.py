@@ -28,7 +28,7 @@ from broker.settings import BrokerSettings, ListenerSpec
 from device_agent import Agent
 from device_agent.token import DeviceToken, TokenSigningError, make_token
 from provisioning.pki import PKI
-from tests.device_agent.agent_helpers import Sink, wait_until
+from tests.device_agent.agent_helpers import Sink, start_agent, wait_until
 from tests.device_agent.conftest import Creds, connected
 
 MTLS, JWT = ListenerSpec(0, frozenset({"mtls"})), ListenerSpec(0, frozenset({"jwt"}))
@@ -182,26 +182,15 @@ def test_slim_agent_with_jwt_never_loads_cryptography(
     sink = Sink(creds("sink", service=True), two.mtls_port, "sink")
     store = creds("dev-1")
     env = {**os.environ, "PYTHONPROFILEIMPORTTIME": "1"}
-    proc = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "device_agent",
-            "run",
-            "--store",
-            str(store),
-            "--broker",
-            f"127.0.0.1:{two.jwt_port}",
-            "--auth",
-            "jwt",
-            "--token-ttl",
-            "600",
-            "--telemetry-interval",
-            "0.2",
-        ],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
+    proc = start_agent(
+        store,
+        two.jwt_port,
+        "--auth",
+        "jwt",
+        "--token-ttl",
+        "600",
+        "--telemetry-interval",
+        "0.2",
         env=env,
     )
     try:

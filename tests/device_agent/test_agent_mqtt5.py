@@ -32,7 +32,7 @@ from iotauth.fleet_backend import Mosquitto
 from provisioning.pki import PKI
 from provisioning.tls import client_context_for_credentials, server_context_for_pki
 from tests.conftest import needs_mosquitto
-from tests.device_agent.agent_helpers import wait_until
+from tests.device_agent.agent_helpers import start_agent, wait_until
 from tests.device_agent.conftest import Creds, connected
 
 CONNACK_311_REFUSED_VERSION = b"\x20\x02\x00\x01"  # 3.1.1 CONNACK, return code 1
@@ -394,21 +394,7 @@ def test_a_restarted_agent_process_tries_mqtt_5_again(
     old = old_brokers(CONNACK_311_REFUSED_VERSION)
     store = creds("dev-1")
     for run in (1, 2):
-        proc = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "device_agent",
-                "run",
-                "--store",
-                str(store),
-                "--broker",
-                f"127.0.0.1:{old.port}",
-            ],
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.PIPE,
-            text=True,
-        )
+        proc = start_agent(store, old.port, stdout=subprocess.DEVNULL)
         try:
             assert wait_until(lambda r=run: old.levels == [5, 4] * r, 20), old.levels
         finally:
