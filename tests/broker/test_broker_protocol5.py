@@ -117,6 +117,15 @@ def _pair(core: Any = None) -> tuple[Client5, Client5]:
     return dev, sink
 
 
+def _sink(core: Any, topic_filter: str, qos: int = 0, **connect: Any) -> Client5:
+    """The service client "sink", connected (``connect``: its CONNECT's options) and
+    subscribed to ``topic_filter``."""
+    sink = Client5(core, "sink", service=True)
+    sink.connect(**connect)
+    sink.subscribe(topic_filter, qos)
+    return sink
+
+
 # -- CONNECT / CONNACK -----------------------------------------------------------------------------
 
 
@@ -539,9 +548,7 @@ def _will(delay: int) -> tuple[str, bytes, Properties]:
 def test_a_delayed_will_is_published_after_the_delay() -> None:
     """MQTT-3.1.3-9: the will waits its Will Delay Interval; twin: not before it."""
     core = _core()
-    sink = Client5(core, "sink", service=True)
-    sink.connect()
-    sink.subscribe("devices/+/state")
+    sink = _sink(core, "devices/+/state")
     dev = Client5(core)
     dev.connect(props=Properties(session_expiry_interval=300), will=_will(10), now=1.0)
     dev.protocol.connection_lost()
@@ -557,9 +564,7 @@ def test_a_wills_message_expiry_counts_from_its_publication() -> None:
     published: a device connected for longer than the interval still has its will delivered,
     with the whole interval (counted from the CONNECT, it would have expired unsent)."""
     core = _core()
-    sink = Client5(core, "sink", service=True)
-    sink.connect()
-    sink.subscribe("devices/+/state", 1)
+    sink = _sink(core, "devices/+/state", 1)
     dev = Client5(core)
     dev.connect(will=("devices/dev-1/state", b"gone", Properties(message_expiry_interval=30)))
     dev.feed(b"\xc0\x00", 50.0)  # PINGREQ: connected for 49 s, more than 30
@@ -572,9 +577,7 @@ def test_a_wills_message_expiry_counts_from_its_publication() -> None:
 def test_a_delayed_will_is_not_published_when_the_session_resumes() -> None:
     """MQTT-3.1.3-9 (the session resumes before the delay passes)."""
     core = _core()
-    sink = Client5(core, "sink", service=True)
-    sink.connect()
-    sink.subscribe("devices/+/state")
+    sink = _sink(core, "devices/+/state")
     dev = Client5(core)
     dev.connect(props=Properties(session_expiry_interval=300), will=_will(10))
     dev.protocol.connection_lost()
@@ -586,9 +589,7 @@ def test_a_delayed_will_is_not_published_when_the_session_resumes() -> None:
 def test_a_revoked_session_never_publishes_its_delayed_will() -> None:
     """A revoked identity speaks no more: neither at the kick nor after a pending delay."""
     core = _core()
-    sink = Client5(core, "sink", service=True)
-    sink.connect()
-    sink.subscribe("devices/+/state")
+    sink = _sink(core, "devices/+/state")
     dev = Client5(core)
     dev.connect(props=Properties(session_expiry_interval=300), will=_will(10))
     dev.protocol.connection_lost()  # the will is now pending
@@ -601,9 +602,7 @@ def test_a_revoked_session_never_publishes_its_delayed_will() -> None:
 def test_disconnect_with_will_0x04_publishes_it_and_0x00_discards_it() -> None:
     """3.14.2.1 / MQTT-3.1.2-10."""
     core = _core()
-    sink = Client5(core, "sink", service=True)
-    sink.connect()
-    sink.subscribe("devices/+/state")
+    sink = _sink(core, "devices/+/state")
     for code, expected in ((0x04, [b"gone"]), (0x00, [])):
         dev = Client5(core)
         dev.connect(will=("devices/dev-1/state", b"gone", mqtt.NO_PROPERTIES))
@@ -632,9 +631,7 @@ def test_receive_maximum_exceeded_is_disconnect_0x93() -> None:
 def test_the_clients_receive_maximum_bounds_what_we_send() -> None:
     """MQTT-3.3.4-9: no more unacknowledged QoS 1 PUBLISH than the client's Receive Maximum."""
     core = _core()
-    sink = Client5(core, "sink", service=True)
-    sink.connect(props=Properties(receive_maximum=2))
-    sink.subscribe("devices/+/telemetry/#", 1)
+    sink = _sink(core, "devices/+/telemetry/#", 1, props=Properties(receive_maximum=2))
     dev = Client5(core)
     dev.connect()
     for i in range(5):
@@ -648,9 +645,7 @@ def test_never_more_than_the_clients_maximum_packet_size() -> None:
     """MQTT-3.1.2-25: a message too large for the client is discarded for it (and only for it);
     twin: a small one is delivered."""
     core = _core()
-    sink = Client5(core, "sink", service=True)
-    sink.connect(props=Properties(maximum_packet_size=64))
-    sink.subscribe("devices/+/telemetry/#", 1)
+    sink = _sink(core, "devices/+/telemetry/#", 1, props=Properties(maximum_packet_size=64))
     dev = Client5(core)
     dev.connect()
     dev.publish("devices/dev-1/telemetry/t", b"x" * 100, 1, pid=1)
@@ -709,9 +704,7 @@ def test_we_use_topic_aliases_within_the_clients_maximum() -> None:
     """3.3.2.3.4 (server to client): the first PUBLISH of a topic sets an alias, the next ones
     use it with an empty topic; never more aliases than the client's Topic Alias Maximum."""
     core = _core()
-    sink = Client5(core, "sink", service=True)
-    sink.connect(props=Properties(topic_alias_maximum=1))
-    sink.subscribe("devices/+/telemetry/#")
+    sink = _sink(core, "devices/+/telemetry/#", props=Properties(topic_alias_maximum=1))
     dev = Client5(core)
     dev.connect()
     for topic in (
@@ -1009,9 +1002,7 @@ def test_a_delayed_will_is_judged_by_the_grants_when_it_fires() -> None:
     grants (here the session's grants as a policy change would leave them); twin: the first
     test of the wills above, where they are."""
     core = _core()
-    sink = Client5(core, "sink", service=True)
-    sink.connect()
-    sink.subscribe("devices/+/state")
+    sink = _sink(core, "devices/+/state")
     dev = Client5(core)
     dev.connect(props=Properties(session_expiry_interval=300), will=_will(5))
     dev.protocol.connection_lost()
@@ -1120,9 +1111,7 @@ def test_every_mqtt5_drop_has_a_reason_and_an_audit_line() -> None:
     counted by reason, audited (rate-limited) per session or subscription; the publisher of a
     message nobody took is told 0x97. Twin: the small message is delivered, PUBACK 0x00."""
     core = _core()
-    sink = Client5(core, "sink", service=True)
-    sink.connect(props=Properties(maximum_packet_size=64))
-    sink.subscribe("devices/+/telemetry/#", 1)
+    sink = _sink(core, "devices/+/telemetry/#", 1, props=Properties(maximum_packet_size=64))
     dev = Client5(core)
     dev.connect()
     dev.publish("devices/dev-1/telemetry/t", b"x" * 100, 1, pid=1)
@@ -1154,9 +1143,7 @@ def test_a_revoked_secret_s_session_never_publishes_its_delayed_will() -> None:
     simply expires publishes it (the session ended, 3.1.3.2.2)."""
     core = _core()
     base = time.monotonic()  # the core's clock for session expiry
-    sink = Client5(core, "sink", service=True)
-    sink.connect(now=base)
-    sink.subscribe("devices/+/state")
+    sink = _sink(core, "devices/+/state", now=base)
     for name in ("dev-1", "dev-2"):
         dev = Client5(core, name)
         will = (f"devices/{name}/state", b"gone", Properties(will_delay_interval=1000))
