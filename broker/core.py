@@ -772,14 +772,21 @@ class BrokerCore:
             if publisher is not None and self._pressed(session, 2):
                 self._hold(session, publisher)
             return
-        link = session.link
+        self._send_qos0(session, session.link, out, retain=False)
+
+    def _send_qos0(
+        self, session: Session, link: Link | None, message: Message, *, retain: bool
+    ) -> None:
+        """A QoS 0 delivery (route writes its own out: the hot path): dropped and counted when
+        the link is gone or too far behind; ``retain`` is the 3.1.1 RETAIN flag, a level-5
+        receiver gets ``message`` as it is."""
         if link is None or link.backlog() > self.limits.outbound_max_bytes:
             self.outbound_dropped += 1
             self._dropped(session, "slow-subscriber-qos0")
             return
         if not session.v5:
-            link.send(mqtt.encode_publish(out.topic_bytes, out.payload, 0, False))
-        elif not self._publish5(session, link, out, 0, 0):
+            link.send(mqtt.encode_publish(message.topic_bytes, message.payload, 0, retain))
+        elif not self._publish5(session, link, message, 0, 0):
             return
         self.messages_out += 1
 
@@ -1127,17 +1134,13 @@ class BrokerCore:
                 if qos:
                     self.enqueue(session, out, qos, retain=True)
                     continue
-                if link is None:
-                    continue
-                if link.backlog() > self.limits.outbound_max_bytes:
-                    self.outbound_dropped += 1
-                    self._dropped(session, "slow-subscriber-qos0")
-                    continue
-                if not v5:
-                    link.send(mqtt.encode_publish(message.topic_bytes, message.payload, 0, True))
-                elif not self._publish5(session, link, dataclasses.replace(out, retain=True), 0, 0):
-                    continue
-                self.messages_out += 1
+                if link is not None:  # QoS 0 is not kept for offline sessions
+                    self._send_qos0(
+                        session,
+                        link,
+                        dataclasses.replace(out, retain=True) if v5 else out,
+                        retain=True,
+                    )
 
     def unsubscribe(self, session: Session, packet: mqtt.Unsubscribe) -> None:
         session.matching.clear()

@@ -104,17 +104,22 @@ class Client5:
         self.feed(mqtt.encode_publish5(topic.encode(), payload, qos, retain, pid, False, wire), now)
 
 
-def _core(limits: Limits | None = None, **settings: object) -> Any:
-    return make_core(limits, **settings)
-
-
 def _pair(core: Any = None) -> tuple[Client5, Client5]:
-    core = core or _core()
+    core = core or make_core()
     dev = Client5(core, "dev-1")
     dev.connect()
     sink = Client5(core, "sink", service=True)
     sink.connect()
     return dev, sink
+
+
+def _sink(core: Any, topic_filter: str, qos: int = 0, **connect: Any) -> Client5:
+    """The service client "sink", connected (``connect``: its CONNECT's options) and
+    subscribed to ``topic_filter``."""
+    sink = Client5(core, "sink", service=True)
+    sink.connect(**connect)
+    sink.subscribe(topic_filter, qos)
+    return sink
 
 
 # -- CONNECT / CONNACK -----------------------------------------------------------------------------
@@ -125,7 +130,7 @@ def test_connack_announces_what_the_server_allows() -> None:
     Subscription Identifier / Shared Subscription Available; Server Keep Alive when the broker
     changed the client's (MQTT-3.2.2-21); Maximum QoS absent, since 2 may not be sent."""
     limits = Limits(max_keepalive=120, receive_maximum=20, topic_alias_maximum=8)
-    dev = Client5(_core(limits))
+    dev = Client5(make_core(limits))
     connack = dev.connect(keepalive=600)
     props = connack.properties
     assert connack.reason_code == 0
@@ -141,23 +146,23 @@ def test_connack_announces_what_the_server_allows() -> None:
 
 
 def test_connack_keeps_quiet_about_a_keepalive_it_accepted() -> None:
-    dev = Client5(_core())
+    dev = Client5(make_core())
     assert dev.connect(keepalive=60).properties.server_keep_alive is None
 
 
 def test_session_expiry_above_the_broker_maximum_is_lowered_and_said() -> None:
     """3.2.2.3.2: the CONNACK carries the Session Expiry Interval the broker uses."""
-    dev = Client5(_core(session_expiry=100))
+    dev = Client5(make_core(session_expiry=100))
     connack = dev.connect(props=Properties(session_expiry_interval=5000))
     assert connack.properties.session_expiry_interval == 100
-    dev2 = Client5(_core(session_expiry=100), "dev-2")
+    dev2 = Client5(make_core(session_expiry=100), "dev-2")
     connack = dev2.connect(props=Properties(session_expiry_interval=50))
     assert connack.properties.session_expiry_interval is None  # the client's own value stands
 
 
 def test_session_expiry_zero_ends_the_session_with_the_connection() -> None:
     """3.1.2.11.2: absent or 0, the session ends when the network connection closes."""
-    core = _core()
+    core = make_core()
     dev = Client5(core)
     dev.connect(clean=False)
     dev.subscribe("devices/dev-1/commands/#", 1)
@@ -168,7 +173,7 @@ def test_session_expiry_zero_ends_the_session_with_the_connection() -> None:
 def test_session_expiry_keeps_the_session_and_clean_start_resumes_it() -> None:
     """MQTT-3.1.2-23: a session with an expiry interval outlives the connection; Clean Start 0
     resumes it (session present, MQTT-3.2.2-3), and its queued QoS 1 message is delivered."""
-    core = _core()
+    core = make_core()
     dev = Client5(core)
     dev.connect(props=Properties(session_expiry_interval=300))
     dev.subscribe("devices/dev-1/commands/#", 1)
@@ -190,7 +195,7 @@ def test_session_expiry_keeps_the_session_and_clean_start_resumes_it() -> None:
 
 def test_clean_start_discards_the_session() -> None:
     """MQTT-3.1.2-4: Clean Start 1 starts a new session (session present 0)."""
-    core = _core()
+    core = make_core()
     dev = Client5(core)
     dev.connect(props=Properties(session_expiry_interval=300))
     dev.protocol.connection_lost()
@@ -201,7 +206,7 @@ def test_clean_start_discards_the_session() -> None:
 
 
 def test_expired_sessions_are_forgotten_on_their_own_interval() -> None:
-    core = _core()
+    core = make_core()
     dev = Client5(core)
     dev.connect(props=Properties(session_expiry_interval=10))
     dev.protocol.connection_lost()
@@ -214,7 +219,7 @@ def test_expired_sessions_are_forgotten_on_their_own_interval() -> None:
 
 def test_disconnect_cannot_set_an_expiry_after_zero() -> None:
     """3.14.2.2.2: Session Expiry 0 at CONNECT and non-zero at DISCONNECT is a Protocol Error."""
-    core = _core()
+    core = make_core()
     dev = Client5(core)
     dev.connect()
     dev.feed(mqtt.disconnect5(0, Properties(session_expiry_interval=60), from_client=True))
@@ -236,7 +241,7 @@ def test_disconnect_cannot_set_an_expiry_after_zero() -> None:
 def test_a_refusal_is_its_mqtt5_reason_code(connack: int, reason: str, code: int) -> None:
     """An authenticator's ``Refused.connack`` (3.1.1 codes) maps to its 5.0 reason (table 3-1),
     a method the listener does not take is 0x8C; the connection closes (MQTT-3.2.2-7)."""
-    dev = Client5(_core())
+    dev = Client5(make_core())
     event = dev.feed(mqtt.encode_connect(mqtt.Connect(5, "dev-1", True, 60)))
     assert isinstance(event, Authenticate)
     dev.protocol.refused(Refused(reason, "why", connack=connack))
@@ -249,7 +254,7 @@ def test_a_refusal_is_its_mqtt5_reason_code(connack: int, reason: str, code: int
 
 def test_client_id_other_than_the_identity_is_0x85() -> None:
     """The client_id binding (docs/BROKER.md) refuses with Client Identifier not valid."""
-    dev = Client5(_core(), "dev-2")
+    dev = Client5(make_core(), "dev-2")
     event = dev.feed(mqtt.encode_connect(mqtt.Connect(5, "dev-2", True, 60)))
     assert isinstance(event, Authenticate)
     dev.protocol.authenticated(
@@ -279,7 +284,7 @@ def test_an_empty_client_id_is_assigned_the_identity() -> None:
     """MQTT-3.1.3-6, MQTT-3.1.3-7, 3.2.2.3.7: a zero-length client id is accepted and the one
     assigned (the identity's name, the only id it may use) is in CONNACK's Assigned Client
     Identifier; the session lives under it, with the identity's grants."""
-    core = _core()
+    core = make_core()
     dev, connack = _connect_as(core, "", Identity.device("dev-1", DOMAIN))
     assert connack.reason_code == 0
     assert connack.properties.assigned_client_identifier == "dev-1"
@@ -296,7 +301,7 @@ def test_an_empty_client_id_is_assigned_the_identity() -> None:
 
 def test_a_named_client_is_not_told_an_assigned_identifier() -> None:
     """Twin: MQTT-3.2.2-16 allows the property only for a zero-length client id."""
-    _, connack = _connect_as(_core(), "dev-1", Identity.device("dev-1", DOMAIN))
+    _, connack = _connect_as(make_core(), "dev-1", Identity.device("dev-1", DOMAIN))
     assert connack.reason_code == 0
     assert connack.properties.assigned_client_identifier is None
 
@@ -304,7 +309,7 @@ def test_a_named_client_is_not_told_an_assigned_identifier() -> None:
 def test_an_empty_client_id_at_311_is_still_refused() -> None:
     """Twin: MQTT 3.1.1 is unchanged: a zero-length client id is refused with return code 0x02
     (3.1.1's MQTT-3.1.3-9), and no session is made."""
-    core = _core()
+    core = make_core()
     _, connack = _connect_as(core, "", Identity.device("dev-1", DOMAIN), level=4)
     assert connack.reason_code == mqtt.CONNACK_IDENTIFIER_REJECTED
     assert not core.sessions
@@ -313,7 +318,7 @@ def test_an_empty_client_id_at_311_is_still_refused() -> None:
 def test_an_assigned_client_id_keeps_the_will_check() -> None:
     """Twin: the will topic is judged for the identity as with a named client id (0x87 and no
     session when it is outside the grants)."""
-    core = _core()
+    core = make_core()
     will = {"will_topic": "devices/dev-2/status", "will_payload": b"gone"}
     _, connack = _connect_as(core, "", Identity.device("dev-1", DOMAIN), **will)
     assert connack.reason_code == Reason.NOT_AUTHORIZED
@@ -323,7 +328,7 @@ def test_an_assigned_client_id_keeps_the_will_check() -> None:
 def test_a_second_empty_client_id_of_one_identity_takes_over() -> None:
     """The assigned id is unique among live connections: one client id, one connection
     (MQTT-3.1.4-3): the earlier connection gets DISCONNECT 0x8E."""
-    core = _core()
+    core = make_core()
     first, _ = _connect_as(core, "", Identity.device("dev-1", DOMAIN))
     second, connack = _connect_as(core, "", Identity.device("dev-1", DOMAIN))
     assert connack.properties.assigned_client_identifier == "dev-1"
@@ -336,7 +341,7 @@ def test_a_second_empty_client_id_of_one_identity_takes_over() -> None:
 def test_a_malformed_level5_connect_gets_connack_with_its_code() -> None:
     """MQTT-3.2.2-7 / 4.13: a CONNECT that breaks a property rule is answered by a CONNACK with
     the reason code (here a duplicate Receive Maximum: 0x82) and closed."""
-    dev = Client5(_core())
+    dev = Client5(make_core())
     good = mqtt.encode_connect(
         mqtt.Connect(5, "dev-1", True, 60, properties=Properties(receive_maximum=5))
     )
@@ -391,7 +396,7 @@ def test_a_denied_qos0_publish_is_dropped_and_audited() -> None:
 
 def test_no_reason_string_when_problem_information_is_refused() -> None:
     """MQTT-3.1.2-29: Request Problem Information 0: no Reason String on a PUBACK."""
-    core = _core()
+    core = make_core()
     dev = Client5(core)
     dev.connect(props=Properties(request_problem_information=0))
     dev.publish("devices/dev-2/telemetry/t", b"x", 1, pid=3)
@@ -472,7 +477,7 @@ def test_an_mqtt5_message_reaches_a_311_subscriber_without_properties() -> None:
     (the 5.0 spec's compatibility note: a server forwarding to a 3.1.1 client drops them)."""
     from tests.broker.recording_link import connect as connect311
 
-    core = _core()
+    core = make_core()
     dev = Client5(core)
     dev.connect()
     _, link, _ = connect311(core, "sink", service=True)
@@ -489,7 +494,7 @@ def test_an_mqtt5_message_reaches_a_311_subscriber_without_properties() -> None:
 def test_message_expiry_counts_down_and_expired_queued_messages_are_dropped() -> None:
     """MQTT-3.3.2-6: the forwarded Message Expiry Interval is what is left; 3.3.2.3.3: a message
     whose interval passed before delivery is not delivered (twin: one still in time is)."""
-    core = _core()
+    core = make_core()
     dev = Client5(core)
     dev.connect(props=Properties(session_expiry_interval=300))
     dev.subscribe("devices/dev-1/commands/#", 1)
@@ -538,10 +543,8 @@ def _will(delay: int) -> tuple[str, bytes, Properties]:
 
 def test_a_delayed_will_is_published_after_the_delay() -> None:
     """MQTT-3.1.3-9: the will waits its Will Delay Interval; twin: not before it."""
-    core = _core()
-    sink = Client5(core, "sink", service=True)
-    sink.connect()
-    sink.subscribe("devices/+/state")
+    core = make_core()
+    sink = _sink(core, "devices/+/state")
     dev = Client5(core)
     dev.connect(props=Properties(session_expiry_interval=300), will=_will(10), now=1.0)
     dev.protocol.connection_lost()
@@ -556,10 +559,8 @@ def test_a_wills_message_expiry_counts_from_its_publication() -> None:
     """3.1.3.2.4: the Will's Message Expiry Interval is sent as the PUBLISH's when the will is
     published: a device connected for longer than the interval still has its will delivered,
     with the whole interval (counted from the CONNECT, it would have expired unsent)."""
-    core = _core()
-    sink = Client5(core, "sink", service=True)
-    sink.connect()
-    sink.subscribe("devices/+/state", 1)
+    core = make_core()
+    sink = _sink(core, "devices/+/state", 1)
     dev = Client5(core)
     dev.connect(will=("devices/dev-1/state", b"gone", Properties(message_expiry_interval=30)))
     dev.feed(b"\xc0\x00", 50.0)  # PINGREQ: connected for 49 s, more than 30
@@ -571,10 +572,8 @@ def test_a_wills_message_expiry_counts_from_its_publication() -> None:
 
 def test_a_delayed_will_is_not_published_when_the_session_resumes() -> None:
     """MQTT-3.1.3-9 (the session resumes before the delay passes)."""
-    core = _core()
-    sink = Client5(core, "sink", service=True)
-    sink.connect()
-    sink.subscribe("devices/+/state")
+    core = make_core()
+    sink = _sink(core, "devices/+/state")
     dev = Client5(core)
     dev.connect(props=Properties(session_expiry_interval=300), will=_will(10))
     dev.protocol.connection_lost()
@@ -585,10 +584,8 @@ def test_a_delayed_will_is_not_published_when_the_session_resumes() -> None:
 
 def test_a_revoked_session_never_publishes_its_delayed_will() -> None:
     """A revoked identity speaks no more: neither at the kick nor after a pending delay."""
-    core = _core()
-    sink = Client5(core, "sink", service=True)
-    sink.connect()
-    sink.subscribe("devices/+/state")
+    core = make_core()
+    sink = _sink(core, "devices/+/state")
     dev = Client5(core)
     dev.connect(props=Properties(session_expiry_interval=300), will=_will(10))
     dev.protocol.connection_lost()  # the will is now pending
@@ -600,10 +597,8 @@ def test_a_revoked_session_never_publishes_its_delayed_will() -> None:
 
 def test_disconnect_with_will_0x04_publishes_it_and_0x00_discards_it() -> None:
     """3.14.2.1 / MQTT-3.1.2-10."""
-    core = _core()
-    sink = Client5(core, "sink", service=True)
-    sink.connect()
-    sink.subscribe("devices/+/state")
+    core = make_core()
+    sink = _sink(core, "devices/+/state")
     for code, expected in ((0x04, [b"gone"]), (0x00, [])):
         dev = Client5(core)
         dev.connect(will=("devices/dev-1/state", b"gone", mqtt.NO_PROPERTIES))
@@ -617,7 +612,7 @@ def test_disconnect_with_will_0x04_publishes_it_and_0x00_discards_it() -> None:
 def test_receive_maximum_exceeded_is_disconnect_0x93() -> None:
     """3.3.4 / MQTT-3.3.4-7: more QoS 2 PUBLISH unacknowledged than our Receive Maximum.
     Twin: up to the maximum they are accepted."""
-    core = _core(Limits(receive_maximum=2))
+    core = make_core(Limits(receive_maximum=2))
     dev = Client5(core)
     dev.connect()
     dev.publish("devices/dev-1/t", b"1", 2, pid=1)
@@ -631,10 +626,8 @@ def test_receive_maximum_exceeded_is_disconnect_0x93() -> None:
 
 def test_the_clients_receive_maximum_bounds_what_we_send() -> None:
     """MQTT-3.3.4-9: no more unacknowledged QoS 1 PUBLISH than the client's Receive Maximum."""
-    core = _core()
-    sink = Client5(core, "sink", service=True)
-    sink.connect(props=Properties(receive_maximum=2))
-    sink.subscribe("devices/+/telemetry/#", 1)
+    core = make_core()
+    sink = _sink(core, "devices/+/telemetry/#", 1, props=Properties(receive_maximum=2))
     dev = Client5(core)
     dev.connect()
     for i in range(5):
@@ -647,10 +640,8 @@ def test_the_clients_receive_maximum_bounds_what_we_send() -> None:
 def test_never_more_than_the_clients_maximum_packet_size() -> None:
     """MQTT-3.1.2-25: a message too large for the client is discarded for it (and only for it);
     twin: a small one is delivered."""
-    core = _core()
-    sink = Client5(core, "sink", service=True)
-    sink.connect(props=Properties(maximum_packet_size=64))
-    sink.subscribe("devices/+/telemetry/#", 1)
+    core = make_core()
+    sink = _sink(core, "devices/+/telemetry/#", 1, props=Properties(maximum_packet_size=64))
     dev = Client5(core)
     dev.connect()
     dev.publish("devices/dev-1/telemetry/t", b"x" * 100, 1, pid=1)
@@ -660,7 +651,7 @@ def test_never_more_than_the_clients_maximum_packet_size() -> None:
 
 
 def test_a_packet_above_our_maximum_is_disconnect_0x95() -> None:
-    core = _core(Limits(max_packet_bytes=128))
+    core = make_core(Limits(max_packet_bytes=128))
     dev = Client5(core)
     dev.connect()
     dev.publish("devices/dev-1/t", b"x" * 200)
@@ -671,7 +662,7 @@ def test_a_packet_above_our_maximum_is_disconnect_0x95() -> None:
 @pytest.mark.parametrize("alias", [0, 9])
 def test_topic_alias_zero_or_above_the_maximum_is_0x94(alias: int) -> None:
     """MQTT-3.3.2-8, -9."""
-    core = _core(Limits(topic_alias_maximum=8))
+    core = make_core(Limits(topic_alias_maximum=8))
     dev = Client5(core)
     dev.connect()
     dev.publish("devices/dev-1/t", b"x", props=Properties(topic_alias=alias))
@@ -708,10 +699,8 @@ def test_an_unset_topic_alias_is_a_protocol_error() -> None:
 def test_we_use_topic_aliases_within_the_clients_maximum() -> None:
     """3.3.2.3.4 (server to client): the first PUBLISH of a topic sets an alias, the next ones
     use it with an empty topic; never more aliases than the client's Topic Alias Maximum."""
-    core = _core()
-    sink = Client5(core, "sink", service=True)
-    sink.connect(props=Properties(topic_alias_maximum=1))
-    sink.subscribe("devices/+/telemetry/#")
+    core = make_core()
+    sink = _sink(core, "devices/+/telemetry/#", props=Properties(topic_alias_maximum=1))
     dev = Client5(core)
     dev.connect()
     for topic in (
@@ -731,7 +720,7 @@ def test_we_use_topic_aliases_within_the_clients_maximum() -> None:
 
 def test_no_local_keeps_a_clients_own_messages_from_it() -> None:
     """MQTT-3.8.3-3; twin: without No Local it gets them."""
-    core = _core()
+    core = make_core()
     dev = Client5(core)
     dev.connect()
     dev.subscribe("devices/dev-1/a", 0, SubscriptionOptions(no_local=True))
@@ -744,7 +733,7 @@ def test_no_local_keeps_a_clients_own_messages_from_it() -> None:
 def test_retain_as_published_and_retain_handling() -> None:
     """MQTT-3.3.1-12/-13 (RETAIN flag on live messages), MQTT-3.3.1-9/-10 (retained messages
     at subscribe by Retain Handling 0, 1, 2)."""
-    core = _core()
+    core = make_core()
     dev = Client5(core)
     dev.connect()
     dev.publish("devices/dev-1/state", b"on", retain=True)
@@ -770,7 +759,7 @@ def test_retain_as_published_and_retain_handling() -> None:
 
 def test_subscription_identifiers_go_with_the_messages_they_matched() -> None:
     """MQTT-3.3.4-3, -4: every matching subscription's identifier."""
-    core = _core()
+    core = make_core()
     sink = Client5(core, "sink", service=True)
     sink.connect()
     sink.subscribe("devices/+/telemetry/#", identifier=7)
@@ -785,7 +774,7 @@ def test_subscription_identifiers_go_with_the_messages_they_matched() -> None:
 def test_a_retained_message_follows_the_receive_grants() -> None:
     """A retained message reaches only a subscriber whose grants let it receive the topic,
     through any MQTT 5 option (twin: the owner's own subtree)."""
-    core = _core()
+    core = make_core()
     dev = Client5(core)
     dev.connect()
     dev.publish("devices/dev-1/state", b"on", retain=True)
@@ -803,7 +792,7 @@ def test_a_retained_message_follows_the_receive_grants() -> None:
 
 def test_takeover_is_disconnect_0x8e() -> None:
     """MQTT-3.1.4-3: the old connection is told Session taken over."""
-    core = _core()
+    core = make_core()
     first = Client5(core)
     first.connect()
     Client5(core).connect()
@@ -813,7 +802,7 @@ def test_takeover_is_disconnect_0x8e() -> None:
 
 def test_keepalive_timeout_is_disconnect_0x8d() -> None:
     """MQTT-3.1.2-22: 1.5 keep-alives without a packet; twin: a PINGREQ in time keeps it."""
-    dev = Client5(_core())
+    dev = Client5(make_core())
     dev.connect(keepalive=10)
     dev.feed(b"\xc0\x00", now=10.0)
     dev.out()
@@ -830,7 +819,7 @@ def test_keepalive_timeout_is_disconnect_0x8d() -> None:
 def test_kicks_say_why(reason: str, code: int) -> None:
     """A revocation is 0x87 Not authorized (docs/BROKER.md), an operator's kick 0x98, a
     shutdown 0x8B."""
-    core = _core()
+    core = make_core()
     dev = Client5(core)
     dev.connect()
     if reason == "shutdown":
@@ -854,7 +843,7 @@ def test_bad_input_closes_that_connection_with_its_code_and_nobody_else_notices(
 ) -> None:
     """A malformed MQTT 5 packet: DISCONNECT with its reason code, the will published (abnormal
     end), and the other session carries on."""
-    core = _core()
+    core = make_core()
     dev, sink = _pair(core)
     sink.subscribe("devices/+/telemetry/#")
     dev.feed(data)
@@ -899,7 +888,7 @@ def _services(core: Any, *names: str) -> list[Client5]:
 
 def test_a_shared_subscription_gives_each_message_to_one_member_per_group() -> None:
     """4.8.2: members of one group share the messages (in turn here); another group gets all."""
-    core = _core()
+    core = make_core()
     a, b, c = _services(core, "svc-a", "svc-b", "svc-c")
     assert a.subscribe(SHARE, 1) == [1]
     assert b.subscribe(SHARE, 1) == [1]
@@ -918,7 +907,7 @@ def test_the_acl_judges_the_filter_inside_the_share() -> None:
     """The share prefix neither widens nor narrows a grant: `$share/g/{filter}` is allowed
     exactly when `{filter}` is (twins: a device's own subtree yes, another's no; `$share/g/#`
     for a service no)."""
-    core = _core()
+    core = make_core()
     dev = Client5(core)
     dev.connect()
     assert dev.subscribe("$share/g/devices/dev-1/commands/#") == [0]
@@ -932,7 +921,7 @@ def test_the_acl_judges_the_filter_inside_the_share() -> None:
 def test_a_shared_subscription_is_no_way_around_receive() -> None:
     """A member whose grants do not let it receive the topic is passed over; the message goes
     to one that may (twin), and never to the one that may not."""
-    core = _core()
+    core = make_core()
     a, b = _services(core, "svc-a", "svc-b")
     a.subscribe(SHARE)
     b.subscribe(SHARE)
@@ -948,7 +937,7 @@ def test_a_shared_subscription_is_no_way_around_receive() -> None:
 
 def test_a_member_that_leaves_hands_its_inflight_messages_to_another() -> None:
     """4.8.2: what a member was sent and did not acknowledge goes to another member."""
-    core = _core()
+    core = make_core()
     a, b = _services(core, "svc-a", "svc-b")
     a.subscribe(SHARE, 1)
     b.subscribe(SHARE, 1)
@@ -965,7 +954,7 @@ def test_a_member_that_leaves_hands_its_inflight_messages_to_another() -> None:
 
 
 def test_leaving_a_shared_subscription_stops_its_messages() -> None:
-    core = _core()
+    core = make_core()
     a, b = _services(core, "svc-a", "svc-b")
     a.subscribe(SHARE)
     b.subscribe(SHARE)
@@ -987,7 +976,7 @@ def test_leaving_a_shared_subscription_stops_its_messages() -> None:
 def test_our_topic_aliases_never_carry_a_message_outside_the_receivers_grants() -> None:
     """A receiver that lets the broker use aliases gets them only on what its grants let it
     receive: dev-2 (own subtree) never sees dev-1's telemetry; twin: its own commands arrive."""
-    core = _core()
+    core = make_core()
     dev2 = Client5(core, "dev-2")
     dev2.connect(props=Properties(topic_alias_maximum=10))
     assert dev2.subscribe("devices/dev-2/#") == [0]
@@ -1008,10 +997,8 @@ def test_a_delayed_will_is_judged_by_the_grants_when_it_fires() -> None:
     """A will that waited its delay goes out only if its topic is still within the publisher's
     grants (here the session's grants as a policy change would leave them); twin: the first
     test of the wills above, where they are."""
-    core = _core()
-    sink = Client5(core, "sink", service=True)
-    sink.connect()
-    sink.subscribe("devices/+/state")
+    core = make_core()
+    sink = _sink(core, "devices/+/state")
     dev = Client5(core)
     dev.connect(props=Properties(session_expiry_interval=300), will=_will(5))
     dev.protocol.connection_lost()
@@ -1026,7 +1013,7 @@ def test_a_311_client_is_untouched_by_share_syntax() -> None:
     policy judges it as written (denied by default), exactly as before MQTT 5."""
     from tests.broker.recording_link import connect as connect311
 
-    core = _core()
+    core = make_core()
     session, link, _ = connect311(core, "sink", service=True)
     link.take()
     core.subscribe(session, mqtt.Subscribe(1, [("$share/g/devices/+/telemetry/#", 0)]))
@@ -1053,7 +1040,7 @@ def test_a_publish_no_matching_receiver_could_take_is_0x97() -> None:
     then waits for no PUBREL (4.3.3). The connection stays. Twins: while there is room, 0x00;
     a message nobody subscribes to is 0x00 too (never 0x10: who subscribes is not the
     publisher's to know); a retained one is kept, so 0x00."""
-    core = _core(Limits(offline_queue_max=2))
+    core = make_core(Limits(offline_queue_max=2))
     _full_sink(core)
     dev = Client5(core)
     dev.connect()
@@ -1081,7 +1068,7 @@ def test_a_publish_no_matching_receiver_could_take_is_0x97() -> None:
 def test_a_message_one_receiver_took_is_not_0x97() -> None:
     """0x97 only when *no* matching receiver took it: one full queue among others is a drop
     for that receiver (counted, audited), and the publisher gets 0x00."""
-    core = _core(Limits(offline_queue_max=1))
+    core = make_core(Limits(offline_queue_max=1))
     _full_sink(core)
     live = Client5(core, "ops", service=True)
     live.connect()
@@ -1100,7 +1087,7 @@ def test_a_311_publisher_is_acknowledged_when_queues_are_full() -> None:
     publisher (as the full disk is): the PUBACK goes, the connection stays, and the drop is
     counted and audited for the receiver (docs/BROKER.md, "Full queues"). Twin: the MQTT 5
     publisher of the same message is told 0x97."""
-    core = _core(Limits(offline_queue_max=1))
+    core = make_core(Limits(offline_queue_max=1))
     _full_sink(core)
     old, link, _ = connect(core, "dev-2")
     for pid in (7, 8):  # the first fills the queue
@@ -1119,10 +1106,8 @@ def test_every_mqtt5_drop_has_a_reason_and_an_audit_line() -> None:
     a message for a shared subscription with no member connected are drops like the others:
     counted by reason, audited (rate-limited) per session or subscription; the publisher of a
     message nobody took is told 0x97. Twin: the small message is delivered, PUBACK 0x00."""
-    core = _core()
-    sink = Client5(core, "sink", service=True)
-    sink.connect(props=Properties(maximum_packet_size=64))
-    sink.subscribe("devices/+/telemetry/#", 1)
+    core = make_core()
+    sink = _sink(core, "devices/+/telemetry/#", 1, props=Properties(maximum_packet_size=64))
     dev = Client5(core)
     dev.connect()
     dev.publish("devices/dev-1/telemetry/t", b"x" * 100, 1, pid=1)
@@ -1152,11 +1137,9 @@ def test_a_revoked_secret_s_session_never_publishes_its_delayed_will() -> None:
     """kick(forget_session=True) is how a revoked service secret or identity-provider service
     is ended: like a revoked certificate, its pending will is dropped. Twin: a session that
     simply expires publishes it (the session ended, 3.1.3.2.2)."""
-    core = _core()
+    core = make_core()
     base = time.monotonic()  # the core's clock for session expiry
-    sink = Client5(core, "sink", service=True)
-    sink.connect(now=base)
-    sink.subscribe("devices/+/state")
+    sink = _sink(core, "devices/+/state", now=base)
     for name in ("dev-1", "dev-2"):
         dev = Client5(core, name)
         will = (f"devices/{name}/state", b"gone", Properties(will_delay_interval=1000))

@@ -18,13 +18,13 @@ from pathlib import Path
 import pytest
 
 from broker import mqtt
-from broker.core import BrokerCore
+from broker.core import BrokerCore, Session
 from broker.errors import ConfigError
 from broker.mqtt import Properties, SubscriptionOptions
 from broker.protocol import State
 from broker.settings import Limits
 from broker.store import Opened, open_store
-from tests.broker.recording_link import DOMAIN, connect, make_core, publish
+from tests.broker.recording_link import DOMAIN, RecordingLink, connect, make_core, publish
 from tests.broker.test_broker_protocol5 import Client5
 from tests.conftest import fill_disk
 
@@ -51,6 +51,14 @@ def _restart(tmp_path: Path, opened: Opened, **settings: object) -> tuple[Broker
     opened.close()
     core = make_core(**settings)  # type: ignore[arg-type]
     return core, _open(tmp_path, core)
+
+
+def _subscriber(core: BrokerCore, *, clean: bool) -> tuple[Session, RecordingLink]:
+    """dev-1 connected (``clean``: its Clean Session flag) and subscribed at QoS 1 to its
+    commands, which ``CMD`` is one of."""
+    dev, link, _ = connect(core, "dev-1", clean=clean)
+    core.subscribe(dev, mqtt.Subscribe(1, [("devices/dev-1/commands/#", 1)]))
+    return dev, link
 
 
 def test_sessions_queues_inflight_and_retained_messages_survive_a_restart(tmp_path: Path) -> None:
@@ -105,8 +113,7 @@ def test_an_acknowledgement_waits_until_its_message_is_durable(tmp_path: Path) -
     core = make_core()
     opened = _open(tmp_path, core)
     svc, svc_link, _ = connect(core, "ops", service=True)
-    dev, _, _ = connect(core, "dev-1", clean=False)
-    core.subscribe(dev, mqtt.Subscribe(1, [("devices/dev-1/commands/#", 1)]))
+    _subscriber(core, clean=False)
     _commit(opened)
     svc_link.take()
     publish(core, svc, CMD, b"x", qos=1)
@@ -121,8 +128,7 @@ def test_without_a_persistent_subscriber_nothing_is_written(tmp_path: Path) -> N
     core = make_core()
     opened = _open(tmp_path, core)
     svc, svc_link, _ = connect(core, "ops", service=True)
-    dev, _, _ = connect(core, "dev-1", clean=True)
-    core.subscribe(dev, mqtt.Subscribe(1, [("devices/dev-1/commands/#", 1)]))
+    _subscriber(core, clean=True)
     connect(core, "dev-2", clean=False)  # a record waits for the disk meanwhile
     assert opened.store.dirty
     mark = core.mark()
@@ -149,8 +155,7 @@ def test_records_follow_the_session_as_it_becomes_persistent_and_stops_being_so(
     svc, _, _ = connect(core, "ops", service=True)
 
     def delivery_writes(clean: bool, payload: bytes) -> bool:
-        dev, link, _ = connect(core, "dev-1", clean=clean)
-        core.subscribe(dev, mqtt.Subscribe(1, [("devices/dev-1/commands/#", 1)]))
+        _, link = _subscriber(core, clean=clean)
         _commit(opened)
         link.take()  # SUBACK; a resumed session's earlier message again (DUP)
         mark = core.mark()
@@ -175,8 +180,7 @@ def _state_with_three_batches(tmp_path: Path) -> tuple[Path, list[int]]:
     core = make_core()
     opened = _open(tmp_path, core)
     svc, _, _ = connect(core, "ops", service=True)
-    dev, link, _ = connect(core, "dev-1", clean=False)
-    core.subscribe(dev, mqtt.Subscribe(1, [("devices/dev-1/commands/#", 1)]))
+    _, link = _subscriber(core, clean=False)
     link.close(will=False)
     _commit(opened)
     offsets = []
@@ -280,8 +284,7 @@ def test_a_forgotten_session_stays_forgotten(tmp_path: Path) -> None:
     core = make_core()
     opened = _open(tmp_path, core)
     svc, _, _ = connect(core, "ops", service=True)
-    dev, link, _ = connect(core, "dev-1", clean=False)
-    core.subscribe(dev, mqtt.Subscribe(1, [("devices/dev-1/commands/#", 1)]))
+    dev, link = _subscriber(core, clean=False)
     link.close(will=False)
     publish(core, svc, CMD, b"secret", qos=1)
     _commit(opened)
@@ -296,8 +299,7 @@ def test_a_full_offline_queue_is_counted_and_audited_per_reason(tmp_path: Path) 
     """Issue 15: no silent drop. One audit line per session per interval, with the count."""
     core = make_core(limits=Limits(offline_queue_max=2))
     svc, _, _ = connect(core, "ops", service=True)
-    dev, link, _ = connect(core, "dev-1", clean=False)
-    core.subscribe(dev, mqtt.Subscribe(1, [("devices/dev-1/commands/#", 1)]))
+    dev, link = _subscriber(core, clean=False)
     link.close(will=False)
     for n in range(5):
         publish(core, svc, CMD, b"m%d" % n, qos=1)
@@ -310,8 +312,7 @@ def test_a_full_offline_queue_is_counted_and_audited_per_reason(tmp_path: Path) 
 def test_the_offline_queue_is_bounded_by_bytes_too(tmp_path: Path) -> None:
     core = make_core(limits=Limits(offline_queue_max_bytes=10))
     svc, _, _ = connect(core, "ops", service=True)
-    dev, link, _ = connect(core, "dev-1", clean=False)
-    core.subscribe(dev, mqtt.Subscribe(1, [("devices/dev-1/commands/#", 1)]))
+    dev, link = _subscriber(core, clean=False)
     link.close(will=False)
     for _ in range(3):
         publish(core, svc, CMD, b"12345", qos=1)
@@ -603,8 +604,7 @@ def test_a_batch_nobody_waits_for_waits_for_company(tmp_path: Path) -> None:
         opened = _open(tmp_path, core)
         committer = Committer(core, opened)
         svc, svc_link, _ = connect(core, "ops", service=True)
-        dev, _, _ = connect(core, "dev-1", clean=False)
-        core.subscribe(dev, mqtt.Subscribe(1, [("devices/dev-1/commands/#", 1)]))
+        dev, _ = _subscriber(core, clean=False)
         publish(core, svc, CMD, b"one", qos=1)
         core.ack(svc_link, mqtt.puback(1))
         for _ in range(200):  # an fsync in a worker thread: wait for it
