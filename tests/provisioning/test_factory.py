@@ -510,16 +510,24 @@ def _cut(*socks: socket.socket) -> None:
         sock.close()
 
 
+def _bench_behind_cutter(
+    root: PKI, postgres: TempPostgres, tmp_path: Path, *, after: bool
+) -> tuple[Path, _CommitCutter]:
+    """A new station whose registry URL goes through a :class:`_CommitCutter`."""
+    station = _station_dir(root, tmp_path, "bench")
+    proxy = _CommitCutter(postgres.port, after=after)
+    toml = station / "pki.toml"
+    toml.write_text(toml.read_text().replace(f":{postgres.port}/", f":{proxy.port}/"))
+    return station, proxy
+
+
 @pytest.mark.parametrize("after", [True, False], ids=["answer-lost", "never-arrived"])
 def test_a_commit_cut_off_is_applied_exactly_once(
     root: PKI, postgres: TempPostgres, tmp_path: Path, after: bool
 ) -> None:
     """Whether the lost COMMIT happened or not, the device is recorded once (and the call
     returns normally): the station recognises its own transaction id after reconnecting."""
-    station = _station_dir(root, tmp_path, "bench")
-    proxy = _CommitCutter(postgres.port, after=after)
-    toml = station / "pki.toml"
-    toml.write_text(toml.read_text().replace(f":{postgres.port}/", f":{proxy.port}/"))
+    station, proxy = _bench_behind_cutter(root, postgres, tmp_path, after=after)
     try:
         with PKI.open(station) as ca:
             proxy.armed.set()
@@ -541,10 +549,7 @@ def test_a_renewal_offer_cut_off_at_commit_is_kept_once(
     """The offer book (renewals.sqlite3) is written inside the retried transaction: whether the
     lost COMMIT happened or not, the offer is in the book once with one ledger line, and the
     renewal is recorded once when its COMMIT is cut off too."""
-    station = _station_dir(root, tmp_path, "bench")
-    proxy = _CommitCutter(postgres.port, after=after)
-    toml = station / "pki.toml"
-    toml.write_text(toml.read_text().replace(f":{postgres.port}/", f":{proxy.port}/"))
+    station, proxy = _bench_behind_cutter(root, postgres, tmp_path, after=after)
     try:
         with PKI.open(station) as ca:
             old = ca.issue("dev-r")
