@@ -29,7 +29,10 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from types import TracebackType
-from typing import Self
+from typing import TYPE_CHECKING, Any, Self
+
+if TYPE_CHECKING:
+    import psycopg
 
 __all__ = ["PostgresMissingError", "TempPostgres", "find_postgres_bin"]
 
@@ -165,14 +168,7 @@ class TempPostgres:
             if proc.poll() is not None:
                 return False
             try:
-                psycopg.connect(
-                    host="127.0.0.1",
-                    port=self.port,
-                    user="postgres",
-                    password=self._superpass,
-                    dbname="postgres",
-                    connect_timeout=2,
-                ).close()
+                self._superuser("postgres", connect_timeout=2).close()
                 return True
             except psycopg.OperationalError:
                 time.sleep(0.1)
@@ -231,16 +227,20 @@ class TempPostgres:
         self._psql(f'CREATE DATABASE "{name}" OWNER {self.user}', database="postgres")
         return self.url(name)
 
-    def _psql(self, sql: str, *, database: str) -> None:
+    def _superuser(self, database: str, *, connect_timeout: int) -> psycopg.Connection[Any]:
+        """A connection to our cluster as its superuser (whose password only we know)."""
         import psycopg
 
-        with psycopg.connect(
+        return psycopg.connect(
             host="127.0.0.1",
             port=self.port,
             user="postgres",
             password=self._superpass,
             dbname=database,
             autocommit=True,
-            connect_timeout=10,
-        ) as conn:
+            connect_timeout=connect_timeout,
+        )
+
+    def _psql(self, sql: str, *, database: str) -> None:
+        with self._superuser(database, connect_timeout=10) as conn:
             conn.execute(sql.encode())

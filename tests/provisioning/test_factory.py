@@ -48,9 +48,13 @@ def root(tmp_path: Path, pg_url: str) -> PKI:
     ca.close()
 
 
+def _station_dir(root: PKI, tmp_path: Path, name: str) -> Path:
+    """A new station's directory, not opened (opening one connects to PostgreSQL)."""
+    return root.add_station(name, out=tmp_path / name)
+
+
 def _station(root: PKI, tmp_path: Path, name: str) -> PKI:
-    root.add_station(name, out=tmp_path / name)
-    return PKI.open(tmp_path / name)
+    return PKI.open(_station_dir(root, tmp_path, name))
 
 
 def _closed_port() -> int:
@@ -312,7 +316,7 @@ def _workers(jobs: list[tuple[Path, str, int, int]]) -> list[tuple[int, int, int
 
 
 def test_four_stations_append_at_once_without_fork_or_gap(root: PKI, tmp_path: Path) -> None:
-    dirs = [_station(root, tmp_path, f"s{n}").path for n in range(4)]
+    dirs = [_station_dir(root, tmp_path, f"s{n}") for n in range(4)]
     results = _workers([(d, f"p{n}", 120, 20) for n, d in enumerate(dirs)])
     assert [r[0] for r in results] == [120] * 4
     entries = [e for _, e in root.ledger.entries()]
@@ -324,7 +328,7 @@ def test_four_stations_append_at_once_without_fork_or_gap(root: PKI, tmp_path: P
 
 
 def test_two_stations_racing_for_the_same_ids_one_wins_each(root: PKI, tmp_path: Path) -> None:
-    a, b = _station(root, tmp_path, "a").path, _station(root, tmp_path, "b").path
+    a, b = _station_dir(root, tmp_path, "a"), _station_dir(root, tmp_path, "b")
     results = _workers([(a, "same", 100, 1), (b, "same", 100, 1)])
     assert sum(r[0] for r in results) == 100
     assert sum(r[1] for r in results) == 100
@@ -397,7 +401,7 @@ def test_a_station_and_a_broker_with_a_bad_database_say_one_line(
 def test_database_restart_mid_gang_run_loses_nothing_and_records_nothing_twice(
     root: PKI, postgres: TempPostgres, pg_url: str, tmp_path: Path
 ) -> None:
-    station = _station(root, tmp_path, "gang").path
+    station = _station_dir(root, tmp_path, "gang")
     devices = [
         VirtualDevice(tmp_path / "stores" / f"u{n}", "pty", baudrate=19200 + 9600 * n).start()
         for n in range(5)
@@ -506,16 +510,24 @@ def _cut(*socks: socket.socket) -> None:
         sock.close()
 
 
+def _bench_behind_cutter(
+    root: PKI, postgres: TempPostgres, tmp_path: Path, *, after: bool
+) -> tuple[Path, _CommitCutter]:
+    """A new station whose registry URL goes through a :class:`_CommitCutter`."""
+    station = _station_dir(root, tmp_path, "bench")
+    proxy = _CommitCutter(postgres.port, after=after)
+    toml = station / "pki.toml"
+    toml.write_text(toml.read_text().replace(f":{postgres.port}/", f":{proxy.port}/"))
+    return station, proxy
+
+
 @pytest.mark.parametrize("after", [True, False], ids=["answer-lost", "never-arrived"])
 def test_a_commit_cut_off_is_applied_exactly_once(
     root: PKI, postgres: TempPostgres, tmp_path: Path, after: bool
 ) -> None:
     """Whether the lost COMMIT happened or not, the device is recorded once (and the call
     returns normally): the station recognises its own transaction id after reconnecting."""
-    station = _station(root, tmp_path, "bench").path
-    proxy = _CommitCutter(postgres.port, after=after)
-    toml = station / "pki.toml"
-    toml.write_text(toml.read_text().replace(f":{postgres.port}/", f":{proxy.port}/"))
+    station, proxy = _bench_behind_cutter(root, postgres, tmp_path, after=after)
     try:
         with PKI.open(station) as ca:
             proxy.armed.set()
@@ -537,10 +549,7 @@ def test_a_renewal_offer_cut_off_at_commit_is_kept_once(
     """The offer book (renewals.sqlite3) is written inside the retried transaction: whether the
     lost COMMIT happened or not, the offer is in the book once with one ledger line, and the
     renewal is recorded once when its COMMIT is cut off too."""
-    station = _station(root, tmp_path, "bench").path
-    proxy = _CommitCutter(postgres.port, after=after)
-    toml = station / "pki.toml"
-    toml.write_text(toml.read_text().replace(f":{postgres.port}/", f":{proxy.port}/"))
+    station, proxy = _bench_behind_cutter(root, postgres, tmp_path, after=after)
     try:
         with PKI.open(station) as ca:
             old = ca.issue("dev-r")
