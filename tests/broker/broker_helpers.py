@@ -82,6 +82,24 @@ class Fleet:
 
 
 @dataclass
+class AuditedBroker:
+    """A started broker that keeps its audit lines, for tests that check why it refused."""
+
+    def __init__(self, settings: BrokerSettings, **kw: Any) -> None:
+        self.audit: list[dict[str, Any]] = []
+        self.thread = BrokerThread(
+            settings, audit_sink=lambda line: self.audit.append(json.loads(line)), **kw
+        ).start()
+        self.ports = list(self.thread.broker.ports.values())
+
+    def refusal_records(self) -> list[dict[str, Any]]:
+        return [r for r in self.audit if r["event"] == "refuse"]
+
+    def refusals(self) -> list[str]:
+        """The reasons of the refusals so far, in order."""
+        return [str(r.get("reason")) for r in self.refusal_records()]
+
+
 class BrokerFactory:
     fleet: Fleet
     started: list[BrokerThread] = field(default_factory=list)

@@ -21,7 +21,14 @@ from broker.errors import Refused
 from broker.server import BrokerThread
 from broker.settings import DEFAULT_METHODS_BY_KIND, BrokerSettings, ListenerSpec
 from provisioning.tls import client_context
-from tests.broker.broker_helpers import FakeClock, Fleet, Peer, service_secret, wait_until
+from tests.broker.broker_helpers import (
+    AuditedBroker,
+    FakeClock,
+    Fleet,
+    Peer,
+    service_secret,
+    wait_until,
+)
 from tests.conftest import Result, assert_one_line_error
 
 MTLS = ListenerSpec(0, frozenset({"mtls"}))
@@ -30,18 +37,10 @@ PASSWORD = ListenerSpec(0, frozenset({"password"}))
 BAD_CREDENTIALS, NOT_AUTHORIZED = 0x86, 0x87
 
 
-class Broker:
+class Broker(AuditedBroker):
     def __init__(self, fleet: Fleet, **kw: Any) -> None:
-        self.audit: list[dict[str, Any]] = []
-        self.thread = BrokerThread(
-            BrokerSettings(fleet.pki_dir, listeners=(MTLS, PASSWORD)),
-            audit_sink=lambda line: self.audit.append(json.loads(line)),
-            **kw,
-        ).start()
-        self.mtls_port, self.password_port = self.thread.broker.ports.values()
-
-    def refusals(self) -> list[str]:
-        return [str(r.get("reason")) for r in self.audit if r["event"] == "refuse"]
+        super().__init__(BrokerSettings(fleet.pki_dir, listeners=(MTLS, PASSWORD)), **kw)
+        self.mtls_port, self.password_port = self.ports
 
 
 @pytest.fixture

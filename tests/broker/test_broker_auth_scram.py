@@ -29,6 +29,7 @@ from broker.settings import DEFAULT_METHODS_BY_KIND, BrokerSettings, ListenerSpe
 from iotauth.scram_client import ClientError, ScramMQTTClient
 from provisioning.tls import client_context, server_context_for_pki
 from tests.broker.broker_helpers import (
+    AuditedBroker,
     FakeClock,
     Fleet,
     Peer,
@@ -44,21 +45,10 @@ PASSWORD = ListenerSpec(0, frozenset({"password"}))
 METHOD = "SCRAM-SHA-256"
 
 
-class Broker:
+class Broker(AuditedBroker):
     def __init__(self, fleet: Fleet, *specs: ListenerSpec, **kw: Any) -> None:
-        self.audit: list[dict[str, Any]] = []
-        self.thread = BrokerThread(
-            BrokerSettings(fleet.pki_dir, listeners=specs or (MTLS, SCRAM, PASSWORD)),
-            audit_sink=lambda line: self.audit.append(json.loads(line)),
-            **kw,
-        ).start()
-        self.ports = list(self.thread.broker.ports.values())
-
-    def refusals(self) -> list[dict[str, Any]]:
-        return [r for r in self.audit if r["event"] == "refuse"]
-
-    def reasons(self) -> list[str]:
-        return [str(r.get("reason")) for r in self.refusals()]
+        listeners = specs or (MTLS, SCRAM, PASSWORD)
+        super().__init__(BrokerSettings(fleet.pki_dir, listeners=listeners), **kw)
 
 
 @pytest.fixture
@@ -256,7 +246,7 @@ def test_a_wrong_secret_and_an_unknown_name_fail_alike_and_are_audited_apart(
             scram(port, user, guess).connect()
         errors.append(str(info.value))
     assert errors[0] == errors[1] == "refused by the broker: 0x87 not authorized (scram-failed)"
-    details = [r["detail"] for r in broker.refusals() if r["reason"] == "scram-failed"]
+    details = [r["detail"] for r in broker.refusal_records() if r["reason"] == "scram-failed"]
     assert details[0].startswith("wrong proof for service dash")
     assert details[1].startswith("service nobody has no secret")
 
@@ -400,7 +390,7 @@ def test_scram_where_the_listener_does_not_list_it_is_0x8c(
     with pytest.raises(ClientError) as info:
         scram(broker.ports[2], "dash", secret).connect()
     assert "0x8c bad authentication method" in str(info.value)
-    assert wait_until(lambda: "bad-auth-method" in broker.reasons())
+    assert wait_until(lambda: "bad-auth-method" in broker.refusals())
 
 
 def test_plain_connects_on_the_scram_listener_are_refused_by_method(
@@ -425,7 +415,7 @@ def test_plain_connects_on_the_scram_listener_are_refused_by_method(
             assert connack.reason_code == expected
         finally:
             sock.close()
-    refusals = [r for r in broker.refusals() if r["reason"] == "method-not-allowed"]
+    refusals = [r for r in broker.refusal_records() if r["reason"] == "method-not-allowed"]
     assert len(refusals) == 2
     assert "(scram); scram needs MQTT 5" in refusals[0]["detail"]
 
@@ -441,7 +431,7 @@ def test_a_device_identity_cannot_use_scram(broker: Broker, raw: Callable[[int],
     assert isinstance(connack, mqtt.Connack), connack
     assert connack.reason_code == Reason.BAD_AUTHENTICATION_METHOD
     assert connack.properties.reason_string == "method-not-allowed"
-    assert wait_until(lambda: "method-not-allowed" in broker.reasons())
+    assert wait_until(lambda: "method-not-allowed" in broker.refusals())
     # Twin: the same name spelled as this trust domain's service gets a challenge.
     ok = raw(broker.ports[1]).connect(
         ScramClient([METHOD], "spiffe://fleet.example/service/dash", "x")
@@ -470,7 +460,7 @@ def test_a_malformed_client_first_is_refused(
     assert isinstance(connack, mqtt.Connack), connack
     assert connack.reason_code >= 0x80  # MQTT-4.12.0-4
     assert connack.properties.reason_string == reason
-    assert wait_until(lambda: reason in broker.reasons())
+    assert wait_until(lambda: reason in broker.refusals())
 
 
 def test_a_malformed_client_final_is_refused_and_counts_as_a_failure(
@@ -485,7 +475,7 @@ def test_a_malformed_client_final_is_refused_and_counts_as_a_failure(
         assert isinstance(connack, mqtt.Connack), connack
         assert connack.reason_code == Reason.NOT_AUTHORIZED
         assert conn.read() is None  # closed (MQTT-4.12.0-4)
-    assert broker.reasons().count("scram-failed") + broker.reasons().count("scram-malformed") == 3
+    assert broker.refusals().count("scram-failed") + broker.refusals().count("scram-malformed") == 3
 
 
 @pytest.mark.parametrize(
@@ -558,7 +548,7 @@ def test_rotation_and_revocation_kick_live_scram_sessions_within_one_second(
     with pytest.raises(ClientError) as refused:
         scram(port, "dash", new).connect()
     assert "scram-failed" in str(refused.value)
-    assert any("is revoked" in r["detail"] for r in broker.refusals())
+    assert any("is revoked" in r["detail"] for r in broker.refusal_records())
     other.ping()  # the twin that nobody rotated stays connected
 
 
