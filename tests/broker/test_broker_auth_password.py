@@ -18,7 +18,6 @@ import pytest
 from broker.auth import ConnectionFacts, ListenerAuthenticator
 from broker.auth_password import Backoff, PasswordAuthenticator, SecretSource
 from broker.errors import Refused
-from broker.server import BrokerThread
 from broker.settings import DEFAULT_METHODS_BY_KIND, BrokerSettings, ListenerSpec
 from provisioning.tls import client_context
 from tests.broker.broker_helpers import (
@@ -187,35 +186,30 @@ def test_fifty_guesses_are_backed_off_audited_and_the_secret_still_works_after(
     auth = ListenerAuthenticator(
         frozenset({"password"}), {"password": password}, dict(DEFAULT_METHODS_BY_KIND)
     )
-    audit: list[dict[str, Any]] = []
-    thread = BrokerThread(
-        BrokerSettings(fleet.pki_dir, listeners=(PASSWORD,)),
-        authenticator=auth,
-        audit_sink=lambda line: audit.append(json.loads(line)),
-    ).start()
+    b = AuditedBroker(BrokerSettings(fleet.pki_dir, listeners=(PASSWORD,)), authenticator=auth)
     try:
         for n in range(50):
-            guess = secret_peer(thread.port, "dash", f"guess-{n}").connect(expect_ok=False)
+            guess = secret_peer(b.thread.port, "dash", f"guess-{n}").connect(expect_ok=False)
             assert guess.refused
             guess.close()
-        reasons = [r["reason"] for r in audit if r["event"] == "refuse"]
+        reasons = b.refusals()
         assert len(reasons) == 50
         # Three free failures, the fourth starts the backoff; every later guess is refused
         # unchecked (auth-backoff) with MQTT 3.1.1 CONNACK 5.
         assert reasons[:4] == ["password-wrong"] * 4
         assert reasons[4:] == ["auth-backoff"] * 46
-        assert "backed off for 1 s" in next(r["detail"] for r in audit if r["event"] == "refuse"
-                                              and "backed off" in r["detail"])  # fmt: skip
+        backed_off = [r["detail"] for r in b.refusal_records() if "backed off" in r["detail"]]
+        assert "backed off for 1 s" in backed_off[0]
         # The right secret while backed off is refused too: the backoff does not check.
-        early = secret_peer(thread.port, "dash", secret).connect(expect_ok=False)
+        early = secret_peer(b.thread.port, "dash", secret).connect(expect_ok=False)
         assert early.refused
         assert int(early.connack.value) == NOT_AUTHORIZED
         early.close()
         clock.now += 1.5  # the first backoff (1 s) is over
-        late = secret_peer(thread.port, "dash", secret).connect()
+        late = secret_peer(b.thread.port, "dash", secret).connect()
         assert late.connected.is_set()
     finally:
-        thread.stop()
+        b.thread.stop()
         source.close()
 
 

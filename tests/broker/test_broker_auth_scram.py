@@ -24,7 +24,6 @@ from broker.auth import ListenerAuthenticator
 from broker.auth_password import Backoff, SecretSource
 from broker.auth_scram import ScramAuthenticator
 from broker.mqtt import Properties, Reason
-from broker.server import BrokerThread
 from broker.settings import DEFAULT_METHODS_BY_KIND, BrokerSettings, ListenerSpec
 from iotauth.scram_client import ClientError, ScramMQTTClient
 from provisioning.tls import client_context, server_context_for_pki
@@ -569,26 +568,21 @@ def test_repeated_failures_are_backed_off_unchecked_then_the_secret_works(
         },
         dict(DEFAULT_METHODS_BY_KIND),
     )
-    audit: list[dict[str, Any]] = []
-    thread = BrokerThread(
-        BrokerSettings(fleet.pki_dir, listeners=(SCRAM,)),
-        authenticator=auth,
-        audit_sink=lambda line: audit.append(json.loads(line)),
-    ).start()
+    b = AuditedBroker(BrokerSettings(fleet.pki_dir, listeners=(SCRAM,)), authenticator=auth)
     try:
         for n in range(10):
             with pytest.raises(ClientError):
-                scram(thread.port, "dash", f"guess-{n}").connect()
-        reasons = [r["reason"] for r in audit if r["event"] == "refuse"]
+                scram(b.thread.port, "dash", f"guess-{n}").connect()
+        reasons = b.refusals()
         assert reasons == ["scram-failed"] * 4 + ["auth-backoff"] * 6
-        assert any("backed off for 1 s" in r["detail"] for r in audit if r["event"] == "refuse")
+        assert any("backed off for 1 s" in r["detail"] for r in b.refusal_records())
         with pytest.raises(ClientError) as early:
-            scram(thread.port, "dash", secret).connect()
+            scram(b.thread.port, "dash", secret).connect()
         assert "0x87 not authorized (auth-backoff)" in str(early.value)
         clock.now += 1.5  # the first backoff (1 s) is over
-        scram(thread.port, "dash", secret).connect()
+        scram(b.thread.port, "dash", secret).connect()
     finally:
-        thread.stop()
+        b.thread.stop()
         source.close()
 
 
