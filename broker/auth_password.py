@@ -49,6 +49,16 @@ class _Strikes:
     until: float = 0.0
 
 
+def address_key(peer: str) -> str:
+    """The backoff key of a client's address (``host:port`` -> ``addr:host``: any source port)."""
+    return "addr:" + peer.rsplit(":", 1)[0]
+
+
+def service_key(name: str) -> str:
+    """The backoff key of a service name, shared by every method that checks its secret."""
+    return f"service:{name}"
+
+
 class Backoff:
     """Failed attempts per key (``addr:...``, ``service:...``) and the time each is backed off.
 
@@ -217,8 +227,7 @@ class PasswordAuthenticator:
         except InvalidIdentityError:
             identity = None
         who = str(identity) if identity else None
-        address = "addr:" + facts.peer.rsplit(":", 1)[0]
-        keys = [address] + ([f"service:{name}"] if identity else [])
+        keys = [address_key(facts.peer)] + ([service_key(name)] if identity else [])
         self.backoff.check(keys, who)
         record = await self._secret(name) if identity else None
         usable = record is not None and record.status == "active"

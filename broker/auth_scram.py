@@ -50,7 +50,7 @@ from scramp import ScramException, ScramMechanism
 
 from broker import mqtt
 from broker.auth import Authenticated, AuthStep, ConnectionFacts
-from broker.auth_password import Backoff
+from broker.auth_password import Backoff, address_key, service_key
 from broker.errors import Refused
 from provisioning.errors import InvalidIdentityError
 from provisioning.identity import Identity, IdentityKind, parse_spiffe_id
@@ -129,7 +129,7 @@ class ScramExchange:
         self._server: Any = None  # scramp's ScramServer (scramp has no type hints)
         self._identity: Identity | None = None
         self._record: SecretRecord | None = None
-        self._keys: list[str] = ["addr:" + facts.peer.rsplit(":", 1)[0]]
+        self._keys: list[str] = [address_key(facts.peer)]
 
     async def step(self, data: bytes | None) -> AuthStep:
         self._round += 1
@@ -161,7 +161,7 @@ class ScramExchange:
         name = names[0]
         identity = self._identity_of(name)
         self._identity = identity
-        self._keys.append(f"service:{identity.name}")
+        self._keys.append(service_key(identity.name))
         auth.backoff.check(self._keys, str(identity))
         record = await auth.verifier(identity.name)
         self._record = record

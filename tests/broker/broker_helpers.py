@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import shutil
 import socket
 import ssl
@@ -22,6 +23,7 @@ from broker.server import BrokerThread
 from provisioning.identity import IdentityKind
 from provisioning.pki import PKI
 from provisioning.tls import client_context_for_credentials
+from tests.conftest import Result
 
 
 def wait_until(predicate: Callable[[], object], timeout: float = 5.0) -> bool:
@@ -32,6 +34,22 @@ def wait_until(predicate: Callable[[], object], timeout: float = 5.0) -> bool:
             return True
         time.sleep(0.01)
     return bool(predicate())
+
+
+def service_secret(cli: Callable[..., Result], fleet: Fleet, name: str) -> str:
+    """A fresh secret for service ``name``, issued as a user gets one (``service secret``)."""
+    result = cli("service", "secret", name, "--pki", str(fleet.pki_dir), "--json", check=True)
+    return str(json.loads(result.stdout)["secret"])
+
+
+class FakeClock:
+    """A monotonic clock the test moves by hand (``clock.now += 31``), for backoff windows."""
+
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
 
 
 def stderr_line(proc: subprocess.Popen[str], fragment: str, timeout: float = 30.0) -> str:
@@ -64,6 +82,24 @@ class Fleet:
 
 
 @dataclass
+class AuditedBroker:
+    """A started broker that keeps its audit lines, for tests that check why it refused."""
+
+    def __init__(self, settings: BrokerSettings, **kw: Any) -> None:
+        self.audit: list[dict[str, Any]] = []
+        self.thread = BrokerThread(
+            settings, audit_sink=lambda line: self.audit.append(json.loads(line)), **kw
+        ).start()
+        self.ports = list(self.thread.broker.ports.values())
+
+    def refusal_records(self) -> list[dict[str, Any]]:
+        return [r for r in self.audit if r["event"] == "refuse"]
+
+    def refusals(self) -> list[str]:
+        """The reasons of the refusals so far, in order."""
+        return [str(r.get("reason")) for r in self.refusal_records()]
+
+
 class BrokerFactory:
     fleet: Fleet
     started: list[BrokerThread] = field(default_factory=list)

@@ -35,27 +35,19 @@ from provisioning.keyfiles import load_private_key
 from provisioning.pki import PKI
 from provisioning.tls import client_context
 from provisioning.tokens import make_device_token
-from tests.broker.broker_helpers import Fleet, Peer, stderr_line, wait_until
+from tests.broker.broker_helpers import AuditedBroker, Fleet, Peer, stderr_line, wait_until
 from tests.conftest import CLI, Result, assert_one_line_error
 
 LISTEN_BOTH = ("--listen", "0:mtls", "--listen", "0:jwt")
 MTLS, JWT = ListenerSpec(0, frozenset({"mtls"})), ListenerSpec(0, frozenset({"jwt"}))
 
 
-class Broker:
+class Broker(AuditedBroker):
     """A broker with an mTLS and a jwt listener, and its audit lines."""
 
     def __init__(self, fleet: Fleet, **settings: Any) -> None:
-        self.audit: list[dict[str, Any]] = []
-        self.thread = BrokerThread(
-            BrokerSettings(fleet.pki_dir, listeners=(MTLS, JWT), **settings),
-            audit_sink=lambda line: self.audit.append(json.loads(line)),
-        ).start()
-        ports = list(self.thread.broker.ports.values())
-        self.mtls_port, self.jwt_port = ports
-
-    def refusals(self) -> list[str]:
-        return [str(r.get("reason")) for r in self.audit if r["event"] == "refuse"]
+        super().__init__(BrokerSettings(fleet.pki_dir, listeners=(MTLS, JWT), **settings))
+        self.mtls_port, self.jwt_port = self.ports
 
 
 @pytest.fixture

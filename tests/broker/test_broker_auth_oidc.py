@@ -36,7 +36,7 @@ from broker.settings import BrokerSettings, ListenerSpec
 from iotauth.scram_client import ClientError, ScramMQTTClient
 from provisioning.identity import IdentityKind
 from provisioning.tls import client_context
-from tests.broker.broker_helpers import Fleet, Peer, wait_until
+from tests.broker.broker_helpers import AuditedBroker, Fleet, Peer, wait_until
 from tests.conftest import Result, assert_one_line_error
 
 MTLS = ListenerSpec(0, frozenset({"mtls"}))
@@ -157,18 +157,10 @@ def idp(tmp_path: Path) -> Iterator[IdentityProvider]:
     provider.close()
 
 
-class Broker:
+class Broker(AuditedBroker):
     def __init__(self, fleet: Fleet, oidc: OIDCSettings, *more: ListenerSpec) -> None:
-        self.audit: list[dict[str, Any]] = []
-        self.thread = BrokerThread(
-            BrokerSettings(fleet.pki_dir, listeners=(MTLS, OIDC, *more), oidc=oidc),
-            audit_sink=lambda line: self.audit.append(json.loads(line)),
-        ).start()
-        self.ports = list(self.thread.broker.ports.values())
+        super().__init__(BrokerSettings(fleet.pki_dir, listeners=(MTLS, OIDC, *more), oidc=oidc))
         self.mtls_port, self.oidc_port = self.ports[:2]
-
-    def refusals(self) -> list[str]:
-        return [str(r.get("reason")) for r in self.audit if r["event"] == "refuse"]
 
 
 def _settings(idp: IdentityProvider, **kw: Any) -> OIDCSettings:

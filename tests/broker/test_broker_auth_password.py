@@ -18,10 +18,16 @@ import pytest
 from broker.auth import ConnectionFacts, ListenerAuthenticator
 from broker.auth_password import Backoff, PasswordAuthenticator, SecretSource
 from broker.errors import Refused
-from broker.server import BrokerThread
 from broker.settings import DEFAULT_METHODS_BY_KIND, BrokerSettings, ListenerSpec
 from provisioning.tls import client_context
-from tests.broker.broker_helpers import Fleet, Peer, wait_until
+from tests.broker.broker_helpers import (
+    AuditedBroker,
+    FakeClock,
+    Fleet,
+    Peer,
+    service_secret,
+    wait_until,
+)
 from tests.conftest import Result, assert_one_line_error
 
 MTLS = ListenerSpec(0, frozenset({"mtls"}))
@@ -30,18 +36,10 @@ PASSWORD = ListenerSpec(0, frozenset({"password"}))
 BAD_CREDENTIALS, NOT_AUTHORIZED = 0x86, 0x87
 
 
-class Broker:
+class Broker(AuditedBroker):
     def __init__(self, fleet: Fleet, **kw: Any) -> None:
-        self.audit: list[dict[str, Any]] = []
-        self.thread = BrokerThread(
-            BrokerSettings(fleet.pki_dir, listeners=(MTLS, PASSWORD)),
-            audit_sink=lambda line: self.audit.append(json.loads(line)),
-            **kw,
-        ).start()
-        self.mtls_port, self.password_port = self.thread.broker.ports.values()
-
-    def refusals(self) -> list[str]:
-        return [str(r.get("reason")) for r in self.audit if r["event"] == "refuse"]
+        super().__init__(BrokerSettings(fleet.pki_dir, listeners=(MTLS, PASSWORD)), **kw)
+        self.mtls_port, self.password_port = self.ports
 
 
 @pytest.fixture
@@ -66,11 +64,6 @@ def secret_peer(fleet: Fleet) -> Iterator[Callable[..., Peer]]:
     yield make
     for peer in made:
         peer.close()
-
-
-def _secret(cli: Callable[..., Result], fleet: Fleet, name: str) -> str:
-    result = cli("service", "secret", name, "--pki", str(fleet.pki_dir), "--json", check=True)
-    return str(json.loads(result.stdout)["secret"])
 
 
 def test_service_secret_prints_the_secret_once_and_stores_no_secret(
@@ -105,7 +98,7 @@ def test_a_service_with_its_secret_gets_exactly_the_service_grants(
     secret_peer: Callable[..., Peer],
     peers: Callable[..., Peer],
 ) -> None:
-    secret = _secret(cli, fleet, "dash")
+    secret = service_secret(cli, fleet, "dash")
     dev = peers(broker.mtls_port, "dev-1").connect()
     svc = secret_peer(broker.password_port, "dash", secret).connect()
     assert svc.subscribe("devices/+/telemetry/#", qos=1) == [1]
@@ -135,7 +128,7 @@ def test_wrong_secrets_devices_and_the_mtls_listener_are_refused(
     cli: Callable[..., Result],
     secret_peer: Callable[..., Peer],
 ) -> None:
-    secret = _secret(cli, fleet, "dash")
+    secret = service_secret(cli, fleet, "dash")
     fleet.creds("dev-1")
     wrong = secret_peer(broker.password_port, "dash", secret + "x").connect(expect_ok=False)
     assert wrong.refused
@@ -146,7 +139,7 @@ def test_wrong_secrets_devices_and_the_mtls_listener_are_refused(
     assert dev.refused
     assert wait_until(lambda: "password-unknown" in broker.refusals())
     # Another service's secret does not open this one (client id = username = identity).
-    other = _secret(cli, fleet, "grafana")
+    other = service_secret(cli, fleet, "grafana")
     swap = secret_peer(broker.password_port, "dash", other).connect(expect_ok=False)
     assert swap.refused
     # Downgrade twin: the mTLS-only listener wants a certificate in the handshake.
@@ -162,11 +155,11 @@ def test_rotation_and_revocation_kick_live_secret_sessions_within_one_second(
     cli: Callable[..., Result],
     secret_peer: Callable[..., Peer],
 ) -> None:
-    old = _secret(cli, fleet, "dash")
-    keep = _secret(cli, fleet, "grafana")
+    old = service_secret(cli, fleet, "dash")
+    keep = service_secret(cli, fleet, "grafana")
     live = secret_peer(broker.password_port, "dash", old).connect()
     other = secret_peer(broker.password_port, "grafana", keep).connect()
-    new = _secret(cli, fleet, "dash")  # rotation
+    new = service_secret(cli, fleet, "dash")  # rotation
     assert wait_until(live.disconnected.is_set, 1.0)
     assert not wait_until(other.disconnected.is_set, 0.3)  # negative twin stays
     kicks = [r for r in broker.audit if r["event"] == "kick"]
@@ -181,18 +174,10 @@ def test_rotation_and_revocation_kick_live_secret_sessions_within_one_second(
     assert not other.disconnected.is_set()
 
 
-class FakeClock:
-    def __init__(self) -> None:
-        self.now = 1000.0
-
-    def __call__(self) -> float:
-        return self.now
-
-
 def test_fifty_guesses_are_backed_off_audited_and_the_secret_still_works_after(
     fleet: Fleet, cli: Callable[..., Result], secret_peer: Callable[..., Peer]
 ) -> None:
-    secret = _secret(cli, fleet, "dash")
+    secret = service_secret(cli, fleet, "dash")
     clock = FakeClock()
     source = SecretSource(fleet.pki_dir)
     password = PasswordAuthenticator(
@@ -201,35 +186,30 @@ def test_fifty_guesses_are_backed_off_audited_and_the_secret_still_works_after(
     auth = ListenerAuthenticator(
         frozenset({"password"}), {"password": password}, dict(DEFAULT_METHODS_BY_KIND)
     )
-    audit: list[dict[str, Any]] = []
-    thread = BrokerThread(
-        BrokerSettings(fleet.pki_dir, listeners=(PASSWORD,)),
-        authenticator=auth,
-        audit_sink=lambda line: audit.append(json.loads(line)),
-    ).start()
+    b = AuditedBroker(BrokerSettings(fleet.pki_dir, listeners=(PASSWORD,)), authenticator=auth)
     try:
         for n in range(50):
-            guess = secret_peer(thread.port, "dash", f"guess-{n}").connect(expect_ok=False)
+            guess = secret_peer(b.thread.port, "dash", f"guess-{n}").connect(expect_ok=False)
             assert guess.refused
             guess.close()
-        reasons = [r["reason"] for r in audit if r["event"] == "refuse"]
+        reasons = b.refusals()
         assert len(reasons) == 50
         # Three free failures, the fourth starts the backoff; every later guess is refused
         # unchecked (auth-backoff) with MQTT 3.1.1 CONNACK 5.
         assert reasons[:4] == ["password-wrong"] * 4
         assert reasons[4:] == ["auth-backoff"] * 46
-        assert "backed off for 1 s" in next(r["detail"] for r in audit if r["event"] == "refuse"
-                                              and "backed off" in r["detail"])  # fmt: skip
+        backed_off = [r["detail"] for r in b.refusal_records() if "backed off" in r["detail"]]
+        assert "backed off for 1 s" in backed_off[0]
         # The right secret while backed off is refused too: the backoff does not check.
-        early = secret_peer(thread.port, "dash", secret).connect(expect_ok=False)
+        early = secret_peer(b.thread.port, "dash", secret).connect(expect_ok=False)
         assert early.refused
         assert int(early.connack.value) == NOT_AUTHORIZED
         early.close()
         clock.now += 1.5  # the first backoff (1 s) is over
-        late = secret_peer(thread.port, "dash", secret).connect()
+        late = secret_peer(b.thread.port, "dash", secret).connect()
         assert late.connected.is_set()
     finally:
-        thread.stop()
+        b.thread.stop()
         source.close()
 
 
@@ -269,7 +249,7 @@ def test_the_backoff_is_per_address_and_per_identity_and_grows() -> None:
 def test_broker_explain_says_which_methods_an_identity_may_use_on_each_listener(
     fleet: Fleet, cli: Callable[..., Result]
 ) -> None:
-    _secret(cli, fleet, "dash")
+    service_secret(cli, fleet, "dash")
     fleet.creds("dev-1")
     pki = str(fleet.pki_dir)
     listen = ("--listen", "8883:mtls", "--listen", "8884:jwt,password,oidc")

@@ -24,12 +24,18 @@ from broker.auth import ListenerAuthenticator
 from broker.auth_password import Backoff, SecretSource
 from broker.auth_scram import ScramAuthenticator
 from broker.mqtt import Properties, Reason
-from broker.server import BrokerThread
 from broker.settings import DEFAULT_METHODS_BY_KIND, BrokerSettings, ListenerSpec
 from iotauth.scram_client import ClientError, ScramMQTTClient
 from provisioning.tls import client_context, server_context_for_pki
-from tests.broker.broker_helpers import Fleet, Peer, tls_socket, wait_until
-from tests.broker.test_broker_auth_password import FakeClock, _secret
+from tests.broker.broker_helpers import (
+    AuditedBroker,
+    FakeClock,
+    Fleet,
+    Peer,
+    service_secret,
+    tls_socket,
+    wait_until,
+)
 from tests.conftest import Result
 
 MTLS = ListenerSpec(0, frozenset({"mtls"}))
@@ -38,21 +44,10 @@ PASSWORD = ListenerSpec(0, frozenset({"password"}))
 METHOD = "SCRAM-SHA-256"
 
 
-class Broker:
+class Broker(AuditedBroker):
     def __init__(self, fleet: Fleet, *specs: ListenerSpec, **kw: Any) -> None:
-        self.audit: list[dict[str, Any]] = []
-        self.thread = BrokerThread(
-            BrokerSettings(fleet.pki_dir, listeners=specs or (MTLS, SCRAM, PASSWORD)),
-            audit_sink=lambda line: self.audit.append(json.loads(line)),
-            **kw,
-        ).start()
-        self.ports = list(self.thread.broker.ports.values())
-
-    def refusals(self) -> list[dict[str, Any]]:
-        return [r for r in self.audit if r["event"] == "refuse"]
-
-    def reasons(self) -> list[str]:
-        return [str(r.get("reason")) for r in self.refusals()]
+        listeners = specs or (MTLS, SCRAM, PASSWORD)
+        super().__init__(BrokerSettings(fleet.pki_dir, listeners=listeners), **kw)
 
 
 @pytest.fixture
@@ -139,7 +134,7 @@ def test_a_scram_service_proves_itself_and_gets_exactly_the_service_grants(
     """CONNECT (client-first) -> AUTH 0x18 (server-first) -> AUTH 0x18 (client-final) ->
     CONNACK 0x00 with the server-final (MQTT-4.12.0-2, -3, -5); then the service's ACL."""
     mtls_port, scram_port, _ = broker.ports
-    secret = _secret(cli, fleet, "dash")
+    secret = service_secret(cli, fleet, "dash")
     dev = peers(mtls_port, "dev-1").connect()
     svc = scram(scram_port, "dash", secret)
     svc.connect()  # returns only once the server signature checked out
@@ -173,7 +168,7 @@ def test_the_secret_is_never_sent(
 ) -> None:
     """What crosses the wire is the client-first and the client-final (nonce and proof):
     nothing of the secret."""
-    secret = _secret(cli, fleet, "dash")
+    secret = service_secret(cli, fleet, "dash")
     client = ScramClient([METHOD], "dash", secret)
     conn = raw(broker.ports[1])
     sent = [client.get_client_first().encode()]
@@ -243,14 +238,14 @@ def test_a_wrong_secret_and_an_unknown_name_fail_alike_and_are_audited_apart(
     a wrong secret from a name that does not exist: same code, same reason string, and the
     unknown name's salt is as stable as a real one's."""
     port = broker.ports[1]
-    secret = _secret(cli, fleet, "dash")
+    secret = service_secret(cli, fleet, "dash")
     errors = []
     for user, guess in (("dash", secret + "x"), ("nobody", secret)):
         with pytest.raises(ClientError) as info:
             scram(port, user, guess).connect()
         errors.append(str(info.value))
     assert errors[0] == errors[1] == "refused by the broker: 0x87 not authorized (scram-failed)"
-    details = [r["detail"] for r in broker.refusals() if r["reason"] == "scram-failed"]
+    details = [r["detail"] for r in broker.refusal_records() if r["reason"] == "scram-failed"]
     assert details[0].startswith("wrong proof for service dash")
     assert details[1].startswith("service nobody has no secret")
 
@@ -333,7 +328,7 @@ def test_a_broker_that_does_not_know_the_verifier_is_detected_and_gets_nothing_m
     certificate but not the verifier (it made one up) cannot make it. The client aborts
     (ClientError) and sends no DISCONNECT, SUBSCRIBE or PUBLISH after the CONNACK: the socket
     just closes."""
-    secret = _secret(cli, fleet, "dash")
+    secret = service_secret(cli, fleet, "dash")
 
     def answer(_server: Any, _final: str) -> bytes:
         # It cannot check the proof either; it says yes with a signature of its own.
@@ -360,7 +355,7 @@ def test_the_fake_broker_twin_with_the_real_verifier_is_trusted(
     a server signature the client accepts, so the detection above is the verifier's doing."""
     import base64
 
-    secret = _secret(cli, fleet, "dash")
+    secret = service_secret(cli, fleet, "dash")
     record = fleet.pki.service_secret("dash")
     assert record is not None
     info = (
@@ -390,11 +385,11 @@ def test_scram_where_the_listener_does_not_list_it_is_0x8c(
 ) -> None:
     """Downgrade twin: the password-only listener offers no exchange (MQTT-4.12.0-1: 0x8C and
     the connection closed), whatever the secret."""
-    secret = _secret(cli, fleet, "dash")
+    secret = service_secret(cli, fleet, "dash")
     with pytest.raises(ClientError) as info:
         scram(broker.ports[2], "dash", secret).connect()
     assert "0x8c bad authentication method" in str(info.value)
-    assert wait_until(lambda: "bad-auth-method" in broker.reasons())
+    assert wait_until(lambda: "bad-auth-method" in broker.refusals())
 
 
 def test_plain_connects_on_the_scram_listener_are_refused_by_method(
@@ -403,7 +398,7 @@ def test_plain_connects_on_the_scram_listener_are_refused_by_method(
     """An MQTT 3.1.1 client cannot run SCRAM (it has no AUTH packet): its username/password
     CONNECT on the scram-only listener is a password attempt that listener does not take
     (3.1.1 CONNACK 5); an MQTT 5 CONNECT without an Authentication Method gets 0x8C."""
-    secret = _secret(cli, fleet, "dash")
+    secret = service_secret(cli, fleet, "dash")
     port = broker.ports[1]
     for level in (4, 5):
         sock = tls_socket(port, None, root=fleet.pki_dir / "root.crt")
@@ -419,7 +414,7 @@ def test_plain_connects_on_the_scram_listener_are_refused_by_method(
             assert connack.reason_code == expected
         finally:
             sock.close()
-    refusals = [r for r in broker.refusals() if r["reason"] == "method-not-allowed"]
+    refusals = [r for r in broker.refusal_records() if r["reason"] == "method-not-allowed"]
     assert len(refusals) == 2
     assert "(scram); scram needs MQTT 5" in refusals[0]["detail"]
 
@@ -435,7 +430,7 @@ def test_a_device_identity_cannot_use_scram(broker: Broker, raw: Callable[[int],
     assert isinstance(connack, mqtt.Connack), connack
     assert connack.reason_code == Reason.BAD_AUTHENTICATION_METHOD
     assert connack.properties.reason_string == "method-not-allowed"
-    assert wait_until(lambda: "method-not-allowed" in broker.reasons())
+    assert wait_until(lambda: "method-not-allowed" in broker.refusals())
     # Twin: the same name spelled as this trust domain's service gets a challenge.
     ok = raw(broker.ports[1]).connect(
         ScramClient([METHOD], "spiffe://fleet.example/service/dash", "x")
@@ -464,13 +459,13 @@ def test_a_malformed_client_first_is_refused(
     assert isinstance(connack, mqtt.Connack), connack
     assert connack.reason_code >= 0x80  # MQTT-4.12.0-4
     assert connack.properties.reason_string == reason
-    assert wait_until(lambda: reason in broker.reasons())
+    assert wait_until(lambda: reason in broker.refusals())
 
 
 def test_a_malformed_client_final_is_refused_and_counts_as_a_failure(
     broker: Broker, fleet: Fleet, cli: Callable[..., Result], raw: Callable[[int], Raw]
 ) -> None:
-    _secret(cli, fleet, "dash")
+    service_secret(cli, fleet, "dash")
     for final in (b"garbage", b"c=biws,r=wrong-nonce,p=AAAA", b"\xff"):
         conn = raw(broker.ports[1])
         first = conn.connect(ScramClient([METHOD], "dash", "x").get_client_first().encode())
@@ -479,7 +474,7 @@ def test_a_malformed_client_final_is_refused_and_counts_as_a_failure(
         assert isinstance(connack, mqtt.Connack), connack
         assert connack.reason_code == Reason.NOT_AUTHORIZED
         assert conn.read() is None  # closed (MQTT-4.12.0-4)
-    assert broker.reasons().count("scram-failed") + broker.reasons().count("scram-malformed") == 3
+    assert broker.refusals().count("scram-failed") + broker.refusals().count("scram-malformed") == 3
 
 
 @pytest.mark.parametrize(
@@ -497,7 +492,7 @@ def test_auth_with_another_method_or_code_mid_exchange_is_a_protocol_error(
 ) -> None:
     """MQTT-4.12.0-5: every AUTH of the exchange carries the CONNECT's method; MQTT-4.12.0-3:
     the client's answer is 0x18. Anything else is CONNACK 0x82 and the connection closed."""
-    secret = _secret(cli, fleet, "dash")
+    secret = service_secret(cli, fleet, "dash")
     client = ScramClient([METHOD], "dash", secret)
     conn = raw(broker.ports[1])
     first = conn.connect(client.get_client_first().encode())
@@ -513,7 +508,7 @@ def test_a_publish_before_connack_is_a_protocol_error(
 ) -> None:
     """MQTT-3.1.2-30: with an Authentication Method a client sends only AUTH or DISCONNECT
     until CONNACK."""
-    _secret(cli, fleet, "dash")
+    service_secret(cli, fleet, "dash")
     conn = raw(broker.ports[1])
     first = conn.connect(ScramClient([METHOD], "dash", "x").get_client_first().encode())
     assert isinstance(first, mqtt.Auth)
@@ -530,13 +525,13 @@ def test_rotation_and_revocation_kick_live_scram_sessions_within_one_second(
     scram: Callable[..., ScramMQTTClient],
 ) -> None:
     port = broker.ports[1]
-    old = _secret(cli, fleet, "dash")
-    keep = _secret(cli, fleet, "grafana")
+    old = service_secret(cli, fleet, "dash")
+    keep = service_secret(cli, fleet, "grafana")
     live = scram(port, "dash", old)
     live.connect()
     other = scram(port, "grafana", keep)
     other.connect()
-    new = _secret(cli, fleet, "dash")  # rotation
+    new = service_secret(cli, fleet, "dash")  # rotation
     with pytest.raises(ClientError) as kicked:
         live.receive(timeout=1.0)
     assert "0x87 not authorized" in str(kicked.value)
@@ -552,7 +547,7 @@ def test_rotation_and_revocation_kick_live_scram_sessions_within_one_second(
     with pytest.raises(ClientError) as refused:
         scram(port, "dash", new).connect()
     assert "scram-failed" in str(refused.value)
-    assert any("is revoked" in r["detail"] for r in broker.refusals())
+    assert any("is revoked" in r["detail"] for r in broker.refusal_records())
     other.ping()  # the twin that nobody rotated stays connected
 
 
@@ -561,7 +556,7 @@ def test_repeated_failures_are_backed_off_unchecked_then_the_secret_works(
 ) -> None:
     """The password method's backoff: three free failures, then refused before the
     server-first (``auth-backoff``, 0x87), the right secret too, until the backoff ends."""
-    secret = _secret(cli, fleet, "dash")
+    secret = service_secret(cli, fleet, "dash")
     clock = FakeClock()
     source = SecretSource(fleet.pki_dir)
     auth = ListenerAuthenticator(
@@ -573,26 +568,21 @@ def test_repeated_failures_are_backed_off_unchecked_then_the_secret_works(
         },
         dict(DEFAULT_METHODS_BY_KIND),
     )
-    audit: list[dict[str, Any]] = []
-    thread = BrokerThread(
-        BrokerSettings(fleet.pki_dir, listeners=(SCRAM,)),
-        authenticator=auth,
-        audit_sink=lambda line: audit.append(json.loads(line)),
-    ).start()
+    b = AuditedBroker(BrokerSettings(fleet.pki_dir, listeners=(SCRAM,)), authenticator=auth)
     try:
         for n in range(10):
             with pytest.raises(ClientError):
-                scram(thread.port, "dash", f"guess-{n}").connect()
-        reasons = [r["reason"] for r in audit if r["event"] == "refuse"]
+                scram(b.thread.port, "dash", f"guess-{n}").connect()
+        reasons = b.refusals()
         assert reasons == ["scram-failed"] * 4 + ["auth-backoff"] * 6
-        assert any("backed off for 1 s" in r["detail"] for r in audit if r["event"] == "refuse")
+        assert any("backed off for 1 s" in r["detail"] for r in b.refusal_records())
         with pytest.raises(ClientError) as early:
-            scram(thread.port, "dash", secret).connect()
+            scram(b.thread.port, "dash", secret).connect()
         assert "0x87 not authorized (auth-backoff)" in str(early.value)
         clock.now += 1.5  # the first backoff (1 s) is over
-        scram(thread.port, "dash", secret).connect()
+        scram(b.thread.port, "dash", secret).connect()
     finally:
-        thread.stop()
+        b.thread.stop()
         source.close()
 
 
@@ -605,7 +595,7 @@ def test_password_guesses_back_off_scram_too(
 ) -> None:
     """One backoff for both ways a secret is checked: guessing by password does not open a
     fresh budget on the scram listener."""
-    secret = _secret(cli, fleet, "dash")
+    secret = service_secret(cli, fleet, "dash")
     for n in range(4):
         peer = peers(broker.ports[2], None, "dash", context=client_context(
             trust=fleet.pki_dir / "root.crt"))  # fmt: skip
@@ -622,7 +612,7 @@ def test_reauthentication_runs_scram_again_on_the_live_connection(
     """MQTT-4.12.1-1: AUTH 0x19 with the CONNECT's method starts SCRAM again; the broker's
     server-final comes in AUTH 0x00. Twin: re-authenticating with a wrong secret is DISCONNECT
     0x87 (MQTT-4.12.1-2)."""
-    secret = _secret(cli, fleet, "dash")
+    secret = service_secret(cli, fleet, "dash")
     conn = raw(broker.ports[1])
 
     def run(first_code: int, password: str, *, connect: bool) -> Any:
@@ -648,7 +638,7 @@ def test_reauthentication_runs_scram_again_on_the_live_connection(
 def test_broker_explain_lists_scram_for_services_only(
     fleet: Fleet, cli: Callable[..., Result]
 ) -> None:
-    _secret(cli, fleet, "dash")
+    service_secret(cli, fleet, "dash")
     fleet.creds("dev-1")
     pki = str(fleet.pki_dir)
     listen = ("--listen", "8883:mtls", "--listen", "8884:scram,password", "--listen", "8885:jwt")
