@@ -298,6 +298,19 @@ class RegistryBackend(Protocol):
     def revoke_registration(self, name: str, when: dt.datetime) -> RegistrationRecord | None: ...
 
 
+def nothing_to_revoke(name: str, kind: str | None, history: list[CertRecord]) -> UnknownDeviceError:
+    """Why ``mark_revoked`` found no active certificate of ``name`` (``kind``): the one message
+    of both backends."""
+    other = next((r.kind for r in history if kind is not None and r.kind != kind), None)
+    if other is not None:  # names are unique across kinds, so it is the other kind
+        detail = f"is not a {kind} but a {other}: use 'iotauth {other} revoke {name}'"
+    elif history:
+        detail = "has no active certificate"
+    else:
+        detail = "is not in the registry"
+    return UnknownDeviceError(name, kind=kind or "device", detail=detail)
+
+
 class Registry:
     """A connection to ``registry.sqlite3``. Not shared between threads; open one per process."""
 
@@ -626,14 +639,7 @@ class Registry:
         history = self.history(name)
         rows = [r for r in history if r.status == "active" and (kind is None or r.kind == kind)]
         if not rows:
-            other = next((r.kind for r in history if kind is not None and r.kind != kind), None)
-            if other is not None:  # names are unique across kinds, so it is the other kind
-                detail = f"is not a {kind} but a {other}: use 'iotauth {other} revoke {name}'"
-            elif history:
-                detail = "has no active certificate"
-            else:
-                detail = "is not in the registry"
-            raise UnknownDeviceError(name, kind=kind or "device", detail=detail)
+            raise nothing_to_revoke(name, kind, history)
         self._db.execute(
             "UPDATE certificates SET status = 'revoked', revoked_at = ?, revocation_reason = ?"
             " WHERE name = ? AND status = 'active'",

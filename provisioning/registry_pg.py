@@ -30,7 +30,6 @@ from provisioning.errors import (
     DeviceExistsError,
     RegistryError,
     RegistryUnavailableError,
-    UnknownDeviceError,
 )
 from provisioning.ledger import (
     GENESIS,
@@ -40,7 +39,12 @@ from provisioning.ledger import (
     build_entries,
     verify_chain,
 )
-from provisioning.registry import CertRecord, RegistrationRecord, SecretRecord
+from provisioning.registry import (
+    CertRecord,
+    RegistrationRecord,
+    SecretRecord,
+    nothing_to_revoke,
+)
 
 if TYPE_CHECKING:
     import psycopg
@@ -702,8 +706,7 @@ class PostgresRegistry:
         history = self.history(name)
         rows = [r for r in history if r.status == "active" and (kind is None or r.kind == kind)]
         if not rows:
-            detail = "has no active certificate" if history else "is not in the registry"
-            raise UnknownDeviceError(name, kind=kind or "device", detail=detail)
+            raise nothing_to_revoke(name, kind, history)
         self._exec(
             "UPDATE certificates SET status = 'revoked', revoked_at = %s, revocation_reason = %s"
             " WHERE name = %s AND status = 'active'",

@@ -105,6 +105,18 @@ def test_revoking_unknown_or_revoked_devices_is_a_clear_error(pki: PKI) -> None:
     assert record.revocation_reason == "cessation-of-operation"
 
 
+def test_revoking_a_name_as_the_wrong_kind_names_the_right_command(pki: PKI) -> None:
+    """Both backends give the same reason (one ``nothing_to_revoke``); the twin: the right kind
+    revokes it."""
+    pki.issue("dev-1")
+    with pytest.raises(
+        UnknownDeviceError, match="is not a service but a device: use 'iotauth device revoke dev-1'"
+    ):
+        pki.revoke("dev-1", kind=IdentityKind.SERVICE)
+    assert [r.state() for r in pki.registry.history("dev-1")] == ["active"]
+    assert [r.name for r in pki.revoke("dev-1", kind=IdentityKind.DEVICE)] == ["dev-1"]
+
+
 def test_revocation_updates_the_crl_monotonically(pki: PKI) -> None:
     pki.issue("dev-1")
     pki.issue("dev-2")
