@@ -81,7 +81,6 @@ class Fleet:
         return out
 
 
-@dataclass
 class AuditedBroker:
     """A started broker that keeps its audit lines, for tests that check why it refused."""
 
@@ -100,6 +99,7 @@ class AuditedBroker:
         return [str(r.get("reason")) for r in self.refusal_records()]
 
 
+@dataclass
 class BrokerFactory:
     fleet: Fleet
     started: list[BrokerThread] = field(default_factory=list)
