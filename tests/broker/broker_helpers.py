@@ -52,6 +52,25 @@ class FakeClock:
         return self.now
 
 
+def mosquitto_tls_args(creds: Path, port: int, client_id: str) -> list[str]:
+    """mosquitto_pub / mosquitto_sub options for a client with the credentials in ``creds``,
+    against our broker on 127.0.0.1."""
+    return [
+        "-h",
+        "127.0.0.1",
+        "-p",
+        str(port),
+        "-i",
+        client_id,
+        "--cafile",
+        str(creds / "ca.crt"),
+        "--cert",
+        str(creds / "device.crt"),
+        "--key",
+        str(creds / "device.key"),
+    ]
+
+
 def stderr_line(proc: subprocess.Popen[str], fragment: str, timeout: float = 30.0) -> str:
     """The first line of ``proc``'s stderr that contains ``fragment`` ("" if it exits first)."""
     assert proc.stderr is not None

@@ -16,7 +16,7 @@ import pytest
 
 from broker.server import BrokerThread
 from provisioning.pki import PKI
-from tests.broker.broker_helpers import Fleet, Peer, stderr_line, wait_until
+from tests.broker.broker_helpers import Fleet, Peer, mosquitto_tls_args, stderr_line, wait_until
 from tests.conftest import (
     MOSQUITTO_PUB,
     MOSQUITTO_SUB,
@@ -28,29 +28,12 @@ from tests.conftest import (
 needs_mosquitto = needs_mosquitto_clients
 
 
-def _tls_args(creds: Path, port: int, client_id: str) -> list[str]:
-    return [
-        "-h",
-        "127.0.0.1",
-        "-p",
-        str(port),
-        "-i",
-        client_id,
-        "--cafile",
-        str(creds / "ca.crt"),
-        "--cert",
-        str(creds / "device.crt"),
-        "--key",
-        str(creds / "device.key"),
-    ]
-
-
 def _sub(creds: Path, port: int, client_id: str, topic: str) -> subprocess.Popen[str]:
     assert MOSQUITTO_SUB is not None
     return subprocess.Popen(
         [
             MOSQUITTO_SUB,
-            *_tls_args(creds, port, client_id),
+            *mosquitto_tls_args(creds, port, client_id),
             "-t",
             topic,
             "-v",
@@ -70,7 +53,16 @@ def _pub(
 ) -> subprocess.CompletedProcess[str]:
     assert MOSQUITTO_PUB is not None
     return subprocess.run(
-        [MOSQUITTO_PUB, *_tls_args(creds, port, client_id), "-t", topic, "-m", message, "-q", "1"],
+        [
+            MOSQUITTO_PUB,
+            *mosquitto_tls_args(creds, port, client_id),
+            "-t",
+            topic,
+            "-m",
+            message,
+            "-q",
+            "1",
+        ],
         capture_output=True,
         text=True,
         timeout=20,

@@ -21,7 +21,14 @@ from paho.mqtt.properties import Properties
 from broker.server import BrokerThread
 from broker.settings import Limits
 from provisioning.tls import client_context_for_credentials
-from tests.broker.broker_helpers import BrokerFactory, Fleet, Peer, wait_until
+from tests.broker.broker_helpers import (
+    BrokerFactory,
+    Fleet,
+    Peer,
+    mosquitto_tls_args,
+    tls_socket,
+    wait_until,
+)
 from tests.conftest import MOSQUITTO_PUB, MOSQUITTO_SUB, needs_mosquitto_clients
 
 
@@ -283,22 +290,7 @@ def test_paho_v5_topic_alias_and_subscription_identifier(
 
 
 def _args(creds: Path, port: int, client_id: str) -> list[str]:
-    return [
-        "-V",
-        "mqttv5",
-        "-h",
-        "127.0.0.1",
-        "-p",
-        str(port),
-        "-i",
-        client_id,
-        "--cafile",
-        str(creds / "ca.crt"),
-        "--cert",
-        str(creds / "device.crt"),
-        "--key",
-        str(creds / "device.key"),
-    ]
+    return ["-V", "mqttv5", *mosquitto_tls_args(creds, port, client_id)]
 
 
 @needs_mosquitto_clients
@@ -429,7 +421,6 @@ def test_a_malformed_v5_packet_closes_only_that_connection(
     """Bad input over real TLS: an unknown property identifier is DISCONNECT 0x81 for that
     client; a paho v5 session beside it carries on (twin: it still gets its messages)."""
     from broker import mqtt
-    from tests.broker.broker_helpers import tls_socket
 
     broker = make_broker()
     sink = _peer(broker, fleet, "sink", service=True).connect()
